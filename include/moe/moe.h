@@ -1,0 +1,379 @@
+/*
+ * libmoe: a Mixture-of-Experts layer behind a C ABI.
+ *
+ * One opaque layer object does routing, forward, backward and the auxiliary losses of an MoE
+ * block, on the CPU (BLAS + OpenMP) or on a CUDA device (a module loaded on demand).
+ *
+ * Conventions that hold for every function below unless its comment says otherwise:
+ *  - Every fallible function returns a moe_status. On failure nothing is changed: out-parameters
+ *    are left untouched, the layer and context keep their previous state and stay usable, and
+ *    moe_last_error() returns a message that names the offending argument and its value.
+ *  - Objects are opaque, created by *_create and freed by *_destroy; destroying NULL is a no-op.
+ *  - Dimensions are int64_t, byte sizes size_t; strings are NUL-terminated UTF-8.
+ *  - Tensors are dense and row-major. Activations (x, y, dy, dx) live on the layer's device in the
+ *    layer's dtype; host copies of parameters are always float32.
+ *  - Thread-safety: a layer, and the contexts created from it, may be used by one thread at a
+ *    time (callers that share one layer between threads must hold their own lock). Different
+ *    layers may be used from different threads concurrently. Functions that take no layer are
+ *    thread-safe. Errors are recorded per thread.
+ *  - The library never prints, never aborts and never throws across this boundary.
+ */
+#ifndef MOE_MOE_H
+#define MOE_MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(MOE_BUILDING_LIBRARY)
+#    define MOE_API __declspec(dllexport)
+#  else
+#    define MOE_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__)
+#  define MOE_API __attribute__((visibility("default")))
+#else
+#  define MOE_API
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---------------------------------------------------------------------------------------------
+ * Version
+ * ------------------------------------------------------------------------------------------- */
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+#define MOE_VERSION_NUMBER (MOE_VERSION_MAJOR * 10000 + MOE_VERSION_MINOR * 100 + MOE_VERSION_PATCH)
+
+/* ---------------------------------------------------------------------------------------------
+ * Status and errors
+ * ------------------------------------------------------------------------------------------- */
+typedef enum moe_status {
+  MOE_OK = 0,
+  MOE_ERR_INVALID_ARGUMENT = 1, /* a NULL pointer, a size out of range, a name that does not exist */
+  MOE_ERR_OUT_OF_MEMORY = 2,    /* a host or device allocation failed; nothing was changed */
+  MOE_ERR_UNSUPPORTED = 3,      /* a feature this build or this backend does not provide */
+  MOE_ERR_DEVICE = 4,           /* the CUDA runtime or a kernel failed, or no usable device */
+  MOE_ERR_COMM = 5,             /* a moe_comm hook returned an error */
+  MOE_ERR_STATE = 6,            /* a call out of order, e.g. backward without a training forward */
+  MOE_ERR_NONFINITE = 7,        /* check_finite found NaN or Inf in an input */
+  MOE_ERR_INTERNAL = 8          /* a bug in libmoe; please report it with the message */
+} moe_status;
+
+/**
+ * Name of a status code, e.g. "MOE_ERR_INVALID_ARGUMENT"; "MOE_ERR_UNKNOWN" for values outside
+ * the enum. @return a static string (never NULL, never freed). Thread-safe.
+ */
+MOE_API const char *moe_status_name(moe_status s);
+
+/**
+ * The message of the calling thread's most recent failed libmoe call, "" if none has failed.
+ * @return a thread-local string owned by the library, valid until this thread's next libmoe call.
+ * Successful calls do not clear it. Thread-safe.
+ */
+MOE_API const char *moe_last_error(void);
+
+/** @return MOE_VERSION_NUMBER of the library actually loaded (compare with the header's). */
+MOE_API uint32_t moe_version(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Configuration. Enum values are pinned: they never change between versions.
+ * ------------------------------------------------------------------------------------------- */
+typedef enum moe_device { MOE_DEVICE_CPU = 0, MOE_DEVICE_CUDA = 1 } moe_device;
+typedef enum moe_dtype { MOE_DTYPE_F32 = 0, MOE_DTYPE_BF16 = 1, MOE_DTYPE_F16 = 2 } moe_dtype;
+typedef enum moe_activation {
+  MOE_ACT_SWIGLU = 0, /* (silu(x W1^T) * (x W3^T)) W2^T */
+  MOE_ACT_GEGLU = 1,  /* (gelu(x W1^T) * (x W3^T)) W2^T, exact (erf) GELU */
+  MOE_ACT_RELU = 2,   /* relu(x W1^T) W2^T */
+  MOE_ACT_GELU = 3,   /* gelu(x W1^T) W2^T, exact (erf) GELU */
+  MOE_ACT_SILU = 4    /* silu(x W1^T) W2^T */
+} moe_activation;
+typedef enum moe_routing { MOE_ROUTE_TOKEN_CHOICE = 0, MOE_ROUTE_EXPERT_CHOICE = 1 } moe_routing;
+typedef enum moe_score { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } moe_score;
+typedef enum moe_noise { MOE_NOISE_NONE = 0, MOE_NOISE_GAUSSIAN = 1, MOE_NOISE_JITTER = 2 } moe_noise;
+typedef enum moe_drop_policy { MOE_DROP_POSITION = 0, MOE_DROP_PROBS = 1 } moe_drop_policy;
+
+typedef struct moe_comm moe_comm; /* expert-parallel communicator, defined at the end */
+
+/**
+ * Everything that defines a layer. Always start from moe_config_init() (which sets struct_size
+ * and every default) or moe_config_preset(), then change fields. The library reads
+ * min(struct_size, sizeof(moe_config)) bytes, so a program built against an older, shorter
+ * struct keeps working; fields it does not know take their defaults.
+ */
+typedef struct moe_config {
+  size_t struct_size;           /* sizeof(moe_config), set by moe_config_init */
+  int64_t d_model;              /* model (token) width d, > 0; no default */
+  int64_t d_ff;                 /* hidden width of each routed expert, > 0; no default */
+  int64_t num_experts;          /* E >= 1 (global count, over all ranks); default 8 */
+  int64_t top_k;                /* k, 1 <= k <= E; default 2 */
+  moe_activation activation;    /* default MOE_ACT_SWIGLU */
+  moe_routing routing;          /* default MOE_ROUTE_TOKEN_CHOICE */
+  moe_score score;              /* default MOE_SCORE_SOFTMAX */
+  int normalize_topk;           /* nonzero: the k weights of a token are divided by their sum; default 1 */
+  float routed_scale;           /* multiplies every routed weight; default 1 */
+  int64_t num_groups;           /* G: group-limited routing, G divides E; 1 = off (default) */
+  int64_t topk_groups;          /* groups kept per token, 1 <= topk_groups <= G; default 1 */
+  float capacity_factor;        /* > 0: C = ceil(cf * T * k / E) slots per expert; <= 0: dropless (default 0) */
+  moe_drop_policy drop_policy;  /* which slots an over-full expert keeps; default MOE_DROP_POSITION */
+  moe_noise noise;              /* router noise in training; default MOE_NOISE_NONE */
+  float noise_eps;              /* jitter half-width eps for MOE_NOISE_JITTER; default 0.01 */
+  float aux_loss_coef;          /* load-balance loss coefficient; default 0.01 */
+  float z_loss_coef;            /* router z-loss coefficient; default 0 */
+  float importance_loss_coef;   /* Shazeer importance loss coefficient; default 0 */
+  float load_loss_coef;         /* Shazeer smooth load loss coefficient; default 0 */
+  float bias_update_rate;       /* aux-loss-free balancing step u; 0 = off (default) */
+  int64_t num_shared_experts;   /* S always-on experts; default 0 */
+  int64_t d_ff_shared;          /* hidden width of each shared expert; 0 = d_ff (default) */
+  int shared_gate;              /* nonzero: shared output scaled by sigmoid(x . shared.gate); default 0 */
+  moe_device device;            /* default MOE_DEVICE_CPU */
+  int device_index;             /* CUDA ordinal; default 0 */
+  moe_dtype dtype;              /* storage type of activations; default MOE_DTYPE_F32 */
+  int allow_tf32;               /* CUDA float32 GEMMs may use TF32; default 0 */
+  uint64_t seed;                /* parameter initialisation and router noise; default 0 */
+  int check_finite;             /* nonzero: refuse NaN/Inf in x and dy with MOE_ERR_NONFINITE; default 0 */
+  const moe_comm *comm;         /* NULL (default): this process holds all experts; not owned */
+} moe_config;
+
+/**
+ * Fill *cfg with the defaults listed beside each field, struct_size = sizeof(moe_config), and
+ * d_model = d_ff = 0 (the caller must set them). NULL is a no-op. Thread-safe.
+ */
+MOE_API void moe_config_init(moe_config *cfg);
+
+/**
+ * Reset *cfg to the defaults, then apply the routing recipe of a published model:
+ *   "mixtral"        E 8, k 2, SwiGLU, softmax, normalized top-k, dropless, aux 0.02
+ *   "switch"         E 8, k 1, ReLU FFN, softmax, capacity 1.25 with position dropping, jitter 0.01,
+ *                    aux 0.01, z-loss 0.001 (Fedus et al. 2021)
+ *   "shazeer"        E 8, k 2, ReLU FFN, softmax over the k noisy logits, Gaussian noise,
+ *                    importance and load losses 0.01, no load-balance loss (Shazeer et al. 2017)
+ *   "expert-choice"  E 8, capacity factor 2, each expert picks its tokens (Zhou et al. 2022)
+ *   "deepseek-v3"    E 256, k 8, sigmoid scores, 8 groups keep 4, routed_scale 2.5, one shared
+ *                    expert, bias-based balancing (u 0.001), aux 0.0001 (DeepSeek-AI 2024)
+ *   "qwen2-moe"      E 60, k 4, softmax, not normalized, 4 shared experts behind a sigmoid gate
+ * Widths (d_model, d_ff, d_ff_shared) are left 0 for the caller to set; E and k may be changed.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT if cfg or name is NULL or name is unknown (cfg
+ *         untouched); MOE_ERR_UNSUPPORTED for a known preset whose routing this build lacks.
+ * Thread-safe.
+ */
+MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
+
+/* ---------------------------------------------------------------------------------------------
+ * Layer
+ * ------------------------------------------------------------------------------------------- */
+typedef struct moe_layer moe_layer;
+
+/**
+ * Create a layer from *cfg (copied; cfg->comm is borrowed and must outlive the layer). Parameters
+ * are initialised deterministically from cfg->seed: router.weight and expert weights uniform in
+ * +-1/sqrt(fan_in) (PyTorch nn.Linear's rule), router.bias and router.noise_weight zero.
+ * Gradients start at zero.
+ * @param out receives the layer, owned by the caller, freed with moe_layer_destroy.
+ * @return MOE_OK;
+ *   MOE_ERR_INVALID_ARGUMENT  cfg or out NULL, a wrong struct_size, a size <= 0, k > E, groups
+ *                             that do not divide E, sizes whose products overflow int64, ...;
+ *   MOE_ERR_UNSUPPORTED       a feature not built (CUDA module absent, a dtype the backend lacks);
+ *   MOE_ERR_DEVICE            the CUDA module loaded but no usable device;
+ *   MOE_ERR_OUT_OF_MEMORY     the parameters could not be allocated.
+ */
+MOE_API moe_status moe_layer_create(const moe_config *cfg, moe_layer **out);
+
+/** Free a layer and everything it owns. Contexts created from it must be destroyed first. NULL: no-op. */
+MOE_API void moe_layer_destroy(moe_layer *layer);
+
+/**
+ * Copy the layer's effective configuration (defaults filled in, d_ff_shared resolved) into *out.
+ * out->struct_size must be set by the caller; min(out->struct_size, sizeof) bytes are written.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL arguments or out->struct_size too small.
+ */
+MOE_API moe_status moe_layer_get_config(const moe_layer *layer, moe_config *out);
+
+/**
+ * Make a CUDA layer issue all its work on cuda_stream (a cudaStream_t; NULL = the default
+ * stream). Not owned. For a CPU layer only NULL is accepted (and ignored).
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL layer or a stream given to a CPU layer.
+ */
+MOE_API moe_status moe_layer_set_stream(moe_layer *layer, void *cuda_stream);
+
+/* ---------------------------------------------------------------------------------------------
+ * Parameters: named tensors in PyTorch nn.Linear layout ([out, in], row-major).
+ *   router.weight [E, d]        router.noise_weight [E, d] (noise GAUSSIAN only)
+ *   router.bias [E]             selection bias (not trainable; changed by bias_update_rate)
+ *   experts.w1 [E, d_ff, d]     gate projection of GLU experts, up projection otherwise
+ *   experts.w3 [E, d_ff, d]     up projection (GLU activations only)
+ *   experts.w2 [E, d, d_ff]     down projection
+ *   shared.w1/w3/w2 [S, ...]    the same for the S shared experts (width d_ff_shared)
+ *   shared.gate [1, d]          (shared_gate only)
+ * With a comm of size R, E above is this rank's E/R experts.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct moe_param_info {
+  const char *name;   /* owned by the layer, valid until it is destroyed */
+  int ndim;           /* 1..3 */
+  int64_t shape[3];   /* unused dimensions are 0 */
+  int trainable;      /* 0 for router.bias */
+} moe_param_info;
+
+/** @return the number of named parameters, or -1 (with an error message) if layer is NULL. */
+MOE_API int moe_layer_num_params(const moe_layer *layer);
+
+/**
+ * Describe parameter number index (0 <= index < moe_layer_num_params).
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers or an index out of range.
+ */
+MOE_API moe_status moe_layer_param_info(const moe_layer *layer, int index, moe_param_info *out);
+
+/**
+ * Copy count float32 values from host memory into parameter name (count must equal its number
+ * of elements). Must not be called between a training forward and its backward.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers, an unknown name or a wrong count;
+ *         MOE_ERR_NONFINITE if check_finite is on and host holds NaN/Inf.
+ */
+MOE_API moe_status moe_layer_set_param(moe_layer *layer, const char *name, const float *host, int64_t count);
+
+/** Copy parameter name into host (count float32 values). Errors as moe_layer_set_param. */
+MOE_API moe_status moe_layer_get_param(const moe_layer *layer, const char *name, float *host, int64_t count);
+
+/**
+ * Copy the accumulated gradient of parameter name into host (count float32 values).
+ * @return as moe_layer_get_param, and MOE_ERR_INVALID_ARGUMENT for a parameter that is not
+ *         trainable (router.bias).
+ */
+MOE_API moe_status moe_layer_get_grad(const moe_layer *layer, const char *name, float *host, int64_t count);
+
+/** Set every gradient to zero. @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL layer. */
+MOE_API moe_status moe_layer_zero_grad(moe_layer *layer);
+
+/**
+ * The layer's own storage of parameter name and of its gradient, on the layer's device, float32,
+ * contiguous, in the documented shape; valid until the layer is destroyed. Writing through them
+ * is allowed (this is how optimisers and the Python/PyTorch binding update weights in place);
+ * not between a training forward and its backward. *grad is NULL for router.bias. Either out
+ * pointer may be NULL when not wanted.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL layer or name, or an unknown name.
+ */
+MOE_API moe_status moe_layer_param_buffers(moe_layer *layer, const char *name, void **data, void **grad);
+
+/* ---------------------------------------------------------------------------------------------
+ * Contexts and compute
+ * ------------------------------------------------------------------------------------------- */
+typedef struct moe_context moe_context; /* what one training forward keeps for its backward */
+
+/**
+ * Create an empty context bound to layer (it may only be used with that layer and must be
+ * destroyed before it). It owns the activations a training forward saves; reusing it for the
+ * next step reuses its memory.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL arguments; MOE_ERR_OUT_OF_MEMORY.
+ */
+MOE_API moe_status moe_context_create(moe_layer *layer, moe_context **out);
+
+/** Free a context. NULL: no-op. */
+MOE_API void moe_context_destroy(moe_context *ctx);
+
+/**
+ * y = MoE(x) for num_tokens tokens. x and y are [num_tokens, d_model] in the layer's dtype on the
+ * layer's device and must not overlap. num_tokens may be 0.
+ * ctx NULL: inference (no noise, no saved state, no bias update).
+ * ctx given: training: router noise on, routing statistics and activations saved in ctx for
+ * moe_backward and the moe_context_* accessors, then, if bias_update_rate > 0, router.bias
+ * updated from this batch's loads. The context's previous contents are replaced.
+ * Deterministic: the same inputs, parameters, seed, step and thread count give the same bits.
+ * @return MOE_OK;
+ *   MOE_ERR_INVALID_ARGUMENT  NULL layer, x or y with num_tokens > 0, num_tokens < 0 or too large,
+ *                             a context of another layer, pointers on the wrong device;
+ *   MOE_ERR_NONFINITE         check_finite on and x holds NaN/Inf (the message gives the index);
+ *   MOE_ERR_OUT_OF_MEMORY, MOE_ERR_DEVICE, MOE_ERR_COMM.
+ */
+MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_tokens, void *y, moe_context *ctx);
+
+/**
+ * Backward of the training forward saved in ctx: given dy = dLoss/dy ([num_tokens, d_model]),
+ * write dx = dLoss/dx (may be NULL if not wanted) and ADD to the gradient of every trainable
+ * parameter, including the gradients of the auxiliary losses scaled by their coefficients, as if
+ * the caller had added aux_loss_total to its loss. May be called again on the same context
+ * (gradients accumulate again). Parameters must not change between the forward and this call.
+ * @return MOE_OK;
+ *   MOE_ERR_INVALID_ARGUMENT  NULL layer, ctx or dy (with tokens), a context of another layer;
+ *   MOE_ERR_STATE             ctx holds no training forward (new, or filled by moe_route);
+ *   MOE_ERR_NONFINITE         check_finite on and dy holds NaN/Inf;
+ *   MOE_ERR_OUT_OF_MEMORY, MOE_ERR_DEVICE, MOE_ERR_COMM.
+ */
+MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *dy, void *dx);
+
+/**
+ * Route num_tokens tokens without running any expert: fills ctx with the routing decisions and
+ * statistics of an inference forward (no noise, no bias update). ctx cannot then be used for
+ * moe_backward. @return as moe_forward; ctx is required (MOE_ERR_INVALID_ARGUMENT if NULL).
+ */
+MOE_API moe_status moe_route(moe_layer *layer, const void *x, int64_t num_tokens, moe_context *ctx);
+
+typedef struct moe_stats {
+  size_t struct_size;        /* sizeof(moe_stats), set by the caller */
+  int64_t num_tokens;        /* T of the forward */
+  int64_t num_slots;         /* routing slots: T*k (token choice) or E*C (expert choice) */
+  int64_t dropped_slots;     /* slots dropped by capacity */
+  float load_balance_loss;   /* LB, 1.0 when perfectly balanced */
+  float z_loss;              /* mean over tokens of logsumexp(logits)^2 */
+  float importance_loss;     /* CV^2 of per-expert gate-weight sums */
+  float load_loss;           /* CV^2 of the smooth per-expert load (noisy routing) */
+  float aux_loss_total;      /* the coefficient-weighted sum that backward differentiates */
+  float load_cv;             /* std/mean of per-expert kept slot counts */
+  float max_load_ratio;      /* max / mean of per-expert kept slot counts */
+} moe_stats;
+
+/**
+ * Statistics of the forward or route held by ctx. out->struct_size must be set.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers or a struct_size too small;
+ *         MOE_ERR_STATE if ctx holds no forward.
+ */
+MOE_API moe_status moe_context_stats(const moe_context *ctx, moe_stats *out);
+
+/** Per-expert kept slot counts [E] (after capacity). Errors as moe_context_stats. */
+MOE_API moe_status moe_context_expert_counts(const moe_context *ctx, int64_t *counts);
+
+/**
+ * Token-choice routing decisions, [num_tokens, k] each, in choice order; a slot dropped by
+ * capacity reads expert -1 and weight 0. Either pointer may be NULL.
+ * @return as moe_context_stats; MOE_ERR_UNSUPPORTED for expert-choice routing (use
+ *         moe_context_assignments).
+ */
+MOE_API moe_status moe_context_topk(const moe_context *ctx, int32_t *expert_ids, float *weights);
+
+/**
+ * Every kept (token, expert, weight) assignment, ordered by expert then token. *count receives
+ * how many there are. With token, expert and weight all NULL this only queries *count; otherwise
+ * each non-NULL array must hold capacity entries.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL ctx/count, capacity < 0, or capacity smaller
+ *         than the number of assignments (the message gives it); MOE_ERR_STATE if no forward.
+ */
+MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capacity, int32_t *token,
+                                           int32_t *expert, float *weight, int64_t *count);
+
+/* ---------------------------------------------------------------------------------------------
+ * Expert parallelism: a moe_comm is the caller's all-to-all. A rank holds E/size experts, rank r
+ * the experts [r*E/size, (r+1)*E/size). libmoe_mpi and libmoe_nccl provide ready-made ones.
+ * Hooks are called from the thread that called moe_forward/moe_backward, collectively: every
+ * rank makes the same sequence of calls. A hook returns MOE_OK or an error status (MOE_ERR_COMM
+ * is reported to the caller with the hook's status name).
+ * ------------------------------------------------------------------------------------------- */
+struct moe_comm {
+  size_t struct_size; /* sizeof(moe_comm) */
+  int size;           /* number of ranks R >= 1 */
+  int rank;           /* 0 <= rank < size */
+  void *user;         /* passed back to the hooks */
+  /* send[r] rows go to rank r; receive recv[r] rows from rank r. Host arrays of size entries. */
+  moe_status (*exchange_counts)(void *user, const int64_t *send, int64_t *recv);
+  /* all-to-all of rows of row_bytes bytes: send holds send_counts[0] rows for rank 0, then rank 1,
+     ...; recv likewise. Buffers on the layer's device; stream is the layer's cudaStream_t or NULL. */
+  moe_status (*exchange_rows)(void *user, const void *send, const int64_t *send_counts, void *recv,
+                              const int64_t *recv_counts, size_t row_bytes, void *stream);
+};
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* MOE_MOE_H */

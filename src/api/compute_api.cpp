@@ -1,0 +1,204 @@
+// extern "C" entry points for contexts, forward, backward, routing and what a context reports.
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "api/guard.h"
+#include "core/checked.h"
+#include "core/layer.h"
+
+using moe::fail;
+using moe::require;
+
+namespace {
+
+using State = moe_context::State;
+
+void check_context(const moe_layer *layer, const moe_context *ctx) {
+  if (ctx && ctx->layer != layer)
+    fail(MOE_ERR_INVALID_ARGUMENT, "ctx belongs to another layer (created from %p, used with %p)",
+         static_cast<const void *>(ctx->layer), static_cast<const void *>(layer));
+}
+
+bool overlap(const void *a, const void *b, size_t bytes) {
+  auto pa = reinterpret_cast<uintptr_t>(a), pb = reinterpret_cast<uintptr_t>(b);
+  return bytes > 0 && pa < pb + bytes && pb < pa + bytes;
+}
+
+// Shared checks of the tensors a call reads or writes: [T, d_model] each.
+struct Tensor {
+  const void *p;
+  const char *name;
+  bool optional;
+};
+
+void check_tensors(const moe_layer *layer, int64_t T, std::initializer_list<Tensor> ts) {
+  if (T < 0) fail(MOE_ERR_INVALID_ARGUMENT, "num_tokens is %lld, must be >= 0", (long long)T);
+  const size_t bytes = moe::checked_bytes(moe::checked_mul(T, layer->cfg.d, "num_tokens * d_model"), sizeof(float),
+                                          "num_tokens * d_model");
+  for (const Tensor &t : ts) {
+    if (!t.p) {
+      if (T > 0 && !t.optional) fail(MOE_ERR_INVALID_ARGUMENT, "%s is NULL with num_tokens %lld", t.name, (long long)T);
+      continue;
+    }
+    const moe::Backend &be = *layer->backend;
+    if (T > 0 && be.ops()->check_pointer(be.state(), t.p) != MOE_OK)
+      fail(MOE_ERR_INVALID_ARGUMENT, "%s: %s", t.name, be.ops()->last_error(be.state()));
+  }
+  for (const Tensor &a : ts)
+    for (const Tensor &b : ts)
+      if (&a < &b && a.p && b.p && overlap(a.p, b.p, bytes))
+        fail(MOE_ERR_INVALID_ARGUMENT, "%s and %s overlap; they must be distinct buffers", a.name, b.name);
+}
+
+void check_finite(const moe_layer *layer, const void *p, int64_t T, const char *name) {
+  if (!layer->cfg.c.check_finite || T == 0) return;
+  const moe::Backend &be = *layer->backend;
+  int64_t first = -1;
+  const int64_t n = T * layer->cfg.d;
+  be.check(be.ops()->find_nonfinite(be.state(), static_cast<const float *>(p), n, &first), "find_nonfinite");
+  if (first >= 0)
+    fail(MOE_ERR_NONFINITE, "%s[%lld][%lld] is not finite (check_finite is on)", name,
+         (long long)(first / layer->cfg.d), (long long)(first % layer->cfg.d));
+}
+
+const moe_context &filled(const moe_context *ctx) {
+  require(ctx != nullptr, "ctx is NULL");
+  if (ctx->state == State::kEmpty)
+    fail(MOE_ERR_STATE, "ctx holds no forward: call moe_forward with this context or moe_route first");
+  return *ctx;
+}
+
+}  // namespace
+
+extern "C" {
+
+MOE_API moe_status moe_context_create(moe_layer *layer, moe_context **out) {
+  return moe::call("moe_context_create", [&] {
+    require(layer != nullptr, "layer is NULL");
+    require(out != nullptr, "out is NULL");
+    if (layer->destroyed) fail(MOE_ERR_STATE, "layer was destroyed");
+    auto ctx = std::make_unique<moe_context>();
+    ctx->layer = layer;
+    ++layer->live_contexts;
+    *out = ctx.release();
+  });
+}
+
+MOE_API void moe_context_destroy(moe_context *ctx) {
+  if (!ctx) return;
+  moe_layer *layer = ctx->layer;
+  delete ctx;  // NOLINT: owned by the caller through the C handle
+  if (--layer->live_contexts == 0 && layer->destroyed) delete layer;  // NOLINT: deferred moe_layer_destroy
+}
+
+MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_tokens, void *y, moe_context *ctx) {
+  return moe::call("moe_forward", [&] {
+    require(layer != nullptr, "layer is NULL");
+    check_context(layer, ctx);
+    check_tensors(layer, num_tokens, {{x, "x", false}, {y, "y", false}});
+    check_finite(layer, x, num_tokens, "x");
+    moe::forward(*layer, static_cast<const float *>(x), num_tokens, static_cast<float *>(y), ctx,
+                 ctx ? moe::Mode::kTraining : moe::Mode::kInference);
+  });
+}
+
+MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *dy, void *dx) {
+  return moe::call("moe_backward", [&] {
+    require(layer != nullptr, "layer is NULL");
+    require(ctx != nullptr, "ctx is NULL");
+    check_context(layer, ctx);
+    if (ctx->state != State::kTrained)
+      fail(MOE_ERR_STATE, "ctx holds no training forward (%s): call moe_forward with this context first",
+           ctx->state == State::kEmpty ? "it is empty" : "it was filled by moe_route");
+    const int64_t T = ctx->route.T;
+    check_tensors(layer, T, {{dy, "dy", false}, {dx, "dx", true}});
+    check_finite(layer, dy, T, "dy");
+    moe::backward(*layer, *ctx, static_cast<const float *>(dy), static_cast<float *>(dx));
+  });
+}
+
+MOE_API moe_status moe_route(moe_layer *layer, const void *x, int64_t num_tokens, moe_context *ctx) {
+  return moe::call("moe_route", [&] {
+    require(layer != nullptr, "layer is NULL");
+    require(ctx != nullptr, "ctx is NULL");
+    check_context(layer, ctx);
+    check_tensors(layer, num_tokens, {{x, "x", false}});
+    check_finite(layer, x, num_tokens, "x");
+    moe::forward(*layer, static_cast<const float *>(x), num_tokens, nullptr, ctx, moe::Mode::kRouteOnly);
+  });
+}
+
+MOE_API moe_status moe_context_stats(const moe_context *ctx, moe_stats *out) {
+  return moe::call("moe_context_stats", [&] {
+    require(out != nullptr, "out is NULL");
+    if (out->struct_size < sizeof(size_t) || out->struct_size > 4096)
+      fail(MOE_ERR_INVALID_ARGUMENT, "out->struct_size is %zu, expected %zu", out->struct_size, sizeof(moe_stats));
+    const moe_context &c = filled(ctx);
+    size_t n = out->struct_size < sizeof(moe_stats) ? out->struct_size : sizeof(moe_stats);
+    moe_stats s = c.route.stats;
+    s.struct_size = n;
+    std::memcpy(out, &s, n);
+  });
+}
+
+MOE_API moe_status moe_context_expert_counts(const moe_context *ctx, int64_t *counts) {
+  return moe::call("moe_context_expert_counts", [&] {
+    require(counts != nullptr, "counts is NULL");
+    const moe_context &c = filled(ctx);
+    std::memcpy(counts, c.route.kept.data(), c.route.kept.size() * sizeof(int64_t));
+  });
+}
+
+MOE_API moe_status moe_context_topk(const moe_context *ctx, int32_t *expert_ids, float *weights) {
+  return moe::call("moe_context_topk", [&] {
+    const moe_context &c = filled(ctx);
+    const moe_layer &l = *c.layer;
+    if (l.cfg.c.routing == MOE_ROUTE_EXPERT_CHOICE)
+      fail(MOE_ERR_UNSUPPORTED, "expert-choice routing has no per-token top-k: use moe_context_assignments");
+    const int64_t n = c.route.T * l.cfg.k;
+    std::vector<int32_t> ids(n), rows(n);
+    std::vector<float> w(n);
+    const moe::Backend &be = *l.backend;
+    be.download(ids.data(), c.ws.topk_ids.get(), n * sizeof(int32_t));
+    be.download(w.data(), c.ws.topk_w.get(), n * sizeof(float));
+    be.download(rows.data(), c.ws.row_of_slot.get(), n * sizeof(int32_t));
+    for (int64_t i = 0; i < n; ++i)
+      if (rows[i] < 0) {
+        ids[i] = -1;
+        w[i] = 0.0f;
+      }
+    if (expert_ids) std::memcpy(expert_ids, ids.data(), n * sizeof(int32_t));
+    if (weights) std::memcpy(weights, w.data(), n * sizeof(float));
+  });
+}
+
+MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capacity, int32_t *token,
+                                           int32_t *expert, float *weight, int64_t *count) {
+  return moe::call("moe_context_assignments", [&] {
+    require(count != nullptr, "count is NULL");
+    if (capacity < 0) fail(MOE_ERR_INVALID_ARGUMENT, "capacity is %lld, must be >= 0", (long long)capacity);
+    const moe_context &c = filled(ctx);
+    const int64_t R = c.route.R;
+    if (!token && !expert && !weight) {
+      *count = R;
+      return;
+    }
+    if (capacity < R)
+      fail(MOE_ERR_INVALID_ARGUMENT, "capacity is %lld but there are %lld assignments", (long long)capacity,
+           (long long)R);
+    const moe::Backend &be = *c.layer->backend;
+    std::vector<int32_t> tok(R);
+    std::vector<float> w(R);
+    be.download(tok.data(), c.ws.row_token.get(), R * sizeof(int32_t));
+    be.download(w.data(), c.ws.row_weight.get(), R * sizeof(float));
+    if (token) std::memcpy(token, tok.data(), R * sizeof(int32_t));
+    if (weight) std::memcpy(weight, w.data(), R * sizeof(float));
+    if (expert)
+      for (size_t e = 0; e + 1 < c.route.offsets.size(); ++e)
+        for (int64_t r = c.route.offsets[e]; r < c.route.offsets[e + 1]; ++r) expert[r] = static_cast<int32_t>(e);
+    *count = R;
+  });
+}
+
+}  // extern "C"

@@ -1,0 +1,169 @@
+/* The table of stage functions a backend implements. The core owns the order of the stages and
+ * every buffer; a backend only computes. Plain C so that the CUDA module (built and loaded
+ * separately) and the core share no C++ types. Pointers are on the backend's device unless a
+ * field says "host". Every function returns a moe_status; on failure, ops->last_error(state)
+ * gives the message. */
+#ifndef MOE_CORE_BACKEND_H
+#define MOE_CORE_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "moe/moe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MOE_BACKEND_ABI 1
+
+typedef struct moe_gate_args {
+  int64_t T, d, E;
+  const float *x;       /* [T,d] router input */
+  const float *w;       /* [E,d] */
+  float *logits;        /* [T,E] out */
+  /* backward */
+  const float *dlogits; /* [T,E] */
+  float *dx;            /* [T,d] accumulated (+=); NULL: not wanted */
+  float *dw;            /* [E,d] accumulated (+=) */
+} moe_gate_args;
+
+typedef struct moe_select_args {
+  int64_t T, E, k;
+  int score;            /* moe_score */
+  int normalize;
+  float routed_scale;
+  int64_t num_groups, topk_groups;
+  const float *logits;  /* [T,E] */
+  const float *bias;    /* [E] selection bias */
+  float *scores;        /* [T,E] out: S */
+  float *lse;           /* [T] out: logsumexp of each logits row */
+  int32_t *topk_ids;    /* [T,k] out */
+  float *topk_w;        /* [T,k] out: final weights, before capacity */
+  /* aux-loss terms, out, reduced in a fixed order */
+  int64_t *counts;      /* host [E]: slots routed to each expert before capacity */
+  double *prob_sum;     /* host [E]: sum over tokens of P[t,e] */
+  double *lse_sq_sum;   /* host [1]: sum over tokens of lse^2 */
+} moe_select_args;
+
+typedef struct moe_plan_args {
+  int64_t T, E, k;
+  int64_t capacity;          /* slots per expert, < 0: dropless */
+  int drop_policy;           /* moe_drop_policy */
+  const int32_t *topk_ids;   /* [T,k] */
+  const float *topk_w;       /* [T,k] */
+  int32_t *row_of_slot;      /* [T*k] out: row of slot t*k+j, -1 when dropped */
+  int32_t *row_token;        /* [T*k] out: token of row r (first R entries) */
+  int32_t *row_slot;         /* [T*k] out: slot of row r */
+  float *row_weight;         /* [T*k] out: weight of row r */
+  int64_t *offsets;          /* host [E+1] out: rows of expert e are [offsets[e], offsets[e+1]) */
+  int64_t *kept;             /* host [E] out: rows kept per expert */
+  double *weight_sum;        /* host [E] out: sum of kept weights per expert, in row order */
+} moe_plan_args;
+
+typedef struct moe_select_bwd_args {
+  int64_t T, E, k;
+  int score, normalize;
+  float routed_scale;
+  const float *logits, *scores, *lse; /* saved by select */
+  const int32_t *topk_ids;            /* [T,k] */
+  const int32_t *row_of_slot;         /* [T*k] */
+  const float *drow_weight;           /* [R] dLoss/d(weight of row r) */
+  const float *lb_coef;               /* host [E]: dLoss/dP[t,e] for every t (load-balance term) */
+  const float *gate_coef;             /* host [E] or NULL: added to dLoss/dweight of each kept slot of e */
+  float z_coef;                       /* dLoss/dZ */
+  float *dlogits;                     /* [T,E] out (overwritten) */
+} moe_select_bwd_args;
+
+typedef struct moe_rows_args {
+  int64_t T, d, R;
+  int64_t k;                 /* rows per token in token_rows when token_offsets is NULL */
+  const int64_t *token_offsets; /* [T+1] or NULL (fixed k per token) */
+  const int32_t *token_rows; /* row of each (token, j); -1 = none */
+  const int32_t *row_token;  /* [R] */
+  const float *row_weight;   /* [R] */
+  /* dispatch: xe[r] = x[row_token[r]];  backward: dx[t] = sum of dxe over t's rows */
+  const float *x; float *xe;
+  const float *dxe; float *dx;
+  /* combine: y[t] = sum of row_weight[r] * ye[r];  backward: dye[r] = w_r dy[t], dw_r = <dy[t], ye[r]> */
+  const float *ye; float *y;
+  const float *dy; float *dye; float *drow_weight;
+} moe_rows_args;
+
+typedef struct moe_ffn_args {
+  int64_t num_experts, d, ff;
+  int activation;            /* moe_activation */
+  const int64_t *offsets;    /* host [num_experts+1]: row range of each expert */
+  int shared_input;          /* nonzero: every expert reads rows [0, offsets[1]) of x */
+  const float *x;            /* [R,d] (or [rows,d]) */
+  const float *w1, *w3, *w2; /* [E,ff,d], [E,ff,d] (GLU only), [E,d,ff] */
+  float *h, *g;              /* [R,ff] pre-activations (g: GLU only); saved for backward */
+  float *a;                  /* [R,ff] scratch: activation output */
+  float *y;                  /* [R,d] out */
+  /* backward */
+  const float *dy;           /* [R,d] */
+  float *dx;                 /* [R,d] out (overwritten); with shared_input, every expert's dx is added (+=) */
+  float *dw1, *dw3, *dw2;    /* accumulated (+=) */
+  float *dh, *dg;            /* [R,ff] scratch */
+} moe_ffn_args;
+
+typedef struct moe_shared_args {
+  int64_t T, d, S;
+  const float *x;            /* [T,d] */
+  const float *gate_w;       /* [d] or NULL: no gate */
+  const float *ys;           /* [S*T,d] outputs of the shared experts */
+  float *gate;               /* [T] saved sigmoid(x . gate_w) */
+  float *y;                  /* [T,d] accumulated: y += gate * sum_s ys[s] */
+  /* backward */
+  const float *dy;           /* [T,d] */
+  float *dys;                /* [S*T,d] out */
+  float *dx;                 /* [T,d] accumulated */
+  float *dgate_w;            /* [d] accumulated */
+} moe_shared_args;
+
+typedef struct moe_backend_ops {
+  uint32_t abi;     /* MOE_BACKEND_ABI */
+  const char *name; /* "cpu", "cuda" */
+  moe_status (*create)(const moe_config *cfg, void **state);
+  void (*destroy)(void *state);
+  const char *(*last_error)(void *state);
+  moe_status (*set_stream)(void *state, void *stream);
+  /* memory */
+  moe_status (*alloc)(void *state, size_t bytes, void **out);
+  void (*free)(void *state, void *p);
+  moe_status (*memset_zero)(void *state, void *p, size_t bytes);
+  moe_status (*upload)(void *state, void *dst, const void *host, size_t bytes);
+  moe_status (*download)(void *state, void *host, const void *src, size_t bytes);
+  moe_status (*copy)(void *state, void *dst, const void *src, size_t bytes); /* device to device */
+  moe_status (*check_pointer)(void *state, const void *p); /* MOE_OK if p is on this device */
+  moe_status (*find_nonfinite)(void *state, const float *p, int64_t n, int64_t *first); /* -1: none */
+  moe_status (*synchronize)(void *state);
+  /* stages, in pipeline order */
+  moe_status (*gate)(void *state, const moe_gate_args *a);
+  moe_status (*select)(void *state, const moe_select_args *a);
+  moe_status (*plan)(void *state, const moe_plan_args *a);
+  moe_status (*dispatch)(void *state, const moe_rows_args *a);
+  moe_status (*expert_ffn)(void *state, const moe_ffn_args *a);
+  moe_status (*combine)(void *state, const moe_rows_args *a);
+  moe_status (*shared_combine)(void *state, const moe_shared_args *a);
+  /* backward stages, in pipeline order */
+  moe_status (*shared_combine_bwd)(void *state, const moe_shared_args *a);
+  moe_status (*combine_bwd)(void *state, const moe_rows_args *a);
+  moe_status (*expert_ffn_bwd)(void *state, const moe_ffn_args *a);
+  moe_status (*dispatch_bwd)(void *state, const moe_rows_args *a);
+  moe_status (*select_bwd)(void *state, const moe_select_bwd_args *a);
+  moe_status (*gate_bwd)(void *state, const moe_gate_args *a);
+} moe_backend_ops;
+
+/* The CPU backend, always linked in. */
+const moe_backend_ops *moe_cpu_backend(void);
+
+/* Symbol the CUDA module exports: returns its table for the given ABI, NULL on mismatch. */
+typedef const moe_backend_ops *(*moe_backend_entry_fn)(uint32_t abi);
+#define MOE_CUDA_BACKEND_ENTRY "moe_cuda_backend_v1"
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_CORE_BACKEND_H */

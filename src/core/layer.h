@@ -1,0 +1,81 @@
+// The layer and context objects behind the opaque C handles.
+#pragma once
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/buffer.h"
+#include "core/config.h"
+#include "core/module.h"
+
+namespace moe {
+
+struct Param {
+  std::string name;
+  int ndim = 0;
+  int64_t shape[3] = {0, 0, 0};
+  int64_t numel = 0;
+  bool trainable = true;
+  Buffer data, grad;
+};
+
+// Buffers one forward (and its backward) works in; grow-only, reused from call to call.
+struct Workspace {
+  Buffer x, logits, scores, lse, topk_ids, topk_w;
+  Buffer row_of_slot, row_token, row_slot, row_weight;
+  Buffer xe, h, g, a, ye;
+  Buffer hs, gs, as, ys, gate;
+  // backward
+  Buffer dye, drow_weight, dh, dg, dxe, dlogits, dys, dhs, dgs;
+};
+
+// What a forward decided, on the host: small (E-sized) arrays and scalars.
+struct RoutingSummary {
+  int64_t T = 0, R = 0;
+  std::vector<int64_t> counts, kept, offsets;
+  std::vector<double> prob_sum, weight_sum;
+  double lse_sq_sum = 0.0;
+  moe_stats stats{};
+  std::vector<float> lb_coef, gate_coef;  // backward coefficients of the aux losses
+};
+
+}  // namespace moe
+
+struct moe_layer {
+  moe::Config cfg;
+  moe::Module module;                    // the CUDA module, when used; outlives the backend
+  std::unique_ptr<moe::Backend> backend; // outlives every buffer below
+  std::vector<moe::Param> params;
+  moe::Param *router_w = nullptr, *router_bias = nullptr, *noise_w = nullptr;
+  moe::Param *w1 = nullptr, *w3 = nullptr, *w2 = nullptr;
+  moe::Param *sw1 = nullptr, *sw3 = nullptr, *sw2 = nullptr, *sgate = nullptr;
+  uint64_t step = 0;  // training forwards so far: keys the router noise
+  moe::Workspace ws;  // for inference
+  int live_contexts = 0;
+  bool destroyed = false;  // moe_layer_destroy ran while contexts were alive
+
+  moe::Param *find(const char *name);
+};
+
+struct moe_context {
+  enum class State { kEmpty, kRouted, kTrained };
+  moe_layer *layer = nullptr;
+  State state = State::kEmpty;
+  moe::Workspace ws;
+  moe::RoutingSummary route;
+};
+
+namespace moe {
+
+// Builds the parameters of a new layer and initialises them from the seed.
+void create_params(moe_layer &layer);
+
+// The pipeline (src/core/pipeline.cpp).
+enum class Mode { kInference, kTraining, kRouteOnly };
+void forward(moe_layer &layer, const float *x, int64_t T, float *y, moe_context *ctx, Mode mode);
+void backward(moe_layer &layer, moe_context &ctx, const float *dy, float *dx);
+
+// Loss values and their backward coefficients from the routing summary (src/core/aux_loss.cpp).
+void compute_aux_losses(const Config &cfg, RoutingSummary &r);
+
+}  // namespace moe

@@ -1,0 +1,82 @@
+// The CPU backend's table: host memory plus the stage files of this folder.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "cpu/cpu.h"
+
+namespace moe::cpu {
+namespace {
+
+constexpr size_t kAlign = 64;
+
+moe_status create(const moe_config *, void **state) {
+  try {
+    *state = std::make_unique<State>().release();
+    return MOE_OK;
+  } catch (const std::bad_alloc &) {
+    return MOE_ERR_OUT_OF_MEMORY;
+  }
+}
+
+void destroy(void *state) { std::unique_ptr<State> owned(static_cast<State *>(state)); }
+
+const char *last_error(void *state) { return static_cast<State *>(state)->error.c_str(); }
+
+moe_status set_stream(void *state, void *stream) {
+  if (stream == nullptr) return MOE_OK;
+  static_cast<State *>(state)->error = "a CPU layer has no CUDA stream; pass NULL";
+  return MOE_ERR_INVALID_ARGUMENT;
+}
+
+moe_status alloc(void *state, size_t bytes, void **out) {
+  size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+  void *p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
+  if (!p) {
+    static_cast<State *>(state)->error = format("could not allocate %zu bytes of host memory", bytes);
+    return MOE_ERR_OUT_OF_MEMORY;
+  }
+  *out = p;
+  return MOE_OK;
+}
+
+void release(void *, void *p) { std::free(p); }
+
+moe_status memset_zero(void *, void *p, size_t bytes) {
+  if (bytes) std::memset(p, 0, bytes);
+  return MOE_OK;
+}
+
+moe_status copy(void *, void *dst, const void *src, size_t bytes) {
+  if (bytes) std::memcpy(dst, src, bytes);
+  return MOE_OK;
+}
+
+// Any pointer is a host pointer to the CPU backend; the CUDA module, when loaded, refuses device
+// pointers on the CPU path itself (see src/core/pointer_check).
+moe_status check_pointer(void *, const void *) { return MOE_OK; }
+
+moe_status find_nonfinite(void *, const float *p, int64_t n, int64_t *first) {
+  *first = -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!std::isfinite(p[i])) {
+      *first = i;
+      break;
+    }
+  return MOE_OK;
+}
+
+moe_status synchronize(void *) { return MOE_OK; }
+
+const moe_backend_ops kOps = {
+    MOE_BACKEND_ABI, "cpu", create, destroy, last_error, set_stream, alloc, release, memset_zero, copy, copy, copy,
+    check_pointer, find_nonfinite, synchronize,
+    gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
+    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd,
+};
+
+}  // namespace
+}  // namespace moe::cpu
+
+extern "C" const moe_backend_ops *moe_cpu_backend(void) { return &moe::cpu::kOps; }

@@ -1,0 +1,112 @@
+// Each token's weighted sum of its expert rows (a gather, no atomics), the shared experts'
+// contribution, and their backward.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "cpu/cpu.h"
+
+namespace moe::cpu {
+
+moe_status combine(void *st, const moe_rows_args *a) {
+  return guarded(st, [&] {
+    const int64_t d = a->d;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < a->T; ++t) {
+      float *out = a->y + t * d;
+      std::memset(out, 0, sizeof(float) * d);
+      int64_t b = a->token_offsets ? a->token_offsets[t] : t * a->k;
+      int64_t e = a->token_offsets ? a->token_offsets[t + 1] : (t + 1) * a->k;
+      for (int64_t i = b; i < e; ++i) {
+        int32_t r = a->token_rows[i];
+        if (r < 0) continue;
+        const float w = a->row_weight[r];
+        const float *src = a->ye + static_cast<int64_t>(r) * d;
+        for (int64_t c = 0; c < d; ++c) out[c] += w * src[c];
+      }
+    }
+  });
+}
+
+moe_status combine_bwd(void *st, const moe_rows_args *a) {
+  return guarded(st, [&] {
+    const int64_t d = a->d;
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < a->R; ++r) {
+      const float *g = a->dy + static_cast<int64_t>(a->row_token[r]) * d;
+      const float *ye = a->ye + r * d;
+      float *dye = a->dye + r * d;
+      const float w = a->row_weight[r];
+      float dot = 0.0f;
+      for (int64_t c = 0; c < d; ++c) {
+        dye[c] = w * g[c];
+        dot += g[c] * ye[c];
+      }
+      a->drow_weight[r] = dot;
+    }
+  });
+}
+
+static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+moe_status shared_combine(void *st, const moe_shared_args *a) {
+  return guarded(st, [&] {
+    const int64_t d = a->d, T = a->T;
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      const float *x = a->x + t * d;
+      float gv = 1.0f;
+      if (a->gate_w) {
+        float z = 0.0f;
+        for (int64_t c = 0; c < d; ++c) z += x[c] * a->gate_w[c];
+        gv = sigmoid(z);
+        if (a->gate) a->gate[t] = gv;
+      }
+      float *y = a->y + t * d;
+      for (int64_t s = 0; s < a->S; ++s) {
+        const float *ys = a->ys + (s * T + t) * d;
+        for (int64_t c = 0; c < d; ++c) y[c] += gv * ys[c];
+      }
+    }
+  });
+}
+
+moe_status shared_combine_bwd(void *st, const moe_shared_args *a) {
+  return guarded(st, [&] {
+    const int64_t d = a->d, T = a->T;
+    std::vector<float> dpre(a->gate_w ? T : 0);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      const float *dy = a->dy + t * d;
+      const float gv = a->gate_w ? a->gate[t] : 1.0f;
+      float dgate = 0.0f;
+      for (int64_t s = 0; s < a->S; ++s) {
+        const float *ys = a->ys + (s * T + t) * d;
+        float *dys = a->dys + (s * T + t) * d;
+        for (int64_t c = 0; c < d; ++c) {
+          dys[c] = gv * dy[c];
+          dgate += dy[c] * ys[c];
+        }
+      }
+      if (a->gate_w) {
+        float dp = dgate * gv * (1.0f - gv);
+        dpre[t] = dp;
+        if (a->dx) {
+          float *dx = a->dx + t * d;
+          for (int64_t c = 0; c < d; ++c) dx[c] += dp * a->gate_w[c];
+        }
+      }
+    }
+    if (a->gate_w) {
+      // Column sums in token order: the same bits for any thread count.
+#pragma omp parallel for schedule(static)
+      for (int64_t c = 0; c < d; ++c) {
+        float acc = 0.0f;
+        for (int64_t t = 0; t < T; ++t) acc += dpre[t] * a->x[t * d + c];
+        a->dgate_w[c] += acc;
+      }
+    }
+  });
+}
+
+}  // namespace moe::cpu

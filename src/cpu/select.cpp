@@ -1,0 +1,241 @@
+// Scores, selection bias, group limiting, top-k and weights; the capacity plan; and the backward
+// from routing weights and auxiliary-loss terms to router logits.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "cpu/cpu.h"
+
+namespace moe::cpu {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kBlock = 256;  // tokens per reduction block: sums do not depend on thread count
+
+inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+
+// Index of the best not-yet-taken entry: highest value, ties to the lower index. Values are never NaN.
+inline int64_t argmax_free(const float *v, const unsigned char *taken, int64_t n) {
+  int64_t best = -1;
+  for (int64_t i = 0; i < n; ++i)
+    if (!taken[i] && (best < 0 || v[i] > v[best])) best = i;
+  return best;
+}
+
+}  // namespace
+
+moe_status select(void *st, const moe_select_args *a) {
+  return guarded(st, [&] {
+    const int64_t T = a->T, E = a->E, k = a->k, G = a->num_groups;
+    const int nthreads = omp_get_max_threads();
+    const int64_t gsize = E / G;
+    std::vector<float> sel_buf(static_cast<size_t>(nthreads) * E), gscore_buf(static_cast<size_t>(nthreads) * G);
+    std::vector<unsigned char> taken_buf(static_cast<size_t>(nthreads) * std::max(E, G));
+    const int64_t nblocks = (T + kBlock - 1) / kBlock;
+    std::vector<double> block_p(static_cast<size_t>(nblocks) * E, 0.0), block_z(nblocks, 0.0);
+
+#pragma omp parallel for schedule(static)
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int tid = omp_get_thread_num();
+      float *sel = sel_buf.data() + static_cast<size_t>(tid) * E;
+      float *gscore = gscore_buf.data() + static_cast<size_t>(tid) * G;
+      unsigned char *taken = taken_buf.data() + static_cast<size_t>(tid) * std::max(E, G);
+      double *psum = block_p.data() + blk * E;
+      for (int64_t t = blk * kBlock; t < std::min(T, (blk + 1) * kBlock); ++t) {
+        const float *L = a->logits + t * E;
+        float *S = a->scores + t * E;
+        float m = kNegInf;
+        bool nan = false;
+        for (int64_t e = 0; e < E; ++e) {
+          if (std::isnan(L[e])) nan = true;
+          else if (L[e] > m) m = L[e];
+        }
+        float sum = 0.0f;
+        for (int64_t e = 0; e < E; ++e) sum += std::exp(L[e] - m);
+        const float lse = nan ? std::numeric_limits<float>::quiet_NaN() : m + std::log(sum);
+        a->lse[t] = lse;
+        block_z[blk] += static_cast<double>(lse) * lse;
+        if (a->score == MOE_SCORE_SOFTMAX) {
+          for (int64_t e = 0; e < E; ++e) S[e] = std::exp(L[e] - m) / sum;
+        } else {
+          for (int64_t e = 0; e < E; ++e) S[e] = sigmoid(L[e]);
+        }
+        // P for the load-balance loss: S itself, or S normalised per token for sigmoid scores.
+        float norm = 1.0f;
+        if (a->score == MOE_SCORE_SIGMOID) {
+          float s = 0.0f;
+          for (int64_t e = 0; e < E; ++e) s += S[e];
+          norm = 1.0f / s;
+        }
+        for (int64_t e = 0; e < E; ++e) psum[e] += static_cast<double>(S[e] * norm);
+
+        for (int64_t e = 0; e < E; ++e) {
+          float v = S[e] + a->bias[e];
+          sel[e] = std::isnan(v) ? kNegInf : v;
+        }
+        if (G > 1) {
+          for (int64_t g = 0; g < G; ++g) {
+            float b1 = kNegInf, b2 = kNegInf;
+            for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
+              if (sel[e] > b1) { b2 = b1; b1 = sel[e]; }
+              else if (sel[e] > b2) b2 = sel[e];
+            }
+            float v = gsize == 1 ? b1 : b1 + b2;
+            gscore[g] = std::isnan(v) ? kNegInf : v;
+            taken[g] = 0;
+          }
+          // taken[] marks kept groups here; the experts of the others are masked.
+          for (int64_t i = 0; i < a->topk_groups; ++i) {
+            int64_t g = argmax_free(gscore, taken, G);
+            taken[g] = 1;
+          }
+          for (int64_t g = 0; g < G; ++g)
+            if (!taken[g])
+              for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) sel[e] = kNegInf;
+        }
+        std::fill(taken, taken + E, 0);
+        int32_t *ids = a->topk_ids + t * k;
+        float *w = a->topk_w + t * k;
+        float wsum = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+          int64_t e = argmax_free(sel, taken, E);
+          taken[e] = 1;
+          ids[j] = static_cast<int32_t>(e);
+          w[j] = S[e];
+          wsum += S[e];
+        }
+        const float scale = a->normalize ? a->routed_scale / (wsum + 1e-20f) : a->routed_scale;
+        for (int64_t j = 0; j < k; ++j) w[j] *= scale;
+      }
+    }
+    std::fill(a->counts, a->counts + E, 0);
+    for (int64_t i = 0; i < T * k; ++i) ++a->counts[a->topk_ids[i]];
+    std::fill(a->prob_sum, a->prob_sum + E, 0.0);
+    double z = 0.0;
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      for (int64_t e = 0; e < E; ++e) a->prob_sum[e] += block_p[blk * E + e];
+      z += block_z[blk];
+    }
+    *a->lse_sq_sum = z;
+  });
+}
+
+moe_status plan(void *st, const moe_plan_args *a) {
+  return guarded(st, [&] {
+    const int64_t T = a->T, E = a->E, k = a->k, n = T * k;
+    std::vector<unsigned char> keep(n, 1);
+    if (a->capacity >= 0) {
+      std::vector<int64_t> used(E, 0);
+      if (a->drop_policy == MOE_DROP_POSITION) {
+        // All first choices before any second choice; within a choice, token order.
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t t = 0; t < T; ++t) {
+            int64_t s = t * k + j, e = a->topk_ids[s];
+            if (used[e] < a->capacity) ++used[e];
+            else keep[s] = 0;
+          }
+      } else {
+        // Largest weights first; equal weights keep position order (stable sort over that order).
+        std::vector<std::vector<int64_t>> slots(E);
+        for (int64_t j = 0; j < k; ++j)
+          for (int64_t t = 0; t < T; ++t) slots[a->topk_ids[t * k + j]].push_back(t * k + j);
+        auto key = [&](int64_t s) {
+          float w = a->topk_w[s];
+          return std::isnan(w) ? -std::numeric_limits<float>::infinity() : w;
+        };
+        for (int64_t e = 0; e < E; ++e) {
+          auto &v = slots[e];
+          if (static_cast<int64_t>(v.size()) <= a->capacity) continue;
+          std::stable_sort(v.begin(), v.end(), [&](int64_t x, int64_t y) { return key(x) > key(y); });
+          for (size_t i = static_cast<size_t>(a->capacity); i < v.size(); ++i) keep[v[i]] = 0;
+        }
+      }
+    }
+    std::fill(a->kept, a->kept + E, 0);
+    for (int64_t s = 0; s < n; ++s)
+      if (keep[s]) ++a->kept[a->topk_ids[s]];
+    a->offsets[0] = 0;
+    for (int64_t e = 0; e < E; ++e) a->offsets[e + 1] = a->offsets[e] + a->kept[e];
+    std::vector<int64_t> fill(a->offsets, a->offsets + E);
+    for (int64_t s = 0; s < n; ++s) {
+      if (!keep[s]) {
+        a->row_of_slot[s] = -1;
+        continue;
+      }
+      int64_t r = fill[a->topk_ids[s]]++;
+      a->row_of_slot[s] = static_cast<int32_t>(r);
+      a->row_token[r] = static_cast<int32_t>(s / k);
+      a->row_slot[r] = static_cast<int32_t>(s);
+      a->row_weight[r] = a->topk_w[s];
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      double acc = 0.0;
+      for (int64_t r = a->offsets[e]; r < a->offsets[e + 1]; ++r) acc += a->row_weight[r];
+      a->weight_sum[e] = acc;
+    }
+  });
+}
+
+moe_status select_bwd(void *st, const moe_select_bwd_args *a) {
+  return guarded(st, [&] {
+    const int64_t T = a->T, E = a->E, k = a->k;
+    const int nthreads = omp_get_max_threads();
+    std::vector<float> ds_buf(static_cast<size_t>(nthreads) * E);
+    const float zscale = a->z_coef * 2.0f / static_cast<float>(T);
+#pragma omp parallel for schedule(static)
+    for (int64_t t = 0; t < T; ++t) {
+      float *dS = ds_buf.data() + static_cast<size_t>(omp_get_thread_num()) * E;
+      const float *S = a->scores + t * E;
+      const float *L = a->logits + t * E;
+      std::fill(dS, dS + E, 0.0f);
+      const int32_t *ids = a->topk_ids + t * k;
+      float usum = 0.0f, dot = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        int32_t r = a->row_of_slot[t * k + j];
+        float dw = 0.0f;
+        if (r >= 0) {
+          dw = a->drow_weight[r];
+          if (a->gate_coef) dw += a->gate_coef[ids[j]];
+        }
+        usum += S[ids[j]];
+        dot += dw * S[ids[j]];
+        dS[ids[j]] = dw;  // held as dw for now; turned into dS below
+      }
+      if (a->normalize) {
+        const float s = usum + 1e-20f;
+        for (int64_t j = 0; j < k; ++j) dS[ids[j]] = a->routed_scale * (dS[ids[j]] / s - dot / (s * s));
+      } else {
+        for (int64_t j = 0; j < k; ++j) dS[ids[j]] *= a->routed_scale;
+      }
+      if (a->score == MOE_SCORE_SOFTMAX) {
+        for (int64_t e = 0; e < E; ++e) dS[e] += a->lb_coef[e];
+        float sd = 0.0f;
+        for (int64_t e = 0; e < E; ++e) sd += dS[e] * S[e];
+        float *dL = a->dlogits + t * E;
+        for (int64_t e = 0; e < E; ++e) dL[e] = S[e] * (dS[e] - sd);
+      } else {
+        float ssum = 0.0f, cp = 0.0f;
+        for (int64_t e = 0; e < E; ++e) ssum += S[e];
+        for (int64_t e = 0; e < E; ++e) cp += a->lb_coef[e] * S[e];
+        cp /= ssum;
+        float *dL = a->dlogits + t * E;
+        for (int64_t e = 0; e < E; ++e) {
+          float d = dS[e] + (a->lb_coef[e] - cp) / ssum;
+          dL[e] = d * S[e] * (1.0f - S[e]);
+        }
+      }
+      if (a->z_coef != 0.0f) {
+        float *dL = a->dlogits + t * E;
+        const float lse = a->lse[t];
+        for (int64_t e = 0; e < E; ++e) dL[e] += zscale * lse * std::exp(L[e] - lse);
+      }
+    }
+  });
+}
+
+}  // namespace moe::cpu
