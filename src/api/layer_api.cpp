@@ -15,14 +15,6 @@ namespace {
 
 // Features of the design this build does not have yet are refused, never silently ignored.
 void refuse_unbuilt(const moe::Config &c) {
-  if (c.c.noise != MOE_NOISE_NONE)
-    fail(MOE_ERR_UNSUPPORTED, "cfg->noise is %s: router noise is not built into this libmoe yet",
-         c.c.noise == MOE_NOISE_GAUSSIAN ? "MOE_NOISE_GAUSSIAN" : "MOE_NOISE_JITTER");
-  if (c.c.routing == MOE_ROUTE_EXPERT_CHOICE)
-    fail(MOE_ERR_UNSUPPORTED, "cfg->routing is MOE_ROUTE_EXPERT_CHOICE: expert-choice routing is not built into this libmoe yet");
-  if (c.c.load_loss_coef != 0.0f)
-    fail(MOE_ERR_UNSUPPORTED, "cfg->load_loss_coef is %g: the smooth load loss needs Gaussian router noise, not built yet",
-         (double)c.c.load_loss_coef);
   if (c.c.comm != nullptr)
     fail(MOE_ERR_UNSUPPORTED, "cfg->comm is set: expert parallelism is not built into this libmoe yet");
   if (c.c.device == MOE_DEVICE_CPU && c.c.dtype != MOE_DTYPE_F32)

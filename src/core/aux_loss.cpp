@@ -39,15 +39,17 @@ Cv2 cv_squared(const std::vector<double> &v) {
 
 void compute_aux_losses(const Config &cfg, RoutingSummary &r) {
   const int64_t E = cfg.E, T = r.T;
-  const double slots = static_cast<double>(T) * cfg.k;
+  const double slots = static_cast<double>(T) * cfg.k;  // T*k for both routings, as section 4 writes f_e
   moe_stats &s = r.stats;
   s = moe_stats{};
   s.struct_size = sizeof(moe_stats);
   s.num_tokens = T;
-  s.num_slots = T * cfg.k;
+  const bool ec = cfg.c.routing == MOE_ROUTE_EXPERT_CHOICE;
+  s.num_slots = ec ? E * std::max<int64_t>(r.capacity, 0) : T * cfg.k;
   s.dropped_slots = s.num_slots - r.R;
   r.lb_coef.assign(E, 0.0f);
   r.gate_coef.assign(E, 0.0f);
+  r.load_coef.assign(E, 0.0f);
   if (T == 0) return;
 
   // LB = E * sum_e f_e * Pbar_e, f_e = n_e / (T k), Pbar_e = mean_t P[t,e]; gradient through P only.
@@ -64,6 +66,13 @@ void compute_aux_losses(const Config &cfg, RoutingSummary &r) {
   s.importance_loss = static_cast<float>(imp.value);
   if (cfg.c.importance_loss_coef != 0.0f)
     for (int64_t e = 0; e < E; ++e) r.gate_coef[e] = static_cast<float>(cfg.c.importance_loss_coef * imp.grad[e]);
+
+  if (r.noisy && !r.load_sum.empty()) {
+    Cv2 load = cv_squared(r.load_sum);
+    s.load_loss = static_cast<float>(load.value);
+    if (cfg.c.load_loss_coef != 0.0f)
+      for (int64_t e = 0; e < E; ++e) r.load_coef[e] = static_cast<float>(cfg.c.load_loss_coef * load.grad[e]);
+  }
 
   s.aux_loss_total = static_cast<float>(cfg.c.aux_loss_coef * static_cast<double>(s.load_balance_loss) +
                                         cfg.c.z_loss_coef * static_cast<double>(s.z_loss) +

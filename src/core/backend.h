@@ -22,10 +22,22 @@ typedef struct moe_gate_args {
   const float *x;       /* [T,d] router input */
   const float *w;       /* [E,d] */
   float *logits;        /* [T,E] out */
+  /* training noise (shared/DESIGN.md section 4); noise = MOE_NOISE_NONE in inference */
+  int noise;            /* moe_noise */
+  float noise_eps;      /* jitter half-width */
+  uint64_t seed, step;  /* key the counter-based draws with (t, e) or (t, c) */
+  const float *wn;      /* [E,d] router.noise_weight (GAUSSIAN) */
+  float *xr;            /* [T,d] out: the jittered router input (JITTER) */
+  float *clean_logits;  /* [T,E] out: x Wr^T before noise (GAUSSIAN) */
+  float *noise_std;     /* [T,E] out: softplus(x Wn^T) (GAUSSIAN) */
+  float *noise_draws;   /* [T,E] out: the N(0,1) draws (GAUSSIAN) */
   /* backward */
-  const float *dlogits; /* [T,E] */
+  const float *dlogits; /* [T,E] gradient of the (noisy) logits */
+  const float *dclean_extra, *dstd_extra; /* [T,E] load-loss terms (GAUSSIAN) */
+  float *scratch;       /* [2,T,E] (GAUSSIAN) */
   float *dx;            /* [T,d] accumulated (+=); NULL: not wanted */
   float *dw;            /* [E,d] accumulated (+=) */
+  float *dwn;           /* [E,d] accumulated (+=) (GAUSSIAN) */
 } moe_gate_args;
 
 typedef struct moe_select_args {
@@ -40,7 +52,10 @@ typedef struct moe_select_args {
   float *lse;           /* [T] out: logsumexp of each logits row */
   int32_t *topk_ids;    /* [T,k] out */
   float *topk_w;        /* [T,k] out: final weights, before capacity */
+  int expert_choice;    /* nonzero: no per-token top-k (the plan selects) */
+  const float *clean_logits, *noise_std; /* [T,E] GAUSSIAN training, else NULL */
   /* aux-loss terms, out, reduced in a fixed order */
+  double *load_sum;     /* host [E]: sum over tokens of Phi((clean - threshold) / std) (GAUSSIAN) */
   int64_t *counts;      /* host [E]: slots routed to each expert before capacity */
   double *prob_sum;     /* host [E]: sum over tokens of P[t,e] */
   double *lse_sq_sum;   /* host [1]: sum over tokens of lse^2 */
@@ -59,6 +74,11 @@ typedef struct moe_plan_args {
   int64_t *offsets;          /* host [E+1] out: rows of expert e are [offsets[e], offsets[e+1]) */
   int64_t *kept;             /* host [E] out: rows kept per expert */
   double *weight_sum;        /* host [E] out: sum of kept weights per expert, in row order */
+  /* expert choice: each expert takes its `capacity` best tokens by scores[:, e] */
+  int expert_choice;
+  const float *scores;       /* [T,E] */
+  int64_t *token_offsets;    /* [T+1] out: rows of token t are token_rows[token_offsets[t]..] */
+  int32_t *token_rows;       /* [E*capacity] out, each token's rows in expert order */
 } moe_plan_args;
 
 typedef struct moe_select_bwd_args {
@@ -73,6 +93,15 @@ typedef struct moe_select_bwd_args {
   const float *gate_coef;             /* host [E] or NULL: added to dLoss/dweight of each kept slot of e */
   float z_coef;                       /* dLoss/dZ */
   float *dlogits;                     /* [T,E] out (overwritten) */
+  /* expert choice: rows reached through each token's rows; row_slot[r] = t*E + e */
+  int expert_choice;
+  const int64_t *token_offsets;
+  const int32_t *token_rows;
+  const int32_t *row_slot;
+  /* Shazeer's smooth load loss (GAUSSIAN) */
+  const float *clean_logits, *noise_std;
+  const float *load_coef;             /* host [E] dLoss/dload_e, or NULL */
+  float *dclean_extra, *dstd_extra;   /* [T,E] out when load_coef is set */
 } moe_select_bwd_args;
 
 typedef struct moe_rows_args {

@@ -172,6 +172,9 @@ Config make_config(const moe_config *user) {
   if (c.routing == MOE_ROUTE_EXPERT_CHOICE && !(c.capacity_factor > 0))
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->capacity_factor is %g: expert-choice routing needs a capacity > 0",
          (double)c.capacity_factor);
+  if (c.load_loss_coef != 0.0f && c.noise != MOE_NOISE_GAUSSIAN)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->load_loss_coef is %g: the smooth load loss needs noise = MOE_NOISE_GAUSSIAN",
+         (double)c.load_loss_coef);
   if (c.num_shared_experts < 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->num_shared_experts is %lld, must be >= 0", (long long)c.num_shared_experts);
   if (c.d_ff_shared < 0)

@@ -22,21 +22,27 @@ struct Param {
 // Buffers one forward (and its backward) works in; grow-only, reused from call to call.
 struct Workspace {
   Buffer x, logits, scores, lse, topk_ids, topk_w;
+  Buffer xr, clean_logits, noise_std, noise;  // training noise
+  Buffer token_offsets, token_rows;           // expert choice
   Buffer row_of_slot, row_token, row_slot, row_weight;
   Buffer xe, h, g, a, ye;
   Buffer hs, gs, as, ys, gate;
   // backward
   Buffer dye, drow_weight, dh, dg, dxe, dlogits, dys, dhs, dgs;
+  Buffer dclean, dstd, gate_scratch;
 };
 
 // What a forward decided, on the host: small (E-sized) arrays and scalars.
 struct RoutingSummary {
   int64_t T = 0, R = 0;
+  int64_t capacity = -1;  // slots per expert, -1 dropless
+  bool noisy = false;     // Gaussian noise was applied (training)
+  uint64_t step = 0;      // the training step that drew the noise
   std::vector<int64_t> counts, kept, offsets;
-  std::vector<double> prob_sum, weight_sum;
+  std::vector<double> prob_sum, weight_sum, load_sum;
   double lse_sq_sum = 0.0;
   moe_stats stats{};
-  std::vector<float> lb_coef, gate_coef;  // backward coefficients of the aux losses
+  std::vector<float> lb_coef, gate_coef, load_coef;  // backward coefficients of the aux losses
 };
 
 }  // namespace moe

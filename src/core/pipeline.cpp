@@ -1,8 +1,8 @@
 // The order of the stages (shared/DESIGN.md section 2): forward, route-only and backward.
 // Buffers come from the workspace of the context (training, routing) or of the layer
 // (inference) and are reused from call to call.
+#include <algorithm>
 #include <cmath>
-#include <cstring>
 
 #include "core/checked.h"
 #include "core/layer.h"
@@ -22,17 +22,70 @@ const float *f(const Buffer &b) { return b.as<const float>(); }
 const float *f(const Param *p) { return p ? p->data.as<const float>() : nullptr; }
 float *g(const Param *p) { return p ? p->grad.as<float>() : nullptr; }
 
-// The shared experts: every one reads all T tokens, so their rows are laid out expert-major.
-void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float *y, bool save) {
+bool expert_choice(const Config &c) { return c.c.routing == MOE_ROUTE_EXPERT_CHOICE; }
+
+// The gate's arguments; noise fields only when this forward draws noise.
+moe_gate_args gate_args(const moe_layer &l, const Workspace &w, const RoutingSummary &r, int noise, const float *x) {
   const Config &c = l.cfg;
-  const Backend &be = *l.backend;
-  const int64_t rows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
-  be.ensure(w.hs, fbytes(checked_mul(rows, c.ffs, "shared rows"), "shared h"));
-  if (c.glu) be.ensure(w.gs, fbytes(checked_mul(rows, c.ffs, "shared rows"), "shared g"));
-  be.ensure(w.as, fbytes(checked_mul(rows, c.ffs, "shared rows"), "shared a"));
-  be.ensure(w.ys, fbytes(checked_mul(rows, c.d, "shared rows"), "shared y"));
-  be.ensure(w.gate, fbytes(T, "shared gate"));
-  int64_t offsets[2] = {0, T};
+  moe_gate_args a{};
+  a.T = r.T;
+  a.d = c.d;
+  a.E = c.E;
+  a.x = x;
+  a.w = f(l.router_w);
+  a.logits = w.logits.as<float>();
+  a.noise = noise;
+  a.noise_eps = c.c.noise_eps;
+  a.seed = c.c.seed;
+  a.step = r.step;
+  if (noise == MOE_NOISE_JITTER) a.xr = w.xr.as<float>();
+  if (noise == MOE_NOISE_GAUSSIAN) {
+    a.wn = f(l.noise_w);
+    a.clean_logits = w.clean_logits.as<float>();
+    a.noise_std = w.noise_std.as<float>();
+    a.noise_draws = w.noise.as<float>();
+  }
+  return a;
+}
+
+moe_rows_args rows_args(const Config &c, const Workspace &w, const RoutingSummary &r) {
+  moe_rows_args a{};
+  a.T = r.T;
+  a.d = c.d;
+  a.R = r.R;
+  a.k = c.k;
+  if (expert_choice(c)) {
+    a.token_offsets = w.token_offsets.as<const int64_t>();
+    a.token_rows = w.token_rows.as<const int32_t>();
+  } else {
+    a.token_rows = w.row_of_slot.as<const int32_t>();
+  }
+  a.row_token = w.row_token.as<const int32_t>();
+  a.row_weight = w.row_weight.as<const float>();
+  return a;
+}
+
+moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, const int64_t *offsets) {
+  const Config &c = l.cfg;
+  moe_ffn_args a{};
+  a.num_experts = c.E_local;
+  a.d = c.d;
+  a.ff = c.ff;
+  a.activation = c.c.activation;
+  a.offsets = offsets;
+  a.x = f(w.xe);
+  a.w1 = f(l.w1);
+  a.w3 = f(l.w3);
+  a.w2 = f(l.w2);
+  a.h = w.h.as<float>();
+  a.g = c.glu ? w.g.as<float>() : nullptr;
+  a.a = w.a.as<float>();
+  return a;
+}
+
+// The shared experts read all T tokens, so their rows are laid out expert-major.
+moe_ffn_args shared_ffn_args(const moe_layer &l, const Workspace &w, const float *x, const int64_t *offsets) {
+  const Config &c = l.cfg;
   moe_ffn_args a{};
   a.num_experts = c.S;
   a.d = c.d;
@@ -47,19 +100,46 @@ void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float
   a.h = w.hs.as<float>();
   a.g = c.glu ? w.gs.as<float>() : nullptr;
   a.a = w.as.as<float>();
-  a.y = w.ys.as<float>();
-  run(be, be.ops()->expert_ffn, a, "expert_ffn (shared)");
+  return a;
+}
+
+moe_shared_args shared_args(const moe_layer &l, const Workspace &w, const float *x, int64_t T) {
+  const Config &c = l.cfg;
   moe_shared_args s{};
   s.T = T;
   s.d = c.d;
   s.S = c.S;
   s.x = x;
   s.gate_w = f(l.sgate);
-  s.ys = w.ys.as<float>();
+  s.ys = f(w.ys);
   s.gate = w.gate.as<float>();
+  return s;
+}
+
+void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float *y) {
+  const Config &c = l.cfg;
+  const Backend &be = *l.backend;
+  const int64_t rows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
+  const int64_t rff = checked_mul(rows, c.ffs, "shared rows * d_ff_shared");
+  be.ensure(w.hs, fbytes(rff, "shared h"));
+  if (c.glu) be.ensure(w.gs, fbytes(rff, "shared g"));
+  be.ensure(w.as, fbytes(rff, "shared a"));
+  be.ensure(w.ys, fbytes(checked_mul(rows, c.d, "shared rows * d_model"), "shared y"));
+  be.ensure(w.gate, fbytes(T, "shared gate"));
+  const int64_t offsets[2] = {0, T};
+  moe_ffn_args a = shared_ffn_args(l, w, x, offsets);
+  a.y = w.ys.as<float>();
+  run(be, be.ops()->expert_ffn, a, "expert_ffn (shared)");
+  moe_shared_args s = shared_args(l, w, x, T);
   s.y = y;
   run(be, be.ops()->shared_combine, s, "shared_combine");
-  (void)save;
+}
+
+// Slots per expert for T tokens, or -1 when dropless.
+int64_t capacity_of(const Config &c, int64_t Tk) {
+  if (!(c.c.capacity_factor > 0)) return -1;
+  const double cap = std::ceil(static_cast<double>(c.c.capacity_factor) * static_cast<double>(Tk) / c.E);
+  return cap > static_cast<double>(Tk) ? Tk : static_cast<int64_t>(cap);
 }
 
 }  // namespace
@@ -70,21 +150,30 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   const moe_backend_ops *ops = be.ops();
   Workspace &w = ctx ? ctx->ws : l.ws;
   const int64_t d = c.d, E = c.E, k = c.k;
+  const bool training = mode == Mode::kTraining, ec = expert_choice(c);
   const int64_t Td = checked_mul(T, d, "num_tokens * d_model");
   const int64_t Tk = checked_mul(T, k, "num_tokens * top_k");
   const int64_t TE = checked_mul(T, E, "num_tokens * num_experts");
-  if (Tk > INT32_MAX)
-    fail(MOE_ERR_INVALID_ARGUMENT, "num_tokens is %lld: num_tokens * top_k must stay below 2^31", (long long)T);
+  if (Tk > INT32_MAX || TE > INT32_MAX)
+    fail(MOE_ERR_INVALID_ARGUMENT,
+         "num_tokens is %lld: num_tokens * top_k and num_tokens * num_experts must stay below 2^31", (long long)T);
 
   if (ctx) ctx->state = moe_context::State::kEmpty;
   RoutingSummary r;
   r.T = T;
+  r.step = l.step;
+  r.capacity = capacity_of(c, Tk);
+  const int noise = training ? c.c.noise : MOE_NOISE_NONE;
+  r.noisy = noise == MOE_NOISE_GAUSSIAN;
+  // Expert choice fills at most E*C rows; token choice at most T*k.
+  const int64_t max_rows = ec ? checked_mul(E, std::min(r.capacity, T), "num_experts * capacity") : Tk;
+
   const float *x = x_in;
-  if (mode == Mode::kTraining) {
+  if (training) {
     // Training keeps its own copy of x: the caller may reuse its buffer before backward.
     be.ensure(w.x, fbytes(Td, "x"));
     be.copy(w.x.get(), x_in, fbytes(Td, "x"));
-    x = w.x.as<const float>();
+    x = f(w.x);
   }
   be.ensure(w.logits, fbytes(TE, "logits"));
   be.ensure(w.scores, fbytes(TE, "scores"));
@@ -92,36 +181,46 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   be.ensure(w.topk_ids, ibytes(Tk, "topk ids"));
   be.ensure(w.topk_w, fbytes(Tk, "topk weights"));
   be.ensure(w.row_of_slot, ibytes(Tk, "rows"));
-  be.ensure(w.row_token, ibytes(Tk, "rows"));
-  be.ensure(w.row_slot, ibytes(Tk, "rows"));
-  be.ensure(w.row_weight, fbytes(Tk, "rows"));
+  be.ensure(w.row_token, ibytes(max_rows, "rows"));
+  be.ensure(w.row_slot, ibytes(max_rows, "rows"));
+  be.ensure(w.row_weight, fbytes(max_rows, "rows"));
+  if (ec) {
+    be.ensure(w.token_offsets, checked_bytes(T + 1, sizeof(int64_t), "token offsets"));
+    be.ensure(w.token_rows, ibytes(max_rows, "token rows"));
+  }
+  if (noise == MOE_NOISE_JITTER) be.ensure(w.xr, fbytes(Td, "jittered x"));
+  if (noise == MOE_NOISE_GAUSSIAN) {
+    be.ensure(w.clean_logits, fbytes(TE, "clean logits"));
+    be.ensure(w.noise_std, fbytes(TE, "noise std"));
+    be.ensure(w.noise, fbytes(TE, "noise"));
+  }
 
-  moe_gate_args ga{};
-  ga.T = T;
-  ga.d = d;
-  ga.E = E;
-  ga.x = x;
-  ga.w = f(l.router_w);
-  ga.logits = w.logits.as<float>();
-  run(be, ops->gate, ga, "gate");
+  run(be, ops->gate, gate_args(l, w, r, noise, x), "gate");
 
   r.counts.assign(E, 0);
   r.prob_sum.assign(E, 0.0);
+  if (r.noisy) r.load_sum.assign(E, 0.0);
   moe_select_args sa{};
   sa.T = T;
   sa.E = E;
   sa.k = k;
-  sa.score = c.c.score;
+  sa.score = ec ? MOE_SCORE_SOFTMAX : c.c.score;
   sa.normalize = c.c.normalize_topk;
   sa.routed_scale = c.c.routed_scale;
   sa.num_groups = c.c.num_groups;
   sa.topk_groups = c.c.topk_groups;
-  sa.logits = w.logits.as<float>();
+  sa.logits = f(w.logits);
   sa.bias = f(l.router_bias);
   sa.scores = w.scores.as<float>();
   sa.lse = w.lse.as<float>();
   sa.topk_ids = w.topk_ids.as<int32_t>();
   sa.topk_w = w.topk_w.as<float>();
+  sa.expert_choice = ec;
+  if (r.noisy) {
+    sa.clean_logits = f(w.clean_logits);
+    sa.noise_std = f(w.noise_std);
+    sa.load_sum = r.load_sum.data();
+  }
   sa.counts = r.counts.data();
   sa.prob_sum = r.prob_sum.data();
   sa.lse_sq_sum = &r.lse_sq_sum;
@@ -134,14 +233,10 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   pa.T = T;
   pa.E = E;
   pa.k = k;
-  pa.capacity = -1;
-  if (c.c.capacity_factor > 0) {
-    double cap = std::ceil(static_cast<double>(c.c.capacity_factor) * static_cast<double>(Tk) / E);
-    pa.capacity = cap > static_cast<double>(Tk) ? Tk : static_cast<int64_t>(cap);
-  }
+  pa.capacity = r.capacity;
   pa.drop_policy = c.c.drop_policy;
   pa.topk_ids = w.topk_ids.as<int32_t>();
-  pa.topk_w = w.topk_w.as<float>();
+  pa.topk_w = f(w.topk_w);
   pa.row_of_slot = w.row_of_slot.as<int32_t>();
   pa.row_token = w.row_token.as<int32_t>();
   pa.row_slot = w.row_slot.as<int32_t>();
@@ -149,12 +244,17 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   pa.offsets = r.offsets.data();
   pa.kept = r.kept.data();
   pa.weight_sum = r.weight_sum.data();
+  pa.expert_choice = ec;
+  pa.scores = f(w.scores);
+  pa.token_offsets = w.token_offsets.as<int64_t>();
+  pa.token_rows = w.token_rows.as<int32_t>();
   run(be, ops->plan, pa, "plan");
-  const int64_t R = r.offsets[E];
-  r.R = R;
+  r.R = r.offsets[E];
+  if (ec) r.counts = r.kept;  // an expert's slots are its capacity; nothing is dropped
   compute_aux_losses(c, r);
 
   if (mode != Mode::kRouteOnly) {
+    const int64_t R = r.R;
     const int64_t Rd = checked_mul(R, d, "rows * d_model");
     const int64_t Rff = checked_mul(R, c.ff, "rows * d_ff");
     be.ensure(w.xe, fbytes(Rd, "xe"));
@@ -163,42 +263,23 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     be.ensure(w.a, fbytes(Rff, "a"));
     be.ensure(w.ye, fbytes(Rd, "ye"));
 
-    moe_rows_args ra{};
-    ra.T = T;
-    ra.d = d;
-    ra.R = R;
-    ra.k = k;
-    ra.token_rows = w.row_of_slot.as<int32_t>();
-    ra.row_token = w.row_token.as<int32_t>();
-    ra.row_weight = w.row_weight.as<float>();
+    moe_rows_args ra = rows_args(c, w, r);
     ra.x = x;
     ra.xe = w.xe.as<float>();
     run(be, ops->dispatch, ra, "dispatch");
 
-    moe_ffn_args fa{};
-    fa.num_experts = c.E_local;
-    fa.d = d;
-    fa.ff = c.ff;
-    fa.activation = c.c.activation;
-    fa.offsets = r.offsets.data();
-    fa.x = w.xe.as<float>();
-    fa.w1 = f(l.w1);
-    fa.w3 = f(l.w3);
-    fa.w2 = f(l.w2);
-    fa.h = w.h.as<float>();
-    fa.g = c.glu ? w.g.as<float>() : nullptr;
-    fa.a = w.a.as<float>();
+    moe_ffn_args fa = ffn_args(l, w, r.offsets.data());
     fa.y = w.ye.as<float>();
     run(be, ops->expert_ffn, fa, "expert_ffn");
 
-    ra.ye = w.ye.as<float>();
+    ra.ye = f(w.ye);
     ra.y = y;
     run(be, ops->combine, ra, "combine");
 
-    if (c.S > 0) shared_forward(l, w, x, T, y, mode == Mode::kTraining);
+    if (c.S > 0) shared_forward(l, w, x, T, y);
   }
 
-  if (mode == Mode::kTraining && c.c.bias_update_rate > 0 && T > 0) {
+  if (training && c.c.bias_update_rate > 0 && T > 0) {
     // Aux-loss-free balancing: bias[e] += u * sign(mean(n) - n_e), from loads before capacity.
     std::vector<float> bias(E);
     be.download(bias.data(), l.router_bias->data.get(), E * sizeof(float));
@@ -206,15 +287,15 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     for (int64_t e = 0; e < E; ++e) mean += static_cast<double>(r.counts[e]);
     mean /= E;
     for (int64_t e = 0; e < E; ++e) {
-      double diff = mean - static_cast<double>(r.counts[e]);
+      const double diff = mean - static_cast<double>(r.counts[e]);
       bias[e] += c.c.bias_update_rate * static_cast<float>((diff > 0) - (diff < 0));
     }
     be.upload(l.router_bias->data.get(), bias.data(), E * sizeof(float));
   }
-  if (mode == Mode::kTraining) ++l.step;
+  if (training) ++l.step;
   if (ctx) {
     ctx->route = std::move(r);
-    ctx->state = mode == Mode::kTraining ? moe_context::State::kTrained : moe_context::State::kRouted;
+    ctx->state = training ? moe_context::State::kTrained : moe_context::State::kRouted;
   }
 }
 
@@ -225,44 +306,33 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   Workspace &w = ctx.ws;
   const RoutingSummary &r = ctx.route;
   const int64_t T = r.T, R = r.R, d = c.d, E = c.E, k = c.k;
+  const bool ec = expert_choice(c);
   const int64_t Rd = checked_mul(R, d, "rows * d_model");
   const int64_t Rff = checked_mul(R, c.ff, "rows * d_ff");
+  const int64_t TE = checked_mul(T, E, "num_tokens * num_experts");
   be.ensure(w.dye, fbytes(Rd, "dye"));
   be.ensure(w.drow_weight, fbytes(R, "drow_weight"));
   be.ensure(w.dh, fbytes(Rff, "dh"));
   if (c.glu) be.ensure(w.dg, fbytes(Rff, "dg"));
   be.ensure(w.dxe, fbytes(Rd, "dxe"));
-  be.ensure(w.dlogits, fbytes(checked_mul(T, E, "num_tokens * num_experts"), "dlogits"));
+  be.ensure(w.dlogits, fbytes(TE, "dlogits"));
+  const bool load = r.noisy && c.c.load_loss_coef != 0.0f;
+  if (r.noisy) be.ensure(w.gate_scratch, fbytes(checked_mul(2, TE, "2 * num_tokens * num_experts"), "gate scratch"));
+  if (load) {
+    be.ensure(w.dclean, fbytes(TE, "dclean"));
+    be.ensure(w.dstd, fbytes(TE, "dstd"));
+  }
   const float *x = f(w.x);
 
-  moe_rows_args ra{};
-  ra.T = T;
-  ra.d = d;
-  ra.R = R;
-  ra.k = k;
-  ra.token_rows = w.row_of_slot.as<int32_t>();
-  ra.row_token = w.row_token.as<int32_t>();
-  ra.row_weight = w.row_weight.as<float>();
+  moe_rows_args ra = rows_args(c, w, r);
   ra.ye = f(w.ye);
   ra.dy = dy;
   ra.dye = w.dye.as<float>();
   ra.drow_weight = w.drow_weight.as<float>();
   run(be, ops->combine_bwd, ra, "combine_bwd");
 
-  moe_ffn_args fa{};
-  fa.num_experts = c.E_local;
-  fa.d = d;
-  fa.ff = c.ff;
-  fa.activation = c.c.activation;
-  fa.offsets = r.offsets.data();
-  fa.x = f(w.xe);
-  fa.w1 = f(l.w1);
-  fa.w3 = f(l.w3);
-  fa.w2 = f(l.w2);
-  fa.h = w.h.as<float>();
-  fa.g = c.glu ? w.g.as<float>() : nullptr;
-  fa.a = w.a.as<float>();
-  fa.dy = w.dye.as<float>();
+  moe_ffn_args fa = ffn_args(l, w, r.offsets.data());
+  fa.dy = f(w.dye);
   fa.dx = dx ? w.dxe.as<float>() : nullptr;
   fa.dw1 = g(l.w1);
   fa.dw3 = g(l.w3);
@@ -272,45 +342,26 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   run(be, ops->expert_ffn_bwd, fa, "expert_ffn_bwd");
 
   if (dx) {
-    ra.dxe = w.dxe.as<float>();
+    ra.dxe = f(w.dxe);
     ra.dx = dx;
     run(be, ops->dispatch_bwd, ra, "dispatch_bwd");
   }
 
   if (c.S > 0) {
     const int64_t rows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
-    be.ensure(w.dys, fbytes(checked_mul(rows, d, "shared rows"), "shared dy"));
-    be.ensure(w.dhs, fbytes(checked_mul(rows, c.ffs, "shared rows"), "shared dh"));
-    if (c.glu) be.ensure(w.dgs, fbytes(checked_mul(rows, c.ffs, "shared rows"), "shared dg"));
-    moe_shared_args s{};
-    s.T = T;
-    s.d = d;
-    s.S = c.S;
-    s.x = x;
-    s.gate_w = f(l.sgate);
-    s.ys = f(w.ys);
-    s.gate = w.gate.as<float>();
+    const int64_t rff = checked_mul(rows, c.ffs, "shared rows * d_ff_shared");
+    be.ensure(w.dys, fbytes(checked_mul(rows, d, "shared rows * d_model"), "shared dy"));
+    be.ensure(w.dhs, fbytes(rff, "shared dh"));
+    if (c.glu) be.ensure(w.dgs, fbytes(rff, "shared dg"));
+    moe_shared_args s = shared_args(l, w, x, T);
     s.dy = dy;
     s.dys = w.dys.as<float>();
     s.dx = dx;
     s.dgate_w = g(l.sgate);
     run(be, ops->shared_combine_bwd, s, "shared_combine_bwd");
-    int64_t offsets[2] = {0, T};
-    moe_ffn_args sf{};
-    sf.num_experts = c.S;
-    sf.d = d;
-    sf.ff = c.ffs;
-    sf.activation = c.c.activation;
-    sf.offsets = offsets;
-    sf.shared_input = 1;
-    sf.x = x;
-    sf.w1 = f(l.sw1);
-    sf.w3 = f(l.sw3);
-    sf.w2 = f(l.sw2);
-    sf.h = w.hs.as<float>();
-    sf.g = c.glu ? w.gs.as<float>() : nullptr;
-    sf.a = w.as.as<float>();
-    sf.dy = w.dys.as<float>();
+    const int64_t offsets[2] = {0, T};
+    moe_ffn_args sf = shared_ffn_args(l, w, x, offsets);
+    sf.dy = f(w.dys);
     sf.dx = dx;
     sf.dw1 = g(l.sw1);
     sf.dw3 = g(l.sw3);
@@ -324,7 +375,7 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   sb.T = T;
   sb.E = E;
   sb.k = k;
-  sb.score = c.c.score;
+  sb.score = ec ? MOE_SCORE_SOFTMAX : c.c.score;
   sb.normalize = c.c.normalize_topk;
   sb.routed_scale = c.c.routed_scale;
   sb.logits = f(w.logits);
@@ -337,17 +388,34 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   sb.gate_coef = c.c.importance_loss_coef != 0.0f ? r.gate_coef.data() : nullptr;
   sb.z_coef = c.c.z_loss_coef;
   sb.dlogits = w.dlogits.as<float>();
+  sb.expert_choice = ec;
+  if (ec) {
+    sb.token_offsets = w.token_offsets.as<int64_t>();
+    sb.token_rows = w.token_rows.as<int32_t>();
+    sb.row_slot = w.row_slot.as<int32_t>();
+  }
+  if (load) {
+    sb.clean_logits = f(w.clean_logits);
+    sb.noise_std = f(w.noise_std);
+    sb.load_coef = r.load_coef.data();
+    sb.dclean_extra = w.dclean.as<float>();
+    sb.dstd_extra = w.dstd.as<float>();
+  }
   run(be, ops->select_bwd, sb, "select_bwd");
 
-  moe_gate_args ga{};
-  ga.T = T;
-  ga.d = d;
-  ga.E = E;
-  ga.x = x;
-  ga.w = f(l.router_w);
+  const int noise = r.noisy ? MOE_NOISE_GAUSSIAN : (c.c.noise == MOE_NOISE_JITTER ? MOE_NOISE_JITTER : MOE_NOISE_NONE);
+  moe_gate_args ga = gate_args(l, w, r, noise, x);
   ga.dlogits = f(w.dlogits);
   ga.dx = dx;
   ga.dw = g(l.router_w);
+  if (noise == MOE_NOISE_GAUSSIAN) {
+    ga.dwn = g(l.noise_w);
+    ga.scratch = w.gate_scratch.as<float>();
+    if (load) {
+      ga.dclean_extra = f(w.dclean);
+      ga.dstd_extra = f(w.dstd);
+    }
+  }
   run(be, ops->gate_bwd, ga, "gate_bwd");
 }
 

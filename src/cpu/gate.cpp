@@ -1,21 +1,84 @@
-// Router logits L = X Wr^T and their backward.
+// Router logits L = X Wr^T, with the training noise of shared/DESIGN.md section 4 (Gaussian noise
+// scaled by softplus(X Wn^T), or multiplicative jitter of the router input), and their backward.
+#include <cmath>
+#include <vector>
+
+#include "core/rng.h"
 #include "cpu/blas.h"
 #include "cpu/cpu.h"
 
 namespace moe::cpu {
 
+namespace {
+
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
+
+inline float jitter(const moe_gate_args *a, int64_t i) {
+  return 1.0f - a->noise_eps + 2.0f * a->noise_eps * rng_uniform(a->seed, kStreamJitter + a->step, static_cast<uint64_t>(i));
+}
+
+}  // namespace
+
 moe_status gate(void *st, const moe_gate_args *a) {
   return guarded(st, [&] {
-    if (a->T == 0) return;
-    sgemm(false, true, a->T, a->E, a->d, 1.0f, a->x, a->d, a->w, a->d, 0.0f, a->logits, a->E);
+    const int64_t T = a->T, d = a->d, E = a->E;
+    if (T == 0) return;
+    if (a->noise == MOE_NOISE_JITTER) {
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < T * d; ++i) a->xr[i] = a->x[i] * jitter(a, i);
+      sgemm(false, true, T, E, d, 1.0f, a->xr, d, a->w, d, 0.0f, a->logits, E);
+    } else if (a->noise == MOE_NOISE_GAUSSIAN) {
+      sgemm(false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
+      sgemm(false, true, T, E, d, 1.0f, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < T * E; ++i) {
+        const float n = rng_normal(a->seed, kStreamNoise + a->step, static_cast<uint64_t>(i));
+        const float sd = softplus(a->noise_std[i]);
+        a->noise_draws[i] = n;
+        a->noise_std[i] = sd;
+        a->logits[i] = a->clean_logits[i] + n * sd;
+      }
+    } else {
+      sgemm(false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->logits, E);
+    }
   });
 }
 
 moe_status gate_bwd(void *st, const moe_gate_args *a) {
   return guarded(st, [&] {
-    if (a->T == 0) return;
-    if (a->dx) sgemm(false, false, a->T, a->d, a->E, 1.0f, a->dlogits, a->E, a->w, a->d, 1.0f, a->dx, a->d);
-    sgemm(true, false, a->E, a->d, a->T, 1.0f, a->dlogits, a->E, a->x, a->d, 1.0f, a->dw, a->d);
+    const int64_t T = a->T, d = a->d, E = a->E;
+    if (T == 0) return;
+    if (a->noise == MOE_NOISE_JITTER) {
+      sgemm(true, false, E, d, T, 1.0f, a->dlogits, E, a->xr, d, 1.0f, a->dw, d);
+      if (a->dx) {
+        std::vector<float> dxr(static_cast<size_t>(T * d));
+        sgemm(false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr.data(), d);
+#pragma omp parallel for schedule(static)
+        for (int64_t i = 0; i < T * d; ++i) a->dx[i] += dxr[i] * jitter(a, i);
+      }
+    } else if (a->noise == MOE_NOISE_GAUSSIAN) {
+      float *dclean = a->scratch, *dpre = a->scratch + T * E;
+#pragma omp parallel for schedule(static)
+      for (int64_t i = 0; i < T * E; ++i) {
+        const float dl = a->dlogits[i];
+        float dsd = dl * a->noise_draws[i];
+        float dc = dl;
+        if (a->dclean_extra) dc += a->dclean_extra[i];
+        if (a->dstd_extra) dsd += a->dstd_extra[i];
+        dclean[i] = dc;
+        // d softplus(p)/dp = sigmoid(p) = 1 - exp(-softplus(p))
+        dpre[i] = dsd * -std::expm1(-a->noise_std[i]);
+      }
+      sgemm(true, false, E, d, T, 1.0f, dclean, E, a->x, d, 1.0f, a->dw, d);
+      sgemm(true, false, E, d, T, 1.0f, dpre, E, a->x, d, 1.0f, a->dwn, d);
+      if (a->dx) {
+        sgemm(false, false, T, d, E, 1.0f, dclean, E, a->w, d, 1.0f, a->dx, d);
+        sgemm(false, false, T, d, E, 1.0f, dpre, E, a->wn, d, 1.0f, a->dx, d);
+      }
+    } else {
+      if (a->dx) sgemm(false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 1.0f, a->dx, d);
+      sgemm(true, false, E, d, T, 1.0f, a->dlogits, E, a->x, d, 1.0f, a->dw, d);
+    }
   });
 }
 

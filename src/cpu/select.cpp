@@ -27,6 +27,32 @@ inline int64_t argmax_free(const float *v, const unsigned char *taken, int64_t n
   return best;
 }
 
+// Shazeer et al. 2017: the k-th largest noisy logit excluding expert e is the (k+1)-th largest when
+// e is among the top k, else the k-th. Ordering as in top-k (NaN as -inf, ties to the lower index).
+struct Thresholds {
+  int64_t kth = -1, k1th = -1;  // indices of the k-th and (k+1)-th largest (k1th -1 when k == E)
+};
+
+Thresholds thresholds(const float *L, int64_t E, int64_t k, float *clean, unsigned char *taken) {
+  Thresholds th;
+  if (E <= 0) return th;
+  for (int64_t e = 0; e < E; ++e) clean[e] = std::isnan(L[e]) ? kNegInf : L[e];
+  std::fill(taken, taken + E, 0);
+  const int64_t want = std::min(k + 1, E);
+  for (int64_t j = 0; j < want; ++j) {
+    int64_t e = argmax_free(clean, taken, E);
+    taken[e] = 1;
+    if (j == k - 1) th.kth = e;
+    if (j == k) th.k1th = e;
+  }
+  // taken[] now marks the top k (and the (k+1)-th); unmark the latter so it reads "in top k".
+  if (th.k1th >= 0) taken[th.k1th] = 0;
+  return th;
+}
+
+inline float normal_cdf(float z) { return 0.5f * std::erfc(-z * 0.70710678118654752f); }
+inline float normal_pdf(float z) { return 0.39894228040143268f * std::exp(-0.5f * z * z); }
+
 }  // namespace
 
 moe_status select(void *st, const moe_select_args *a) {
@@ -38,6 +64,9 @@ moe_status select(void *st, const moe_select_args *a) {
     std::vector<unsigned char> taken_buf(static_cast<size_t>(nthreads) * std::max(E, G));
     const int64_t nblocks = (T + kBlock - 1) / kBlock;
     std::vector<double> block_p(static_cast<size_t>(nblocks) * E, 0.0), block_z(nblocks, 0.0);
+    const bool load = a->clean_logits != nullptr;
+    std::vector<double> block_load(load ? static_cast<size_t>(nblocks) * E : 0, 0.0);
+    std::vector<float> ord_buf(load ? static_cast<size_t>(nthreads) * E : 0);
 
 #pragma omp parallel for schedule(static)
     for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -73,6 +102,21 @@ moe_status select(void *st, const moe_select_args *a) {
           norm = 1.0f / s;
         }
         for (int64_t e = 0; e < E; ++e) psum[e] += static_cast<double>(S[e] * norm);
+        if (load) {
+          float *ord = ord_buf.data() + static_cast<size_t>(tid) * E;
+          Thresholds th = thresholds(L, E, k, ord, taken);
+          double *lsum = block_load.data() + blk * E;
+          for (int64_t e = 0; e < E; ++e) {
+            int64_t ti = taken[e] ? th.k1th : th.kth;
+            float p = 1.0f;
+            if (ti >= 0) {
+              const float sd = a->noise_std[t * E + e];
+              p = normal_cdf((a->clean_logits[t * E + e] - L[ti]) / sd);
+            }
+            lsum[e] += static_cast<double>(p);
+          }
+        }
+        if (a->expert_choice) continue;
 
         for (int64_t e = 0; e < E; ++e) {
           float v = S[e] + a->bias[e];
@@ -114,7 +158,13 @@ moe_status select(void *st, const moe_select_args *a) {
       }
     }
     std::fill(a->counts, a->counts + E, 0);
-    for (int64_t i = 0; i < T * k; ++i) ++a->counts[a->topk_ids[i]];
+    if (!a->expert_choice)
+      for (int64_t i = 0; i < T * k; ++i) ++a->counts[a->topk_ids[i]];
+    if (load) {
+      std::fill(a->load_sum, a->load_sum + E, 0.0);
+      for (int64_t blk = 0; blk < nblocks; ++blk)
+        for (int64_t e = 0; e < E; ++e) a->load_sum[e] += block_load[blk * E + e];
+    }
     std::fill(a->prob_sum, a->prob_sum + E, 0.0);
     double z = 0.0;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -125,8 +175,56 @@ moe_status select(void *st, const moe_select_args *a) {
   });
 }
 
+// Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest S[t,e] (ties to
+// the lower token); its rows are those tokens in token order.
+static void plan_expert_choice(const moe_plan_args *a) {
+  const int64_t T = a->T, E = a->E, C = std::min(a->capacity, T);
+  std::vector<int64_t> count(T + 1, 0);
+#pragma omp parallel
+  {
+    std::vector<int32_t> idx(static_cast<size_t>(T));
+#pragma omp for schedule(static)
+    for (int64_t e = 0; e < E; ++e) {
+      std::iota(idx.begin(), idx.end(), 0);
+      auto key = [&](int32_t t) {
+        float v = a->scores[t * E + e];
+        return std::isnan(v) ? kNegInf : v;
+      };
+      std::partial_sort(idx.begin(), idx.begin() + C, idx.end(), [&](int32_t x, int32_t y) {
+        float kx = key(x), ky = key(y);
+        return kx > ky || (kx == ky && x < y);
+      });
+      std::sort(idx.begin(), idx.begin() + C);
+      for (int64_t i = 0; i < C; ++i) {
+        const int64_t r = e * C + i, t = idx[i];
+        a->row_token[r] = static_cast<int32_t>(t);
+        a->row_slot[r] = static_cast<int32_t>(t * E + e);
+        a->row_weight[r] = a->scores[t * E + e];
+      }
+    }
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    a->kept[e] = C;
+    a->offsets[e] = e * C;
+  }
+  a->offsets[E] = E * C;
+  for (int64_t r = 0; r < E * C; ++r) ++count[a->row_token[r] + 1];
+  for (int64_t t = 0; t < T; ++t) count[t + 1] += count[t];
+  std::copy(count.begin(), count.end(), a->token_offsets);
+  for (int64_t r = 0; r < E * C; ++r) a->token_rows[count[a->row_token[r]]++] = static_cast<int32_t>(r);
+}
+
 moe_status plan(void *st, const moe_plan_args *a) {
   return guarded(st, [&] {
+    if (a->expert_choice) {
+      plan_expert_choice(a);
+      for (int64_t e = 0; e < a->E; ++e) {
+        double acc = 0.0;
+        for (int64_t r = a->offsets[e]; r < a->offsets[e + 1]; ++r) acc += a->row_weight[r];
+        a->weight_sum[e] = acc;
+      }
+      return;
+    }
     const int64_t T = a->T, E = a->E, k = a->k, n = T * k;
     std::vector<unsigned char> keep(n, 1);
     if (a->capacity >= 0) {
@@ -186,6 +284,8 @@ moe_status select_bwd(void *st, const moe_select_bwd_args *a) {
     const int64_t T = a->T, E = a->E, k = a->k;
     const int nthreads = omp_get_max_threads();
     std::vector<float> ds_buf(static_cast<size_t>(nthreads) * E);
+    std::vector<float> ord_buf(a->load_coef ? static_cast<size_t>(nthreads) * E : 0);
+    std::vector<unsigned char> taken_buf(a->load_coef ? static_cast<size_t>(nthreads) * E : 0);
     const float zscale = a->z_coef * 2.0f / static_cast<float>(T);
 #pragma omp parallel for schedule(static)
     for (int64_t t = 0; t < T; ++t) {
@@ -193,9 +293,16 @@ moe_status select_bwd(void *st, const moe_select_bwd_args *a) {
       const float *S = a->scores + t * E;
       const float *L = a->logits + t * E;
       std::fill(dS, dS + E, 0.0f);
+      if (a->expert_choice) {
+        for (int64_t i = a->token_offsets[t]; i < a->token_offsets[t + 1]; ++i) {
+          const int32_t r = a->token_rows[i];
+          const int64_t e = a->row_slot[r] % E;
+          dS[e] = a->drow_weight[r] + (a->gate_coef ? a->gate_coef[e] : 0.0f);
+        }
+      }
       const int32_t *ids = a->topk_ids + t * k;
       float usum = 0.0f, dot = 0.0f;
-      for (int64_t j = 0; j < k; ++j) {
+      for (int64_t j = 0; j < (a->expert_choice ? 0 : k); ++j) {
         int32_t r = a->row_of_slot[t * k + j];
         float dw = 0.0f;
         if (r >= 0) {
@@ -206,7 +313,8 @@ moe_status select_bwd(void *st, const moe_select_bwd_args *a) {
         dot += dw * S[ids[j]];
         dS[ids[j]] = dw;  // held as dw for now; turned into dS below
       }
-      if (a->normalize) {
+      if (a->expert_choice) {
+      } else if (a->normalize) {
         const float s = usum + 1e-20f;
         for (int64_t j = 0; j < k; ++j) dS[ids[j]] = a->routed_scale * (dS[ids[j]] / s - dot / (s * s));
       } else {
@@ -233,6 +341,28 @@ moe_status select_bwd(void *st, const moe_select_bwd_args *a) {
         float *dL = a->dlogits + t * E;
         const float lse = a->lse[t];
         for (int64_t e = 0; e < E; ++e) dL[e] += zscale * lse * std::exp(L[e] - lse);
+      }
+      if (a->load_coef) {
+        // P[t,e] = Phi((clean - thr) / sd): gradients to the clean logit, the noise scale, and
+        // through the threshold to the noisy logit it was read from.
+        const int tid = omp_get_thread_num();
+        float *ord = ord_buf.data() + static_cast<size_t>(tid) * E;
+        unsigned char *taken = taken_buf.data() + static_cast<size_t>(tid) * E;
+        Thresholds th = thresholds(L, E, k, ord, taken);
+        float *dL = a->dlogits + t * E;
+        for (int64_t e = 0; e < E; ++e) {
+          const int64_t i = t * E + e;
+          const int64_t ti = taken[e] ? th.k1th : th.kth;
+          a->dclean_extra[i] = 0.0f;
+          a->dstd_extra[i] = 0.0f;
+          if (ti < 0) continue;
+          const float sd = a->noise_std[i];
+          const float z = (a->clean_logits[i] - L[ti]) / sd;
+          const float gp = a->load_coef[e] * normal_pdf(z) / sd;
+          a->dclean_extra[i] = gp;
+          a->dstd_extra[i] = -gp * z;
+          dL[ti] -= gp;
+        }
       }
     }
   });
