@@ -15,8 +15,9 @@ namespace {
 
 // Features of the design this build does not have yet are refused, never silently ignored.
 void refuse_unbuilt(const moe::Config &c) {
-  if (c.c.comm != nullptr)
-    fail(MOE_ERR_UNSUPPORTED, "cfg->comm is set: expert parallelism is not built into this libmoe yet");
+  if (c.c.comm != nullptr && c.c.routing == MOE_ROUTE_EXPERT_CHOICE)
+    fail(MOE_ERR_UNSUPPORTED,
+         "cfg->comm is set with expert-choice routing: experts choosing among every rank's tokens is not built yet");
   if (c.c.device == MOE_DEVICE_CPU && c.c.dtype != MOE_DTYPE_F32)
     fail(MOE_ERR_UNSUPPORTED, "cfg->dtype is %s: the CPU backend computes and stores float32 only",
          c.c.dtype == MOE_DTYPE_BF16 ? "MOE_DTYPE_BF16" : "MOE_DTYPE_F16");

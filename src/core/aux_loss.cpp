@@ -38,14 +38,16 @@ Cv2 cv_squared(const std::vector<double> &v) {
 }  // namespace
 
 void compute_aux_losses(const Config &cfg, RoutingSummary &r) {
-  const int64_t E = cfg.E, T = r.T;
+  // With expert parallelism the sums are over every rank's tokens (exchange_routing_stats), so
+  // each rank reports and differentiates the losses of the global batch.
+  const int64_t E = cfg.E, T = r.global_T;
   const double slots = static_cast<double>(T) * cfg.k;  // T*k for both routings, as section 4 writes f_e
   moe_stats &s = r.stats;
   s = moe_stats{};
   s.struct_size = sizeof(moe_stats);
-  s.num_tokens = T;
+  s.num_tokens = r.T;
   const bool ec = cfg.c.routing == MOE_ROUTE_EXPERT_CHOICE;
-  s.num_slots = ec ? E * std::max<int64_t>(r.capacity, 0) : T * cfg.k;
+  s.num_slots = ec ? E * std::max<int64_t>(r.capacity, 0) : r.T * cfg.k;
   s.dropped_slots = s.num_slots - r.R;
   r.lb_coef.assign(E, 0.0f);
   r.gate_coef.assign(E, 0.0f);
@@ -81,12 +83,12 @@ void compute_aux_losses(const Config &cfg, RoutingSummary &r) {
 
   double mean = 0.0, mx = 0.0;
   for (int64_t e = 0; e < E; ++e) {
-    mean += static_cast<double>(r.kept[e]);
-    mx = std::max(mx, static_cast<double>(r.kept[e]));
+    mean += static_cast<double>(r.global_kept[e]);
+    mx = std::max(mx, static_cast<double>(r.global_kept[e]));
   }
   mean /= E;
   double var = 0.0;
-  for (int64_t e = 0; e < E; ++e) var += (r.kept[e] - mean) * (r.kept[e] - mean);
+  for (int64_t e = 0; e < E; ++e) var += (r.global_kept[e] - mean) * (r.global_kept[e] - mean);
   var /= E;
   s.load_cv = mean > 0 ? static_cast<float>(std::sqrt(var) / mean) : 0.0f;
   s.max_load_ratio = mean > 0 ? static_cast<float>(mx / mean) : 0.0f;

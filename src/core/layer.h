@@ -30,11 +30,23 @@ struct Workspace {
   // backward
   Buffer dye, drow_weight, dh, dg, dxe, dlogits, dys, dhs, dgs;
   Buffer dclean, dstd, gate_scratch;
+  // expert parallelism: rows received for this rank's experts, and their permutations
+  Buffer ep_perm, ep_inv, ep_stage, xl, yl, dyl, dxl;
+};
+
+// How the rows of one forward are spread over ranks (src/core/exchange.cpp).
+struct ExchangePlan {
+  std::vector<int64_t> send_counts, recv_counts;  // [ranks], rows
+  std::vector<int64_t> local_offsets;             // [E_local+1] rows of each local expert (expert-major)
+  int64_t recv_rows = 0;
 };
 
 // What a forward decided, on the host: small (E-sized) arrays and scalars.
 struct RoutingSummary {
   int64_t T = 0, R = 0;
+  int64_t global_T = 0;   // tokens over all ranks (T without a comm)
+  std::vector<int64_t> global_kept;  // kept rows per expert over all ranks
+  ExchangePlan ep;        // expert parallelism only
   int64_t capacity = -1;  // slots per expert, -1 dropless
   bool noisy = false;     // Gaussian noise was applied (training)
   uint64_t step = 0;      // the training step that drew the noise

@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "core/checked.h"
+#include "core/exchange.h"
 #include "core/layer.h"
 
 namespace moe {
@@ -65,7 +66,7 @@ moe_rows_args rows_args(const Config &c, const Workspace &w, const RoutingSummar
   return a;
 }
 
-moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, const int64_t *offsets) {
+moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, const float *x, const int64_t *offsets) {
   const Config &c = l.cfg;
   moe_ffn_args a{};
   a.num_experts = c.E_local;
@@ -73,7 +74,7 @@ moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, const int64_t *off
   a.ff = c.ff;
   a.activation = c.c.activation;
   a.offsets = offsets;
-  a.x = f(w.xe);
+  a.x = x;
   a.w1 = f(l.w1);
   a.w3 = f(l.w3);
   a.w2 = f(l.w2);
@@ -251,16 +252,15 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   run(be, ops->plan, pa, "plan");
   r.R = r.offsets[E];
   if (ec) r.counts = r.kept;  // an expert's slots are its capacity; nothing is dropped
+  r.global_T = T;
+  r.global_kept = r.kept;
+  if (c.ranks > 1) exchange_routing_stats(l, r);
   compute_aux_losses(c, r);
 
   if (mode != Mode::kRouteOnly) {
     const int64_t R = r.R;
     const int64_t Rd = checked_mul(R, d, "rows * d_model");
-    const int64_t Rff = checked_mul(R, c.ff, "rows * d_ff");
     be.ensure(w.xe, fbytes(Rd, "xe"));
-    be.ensure(w.h, fbytes(Rff, "h"));
-    if (c.glu) be.ensure(w.g, fbytes(Rff, "g"));
-    be.ensure(w.a, fbytes(Rff, "a"));
     be.ensure(w.ye, fbytes(Rd, "ye"));
 
     moe_rows_args ra = rows_args(c, w, r);
@@ -268,9 +268,23 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     ra.xe = w.xe.as<float>();
     run(be, ops->dispatch, ra, "dispatch");
 
-    moe_ffn_args fa = ffn_args(l, w, r.offsets.data());
-    fa.y = w.ye.as<float>();
+    // The rows this rank's experts compute: its own, or those the exchange brings.
+    const bool ep = c.ranks > 1;
+    if (ep) r.ep = plan_exchange(l, w, r);
+    const int64_t rows = ep ? r.ep.recv_rows : R;
+    const int64_t rff = checked_mul(rows, c.ff, "rows * d_ff");
+    be.ensure(w.h, fbytes(rff, "h"));
+    if (c.glu) be.ensure(w.g, fbytes(rff, "g"));
+    be.ensure(w.a, fbytes(rff, "a"));
+    if (ep) {
+      be.ensure(w.xl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
+      be.ensure(w.yl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
+      exchange_to_experts(l, w, r.ep, f(w.xe), w.xl.as<float>(), d);
+    }
+    moe_ffn_args fa = ffn_args(l, w, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
+    fa.y = ep ? w.yl.as<float>() : w.ye.as<float>();
     run(be, ops->expert_ffn, fa, "expert_ffn");
+    if (ep) exchange_from_experts(l, w, r.ep, f(w.yl), w.ye.as<float>(), d);
 
     ra.ye = f(w.ye);
     ra.y = y;
@@ -279,7 +293,7 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     if (c.S > 0) shared_forward(l, w, x, T, y);
   }
 
-  if (training && c.c.bias_update_rate > 0 && T > 0) {
+  if (training && c.c.bias_update_rate > 0 && r.global_T > 0) {
     // Aux-loss-free balancing: bias[e] += u * sign(mean(n) - n_e), from loads before capacity.
     std::vector<float> bias(E);
     be.download(bias.data(), l.router_bias->data.get(), E * sizeof(float));
@@ -307,14 +321,20 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   const RoutingSummary &r = ctx.route;
   const int64_t T = r.T, R = r.R, d = c.d, E = c.E, k = c.k;
   const bool ec = expert_choice(c);
+  const bool ep = c.ranks > 1;
+  const int64_t rows = ep ? r.ep.recv_rows : R;
   const int64_t Rd = checked_mul(R, d, "rows * d_model");
-  const int64_t Rff = checked_mul(R, c.ff, "rows * d_ff");
+  const int64_t Rff = checked_mul(rows, c.ff, "rows * d_ff");
   const int64_t TE = checked_mul(T, E, "num_tokens * num_experts");
   be.ensure(w.dye, fbytes(Rd, "dye"));
   be.ensure(w.drow_weight, fbytes(R, "drow_weight"));
   be.ensure(w.dh, fbytes(Rff, "dh"));
   if (c.glu) be.ensure(w.dg, fbytes(Rff, "dg"));
   be.ensure(w.dxe, fbytes(Rd, "dxe"));
+  if (ep) {
+    be.ensure(w.dyl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
+    be.ensure(w.dxl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
+  }
   be.ensure(w.dlogits, fbytes(TE, "dlogits"));
   const bool load = r.noisy && c.c.load_loss_coef != 0.0f;
   if (r.noisy) be.ensure(w.gate_scratch, fbytes(checked_mul(2, TE, "2 * num_tokens * num_experts"), "gate scratch"));
@@ -331,15 +351,19 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   ra.drow_weight = w.drow_weight.as<float>();
   run(be, ops->combine_bwd, ra, "combine_bwd");
 
-  moe_ffn_args fa = ffn_args(l, w, r.offsets.data());
-  fa.dy = f(w.dye);
-  fa.dx = dx ? w.dxe.as<float>() : nullptr;
+  // Other ranks may want the input gradient of the rows this rank computed, so with expert
+  // parallelism it is always computed and sent back.
+  if (ep) exchange_to_experts(l, w, r.ep, f(w.dye), w.dyl.as<float>(), d);
+  moe_ffn_args fa = ffn_args(l, w, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
+  fa.dy = ep ? f(w.dyl) : f(w.dye);
+  fa.dx = ep ? w.dxl.as<float>() : (dx ? w.dxe.as<float>() : nullptr);
   fa.dw1 = g(l.w1);
   fa.dw3 = g(l.w3);
   fa.dw2 = g(l.w2);
   fa.dh = w.dh.as<float>();
   fa.dg = c.glu ? w.dg.as<float>() : nullptr;
   run(be, ops->expert_ffn_bwd, fa, "expert_ffn_bwd");
+  if (ep) exchange_from_experts(l, w, r.ep, f(w.dxl), w.dxe.as<float>(), d);
 
   if (dx) {
     ra.dxe = f(w.dxe);
@@ -386,7 +410,8 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   sb.drow_weight = f(w.drow_weight);
   sb.lb_coef = r.lb_coef.data();
   sb.gate_coef = c.c.importance_loss_coef != 0.0f ? r.gate_coef.data() : nullptr;
-  sb.z_coef = c.c.z_loss_coef;
+  // select_bwd divides by its own T; the z-loss is a mean over the global batch.
+  sb.z_coef = r.global_T > 0 ? c.c.z_loss_coef * static_cast<float>(T) / static_cast<float>(r.global_T) : 0.0f;
   sb.dlogits = w.dlogits.as<float>();
   sb.expert_choice = ec;
   if (ec) {

@@ -1,0 +1,164 @@
+#include "core/exchange.h"
+
+#include <cstring>
+
+#include "core/checked.h"
+
+namespace moe {
+namespace {
+
+void check_hook(moe_status s, const char *hook) {
+  if (s != MOE_OK)
+    fail(MOE_ERR_COMM, "comm->%s returned %s", hook, moe_status_name(s));
+}
+
+const moe_comm &comm_of(const moe_layer &l) { return *l.cfg.c.comm; }
+
+// All-to-all of host data through exchange_rows, staged through the layer's device memory.
+void alltoall_host(moe_layer &l, const void *send, const std::vector<int64_t> &send_counts, void *recv,
+                   const std::vector<int64_t> &recv_counts, size_t row_bytes, void *stream) {
+  const Backend &be = *l.backend;
+  int64_t ns = 0, nr = 0;
+  for (int64_t v : send_counts) ns += v;
+  for (int64_t v : recv_counts) nr += v;
+  Buffer s = be.alloc(checked_bytes(ns, row_bytes, "exchange"));
+  Buffer rbuf = be.alloc(checked_bytes(nr, row_bytes, "exchange"));
+  be.upload(s.get(), send, ns * row_bytes);
+  const moe_comm &c = comm_of(l);
+  be.check(be.ops()->synchronize(be.state()), "synchronize");
+  check_hook(c.exchange_rows(c.user, s.get(), send_counts.data(), rbuf.get(), recv_counts.data(), row_bytes, stream),
+             "exchange_rows");
+  be.download(recv, rbuf.get(), nr * row_bytes);
+}
+
+}  // namespace
+
+void exchange_routing_stats(moe_layer &l, RoutingSummary &r) {
+  const Config &c = l.cfg;
+  const int R = c.ranks;
+  const int64_t E = c.E;
+  // One row per rank: T, lse_sq_sum, then counts, prob_sum, weight_sum, load_sum, kept (doubles:
+  // exact for counts below 2^53).
+  const int64_t width = 2 + 5 * E;
+  std::vector<double> mine(width, 0.0);
+  mine[0] = static_cast<double>(r.T);
+  mine[1] = r.lse_sq_sum;
+  for (int64_t e = 0; e < E; ++e) {
+    mine[2 + e] = static_cast<double>(r.counts[e]);
+    mine[2 + E + e] = r.prob_sum[e];
+    mine[2 + 2 * E + e] = r.weight_sum[e];
+    mine[2 + 3 * E + e] = r.load_sum.empty() ? 0.0 : r.load_sum[e];
+    mine[2 + 4 * E + e] = static_cast<double>(r.kept[e]);
+  }
+  std::vector<double> send(static_cast<size_t>(width) * R), recv(static_cast<size_t>(width) * R);
+  for (int q = 0; q < R; ++q) std::memcpy(&send[static_cast<size_t>(q) * width], mine.data(), width * sizeof(double));
+  std::vector<int64_t> ones(R, 1);
+  alltoall_host(l, send.data(), ones, recv.data(), ones, width * sizeof(double), nullptr);
+  // Summed in rank order: every rank gets the same bits.
+  std::vector<double> total(width, 0.0);
+  for (int q = 0; q < R; ++q)
+    for (int64_t i = 0; i < width; ++i) total[i] += recv[static_cast<size_t>(q) * width + i];
+  r.global_T = static_cast<int64_t>(total[0]);
+  r.lse_sq_sum = total[1];
+  for (int64_t e = 0; e < E; ++e) {
+    r.counts[e] = static_cast<int64_t>(total[2 + e]);
+    r.prob_sum[e] = total[2 + E + e];
+    r.weight_sum[e] = total[2 + 2 * E + e];
+    if (!r.load_sum.empty()) r.load_sum[e] = total[2 + 3 * E + e];
+    r.global_kept[e] = static_cast<int64_t>(total[2 + 4 * E + e]);
+  }
+}
+
+ExchangePlan plan_exchange(moe_layer &l, Workspace &w, const RoutingSummary &r) {
+  const Config &c = l.cfg;
+  const int R = c.ranks;
+  const int64_t El = c.E_local;
+  ExchangePlan p;
+  p.send_counts.assign(R, 0);
+  p.recv_counts.assign(R, 0);
+  for (int q = 0; q < R; ++q) p.send_counts[q] = r.offsets[(q + 1) * El] - r.offsets[q * El];
+  const moe_comm &cm = comm_of(l);
+  check_hook(cm.exchange_counts(cm.user, p.send_counts.data(), p.recv_counts.data()), "exchange_counts");
+  for (int q = 0; q < R; ++q)
+    if (p.recv_counts[q] < 0)
+      fail(MOE_ERR_COMM, "comm->exchange_counts gave %lld rows from rank %d", (long long)p.recv_counts[q], q);
+  // Per-expert counts from every source rank, so received rows can be put in expert order.
+  std::vector<int64_t> send(static_cast<size_t>(R) * El), recv(static_cast<size_t>(R) * El);
+  for (int q = 0; q < R; ++q)
+    for (int64_t e = 0; e < El; ++e) send[static_cast<size_t>(q) * El + e] = r.kept[q * El + e];
+  std::vector<int64_t> ones(R, 1);
+  alltoall_host(l, send.data(), ones, recv.data(), ones, El * sizeof(int64_t), nullptr);
+  p.local_offsets.assign(El + 1, 0);
+  for (int q = 0; q < R; ++q) {
+    int64_t sum = 0;
+    for (int64_t e = 0; e < El; ++e) sum += recv[static_cast<size_t>(q) * El + e];
+    if (sum != p.recv_counts[q])
+      fail(MOE_ERR_COMM, "rank %d announced %lld rows but %lld by expert", q, (long long)p.recv_counts[q],
+           (long long)sum);
+    p.recv_rows += sum;
+  }
+  for (int64_t e = 0; e < El; ++e) {
+    int64_t n = 0;
+    for (int q = 0; q < R; ++q) n += recv[static_cast<size_t>(q) * El + e];
+    p.local_offsets[e + 1] = p.local_offsets[e] + n;
+  }
+  // perm[i]: the received (source-major) row that goes to expert-major position i.
+  std::vector<int32_t> perm(static_cast<size_t>(p.recv_rows)), inv(static_cast<size_t>(p.recv_rows));
+  std::vector<int64_t> fill(p.local_offsets.begin(), p.local_offsets.end() - 1);
+  int64_t src = 0;
+  for (int q = 0; q < R; ++q)
+    for (int64_t e = 0; e < El; ++e)
+      for (int64_t j = 0; j < recv[static_cast<size_t>(q) * El + e]; ++j, ++src) {
+        perm[fill[e]] = static_cast<int32_t>(src);
+        inv[src] = static_cast<int32_t>(fill[e]++);
+      }
+  const Backend &be = *l.backend;
+  be.ensure(w.ep_perm, checked_bytes(p.recv_rows, sizeof(int32_t), "exchange permutation"));
+  be.ensure(w.ep_inv, checked_bytes(p.recv_rows, sizeof(int32_t), "exchange permutation"));
+  be.upload(w.ep_perm.get(), perm.data(), perm.size() * sizeof(int32_t));
+  be.upload(w.ep_inv.get(), inv.data(), inv.size() * sizeof(int32_t));
+  return p;
+}
+
+namespace {
+
+// dst[i] = src[index[i]] over n rows of width floats, with the backend's dispatch (a row gather).
+void gather(const Backend &be, const float *src, const Buffer &index, float *dst, int64_t n, int64_t width) {
+  moe_rows_args a{};
+  a.d = width;
+  a.R = n;
+  a.row_token = index.as<const int32_t>();
+  a.x = src;
+  a.xe = dst;
+  be.check(be.ops()->dispatch(be.state(), &a), "dispatch (exchange permutation)");
+}
+
+void rows_hook(moe_layer &l, const float *send, const std::vector<int64_t> &sc, float *recv,
+               const std::vector<int64_t> &rc, int64_t width) {
+  const moe_comm &cm = comm_of(l);
+  const Backend &be = *l.backend;
+  be.check(be.ops()->synchronize(be.state()), "synchronize");
+  check_hook(cm.exchange_rows(cm.user, send, sc.data(), recv, rc.data(), static_cast<size_t>(width) * sizeof(float),
+                              nullptr),
+             "exchange_rows");
+}
+
+}  // namespace
+
+void exchange_to_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const float *rows, float *local,
+                         int64_t width) {
+  const Backend &be = *l.backend;
+  be.ensure(w.ep_stage, checked_bytes(checked_mul(p.recv_rows, width, "exchange rows"), sizeof(float), "exchange"));
+  rows_hook(l, rows, p.send_counts, w.ep_stage.as<float>(), p.recv_counts, width);
+  gather(be, w.ep_stage.as<const float>(), w.ep_perm, local, p.recv_rows, width);
+}
+
+void exchange_from_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const float *local, float *rows,
+                           int64_t width) {
+  const Backend &be = *l.backend;
+  be.ensure(w.ep_stage, checked_bytes(checked_mul(p.recv_rows, width, "exchange rows"), sizeof(float), "exchange"));
+  gather(be, local, w.ep_inv, w.ep_stage.as<float>(), p.recv_rows, width);
+  rows_hook(l, w.ep_stage.as<const float>(), p.recv_counts, rows, p.send_counts, width);
+}
+
+}  // namespace moe

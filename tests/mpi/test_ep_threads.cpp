@@ -1,0 +1,189 @@
+// The moe_comm contract without MPI: R ranks as threads of one process, exchanging through an
+// in-process all-to-all. Checks that (1) the expert-parallel layers together equal one layer holding
+// all experts on the global batch, and (2) a failing hook gives MOE_ERR_COMM naming the hook and
+// leaves every layer usable.
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "moe/moe.h"
+
+namespace {
+
+struct World {
+  explicit World(int n) : size(n), sync(n), send(n), send_counts(n), row_bytes(n) {}
+  int size;
+  std::barrier<> sync;
+  std::vector<const char *> send;
+  std::vector<const int64_t *> send_counts;
+  std::vector<size_t> row_bytes;
+  std::vector<int> fail_rows = std::vector<int>(8, 0), fail_counts = std::vector<int>(8, 0);
+};
+
+struct Rank {
+  World *world;
+  int rank;
+};
+
+moe_status counts_hook(void *user, const int64_t *send, int64_t *recv) {
+  auto *r = static_cast<Rank *>(user);
+  World &w = *r->world;
+  if (w.fail_counts[r->rank] > 0) {
+    --w.fail_counts[r->rank];
+    return MOE_ERR_COMM;
+  }
+  w.send_counts[r->rank] = send;
+  w.sync.arrive_and_wait();
+  for (int q = 0; q < w.size; ++q) recv[q] = w.send_counts[q][r->rank];
+  w.sync.arrive_and_wait();
+  return MOE_OK;
+}
+
+moe_status rows_hook(void *user, const void *send, const int64_t *sc, void *recv, const int64_t *rc, size_t row_bytes,
+                     void *) {
+  auto *r = static_cast<Rank *>(user);
+  World &w = *r->world;
+  if (w.fail_rows[r->rank] > 0) {
+    --w.fail_rows[r->rank];
+    return MOE_ERR_COMM;
+  }
+  w.send[r->rank] = static_cast<const char *>(send);
+  w.send_counts[r->rank] = sc;
+  w.row_bytes[r->rank] = row_bytes;
+  w.sync.arrive_and_wait();
+  char *out = static_cast<char *>(recv);
+  for (int q = 0; q < w.size; ++q) {
+    const char *src = w.send[q];
+    for (int p = 0; p < r->rank; ++p) src += w.send_counts[q][p] * row_bytes;
+    if (w.send_counts[q][r->rank] != rc[q] || w.row_bytes[q] != row_bytes) std::abort();  // a libmoe bug
+    std::memcpy(out, src, rc[q] * row_bytes);
+    out += rc[q] * row_bytes;
+  }
+  w.sync.arrive_and_wait();
+  return MOE_OK;
+}
+
+float value(int64_t i, int salt) { return static_cast<float>(std::sin(0.37 * static_cast<double>(i) + salt)) * 0.8f; }
+
+double rel(const float *a, const float *b, int64_t n) {
+  double num = 0, den = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num) / (std::sqrt(den) + 1e-30);
+}
+
+std::vector<std::string> errors;
+std::mutex errors_mu;
+void check(bool ok, const std::string &what) {
+  if (ok) return;
+  std::lock_guard<std::mutex> lock(errors_mu);
+  errors.push_back(what);
+}
+
+void configure(moe_config &cfg) {
+  moe_config_init(&cfg);
+  cfg.d_model = 12;
+  cfg.d_ff = 20;
+  cfg.num_experts = 8;
+  cfg.top_k = 3;
+  cfg.z_loss_coef = 0.01f;
+  cfg.importance_loss_coef = 0.01f;
+  cfg.num_shared_experts = 1;
+  cfg.seed = 5;
+}
+
+}  // namespace
+
+int main() {
+  const int64_t d = 12;
+  for (int R : {2, 4}) {
+    std::vector<int64_t> T(R), first(R);
+    int64_t Tg = 0;
+    for (int r = 0; r < R; ++r) {
+      T[r] = r == 1 ? 0 : 4 + 3 * r;  // uneven, one rank empty
+      first[r] = Tg;
+      Tg += T[r];
+    }
+    std::vector<float> x(Tg * d), dy(Tg * d), yr(Tg * d), dxr(Tg * d);
+    for (int64_t i = 0; i < Tg * d; ++i) x[i] = value(i, 1), dy[i] = value(i, 2);
+    moe_config cfg;
+    configure(cfg);
+    moe_layer *ref;
+    moe_context *rctx;
+    moe_layer_create(&cfg, &ref);
+    moe_context_create(ref, &rctx);
+    moe_forward(ref, x.data(), Tg, yr.data(), rctx);
+    moe_backward(ref, rctx, dy.data(), dxr.data());
+    moe_stats sr{sizeof(moe_stats)};
+    moe_context_stats(rctx, &sr);
+    std::vector<float> w2r(8 * d * 20), g2r(8 * d * 20);
+    moe_layer_get_grad(ref, "experts.w2", g2r.data(), g2r.size());
+
+    World world(R);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < R; ++r)
+      threads.emplace_back([&, r] {
+        Rank me{&world, r};
+        moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook};
+        moe_config c;
+        configure(c);
+        c.comm = &comm;
+        moe_layer *ep = nullptr;
+        moe_status s = moe_layer_create(&c, &ep);
+        check(s == MOE_OK, std::string("create: ") + moe_last_error());
+        if (s != MOE_OK) std::abort();
+        moe_context *ctx;
+        moe_context_create(ep, &ctx);
+        std::vector<float> y(T[r] * d + 1), dx(T[r] * d + 1), y2(T[r] * d + 1);
+        const float *xs = x.data() + first[r] * d, *dys = dy.data() + first[r] * d;
+
+        // Every rank's exchange_rows fails once at the same collective, then exchange_counts.
+        world.fail_rows[r] = 1;
+        s = moe_forward(ep, xs, T[r], y.data(), ctx);
+        check(s == MOE_ERR_COMM, "failing exchange_rows gave " + std::string(moe_status_name(s)));
+        check(std::strstr(moe_last_error(), "exchange_rows") != nullptr, std::string("message: ") + moe_last_error());
+        s = moe_backward(ep, ctx, dys, dx.data());
+        check(s == MOE_ERR_STATE, "backward after a failed forward gave " + std::string(moe_status_name(s)));
+        world.fail_counts[r] = 1;
+        s = moe_forward(ep, xs, T[r], y.data(), ctx);
+        check(s == MOE_ERR_COMM, "failing exchange_counts gave " + std::string(moe_status_name(s)));
+        check(std::strstr(moe_last_error(), "exchange_counts") != nullptr, std::string("message: ") + moe_last_error());
+
+        s = moe_forward(ep, xs, T[r], y.data(), ctx);
+        check(s == MOE_OK, std::string("forward: ") + moe_last_error());
+        s = moe_backward(ep, ctx, dys, dx.data());
+        check(s == MOE_OK, std::string("backward: ") + moe_last_error());
+        s = moe_forward(ep, xs, T[r], y2.data(), nullptr);
+        check(s == MOE_OK && std::memcmp(y.data(), y2.data(), T[r] * d * sizeof(float)) == 0,
+              "inference differs from the training forward");
+        if (T[r] > 0) {
+          check(rel(y.data(), yr.data() + first[r] * d, T[r] * d) < 1e-5, "y differs from the single-rank layer");
+          check(rel(dx.data(), dxr.data() + first[r] * d, T[r] * d) < 1e-5, "dx differs from the single-rank layer");
+        }
+        moe_stats st{sizeof(moe_stats)};
+        moe_context_stats(ctx, &st);
+        check(std::fabs(st.load_balance_loss - sr.load_balance_loss) <= 1e-5f * sr.load_balance_loss, "LB differs");
+        check(std::fabs(st.z_loss - sr.z_loss) <= 1e-5f * sr.z_loss, "z-loss differs");
+        check(std::fabs(st.aux_loss_total - sr.aux_loss_total) <= 1e-5f * sr.aux_loss_total, "aux total differs");
+        const int64_t El = 8 / R;
+        std::vector<float> g2(El * d * 20);
+        moe_layer_get_grad(ep, "experts.w2", g2.data(), g2.size());
+        check(rel(g2.data(), g2r.data() + r * El * d * 20, g2.size()) < 1e-5, "experts.w2 gradient differs");
+        moe_context_destroy(ctx);
+        moe_layer_destroy(ep);
+      });
+    for (auto &t : threads) t.join();
+    moe_context_destroy(rctx);
+    moe_layer_destroy(ref);
+    std::printf("expert parallel over %d in-process ranks: %zu failed checks\n", R, errors.size());
+  }
+  for (const auto &e : errors) std::fprintf(stderr, "FAIL: %s\n", e.c_str());
+  return errors.empty() ? 0 : 1;
+}
