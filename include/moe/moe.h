@@ -91,6 +91,8 @@ typedef enum moe_activation {
   MOE_ACT_GELU = 3,   /* gelu(x W1^T) W2^T, exact (erf) GELU */
   MOE_ACT_SILU = 4    /* silu(x W1^T) W2^T */
 } moe_activation;
+/* Expert choice: each expert takes its C = ceil(capacity_factor*T*top_k/E) best tokens by softmax
+   score, weight = the score; normalize_topk, routed_scale, score and groups do not apply. */
 typedef enum moe_routing { MOE_ROUTE_TOKEN_CHOICE = 0, MOE_ROUTE_EXPERT_CHOICE = 1 } moe_routing;
 typedef enum moe_score { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } moe_score;
 typedef enum moe_noise { MOE_NOISE_NONE = 0, MOE_NOISE_GAUSSIAN = 1, MOE_NOISE_JITTER = 2 } moe_noise;
@@ -354,10 +356,19 @@ MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capac
 
 /* ---------------------------------------------------------------------------------------------
  * Expert parallelism: a moe_comm is the caller's all-to-all. A rank holds E/size experts, rank r
- * the experts [r*E/size, (r+1)*E/size). libmoe_mpi and libmoe_nccl provide ready-made ones.
- * Hooks are called from the thread that called moe_forward/moe_backward, collectively: every
- * rank makes the same sequence of calls. A hook returns MOE_OK or an error status (MOE_ERR_COMM
- * is reported to the caller with the hook's status name).
+ * the experts [r*E/size, (r+1)*E/size). libmoe_mpi (moe_mpi.h) provides a ready-made one.
+ *  - moe_forward, moe_route and moe_backward become collective: every rank makes the same sequence
+ *    of calls (a rank may pass num_tokens = 0). Hooks are called from the calling thread.
+ *  - Routing is local; the aux losses, their gradients, the statistics and the bias update use
+ *    sums over all ranks' tokens, so every rank sees the losses of the global batch.
+ *  - router.* and shared.* are replicated: their gradients hold this rank's share; sum them over
+ *    ranks (as data parallelism does) to get the gradient of the global batch. experts.* are the
+ *    local experts and their gradients are complete.
+ *  - Capacity is applied per rank over its own tokens (as in Megatron-Core).
+ *  - Expert-choice routing with a comm is refused (MOE_ERR_UNSUPPORTED).
+ * A hook returns MOE_OK or an error status; the call then fails with MOE_ERR_COMM naming the hook,
+ * the context is left empty, and the layer stays usable. Every rank's hook must fail at the same
+ * collective, or the others wait: a comm that can fail on one rank should abort its communicator.
  * ------------------------------------------------------------------------------------------- */
 struct moe_comm {
   size_t struct_size; /* sizeof(moe_comm) */
