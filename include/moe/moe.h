@@ -153,7 +153,7 @@ MOE_API void moe_config_init(moe_config *cfg);
  *                    aux 0.01, z-loss 0.001 (Fedus et al. 2021)
  *   "shazeer"        E 8, k 2, ReLU FFN, softmax over the k noisy logits, Gaussian noise,
  *                    importance and load losses 0.01, no load-balance loss (Shazeer et al. 2017)
- *   "expert-choice"  E 8, capacity factor 2, each expert picks its tokens (Zhou et al. 2022)
+ *   "expert-choice"  E 8, k 2, capacity factor 1 (C = 2T/E), each expert picks its tokens (Zhou et al. 2022)
  *   "deepseek-v3"    E 256, k 8, sigmoid scores, 8 groups keep 4, routed_scale 2.5, one shared
  *                    expert, bias-based balancing (u 0.001), aux 0.0001 (DeepSeek-AI 2024)
  *   "qwen2-moe"      E 60, k 4, softmax, not normalized, 4 shared experts behind a sigmoid gate

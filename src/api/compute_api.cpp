@@ -1,4 +1,6 @@
 // extern "C" entry points for contexts, forward, backward, routing and what a context reports.
+#include <algorithm>
+#include <climits>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -34,6 +36,11 @@ struct Tensor {
 
 void check_tensors(const moe_layer *layer, int64_t T, std::initializer_list<Tensor> ts) {
   if (T < 0) fail(MOE_ERR_INVALID_ARGUMENT, "num_tokens is %lld, must be >= 0", (long long)T);
+  // Routing indices are int32: refuse the count before sizing any buffer from it.
+  const int64_t per_token = std::max(layer->cfg.k, layer->cfg.E);
+  if (T > INT32_MAX / per_token)
+    fail(MOE_ERR_INVALID_ARGUMENT, "num_tokens is %lld: at most %lld tokens per call for %lld experts, top_k %lld",
+         (long long)T, (long long)(INT32_MAX / per_token), (long long)layer->cfg.E, (long long)layer->cfg.k);
   const size_t bytes = moe::checked_bytes(moe::checked_mul(T, layer->cfg.d, "num_tokens * d_model"), sizeof(float),
                                           "num_tokens * d_model");
   for (const Tensor &t : ts) {

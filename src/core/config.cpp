@@ -92,6 +92,16 @@ void config_preset(moe_config *cfg, const char *name) {
   *cfg = c;
 }
 
+// Enum fields come from C callers and may hold any int: read them as ints, never as the enum type
+// (a value outside the enumeration is undefined behaviour in C++).
+template <class Enum>
+static int raw(const Enum &e) {
+  int v;
+  static_assert(sizeof(Enum) == sizeof(int), "C enums are int-sized");
+  std::memcpy(&v, &e, sizeof v);
+  return v;
+}
+
 static void check_finite_field(float v, const char *name) {
   if (!std::isfinite(v)) fail(MOE_ERR_INVALID_ARGUMENT, "cfg->%s is %g, must be finite", name, (double)v);
 }
@@ -130,20 +140,20 @@ Config make_config(const moe_config *user) {
   if (c.top_k > c.num_experts)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->top_k is %lld, larger than num_experts %lld", (long long)c.top_k,
          (long long)c.num_experts);
-  if ((unsigned)c.activation > MOE_ACT_SILU)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->activation is %d, not a moe_activation", (int)c.activation);
-  if ((unsigned)c.routing > MOE_ROUTE_EXPERT_CHOICE)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->routing is %d, not a moe_routing", (int)c.routing);
-  if ((unsigned)c.score > MOE_SCORE_SIGMOID)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->score is %d, not a moe_score", (int)c.score);
-  if ((unsigned)c.noise > MOE_NOISE_JITTER)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->noise is %d, not a moe_noise", (int)c.noise);
-  if ((unsigned)c.drop_policy > MOE_DROP_PROBS)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->drop_policy is %d, not a moe_drop_policy", (int)c.drop_policy);
-  if ((unsigned)c.device > MOE_DEVICE_CUDA)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->device is %d, not a moe_device", (int)c.device);
-  if ((unsigned)c.dtype > MOE_DTYPE_F16)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->dtype is %d, not a moe_dtype", (int)c.dtype);
+  if (raw(c.activation) < 0 || raw(c.activation) > MOE_ACT_SILU)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->activation is %d, not a moe_activation", raw(c.activation));
+  if (raw(c.routing) < 0 || raw(c.routing) > MOE_ROUTE_EXPERT_CHOICE)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->routing is %d, not a moe_routing", raw(c.routing));
+  if (raw(c.score) < 0 || raw(c.score) > MOE_SCORE_SIGMOID)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->score is %d, not a moe_score", raw(c.score));
+  if (raw(c.noise) < 0 || raw(c.noise) > MOE_NOISE_JITTER)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->noise is %d, not a moe_noise", raw(c.noise));
+  if (raw(c.drop_policy) < 0 || raw(c.drop_policy) > MOE_DROP_PROBS)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->drop_policy is %d, not a moe_drop_policy", raw(c.drop_policy));
+  if (raw(c.device) < 0 || raw(c.device) > MOE_DEVICE_CUDA)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->device is %d, not a moe_device", raw(c.device));
+  if (raw(c.dtype) < 0 || raw(c.dtype) > MOE_DTYPE_F16)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->dtype is %d, not a moe_dtype", raw(c.dtype));
   check_finite_field(c.routed_scale, "routed_scale");
   check_finite_field(c.capacity_factor, "capacity_factor");
   check_finite_field(c.noise_eps, "noise_eps");

@@ -1,0 +1,1041 @@
+// The CPU backend's stage kernels, called directly through the moe_cpu_backend() table (the
+// same table the core drives), on small integer-valued inputs where float results are exact:
+// a naive loop in this file is the reference, compared bit for bit.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <set>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/config.h"
+
+namespace {
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// A small deterministic generator for test inputs (independent of the library's).
+struct Lcg {
+  uint64_t s;
+  explicit Lcg(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
+  uint32_t next() {
+    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+    return static_cast<uint32_t>(s >> 33);
+  }
+  // Integer in [lo, hi].
+  int range(int lo, int hi) { return lo + static_cast<int>(next() % static_cast<uint32_t>(hi - lo + 1)); }
+  std::vector<float> ints(size_t n, int lo, int hi) {
+    std::vector<float> v(n);
+    for (float &x : v) x = static_cast<float>(range(lo, hi));
+    return v;
+  }
+};
+
+class CpuStages : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ops = moe_cpu_backend();
+    ASSERT_NE(ops, nullptr);
+    moe_config cfg;
+    moe::config_defaults(&cfg);
+    cfg.d_model = 4;
+    cfg.d_ff = 4;
+    ASSERT_EQ(ops->create(&cfg, &state), MOE_OK);
+  }
+  void TearDown() override {
+    if (state) ops->destroy(state);
+  }
+  std::string err() const { return ops->last_error(state); }
+
+  const moe_backend_ops *ops = nullptr;
+  void *state = nullptr;
+};
+
+// ---- the table itself ---------------------------------------------------------------------------
+
+TEST_F(CpuStages, TableIsComplete) {
+  EXPECT_EQ(ops->abi, static_cast<uint32_t>(MOE_BACKEND_ABI));
+  EXPECT_STREQ(ops->name, "cpu");
+  const void *fns[] = {
+      reinterpret_cast<const void *>(ops->create),           reinterpret_cast<const void *>(ops->destroy),
+      reinterpret_cast<const void *>(ops->last_error),       reinterpret_cast<const void *>(ops->set_stream),
+      reinterpret_cast<const void *>(ops->alloc),            reinterpret_cast<const void *>(ops->free),
+      reinterpret_cast<const void *>(ops->memset_zero),      reinterpret_cast<const void *>(ops->upload),
+      reinterpret_cast<const void *>(ops->download),         reinterpret_cast<const void *>(ops->copy),
+      reinterpret_cast<const void *>(ops->check_pointer),    reinterpret_cast<const void *>(ops->find_nonfinite),
+      reinterpret_cast<const void *>(ops->synchronize),      reinterpret_cast<const void *>(ops->gate),
+      reinterpret_cast<const void *>(ops->select),           reinterpret_cast<const void *>(ops->plan),
+      reinterpret_cast<const void *>(ops->dispatch),         reinterpret_cast<const void *>(ops->expert_ffn),
+      reinterpret_cast<const void *>(ops->combine),          reinterpret_cast<const void *>(ops->shared_combine),
+      reinterpret_cast<const void *>(ops->shared_combine_bwd), reinterpret_cast<const void *>(ops->combine_bwd),
+      reinterpret_cast<const void *>(ops->expert_ffn_bwd),   reinterpret_cast<const void *>(ops->dispatch_bwd),
+      reinterpret_cast<const void *>(ops->select_bwd),       reinterpret_cast<const void *>(ops->gate_bwd),
+  };
+  for (size_t i = 0; i < sizeof fns / sizeof fns[0]; ++i) EXPECT_NE(fns[i], nullptr) << "entry " << i;
+}
+
+TEST_F(CpuStages, MemoryOps) {
+  void *p = nullptr;
+  ASSERT_EQ(ops->alloc(state, 100, &p), MOE_OK);
+  ASSERT_NE(p, nullptr);
+  std::vector<unsigned char> src(100), dst(100, 0xEE);
+  std::iota(src.begin(), src.end(), 0);
+  ASSERT_EQ(ops->upload(state, p, src.data(), 100), MOE_OK);
+  ASSERT_EQ(ops->download(state, dst.data(), p, 100), MOE_OK);
+  EXPECT_EQ(src, dst);
+  void *q = nullptr;
+  ASSERT_EQ(ops->alloc(state, 100, &q), MOE_OK);
+  ASSERT_EQ(ops->copy(state, q, p, 100), MOE_OK);
+  ASSERT_EQ(ops->memset_zero(state, p, 100), MOE_OK);
+  ASSERT_EQ(ops->download(state, dst.data(), p, 100), MOE_OK);
+  EXPECT_TRUE(std::all_of(dst.begin(), dst.end(), [](unsigned char c) { return c == 0; }));
+  ASSERT_EQ(ops->download(state, dst.data(), q, 100), MOE_OK);
+  EXPECT_EQ(src, dst);
+  EXPECT_EQ(ops->synchronize(state), MOE_OK);
+  EXPECT_EQ(ops->check_pointer(state, p), MOE_OK);
+  ops->free(state, p);
+  ops->free(state, q);
+  // Zero bytes still gives a pointer that can be freed.
+  void *z = nullptr;
+  ASSERT_EQ(ops->alloc(state, 0, &z), MOE_OK);
+  ops->free(state, z);
+}
+
+TEST_F(CpuStages, SetStream) {
+  EXPECT_EQ(ops->set_stream(state, nullptr), MOE_OK);
+  int dummy = 0;
+  EXPECT_EQ(ops->set_stream(state, &dummy), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(err().find("stream"), std::string::npos) << err();
+}
+
+TEST_F(CpuStages, FindNonfinite) {
+  std::vector<float> v(37, 1.0f);
+  int64_t first = 123;
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  EXPECT_EQ(first, -1);
+  v[20] = std::numeric_limits<float>::infinity();
+  v[30] = kNaN;
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  EXPECT_EQ(first, 20);
+  v[20] = 0.0f;
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  EXPECT_EQ(first, 30);
+  v[0] = -std::numeric_limits<float>::infinity();
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  EXPECT_EQ(first, 0);
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 0, &first), MOE_OK);
+  EXPECT_EQ(first, -1);
+}
+
+// ---- gate ---------------------------------------------------------------------------------------
+
+TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
+  const int64_t T = 7, d = 5, E = 3;
+  Lcg rng(1);
+  std::vector<float> x = rng.ints(T * d, -3, 3), w = rng.ints(E * d, -2, 2), dl = rng.ints(T * E, -2, 2);
+  std::vector<float> logits(T * E, kNaN);
+  std::vector<float> dx0 = rng.ints(T * d, -1, 1), dw0 = rng.ints(E * d, -1, 1);
+  std::vector<float> dx = dx0, dw = dw0;
+  moe_gate_args a{};
+  a.T = T;
+  a.d = d;
+  a.E = E;
+  a.x = x.data();
+  a.w = w.data();
+  a.logits = logits.data();
+  ASSERT_EQ(ops->gate(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e) {
+      float ref = 0.0f;
+      for (int64_t c = 0; c < d; ++c) ref += x[t * d + c] * w[e * d + c];
+      EXPECT_EQ(logits[t * E + e], ref) << t << "," << e;
+    }
+  a.dlogits = dl.data();
+  a.dx = dx.data();
+  a.dw = dw.data();
+  ASSERT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < d; ++c) {
+      float ref = dx0[t * d + c];  // accumulated (+=)
+      for (int64_t e = 0; e < E; ++e) ref += dl[t * E + e] * w[e * d + c];
+      EXPECT_EQ(dx[t * d + c], ref) << "dx " << t << "," << c;
+    }
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t c = 0; c < d; ++c) {
+      float ref = dw0[e * d + c];
+      for (int64_t t = 0; t < T; ++t) ref += dl[t * E + e] * x[t * d + c];
+      EXPECT_EQ(dw[e * d + c], ref) << "dw " << e << "," << c;
+    }
+  // dx NULL: only dw is accumulated (again).
+  std::vector<float> dw1 = dw;
+  a.dx = nullptr;
+  ASSERT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t c = 0; c < d; ++c) EXPECT_EQ(dw[e * d + c] - dw1[e * d + c], dw1[e * d + c] - dw0[e * d + c]);
+}
+
+TEST_F(CpuStages, GateWithNoTokens) {
+  std::vector<float> w(6, 1.0f);
+  moe_gate_args a{};
+  a.T = 0;
+  a.d = 2;
+  a.E = 3;
+  a.w = w.data();
+  EXPECT_EQ(ops->gate(state, &a), MOE_OK) << err();
+}
+
+// ---- select -------------------------------------------------------------------------------------
+
+struct SelectOut {
+  std::vector<float> scores, lse, topk_w;
+  std::vector<int32_t> ids;
+  std::vector<int64_t> counts;
+  std::vector<double> prob_sum;
+  double lse_sq_sum = -1.0;
+};
+
+class CpuSelect : public CpuStages {
+ protected:
+  moe_status run(int64_t T, int64_t E, int64_t k, const std::vector<float> &logits, const std::vector<float> &bias,
+                 SelectOut &o, int score = MOE_SCORE_SOFTMAX, int normalize = 1, float routed_scale = 1.0f,
+                 int64_t groups = 1, int64_t topk_groups = 1) {
+    o.scores.assign(T * E, -7.0f);
+    o.lse.assign(T, -7.0f);
+    o.topk_w.assign(T * k, -7.0f);
+    o.ids.assign(T * k, -7);
+    o.counts.assign(E, -7);
+    o.prob_sum.assign(E, -7.0);
+    moe_select_args a{};
+    a.T = T;
+    a.E = E;
+    a.k = k;
+    a.score = score;
+    a.normalize = normalize;
+    a.routed_scale = routed_scale;
+    a.num_groups = groups;
+    a.topk_groups = topk_groups;
+    a.logits = logits.data();
+    a.bias = bias.data();
+    a.scores = o.scores.data();
+    a.lse = o.lse.data();
+    a.topk_ids = o.ids.data();
+    a.topk_w = o.topk_w.data();
+    a.counts = o.counts.data();
+    a.prob_sum = o.prob_sum.data();
+    a.lse_sq_sum = &o.lse_sq_sum;
+    return ops->select(state, &a);
+  }
+
+  // Every token has k distinct ids in [0, E); counts is their histogram.
+  static void check_ids(const SelectOut &o, int64_t T, int64_t E, int64_t k) {
+    std::vector<int64_t> hist(E, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      std::set<int32_t> seen;
+      for (int64_t j = 0; j < k; ++j) {
+        int32_t e = o.ids[t * k + j];
+        ASSERT_GE(e, 0) << "token " << t;
+        ASSERT_LT(e, E) << "token " << t;
+        EXPECT_TRUE(seen.insert(e).second) << "token " << t << " repeats expert " << e;
+        ++hist[e];
+      }
+    }
+    EXPECT_EQ(o.counts, hist);
+    EXPECT_EQ(std::accumulate(o.counts.begin(), o.counts.end(), int64_t{0}), T * k);
+  }
+};
+
+TEST_F(CpuSelect, TopKMatchesNaiveSortOnDistinctLogits) {
+  const int64_t T = 64, E = 8, k = 3;
+  Lcg rng(2);
+  std::vector<float> logits(T * E), bias(E, 0.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int> perm(E);
+    std::iota(perm.begin(), perm.end(), 0);
+    for (int64_t i = E - 1; i > 0; --i) std::swap(perm[i], perm[rng.range(0, static_cast<int>(i))]);
+    for (int64_t e = 0; e < E; ++e) logits[t * E + e] = static_cast<float>(perm[e]) - 3.0f;  // distinct integers
+  }
+  SelectOut o;
+  ASSERT_EQ(run(T, E, k, logits, bias, o), MOE_OK) << err();
+  check_ids(o, T, E, k);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int x, int y) { return logits[t * E + x] > logits[t * E + y]; });
+    double m = -1e30, s = 0.0;
+    for (int64_t e = 0; e < E; ++e) m = std::max(m, static_cast<double>(logits[t * E + e]));
+    for (int64_t e = 0; e < E; ++e) s += std::exp(logits[t * E + e] - m);
+    double wsum = 0.0;
+    for (int64_t j = 0; j < k; ++j) wsum += std::exp(logits[t * E + order[j]] - m) / s;
+    for (int64_t j = 0; j < k; ++j) {
+      EXPECT_EQ(o.ids[t * k + j], order[j]) << "token " << t << " choice " << j;
+      const double p = std::exp(logits[t * E + order[j]] - m) / s;
+      EXPECT_NEAR(o.scores[t * E + order[j]], p, 1e-6);
+      EXPECT_NEAR(o.topk_w[t * k + j], p / wsum, 1e-6);
+    }
+    EXPECT_NEAR(o.lse[t], m + std::log(s), 1e-5);
+    double row = 0.0;
+    for (int64_t e = 0; e < E; ++e) row += o.scores[t * E + e];
+    EXPECT_NEAR(row, 1.0, 1e-5);
+  }
+}
+
+TEST_F(CpuSelect, TiesGoToTheLowerIndex) {
+  const int64_t E = 6, k = 3;
+  // Row 0: all equal -> 0,1,2. Row 1: two tied maxima at 4 and 2 -> 2,4 then the tied 1.0s at 0,5 -> 0.
+  std::vector<float> logits = {0, 0, 0, 0, 0, 0,  //
+                               1, 0, 3, -1, 3, 1};
+  std::vector<float> bias(E, 0.0f);
+  SelectOut o;
+  ASSERT_EQ(run(2, E, k, logits, bias, o), MOE_OK) << err();
+  EXPECT_EQ(std::vector<int32_t>(o.ids.begin(), o.ids.begin() + 3), (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_EQ(std::vector<int32_t>(o.ids.begin() + 3, o.ids.end()), (std::vector<int32_t>{2, 4, 0}));
+  // Equal scores give equal normalized weights.
+  EXPECT_EQ(o.topk_w[0], o.topk_w[1]);
+  EXPECT_EQ(o.topk_w[1], o.topk_w[2]);
+  EXPECT_EQ(o.topk_w[3], o.topk_w[4]);
+  // Same with sigmoid scores.
+  ASSERT_EQ(run(2, E, k, logits, bias, o, MOE_SCORE_SIGMOID), MOE_OK) << err();
+  EXPECT_EQ(std::vector<int32_t>(o.ids.begin(), o.ids.begin() + 3), (std::vector<int32_t>{0, 1, 2}));
+  EXPECT_EQ(std::vector<int32_t>(o.ids.begin() + 3, o.ids.end()), (std::vector<int32_t>{2, 4, 0}));
+}
+
+TEST_F(CpuSelect, NaNLogitsStillGiveKDistinctIds) {
+  const int64_t E = 5, k = 3, T = 4;
+  std::vector<float> logits = {kNaN, kNaN, kNaN, kNaN, kNaN,  // all NaN
+                               1,    kNaN, 2,    0,    3,     // one NaN
+                               kNaN, 0,    0,    0,    kNaN,  // NaN at both ends
+                               0,    1,    2,    3,    4};    // clean
+  std::vector<float> bias(E, 0.0f);
+  for (int score : {MOE_SCORE_SOFTMAX, MOE_SCORE_SIGMOID}) {
+    SelectOut o;
+    ASSERT_EQ(run(T, E, k, logits, bias, o, score), MOE_OK) << err();
+    check_ids(o, T, E, k);
+    EXPECT_EQ(std::vector<int32_t>(o.ids.begin() + 9, o.ids.end()), (std::vector<int32_t>{4, 3, 2})) << score;
+  }
+  // With sigmoid scores a NaN score counts as -inf and the other experts keep their order.
+  SelectOut o;
+  ASSERT_EQ(run(T, E, k, logits, bias, o, MOE_SCORE_SIGMOID), MOE_OK) << err();
+  EXPECT_EQ(std::vector<int32_t>(o.ids.begin() + 3, o.ids.begin() + 6), (std::vector<int32_t>{4, 2, 0}));
+  EXPECT_EQ(std::vector<int32_t>(o.ids.begin() + 6, o.ids.begin() + 9), (std::vector<int32_t>{1, 2, 3}));
+  // NaN selection bias also counts as -inf.
+  std::vector<float> nbias = {kNaN, 0, 0, 0, kNaN};
+  std::vector<float> zero(E, 0.0f);
+  ASSERT_EQ(run(1, E, k, zero, nbias, o, MOE_SCORE_SIGMOID), MOE_OK) << err();
+  check_ids(o, 1, E, k);
+  EXPECT_EQ(o.ids, (std::vector<int32_t>{1, 2, 3}));
+}
+
+TEST_F(CpuSelect, BiasSteersSelectionButNotWeights) {
+  const int64_t E = 4, k = 2;
+  std::vector<float> logits(E, 0.0f);  // sigmoid(0) = 0.5 exactly for every expert
+  std::vector<float> bias = {0.0f, 0.0f, 1.0f, 0.5f};
+  SelectOut o;
+  ASSERT_EQ(run(1, E, k, logits, bias, o, MOE_SCORE_SIGMOID, /*normalize=*/0, /*routed_scale=*/2.0f), MOE_OK)
+      << err();
+  EXPECT_EQ(o.ids, (std::vector<int32_t>{2, 3}));
+  for (int e = 0; e < E; ++e) EXPECT_EQ(o.scores[e], 0.5f);
+  EXPECT_EQ(o.topk_w, (std::vector<float>{1.0f, 1.0f}));  // S (not S + bias) times routed_scale
+  ASSERT_EQ(run(1, E, k, logits, bias, o, MOE_SCORE_SIGMOID, /*normalize=*/1, /*routed_scale=*/1.0f), MOE_OK)
+      << err();
+  EXPECT_EQ(o.ids, (std::vector<int32_t>{2, 3}));
+  EXPECT_EQ(o.topk_w, (std::vector<float>{0.5f, 0.5f}));
+  ASSERT_EQ(run(1, E, k, logits, bias, o, MOE_SCORE_SIGMOID, /*normalize=*/1, /*routed_scale=*/2.5f), MOE_OK)
+      << err();
+  EXPECT_EQ(o.topk_w, (std::vector<float>{1.25f, 1.25f}));
+}
+
+TEST_F(CpuSelect, GroupLimitedRoutingMasksLosingGroups) {
+  const int64_t E = 8, k = 2;
+  std::vector<float> logits(E, 0.0f);  // sigmoid: S = 0.5, selection = 0.5 + bias
+  // Groups of 2: {0,1} top-2 sum 3.5 + -9.5 = -6; {2,3}: 3; {4,5}: 2; {6,7}: 1.
+  std::vector<float> bias = {3.0f, -10.0f, 1.0f, 1.0f, 0.5f, 0.5f, 0.0f, 0.0f};
+  SelectOut o;
+  ASSERT_EQ(run(1, E, k, logits, bias, o, MOE_SCORE_SIGMOID, 1, 1.0f, /*groups=*/4, /*topk_groups=*/2), MOE_OK)
+      << err();
+  EXPECT_EQ(o.ids, (std::vector<int32_t>{2, 3}));  // expert 0 is best alone but its group loses
+  ASSERT_EQ(run(1, E, k, logits, bias, o, MOE_SCORE_SIGMOID, 1, 1.0f, /*groups=*/1, /*topk_groups=*/1), MOE_OK)
+      << err();
+  EXPECT_EQ(o.ids, (std::vector<int32_t>{0, 2}));  // without groups
+  // k = 4 from the 2 kept groups {2,3} and {4,5}: all four of them.
+  SelectOut o4;
+  ASSERT_EQ(run(1, E, 4, logits, bias, o4, MOE_SCORE_SIGMOID, 1, 1.0f, 4, 2), MOE_OK) << err();
+  EXPECT_EQ(o4.ids, (std::vector<int32_t>{2, 3, 4, 5}));
+}
+
+TEST_F(CpuSelect, AuxSumsOnUniformLogits) {
+  const int64_t T = 300, E = 4, k = 2;  // more than one reduction block of tokens
+  std::vector<float> logits(T * E, 0.0f), bias(E, 0.0f);
+  SelectOut o;
+  ASSERT_EQ(run(T, E, k, logits, bias, o), MOE_OK) << err();
+  check_ids(o, T, E, k);
+  for (int64_t t = 0; t < T; ++t) {
+    EXPECT_EQ(o.ids[t * k], 0);
+    EXPECT_EQ(o.ids[t * k + 1], 1);
+  }
+  for (int64_t e = 0; e < E; ++e) EXPECT_EQ(o.scores[e], 0.25f);
+  for (int64_t e = 0; e < E; ++e) EXPECT_NEAR(o.prob_sum[e], T * 0.25, 1e-9);
+  EXPECT_NEAR(o.lse_sq_sum, T * std::log(4.0) * std::log(4.0), 1e-3);
+  EXPECT_EQ(o.counts, (std::vector<int64_t>{T, T, 0, 0}));
+  // Sigmoid: P = S / sum_e S = 1/E.
+  ASSERT_EQ(run(T, E, k, logits, bias, o, MOE_SCORE_SIGMOID), MOE_OK) << err();
+  for (int64_t e = 0; e < E; ++e) EXPECT_NEAR(o.prob_sum[e], T * 0.25, 1e-9);
+}
+
+TEST_F(CpuSelect, DenseMixtureTakesEveryExpert) {
+  const int64_t T = 5, E = 4, k = 4;
+  Lcg rng(3);
+  std::vector<float> logits = rng.ints(T * E, -4, 4), bias(E, 0.0f);
+  SelectOut o;
+  ASSERT_EQ(run(T, E, k, logits, bias, o), MOE_OK) << err();
+  check_ids(o, T, E, k);
+  for (int64_t t = 0; t < T; ++t) {
+    double s = 0.0;
+    for (int64_t j = 0; j < k; ++j) s += o.topk_w[t * k + j];
+    EXPECT_NEAR(s, 1.0, 1e-6);
+  }
+}
+
+TEST_F(CpuSelect, NoTokens) {
+  std::vector<float> logits, bias(4, 0.0f);
+  SelectOut o;
+  ASSERT_EQ(run(0, 4, 2, logits, bias, o), MOE_OK) << err();
+  EXPECT_EQ(o.counts, (std::vector<int64_t>(4, 0)));
+  EXPECT_EQ(o.prob_sum, (std::vector<double>(4, 0.0)));
+  EXPECT_EQ(o.lse_sq_sum, 0.0);
+}
+
+TEST_F(CpuSelect, BackwardOfSoftmaxSumsToZeroPerToken) {
+  // Softmax logits are shift invariant, so each token's dlogits must sum to 0 whatever dLoss/dS.
+  const int64_t T = 6, E = 5, k = 2;
+  Lcg rng(4);
+  std::vector<float> logits = rng.ints(T * E, -3, 3), bias(E, 0.0f);
+  SelectOut o;
+  ASSERT_EQ(run(T, E, k, logits, bias, o), MOE_OK) << err();
+  std::vector<int32_t> row_of_slot(T * k);
+  std::iota(row_of_slot.begin(), row_of_slot.end(), 0);
+  std::vector<float> drow = rng.ints(T * k, -2, 2), lb(E), dlogits(T * E, kNaN);
+  for (int64_t e = 0; e < E; ++e) lb[e] = 0.25f * static_cast<float>(e);
+  moe_select_bwd_args b{};
+  b.T = T;
+  b.E = E;
+  b.k = k;
+  b.score = MOE_SCORE_SOFTMAX;
+  b.normalize = 1;
+  b.routed_scale = 1.0f;
+  b.logits = logits.data();
+  b.scores = o.scores.data();
+  b.lse = o.lse.data();
+  b.topk_ids = o.ids.data();
+  b.row_of_slot = row_of_slot.data();
+  b.drow_weight = drow.data();
+  b.lb_coef = lb.data();
+  b.z_coef = 0.5f;
+  b.dlogits = dlogits.data();
+  ASSERT_EQ(ops->select_bwd(state, &b), MOE_OK) << err();
+  for (int64_t t = 0; t < T; ++t) {
+    double s = 0.0, sabs = 0.0;
+    for (int64_t e = 0; e < E; ++e) {
+      ASSERT_TRUE(std::isfinite(dlogits[t * E + e]));
+      s += dlogits[t * E + e];
+      sabs += std::fabs(dlogits[t * E + e]);
+    }
+    // The z-loss term adds z_coef * 2/T * lse * softmax, which sums to z_coef * 2/T * lse.
+    EXPECT_NEAR(s, 0.5 * 2.0 / T * o.lse[t], 1e-5 * sabs + 1e-6) << "token " << t;
+  }
+}
+
+// ---- plan ---------------------------------------------------------------------------------------
+
+struct PlanOut {
+  std::vector<int32_t> row_of_slot, row_token, row_slot;
+  std::vector<float> row_weight;
+  std::vector<int64_t> offsets, kept;
+  std::vector<double> weight_sum;
+};
+
+class CpuPlan : public CpuStages {
+ protected:
+  moe_status run(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy, const std::vector<int32_t> &ids,
+                 const std::vector<float> &w, PlanOut &o) {
+    const int64_t n = T * k;
+    o.row_of_slot.assign(n, -7);
+    o.row_token.assign(n, -7);
+    o.row_slot.assign(n, -7);
+    o.row_weight.assign(n, -7.0f);
+    o.offsets.assign(E + 1, -7);
+    o.kept.assign(E, -7);
+    o.weight_sum.assign(E, -7.0);
+    moe_plan_args a{};
+    a.T = T;
+    a.E = E;
+    a.k = k;
+    a.capacity = capacity;
+    a.drop_policy = policy;
+    a.topk_ids = ids.data();
+    a.topk_w = w.data();
+    a.row_of_slot = o.row_of_slot.data();
+    a.row_token = o.row_token.data();
+    a.row_slot = o.row_slot.data();
+    a.row_weight = o.row_weight.data();
+    a.offsets = o.offsets.data();
+    a.kept = o.kept.data();
+    a.weight_sum = o.weight_sum.data();
+    return ops->plan(state, &a);
+  }
+
+  // The invariants every plan must keep.
+  static void check_plan(int64_t T, int64_t E, int64_t k, int64_t capacity, const std::vector<int32_t> &ids,
+                         const std::vector<float> &w, const PlanOut &o) {
+    const int64_t n = T * k;
+    std::vector<int64_t> counts(E, 0);
+    for (int32_t e : ids) ++counts[e];
+    ASSERT_EQ(o.offsets[0], 0);
+    for (int64_t e = 0; e < E; ++e) {
+      EXPECT_EQ(o.offsets[e + 1] - o.offsets[e], o.kept[e]) << "expert " << e;
+      // Both policies keep exactly min(n_e, C) slots; dropless keeps all.
+      const int64_t expect = capacity < 0 ? counts[e] : std::min(counts[e], capacity);
+      EXPECT_EQ(o.kept[e], expect) << "expert " << e;
+      if (capacity >= 0) {
+        EXPECT_LE(o.kept[e], capacity) << "expert " << e;
+      }
+    }
+    const int64_t R = o.offsets[E];
+    int64_t dropped = 0;
+    for (int64_t s = 0; s < n; ++s) dropped += o.row_of_slot[s] < 0;
+    EXPECT_EQ(R + dropped, n) << "token conservation: kept + dropped == T*k";
+    EXPECT_EQ(std::accumulate(o.kept.begin(), o.kept.end(), int64_t{0}), R);
+    // row_of_slot and (row_slot, row_token, row_weight) are inverse maps; rows sit in their expert's range.
+    std::vector<int> hit(R, 0);
+    for (int64_t s = 0; s < n; ++s) {
+      const int32_t r = o.row_of_slot[s];
+      if (r < 0) continue;
+      ASSERT_LT(r, R);
+      ++hit[r];
+      EXPECT_EQ(o.row_slot[r], s);
+      EXPECT_EQ(o.row_token[r], s / k);
+      EXPECT_EQ(o.row_weight[r], w[s]);
+      const int32_t e = ids[s];
+      EXPECT_GE(r, o.offsets[e]);
+      EXPECT_LT(r, o.offsets[e + 1]);
+    }
+    for (int64_t r = 0; r < R; ++r) EXPECT_EQ(hit[r], 1) << "row " << r;
+    // Within an expert, rows are in token order (deterministic layout).
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = o.offsets[e] + 1; r < o.offsets[e + 1]; ++r) EXPECT_LT(o.row_slot[r - 1], o.row_slot[r]);
+    for (int64_t e = 0; e < E; ++e) {
+      double s = 0.0;
+      for (int64_t r = o.offsets[e]; r < o.offsets[e + 1]; ++r) s += o.row_weight[r];
+      EXPECT_EQ(o.weight_sum[e], s) << "expert " << e;
+    }
+  }
+};
+
+// Random top-k ids (distinct per token) and dyadic weights (exact in float).
+void random_routing(Lcg &rng, int64_t T, int64_t E, int64_t k, std::vector<int32_t> &ids, std::vector<float> &w,
+                    bool skewed) {
+  ids.assign(T * k, 0);
+  w.assign(T * k, 0.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> pool(E);
+    std::iota(pool.begin(), pool.end(), 0);
+    for (int64_t j = 0; j < k; ++j) {
+      // skewed: low experts are much more popular, so capacity bites.
+      int64_t pick = skewed ? std::min<int64_t>(rng.range(0, static_cast<int>(E - 1 - j)),
+                                                rng.range(0, static_cast<int>(E - 1 - j)))
+                            : rng.range(0, static_cast<int>(E - 1 - j));
+      ids[t * k + j] = pool[pick];
+      pool.erase(pool.begin() + pick);
+      w[t * k + j] = static_cast<float>(rng.range(1, 64)) / 64.0f;
+    }
+  }
+}
+
+TEST_F(CpuPlan, DroplessKeepsEverySlot) {
+  const int64_t T = 40, E = 6, k = 2;
+  Lcg rng(5);
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+  random_routing(rng, T, E, k, ids, w, true);
+  PlanOut o;
+  ASSERT_EQ(run(T, E, k, -1, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
+  check_plan(T, E, k, -1, ids, w, o);
+  for (int64_t s = 0; s < T * k; ++s) EXPECT_GE(o.row_of_slot[s], 0);
+}
+
+TEST_F(CpuPlan, CapacityPositionKeepsFirstChoicesFirst) {
+  for (uint64_t seed = 10; seed < 20; ++seed) {
+    const int64_t T = 32, E = 4, k = 2;
+    Lcg rng(seed);
+    std::vector<int32_t> ids;
+    std::vector<float> w;
+    random_routing(rng, T, E, k, ids, w, true);
+    const int64_t C = static_cast<int64_t>(std::ceil(1.0 * T * k / E));  // capacity factor 1
+    PlanOut o;
+    ASSERT_EQ(run(T, E, k, C, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
+    check_plan(T, E, k, C, ids, w, o);
+    // Reference: per expert, the first C slots in the order (choice j, then token t).
+    std::vector<int64_t> used(E, 0);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t s = t * k + j, e = ids[s];
+        const bool keep = used[e] < C;
+        used[e] += keep;
+        EXPECT_EQ(o.row_of_slot[s] >= 0, keep) << "seed " << seed << " token " << t << " choice " << j;
+      }
+  }
+}
+
+TEST_F(CpuPlan, PositionPrefersAnyFirstChoiceOverAnEarlierTokensSecondChoice) {
+  // Token 0 picks expert 0 second; tokens 1 and 2 pick expert 0 first. C = 2: token 0's second
+  // choice is the one dropped although token 0 comes first.
+  const int64_t T = 3, E = 3, k = 2;
+  std::vector<int32_t> ids = {1, 0, 0, 2, 0, 1};
+  std::vector<float> w = {0.75f, 0.25f, 0.5f, 0.5f, 0.5f, 0.5f};
+  PlanOut o;
+  ASSERT_EQ(run(T, E, k, 2, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
+  check_plan(T, E, k, 2, ids, w, o);
+  EXPECT_LT(o.row_of_slot[1], 0);  // token 0, choice 1 (expert 0): dropped
+  EXPECT_GE(o.row_of_slot[2], 0);  // token 1, choice 0
+  EXPECT_GE(o.row_of_slot[4], 0);  // token 2, choice 0
+  EXPECT_EQ(o.kept, (std::vector<int64_t>{2, 2, 1}));
+}
+
+TEST_F(CpuPlan, CapacityProbsKeepsLargestWeights) {
+  for (uint64_t seed = 30; seed < 40; ++seed) {
+    const int64_t T = 32, E = 4, k = 2;
+    Lcg rng(seed);
+    std::vector<int32_t> ids;
+    std::vector<float> w;
+    random_routing(rng, T, E, k, ids, w, true);
+    const int64_t C = 10;
+    PlanOut o;
+    ASSERT_EQ(run(T, E, k, C, MOE_DROP_PROBS, ids, w, o), MOE_OK) << err();
+    check_plan(T, E, k, C, ids, w, o);
+    // Every kept slot of an expert weighs at least as much as every dropped slot of it.
+    for (int64_t e = 0; e < E; ++e) {
+      float min_kept = 2.0f, max_dropped = -1.0f;
+      for (int64_t s = 0; s < T * k; ++s) {
+        if (ids[s] != e) continue;
+        if (o.row_of_slot[s] >= 0) min_kept = std::min(min_kept, w[s]);
+        else max_dropped = std::max(max_dropped, w[s]);
+      }
+      EXPECT_GE(min_kept, max_dropped) << "seed " << seed << " expert " << e;
+    }
+  }
+}
+
+TEST_F(CpuPlan, ProbsDropsTheSmallWeightEvenIfItComesFirst) {
+  const int64_t T = 3, E = 2, k = 1;
+  std::vector<int32_t> ids = {0, 0, 0};
+  std::vector<float> w = {0.125f, 0.5f, 0.25f};
+  PlanOut o;
+  ASSERT_EQ(run(T, E, k, 2, MOE_DROP_PROBS, ids, w, o), MOE_OK) << err();
+  check_plan(T, E, k, 2, ids, w, o);
+  EXPECT_LT(o.row_of_slot[0], 0);
+  EXPECT_GE(o.row_of_slot[1], 0);
+  EXPECT_GE(o.row_of_slot[2], 0);
+  ASSERT_EQ(run(T, E, k, 2, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
+  EXPECT_GE(o.row_of_slot[0], 0);
+  EXPECT_GE(o.row_of_slot[1], 0);
+  EXPECT_LT(o.row_of_slot[2], 0);
+}
+
+TEST_F(CpuPlan, CapacityZeroDropsEverything) {
+  const int64_t T = 5, E = 3, k = 2;
+  Lcg rng(6);
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+  random_routing(rng, T, E, k, ids, w, false);
+  for (int policy : {MOE_DROP_POSITION, MOE_DROP_PROBS}) {
+    PlanOut o;
+    ASSERT_EQ(run(T, E, k, 0, policy, ids, w, o), MOE_OK) << err();
+    check_plan(T, E, k, 0, ids, w, o);
+    EXPECT_EQ(o.offsets[E], 0);
+  }
+}
+
+// ---- dispatch / combine -------------------------------------------------------------------------
+
+struct Routed {
+  int64_t T, E, k, d, R;
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+  PlanOut plan;
+};
+
+class CpuRows : public CpuPlan {
+ protected:
+  Routed route(int64_t T, int64_t E, int64_t k, int64_t d, int64_t capacity, uint64_t seed, float unit = -1.0f) {
+    Routed r{T, E, k, d, 0, {}, {}, {}};
+    Lcg rng(seed);
+    random_routing(rng, T, E, k, r.ids, r.w, capacity >= 0);
+    if (unit >= 0) std::fill(r.w.begin(), r.w.end(), unit);
+    EXPECT_EQ(run(T, E, k, capacity, MOE_DROP_POSITION, r.ids, r.w, r.plan), MOE_OK) << err();
+    r.R = r.plan.offsets[E];
+    return r;
+  }
+  moe_rows_args rows_args(const Routed &r) {
+    moe_rows_args a{};
+    a.T = r.T;
+    a.d = r.d;
+    a.R = r.R;
+    a.k = r.k;
+    a.token_rows = r.plan.row_of_slot.data();
+    a.row_token = r.plan.row_token.data();
+    a.row_weight = r.plan.row_weight.data();
+    return a;
+  }
+};
+
+TEST_F(CpuRows, DispatchGathersRowsInExpertOrder) {
+  Routed r = route(20, 5, 2, 6, -1, 7);
+  Lcg rng(8);
+  std::vector<float> x = rng.ints(r.T * r.d, -9, 9), xe(r.R * r.d, kNaN);
+  moe_rows_args a = rows_args(r);
+  a.x = x.data();
+  a.xe = xe.data();
+  ASSERT_EQ(ops->dispatch(state, &a), MOE_OK) << err();
+  for (int64_t row = 0; row < r.R; ++row)
+    for (int64_t c = 0; c < r.d; ++c) EXPECT_EQ(xe[row * r.d + c], x[r.plan.row_token[row] * r.d + c]);
+}
+
+TEST_F(CpuRows, DispatchThenCombineWithUnitWeightsRestoresInput) {
+  // k = 1, weight 1: y == x bit for bit.
+  {
+    Routed r = route(33, 4, 1, 8, -1, 9, 1.0f);
+    Lcg rng(10);
+    std::vector<float> x = rng.ints(r.T * r.d, -100, 100), xe(r.R * r.d), y(r.T * r.d, kNaN);
+    moe_rows_args a = rows_args(r);
+    a.x = x.data();
+    a.xe = xe.data();
+    ASSERT_EQ(ops->dispatch(state, &a), MOE_OK) << err();
+    a.ye = xe.data();  // identity experts
+    a.y = y.data();
+    ASSERT_EQ(ops->combine(state, &a), MOE_OK) << err();
+    EXPECT_EQ(y, x);
+  }
+  // k = 4, weights 1/4: the four copies sum back to x exactly.
+  {
+    Routed r = route(17, 6, 4, 5, -1, 11, 0.25f);
+    Lcg rng(12);
+    std::vector<float> x = rng.ints(r.T * r.d, -100, 100), xe(r.R * r.d), y(r.T * r.d, kNaN);
+    moe_rows_args a = rows_args(r);
+    a.x = x.data();
+    a.xe = xe.data();
+    ASSERT_EQ(ops->dispatch(state, &a), MOE_OK) << err();
+    a.ye = xe.data();
+    a.y = y.data();
+    ASSERT_EQ(ops->combine(state, &a), MOE_OK) << err();
+    EXPECT_EQ(y, x);
+  }
+}
+
+TEST_F(CpuRows, CombineIsTheWeightedSumOfKeptRows) {
+  Routed r = route(24, 4, 2, 3, 8, 13);  // capacity 8 < 12 average: some slots dropped
+  ASSERT_LT(r.R, r.T * r.k);
+  Lcg rng(14);
+  std::vector<float> ye = rng.ints(r.R * r.d, -8, 8), y(r.T * r.d, kNaN);
+  moe_rows_args a = rows_args(r);
+  a.ye = ye.data();
+  a.y = y.data();
+  ASSERT_EQ(ops->combine(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < r.T; ++t)
+    for (int64_t c = 0; c < r.d; ++c) {
+      float ref = 0.0f;  // in choice order, as the kernel documents
+      for (int64_t j = 0; j < r.k; ++j) {
+        int32_t row = r.plan.row_of_slot[t * r.k + j];
+        if (row >= 0) ref += r.w[t * r.k + j] * ye[row * r.d + c];
+      }
+      EXPECT_EQ(y[t * r.d + c], ref) << t << "," << c;
+    }
+}
+
+TEST_F(CpuRows, DispatchBackwardSumsEachTokensRows) {
+  Routed r = route(24, 4, 3, 4, 12, 15);
+  Lcg rng(16);
+  std::vector<float> dxe = rng.ints(r.R * r.d, -5, 5), dx(r.T * r.d, kNaN);
+  moe_rows_args a = rows_args(r);
+  a.dxe = dxe.data();
+  a.dx = dx.data();
+  ASSERT_EQ(ops->dispatch_bwd(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < r.T; ++t)
+    for (int64_t c = 0; c < r.d; ++c) {
+      float ref = 0.0f;
+      for (int64_t j = 0; j < r.k; ++j) {
+        int32_t row = r.plan.row_of_slot[t * r.k + j];
+        if (row >= 0) ref += dxe[row * r.d + c];
+      }
+      EXPECT_EQ(dx[t * r.d + c], ref);
+    }
+}
+
+TEST_F(CpuRows, CombineBackward) {
+  Routed r = route(16, 4, 2, 5, -1, 17);
+  Lcg rng(18);
+  std::vector<float> ye = rng.ints(r.R * r.d, -4, 4), dy = rng.ints(r.T * r.d, -4, 4);
+  std::vector<float> dye(r.R * r.d, kNaN), dw(r.R, kNaN);
+  moe_rows_args a = rows_args(r);
+  a.ye = ye.data();
+  a.dy = dy.data();
+  a.dye = dye.data();
+  a.drow_weight = dw.data();
+  ASSERT_EQ(ops->combine_bwd(state, &a), MOE_OK) << err();
+  for (int64_t row = 0; row < r.R; ++row) {
+    const int64_t t = r.plan.row_token[row];
+    float dot = 0.0f;
+    for (int64_t c = 0; c < r.d; ++c) {
+      EXPECT_EQ(dye[row * r.d + c], r.plan.row_weight[row] * dy[t * r.d + c]);
+      dot += dy[t * r.d + c] * ye[row * r.d + c];
+    }
+    EXPECT_EQ(dw[row], dot) << "row " << row;
+  }
+}
+
+TEST_F(CpuRows, CombineWithVariableRowsPerToken) {
+  // token_offsets given (expert choice): token t owns token_rows[token_offsets[t] .. token_offsets[t+1]).
+  const int64_t T = 4, d = 3, R = 5;
+  std::vector<int64_t> toff = {0, 2, 2, 5, 5};  // token 1 and 3 have no rows
+  std::vector<int32_t> trows = {3, 0, 1, 4, 2};
+  std::vector<int32_t> rtok = {0, 2, 2, 0, 2};
+  std::vector<float> rw = {0.5f, 1.0f, 2.0f, 0.25f, -1.0f};
+  Lcg rng(19);
+  std::vector<float> ye = rng.ints(R * d, -6, 6), y(T * d, kNaN);
+  moe_rows_args a{};
+  a.T = T;
+  a.d = d;
+  a.R = R;
+  a.token_offsets = toff.data();
+  a.token_rows = trows.data();
+  a.row_token = rtok.data();
+  a.row_weight = rw.data();
+  a.ye = ye.data();
+  a.y = y.data();
+  ASSERT_EQ(ops->combine(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < d; ++c) {
+      float ref = 0.0f;
+      for (int64_t i = toff[t]; i < toff[t + 1]; ++i) ref += rw[trows[i]] * ye[trows[i] * d + c];
+      EXPECT_EQ(y[t * d + c], ref);
+    }
+}
+
+// ---- expert FFN ---------------------------------------------------------------------------------
+
+// Naive ReLU FFN of one row: y = relu(x W1^T) W2^T; returns h too.
+void naive_relu_ffn(const float *x, const float *w1, const float *w2, int64_t d, int64_t ff, float *h, float *y) {
+  std::vector<float> a(ff);
+  for (int64_t f = 0; f < ff; ++f) {
+    float s = 0.0f;
+    for (int64_t c = 0; c < d; ++c) s += x[c] * w1[f * d + c];
+    h[f] = s;
+    a[f] = s > 0.0f ? s : 0.0f;
+  }
+  for (int64_t c = 0; c < d; ++c) {
+    float s = 0.0f;
+    for (int64_t f = 0; f < ff; ++f) s += a[f] * w2[c * ff + f];
+    y[c] = s;
+  }
+}
+
+TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
+  const int64_t E = 4, d = 6, ff = 5;
+  std::vector<int64_t> offsets = {0, 3, 3, 7, 12};  // expert 1 has no rows
+  const int64_t R = offsets[E];
+  Lcg rng(20);
+  std::vector<float> x = rng.ints(R * d, -3, 3), w1 = rng.ints(E * ff * d, -2, 2), w2 = rng.ints(E * d * ff, -2, 2);
+  std::vector<float> h(R * ff, kNaN), a_(R * ff, kNaN), y(R * d, kNaN);
+  moe_ffn_args a{};
+  a.num_experts = E;
+  a.d = d;
+  a.ff = ff;
+  a.activation = MOE_ACT_RELU;
+  a.offsets = offsets.data();
+  a.x = x.data();
+  a.w1 = w1.data();
+  a.w2 = w2.data();
+  a.h = h.data();
+  a.a = a_.data();
+  a.y = y.data();
+  ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << err();
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      std::vector<float> href(ff), yref(d);
+      naive_relu_ffn(&x[r * d], &w1[e * ff * d], &w2[e * d * ff], d, ff, href.data(), yref.data());
+      for (int64_t f = 0; f < ff; ++f) EXPECT_EQ(h[r * ff + f], href[f]) << "h row " << r;
+      for (int64_t c = 0; c < d; ++c) EXPECT_EQ(y[r * d + c], yref[c]) << "y row " << r << " col " << c;
+    }
+
+  // Backward: dW2 += dY^T A, dA = dY W2, dH = dA * [H > 0], dW1 += dH^T X, dX = dH W1.
+  std::vector<float> dy = rng.ints(R * d, -2, 2);
+  std::vector<float> dw1_0 = rng.ints(E * ff * d, -1, 1), dw2_0 = rng.ints(E * d * ff, -1, 1);
+  std::vector<float> dw1 = dw1_0, dw2 = dw2_0, dx(R * d, kNaN), dh(R * ff, kNaN);
+  a.dy = dy.data();
+  a.dx = dx.data();
+  a.dw1 = dw1.data();
+  a.dw2 = dw2.data();
+  a.dh = dh.data();
+  ASSERT_EQ(ops->expert_ffn_bwd(state, &a), MOE_OK) << err();
+  std::vector<float> rdw1 = dw1_0, rdw2 = dw2_0, rdx(R * d, 0.0f);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      std::vector<float> hr(ff), yr(d), dhr(ff);
+      naive_relu_ffn(&x[r * d], &w1[e * ff * d], &w2[e * d * ff], d, ff, hr.data(), yr.data());
+      for (int64_t f = 0; f < ff; ++f) {
+        float da = 0.0f;
+        for (int64_t c = 0; c < d; ++c) da += dy[r * d + c] * w2[e * d * ff + c * ff + f];
+        dhr[f] = hr[f] > 0.0f ? da : 0.0f;
+        for (int64_t c = 0; c < d; ++c) {
+          rdw2[e * d * ff + c * ff + f] += dy[r * d + c] * (hr[f] > 0.0f ? hr[f] : 0.0f);
+          rdw1[e * ff * d + f * d + c] += dhr[f] * x[r * d + c];
+        }
+      }
+      for (int64_t c = 0; c < d; ++c)
+        for (int64_t f = 0; f < ff; ++f) rdx[r * d + c] += dhr[f] * w1[e * ff * d + f * d + c];
+    }
+  EXPECT_EQ(dw1, rdw1);
+  EXPECT_EQ(dw2, rdw2);
+  EXPECT_EQ(dx, rdx);
+}
+
+TEST_F(CpuStages, ExpertFfnGluMatchesNaiveLoops) {
+  // SwiGLU / GeGLU involve exp/erf: compare with a double reference to float rounding.
+  const int64_t E = 2, d = 4, ff = 3;
+  std::vector<int64_t> offsets = {0, 2, 5};
+  const int64_t R = 5;
+  Lcg rng(21);
+  std::vector<float> x = rng.ints(R * d, -2, 2), w1 = rng.ints(E * ff * d, -1, 1), w3 = rng.ints(E * ff * d, -1, 1),
+                     w2 = rng.ints(E * d * ff, -1, 1);
+  for (int act : {MOE_ACT_SWIGLU, MOE_ACT_GEGLU, MOE_ACT_SILU, MOE_ACT_GELU}) {
+    const bool glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
+    std::vector<float> h(R * ff), g(R * ff), a_(R * ff), y(R * d, kNaN);
+    moe_ffn_args a{};
+    a.num_experts = E;
+    a.d = d;
+    a.ff = ff;
+    a.activation = act;
+    a.offsets = offsets.data();
+    a.x = x.data();
+    a.w1 = w1.data();
+    a.w3 = glu ? w3.data() : nullptr;
+    a.w2 = w2.data();
+    a.h = h.data();
+    a.g = glu ? g.data() : nullptr;
+    a.a = a_.data();
+    a.y = y.data();
+    ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << err();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r)
+        for (int64_t c = 0; c < d; ++c) {
+          double s = 0.0, sabs = 0.0;
+          for (int64_t f = 0; f < ff; ++f) {
+            double hv = 0.0, gv = 0.0;
+            for (int64_t i = 0; i < d; ++i) {
+              hv += x[r * d + i] * w1[e * ff * d + f * d + i];
+              gv += x[r * d + i] * w3[e * ff * d + f * d + i];
+            }
+            double av = (act == MOE_ACT_SWIGLU || act == MOE_ACT_SILU) ? hv / (1.0 + std::exp(-hv))
+                                                                       : 0.5 * hv * (1.0 + std::erf(hv / std::sqrt(2.0)));
+            if (glu) av *= gv;
+            s += av * w2[e * d * ff + c * ff + f];
+            sabs += std::fabs(av * w2[e * d * ff + c * ff + f]);
+          }
+          EXPECT_NEAR(y[r * d + c], s, 2e-6 * sabs + 1e-6) << "activation " << act << " row " << r;
+        }
+  }
+}
+
+TEST_F(CpuStages, ExpertFfnSharedInputReadsAllRows) {
+  // shared_input: every expert reads rows [0, offsets[1]) and writes its own [T, d] block.
+  const int64_t S = 2, T = 3, d = 4, ff = 2;
+  std::vector<int64_t> offsets = {0, T};
+  Lcg rng(22);
+  std::vector<float> x = rng.ints(T * d, -3, 3), w1 = rng.ints(S * ff * d, -2, 2), w2 = rng.ints(S * d * ff, -2, 2);
+  std::vector<float> h(S * T * ff), a_(S * T * ff), y(S * T * d, kNaN);
+  moe_ffn_args a{};
+  a.num_experts = S;
+  a.d = d;
+  a.ff = ff;
+  a.activation = MOE_ACT_RELU;
+  a.offsets = offsets.data();
+  a.shared_input = 1;
+  a.x = x.data();
+  a.w1 = w1.data();
+  a.w2 = w2.data();
+  a.h = h.data();
+  a.a = a_.data();
+  a.y = y.data();
+  ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << err();
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<float> href(ff), yref(d);
+      naive_relu_ffn(&x[t * d], &w1[s * ff * d], &w2[s * d * ff], d, ff, href.data(), yref.data());
+      for (int64_t c = 0; c < d; ++c) EXPECT_EQ(y[(s * T + t) * d + c], yref[c]);
+    }
+}
+
+// ---- shared combine -----------------------------------------------------------------------------
+
+TEST_F(CpuStages, SharedCombineAddsSharedOutputs) {
+  const int64_t T = 4, d = 3, S = 2;
+  Lcg rng(23);
+  std::vector<float> x = rng.ints(T * d, -3, 3), ys = rng.ints(S * T * d, -5, 5), y0 = rng.ints(T * d, -5, 5);
+  std::vector<float> y = y0, gate(T, kNaN);
+  moe_shared_args a{};
+  a.T = T;
+  a.d = d;
+  a.S = S;
+  a.x = x.data();
+  a.ys = ys.data();
+  a.gate = gate.data();
+  a.y = y.data();
+  ASSERT_EQ(ops->shared_combine(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t c = 0; c < d; ++c) {
+      float ref = y0[t * d + c];
+      for (int64_t s = 0; s < S; ++s) ref += ys[(s * T + t) * d + c];
+      EXPECT_EQ(y[t * d + c], ref);
+    }
+  // Gate weights of zero: sigmoid(0) = 0.5 exactly.
+  std::vector<float> gw(d, 0.0f);
+  y = y0;
+  a.gate_w = gw.data();
+  ASSERT_EQ(ops->shared_combine(state, &a), MOE_OK) << err();
+  for (int64_t t = 0; t < T; ++t) {
+    EXPECT_EQ(gate[t], 0.5f);
+    for (int64_t c = 0; c < d; ++c) {
+      float ref = y0[t * d + c];
+      for (int64_t s = 0; s < S; ++s) ref += 0.5f * ys[(s * T + t) * d + c];
+      EXPECT_EQ(y[t * d + c], ref);
+    }
+  }
+  // Backward with the gate: dys = gate * dy; dx and dgate_w get dgate * gate (1 - gate) terms.
+  std::vector<float> dy = rng.ints(T * d, -2, 2), dys(S * T * d, kNaN), dx(T * d, 0.0f), dgw(d, 0.0f);
+  a.dy = dy.data();
+  a.dys = dys.data();
+  a.dx = dx.data();
+  a.dgate_w = dgw.data();
+  ASSERT_EQ(ops->shared_combine_bwd(state, &a), MOE_OK) << err();
+  std::vector<float> rdgw(d, 0.0f);
+  for (int64_t t = 0; t < T; ++t) {
+    float dg = 0.0f;
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t c = 0; c < d; ++c) {
+        EXPECT_EQ(dys[(s * T + t) * d + c], 0.5f * dy[t * d + c]);
+        dg += dy[t * d + c] * ys[(s * T + t) * d + c];
+      }
+    const float dp = dg * 0.25f;
+    for (int64_t c = 0; c < d; ++c) {
+      EXPECT_EQ(dx[t * d + c], dp * gw[c]);
+      rdgw[c] += dp * x[t * d + c];
+    }
+  }
+  EXPECT_EQ(dgw, rdgw);
+}
+
+}  // namespace
