@@ -306,6 +306,15 @@ MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_toke
 MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *dy, void *dx);
 
 /**
+ * Scale the auxiliary-loss gradient that moe_backward adds for this context by scale (default 1,
+ * kept until changed). 0 leaves the aux losses out of the gradient, as when the caller reports
+ * them but does not train on them; a loss scaler passes its scale here (Megatron-Core's
+ * MoEAuxLossAutoScaler). The reported loss values are not scaled.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL ctx or a scale that is not finite.
+ */
+MOE_API moe_status moe_context_set_aux_grad_scale(moe_context *ctx, float scale);
+
+/**
  * Route num_tokens tokens without running any expert: fills ctx with the routing decisions and
  * statistics of an inference forward (no noise, no bias update). ctx cannot then be used for
  * moe_backward. @return as moe_forward; ctx is required (MOE_ERR_INVALID_ARGUMENT if NULL).

@@ -1,5 +1,6 @@
 // extern "C" entry points for contexts, forward, backward, routing and what a context reports.
 #include <algorithm>
+#include <cmath>
 #include <climits>
 #include <cstring>
 #include <memory>
@@ -125,6 +126,14 @@ MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *
   });
 }
 
+MOE_API moe_status moe_context_set_aux_grad_scale(moe_context *ctx, float scale) {
+  return moe::call("moe_context_set_aux_grad_scale", [&] {
+    require(ctx != nullptr, "ctx is NULL");
+    if (!std::isfinite(scale)) fail(MOE_ERR_INVALID_ARGUMENT, "scale is %g, must be finite", (double)scale);
+    ctx->aux_grad_scale = scale;
+  });
+}
+
 MOE_API moe_status moe_route(moe_layer *layer, const void *x, int64_t num_tokens, moe_context *ctx) {
   return moe::call("moe_route", [&] {
     require(layer != nullptr, "layer is NULL");
@@ -163,20 +172,22 @@ MOE_API moe_status moe_context_topk(const moe_context *ctx, int32_t *expert_ids,
     const moe_layer &l = *c.layer;
     if (l.cfg.c.routing == MOE_ROUTE_EXPERT_CHOICE)
       fail(MOE_ERR_UNSUPPORTED, "expert-choice routing has no per-token top-k: use moe_context_assignments");
-    const int64_t n = c.route.T * l.cfg.k;
+    const int64_t n = moe::checked_mul(c.route.T, l.cfg.k, "num_tokens * top_k");
+    const size_t ibytes = moe::checked_bytes(n, sizeof(int32_t), "top-k ids");
+    const size_t fbytes = moe::checked_bytes(n, sizeof(float), "top-k weights");
     std::vector<int32_t> ids(n), rows(n);
     std::vector<float> w(n);
     const moe::Backend &be = *l.backend;
-    be.download(ids.data(), c.ws.topk_ids.get(), n * sizeof(int32_t));
-    be.download(w.data(), c.ws.topk_w.get(), n * sizeof(float));
-    be.download(rows.data(), c.ws.row_of_slot.get(), n * sizeof(int32_t));
+    be.download(ids.data(), c.ws.topk_ids.get(), ibytes);
+    be.download(w.data(), c.ws.topk_w.get(), fbytes);
+    be.download(rows.data(), c.ws.row_of_slot.get(), ibytes);
     for (int64_t i = 0; i < n; ++i)
       if (rows[i] < 0) {
         ids[i] = -1;
         w[i] = 0.0f;
       }
-    if (expert_ids) std::memcpy(expert_ids, ids.data(), n * sizeof(int32_t));
-    if (weights) std::memcpy(weights, w.data(), n * sizeof(float));
+    if (expert_ids) std::memcpy(expert_ids, ids.data(), ibytes);
+    if (weights) std::memcpy(weights, w.data(), fbytes);
   });
 }
 
@@ -195,12 +206,14 @@ MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capac
       fail(MOE_ERR_INVALID_ARGUMENT, "capacity is %lld but there are %lld assignments", (long long)capacity,
            (long long)R);
     const moe::Backend &be = *c.layer->backend;
+    const size_t ibytes = moe::checked_bytes(R, sizeof(int32_t), "assignments");
+    const size_t fbytes = moe::checked_bytes(R, sizeof(float), "assignments");
     std::vector<int32_t> tok(R);
     std::vector<float> w(R);
-    be.download(tok.data(), c.ws.row_token.get(), R * sizeof(int32_t));
-    be.download(w.data(), c.ws.row_weight.get(), R * sizeof(float));
-    if (token) std::memcpy(token, tok.data(), R * sizeof(int32_t));
-    if (weight) std::memcpy(weight, w.data(), R * sizeof(float));
+    be.download(tok.data(), c.ws.row_token.get(), ibytes);
+    be.download(w.data(), c.ws.row_weight.get(), fbytes);
+    if (token) std::memcpy(token, tok.data(), ibytes);
+    if (weight) std::memcpy(weight, w.data(), fbytes);
     if (expert)
       for (size_t e = 0; e + 1 < c.route.offsets.size(); ++e)
         for (int64_t r = c.route.offsets[e]; r < c.route.offsets[e + 1]; ++r) expert[r] = static_cast<int32_t>(e);

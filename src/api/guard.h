@@ -10,22 +10,33 @@ namespace moe {
 
 void set_last_error(moe_status s, const char *message);
 
+// Records "fn: prefix message" as the thread's error text. Never throws (a handler below that threw
+// would terminate the caller's process): without memory for the text it records fn alone (or
+// nothing), and the status still says what happened.
+inline void report(moe_status s, const char *fn, const char *message, const char *prefix = "") noexcept {
+  try {
+    set_last_error(s, (std::string(fn) + ": " + prefix + message).c_str());
+  } catch (...) {
+    set_last_error(s, fn);
+  }
+}
+
 template <class F>
 moe_status call(const char *fn, F &&body) noexcept {
   try {
     body();
     return MOE_OK;
   } catch (const Error &e) {
-    set_last_error(e.status(), (std::string(fn) + ": " + e.what()).c_str());
+    report(e.status(), fn, e.what());
     return e.status();
   } catch (const std::bad_alloc &) {
-    set_last_error(MOE_ERR_OUT_OF_MEMORY, (std::string(fn) + ": out of host memory").c_str());
+    report(MOE_ERR_OUT_OF_MEMORY, fn, "out of host memory");
     return MOE_ERR_OUT_OF_MEMORY;
   } catch (const std::exception &e) {
-    set_last_error(MOE_ERR_INTERNAL, (std::string(fn) + ": internal error: " + e.what()).c_str());
+    report(MOE_ERR_INTERNAL, fn, e.what(), "internal error: ");
     return MOE_ERR_INTERNAL;
   } catch (...) {
-    set_last_error(MOE_ERR_INTERNAL, (std::string(fn) + ": internal error").c_str());
+    report(MOE_ERR_INTERNAL, fn, "internal error");
     return MOE_ERR_INTERNAL;
   }
 }

@@ -137,7 +137,7 @@ MOE_API moe_status moe_layer_set_param(moe_layer *layer, const char *name, const
         if (!std::isfinite(host[i]))
           fail(MOE_ERR_NONFINITE, "host[%lld] is %g: %s must be finite (check_finite is on)", (long long)i,
                (double)host[i], name);
-    layer->backend->upload(p.data.get(), host, static_cast<size_t>(count) * sizeof(float));
+    layer->backend->upload(p.data.get(), host, moe::checked_bytes(count, sizeof(float), "count"));
   });
 }
 
@@ -145,7 +145,7 @@ MOE_API moe_status moe_layer_get_param(const moe_layer *layer, const char *name,
   return moe::call("moe_layer_get_param", [&] {
     moe::Param &p = param_by_name(layer, name);
     check_count(p, host, count);
-    layer->backend->download(host, p.data.get(), static_cast<size_t>(count) * sizeof(float));
+    layer->backend->download(host, p.data.get(), moe::checked_bytes(count, sizeof(float), "count"));
   });
 }
 
@@ -154,7 +154,7 @@ MOE_API moe_status moe_layer_get_grad(const moe_layer *layer, const char *name, 
     moe::Param &p = param_by_name(layer, name);
     if (!p.trainable) fail(MOE_ERR_INVALID_ARGUMENT, "name: %s is not trainable and has no gradient", name);
     check_count(p, host, count);
-    layer->backend->download(host, p.grad.get(), static_cast<size_t>(count) * sizeof(float));
+    layer->backend->download(host, p.grad.get(), moe::checked_bytes(count, sizeof(float), "count"));
   });
 }
 

@@ -34,7 +34,7 @@ typedef struct moe_gate_args {
   /* backward */
   const float *dlogits; /* [T,E] gradient of the (noisy) logits */
   const float *dclean_extra, *dstd_extra; /* [T,E] load-loss terms (GAUSSIAN) */
-  float *scratch;       /* [2,T,E] (GAUSSIAN) */
+  float *scratch;       /* [2,T,E] (GAUSSIAN); [T,d] (JITTER with dx; NULL: the stage allocates) */
   float *dx;            /* [T,d] accumulated (+=); NULL: not wanted */
   float *dw;            /* [E,d] accumulated (+=) */
   float *dwn;           /* [E,d] accumulated (+=) (GAUSSIAN) */
@@ -148,6 +148,7 @@ typedef struct moe_shared_args {
   float *dys;                /* [S*T,d] out */
   float *dx;                 /* [T,d] accumulated */
   float *dgate_w;            /* [d] accumulated */
+  float *scratch;            /* [T] backward scratch when gate_w is set (NULL: the stage allocates) */
 } moe_shared_args;
 
 typedef struct moe_backend_ops {

@@ -1,5 +1,6 @@
 #include "core/exchange.h"
 
+#include <climits>
 #include <cstring>
 
 #include "core/checked.h"
@@ -14,21 +15,30 @@ void check_hook(moe_status s, const char *hook) {
 
 const moe_comm &comm_of(const moe_layer &l) { return *l.cfg.c.comm; }
 
+// A count that came from another rank, as a double: refused unless it is a whole number in
+// [0, 2^53] (converting anything else to an integer is undefined behaviour).
+int64_t count_from_peer(double v, const char *what) {
+  if (!(v >= 0.0 && v <= 9007199254740992.0) || v != static_cast<double>(static_cast<int64_t>(v)))
+    fail(MOE_ERR_COMM, "the ranks' routing statistics give %s = %g, not a count", what, v);
+  return static_cast<int64_t>(v);
+}
+
 // All-to-all of host data through exchange_rows, staged through the layer's device memory.
 void alltoall_host(moe_layer &l, const void *send, const std::vector<int64_t> &send_counts, void *recv,
                    const std::vector<int64_t> &recv_counts, size_t row_bytes, void *stream) {
   const Backend &be = *l.backend;
   int64_t ns = 0, nr = 0;
-  for (int64_t v : send_counts) ns += v;
-  for (int64_t v : recv_counts) nr += v;
-  Buffer s = be.alloc(checked_bytes(ns, row_bytes, "exchange"));
-  Buffer rbuf = be.alloc(checked_bytes(nr, row_bytes, "exchange"));
-  be.upload(s.get(), send, ns * row_bytes);
+  for (int64_t v : send_counts) ns = checked_add(ns, v, "exchange rows");
+  for (int64_t v : recv_counts) nr = checked_add(nr, v, "exchange rows");
+  const size_t send_bytes = checked_bytes(ns, row_bytes, "exchange"), recv_bytes = checked_bytes(nr, row_bytes, "exchange");
+  Buffer s = be.alloc(send_bytes);
+  Buffer rbuf = be.alloc(recv_bytes);
+  be.upload(s.get(), send, send_bytes);
   const moe_comm &c = comm_of(l);
   be.check(be.ops()->synchronize(be.state()), "synchronize");
   check_hook(c.exchange_rows(c.user, s.get(), send_counts.data(), rbuf.get(), recv_counts.data(), row_bytes, stream),
              "exchange_rows");
-  be.download(recv, rbuf.get(), nr * row_bytes);
+  be.download(recv, rbuf.get(), recv_bytes);
 }
 
 }  // namespace
@@ -39,7 +49,7 @@ void exchange_routing_stats(moe_layer &l, RoutingSummary &r) {
   const int64_t E = c.E;
   // One row per rank: T, lse_sq_sum, then counts, prob_sum, weight_sum, load_sum, kept (doubles:
   // exact for counts below 2^53).
-  const int64_t width = 2 + 5 * E;
+  const int64_t width = checked_add(2, checked_mul(5, E, "routing statistics"), "routing statistics");
   std::vector<double> mine(width, 0.0);
   mine[0] = static_cast<double>(r.T);
   mine[1] = r.lse_sq_sum;
@@ -50,22 +60,24 @@ void exchange_routing_stats(moe_layer &l, RoutingSummary &r) {
     mine[2 + 3 * E + e] = r.load_sum.empty() ? 0.0 : r.load_sum[e];
     mine[2 + 4 * E + e] = static_cast<double>(r.kept[e]);
   }
-  std::vector<double> send(static_cast<size_t>(width) * R), recv(static_cast<size_t>(width) * R);
+  std::vector<double> send(static_cast<size_t>(checked_mul(width, R, "routing statistics"))),
+      recv(static_cast<size_t>(checked_mul(width, R, "routing statistics")));
   for (int q = 0; q < R; ++q) std::memcpy(&send[static_cast<size_t>(q) * width], mine.data(), width * sizeof(double));
   std::vector<int64_t> ones(R, 1);
-  alltoall_host(l, send.data(), ones, recv.data(), ones, width * sizeof(double), nullptr);
+  alltoall_host(l, send.data(), ones, recv.data(), ones, checked_bytes(width, sizeof(double), "routing statistics"),
+                nullptr);
   // Summed in rank order: every rank gets the same bits.
   std::vector<double> total(width, 0.0);
   for (int q = 0; q < R; ++q)
     for (int64_t i = 0; i < width; ++i) total[i] += recv[static_cast<size_t>(q) * width + i];
-  r.global_T = static_cast<int64_t>(total[0]);
+  r.global_T = count_from_peer(total[0], "num_tokens");
   r.lse_sq_sum = total[1];
   for (int64_t e = 0; e < E; ++e) {
-    r.counts[e] = static_cast<int64_t>(total[2 + e]);
+    r.counts[e] = count_from_peer(total[2 + e], "an expert's slot count");
     r.prob_sum[e] = total[2 + E + e];
     r.weight_sum[e] = total[2 + 2 * E + e];
     if (!r.load_sum.empty()) r.load_sum[e] = total[2 + 3 * E + e];
-    r.global_kept[e] = static_cast<int64_t>(total[2 + 4 * E + e]);
+    r.global_kept[e] = count_from_peer(total[2 + 4 * E + e], "an expert's kept count");
   }
 }
 
@@ -83,19 +95,28 @@ ExchangePlan plan_exchange(moe_layer &l, Workspace &w, const RoutingSummary &r) 
     if (p.recv_counts[q] < 0)
       fail(MOE_ERR_COMM, "comm->exchange_counts gave %lld rows from rank %d", (long long)p.recv_counts[q], q);
   // Per-expert counts from every source rank, so received rows can be put in expert order.
-  std::vector<int64_t> send(static_cast<size_t>(R) * El), recv(static_cast<size_t>(R) * El);
+  const size_t n_re = static_cast<size_t>(checked_mul(R, El, "ranks * local experts"));
+  std::vector<int64_t> send(n_re), recv(n_re);
   for (int q = 0; q < R; ++q)
     for (int64_t e = 0; e < El; ++e) send[static_cast<size_t>(q) * El + e] = r.kept[q * El + e];
   std::vector<int64_t> ones(R, 1);
-  alltoall_host(l, send.data(), ones, recv.data(), ones, El * sizeof(int64_t), nullptr);
+  alltoall_host(l, send.data(), ones, recv.data(), ones, checked_bytes(El, sizeof(int64_t), "expert counts"), nullptr);
   p.local_offsets.assign(El + 1, 0);
+  // Counts from other ranks are checked before they size or index anything.
   for (int q = 0; q < R; ++q) {
     int64_t sum = 0;
-    for (int64_t e = 0; e < El; ++e) sum += recv[static_cast<size_t>(q) * El + e];
+    for (int64_t e = 0; e < El; ++e) {
+      const int64_t v = recv[static_cast<size_t>(q) * El + e];
+      if (v < 0 || v > INT32_MAX)
+        fail(MOE_ERR_COMM, "rank %d announced %lld rows for local expert %lld", q, (long long)v, (long long)e);
+      sum += v;  // at most El * 2^31: no overflow
+    }
     if (sum != p.recv_counts[q])
       fail(MOE_ERR_COMM, "rank %d announced %lld rows but %lld by expert", q, (long long)p.recv_counts[q],
            (long long)sum);
     p.recv_rows += sum;
+    if (p.recv_rows > INT32_MAX)
+      fail(MOE_ERR_COMM, "the ranks send %lld rows to this rank; rows are indexed by int32", (long long)p.recv_rows);
   }
   for (int64_t e = 0; e < El; ++e) {
     int64_t n = 0;

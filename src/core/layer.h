@@ -29,7 +29,7 @@ struct Workspace {
   Buffer hs, gs, as, ys, gate;
   // backward
   Buffer dye, drow_weight, dh, dg, dxe, dlogits, dys, dhs, dgs;
-  Buffer dclean, dstd, gate_scratch;
+  Buffer dclean, dstd, gate_scratch, shared_scratch;
   // expert parallelism: rows received for this rank's experts, and their permutations
   Buffer ep_perm, ep_inv, ep_stage, xl, yl, dyl, dxl;
 };
@@ -81,6 +81,7 @@ struct moe_context {
   State state = State::kEmpty;
   moe::Workspace ws;
   moe::RoutingSummary route;
+  float aux_grad_scale = 1.0f;  // moe_context_set_aux_grad_scale
 };
 
 namespace moe {

@@ -117,7 +117,8 @@ moe_shared_args shared_args(const moe_layer &l, const Workspace &w, const float 
   return s;
 }
 
-void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float *y) {
+// The shared experts' buffers, allocated before the forward writes y.
+void shared_reserve(moe_layer &l, Workspace &w, int64_t T) {
   const Config &c = l.cfg;
   const Backend &be = *l.backend;
   const int64_t rows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
@@ -127,6 +128,10 @@ void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float
   be.ensure(w.as, fbytes(rff, "shared a"));
   be.ensure(w.ys, fbytes(checked_mul(rows, c.d, "shared rows * d_model"), "shared y"));
   be.ensure(w.gate, fbytes(T, "shared gate"));
+}
+
+void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float *y) {
+  const Backend &be = *l.backend;
   const int64_t offsets[2] = {0, T};
   moe_ffn_args a = shared_ffn_args(l, w, x, offsets);
   a.y = w.ys.as<float>();
@@ -195,6 +200,10 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     be.ensure(w.noise_std, fbytes(TE, "noise std"));
     be.ensure(w.noise, fbytes(TE, "noise"));
   }
+  if (c.S > 0 && mode != Mode::kRouteOnly) shared_reserve(l, w, T);
+  // Host copy of router.bias for the balancing update, allocated before anything is written.
+  const bool update_bias = training && c.c.bias_update_rate > 0;
+  std::vector<float> bias(update_bias ? static_cast<size_t>(E) : 0);
 
   run(be, ops->gate, gate_args(l, w, r, noise, x), "gate");
 
@@ -293,10 +302,9 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     if (c.S > 0) shared_forward(l, w, x, T, y);
   }
 
-  if (training && c.c.bias_update_rate > 0 && r.global_T > 0) {
+  if (update_bias && r.global_T > 0) {
     // Aux-loss-free balancing: bias[e] += u * sign(mean(n) - n_e), from loads before capacity.
-    std::vector<float> bias(E);
-    be.download(bias.data(), l.router_bias->data.get(), E * sizeof(float));
+    be.download(bias.data(), l.router_bias->data.get(), checked_bytes(E, sizeof(float), "router.bias"));
     double mean = 0.0;
     for (int64_t e = 0; e < E; ++e) mean += static_cast<double>(r.counts[e]);
     mean /= E;
@@ -304,7 +312,7 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
       const double diff = mean - static_cast<double>(r.counts[e]);
       bias[e] += c.c.bias_update_rate * static_cast<float>((diff > 0) - (diff < 0));
     }
-    be.upload(l.router_bias->data.get(), bias.data(), E * sizeof(float));
+    be.upload(l.router_bias->data.get(), bias.data(), checked_bytes(E, sizeof(float), "router.bias"));
   }
   if (training) ++l.step;
   if (ctx) {
@@ -342,6 +350,26 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
     be.ensure(w.dclean, fbytes(TE, "dclean"));
     be.ensure(w.dstd, fbytes(TE, "dstd"));
   }
+  const int noise = r.noisy ? MOE_NOISE_GAUSSIAN : (c.c.noise == MOE_NOISE_JITTER ? MOE_NOISE_JITTER : MOE_NOISE_NONE);
+  if (noise == MOE_NOISE_JITTER && dx)
+    be.ensure(w.gate_scratch, fbytes(checked_mul(T, d, "num_tokens * d_model"), "gate scratch"));
+  if (c.S > 0) {
+    const int64_t srows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
+    const int64_t srff = checked_mul(srows, c.ffs, "shared rows * d_ff_shared");
+    be.ensure(w.dys, fbytes(checked_mul(srows, d, "shared rows * d_model"), "shared dy"));
+    be.ensure(w.dhs, fbytes(srff, "shared dh"));
+    if (c.glu) be.ensure(w.dgs, fbytes(srff, "shared dg"));
+    if (l.sgate) be.ensure(w.shared_scratch, fbytes(T, "shared gate scratch"));
+  }
+  // The aux-loss coefficients, times the context's gradient scale.
+  const float as = ctx.aux_grad_scale;
+  std::vector<float> lb_coef(r.lb_coef), gate_coef(r.gate_coef), load_coef(r.load_coef);
+  for (float &v : lb_coef) v *= as;
+  for (float &v : gate_coef) v *= as;
+  for (float &v : load_coef) v *= as;
+  // Everything is allocated above this line. The stages below allocate nothing once gradients
+  // start to accumulate (select_bwd, whose scratch is its own, runs before any of them), so a
+  // backward that fails for lack of memory leaves every gradient and dx as they were.
   const float *x = f(w.x);
 
   moe_rows_args ra = rows_args(c, w, r);
@@ -350,6 +378,41 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   ra.dye = w.dye.as<float>();
   ra.drow_weight = w.drow_weight.as<float>();
   run(be, ops->combine_bwd, ra, "combine_bwd");
+
+  // Router-side backward: needs only drow_weight and what the forward saved; it writes dlogits and
+  // accumulates nothing, so it runs before the first stage that adds to a gradient.
+  moe_select_bwd_args sb{};
+  sb.T = T;
+  sb.E = E;
+  sb.k = k;
+  sb.score = ec ? MOE_SCORE_SOFTMAX : c.c.score;
+  sb.normalize = c.c.normalize_topk;
+  sb.routed_scale = c.c.routed_scale;
+  sb.logits = f(w.logits);
+  sb.scores = f(w.scores);
+  sb.lse = f(w.lse);
+  sb.topk_ids = w.topk_ids.as<int32_t>();
+  sb.row_of_slot = w.row_of_slot.as<int32_t>();
+  sb.drow_weight = f(w.drow_weight);
+  sb.lb_coef = lb_coef.data();
+  sb.gate_coef = c.c.importance_loss_coef != 0.0f ? gate_coef.data() : nullptr;
+  // select_bwd divides by its own T; the z-loss is a mean over the global batch.
+  sb.z_coef = r.global_T > 0 ? as * c.c.z_loss_coef * static_cast<float>(T) / static_cast<float>(r.global_T) : 0.0f;
+  sb.dlogits = w.dlogits.as<float>();
+  sb.expert_choice = ec;
+  if (ec) {
+    sb.token_offsets = w.token_offsets.as<int64_t>();
+    sb.token_rows = w.token_rows.as<int32_t>();
+    sb.row_slot = w.row_slot.as<int32_t>();
+  }
+  if (load) {
+    sb.clean_logits = f(w.clean_logits);
+    sb.noise_std = f(w.noise_std);
+    sb.load_coef = load_coef.data();
+    sb.dclean_extra = w.dclean.as<float>();
+    sb.dstd_extra = w.dstd.as<float>();
+  }
+  run(be, ops->select_bwd, sb, "select_bwd");
 
   // Other ranks may want the input gradient of the rows this rank computed, so with expert
   // parallelism it is always computed and sent back.
@@ -372,16 +435,12 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   }
 
   if (c.S > 0) {
-    const int64_t rows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
-    const int64_t rff = checked_mul(rows, c.ffs, "shared rows * d_ff_shared");
-    be.ensure(w.dys, fbytes(checked_mul(rows, d, "shared rows * d_model"), "shared dy"));
-    be.ensure(w.dhs, fbytes(rff, "shared dh"));
-    if (c.glu) be.ensure(w.dgs, fbytes(rff, "shared dg"));
     moe_shared_args s = shared_args(l, w, x, T);
     s.dy = dy;
     s.dys = w.dys.as<float>();
     s.dx = dx;
     s.dgate_w = g(l.sgate);
+    s.scratch = l.sgate ? w.shared_scratch.as<float>() : nullptr;
     run(be, ops->shared_combine_bwd, s, "shared_combine_bwd");
     const int64_t offsets[2] = {0, T};
     moe_ffn_args sf = shared_ffn_args(l, w, x, offsets);
@@ -395,44 +454,11 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
     run(be, ops->expert_ffn_bwd, sf, "expert_ffn_bwd (shared)");
   }
 
-  moe_select_bwd_args sb{};
-  sb.T = T;
-  sb.E = E;
-  sb.k = k;
-  sb.score = ec ? MOE_SCORE_SOFTMAX : c.c.score;
-  sb.normalize = c.c.normalize_topk;
-  sb.routed_scale = c.c.routed_scale;
-  sb.logits = f(w.logits);
-  sb.scores = f(w.scores);
-  sb.lse = f(w.lse);
-  sb.topk_ids = w.topk_ids.as<int32_t>();
-  sb.row_of_slot = w.row_of_slot.as<int32_t>();
-  sb.drow_weight = f(w.drow_weight);
-  sb.lb_coef = r.lb_coef.data();
-  sb.gate_coef = c.c.importance_loss_coef != 0.0f ? r.gate_coef.data() : nullptr;
-  // select_bwd divides by its own T; the z-loss is a mean over the global batch.
-  sb.z_coef = r.global_T > 0 ? c.c.z_loss_coef * static_cast<float>(T) / static_cast<float>(r.global_T) : 0.0f;
-  sb.dlogits = w.dlogits.as<float>();
-  sb.expert_choice = ec;
-  if (ec) {
-    sb.token_offsets = w.token_offsets.as<int64_t>();
-    sb.token_rows = w.token_rows.as<int32_t>();
-    sb.row_slot = w.row_slot.as<int32_t>();
-  }
-  if (load) {
-    sb.clean_logits = f(w.clean_logits);
-    sb.noise_std = f(w.noise_std);
-    sb.load_coef = r.load_coef.data();
-    sb.dclean_extra = w.dclean.as<float>();
-    sb.dstd_extra = w.dstd.as<float>();
-  }
-  run(be, ops->select_bwd, sb, "select_bwd");
-
-  const int noise = r.noisy ? MOE_NOISE_GAUSSIAN : (c.c.noise == MOE_NOISE_JITTER ? MOE_NOISE_JITTER : MOE_NOISE_NONE);
   moe_gate_args ga = gate_args(l, w, r, noise, x);
   ga.dlogits = f(w.dlogits);
   ga.dx = dx;
   ga.dw = g(l.router_w);
+  if (noise == MOE_NOISE_JITTER && dx) ga.scratch = w.gate_scratch.as<float>();
   if (noise == MOE_NOISE_GAUSSIAN) {
     ga.dwn = g(l.noise_w);
     ga.scratch = w.gate_scratch.as<float>();

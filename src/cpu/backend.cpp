@@ -1,5 +1,7 @@
 // The CPU backend's table: host memory plus the stage files of this folder.
 #include <cmath>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -26,15 +28,22 @@ const char *last_error(void *state) { return static_cast<State *>(state)->error.
 
 moe_status set_stream(void *state, void *stream) {
   if (stream == nullptr) return MOE_OK;
-  static_cast<State *>(state)->error = "a CPU layer has no CUDA stream; pass NULL";
+  set_error(static_cast<State *>(state), "a CPU layer has no CUDA stream; pass NULL");
   return MOE_ERR_INVALID_ARGUMENT;
 }
 
 moe_status alloc(void *state, size_t bytes, void **out) {
-  size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
-  void *p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
+  // Rounded up to the alignment (aligned_alloc's rule); a size that would wrap is refused.
+  void *p = nullptr;
+  if (bytes <= SIZE_MAX - kAlign) {
+    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
+    p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
+  }
   if (!p) {
-    static_cast<State *>(state)->error = format("could not allocate %zu bytes of host memory", bytes);
+    // A C table entry: nothing may propagate, not even bad_alloc from formatting the message.
+    char msg[96];
+    std::snprintf(msg, sizeof msg, "could not allocate %zu bytes of host memory", bytes);
+    set_error(static_cast<State *>(state), msg);
     return MOE_ERR_OUT_OF_MEMORY;
   }
   *out = p;

@@ -11,7 +11,7 @@ namespace moe::cpu {
 moe_status combine(void *st, const moe_rows_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(a->T * d))
     for (int64_t t = 0; t < a->T; ++t) {
       float *out = a->y + t * d;
       std::memset(out, 0, sizeof(float) * d);
@@ -31,7 +31,7 @@ moe_status combine(void *st, const moe_rows_args *a) {
 moe_status combine_bwd(void *st, const moe_rows_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(a->R * d))
     for (int64_t r = 0; r < a->R; ++r) {
       const float *g = a->dy + static_cast<int64_t>(a->row_token[r]) * d;
       const float *ye = a->ye + r * d;
@@ -52,7 +52,7 @@ static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 moe_status shared_combine(void *st, const moe_shared_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d, T = a->T;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * d))
     for (int64_t t = 0; t < T; ++t) {
       const float *x = a->x + t * d;
       float gv = 1.0f;
@@ -74,8 +74,9 @@ moe_status shared_combine(void *st, const moe_shared_args *a) {
 moe_status shared_combine_bwd(void *st, const moe_shared_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d, T = a->T;
-    std::vector<float> dpre(a->gate_w ? T : 0);
-#pragma omp parallel for schedule(static)
+    std::vector<float> own(a->gate_w && !a->scratch ? static_cast<size_t>(T) : 0);
+    float *dpre = a->scratch ? a->scratch : own.data();
+#pragma omp parallel for schedule(static) if (worth_threads(T * d * a->S))
     for (int64_t t = 0; t < T; ++t) {
       const float *dy = a->dy + t * d;
       const float gv = a->gate_w ? a->gate[t] : 1.0f;
@@ -99,7 +100,7 @@ moe_status shared_combine_bwd(void *st, const moe_shared_args *a) {
     }
     if (a->gate_w) {
       // Column sums in token order: the same bits for any thread count.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * d))
       for (int64_t c = 0; c < d; ++c) {
         float acc = 0.0f;
         for (int64_t t = 0; t < T; ++t) acc += dpre[t] * a->x[t * d + c];

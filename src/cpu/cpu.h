@@ -5,13 +5,34 @@
 #include <string>
 
 #include "core/backend.h"
+#include "core/checked.h"
 #include "core/error.h"
 
 namespace moe::cpu {
 
+// Below this many elements a loop runs on the calling thread: waking the team costs more than the
+// work (tens of microseconds per region for a few tokens).
+constexpr int64_t kMinParallelElements = int64_t{1} << 14;
+inline bool worth_threads(int64_t elements) { return elements >= kMinParallelElements; }
+
+// Element count of a host scratch vector, a * b, through the library's checked multiplication.
+inline size_t checked_count(int64_t a, int64_t b, const char *what) {
+  return static_cast<size_t>(checked_mul(a, b, what));
+}
+
 struct State {
   std::string error;
 };
+
+// Records a stage's message in the state; never throws (it runs inside catch handlers of a
+// noexcept function): without memory for the text the message is cleared.
+inline void set_error(State *st, const char *message) noexcept {
+  try {
+    st->error = message;
+  } catch (...) {
+    st->error.clear();
+  }
+}
 
 // Runs a stage body, turning exceptions into a status and the state's message.
 template <class F>
@@ -21,13 +42,13 @@ moe_status guarded(void *state, F &&body) noexcept {
     body();
     return MOE_OK;
   } catch (const Error &e) {
-    st->error = e.what();
+    set_error(st, e.what());
     return e.status();
   } catch (const std::bad_alloc &) {
-    st->error = "out of host memory";
+    set_error(st, "out of host memory");
     return MOE_ERR_OUT_OF_MEMORY;
   } catch (const std::exception &e) {
-    st->error = e.what();
+    set_error(st, e.what());
     return MOE_ERR_INTERNAL;
   }
 }

@@ -8,7 +8,7 @@ namespace moe::cpu {
 moe_status dispatch(void *st, const moe_rows_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(a->R * d))
     for (int64_t r = 0; r < a->R; ++r)
       std::memcpy(a->xe + r * d, a->x + static_cast<int64_t>(a->row_token[r]) * d, sizeof(float) * d);
   });
@@ -18,7 +18,7 @@ moe_status dispatch(void *st, const moe_rows_args *a) {
 moe_status dispatch_bwd(void *st, const moe_rows_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(a->T * d))
     for (int64_t t = 0; t < a->T; ++t) {
       float *out = a->dx + t * d;
       std::memset(out, 0, sizeof(float) * d);

@@ -69,7 +69,7 @@ moe_status expert_ffn(void *st, const moe_ffn_args *a) {
       if (is_glu) sgemm(false, true, r.n, ff, d, 1.0f, x, d, a->w3 + e * ff * d, d, 0.0f, g, ff);
       const int64_t n = r.n * ff;
       const int kind = a->activation;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(n))
       for (int64_t i = 0; i < n; ++i) act_out[i] = is_glu ? act(kind, h[i]) * g[i] : act(kind, h[i]);
       sgemm(false, true, r.n, d, ff, 1.0f, act_out, ff, a->w2 + e * d * ff, ff, 0.0f, a->y + r.begin * d, d);
     }
@@ -97,12 +97,12 @@ moe_status expert_ffn_bwd(void *st, const moe_ffn_args *a) {
       const float *w3 = is_glu ? a->w3 + e * ff * d : nullptr;
       const int64_t n = r.n * ff;
       // A is recomputed rather than saved: one pass over H and G instead of R*ff more memory.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(n))
       for (int64_t i = 0; i < n; ++i) act_out[i] = is_glu ? act(kind, h[i]) * g[i] : act(kind, h[i]);
       // dW2 += dY^T A ; dA = dY W2 (into dh)
       sgemm(true, false, d, ff, r.n, 1.0f, dy, d, act_out, ff, 1.0f, a->dw2 + e * d * ff, ff);
       sgemm(false, false, r.n, ff, d, 1.0f, dy, d, w2, ff, 0.0f, dh, ff);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(n))
       for (int64_t i = 0; i < n; ++i) {
         float da = dh[i];
         if (is_glu) {

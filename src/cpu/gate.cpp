@@ -24,13 +24,13 @@ moe_status gate(void *st, const moe_gate_args *a) {
     const int64_t T = a->T, d = a->d, E = a->E;
     if (T == 0) return;
     if (a->noise == MOE_NOISE_JITTER) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * d))
       for (int64_t i = 0; i < T * d; ++i) a->xr[i] = a->x[i] * jitter(a, i);
       sgemm(false, true, T, E, d, 1.0f, a->xr, d, a->w, d, 0.0f, a->logits, E);
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
       sgemm(false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
       sgemm(false, true, T, E, d, 1.0f, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * E))
       for (int64_t i = 0; i < T * E; ++i) {
         const float n = rng_normal(a->seed, kStreamNoise + a->step, static_cast<uint64_t>(i));
         const float sd = softplus(a->noise_std[i]);
@@ -49,16 +49,18 @@ moe_status gate_bwd(void *st, const moe_gate_args *a) {
     const int64_t T = a->T, d = a->d, E = a->E;
     if (T == 0) return;
     if (a->noise == MOE_NOISE_JITTER) {
+      // Scratch first: nothing may fail for lack of memory once dw has been added to.
+      std::vector<float> own(a->dx && !a->scratch ? checked_count(T, d, "gate_bwd scratch") : 0);
+      float *dxr = a->scratch ? a->scratch : own.data();
       sgemm(true, false, E, d, T, 1.0f, a->dlogits, E, a->xr, d, 1.0f, a->dw, d);
       if (a->dx) {
-        std::vector<float> dxr(static_cast<size_t>(T * d));
-        sgemm(false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr.data(), d);
-#pragma omp parallel for schedule(static)
+        sgemm(false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr, d);
+#pragma omp parallel for schedule(static) if (worth_threads(T * d))
         for (int64_t i = 0; i < T * d; ++i) a->dx[i] += dxr[i] * jitter(a, i);
       }
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
       float *dclean = a->scratch, *dpre = a->scratch + T * E;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * E))
       for (int64_t i = 0; i < T * E; ++i) {
         const float dl = a->dlogits[i];
         float dsd = dl * a->noise_draws[i];

@@ -60,15 +60,16 @@ moe_status select(void *st, const moe_select_args *a) {
     const int64_t T = a->T, E = a->E, k = a->k, G = a->num_groups;
     const int nthreads = omp_get_max_threads();
     const int64_t gsize = E / G;
-    std::vector<float> sel_buf(static_cast<size_t>(nthreads) * E), gscore_buf(static_cast<size_t>(nthreads) * G);
-    std::vector<unsigned char> taken_buf(static_cast<size_t>(nthreads) * std::max(E, G));
+    std::vector<float> sel_buf(checked_count(nthreads, E, "select scratch"));
+    std::vector<float> gscore_buf(checked_count(nthreads, G, "select scratch"));
+    std::vector<unsigned char> taken_buf(checked_count(nthreads, std::max(E, G), "select scratch"));
     const int64_t nblocks = (T + kBlock - 1) / kBlock;
-    std::vector<double> block_p(static_cast<size_t>(nblocks) * E, 0.0), block_z(nblocks, 0.0);
+    std::vector<double> block_p(checked_count(nblocks, E, "select sums"), 0.0), block_z(nblocks, 0.0);
     const bool load = a->clean_logits != nullptr;
-    std::vector<double> block_load(load ? static_cast<size_t>(nblocks) * E : 0, 0.0);
-    std::vector<float> ord_buf(load ? static_cast<size_t>(nthreads) * E : 0);
+    std::vector<double> block_load(load ? checked_count(nblocks, E, "select sums") : 0, 0.0);
+    std::vector<float> ord_buf(load ? checked_count(nthreads, E, "select scratch") : 0);
 
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * E))
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int tid = omp_get_thread_num();
       float *sel = sel_buf.data() + static_cast<size_t>(tid) * E;
@@ -178,23 +179,27 @@ moe_status select(void *st, const moe_select_args *a) {
 // Expert choice (Zhou et al. 2022): expert e takes the C tokens with the highest S[t,e] (ties to
 // the lower token); its rows are those tokens in token order.
 static void plan_expert_choice(const moe_plan_args *a) {
-  const int64_t T = a->T, E = a->E, C = std::min(a->capacity, T);
-  std::vector<int64_t> count(T + 1, 0);
-#pragma omp parallel
+  const int64_t T = a->T, E = a->E, C = std::max<int64_t>(0, std::min(a->capacity, T));
+  std::vector<int64_t> count(checked_count(T + 1, 1, "token offsets"), 0);
+  // Each thread's index buffer is allocated here: a bad_alloc thrown inside the parallel region
+  // would escape it and terminate the process.
+  const int nthreads = omp_get_max_threads();
+  std::vector<int32_t> idx_buf(checked_count(nthreads, T, "expert-choice scratch"));
+#pragma omp parallel if (worth_threads(a->T * a->E))
   {
-    std::vector<int32_t> idx(static_cast<size_t>(T));
+    const auto idx = idx_buf.begin() + static_cast<ptrdiff_t>(omp_get_thread_num()) * T;
 #pragma omp for schedule(static)
     for (int64_t e = 0; e < E; ++e) {
-      std::iota(idx.begin(), idx.end(), 0);
+      std::iota(idx, idx + T, 0);
       auto key = [&](int32_t t) {
         float v = a->scores[t * E + e];
         return std::isnan(v) ? kNegInf : v;
       };
-      std::partial_sort(idx.begin(), idx.begin() + C, idx.end(), [&](int32_t x, int32_t y) {
+      std::partial_sort(idx, idx + C, idx + T, [&](int32_t x, int32_t y) {
         float kx = key(x), ky = key(y);
         return kx > ky || (kx == ky && x < y);
       });
-      std::sort(idx.begin(), idx.begin() + C);
+      std::sort(idx, idx + C);
       for (int64_t i = 0; i < C; ++i) {
         const int64_t r = e * C + i, t = idx[i];
         a->row_token[r] = static_cast<int32_t>(t);
@@ -225,8 +230,8 @@ moe_status plan(void *st, const moe_plan_args *a) {
       }
       return;
     }
-    const int64_t T = a->T, E = a->E, k = a->k, n = T * k;
-    std::vector<unsigned char> keep(n, 1);
+    const int64_t T = a->T, E = a->E, k = a->k, n = checked_mul(T, k, "num_tokens * top_k");
+    std::vector<unsigned char> keep(static_cast<size_t>(n), 1);
     if (a->capacity >= 0) {
       std::vector<int64_t> used(E, 0);
       if (a->drop_policy == MOE_DROP_POSITION) {
@@ -283,11 +288,11 @@ moe_status select_bwd(void *st, const moe_select_bwd_args *a) {
   return guarded(st, [&] {
     const int64_t T = a->T, E = a->E, k = a->k;
     const int nthreads = omp_get_max_threads();
-    std::vector<float> ds_buf(static_cast<size_t>(nthreads) * E);
-    std::vector<float> ord_buf(a->load_coef ? static_cast<size_t>(nthreads) * E : 0);
-    std::vector<unsigned char> taken_buf(a->load_coef ? static_cast<size_t>(nthreads) * E : 0);
+    std::vector<float> ds_buf(checked_count(nthreads, E, "select_bwd scratch"));
+    std::vector<float> ord_buf(a->load_coef ? checked_count(nthreads, E, "select_bwd scratch") : 0);
+    std::vector<unsigned char> taken_buf(a->load_coef ? checked_count(nthreads, E, "select_bwd scratch") : 0);
     const float zscale = a->z_coef * 2.0f / static_cast<float>(T);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_threads(T * E))
     for (int64_t t = 0; t < T; ++t) {
       float *dS = ds_buf.data() + static_cast<size_t>(omp_get_thread_num()) * E;
       const float *S = a->scores + t * E;

@@ -1,0 +1,599 @@
+"""libmoe.Layer and libmoe.Context: the checked numpy API over the SWIG module libmoe.capi."""
+
+import numbers
+import threading
+from collections import namedtuple
+
+import numpy as np
+
+from . import capi
+from .errors import StateError
+
+__all__ = ["Layer", "Context", "ParamInfo", "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config"]
+
+PRESETS = ("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe")
+
+# Enum fields: the names Python callers write, mapped to the pinned C values.
+_ENUMS = {
+    "activation": {"swiglu": capi.MOE_ACT_SWIGLU, "geglu": capi.MOE_ACT_GEGLU, "relu": capi.MOE_ACT_RELU,
+                   "gelu": capi.MOE_ACT_GELU, "silu": capi.MOE_ACT_SILU},
+    "routing": {"token_choice": capi.MOE_ROUTE_TOKEN_CHOICE, "expert_choice": capi.MOE_ROUTE_EXPERT_CHOICE},
+    "score": {"softmax": capi.MOE_SCORE_SOFTMAX, "sigmoid": capi.MOE_SCORE_SIGMOID},
+    "drop_policy": {"position": capi.MOE_DROP_POSITION, "probs": capi.MOE_DROP_PROBS},
+    "noise": {"none": capi.MOE_NOISE_NONE, "gaussian": capi.MOE_NOISE_GAUSSIAN, "jitter": capi.MOE_NOISE_JITTER},
+    "device": {"cpu": capi.MOE_DEVICE_CPU, "cuda": capi.MOE_DEVICE_CUDA},
+    "dtype": {"float32": capi.MOE_DTYPE_F32, "bfloat16": capi.MOE_DTYPE_BF16, "float16": capi.MOE_DTYPE_F16},
+}
+_ENUM_ALIASES = {
+    "dtype": {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16",
+              "half": "float16"},
+}
+_ENUM_NAMES = {field: {v: k for k, v in table.items()} for field, table in _ENUMS.items()}
+_INTS = ("d_model", "d_ff", "num_experts", "top_k", "num_groups", "topk_groups", "num_shared_experts",
+         "d_ff_shared", "device_index")
+_FLOATS = ("routed_scale", "capacity_factor", "noise_eps", "aux_loss_coef", "z_loss_coef", "importance_loss_coef",
+           "load_loss_coef", "bias_update_rate")
+_BOOLS = ("normalize_topk", "shared_gate", "allow_tf32", "check_finite")
+
+# The fields of moe_config in header order (struct_size and comm are not configurable from Python).
+CONFIG_FIELDS = ("d_model", "d_ff", "num_experts", "top_k", "activation", "routing", "score", "normalize_topk",
+                 "routed_scale", "num_groups", "topk_groups", "capacity_factor", "drop_policy", "noise",
+                 "noise_eps", "aux_loss_coef", "z_loss_coef", "importance_loss_coef", "load_loss_coef",
+                 "bias_update_rate", "num_shared_experts", "d_ff_shared", "shared_gate", "device",
+                 "device_index", "dtype", "allow_tf32", "seed", "check_finite")
+
+_STATS_FIELDS = ("num_tokens", "num_slots", "dropped_slots", "load_balance_loss", "z_loss", "importance_loss",
+                 "load_loss", "aux_loss_total", "load_cv", "max_load_ratio")
+
+ParamInfo = namedtuple("ParamInfo", "name shape trainable")
+ParamInfo.__doc__ = "A named parameter: shape in PyTorch nn.Linear layout; trainable is False for router.bias."
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _enum_value(field, value):
+    table = _ENUMS[field]
+    if isinstance(value, str):
+        key = value.strip().lower().replace("-", "_")
+        if field == "device" and ":" in key:  # "cuda:1" is handled by _set_field
+            key = key.split(":", 1)[0]
+        key = _ENUM_ALIASES.get(field, {}).get(key, key)
+        if key not in table:
+            raise ValueError(f"{field}={value!r} is not one of {', '.join(repr(k) for k in table)}")
+        return table[key]
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)  # the pinned C value; the library validates the range
+    raise TypeError(f"{field} must be a str ({', '.join(repr(k) for k in table)}) or an int, "
+                    f"not {type(value).__name__}")
+
+
+def _set_field(cfg, field, value):
+    if field in _ENUMS:
+        if field == "device" and not isinstance(value, (str, numbers.Integral)) and hasattr(value, "type"):
+            value = str(value)  # a torch.device
+        v = _enum_value(field, value)
+        if field == "device" and isinstance(value, str) and ":" in value:
+            index = value.split(":", 1)[1]
+            if not index.isdigit():
+                raise ValueError(f"device={value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+            cfg.device_index = int(index)
+        setattr(cfg, field, v)
+    elif field in _INTS or field == "seed":
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{field} must be an int, not {type(value).__name__}")
+        lo, hi = (0, (1 << 64) - 1) if field == "seed" else _INT64
+        if field == "device_index":
+            lo, hi = -(1 << 31), (1 << 31) - 1
+        if not lo <= int(value) <= hi:
+            raise ValueError(f"{field}={int(value)} is out of range [{lo}, {hi}]")
+        setattr(cfg, field, int(value))
+    elif field in _FLOATS:
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{field} must be a float, not {type(value).__name__}")
+        setattr(cfg, field, float(value))
+    elif field in _BOOLS:
+        if not isinstance(value, (bool, numbers.Integral)):
+            raise TypeError(f"{field} must be a bool, not {type(value).__name__}")
+        setattr(cfg, field, 1 if value else 0)
+    elif field == "comm":
+        raise TypeError("comm: expert-parallel communicators are not available from Python")
+    else:
+        raise TypeError(f"unknown config field {field!r}; the fields are: {', '.join(CONFIG_FIELDS)}")
+
+
+def _make_config(preset, fields):
+    cfg = capi.moe_config()  # moe_config_init defaults
+    if preset is not None:
+        if not isinstance(preset, str):
+            raise TypeError(f"preset must be a str, not {type(preset).__name__}")
+        capi.moe_config_preset(cfg, preset)
+    for field, value in fields.items():
+        _set_field(cfg, field, value)
+    return cfg
+
+
+def _config_dict(cfg):
+    out = {}
+    for field in CONFIG_FIELDS:
+        v = getattr(cfg, field)
+        if field in _ENUMS:
+            v = _ENUM_NAMES[field].get(v, v)
+        elif field in _BOOLS:
+            v = bool(v)
+        elif field in _FLOATS:
+            v = float(repr(np.float32(v)))  # 0.01, not 0.009999999776482582: the same float32
+        out[field] = v
+    return out
+
+
+def default_config():
+    """The library's defaults (moe_config_init) as a dict; d_model and d_ff are 0 (required)."""
+    return _config_dict(capi.moe_config())
+
+
+def preset_config(name):
+    """The fields of preset ``name`` (see PRESETS) as a dict; widths are left 0 for the caller."""
+    return _config_dict(_make_config(name, {}))
+
+
+class _HostBuffer:
+    """Memory of a layer exposed through the array interface; keeps the layer's handle alive."""
+
+    __slots__ = ("__array_interface__", "_owner")
+
+    def __init__(self, address, shape, typestr, owner, readonly=False):
+        self.__array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (address, readonly),
+                                    "strides": None, "version": 3}
+        self._owner = owner
+
+
+class _DeviceBuffer:
+    """CUDA memory of a layer through __cuda_array_interface__ (torch.as_tensor, CuPy, Numba)."""
+
+    __slots__ = ("__cuda_array_interface__", "_owner")
+
+    def __init__(self, address, shape, typestr, owner):
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (address, False),
+                                         "strides": None, "version": 2}
+        self._owner = owner
+
+
+class _LayerHandle:
+    """Owns one moe_layer*; destroyed when the Layer and every Context/view using it are gone."""
+
+    __slots__ = ("ptr", "lock", "__weakref__")
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+        self.lock = threading.Lock()  # a layer is used by one thread at a time (moe.h)
+
+    def __del__(self):
+        ptr, self.ptr = self.ptr, None
+        if ptr is not None and capi is not None:
+            capi.moe_layer_destroy(ptr)
+
+
+class _ContextHandle:
+    __slots__ = ("ptr", "layer")
+
+    def __init__(self, ptr, layer_handle):
+        self.ptr = ptr
+        self.layer = layer_handle  # the layer outlives its contexts
+
+    def __del__(self):
+        ptr, self.ptr = self.ptr, None
+        if ptr is not None and capi is not None:
+            capi.moe_context_destroy(ptr)
+
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+class Layer:
+    """A Mixture-of-Experts layer (one moe_layer).
+
+    ``Layer(d_model=512, d_ff=1024, num_experts=8, top_k=2, ...)`` takes the moe_config fields as
+    keywords (enums as strings, e.g. ``activation="geglu"``, ``device="cuda:0"``); ``preset=``
+    (or :meth:`from_preset`) starts from a published recipe. Activations are numpy float32 arrays
+    of shape ``[num_tokens, d_model]``, C-contiguous; they are passed to the library without a copy.
+    Parameters and gradients are numpy arrays by name (``get_param``/``set_param``/``get_grad``
+    copy; ``param_view``/``grad_view`` are zero-copy views of the layer's own storage).
+
+    A Layer may be used by one thread at a time; it holds a lock so concurrent calls wait, and the
+    GIL is released while the library computes. ``close()`` (or ``with Layer(...) as layer``) frees
+    it once no Context or view uses it any more.
+    """
+
+    def __init__(self, preset=None, **config):
+        cfg = _make_config(preset, config)
+        ptr = capi.moe_layer_create(cfg)
+        self._h = _LayerHandle(ptr)
+        self._init_info()
+
+    @classmethod
+    def from_preset(cls, name, **config):
+        """A layer from preset ``name`` with ``config`` overriding its fields (d_model, d_ff at least)."""
+        return cls(preset=name, **config)
+
+    def _init_info(self):
+        cfg = capi.moe_config()
+        capi.moe_layer_get_config(self._h.ptr, cfg)
+        self._config = _config_dict(cfg)
+        self._d = self._config["d_model"]
+        self._params = {}
+        info = capi.moe_param_info()
+        for i in range(capi.moe_layer_num_params(self._h.ptr)):
+            capi.moe_layer_param_info(self._h.ptr, i, info)
+            shape = tuple(int(info.dim(j)) for j in range(info.ndim))
+            self._params[info.name] = ParamInfo(info.name, shape, bool(info.trainable))
+
+    # ---- lifetime -------------------------------------------------------------------------------
+    def _handle(self):
+        h = self.__dict__.get("_h")
+        if h is None:
+            raise ValueError("operation on a closed libmoe.Layer")
+        return h
+
+    def close(self):
+        """Release the layer (its memory goes once no Context or view still uses it). Idempotent."""
+        self.__dict__["_h"] = None
+
+    @property
+    def closed(self):
+        return self.__dict__.get("_h") is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        return (_restore_layer, (self.config, self.state_dict()))
+
+    def __repr__(self):
+        if self.closed:
+            return "<libmoe.Layer (closed)>"
+        c = self._config
+        return (f"<libmoe.Layer d_model={c['d_model']} d_ff={c['d_ff']} num_experts={c['num_experts']} "
+                f"top_k={c['top_k']} activation={c['activation']} device={self.device}>")
+
+    # ---- configuration ------------------------------------------------------------------------------
+    @property
+    def config(self):
+        """The effective configuration (defaults filled in) as a dict; Layer(**layer.config) rebuilds it."""
+        self._handle()
+        return dict(self._config)
+
+    d_model = property(lambda self: self._config["d_model"])
+    d_ff = property(lambda self: self._config["d_ff"])
+    num_experts = property(lambda self: self._config["num_experts"])
+    top_k = property(lambda self: self._config["top_k"])
+
+    @property
+    def device(self):
+        """"cpu" or "cuda:N"."""
+        c = self._config
+        return "cpu" if c["device"] == "cpu" else f"cuda:{c['device_index']}"
+
+    def set_stream(self, cuda_stream):
+        """Issue a CUDA layer's work on cuda_stream (a cudaStream_t as an int; None/0 = default)."""
+        h = self._handle()
+        with h.lock:
+            capi.moe_layer_set_stream(h.ptr, cuda_stream or None)
+
+    # ---- parameters ---------------------------------------------------------------------------------
+    @property
+    def param_names(self):
+        """Names of the layer's parameters, in the library's order."""
+        return list(self._params)
+
+    def param_info(self):
+        """{name: ParamInfo(name, shape, trainable)}."""
+        return dict(self._params)
+
+    def _info(self, name):
+        if not isinstance(name, str):
+            raise TypeError(f"name must be a str, not {type(name).__name__}")
+        h = self._handle()
+        info = self._params.get(name)
+        if info is None:  # the library reports it: InvalidArgumentError naming the known parameters
+            capi.moe_layer_param_buffers(h.ptr, name)
+            raise KeyError(name)  # not reached
+        return info
+
+    def get_param(self, name):
+        """A float32 copy of parameter ``name``."""
+        info = self._info(name)
+        out = np.empty(info.shape, dtype=np.float32)
+        h = self._h
+        with h.lock:
+            capi.moe_layer_get_param(h.ptr, name, _address(out), out.size)
+        return out
+
+    def set_param(self, name, value):
+        """Copy ``value`` (float32, the parameter's shape) into parameter ``name``."""
+        info = self._info(name)
+        a = _check_array(value, name, info.shape, "float32")
+        h = self._h
+        with h.lock:
+            capi.moe_layer_set_param(h.ptr, name, _address(a), a.size)
+
+    def get_grad(self, name):
+        """A float32 copy of the accumulated gradient of ``name`` (router.bias has none: ValueError)."""
+        info = self._info(name)
+        out = np.empty(info.shape, dtype=np.float32)
+        h = self._h
+        with h.lock:
+            capi.moe_layer_get_grad(h.ptr, name, _address(out), out.size)
+        return out
+
+    def zero_grad(self):
+        h = self._handle()
+        with h.lock:
+            capi.moe_layer_zero_grad(h.ptr)
+
+    def state_dict(self):
+        """{name: float32 copy} of every parameter (router.bias included)."""
+        return {name: self.get_param(name) for name in self._params}
+
+    def load_state_dict(self, state, strict=True):
+        """Set parameters from {name: array}; strict: the names must match exactly."""
+        unknown = [k for k in state if k not in self._params]
+        missing = [k for k in self._params if k not in state]
+        if strict and (unknown or missing):
+            raise ValueError(f"load_state_dict: unknown parameters {unknown}, missing parameters {missing}")
+        for name, value in state.items():
+            if name in self._params:
+                self.set_param(name, np.asarray(value))
+
+    def buffer_addresses(self, name):
+        """(data, grad) addresses of the layer's own storage of ``name`` on its device (grad None
+        for router.bias). For zero-copy bindings; valid while this Layer is open."""
+        self._info(name)
+        h = self._h
+        with h.lock:
+            return tuple(capi.moe_layer_param_buffers(h.ptr, name))
+
+    def _buffer(self, name, which):
+        info = self._info(name)
+        data, grad = self.buffer_addresses(name)
+        address = data if which == "data" else grad
+        if address is None:
+            raise ValueError(f"{name} is not trainable and has no gradient")
+        if self._config["device"] == "cpu":
+            return _HostBuffer(address, info.shape, "<f4", self._h)
+        return _DeviceBuffer(address, info.shape, "<f4", self._h)
+
+    def param_view(self, name):
+        """The layer's own storage of ``name`` as a writable numpy array (no copy; CPU layers).
+        Writes go straight into the layer; not between a training forward and its backward."""
+        return self._host_view(name, "data")
+
+    def grad_view(self, name):
+        """The layer's own gradient buffer of ``name`` as a numpy array (no copy; CPU layers)."""
+        return self._host_view(name, "grad")
+
+    def _host_view(self, name, which):
+        buf = self._buffer(name, which)
+        if not isinstance(buf, _HostBuffer):
+            raise ValueError(f"this layer lives on {self.device}: its buffers are device memory; use "
+                             f"cuda_array_interface() (torch.as_tensor, CuPy) or libmoe.torch")
+        return np.asarray(buf)
+
+    def cuda_array_interface(self, name, which="data"):
+        """An object with __cuda_array_interface__ over a CUDA layer's ``name`` (which: "data"/"grad")."""
+        buf = self._buffer(name, which)
+        if not isinstance(buf, _DeviceBuffer):
+            raise ValueError("this layer lives on the CPU: use param_view()/grad_view()")
+        return buf
+
+    # ---- compute -------------------------------------------------------------------------------------
+    def _check_host(self):
+        if self._config["device"] != "cpu":
+            raise ValueError(f"this layer lives on {self.device}: numpy arrays are host memory; use "
+                             f"libmoe.torch.MoE or pass device addresses to libmoe.capi")
+
+    def _activation(self, a, name, tokens=None, writable=False):
+        return _check_array(a, name, (tokens, self._d), "float32", writable=writable)
+
+    def context(self):
+        """A new Context for training forwards (and route) on this layer."""
+        return Context(self)
+
+    def forward(self, x, ctx=None, out=None):
+        """y = MoE(x). x: float32 [num_tokens, d_model]. ctx None: inference; a Context:
+        training (noise, statistics and activations saved in ctx for backward). out: optional
+        float32 [num_tokens, d_model] array to write y into. Returns y."""
+        h = self._handle()
+        self._check_host()
+        x = self._activation(x, "x")
+        T = x.shape[0]
+        y = np.empty_like(x) if out is None else self._activation(out, "out", T, writable=True)
+        cptr = self._ctx_ptr(ctx)
+        with h.lock:
+            capi.moe_forward(h.ptr, _address(x), T, _address(y), cptr)
+        if ctx is not None:
+            ctx._filled(T, "trained")
+        return y
+
+    __call__ = forward
+
+    def backward(self, ctx, dy, out=None, need_dx=True):
+        """Backward of the training forward in ctx: returns dx (None if need_dx is False) and ADDS
+        to every trainable parameter's gradient, aux-loss gradients included."""
+        h = self._handle()
+        self._check_host()
+        cptr = self._ctx_ptr(ctx, required=True)
+        if ctx._tokens is None or ctx._kind != "trained":
+            with h.lock:  # the library reports the state error (dy is never read)
+                capi.moe_backward(h.ptr, cptr, None, None)
+            raise StateError("ctx holds no training forward")  # not reached
+        T = ctx._tokens
+        dy = self._activation(dy, "dy", T)
+        dx = None
+        if need_dx:
+            dx = np.empty_like(dy) if out is None else self._activation(out, "out", T, writable=True)
+        with h.lock:
+            capi.moe_backward(h.ptr, cptr, _address(dy), None if dx is None else _address(dx))
+        return dx
+
+    def route(self, x, ctx=None):
+        """Routing only (no expert runs): fills ctx (a new Context if None) and returns it."""
+        h = self._handle()
+        self._check_host()
+        x = self._activation(x, "x")
+        if ctx is None:
+            ctx = Context(self)
+        cptr = self._ctx_ptr(ctx, required=True)
+        with h.lock:
+            capi.moe_route(h.ptr, _address(x), x.shape[0], cptr)
+        ctx._filled(x.shape[0], "routed")
+        return ctx
+
+    def _ctx_ptr(self, ctx, required=False):
+        if ctx is None:
+            if required:
+                raise TypeError("ctx must be a libmoe.Context, not None")
+            return None
+        if not isinstance(ctx, Context):
+            raise TypeError(f"ctx must be a libmoe.Context, not {type(ctx).__name__}")
+        ch = ctx._handle()
+        if ch.layer is not self._h:
+            raise ValueError("ctx belongs to another layer; create it with this layer's context()")
+        return ch.ptr
+
+    # ---- raw pointers (libmoe.torch) -----------------------------------------------------------------
+    def _forward_raw(self, x, T, y, ctx):
+        h = self._handle()
+        with h.lock:
+            capi.moe_forward(h.ptr, x, T, y, None if ctx is None else ctx._handle().ptr)
+        if ctx is not None:
+            ctx._filled(T, "trained")
+
+    def _backward_raw(self, ctx, dy, dx):
+        h = self._handle()
+        with h.lock:
+            capi.moe_backward(h.ptr, ctx._handle().ptr, dy, dx)
+
+
+def _restore_layer(config, state):
+    layer = Layer(**config)
+    layer.load_state_dict(state)
+    return layer
+
+
+class Context:
+    """What one training forward keeps for its backward, and the routing it decided.
+
+    Create with ``layer.context()``; reuse it step after step (its memory is reused). Statistics:
+    ``stats()`` (a dict), ``expert_counts()``, ``topk()``, ``assignments()``.
+    """
+
+    def __init__(self, layer):
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layer must be a libmoe.Layer, not {type(layer).__name__}")
+        lh = layer._handle()
+        with lh.lock:
+            ptr = capi.moe_context_create(lh.ptr)
+        self._h = _ContextHandle(ptr, lh)
+        self._layer_config = layer._config
+        self._tokens = None
+        self._kind = None
+
+    def _filled(self, T, kind):
+        self._tokens, self._kind = T, kind
+
+    def _handle(self):
+        h = self.__dict__.get("_h")
+        if h is None:
+            raise ValueError("operation on a closed libmoe.Context")
+        return h
+
+    def close(self):
+        self.__dict__["_h"] = None
+
+    @property
+    def closed(self):
+        return self.__dict__.get("_h") is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def num_tokens(self):
+        """Tokens of the forward or route this context holds (None if empty)."""
+        return self._tokens
+
+    def __repr__(self):
+        state = "closed" if self.closed else (self._kind or "empty")
+        return f"<libmoe.Context {state} num_tokens={self._tokens}>"
+
+    def stats(self):
+        """The routing statistics and auxiliary losses of the held forward, as a dict."""
+        h = self._handle()
+        s = capi.moe_stats()
+        with h.layer.lock:
+            capi.moe_context_stats(h.ptr, s)
+        return {f: getattr(s, f) for f in _STATS_FIELDS}
+
+    @property
+    def aux_loss(self):
+        """aux_loss_total of the held forward: the coefficient-weighted sum backward differentiates."""
+        return self.stats()["aux_loss_total"]
+
+    def expert_counts(self):
+        """int64 [num_experts]: slots each expert kept (after capacity)."""
+        h = self._handle()
+        out = np.empty(self._layer_config["num_experts"], dtype=np.int64)
+        with h.layer.lock:
+            capi.moe_context_expert_counts(h.ptr, _address(out))
+        return out
+
+    def topk(self):
+        """(expert_ids int32 [T, k], weights float32 [T, k]); a dropped slot reads -1 and 0."""
+        h = self._handle()
+        T = self._tokens or 0
+        k = self._layer_config["top_k"]
+        ids = np.empty((T, k), dtype=np.int32)
+        w = np.empty((T, k), dtype=np.float32)
+        if self._tokens is None:  # the library reports the state error
+            ids = w = None
+        with h.layer.lock:
+            capi.moe_context_topk(h.ptr, None if ids is None else _address(ids), None if w is None else _address(w))
+        return ids, w
+
+    def assignments(self):
+        """(token int32, expert int32, weight float32) arrays of every kept assignment, by expert then token."""
+        h = self._handle()
+        with h.layer.lock:
+            n = capi.moe_context_assignments(h.ptr, 0, None, None, None)
+            token = np.empty(n, dtype=np.int32)
+            expert = np.empty(n, dtype=np.int32)
+            weight = np.empty(n, dtype=np.float32)
+            if n:
+                capi.moe_context_assignments(h.ptr, n, _address(token), _address(expert), _address(weight))
+        return token, expert, weight
+
+
+def _check_array(a, name, shape, dtype, writable=False):
+    """a must be a numpy array of dtype, C-contiguous and aligned, of shape (None = any size)."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, not {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (convert with .astype(numpy.{dtype}))")
+    expected = tuple("num_tokens" if s is None else s for s in shape)
+    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
+        raise ValueError(f"{name} has shape {a.shape}, expected ({', '.join(map(str, expected))}"
+                         f"{',' if len(expected) == 1 else ''})")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} is not C-contiguous (use numpy.ascontiguousarray)")
+    if not a.flags.aligned:
+        raise ValueError(f"{name} is not aligned to its dtype")
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name} is read-only; the result is written into it")
+    return a

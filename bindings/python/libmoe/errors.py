@@ -1,0 +1,93 @@
+"""Exceptions raised by libmoe.
+
+Every failed libmoe call raises a subclass of :class:`MoeError` chosen by its ``moe_status``;
+each also derives from the built-in exception a Python caller would expect, so existing
+``except ValueError`` / ``except MemoryError`` code keeps working::
+
+    MoeError(Exception)                 .status ("MOE_ERR_..."), .code (int), .message
+      InvalidArgumentError(ValueError)  MOE_ERR_INVALID_ARGUMENT
+      OutOfMemoryError(MemoryError)     MOE_ERR_OUT_OF_MEMORY
+      UnsupportedError(NotImplementedError)  MOE_ERR_UNSUPPORTED
+      DeviceError(RuntimeError)         MOE_ERR_DEVICE
+      CommError(RuntimeError)           MOE_ERR_COMM
+      StateError(RuntimeError)          MOE_ERR_STATE
+      NonFiniteError(ValueError)        MOE_ERR_NONFINITE
+      InternalError(RuntimeError)       MOE_ERR_INTERNAL (a libmoe bug: please report it)
+
+Checks the Python layer makes before calling the library (an array of the wrong dtype or
+shape, an unknown keyword) raise plain TypeError / ValueError with a message naming the
+argument, as any Python function would.
+"""
+
+__all__ = [
+    "MoeError", "InvalidArgumentError", "OutOfMemoryError", "UnsupportedError", "DeviceError",
+    "CommError", "StateError", "NonFiniteError", "InternalError", "from_status",
+]
+
+
+class MoeError(Exception):
+    """A libmoe call returned a status other than MOE_OK.
+
+    Attributes: ``status`` the status name (e.g. ``"MOE_ERR_INVALID_ARGUMENT"``), ``code`` its
+    integer value, ``message`` the library's moe_last_error() text for the failed call.
+    """
+
+    status = "MOE_ERR_UNKNOWN"
+    code = -1
+
+    def __init__(self, message="", status=None, code=None):
+        if status is not None:
+            self.status = status
+        if code is not None:
+            self.code = code
+        self.message = message
+        super().__init__(f"{self.status}: {message}" if message else self.status)
+
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.message, self.status, self.code))
+
+
+def _rebuild(cls, message, status, code):
+    return cls(message, status, code)
+
+
+class InvalidArgumentError(MoeError, ValueError):
+    status, code = "MOE_ERR_INVALID_ARGUMENT", 1
+
+
+class OutOfMemoryError(MoeError, MemoryError):
+    status, code = "MOE_ERR_OUT_OF_MEMORY", 2
+
+
+class UnsupportedError(MoeError, NotImplementedError):
+    status, code = "MOE_ERR_UNSUPPORTED", 3
+
+
+class DeviceError(MoeError, RuntimeError):
+    status, code = "MOE_ERR_DEVICE", 4
+
+
+class CommError(MoeError, RuntimeError):
+    status, code = "MOE_ERR_COMM", 5
+
+
+class StateError(MoeError, RuntimeError):
+    status, code = "MOE_ERR_STATE", 6
+
+
+class NonFiniteError(MoeError, ValueError):
+    status, code = "MOE_ERR_NONFINITE", 7
+
+
+class InternalError(MoeError, RuntimeError):
+    status, code = "MOE_ERR_INTERNAL", 8
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, OutOfMemoryError, UnsupportedError, DeviceError,
+                                      CommError, StateError, NonFiniteError, InternalError)}
+
+
+def from_status(code, name, message):
+    """The exception for status ``code`` (called by the SWIG wrapper on every failed call)."""
+    cls = _BY_CODE.get(code, MoeError)
+    return cls(message, name, code)

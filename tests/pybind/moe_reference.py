@@ -1,0 +1,136 @@
+"""A plain PyTorch implementation of shared/DESIGN.md section 4, written from the text (not from
+libmoe's code), in float64 with autograd: the oracle for libmoe's forward and gradients.
+
+Noise is not modelled (inference, or noise "none"); everything else is: softmax/sigmoid scores,
+selection bias, group-limited routing, top-k with normalisation and routed_scale, capacity with
+position or probability dropping, expert choice, GLU and plain experts, shared experts with their
+gate, and the load-balance, z, and importance losses.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+GLU = {"swiglu": F.silu, "geglu": lambda h: F.gelu(h)}
+PLAIN = {"relu": F.relu, "gelu": lambda h: F.gelu(h), "silu": F.silu}
+
+
+def ffn(x, w1, w3, w2, activation):
+    h = x @ w1.T
+    if activation in GLU:
+        a = GLU[activation](h) * (x @ w3.T)
+    else:
+        a = PLAIN[activation](h)
+    return a @ w2.T
+
+
+def cv_squared(v):
+    mean = v.mean()
+    var = ((v - mean) ** 2).mean()
+    return var / torch.clamp(mean * mean, min=1e-10)  # mean^2 floored: no gradient through it there
+
+
+def forward(p, x, cfg):
+    """p: {name: float64 tensor}; x: float64 [T, d]; cfg: libmoe.Layer.config. Returns (y, aux dict)."""
+    E, k, T = cfg["num_experts"], cfg["top_k"], x.shape[0]
+    L = x @ p["router.weight"].T
+    S = torch.softmax(L, -1) if cfg["score"] == "softmax" else torch.sigmoid(L)
+    cf = cfg["capacity_factor"]
+    expert_choice = cfg["routing"] == "expert_choice"
+    y = torch.zeros_like(x)
+
+    if expert_choice:
+        C = min(math.ceil(cf * T * k / E), T)
+        chosen = torch.zeros(T, E, dtype=torch.bool)
+        for e in range(E):
+            s = S[:, e].detach()
+            order = sorted(range(T), key=lambda t: (-s[t].item(), t))[:C]  # ties to the lower token
+            chosen[order, e] = True
+        gates = S * chosen  # final gate weights, 0 off the kept slots
+        counts = torch.full((E,), float(C), dtype=x.dtype)  # each expert is routed its C slots
+    else:
+        sel = (S + p["router.bias"]).detach()
+        G = cfg["num_groups"]
+        if G > 1:
+            gs = sel.view(T, G, E // G)
+            top = gs.topk(min(2, E // G), dim=-1).values.sum(-1)
+            keep = top.topk(cfg["topk_groups"], dim=-1).indices
+            mask = torch.zeros(T, G, dtype=torch.bool).scatter(1, keep, True)
+            sel = sel.masked_fill(~mask.repeat_interleave(E // G, dim=1), float("-inf"))
+        idx = sel.topk(k, dim=-1).indices  # choice order: best first
+        w = S.gather(1, idx)
+        if cfg["normalize_topk"]:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        w = w * cfg["routed_scale"]
+        counts = torch.bincount(idx.flatten(), minlength=E).to(x.dtype)
+        kept = torch.ones(T, k, dtype=torch.bool)
+        if cf > 0:
+            C = math.ceil(cf * T * k / E)
+            if cfg["drop_policy"] == "position":
+                used = [0] * E
+                for j in range(k):
+                    for t in range(T):
+                        e = int(idx[t, j])
+                        if used[e] < C:
+                            used[e] += 1
+                        else:
+                            kept[t, j] = False
+            else:
+                for e in range(E):
+                    slots = [(t, j) for j in range(k) for t in range(T) if int(idx[t, j]) == e]
+                    slots.sort(key=lambda s: -w[s].item())  # stable: position order among equals
+                    for t, j in slots[C:]:
+                        kept[t, j] = False
+        gates = torch.zeros(T, E, dtype=x.dtype).scatter_add(1, idx, w * kept)
+        chosen = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, kept)
+
+    for e in range(E):
+        sel_rows = chosen[:, e].nonzero().flatten()
+        if len(sel_rows) == 0:
+            continue
+        out = ffn(x[sel_rows], p["experts.w1"][e], p["experts.w3"][e] if "experts.w3" in p else None,
+                  p["experts.w2"][e], cfg["activation"])
+        y = y.index_add(0, sel_rows, gates[sel_rows, e:e + 1] * out)
+
+    S_n = cfg["num_shared_experts"]
+    if S_n:
+        shared = torch.zeros_like(x)
+        for s in range(S_n):
+            shared = shared + ffn(x, p["shared.w1"][s], p["shared.w3"][s] if "shared.w3" in p else None,
+                                  p["shared.w2"][s], cfg["activation"])
+        if cfg["shared_gate"]:
+            shared = shared * torch.sigmoid(x @ p["shared.gate"].T)
+        y = y + shared
+
+    aux = {}
+    P = S if cfg["score"] == "softmax" else S / S.sum(-1, keepdim=True)
+    if T:
+        aux["load_balance_loss"] = E * ((counts / (T * k)) * P.mean(0)).sum()
+        aux["z_loss"] = (torch.logsumexp(L, -1) ** 2).mean()
+        aux["importance_loss"] = cv_squared(gates.sum(0))
+    else:
+        aux = {n: torch.zeros((), dtype=x.dtype) for n in ("load_balance_loss", "z_loss", "importance_loss")}
+    aux["aux_loss_total"] = (cfg["aux_loss_coef"] * aux["load_balance_loss"] + cfg["z_loss_coef"] * aux["z_loss"]
+                             + cfg["importance_loss_coef"] * aux["importance_loss"])
+    return y, aux
+
+
+def params_from_layer(layer, dtype=torch.float64):
+    """{name: leaf tensor requiring grad (router.bias: no grad)} with the layer's current values."""
+    out = {}
+    for name, info in layer.param_info().items():
+        t = torch.from_numpy(layer.get_param(name)).to(dtype)
+        out[name] = t.requires_grad_(info.trainable)
+    return out
+
+
+def forward_backward(layer, x, dy):
+    """Reference y, aux, dx and parameter gradients for loss = sum(y * dy) + aux_loss_total."""
+    p = params_from_layer(layer)
+    xt = torch.from_numpy(x).to(torch.float64).requires_grad_(True)
+    y, aux = forward(p, xt, layer.config)
+    loss = (y * torch.from_numpy(dy).to(torch.float64)).sum() + aux["aux_loss_total"]
+    loss.backward()
+    grads = {n: t.grad for n, t in p.items() if t.requires_grad}
+    return y.detach(), {n: float(v) for n, v in aux.items()}, xt.grad, grads
