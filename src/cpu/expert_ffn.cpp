@@ -1,6 +1,7 @@
 // Each expert's FFN over its rows: GEMM, activation (GLU or plain), GEMM; and the backward.
-#include <cmath>
+#include <algorithm>
 
+#include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "cpu/cpu.h"
 
@@ -8,33 +9,13 @@ namespace moe::cpu {
 
 namespace {
 
-constexpr float kInvSqrt2 = 0.70710678118654752f;
-constexpr float kInvSqrt2Pi = 0.39894228040143268f;
-
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
-
-// act(h) and act'(h) for the gate nonlinearity of each activation.
-inline float act(int kind, float h) {
-  switch (kind) {
-    case MOE_ACT_SWIGLU:
-    case MOE_ACT_SILU: return h * sigmoid(h);
-    case MOE_ACT_GEGLU:
-    case MOE_ACT_GELU: return 0.5f * h * (1.0f + std::erf(h * kInvSqrt2));
-    default: return h > 0.0f ? h : 0.0f;
-  }
-}
-
-inline float act_grad(int kind, float h) {
-  switch (kind) {
-    case MOE_ACT_SWIGLU:
-    case MOE_ACT_SILU: {
-      float s = sigmoid(h);
-      return s * (1.0f + h * (1.0f - s));
-    }
-    case MOE_ACT_GEGLU:
-    case MOE_ACT_GELU: return 0.5f * (1.0f + std::erf(h * kInvSqrt2)) + h * kInvSqrt2Pi * std::exp(-0.5f * h * h);
-    default: return h > 0.0f ? 1.0f : 0.0f;
-  }
+// Elementwise work split into contiguous chunks, one per thread, each a vectorised call.
+template <class F>
+void chunked(int64_t n, F &&f) {
+  constexpr int64_t kChunk = 1 << 14;
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk) - c * kChunk);
 }
 
 bool glu(int kind) { return kind == MOE_ACT_SWIGLU || kind == MOE_ACT_GEGLU; }
@@ -67,10 +48,9 @@ moe_status expert_ffn(void *st, const moe_ffn_args *a) {
       float *act_out = a->a + r.begin * ff;
       sgemm(false, true, r.n, ff, d, 1.0f, x, d, a->w1 + e * ff * d, d, 0.0f, h, ff);
       if (is_glu) sgemm(false, true, r.n, ff, d, 1.0f, x, d, a->w3 + e * ff * d, d, 0.0f, g, ff);
-      const int64_t n = r.n * ff;
-      const int kind = a->activation;
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-      for (int64_t i = 0; i < n; ++i) act_out[i] = is_glu ? act(kind, h[i]) * g[i] : act(kind, h[i]);
+      chunked(r.n * ff, [&](int64_t at, int64_t len) {
+        activation_forward(a->activation, h + at, g ? g + at : nullptr, act_out + at, len);
+      });
       sgemm(false, true, r.n, d, ff, 1.0f, act_out, ff, a->w2 + e * d * ff, ff, 0.0f, a->y + r.begin * d, d);
     }
   });
@@ -95,23 +75,16 @@ moe_status expert_ffn_bwd(void *st, const moe_ffn_args *a) {
       float *dg = is_glu ? a->dg + r.begin * ff : nullptr;
       const float *w1 = a->w1 + e * ff * d, *w2 = a->w2 + e * d * ff;
       const float *w3 = is_glu ? a->w3 + e * ff * d : nullptr;
-      const int64_t n = r.n * ff;
       // A is recomputed rather than saved: one pass over H and G instead of R*ff more memory.
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-      for (int64_t i = 0; i < n; ++i) act_out[i] = is_glu ? act(kind, h[i]) * g[i] : act(kind, h[i]);
+      chunked(r.n * ff, [&](int64_t at, int64_t len) {
+        activation_forward(kind, h + at, g ? g + at : nullptr, act_out + at, len);
+      });
       // dW2 += dY^T A ; dA = dY W2 (into dh)
       sgemm(true, false, d, ff, r.n, 1.0f, dy, d, act_out, ff, 1.0f, a->dw2 + e * d * ff, ff);
       sgemm(false, false, r.n, ff, d, 1.0f, dy, d, w2, ff, 0.0f, dh, ff);
-#pragma omp parallel for schedule(static) if (worth_threads(n))
-      for (int64_t i = 0; i < n; ++i) {
-        float da = dh[i];
-        if (is_glu) {
-          dg[i] = da * act(kind, h[i]);
-          dh[i] = da * g[i] * act_grad(kind, h[i]);
-        } else {
-          dh[i] = da * act_grad(kind, h[i]);
-        }
-      }
+      chunked(r.n * ff, [&](int64_t at, int64_t len) {
+        activation_backward(kind, h + at, g ? g + at : nullptr, dh + at, dg ? dg + at : nullptr, len);
+      });
       sgemm(true, false, ff, d, r.n, 1.0f, dh, ff, x, d, 1.0f, a->dw1 + e * ff * d, d);
       if (is_glu) sgemm(true, false, ff, d, r.n, 1.0f, dg, ff, x, d, 1.0f, a->dw3 + e * ff * d, d);
       if (a->dx) {
