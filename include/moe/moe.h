@@ -150,7 +150,8 @@ MOE_API void moe_config_init(moe_config *cfg);
  * Reset *cfg to the defaults, then apply the routing recipe of a published model:
  *   "mixtral"        E 8, k 2, SwiGLU, softmax, normalized top-k, dropless, aux 0.02
  *   "switch"         E 8, k 1, ReLU FFN, softmax, capacity 1.25 with position dropping, jitter 0.01,
- *                    aux 0.01, z-loss 0.001 (Fedus et al. 2021)
+ *                    aux 0.01 (Fedus et al. 2021), router z-loss 0.001 (Zoph et al. 2022); the
+ *                    capacity applies to inference too: raise capacity_factor for evaluation
  *   "shazeer"        E 8, k 2, ReLU FFN, softmax over the k noisy logits, Gaussian noise,
  *                    importance and load losses 0.01, no load-balance loss (Shazeer et al. 2017)
  *   "expert-choice"  E 8, k 2, capacity factor 1 (C = 2T/E), each expert picks its tokens (Zhou et al. 2022)
