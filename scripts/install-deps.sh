@@ -16,7 +16,7 @@ packages=(
   # expert parallelism over MPI
   libopenmpi-dev openmpi-bin
   # packaging: ABI checks and the .rpm
-  abigail-tools rpm
+  abigail-tools rpm file lintian rpmlint
 )
 
 missing=()
