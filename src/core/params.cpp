@@ -44,8 +44,11 @@ Param &add(moe_layer &l, const char *name, std::initializer_list<int64_t> shape,
 void init_uniform(moe_layer &l, Param &p, float bound, int64_t first_elem) {
   std::vector<float> host(static_cast<size_t>(p.numel));
   const uint64_t stream = name_stream(p.name);
+  const uint64_t seed = l.cfg.c.seed;
+  // Counter-based: the same values for any thread count.
+#pragma omp parallel for schedule(static) if (p.numel >= (1 << 16))
   for (int64_t i = 0; i < p.numel; ++i)
-    host[i] = bound * (2.0f * rng_uniform(l.cfg.c.seed, stream, static_cast<uint64_t>(first_elem + i)) - 1.0f);
+    host[i] = bound * (2.0f * rng_uniform(seed, stream, static_cast<uint64_t>(first_elem + i)) - 1.0f);
   l.backend->upload(p.data.get(), host.data(), host.size() * sizeof(float));
 }
 

@@ -1,0 +1,323 @@
+//! The layer: parameters, forward, backward and routing.
+use crate::config::{Config, DType, Device};
+use crate::context::Context;
+use crate::error::{check, Error, Result, Status};
+use libmoe_sys as sys;
+use std::ffi::{c_void, CStr, CString};
+use std::ptr::{self, NonNull};
+
+/// One named parameter tensor (PyTorch nn.Linear layout, row-major).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamInfo {
+    /// e.g. `"router.weight"`, `"experts.w1"`.
+    pub name: String,
+    /// 1 to 3 dimensions.
+    pub shape: Vec<usize>,
+    /// false for `router.bias` (changed by bias balancing, never by gradients).
+    pub trainable: bool,
+}
+
+impl ParamInfo {
+    /// Number of f32 elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// A Mixture-of-Experts layer (`moe_layer`), freed when dropped.
+///
+/// Host-slice methods (`forward`, `backward`, `route`) need a CPU float32 layer; CUDA or bf16/f16
+/// layers take device pointers through the `*_raw` methods.
+///
+/// # Threads
+/// `Layer` is `Send` but not `Sync`. libmoe lets a layer (and the contexts created from it) be used
+/// by one thread at a time, from any thread, and records errors per thread: moving a layer to
+/// another thread is sound, so it is `Send`. Every method takes `&self` (the C library changes the
+/// layer's state behind its opaque pointer, as a `RefCell` would), so sharing `&Layer` between
+/// threads would let two threads call into the same layer at once: it is therefore not `Sync`.
+/// A [`Context`] borrows its layer, so it cannot leave the layer's thread or outlive it.
+/// To share one layer between threads, wrap it in a `Mutex`.
+pub struct Layer {
+    ptr: NonNull<sys::moe_layer>,
+    d_model: usize,
+    num_experts: usize,
+    top_k: usize,
+    host_f32: bool,
+}
+
+// SAFETY: see "Threads" above: libmoe layers have no thread affinity; only concurrent use is
+// forbidden, which !Sync (NonNull is !Sync) and the borrow of contexts prevent.
+unsafe impl Send for Layer {}
+
+fn c_name(name: &str) -> Result<CString> {
+    CString::new(name).map_err(|_| Error::invalid(format!("parameter name {:?} contains a NUL byte", name)))
+}
+
+impl Layer {
+    /// Create a layer; parameters are initialised deterministically from `cfg.seed`.
+    pub fn new(cfg: &Config) -> Result<Layer> {
+        let raw = cfg.to_raw()?;
+        let mut out: *mut sys::moe_layer = ptr::null_mut();
+        check(unsafe { sys::moe_layer_create(&raw, &mut out) })?;
+        let ptr = NonNull::new(out).ok_or_else(|| Error::new(Status::Internal, "moe_layer_create returned NULL"))?;
+        // From here on the layer is freed by Drop, also if the lines below fail.
+        let mut layer = Layer { ptr, d_model: 0, num_experts: 0, top_k: 0, host_f32: false };
+        let eff = layer.config()?;
+        layer.d_model = eff.d_model;
+        layer.num_experts = eff.num_experts;
+        layer.top_k = eff.top_k;
+        layer.host_f32 = eff.device == Device::Cpu && eff.dtype == DType::F32;
+        Ok(layer)
+    }
+
+    /// The effective configuration (defaults filled in, d_ff_shared resolved).
+    pub fn config(&self) -> Result<Config> {
+        let mut raw = unsafe { std::mem::zeroed::<sys::moe_config>() };
+        raw.struct_size = std::mem::size_of::<sys::moe_config>();
+        check(unsafe { sys::moe_layer_get_config(self.ptr.as_ptr(), &mut raw) })?;
+        Config::from_raw(&raw)
+    }
+
+    /// Model width d: activations are `[tokens, d_model]`.
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// Number of routed experts E (the length of [`Context::expert_counts`]).
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
+    /// k, the routing slots per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// The raw handle, for calling libmoe-sys directly. Still owned by this `Layer`.
+    pub fn as_ptr(&self) -> *mut sys::moe_layer {
+        self.ptr.as_ptr()
+    }
+
+    /// A new, empty context for training forwards and routing.
+    pub fn context(&self) -> Result<Context<'_>> {
+        Context::new(self)
+    }
+
+    // ---- parameters ------------------------------------------------------------------------
+
+    /// Every named parameter, in the library's order.
+    pub fn params(&self) -> Result<Vec<ParamInfo>> {
+        let n = unsafe { sys::moe_layer_num_params(self.ptr.as_ptr()) };
+        if n < 0 {
+            return Err(Error::from_last(sys::MOE_ERR_INVALID_ARGUMENT));
+        }
+        (0..n)
+            .map(|i| {
+                let mut info = unsafe { std::mem::zeroed::<sys::moe_param_info>() };
+                check(unsafe { sys::moe_layer_param_info(self.ptr.as_ptr(), i, &mut info) })?;
+                let ndim = info.ndim.clamp(0, 3) as usize;
+                Ok(ParamInfo {
+                    name: unsafe { CStr::from_ptr(info.name) }.to_string_lossy().into_owned(),
+                    shape: info.shape[..ndim].iter().map(|&s| s.max(0) as usize).collect(),
+                    trainable: info.trainable != 0,
+                })
+            })
+            .collect()
+    }
+
+    /// The description of parameter `name`.
+    pub fn param_info(&self, name: &str) -> Result<ParamInfo> {
+        self.params()?
+            .into_iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| Error::invalid(format!("no parameter named {:?}", name)))
+    }
+
+    /// A copy of parameter `name` (f32, row-major).
+    pub fn param(&self, name: &str) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.param_info(name)?.numel()];
+        self.read_param(name, &mut v)?;
+        Ok(v)
+    }
+
+    /// Copy parameter `name` into `out` (whose length must be its number of elements).
+    pub fn read_param(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let c = c_name(name)?;
+        check(unsafe { sys::moe_layer_get_param(self.ptr.as_ptr(), c.as_ptr(), out.as_mut_ptr(), out.len() as i64) })
+    }
+
+    /// Overwrite parameter `name` with `values` (exactly its number of elements). Not between a
+    /// training forward and its backward.
+    pub fn set_param(&self, name: &str, values: &[f32]) -> Result<()> {
+        let c = c_name(name)?;
+        check(unsafe { sys::moe_layer_set_param(self.ptr.as_ptr(), c.as_ptr(), values.as_ptr(), values.len() as i64) })
+    }
+
+    /// A copy of the accumulated gradient of trainable parameter `name`.
+    pub fn grad(&self, name: &str) -> Result<Vec<f32>> {
+        let mut v = vec![0f32; self.param_info(name)?.numel()];
+        self.read_grad(name, &mut v)?;
+        Ok(v)
+    }
+
+    /// Copy the gradient of `name` into `out` (exactly its number of elements).
+    pub fn read_grad(&self, name: &str, out: &mut [f32]) -> Result<()> {
+        let c = c_name(name)?;
+        check(unsafe { sys::moe_layer_get_grad(self.ptr.as_ptr(), c.as_ptr(), out.as_mut_ptr(), out.len() as i64) })
+    }
+
+    /// Set every gradient to zero.
+    pub fn zero_grad(&self) -> Result<()> {
+        check(unsafe { sys::moe_layer_zero_grad(self.ptr.as_ptr()) })
+    }
+
+    /// The layer's own storage of parameter `name` and of its gradient (NULL for router.bias), on
+    /// the layer's device, f32, contiguous, valid until the layer is dropped.
+    ///
+    /// # Safety
+    /// The pointers alias the layer's state: write through them only when no forward, backward or
+    /// parameter call runs, and never between a training forward and its backward.
+    pub unsafe fn param_buffers(&self, name: &str) -> Result<(*mut f32, *mut f32)> {
+        let c = c_name(name)?;
+        let mut data: *mut c_void = ptr::null_mut();
+        let mut grad: *mut c_void = ptr::null_mut();
+        check(sys::moe_layer_param_buffers(self.ptr.as_ptr(), c.as_ptr(), &mut data, &mut grad))?;
+        Ok((data.cast(), grad.cast()))
+    }
+
+    // ---- compute on host slices --------------------------------------------------------------
+
+    /// Tokens of an activation slice: its length must be a multiple of d_model.
+    pub(crate) fn tokens_of(&self, what: &str, len: usize) -> Result<usize> {
+        if !self.host_f32 {
+            return Err(Error::invalid(format!(
+                "{} is a host f32 slice but this layer is not a CPU float32 layer; use the *_raw methods with device pointers",
+                what
+            )));
+        }
+        if self.d_model == 0 || len % self.d_model != 0 {
+            return Err(Error::invalid(format!(
+                "{} has {} elements, not a multiple of d_model = {}",
+                what, len, self.d_model
+            )));
+        }
+        Ok(len / self.d_model)
+    }
+
+    fn same_len(what: &str, len: usize, want: usize) -> Result<()> {
+        if len != want {
+            return Err(Error::invalid(format!("{} has {} elements, expected {}", what, len, want)));
+        }
+        Ok(())
+    }
+
+    /// Inference: `y = MoE(x)`, both `[tokens, d_model]` (no noise, nothing saved).
+    pub fn forward(&self, x: &[f32], y: &mut [f32]) -> Result<()> {
+        let t = self.tokens_of("x", x.len())?;
+        Self::same_len("y", y.len(), x.len())?;
+        unsafe { self.forward_raw(x.as_ptr().cast(), t, y.as_mut_ptr().cast(), None) }
+    }
+
+    /// Training forward: like [`forward`](Self::forward) with router noise, the routing and
+    /// activations saved in `ctx` for [`backward`](Self::backward), and the bias update.
+    pub fn forward_train(&self, x: &[f32], y: &mut [f32], ctx: &mut Context<'_>) -> Result<()> {
+        let t = self.tokens_of("x", x.len())?;
+        Self::same_len("y", y.len(), x.len())?;
+        unsafe { self.forward_raw(x.as_ptr().cast(), t, y.as_mut_ptr().cast(), Some(ctx)) }
+    }
+
+    /// Backward of the training forward in `ctx`: writes `dx` (if given) and adds to every
+    /// gradient, aux losses included. `dy` and `dx` have the length of that forward's `x`.
+    pub fn backward(&self, ctx: &mut Context<'_>, dy: &[f32], dx: Option<&mut [f32]>) -> Result<()> {
+        self.tokens_of("dy", dy.len())?;
+        // The token count of the forward held by ctx (MOE_ERR_STATE when it holds none).
+        let want = ctx.stats()?.num_tokens * self.d_model;
+        Self::same_len("dy", dy.len(), want)?;
+        let dx_ptr = match dx {
+            Some(dx) => {
+                Self::same_len("dx", dx.len(), want)?;
+                dx.as_mut_ptr().cast()
+            }
+            None => ptr::null_mut(),
+        };
+        unsafe { self.backward_raw(ctx, dy.as_ptr().cast(), dx_ptr) }
+    }
+
+    /// Route `x` without running the experts: fills `ctx` with the routing and statistics of an
+    /// inference forward (the context cannot then be used for backward).
+    pub fn route(&self, x: &[f32], ctx: &mut Context<'_>) -> Result<()> {
+        let t = self.tokens_of("x", x.len())?;
+        unsafe { self.route_raw(x.as_ptr().cast(), t, ctx) }
+    }
+
+    // ---- compute on raw (device) pointers ------------------------------------------------------
+
+    fn check_ctx(&self, ctx: &Context<'_>) -> Result<()> {
+        if !ptr::eq(ctx.layer(), self) {
+            return Err(Error::invalid("the context was created from another layer"));
+        }
+        Ok(())
+    }
+
+    /// `moe_forward` on raw pointers in the layer's dtype on its device (`ctx` None: inference).
+    ///
+    /// # Safety
+    /// `x` and `y` must each hold `num_tokens * d_model` elements of the layer's dtype on the
+    /// layer's device, must not overlap, and must stay valid for the call (for CUDA layers: until
+    /// the layer's stream has run the work).
+    pub unsafe fn forward_raw(&self, x: *const c_void, num_tokens: usize, y: *mut c_void, ctx: Option<&mut Context<'_>>) -> Result<()> {
+        let c = match ctx {
+            Some(c) => {
+                self.check_ctx(c)?;
+                c.as_ptr()
+            }
+            None => ptr::null_mut(),
+        };
+        let t = i64::try_from(num_tokens).map_err(|_| Error::invalid(format!("num_tokens = {} is too large", num_tokens)))?;
+        check(sys::moe_forward(self.ptr.as_ptr(), x, t, y, c))
+    }
+
+    /// `moe_backward` on raw pointers (`dx` may be NULL).
+    ///
+    /// # Safety
+    /// As [`forward_raw`](Self::forward_raw), with the token count of the forward held by `ctx`.
+    pub unsafe fn backward_raw(&self, ctx: &mut Context<'_>, dy: *const c_void, dx: *mut c_void) -> Result<()> {
+        self.check_ctx(ctx)?;
+        check(sys::moe_backward(self.ptr.as_ptr(), ctx.as_ptr(), dy, dx))
+    }
+
+    /// `moe_route` on a raw pointer.
+    ///
+    /// # Safety
+    /// As [`forward_raw`](Self::forward_raw).
+    pub unsafe fn route_raw(&self, x: *const c_void, num_tokens: usize, ctx: &mut Context<'_>) -> Result<()> {
+        self.check_ctx(ctx)?;
+        let t = i64::try_from(num_tokens).map_err(|_| Error::invalid(format!("num_tokens = {} is too large", num_tokens)))?;
+        check(sys::moe_route(self.ptr.as_ptr(), x, t, ctx.as_ptr()))
+    }
+
+    /// Make a CUDA layer issue its work on `stream` (a `cudaStream_t`; NULL: the default stream).
+    ///
+    /// # Safety
+    /// `stream` must be a valid CUDA stream of the layer's device that outlives its use.
+    pub unsafe fn set_stream(&self, stream: *mut c_void) -> Result<()> {
+        check(sys::moe_layer_set_stream(self.ptr.as_ptr(), stream))
+    }
+}
+
+impl Drop for Layer {
+    fn drop(&mut self) {
+        // Contexts borrow the layer, so all of them are already destroyed.
+        unsafe { sys::moe_layer_destroy(self.ptr.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("d_model", &self.d_model)
+            .field("num_experts", &self.num_experts)
+            .field("top_k", &self.top_k)
+            .finish_non_exhaustive()
+    }
+}

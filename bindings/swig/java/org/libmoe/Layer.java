@@ -1,0 +1,476 @@
+package org.libmoe;
+
+import java.lang.ref.Reference;
+import java.nio.Buffer;
+import java.nio.ByteBuffer;
+import java.nio.ByteOrder;
+import java.nio.FloatBuffer;
+import java.nio.IntBuffer;
+import java.nio.LongBuffer;
+import java.util.ArrayList;
+import java.util.Collections;
+import java.util.List;
+import java.util.concurrent.atomic.AtomicInteger;
+import org.libmoe.jni.MoeNative;
+import org.libmoe.jni.moe_config;
+import org.libmoe.jni.moe_param_info;
+
+/**
+ * A Mixture-of-Experts layer ({@code moe_layer}): routing, forward, backward and the auxiliary
+ * losses. Free it with {@link #close()}, best with try-with-resources:
+ *
+ * <pre>{@code
+ * try (Layer layer = Config.builder(64, 128).numExperts(8).seed(42).createLayer();
+ *      Context ctx = layer.newContext()) {
+ *   ctx.forward(x, y);                 // training forward (float[] or direct FloatBuffer)
+ *   ctx.backward(dy, dx);              // gradients accumulate in the layer
+ *   float[] g = layer.getGrad("experts.w1");
+ * }
+ * }</pre>
+ *
+ * <p>Activations are {@code [tokens, dModel]} row-major float32. Direct {@link FloatBuffer}s in
+ * native byte order are passed to libmoe with no copy (their remaining elements, from their
+ * position; positions are not moved); {@code float[]} arguments are copied once through a direct
+ * buffer the layer keeps. Sizes are checked before libmoe is called. Host buffers need a CPU
+ * float32 layer; CUDA or bf16/f16 layers take device addresses through the {@code *Raw} methods.
+ *
+ * <p>Thread safety: libmoe lets one thread at a time use a layer and its contexts; every method of
+ * Layer and Context locks the layer, so a layer may be shared between threads (calls are
+ * serialised). Closing the layer closes its contexts first. There is no finalizer: an unclosed
+ * layer keeps its native memory until the process ends.
+ */
+public final class Layer implements AutoCloseable {
+  private static final AtomicInteger OPEN = new AtomicInteger();
+
+  private long handle;
+  private final long dModel;
+  private final long numExperts;
+  private final long topK;
+  private final boolean hostF32;
+  private final List<Context> contexts = new ArrayList<>();
+  private ByteBuffer scratchIn;
+  private ByteBuffer scratchOut;
+
+  /**
+   * Creates a layer; its parameters are initialised deterministically from the config's seed.
+   *
+   * @throws MoeException INVALID_ARGUMENT (bad sizes, k &gt; E, ...), UNSUPPORTED (CUDA module or dtype
+   *     not available), DEVICE, OUT_OF_MEMORY
+   */
+  public Layer(Config config) {
+    if (config == null) throw invalid("config is null");
+    long[] out = new long[1];
+    try (moe_config raw = config.toRaw()) {
+      MoeNative.moe_layer_create(raw, out);
+    }
+    handle = out[0];
+    OPEN.incrementAndGet();
+    try {
+      Config eff = config();
+      dModel = eff.dModel();
+      numExperts = eff.numExperts();
+      topK = eff.topK();
+      hostF32 = eff.device() == Device.CPU && eff.dtype() == DType.F32;
+    } catch (RuntimeException e) {
+      close();
+      throw e;
+    }
+  }
+
+  /** Number of layers created in this JVM and not yet closed (for leak checks). */
+  public static int openCount() {
+    return OPEN.get();
+  }
+
+  // ---- lifetime ------------------------------------------------------------------------------
+
+  /** Frees the layer, after closing its open contexts. Calling it again does nothing. */
+  @Override
+  public synchronized void close() {
+    if (handle == 0) return;
+    for (Context c : new ArrayList<>(contexts)) c.closeLocked();
+    contexts.clear();
+    MoeNative.moe_layer_destroy(handle);
+    handle = 0;
+    scratchIn = null;
+    scratchOut = null;
+    OPEN.decrementAndGet();
+  }
+
+  /** Whether {@link #close()} has been called. */
+  public synchronized boolean isClosed() {
+    return handle == 0;
+  }
+
+  /** The {@code moe_layer *} address (0 once closed), for calling the C API through other means. */
+  public synchronized long handle() {
+    return handle;
+  }
+
+  long live() {
+    if (handle == 0) throw new MoeException(Status.STATE, "the layer is closed");
+    return handle;
+  }
+
+  /** A new, empty context for training forwards and routing; closed with the layer at the latest. */
+  public synchronized Context newContext() {
+    long h = live();
+    long[] out = new long[1];
+    MoeNative.moe_context_create(h, out);
+    Context c = new Context(this, out[0]);
+    contexts.add(c);
+    return c;
+  }
+
+  void forget(Context c) {
+    contexts.remove(c);
+  }
+
+  /** The contexts of this layer that are still open. */
+  public synchronized List<Context> openContexts() {
+    return Collections.unmodifiableList(new ArrayList<>(contexts));
+  }
+
+  // ---- configuration -------------------------------------------------------------------------
+
+  /** The effective configuration (defaults filled in, dFFShared resolved). */
+  public synchronized Config config() {
+    long h = live();
+    try (moe_config raw = new moe_config()) {
+      MoeNative.moe_layer_get_config(h, raw);
+      return Config.fromRaw(raw).build();
+    }
+  }
+
+  /** Model width d: activations are {@code [tokens, dModel]}. */
+  public long dModel() {
+    return dModel;
+  }
+
+  /** Number of routed experts E (the length of {@link Context#expertCounts()}). */
+  public long numExperts() {
+    return numExperts;
+  }
+
+  /** k, the routing slots per token. */
+  public long topK() {
+    return topK;
+  }
+
+  /** Makes a CUDA layer issue its work on a {@code cudaStream_t} (0: the default stream). */
+  public synchronized void setStream(long cudaStream) {
+    MoeNative.moe_layer_set_stream(live(), cudaStream);
+  }
+
+  // ---- parameters ----------------------------------------------------------------------------
+
+  /** Every named parameter, in the library's order. */
+  public synchronized List<ParamInfo> params() {
+    long h = live();
+    int n = MoeNative.moe_layer_num_params(h);
+    List<ParamInfo> list = new ArrayList<>(n);
+    try (moe_param_info info = new moe_param_info()) {
+      for (int i = 0; i < n; i++) {
+        MoeNative.moe_layer_param_info(h, i, info);
+        long[] shape = new long[Math.max(0, Math.min(3, info.getNdim()))];
+        for (int d = 0; d < shape.length; d++) shape[d] = info.dim(d);
+        list.add(new ParamInfo(info.getName(), shape, info.getTrainable() != 0));
+      }
+    }
+    return Collections.unmodifiableList(list);
+  }
+
+  /** The description of parameter {@code name}. */
+  public synchronized ParamInfo paramInfo(String name) {
+    for (ParamInfo p : params()) {
+      if (p.name().equals(name)) return p;
+    }
+    throw invalid("no parameter named '" + name + "'");
+  }
+
+  /** A copy of parameter {@code name} (row-major float32). */
+  public synchronized float[] getParam(String name) {
+    float[] out = new float[checkedCount(paramInfo(name).numel())];
+    FloatBuffer s = scratch(true, out.length);
+    MoeNative.moe_layer_get_param(live(), name, address(s, "scratch", true), out.length);
+    s.get(out);
+    return out;
+  }
+
+  /** Copies parameter {@code name} into the remaining elements of a direct buffer (exactly its size). */
+  public synchronized void getParam(String name, FloatBuffer out) {
+    long a = address(out, "out", true);
+    MoeNative.moe_layer_get_param(live(), name, a, out.remaining());
+    Reference.reachabilityFence(out);
+  }
+
+  /** Overwrites parameter {@code name} (exactly its number of elements); not between a training forward and its backward. */
+  public synchronized void setParam(String name, float[] values) {
+    if (values == null) throw invalid("values is null");
+    FloatBuffer s = scratch(false, values.length);
+    s.put(values).flip();
+    MoeNative.moe_layer_set_param(live(), name, address(s, "scratch", false), values.length);
+  }
+
+  /** Overwrites parameter {@code name} from the remaining elements of a direct buffer. */
+  public synchronized void setParam(String name, FloatBuffer values) {
+    long a = address(values, "values", false);
+    MoeNative.moe_layer_set_param(live(), name, a, values.remaining());
+    Reference.reachabilityFence(values);
+  }
+
+  /** A copy of the accumulated gradient of trainable parameter {@code name}. */
+  public synchronized float[] getGrad(String name) {
+    float[] out = new float[checkedCount(paramInfo(name).numel())];
+    FloatBuffer s = scratch(true, out.length);
+    MoeNative.moe_layer_get_grad(live(), name, address(s, "scratch", true), out.length);
+    s.get(out);
+    return out;
+  }
+
+  /** Copies the gradient of {@code name} into the remaining elements of a direct buffer. */
+  public synchronized void getGrad(String name, FloatBuffer out) {
+    long a = address(out, "out", true);
+    MoeNative.moe_layer_get_grad(live(), name, a, out.remaining());
+    Reference.reachabilityFence(out);
+  }
+
+  /** Sets every gradient to zero. */
+  public synchronized void zeroGrad() {
+    MoeNative.moe_layer_zero_grad(live());
+  }
+
+  /**
+   * The addresses of the layer's own storage of parameter {@code name} and of its gradient (0 for
+   * router.bias), on the layer's device, float32, valid until the layer is closed. For optimisers
+   * that update weights in place through other native code.
+   */
+  public synchronized long[] paramBufferAddresses(String name) {
+    long[] data = new long[1];
+    long[] grad = new long[1];
+    MoeNative.moe_layer_param_buffers(live(), name, data, grad);
+    return new long[] {data[0], grad[0]};
+  }
+
+  // ---- compute: direct buffers (no copy) ----------------------------------------------------------
+
+  /** Inference: {@code y = MoE(x)}; both hold {@code tokens * dModel} remaining floats. */
+  public void forward(FloatBuffer x, FloatBuffer y) {
+    forward(x, y, null);
+  }
+
+  /**
+   * Training forward when {@code ctx} is given (router noise, routing and activations saved in
+   * ctx for {@link #backward}, bias update); inference when it is null.
+   */
+  public synchronized void forward(FloatBuffer x, FloatBuffer y, Context ctx) {
+    long c = ctx == null ? 0 : ctxHandle(ctx);
+    long t = tokens("x", x == null ? -1 : x.remaining());
+    sameSize("y", y == null ? -1 : y.remaining(), x.remaining());
+    long ax = address(x, "x", false);
+    long ay = address(y, "y", true);
+    noOverlap("x", ax, "y", ay, x.remaining());
+    MoeNative.moe_forward(live(), ax, t, ay, c);
+    Reference.reachabilityFence(x);
+    Reference.reachabilityFence(y);
+  }
+
+  /**
+   * Backward of the training forward held by {@code ctx}: writes dx (may be null) and adds to
+   * every gradient, auxiliary losses included. dy and dx hold as many floats as that forward's x.
+   */
+  public synchronized void backward(Context ctx, FloatBuffer dy, FloatBuffer dx) {
+    long c = ctxHandle(ctx);
+    tokens("dy", dy == null ? -1 : dy.remaining());
+    long want = forwardSize(ctx);
+    sameSize("dy", dy.remaining(), want);
+    long ady = address(dy, "dy", false);
+    long adx = 0;
+    if (dx != null) {
+      sameSize("dx", dx.remaining(), want);
+      adx = address(dx, "dx", true);
+      noOverlap("dy", ady, "dx", adx, want);
+    }
+    MoeNative.moe_backward(live(), c, ady, adx);
+    Reference.reachabilityFence(dy);
+    Reference.reachabilityFence(dx);
+  }
+
+  /** Routes x without running the experts (ctx then holds inference routing and statistics). */
+  public synchronized void route(FloatBuffer x, Context ctx) {
+    long c = ctxHandle(ctx);
+    long t = tokens("x", x == null ? -1 : x.remaining());
+    MoeNative.moe_route(live(), address(x, "x", false), t, c);
+    Reference.reachabilityFence(x);
+  }
+
+  // ---- compute: float[] (one copy each way) ---------------------------------------------------------
+
+  /** Inference into a new array. */
+  public float[] forward(float[] x) {
+    if (x == null) throw invalid("x is null");
+    float[] y = new float[x.length];
+    forward(x, y, null);
+    return y;
+  }
+
+  /** Inference: {@code y = MoE(x)}, both {@code tokens * dModel} floats. */
+  public void forward(float[] x, float[] y) {
+    forward(x, y, null);
+  }
+
+  /** Training forward when ctx is given, inference when null (see the FloatBuffer overload). */
+  public synchronized void forward(float[] x, float[] y, Context ctx) {
+    long c = ctx == null ? 0 : ctxHandle(ctx);
+    long t = tokens("x", x == null ? -1 : x.length);
+    sameSize("y", y == null ? -1 : y.length, x.length);
+    FloatBuffer in = scratch(false, x.length);
+    in.put(x).flip();
+    FloatBuffer out = scratch(true, y.length);
+    MoeNative.moe_forward(live(), address(in, "x", false), t, address(out, "y", true), c);
+    out.get(y);
+  }
+
+  /** Backward with arrays; dx may be null. */
+  public synchronized void backward(Context ctx, float[] dy, float[] dx) {
+    long c = ctxHandle(ctx);
+    tokens("dy", dy == null ? -1 : dy.length);
+    long want = forwardSize(ctx);
+    sameSize("dy", dy.length, want);
+    if (dx != null) sameSize("dx", dx.length, want);
+    FloatBuffer in = scratch(false, dy.length);
+    in.put(dy).flip();
+    FloatBuffer out = dx == null ? null : scratch(true, dx.length);
+    MoeNative.moe_backward(live(), c, address(in, "dy", false), out == null ? 0 : address(out, "dx", true));
+    if (dx != null) out.get(dx);
+  }
+
+  /** Routes an array of tokens into ctx. */
+  public synchronized void route(float[] x, Context ctx) {
+    long c = ctxHandle(ctx);
+    long t = tokens("x", x == null ? -1 : x.length);
+    FloatBuffer in = scratch(false, x.length);
+    in.put(x).flip();
+    MoeNative.moe_route(live(), address(in, "x", false), t, c);
+  }
+
+  // ---- compute: raw device addresses ------------------------------------------------------------------
+
+  /**
+   * {@code moe_forward} on raw addresses in the layer's dtype on its device (ctx null: inference).
+   * Nothing is checked here beyond what libmoe checks: the caller guarantees the sizes.
+   */
+  public synchronized void forwardRaw(long x, long numTokens, long y, Context ctx) {
+    long c = ctx == null ? 0 : ctxHandle(ctx);
+    MoeNative.moe_forward(live(), x, numTokens, y, c);
+  }
+
+  /** {@code moe_backward} on raw addresses (dx may be 0). */
+  public synchronized void backwardRaw(Context ctx, long dy, long dx) {
+    long c = ctxHandle(ctx);
+    MoeNative.moe_backward(live(), c, dy, dx);
+  }
+
+  /** {@code moe_route} on a raw address. */
+  public synchronized void routeRaw(long x, long numTokens, Context ctx) {
+    long c = ctxHandle(ctx);
+    MoeNative.moe_route(live(), x, numTokens, c);
+  }
+
+  // ---- helpers -----------------------------------------------------------------------------------------
+
+  static MoeException invalid(String message) {
+    return new MoeException(Status.INVALID_ARGUMENT, message);
+  }
+
+  private long ctxHandle(Context ctx) {
+    if (ctx == null) throw invalid("ctx is null");
+    if (ctx.layer() != this) throw invalid("the context was created from another layer");
+    return ctx.live();
+  }
+
+  /** Floats of the x of the forward held by ctx (STATE if it holds none). */
+  private long forwardSize(Context ctx) {
+    return ctx.statsLocked().numTokens() * dModel;
+  }
+
+  private long tokens(String what, long count) {
+    live();
+    if (count < 0) throw invalid(what + " is null");
+    if (!hostF32)
+      throw invalid(
+          what
+              + " is a host buffer but this layer is not a CPU float32 layer; use the *Raw methods"
+              + " with device addresses");
+    if (dModel <= 0 || count % dModel != 0)
+      throw invalid(what + " has " + count + " floats, not a multiple of dModel = " + dModel);
+    return count / dModel;
+  }
+
+  private static void sameSize(String what, long count, long want) {
+    if (count < 0) throw invalid(what + " is null");
+    if (count != want) throw invalid(what + " has " + count + " floats, expected " + want);
+  }
+
+  private static void noOverlap(String a, long pa, String b, long pb, long floats) {
+    long bytes = floats * 4;
+    if (floats > 0 && pa < pb + bytes && pb < pa + bytes)
+      throw invalid(a + " and " + b + " overlap");
+  }
+
+  private static int checkedCount(long n) {
+    if (n > Integer.MAX_VALUE - 8) throw invalid("a parameter of " + n + " floats does not fit a Java array");
+    return (int) n;
+  }
+
+  /** The address of the first remaining element of a direct buffer in native order. */
+  static long address(Buffer b, String what, boolean writable) {
+    if (b == null) throw invalid(what + " is null");
+    if (!b.isDirect())
+      throw invalid(
+          what
+              + " is not a direct buffer (use ByteBuffer.allocateDirect(n * 4)"
+              + ".order(ByteOrder.nativeOrder()).asFloatBuffer(), or the float[] overload)");
+    if (writable && b.isReadOnly()) throw invalid(what + " is read-only");
+    int size;
+    if (b instanceof FloatBuffer) {
+      size = 4;
+      if (((FloatBuffer) b).order() != ByteOrder.nativeOrder())
+        throw invalid(what + " is not in native byte order (use .order(ByteOrder.nativeOrder()))");
+    } else if (b instanceof IntBuffer) {
+      size = 4;
+      if (((IntBuffer) b).order() != ByteOrder.nativeOrder())
+        throw invalid(what + " is not in native byte order");
+    } else if (b instanceof LongBuffer) {
+      size = 8;
+      if (((LongBuffer) b).order() != ByteOrder.nativeOrder())
+        throw invalid(what + " is not in native byte order");
+    } else if (b instanceof ByteBuffer) {
+      size = 1;
+    } else {
+      throw invalid(what + " must be a FloatBuffer, IntBuffer, LongBuffer or ByteBuffer");
+    }
+    return MoeNative.moe_java_buffer_address(b) + (long) b.position() * size;
+  }
+
+  /** One of the two scratch buffers, cleared, limited to n floats. */
+  private FloatBuffer scratch(boolean out, int n) {
+    ByteBuffer s = out ? scratchOut : scratchIn;
+    long bytes = (long) n * 4;
+    if (bytes > Integer.MAX_VALUE) throw invalid(n + " floats do not fit one direct buffer");
+    if (s == null || s.capacity() < bytes) {
+      s = ByteBuffer.allocateDirect((int) Math.max(bytes, 64)).order(ByteOrder.nativeOrder());
+      if (out) scratchOut = s;
+      else scratchIn = s;
+    }
+    FloatBuffer f = s.asFloatBuffer();
+    f.limit(n);
+    return f;
+  }
+
+  @Override
+  public String toString() {
+    return "Layer[dModel=" + dModel + ", numExperts=" + numExperts + ", topK=" + topK
+        + (isClosed() ? ", closed" : "") + "]";
+  }
+}
