@@ -1,4 +1,5 @@
 // Status names, the thread-local error text (the library's only mutable global) and the version.
+#include <cstring>
 #include <string>
 
 #include "api/guard.h"
@@ -21,7 +22,11 @@ void set_last_error(moe_status, const char *message) {
 extern "C" {
 
 MOE_API const char *moe_status_name(moe_status s) {
-  switch (s) {
+  // Read as an int: C callers may pass any value, and an enum outside its range is undefined
+  // behaviour in C++ (UBSan -fsanitize=enum reports the load).
+  int v;
+  std::memcpy(&v, &s, sizeof v);
+  switch (v) {
     case MOE_OK: return "MOE_OK";
     case MOE_ERR_INVALID_ARGUMENT: return "MOE_ERR_INVALID_ARGUMENT";
     case MOE_ERR_OUT_OF_MEMORY: return "MOE_ERR_OUT_OF_MEMORY";
