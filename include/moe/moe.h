@@ -8,6 +8,10 @@
  *  - Every fallible function returns a moe_status. On failure nothing is changed: out-parameters
  *    are left untouched, the layer and context keep their previous state and stay usable, and
  *    moe_last_error() returns a message that names the offending argument and its value.
+ *    Two exceptions, both after every argument check has passed: a moe_forward or moe_route that
+ *    fails while computing (out of memory, device or comm error) leaves its context empty; and
+ *    when the GEMM library runs out of memory inside moe_backward, gradients may be partly
+ *    accumulated (call moe_layer_zero_grad before redoing the step). The layer stays usable.
  *  - Objects are opaque, created by *_create and freed by *_destroy; destroying NULL is a no-op.
  *  - Dimensions are int64_t, byte sizes size_t; strings are NUL-terminated UTF-8.
  *  - Tensors are dense and row-major. Activations (x, y, dy, dx) live on the layer's device in the

@@ -173,6 +173,7 @@ MOE_API moe_status moe_context_topk(const moe_context *ctx, int32_t *expert_ids,
     if (l.cfg.c.routing == MOE_ROUTE_EXPERT_CHOICE)
       fail(MOE_ERR_UNSUPPORTED, "expert-choice routing has no per-token top-k: use moe_context_assignments");
     const int64_t n = moe::checked_mul(c.route.T, l.cfg.k, "num_tokens * top_k");
+    if (n == 0) return;  // no tokens: nothing to write (and memcpy from an empty vector's NULL is UB)
     const size_t ibytes = moe::checked_bytes(n, sizeof(int32_t), "top-k ids");
     const size_t fbytes = moe::checked_bytes(n, sizeof(float), "top-k weights");
     std::vector<int32_t> ids(n), rows(n);
@@ -205,6 +206,10 @@ MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capac
     if (capacity < R)
       fail(MOE_ERR_INVALID_ARGUMENT, "capacity is %lld but there are %lld assignments", (long long)capacity,
            (long long)R);
+    if (R == 0) {  // nothing to write (and memcpy from an empty vector's NULL is UB)
+      *count = 0;
+      return;
+    }
     const moe::Backend &be = *c.layer->backend;
     const size_t ibytes = moe::checked_bytes(R, sizeof(int32_t), "assignments");
     const size_t fbytes = moe::checked_bytes(R, sizeof(float), "assignments");

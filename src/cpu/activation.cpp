@@ -7,7 +7,13 @@
 
 #include "moe/moe.h"
 
+// Not under ThreadSanitizer: GCC instruments the clones' IFUNC resolver, which the dynamic loader
+// runs before the TSan runtime is initialised, and the process dies in relocation.
+#if defined(__SANITIZE_THREAD__)
+#define MOE_CLONES
+#else
 #define MOE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 
 namespace moe::cpu {
 namespace {
