@@ -66,41 +66,31 @@ moe_rows_args rows_args(const Config &c, const Workspace &w, const RoutingSummar
   return a;
 }
 
-moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, const float *x, const int64_t *offsets) {
+// The arguments of expert_ffn / expert_ffn_bwd for the routed experts or for the shared ones,
+// which read all T tokens each (expert-major rows). Backward fields point at workspace buffers
+// that backward has sized before calling; forward leaves them unused.
+moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, bool shared, const float *x, const int64_t *offsets) {
   const Config &c = l.cfg;
+  const Param *w1 = shared ? l.sw1 : l.w1, *w3 = shared ? l.sw3 : l.w3, *w2 = shared ? l.sw2 : l.w2;
   moe_ffn_args a{};
-  a.num_experts = c.E_local;
+  a.num_experts = shared ? c.S : c.E_local;
   a.d = c.d;
-  a.ff = c.ff;
+  a.ff = shared ? c.ffs : c.ff;
   a.activation = c.c.activation;
   a.offsets = offsets;
+  a.shared_input = shared ? 1 : 0;
   a.x = x;
-  a.w1 = f(l.w1);
-  a.w3 = f(l.w3);
-  a.w2 = f(l.w2);
-  a.h = w.h.as<float>();
-  a.g = c.glu ? w.g.as<float>() : nullptr;
-  a.a = w.a.as<float>();
-  return a;
-}
-
-// The shared experts read all T tokens, so their rows are laid out expert-major.
-moe_ffn_args shared_ffn_args(const moe_layer &l, const Workspace &w, const float *x, const int64_t *offsets) {
-  const Config &c = l.cfg;
-  moe_ffn_args a{};
-  a.num_experts = c.S;
-  a.d = c.d;
-  a.ff = c.ffs;
-  a.activation = c.c.activation;
-  a.offsets = offsets;
-  a.shared_input = 1;
-  a.x = x;
-  a.w1 = f(l.sw1);
-  a.w3 = f(l.sw3);
-  a.w2 = f(l.sw2);
-  a.h = w.hs.as<float>();
-  a.g = c.glu ? w.gs.as<float>() : nullptr;
-  a.a = w.as.as<float>();
+  a.w1 = f(w1);
+  a.w3 = f(w3);
+  a.w2 = f(w2);
+  a.h = (shared ? w.hs : w.h).as<float>();
+  a.g = c.glu ? (shared ? w.gs : w.g).as<float>() : nullptr;
+  a.a = (shared ? w.as : w.a).as<float>();
+  a.dw1 = g(w1);
+  a.dw3 = g(w3);
+  a.dw2 = g(w2);
+  a.dh = (shared ? w.dhs : w.dh).as<float>();
+  a.dg = c.glu ? (shared ? w.dgs : w.dg).as<float>() : nullptr;
   return a;
 }
 
@@ -133,7 +123,7 @@ void shared_reserve(moe_layer &l, Workspace &w, int64_t T) {
 void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float *y) {
   const Backend &be = *l.backend;
   const int64_t offsets[2] = {0, T};
-  moe_ffn_args a = shared_ffn_args(l, w, x, offsets);
+  moe_ffn_args a = ffn_args(l, w, true, x, offsets);
   a.y = w.ys.as<float>();
   run(be, be.ops()->expert_ffn, a, "expert_ffn (shared)");
   moe_shared_args s = shared_args(l, w, x, T);
@@ -290,7 +280,7 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
       be.ensure(w.yl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
       exchange_to_experts(l, w, r.ep, f(w.xe), w.xl.as<float>(), d);
     }
-    moe_ffn_args fa = ffn_args(l, w, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
+    moe_ffn_args fa = ffn_args(l, w, false, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
     fa.y = ep ? w.yl.as<float>() : w.ye.as<float>();
     run(be, ops->expert_ffn, fa, "expert_ffn");
     if (ep) exchange_from_experts(l, w, r.ep, f(w.yl), w.ye.as<float>(), d);
@@ -417,14 +407,9 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   // Other ranks may want the input gradient of the rows this rank computed, so with expert
   // parallelism it is always computed and sent back.
   if (ep) exchange_to_experts(l, w, r.ep, f(w.dye), w.dyl.as<float>(), d);
-  moe_ffn_args fa = ffn_args(l, w, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
+  moe_ffn_args fa = ffn_args(l, w, false, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
   fa.dy = ep ? f(w.dyl) : f(w.dye);
   fa.dx = ep ? w.dxl.as<float>() : (dx ? w.dxe.as<float>() : nullptr);
-  fa.dw1 = g(l.w1);
-  fa.dw3 = g(l.w3);
-  fa.dw2 = g(l.w2);
-  fa.dh = w.dh.as<float>();
-  fa.dg = c.glu ? w.dg.as<float>() : nullptr;
   run(be, ops->expert_ffn_bwd, fa, "expert_ffn_bwd");
   if (ep) exchange_from_experts(l, w, r.ep, f(w.dxl), w.dxe.as<float>(), d);
 
@@ -443,14 +428,9 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
     s.scratch = l.sgate ? w.shared_scratch.as<float>() : nullptr;
     run(be, ops->shared_combine_bwd, s, "shared_combine_bwd");
     const int64_t offsets[2] = {0, T};
-    moe_ffn_args sf = shared_ffn_args(l, w, x, offsets);
+    moe_ffn_args sf = ffn_args(l, w, true, x, offsets);
     sf.dy = f(w.dys);
     sf.dx = dx;
-    sf.dw1 = g(l.sw1);
-    sf.dw3 = g(l.sw3);
-    sf.dw2 = g(l.sw2);
-    sf.dh = w.dhs.as<float>();
-    sf.dg = c.glu ? w.dgs.as<float>() : nullptr;
     run(be, ops->expert_ffn_bwd, sf, "expert_ffn_bwd (shared)");
   }
 

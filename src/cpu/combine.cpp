@@ -8,24 +8,32 @@
 
 namespace moe::cpu {
 
-moe_status combine(void *st, const moe_rows_args *a) {
-  return guarded(st, [&] {
-    const int64_t d = a->d;
+// out[t] = sum over t's rows r of weight[r] * src[r] (weight NULL: 1), a gather in the order the
+// rows are listed: deterministic, no atomics. Shared with dispatch_bwd.
+void sum_token_rows(const moe_rows_args *a, const float *src, const float *weight, float *out_rows) {
+  const int64_t d = a->d;
 #pragma omp parallel for schedule(static) if (worth_threads(a->T * d))
-    for (int64_t t = 0; t < a->T; ++t) {
-      float *out = a->y + t * d;
-      std::memset(out, 0, sizeof(float) * d);
-      int64_t b = a->token_offsets ? a->token_offsets[t] : t * a->k;
-      int64_t e = a->token_offsets ? a->token_offsets[t + 1] : (t + 1) * a->k;
-      for (int64_t i = b; i < e; ++i) {
-        int32_t r = a->token_rows[i];
-        if (r < 0) continue;
-        const float w = a->row_weight[r];
-        const float *src = a->ye + static_cast<int64_t>(r) * d;
-        for (int64_t c = 0; c < d; ++c) out[c] += w * src[c];
+  for (int64_t t = 0; t < a->T; ++t) {
+    float *out = out_rows + t * d;
+    std::memset(out, 0, sizeof(float) * d);
+    const int64_t b = a->token_offsets ? a->token_offsets[t] : t * a->k;
+    const int64_t e = a->token_offsets ? a->token_offsets[t + 1] : (t + 1) * a->k;
+    for (int64_t i = b; i < e; ++i) {
+      const int32_t r = a->token_rows[i];
+      if (r < 0) continue;
+      const float *row = src + static_cast<int64_t>(r) * d;
+      if (weight) {
+        const float w = weight[r];
+        for (int64_t c = 0; c < d; ++c) out[c] += w * row[c];
+      } else {
+        for (int64_t c = 0; c < d; ++c) out[c] += row[c];
       }
     }
-  });
+  }
+}
+
+moe_status combine(void *st, const moe_rows_args *a) {
+  return guarded(st, [&] { sum_token_rows(a, a->ye, a->row_weight, a->y); });
 }
 
 moe_status combine_bwd(void *st, const moe_rows_args *a) {

@@ -53,6 +53,9 @@ moe_status guarded(void *state, F &&body) noexcept {
   }
 }
 
+// out[t] = sum of (weight[r] *) src[r] over token t's rows (combine.cpp; used by dispatch_bwd).
+void sum_token_rows(const moe_rows_args *a, const float *src, const float *weight, float *out);
+
 // Stage entry points (one file each, named for the stage).
 moe_status gate(void *, const moe_gate_args *);
 moe_status gate_bwd(void *, const moe_gate_args *);

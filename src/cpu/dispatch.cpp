@@ -14,24 +14,9 @@ moe_status dispatch(void *st, const moe_rows_args *a) {
   });
 }
 
-// A gather per token over its rows in a fixed order: deterministic, no atomics.
+// Each token's input gradient: the unweighted sum of its rows' gradients.
 moe_status dispatch_bwd(void *st, const moe_rows_args *a) {
-  return guarded(st, [&] {
-    const int64_t d = a->d;
-#pragma omp parallel for schedule(static) if (worth_threads(a->T * d))
-    for (int64_t t = 0; t < a->T; ++t) {
-      float *out = a->dx + t * d;
-      std::memset(out, 0, sizeof(float) * d);
-      int64_t b = a->token_offsets ? a->token_offsets[t] : t * a->k;
-      int64_t e = a->token_offsets ? a->token_offsets[t + 1] : (t + 1) * a->k;
-      for (int64_t i = b; i < e; ++i) {
-        int32_t r = a->token_rows[i];
-        if (r < 0) continue;
-        const float *src = a->dxe + static_cast<int64_t>(r) * d;
-        for (int64_t c = 0; c < d; ++c) out[c] += src[c];
-      }
-    }
-  });
+  return guarded(st, [&] { sum_token_rows(a, a->dxe, nullptr, a->dx); });
 }
 
 }  // namespace moe::cpu
