@@ -137,7 +137,9 @@ typedef struct moe_config {
   int shared_gate;              /* nonzero: shared output scaled by sigmoid(x . shared.gate); default 0 */
   moe_device device;            /* default MOE_DEVICE_CPU */
   int device_index;             /* CUDA ordinal; default 0 */
-  moe_dtype dtype;              /* storage type of activations; default MOE_DTYPE_F32 */
+  moe_dtype dtype;              /* storage type of activations; default MOE_DTYPE_F32 (the only one
+                                   both backends accept in this version: BF16/F16 give
+                                   MOE_ERR_UNSUPPORTED) */
   int allow_tf32;               /* CUDA float32 GEMMs may use TF32; default 0 */
   uint64_t seed;                /* parameter initialisation and router noise; default 0 */
   int check_finite;             /* nonzero: refuse NaN/Inf in x and dy with MOE_ERR_NONFINITE; default 0 */
@@ -200,9 +202,21 @@ MOE_API void moe_layer_destroy(moe_layer *layer);
 MOE_API moe_status moe_layer_get_config(const moe_layer *layer, moe_config *out);
 
 /**
- * Make a CUDA layer issue all its work on cuda_stream (a cudaStream_t; NULL = the default
- * stream). Not owned. For a CPU layer only NULL is accepted (and ignored).
- * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL layer or a stream given to a CPU layer.
+ * Make a CUDA layer issue all its work on cuda_stream (a cudaStream_t). Not owned: it must outlive
+ * its use by the layer, or be replaced first. NULL returns to the layer's own stream, a blocking
+ * stream made at create (ordered after work on the legacy default stream). Work already queued on
+ * the previous stream is waited for. For a CPU layer only NULL is accepted (and ignored).
+ *
+ * CUDA layers follow stream semantics: every kernel, copy and GEMM of moe_forward, moe_route and
+ * moe_backward is queued on the layer's stream, and the call returns with the outputs queued, not
+ * complete. Queue your own work on the same stream, or synchronize it, before reading outputs or
+ * reusing inputs. A call waits on the stream at two points only, because counts must reach the
+ * host: after routing (the aux-loss statistics) and after the capacity plan (the rows per expert
+ * size the expert GEMMs); plus the waits of expert parallelism around each moe_comm hook. Calls
+ * that copy to or from host memory (parameters, gradients, context accessors) wait until done.
+ * Not thread-safe with other calls on the same layer.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL layer or a stream given to a CPU layer;
+ *         MOE_ERR_DEVICE if waiting for the previous stream fails.
  */
 MOE_API moe_status moe_layer_set_stream(moe_layer *layer, void *cuda_stream);
 
@@ -392,7 +406,11 @@ struct moe_comm {
   /* send[r] rows go to rank r; receive recv[r] rows from rank r. Host arrays of size entries. */
   moe_status (*exchange_counts)(void *user, const int64_t *send, int64_t *recv);
   /* all-to-all of rows of row_bytes bytes: send holds send_counts[0] rows for rank 0, then rank 1,
-     ...; recv likewise. Buffers on the layer's device; stream is the layer's cudaStream_t or NULL. */
+     ...; recv likewise. Buffers on the layer's device. CPU layers pass stream NULL: the transfer
+     is complete when the hook returns. CUDA layers pass the layer's cudaStream_t: send is ready
+     when the hook is called, and the hook may return once the transfer is queued on stream
+     (libmoe's next work on recv is queued after it); a hook that copies on any other stream or
+     through the host must finish before it returns. */
   moe_status (*exchange_rows)(void *user, const void *send, const int64_t *send_counts, void *recv,
                               const int64_t *recv_counts, size_t row_bytes, void *stream);
 };

@@ -154,6 +154,7 @@ typedef struct moe_shared_args {
 typedef struct moe_backend_ops {
   uint32_t abi;     /* MOE_BACKEND_ABI */
   const char *name; /* "cpu", "cuda" */
+  /* On failure *state is NULL, or a state whose last_error gives the reason; the caller destroys it. */
   moe_status (*create)(const moe_config *cfg, void **state);
   void (*destroy)(void *state);
   const char *(*last_error)(void *state);
@@ -183,6 +184,8 @@ typedef struct moe_backend_ops {
   moe_status (*dispatch_bwd)(void *state, const moe_rows_args *a);
   moe_status (*select_bwd)(void *state, const moe_select_bwd_args *a);
   moe_status (*gate_bwd)(void *state, const moe_gate_args *a);
+  /* the stream the stages run on (cudaStream_t), handed to moe_comm hooks; NULL for the CPU */
+  void *(*stream)(void *state);
 } moe_backend_ops;
 
 /* The CPU backend, always linked in. */

@@ -1,5 +1,7 @@
 #include "core/buffer.h"
 
+#include <string>
+
 #include "core/error.h"
 
 namespace moe {
@@ -10,7 +12,14 @@ Buffer::~Buffer() {
 
 Backend::Backend(const moe_backend_ops *ops, const moe_config &cfg) : ops_(ops) {
   moe_status s = ops_->create(&cfg, &state_);
-  if (s != MOE_OK) fail(s, "could not initialise the %s backend", ops_->name);
+  if (s != MOE_OK) {
+    // A backend may hand back a state that only carries the reason (see backend.h).
+    std::string why = state_ ? ops_->last_error(state_) : "";
+    if (state_) ops_->destroy(state_);
+    state_ = nullptr;
+    if (why.empty()) fail(s, "could not initialise the %s backend", ops_->name);
+    fail(s, "could not initialise the %s backend: %s", ops_->name, why.c_str());
+  }
 }
 
 Backend::~Backend() {

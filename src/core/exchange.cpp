@@ -36,7 +36,8 @@ void alltoall_host(moe_layer &l, const void *send, const std::vector<int64_t> &s
   be.upload(s.get(), send, send_bytes);
   const moe_comm &c = comm_of(l);
   be.check(be.ops()->synchronize(be.state()), "synchronize");
-  check_hook(c.exchange_rows(c.user, s.get(), send_counts.data(), rbuf.get(), recv_counts.data(), row_bytes, stream),
+  check_hook(c.exchange_rows(c.user, s.get(), send_counts.data(), rbuf.get(), recv_counts.data(), row_bytes,
+                             stream ? stream : be.ops()->stream(be.state())),
              "exchange_rows");
   be.download(recv, rbuf.get(), recv_bytes);
 }
@@ -159,8 +160,9 @@ void rows_hook(moe_layer &l, const float *send, const std::vector<int64_t> &sc, 
   const moe_comm &cm = comm_of(l);
   const Backend &be = *l.backend;
   be.check(be.ops()->synchronize(be.state()), "synchronize");
+  // On the layer's stream: a device-side comm (NCCL) queues its transfers behind the rows.
   check_hook(cm.exchange_rows(cm.user, send, sc.data(), recv, rc.data(), static_cast<size_t>(width) * sizeof(float),
-                              nullptr),
+                              be.ops()->stream(be.state())),
              "exchange_rows");
 }
 

@@ -1,4 +1,6 @@
 // The CPU backend's table: host memory plus the stage files of this folder.
+#include <dlfcn.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -62,9 +64,27 @@ moe_status copy(void *, void *dst, const void *src, size_t bytes) {
   return MOE_OK;
 }
 
-// Any pointer is a host pointer to the CPU backend; the CUDA module, when loaded, refuses device
-// pointers on the CPU path itself (see src/core/pointer_check).
-moe_status check_pointer(void *, const void *) { return MOE_OK; }
+// A device pointer handed to a CPU layer would fault on first touch. Any process holding CUDA
+// memory has the driver loaded; then the driver says what the pointer is. Without the driver
+// there is no device memory, and libmoe.so itself never loads CUDA.
+moe_status check_pointer(void *state, const void *p) {
+  void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  if (!driver) return MOE_OK;
+  using Query = int (*)(void *value, int attribute, unsigned long long ptr);
+  const auto query = reinterpret_cast<Query>(dlsym(driver, "cuPointerGetAttribute"));
+  constexpr int kMemoryType = 2, kIsManaged = 8, kDeviceMemory = 2;  // CU_POINTER_ATTRIBUTE_*, CU_MEMORYTYPE_DEVICE
+  unsigned int type = 0, managed = 0;
+  const auto addr = static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p));
+  // Host memory the driver does not know makes the query fail: that is the good case.
+  const bool device = query && query(&type, kMemoryType, addr) == 0 && type == kDeviceMemory &&
+                      !(query(&managed, kIsManaged, addr) == 0 && managed);
+  dlclose(driver);
+  if (!device) return MOE_OK;
+  char msg[96];
+  std::snprintf(msg, sizeof msg, "%p is CUDA device memory; a CPU layer needs host memory", p);
+  set_error(static_cast<State *>(state), msg);
+  return MOE_ERR_INVALID_ARGUMENT;
+}
 
 moe_status find_nonfinite(void *, const float *p, int64_t n, int64_t *first) {
   *first = -1;
@@ -78,11 +98,13 @@ moe_status find_nonfinite(void *, const float *p, int64_t n, int64_t *first) {
 
 moe_status synchronize(void *) { return MOE_OK; }
 
+void *no_stream(void *) { return nullptr; }
+
 const moe_backend_ops kOps = {
     MOE_BACKEND_ABI, "cpu", create, destroy, last_error, set_stream, alloc, release, memset_zero, copy, copy, copy,
     check_pointer, find_nonfinite, synchronize,
     gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
-    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd,
+    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, no_stream,
 };
 
 }  // namespace

@@ -553,6 +553,30 @@ TEST_F(BadInput, CudaDeviceWithoutTheModule) {
   EXPECT_EQ(out, sentinel_ptr<moe_layer>());
 }
 
+// The module is built but the machine has no usable GPU: MOE_ERR_DEVICE, with the CUDA runtime's
+// reason in the message, and nothing returned. On a GPU machine tests/gpu covers the layer.
+TEST_F(BadInput, CudaDeviceWithoutAGpu) {
+  const std::filesystem::path module = std::filesystem::path(MOE_TEST_LIBDIR) / "libmoe_cuda.so.0";
+  if (!std::filesystem::exists(module)) GTEST_SKIP() << module << " is not built";
+  moe_config c = small_config();
+  c.device = MOE_DEVICE_CUDA;
+  moe_layer *out = sentinel_ptr<moe_layer>();
+  const moe_status s = moe_layer_create(&c, &out);
+  if (s == MOE_OK) {
+    moe_layer_destroy(out);
+    GTEST_SKIP() << "a CUDA device is usable here: tests/gpu covers CUDA layers";
+  }
+  EXPECT_EQ(s, MOE_ERR_DEVICE) << moe_last_error();
+  EXPECT_NE(std::string(moe_last_error()).find("CUDA device"), std::string::npos)
+      << "the message should say why no CUDA device is usable: " << moe_last_error();
+  EXPECT_EQ(out, sentinel_ptr<moe_layer>());
+  // An index past the devices is refused the same way, whatever the machine.
+  c.device_index = 1 << 20;
+  EXPECT_EQ(moe_layer_create(&c, &out), MOE_ERR_DEVICE);
+  EXPECT_NE(std::string(moe_last_error()).find("device"), std::string::npos) << moe_last_error();
+  EXPECT_EQ(out, sentinel_ptr<moe_layer>());
+}
+
 // Features of the design a build may not have yet: refused with MOE_ERR_UNSUPPORTED and a message
 // naming the field, never silently ignored; when accepted, the layer must train.
 TEST_F(BadInput, UnbuiltFeaturesAreUnsupportedOrWork) {

@@ -1,0 +1,28 @@
+// The expert FFN's elementwise maps, the same formulas as the CPU backend (src/cpu/activation.cpp).
+#pragma once
+#include "moe/moe.h"
+
+namespace moe::cuda {
+
+struct Act {
+  float a, da;  // act(h) and act'(h)
+};
+
+__device__ inline Act activation(int kind, float h) {
+  switch (kind) {
+    case MOE_ACT_SWIGLU:
+    case MOE_ACT_SILU: {
+      const float s = 1.0f / (1.0f + expf(-h));
+      return {h * s, s * (1.0f + h * (1.0f - s))};
+    }
+    case MOE_ACT_GEGLU:
+    case MOE_ACT_GELU: {
+      const float cdf = 0.5f * (1.0f + erff(h * 0.70710678118654752f));
+      return {h * cdf, cdf + h * 0.39894228040143268f * expf(-0.5f * h * h)};
+    }
+    default:
+      return {h > 0.0f ? h : 0.0f, h > 0.0f ? 1.0f : 0.0f};
+  }
+}
+
+}  // namespace moe::cuda

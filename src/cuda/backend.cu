@@ -1,0 +1,255 @@
+// The CUDA backend's table: device memory from the stream-ordered pool, the layer's stream and
+// cuBLAS handle, plus the stage files of this folder. Built as libmoe_cuda.so, which libmoe.so
+// loads with dlopen (src/core/module.cpp).
+#include <cstdio>
+#include <memory>
+
+#include "cuda/cuda.h"
+
+namespace moe::cuda {
+
+void check(cudaError_t e, const char *what) {
+  if (e == cudaSuccess) return;
+  cudaGetLastError();  // clear a non-sticky error so the layer stays usable
+  fail(e == cudaErrorMemoryAllocation ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s (%s)", what,
+       cudaGetErrorString(e), cudaGetErrorName(e));
+}
+
+void check(cublasStatus_t s, const char *what) {
+  if (s == CUBLAS_STATUS_SUCCESS) return;
+  fail(s == CUBLAS_STATUS_ALLOC_FAILED ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s", what,
+       cublasGetStatusString(s));
+}
+
+void check_launch(const char *kernel) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess)
+    fail(MOE_ERR_DEVICE, "launching the %s kernel failed: %s (%s)", kernel, cudaGetErrorString(e),
+         cudaGetErrorName(e));
+}
+
+DeviceScope::DeviceScope(int device) {
+  int current = -1;
+  check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device) {
+    check(cudaSetDevice(device), "cudaSetDevice");
+    previous_ = current;
+  }
+}
+
+DeviceScope::~DeviceScope() {
+  if (previous_ >= 0) cudaSetDevice(previous_);
+}
+
+void DeviceMemory::ensure(size_t bytes, cudaStream_t &stream) {
+  if (p_ && bytes_ >= bytes) return;
+  void *p = nullptr;
+  check(cudaMallocAsync(&p, bytes, stream), "cudaMallocAsync");
+  DeviceMemory fresh;
+  fresh.p_ = p;
+  fresh.bytes_ = bytes;
+  fresh.stream_ = &stream;
+  swap(fresh);  // the old memory is freed on its stream, after the work queued on it
+}
+
+void PinnedMemory::ensure(size_t bytes) {
+  if (p_ && bytes_ >= bytes) return;
+  void *p = nullptr;
+  check(cudaMallocHost(&p, bytes), "cudaMallocHost");
+  if (p_) cudaFreeHost(p_);
+  p_ = p;
+  bytes_ = bytes;
+}
+
+State::~State() {
+  // Pending work first: scratch is freed on the stream, which must outlive it.
+  if (stream) cudaStreamSynchronize(stream);
+  for (DeviceMemory &m : scratch) m = DeviceMemory();
+  if (stream) cudaStreamSynchronize(stream);
+  if (blas) cublasDestroy(blas);
+  if (own_stream) cudaStreamDestroy(own_stream);
+}
+
+namespace {
+
+// On failure the state is still handed back, so the core can read the reason with last_error
+// before it destroys it (src/core/backend.h).
+moe_status create(const moe_config *cfg, void **state) {
+  *state = nullptr;
+  std::unique_ptr<State> st;
+  try {
+    st = std::make_unique<State>();
+  } catch (const std::bad_alloc &) {
+    return MOE_ERR_OUT_OF_MEMORY;
+  }
+  State *s = st.get();
+  moe_status status = MOE_OK;
+  try {
+    int count = 0;
+    const cudaError_t e = cudaGetDeviceCount(&count);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      fail(MOE_ERR_DEVICE, "no usable CUDA device: cudaGetDeviceCount failed: %s (%s)", cudaGetErrorString(e),
+           cudaGetErrorName(e));
+    }
+    if (cfg->device_index < 0 || cfg->device_index >= count)
+      fail(MOE_ERR_DEVICE, "cfg->device_index is %d but this machine has %d CUDA device(s)", cfg->device_index, count);
+    if (cfg->dtype != MOE_DTYPE_F32)
+      fail(MOE_ERR_UNSUPPORTED, "cfg->dtype is %s: the CUDA backend computes and stores float32 only in this version",
+           cfg->dtype == MOE_DTYPE_BF16 ? "MOE_DTYPE_BF16" : "MOE_DTYPE_F16");
+    // The routing kernels keep a few rows of E floats per warp in shared memory.
+    if (cfg->num_experts > 4096)
+      fail(MOE_ERR_UNSUPPORTED, "cfg->num_experts is %lld: the CUDA backend routes at most 4096 experts",
+           (long long)cfg->num_experts);
+    s->device = cfg->device_index;
+    DeviceScope scope(s->device);
+    check(cudaDeviceGetAttribute(&s->sm_count, cudaDevAttrMultiProcessorCount, s->device), "cudaDeviceGetAttribute");
+    int pools = 0;
+    check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, s->device), "cudaDeviceGetAttribute");
+    if (!pools) fail(MOE_ERR_DEVICE, "CUDA device %d has no stream-ordered memory pool", s->device);
+    s->tf32 = cfg->allow_tf32 != 0;
+    // A blocking stream: it orders itself after work the caller put on the legacy default stream.
+    check(cudaStreamCreate(&s->own_stream), "cudaStreamCreate");
+    s->stream = s->own_stream;
+    check(cublasCreate(&s->blas), "cublasCreate");
+    check(cublasSetStream(s->blas, s->stream), "cublasSetStream");
+  } catch (const Error &e) {
+    set_error(s, e.what());
+    status = e.status();
+  } catch (const std::bad_alloc &) {
+    set_error(s, "out of host memory");
+    status = MOE_ERR_OUT_OF_MEMORY;
+  }
+  *state = st.release();
+  return status;
+}
+
+void destroy(void *state) {
+  auto *st = static_cast<State *>(state);
+  if (!st) return;
+  try {
+    DeviceScope scope(st->device);
+    std::unique_ptr<State> owned(st);
+  } catch (...) {
+    std::unique_ptr<State> owned(st);
+  }
+}
+
+const char *last_error(void *state) { return static_cast<State *>(state)->error.c_str(); }
+
+moe_status set_stream(void *state, void *stream) {
+  return guarded(state, [&](State &st) {
+    cudaStream_t s = stream ? static_cast<cudaStream_t>(stream) : st.own_stream;
+    if (s == st.stream) return;
+    // Work already queued on the old stream must finish before the new one may touch its buffers.
+    check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize");
+    check(cublasSetStream(st.blas, s), "cublasSetStream");
+    st.stream = s;
+  });
+}
+
+moe_status alloc(void *state, size_t bytes, void **out) {
+  return guarded(state, [&](State &st) {
+    void *p = nullptr;
+    check(cudaMallocAsync(&p, bytes ? bytes : 1, st.stream), "cudaMallocAsync");
+    *out = p;
+  });
+}
+
+void release(void *state, void *p) {
+  auto *st = static_cast<State *>(state);
+  if (!p) return;
+  int current = -1;
+  cudaGetDevice(&current);
+  if (current != st->device) cudaSetDevice(st->device);
+  cudaFreeAsync(p, st->stream);
+  if (current >= 0 && current != st->device) cudaSetDevice(current);
+}
+
+moe_status memset_zero(void *state, void *p, size_t bytes) {
+  return guarded(state, [&](State &st) {
+    if (bytes) check(cudaMemsetAsync(p, 0, bytes, st.stream), "cudaMemsetAsync");
+  });
+}
+
+// Host copies are synchronous: the host buffer may be reused as soon as the call returns.
+moe_status upload(void *state, void *dst, const void *host, size_t bytes) {
+  return guarded(state, [&](State &st) {
+    if (!bytes) return;
+    check(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, st.stream), "cudaMemcpyAsync (upload)");
+    check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize (upload)");
+  });
+}
+
+moe_status download(void *state, void *host, const void *src, size_t bytes) {
+  return guarded(state, [&](State &st) {
+    if (!bytes) return;
+    check(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, st.stream), "cudaMemcpyAsync (download)");
+    check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize (download)");
+  });
+}
+
+moe_status copy(void *state, void *dst, const void *src, size_t bytes) {
+  return guarded(state, [&](State &st) {
+    if (bytes) check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, st.stream), "cudaMemcpyAsync");
+  });
+}
+
+moe_status check_pointer(void *state, const void *p) {
+  return guarded(state, [&](State &st) {
+    cudaPointerAttributes attr{};
+    const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      fail(MOE_ERR_INVALID_ARGUMENT, "cannot query the pointer %p: %s", p, cudaGetErrorString(e));
+    }
+    if (attr.type == cudaMemoryTypeUnregistered || attr.type == cudaMemoryTypeHost)
+      fail(MOE_ERR_INVALID_ARGUMENT, "%p is host memory; a CUDA layer on device %d needs device memory", p, st.device);
+    if (attr.type == cudaMemoryTypeDevice && attr.device != st.device)
+      fail(MOE_ERR_INVALID_ARGUMENT, "%p is memory of CUDA device %d; this layer runs on device %d", p, attr.device,
+           st.device);
+  });
+}
+
+__global__ void first_nonfinite_kernel(const float *p, int64_t n, unsigned long long *first) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    if (!isfinite(p[i])) atomicMin(first, static_cast<unsigned long long>(i));  // integer min: order-free
+}
+
+moe_status find_nonfinite(void *state, const float *p, int64_t n, int64_t *first) {
+  return guarded(state, [&](State &st) {
+    *first = -1;
+    if (n <= 0) return;
+    st.scratch[0].ensure(sizeof(unsigned long long), st.stream);
+    auto *d = st.scratch[0].as<unsigned long long>();
+    check(cudaMemsetAsync(d, 0xff, sizeof *d, st.stream), "cudaMemsetAsync");
+    const unsigned cap = static_cast<unsigned>((st.sm_count > 0 ? st.sm_count : 16) * 8);
+    const unsigned g = blocks_for(n, 256) < cap ? blocks_for(n, 256) : cap;
+    first_nonfinite_kernel<<<g, 256, 0, st.stream>>>(p, n, d);
+    check_launch("find non-finite");
+    unsigned long long h = 0;
+    check(cudaMemcpyAsync(&h, d, sizeof h, cudaMemcpyDeviceToHost, st.stream), "cudaMemcpyAsync");
+    check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize");
+    if (h != ~0ull) *first = static_cast<int64_t>(h);
+  });
+}
+
+moe_status synchronize(void *state) {
+  return guarded(state, [&](State &st) { check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize"); });
+}
+
+void *stream_of(void *state) { return static_cast<State *>(state)->stream; }
+
+const moe_backend_ops kOps = {
+    MOE_BACKEND_ABI, "cuda", create, destroy, last_error, set_stream, alloc, release, memset_zero, upload, download,
+    copy, check_pointer, find_nonfinite, synchronize,
+    gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
+    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, stream_of,
+};
+
+}  // namespace
+}  // namespace moe::cuda
+
+extern "C" __attribute__((visibility("default"))) const moe_backend_ops *moe_cuda_backend_v1(uint32_t abi) {
+  return abi == MOE_BACKEND_ABI ? &moe::cuda::kOps : nullptr;
+}

@@ -1,0 +1,160 @@
+// Shared pieces of the CUDA backend's stage files: the state of one layer's backend, error
+// handling, launch helpers and the stage entry points.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <exception>
+#include <new>
+#include <string>
+
+#include "core/backend.h"
+#include "core/checked.h"
+#include "core/error.h"
+
+namespace moe::cuda {
+
+// Device memory from the device's stream-ordered pool, owned RAII-style. Freed on the layer's
+// stream as it is at that time (the caller may have replaced the stream it was allocated on), so
+// a buffer may be dropped while kernels that use it are still queued.
+class DeviceMemory {
+ public:
+  DeviceMemory() = default;
+  DeviceMemory(DeviceMemory &&o) noexcept { swap(o); }
+  DeviceMemory &operator=(DeviceMemory &&o) noexcept {
+    DeviceMemory tmp(std::move(o));
+    swap(tmp);
+    return *this;
+  }
+  DeviceMemory(const DeviceMemory &) = delete;
+  DeviceMemory &operator=(const DeviceMemory &) = delete;
+  ~DeviceMemory() {
+    if (p_) cudaFreeAsync(p_, *stream_);
+  }
+  void swap(DeviceMemory &o) noexcept {
+    std::swap(p_, o.p_);
+    std::swap(bytes_, o.bytes_);
+    std::swap(stream_, o.stream_);
+  }
+  // Grow-only: keeps the memory when it is large enough. stream is the State's member.
+  void ensure(size_t bytes, cudaStream_t &stream);
+  template <class T>
+  T *as() const { return static_cast<T *>(p_); }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  void *p_ = nullptr;
+  size_t bytes_ = 0;
+  cudaStream_t *stream_ = nullptr;
+};
+
+// Pinned host memory for the few results that must reach the host (counts, aux-loss sums).
+class PinnedMemory {
+ public:
+  PinnedMemory() = default;
+  PinnedMemory(const PinnedMemory &) = delete;
+  PinnedMemory &operator=(const PinnedMemory &) = delete;
+  ~PinnedMemory() {
+    if (p_) cudaFreeHost(p_);
+  }
+  void ensure(size_t bytes);
+  template <class T>
+  T *as() const { return static_cast<T *>(p_); }
+
+ private:
+  void *p_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+struct State {
+  std::string error;
+  int device = 0;
+  int sm_count = 0;
+  bool tf32 = false;
+  cudaStream_t own_stream = nullptr;  // made at create; used until the caller sets one
+  cudaStream_t stream = nullptr;      // the layer's stream: every kernel, copy and GEMM runs on it
+  cublasHandle_t blas = nullptr;
+  // Scratch reused from call to call (grow-only), for stages whose temporaries are not workspace
+  // buffers of the core.
+  DeviceMemory scratch[4];
+  PinnedMemory host;
+
+  State() = default;
+  State(const State &) = delete;
+  State &operator=(const State &) = delete;
+  ~State();
+};
+
+// Throws moe::Error for a failed runtime call, naming the call; allocation failures are
+// MOE_ERR_OUT_OF_MEMORY, everything else MOE_ERR_DEVICE.
+void check(cudaError_t e, const char *what);
+void check(cublasStatus_t s, const char *what);
+// After a kernel launch: a bad configuration is reported here, faults at the next sync.
+void check_launch(const char *kernel);
+
+// Makes the layer's device current for the calling thread for the scope (threads may call
+// different layers; cudaSetDevice is per thread).
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device);
+  ~DeviceScope();
+  DeviceScope(const DeviceScope &) = delete;
+  DeviceScope &operator=(const DeviceScope &) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+inline void set_error(State *st, const char *message) noexcept {
+  try {
+    st->error = message;
+  } catch (...) {
+    st->error.clear();
+  }
+}
+
+// Runs a stage body on the layer's device, turning exceptions into a status and the message.
+template <class F>
+moe_status guarded(void *state, F &&body) noexcept {
+  auto *st = static_cast<State *>(state);
+  try {
+    DeviceScope scope(st->device);
+    body(*st);
+    return MOE_OK;
+  } catch (const Error &e) {
+    set_error(st, e.what());
+    return e.status();
+  } catch (const std::bad_alloc &) {
+    set_error(st, "out of host memory");
+    return MOE_ERR_OUT_OF_MEMORY;
+  } catch (const std::exception &e) {
+    set_error(st, e.what());
+    return MOE_ERR_INTERNAL;
+  }
+}
+
+inline unsigned blocks_for(int64_t n, int threads) {
+  const int64_t b = (n + threads - 1) / threads;
+  return static_cast<unsigned>(b < 1 ? 1 : (b > (int64_t{1} << 30) ? (int64_t{1} << 30) : b));
+}
+
+// out[t] = sum over t's rows r of (weight[r] *) src[r] (combine.cu; used by dispatch_bwd).
+void sum_token_rows(State &st, const moe_rows_args *a, const float *src, const float *weight, float *out);
+
+// Stage entry points (one file each, named for the stage as in src/cpu).
+moe_status gate(void *, const moe_gate_args *);
+moe_status gate_bwd(void *, const moe_gate_args *);
+moe_status select(void *, const moe_select_args *);
+moe_status select_bwd(void *, const moe_select_bwd_args *);
+moe_status plan(void *, const moe_plan_args *);
+moe_status dispatch(void *, const moe_rows_args *);
+moe_status dispatch_bwd(void *, const moe_rows_args *);
+moe_status expert_ffn(void *, const moe_ffn_args *);
+moe_status expert_ffn_bwd(void *, const moe_ffn_args *);
+moe_status combine(void *, const moe_rows_args *);
+moe_status combine_bwd(void *, const moe_rows_args *);
+moe_status shared_combine(void *, const moe_shared_args *);
+moe_status shared_combine_bwd(void *, const moe_shared_args *);
+
+}  // namespace moe::cuda

@@ -1,0 +1,312 @@
+// The capacity plan on the device: which slots are kept, and the rows of each expert in slot
+// order. Orders are made with CUB's stable radix sort, so the plan equals the CPU backend's
+// bit for bit: position policy ranks all first choices before any second choice (token order
+// within a choice); probs policy ranks by weight, ties in that position order; kept rows keep
+// slot order. Expert choice: each expert takes its `capacity` best tokens (ties to the lower
+// token), its rows in token order.
+#include <cub/device/device_histogram.cuh>
+#include <cub/device/device_radix_sort.cuh>
+#include <cub/device/device_scan.cuh>
+#include <cub/device/device_segmented_radix_sort.cuh>
+
+#include <algorithm>
+
+#include "cuda/cuda.h"
+#include "cuda/scratch.h"
+
+namespace moe::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+int bits_for(int64_t n) {
+  int b = 1;
+  while ((int64_t{1} << b) <= n) ++b;
+  return b;
+}
+
+// A float as an unsigned key whose ascending order is the float's descending order; NaN as -inf.
+__device__ inline uint32_t descending_key(float v) {
+  if (isnan(v)) v = -INFINITY;
+  uint32_t u = __float_as_uint(v);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending order of floats
+  return ~u;
+}
+
+// Keys in priority order p = j * T + t (position policy), or (expert, weight) (probs policy).
+__global__ void priority_keys_kernel(const int32_t *ids, const float *w, int64_t T, int64_t k, bool by_weight,
+                                     uint64_t *keys, int32_t *slots) {
+  const int64_t n = T * k;
+  for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < n; p += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t j = p / T, t = p % T, s = t * k + j;
+    uint64_t key = static_cast<uint64_t>(ids[s]) << 32;
+    if (by_weight) key |= descending_key(w[s]);
+    keys[p] = key;
+    slots[p] = static_cast<int32_t>(s);
+  }
+}
+
+// After the priority sort: a slot is kept when its rank within its expert is below capacity.
+__global__ void keep_kernel(const uint64_t *sorted_keys, const int32_t *sorted_slots, const int64_t *expert_start,
+                            int64_t n, int64_t capacity, int32_t *bucket, const int32_t *ids, int64_t E) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e = static_cast<int64_t>(sorted_keys[i] >> 32);
+    const int32_t s = sorted_slots[i];
+    bucket[s] = i - expert_start[e] < capacity ? ids[s] : static_cast<int32_t>(E);
+  }
+}
+
+__global__ void iota_kernel(int32_t *v, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    v[i] = static_cast<int32_t>(i);
+}
+
+__global__ void fill_rows_kernel(const int32_t *order, int64_t n, const int64_t *offsets, int64_t E, int64_t k,
+                                 const float *topk_w, int32_t *row_of_slot, int32_t *row_token, int32_t *row_slot,
+                                 float *row_weight) {
+  const int64_t R = offsets[E];
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int32_t s = order[i];
+    if (i < R) {
+      row_of_slot[s] = static_cast<int32_t>(i);
+      row_token[i] = static_cast<int32_t>(s / k);
+      row_slot[i] = s;
+      row_weight[i] = topk_w[s];
+    } else {
+      row_of_slot[s] = -1;
+    }
+  }
+}
+
+// Per expert, the sum of its rows' weights in double, in row order within fixed strides, then a
+// fixed tree: the same bits on every run.
+__global__ void weight_sum_kernel(const float *row_weight, const int64_t *offsets, double *out) {
+  __shared__ double part[kThreads];
+  const int e = blockIdx.x;
+  double acc = 0.0;
+  for (int64_t r = offsets[e] + threadIdx.x; r < offsets[e + 1]; r += blockDim.x) acc += row_weight[r];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) out[e] = part[0];
+}
+
+__global__ void kept_kernel(const int64_t *offsets, int64_t E, int64_t *kept) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < E; e += int64_t{gridDim.x} * blockDim.x)
+    kept[e] = offsets[e + 1] - offsets[e];
+}
+
+// Expert choice: keys [E, T] (expert-major) so each expert's tokens are one segment.
+__global__ void choice_keys_kernel(const float *scores, int64_t T, int64_t E, uint32_t *keys, int32_t *tokens) {
+  const int64_t n = T * E;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e = i / T, t = i % T;
+    keys[i] = descending_key(scores[t * E + e]);
+    tokens[i] = static_cast<int32_t>(t);
+  }
+}
+
+// The first C tokens of each expert's sorted segment, as keys for the sort into token order.
+__global__ void choice_take_kernel(const int32_t *sorted_tokens, int64_t T, int64_t E, int64_t C, int32_t *taken) {
+  const int64_t n = E * C;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e = i / C, c = i % C;
+    taken[i] = sorted_tokens[e * T + c];
+  }
+}
+
+__global__ void choice_rows_kernel(const int32_t *tokens, const float *scores, int64_t E, int64_t C,
+                                   int32_t *row_token, int32_t *row_slot, float *row_weight, int32_t *row_ids) {
+  const int64_t n = E * C;
+  for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < n; r += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t e = r / C, t = tokens[r];
+    row_token[r] = static_cast<int32_t>(t);
+    row_slot[r] = static_cast<int32_t>(t * E + e);
+    row_weight[r] = scores[t * E + e];
+    row_ids[r] = static_cast<int32_t>(r);
+  }
+}
+
+__global__ void segment_offsets_kernel(int64_t *offsets, int64_t segments, int64_t size) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i <= segments; i += int64_t{gridDim.x} * blockDim.x)
+    offsets[i] = i * size;
+}
+
+unsigned grid(const State &st, int64_t n) {
+  const unsigned cap = static_cast<unsigned>(std::max(1, st.sm_count) * 8);
+  return std::min(blocks_for(n, kThreads), cap);
+}
+
+// Runs a CUB call twice: once for its temporary size, once for real, in scratch[3].
+template <class F>
+void cub_call(State &st, const char *what, F &&f) {
+  size_t bytes = 0;
+  check(f(nullptr, bytes), what);
+  st.scratch[3].ensure(std::max<size_t>(bytes, 1), st.stream);
+  check(f(st.scratch[3].as<void>(), bytes), what);
+}
+
+// counts of v[i] in [0, bins) and their exclusive prefix sums into offsets[0..bins].
+void histogram_offsets(State &st, const int32_t *v, int64_t n, int64_t bins, int32_t *counts, int64_t *offsets) {
+  cub_call(st, "cub::DeviceHistogram::HistogramEven", [&](void *tmp, size_t &bytes) {
+    return cub::DeviceHistogram::HistogramEven(tmp, bytes, v, counts, static_cast<int>(bins + 1), 0,
+                                               static_cast<int>(bins), n, st.stream);
+  });
+  check(cudaMemsetAsync(counts + bins, 0, sizeof(int32_t), st.stream), "cudaMemsetAsync");
+  cub_call(st, "cub::DeviceScan::ExclusiveSum", [&](void *tmp, size_t &bytes) {
+    return cub::DeviceScan::ExclusiveSum(tmp, bytes, counts, offsets, bins + 1, st.stream);
+  });
+}
+
+// Brings offsets[E+1], kept[E] and weight_sum[E] to the host in one copy.
+void finish(State &st, const moe_plan_args *a, const int64_t *offsets, int64_t *kept, double *wsum) {
+  const int64_t E = a->E;
+  kept_kernel<<<blocks_for(E, kThreads), kThreads, 0, st.stream>>>(offsets, E, kept);
+  check_launch("kept");
+  weight_sum_kernel<<<static_cast<unsigned>(E), kThreads, 0, st.stream>>>(a->row_weight, offsets, wsum);
+  check_launch("weight sums");
+  const size_t bytes = sizeof(int64_t) * (2 * E + 1) + sizeof(double) * E;
+  st.host.ensure(bytes);
+  char *h = st.host.as<char>();
+  // offsets, kept and wsum are consecutive in the scratch plan (see plan()).
+  check(cudaMemcpyAsync(h, offsets, sizeof(int64_t) * (E + 1), cudaMemcpyDeviceToHost, st.stream), "cudaMemcpyAsync");
+  check(cudaMemcpyAsync(h + sizeof(int64_t) * (E + 1), kept, sizeof(int64_t) * E, cudaMemcpyDeviceToHost, st.stream),
+        "cudaMemcpyAsync");
+  check(cudaMemcpyAsync(h + sizeof(int64_t) * (2 * E + 1), wsum, sizeof(double) * E, cudaMemcpyDeviceToHost,
+                        st.stream),
+        "cudaMemcpyAsync");
+  // The expert GEMMs are sized on the host: the row counts must arrive before they are issued.
+  check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize (plan)");
+  const auto *ho = reinterpret_cast<const int64_t *>(h);
+  std::copy(ho, ho + E + 1, a->offsets);
+  std::copy(ho + E + 1, ho + 2 * E + 1, a->kept);
+  const auto *hw = reinterpret_cast<const double *>(h + sizeof(int64_t) * (2 * E + 1));
+  std::copy(hw, hw + E, a->weight_sum);
+}
+
+void plan_token_choice(State &st, const moe_plan_args *a) {
+  const int64_t T = a->T, E = a->E, k = a->k, n = checked_mul(T, k, "num_tokens * top_k");
+  const bool capped = a->capacity >= 0;
+  ScratchPlan sp;
+  const size_t h_keys = sp.add<uint64_t>(capped ? n : 0, "plan scratch");
+  const size_t h_keys_out = sp.add<uint64_t>(capped ? n : 0, "plan scratch");
+  const size_t h_slots = sp.add<int32_t>(n, "plan scratch");
+  const size_t h_slots_out = sp.add<int32_t>(n, "plan scratch");
+  const size_t h_bucket = sp.add<int32_t>(n, "plan scratch");
+  const size_t h_bucket_out = sp.add<int32_t>(n, "plan scratch");
+  const size_t h_counts = sp.add<int32_t>(E + 1, "plan scratch");
+  const size_t h_start = sp.add<int64_t>(E + 1, "plan scratch");
+  const size_t h_offsets = sp.add<int64_t>(E + 2, "plan scratch");
+  const size_t h_kept = sp.add<int64_t>(E, "plan scratch");
+  const size_t h_wsum = sp.add<double>(E, "plan scratch");
+  sp.commit(st.scratch[2], st.stream);
+  auto *slots = sp.get<int32_t>(h_slots), *slots_out = sp.get<int32_t>(h_slots_out);
+  auto *bucket = sp.get<int32_t>(h_bucket), *bucket_out = sp.get<int32_t>(h_bucket_out);
+  auto *counts = sp.get<int32_t>(h_counts);
+  auto *offsets = sp.get<int64_t>(h_offsets);
+  const unsigned g = grid(st, n);
+
+  if (n > 0 && capped) {
+    const bool by_weight = a->drop_policy == MOE_DROP_PROBS;
+    auto *keys = sp.get<uint64_t>(h_keys), *keys_out = sp.get<uint64_t>(h_keys_out);
+    auto *start = sp.get<int64_t>(h_start);
+    priority_keys_kernel<<<g, kThreads, 0, st.stream>>>(a->topk_ids, a->topk_w, T, k, by_weight, keys, slots);
+    check_launch("priority keys");
+    const int begin = by_weight ? 0 : 32, end = 32 + bits_for(E);
+    cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, keys_out, slots, slots_out, n, begin, end, st.stream);
+    });
+    histogram_offsets(st, a->topk_ids, n, E, counts, start);
+    keep_kernel<<<g, kThreads, 0, st.stream>>>(keys_out, slots_out, start, n, a->capacity, bucket, a->topk_ids, E);
+    check_launch("keep");
+  } else if (n > 0) {
+    check(cudaMemcpyAsync(bucket, a->topk_ids, sizeof(int32_t) * n, cudaMemcpyDeviceToDevice, st.stream),
+          "cudaMemcpyAsync");
+  }
+  // Kept slots by expert, in slot order (stable); dropped ones in bucket E, after every row.
+  if (n > 0) {
+    iota_kernel<<<g, kThreads, 0, st.stream>>>(slots, n);
+    check_launch("iota");
+    cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceRadixSort::SortPairs(tmp, bytes, bucket, bucket_out, slots, slots_out, n, 0,
+                                             bits_for(E), st.stream);
+    });
+    histogram_offsets(st, bucket, n, E, counts, offsets);
+    fill_rows_kernel<<<g, kThreads, 0, st.stream>>>(slots_out, n, offsets, E, k, a->topk_w, a->row_of_slot,
+                                                    a->row_token, a->row_slot, a->row_weight);
+    check_launch("fill rows");
+  } else {
+    check(cudaMemsetAsync(offsets, 0, sizeof(int64_t) * (E + 1), st.stream), "cudaMemsetAsync");
+  }
+  finish(st, a, offsets, sp.get<int64_t>(h_kept), sp.get<double>(h_wsum));
+}
+
+void plan_expert_choice(State &st, const moe_plan_args *a) {
+  const int64_t T = a->T, E = a->E, C = std::max<int64_t>(0, std::min(a->capacity, T));
+  const int64_t n = checked_mul(T, E, "num_tokens * num_experts"), R = E * C;
+  ScratchPlan sp;
+  const size_t h_keys = sp.add<uint32_t>(n, "plan scratch");
+  const size_t h_keys_out = sp.add<uint32_t>(n, "plan scratch");
+  const size_t h_tok = sp.add<int32_t>(n, "plan scratch");
+  const size_t h_tok_out = sp.add<int32_t>(n, "plan scratch");
+  const size_t h_seg = sp.add<int64_t>(E + 1, "plan scratch");
+  const size_t h_ids = sp.add<int32_t>(R, "plan scratch");
+  const size_t h_counts = sp.add<int32_t>(T + 1, "plan scratch");
+  const size_t h_offsets = sp.add<int64_t>(E + 2, "plan scratch");
+  const size_t h_kept = sp.add<int64_t>(E, "plan scratch");
+  const size_t h_wsum = sp.add<double>(E, "plan scratch");
+  sp.commit(st.scratch[2], st.stream);
+  auto *keys = sp.get<uint32_t>(h_keys), *keys_out = sp.get<uint32_t>(h_keys_out);
+  auto *tok = sp.get<int32_t>(h_tok), *tok_out = sp.get<int32_t>(h_tok_out);
+  auto *seg = sp.get<int64_t>(h_seg), *offsets = sp.get<int64_t>(h_offsets);
+  auto *ids = sp.get<int32_t>(h_ids), *counts = sp.get<int32_t>(h_counts);
+
+  segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(offsets, E, C);
+  check_launch("expert offsets");
+  if (R > 0) {
+    choice_keys_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->scores, T, E, keys, tok);
+    check_launch("choice keys");
+    segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(seg, E, T);
+    check_launch("segment offsets");
+    // Best first within each expert; stable, so equal scores keep token order.
+    cub_call(st, "cub::DeviceSegmentedRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceSegmentedRadixSort::SortPairs(tmp, bytes, keys, keys_out, tok, tok_out, n,
+                                                      static_cast<int>(E), seg, seg + 1, 0, 32, st.stream);
+    });
+    // The C chosen tokens of each expert, into token order.
+    choice_take_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(tok_out, T, E, C, tok);
+    check_launch("choice take");
+    segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(seg, E, C);
+    check_launch("segment offsets");
+    cub_call(st, "cub::DeviceSegmentedRadixSort::SortKeys", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceSegmentedRadixSort::SortKeys(tmp, bytes, tok, tok_out, R, static_cast<int>(E), seg, seg + 1,
+                                                     0, bits_for(T), st.stream);
+    });
+    choice_rows_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(tok_out, a->scores, E, C, a->row_token, a->row_slot,
+                                                                a->row_weight, ids);
+    check_launch("choice rows");
+    // Each token's rows in expert (row) order: a stable sort of row ids by token.
+    cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceRadixSort::SortPairs(tmp, bytes, a->row_token, tok, ids, a->token_rows, R, 0, bits_for(T),
+                                             st.stream);
+    });
+    histogram_offsets(st, a->row_token, R, T, counts, a->token_offsets);
+  } else {
+    check(cudaMemsetAsync(a->token_offsets, 0, sizeof(int64_t) * (T + 1), st.stream), "cudaMemsetAsync");
+  }
+  finish(st, a, offsets, sp.get<int64_t>(h_kept), sp.get<double>(h_wsum));
+}
+
+}  // namespace
+
+moe_status plan(void *state, const moe_plan_args *a) {
+  return guarded(state, [&](State &st) {
+    if (a->expert_choice) plan_expert_choice(st, a);
+    else plan_token_choice(st, a);
+  });
+}
+
+}  // namespace moe::cuda
