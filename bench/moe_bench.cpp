@@ -5,6 +5,9 @@
 // FLOPs follow DESIGN §8: forward = 2·slots·d·d_ff·(3 for GLU, 2 otherwise) + router 2·T·d·E
 // (+ the shared experts, 2·T·S·d·d_ff_shared·(3|2)); backward ≈ 2× forward. slots = T·k for
 // token choice, E·C for expert choice; nominal counts (slots dropped by capacity are counted).
+// CUDA layers: each iteration ends with cudaDeviceSynchronize before the clock is read (the
+// device's reference rates come from moe-gpu-peak, bench/gpu_peak.cu). --ep-ranks R runs R
+// expert-parallel layers in this process and reports the bytes each rank sends (ep_run.h).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -12,10 +15,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <dlfcn.h>
 #include <exception>
 #include <functional>
 #include <map>
+#include <optional>
 #include <omp.h>
 #include <string>
 #include <type_traits>
@@ -23,7 +26,11 @@
 
 #include <moe/moe.h>
 
+#include "bench_device.h"
 #include "cpu/blas.h"
+#include "ep_run.h"
+
+using namespace moe_bench;
 
 // ---- BLAS thread count ----------------------------------------------------------------------
 // If blas.h declares moe::cpu::set_threads(int-like), overload resolution prefers it to this
@@ -88,117 +95,13 @@ void warn_slow_blas_kernel() {
 #endif
 }
 
-[[noreturn]] void die(const char *fmt, const char *a = "", const char *b = "") {
-  std::fprintf(stderr, "moe-bench: ");
-  std::fprintf(stderr, fmt, a, b);
-  std::fprintf(stderr, "\n");
-  std::exit(1);
-}
-
-void check(moe_status st, const char *what) {
-  if (st == MOE_OK) return;
-  std::fprintf(stderr, "moe-bench: %s failed: %s: %s\n", what, moe_status_name(st), moe_last_error());
-  std::exit(1);
-}
-
-// ---- a small deterministic PRNG ---------------------------------------------------------------
-struct Rng {
-  uint64_t s;
-  uint64_t next() {
-    uint64_t z = (s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  // uniform in ±[0.1, 1): random and never zero
-  float nonzero() {
-    double u = static_cast<double>(next() >> 11) * 0x1.0p-53;
-    double m = 0.1 + 0.9 * u;
-    return static_cast<float>((next() & 1) ? m : -m);
-  }
-};
-
-// ---- activations on the layer's device --------------------------------------------------------
-struct Cuda {
-  void *lib = nullptr;
-  int (*malloc_)(void **, size_t) = nullptr;
-  int (*free_)(void *) = nullptr;
-  int (*memcpy_)(void *, const void *, size_t, int) = nullptr;
-  int (*sync)() = nullptr;
-  const char *(*error_string)(int) = nullptr;
-
-  void open() {
-    for (const char *n : {"libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"})
-      if ((lib = dlopen(n, RTLD_NOW | RTLD_LOCAL)) != nullptr) break;
-    if (!lib) die("CUDA runtime (libcudart.so) not found: %s", dlerror());
-    malloc_ = reinterpret_cast<decltype(malloc_)>(dlsym(lib, "cudaMalloc"));
-    free_ = reinterpret_cast<decltype(free_)>(dlsym(lib, "cudaFree"));
-    memcpy_ = reinterpret_cast<decltype(memcpy_)>(dlsym(lib, "cudaMemcpy"));
-    sync = reinterpret_cast<decltype(sync)>(dlsym(lib, "cudaDeviceSynchronize"));
-    error_string = reinterpret_cast<decltype(error_string)>(dlsym(lib, "cudaGetErrorString"));
-    if (!malloc_ || !free_ || !memcpy_ || !sync || !error_string) die("libcudart lacks the functions moe-bench needs");
-  }
-  void ok(int e, const char *what) {
-    if (e != 0) die("%s failed: %s", what, error_string(e));
-  }
-};
-
-struct DeviceBuffer {
-  Cuda *cuda = nullptr;  // null: host memory
-  void *p = nullptr;
-  std::vector<unsigned char> host;
-  DeviceBuffer(Cuda *c, const std::vector<unsigned char> &bytes) : cuda(c) {
-    if (!cuda) {
-      host = bytes;
-      if (host.empty()) host.resize(1);
-      p = host.data();
-    } else {
-      cuda->ok(cuda->malloc_(&p, std::max<size_t>(bytes.size(), 1)), "cudaMalloc");
-      if (!bytes.empty()) cuda->ok(cuda->memcpy_(p, bytes.data(), bytes.size(), 1), "cudaMemcpy");
-    }
-  }
-  ~DeviceBuffer() {
-    if (cuda && p) cuda->free_(p);
-  }
-  DeviceBuffer(const DeviceBuffer &) = delete;
-  DeviceBuffer &operator=(const DeviceBuffer &) = delete;
-};
-
-uint16_t to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7FFF + ((u >> 16) & 1);  // round to nearest even (inputs are finite)
-  return static_cast<uint16_t>(u >> 16);
-}
-
-uint16_t to_f16(float f) {
-  _Float16 h = static_cast<_Float16>(f);
-  uint16_t u;
-  std::memcpy(&u, &h, 2);
-  return u;
-}
-
-std::vector<unsigned char> random_activations(int64_t n, moe_dtype dtype, Rng &rng) {
-  const size_t es = dtype == MOE_DTYPE_F32 ? 4 : 2;
-  std::vector<unsigned char> out(static_cast<size_t>(n) * es);
-  for (int64_t i = 0; i < n; ++i) {
-    float v = rng.nonzero();
-    if (dtype == MOE_DTYPE_F32) {
-      std::memcpy(out.data() + i * 4, &v, 4);
-    } else {
-      uint16_t h = dtype == MOE_DTYPE_BF16 ? to_bf16(v) : to_f16(v);
-      std::memcpy(out.data() + i * 2, &h, 2);
-    }
-  }
-  return out;
-}
-
 // ---- options ----------------------------------------------------------------------------------
 struct Options {
   moe_config cfg{};
   int threads = 0;  // 0: leave OpenMP's default
   int64_t tokens = 4096;
   int64_t sgemm_size = 2048;
+  int ep_ranks = 1;
   int iters = 20;
   int warmup = 3;
   bool fwd = true, fwdbwd = true;
@@ -242,7 +145,11 @@ void usage(FILE *f) {
                "  --threads N          OpenMP and BLAS threads (default: OpenMP's default)\n"
                "  --tokens T (4096)    --iters N (20)    --warmup N (3)\n"
                "  --sgemm-size N (2048)  size of the reference sgemm\n"
-               "  --mode fwd|fwdbwd|both (both)          --json\n");
+               "  --mode fwd|fwdbwd|both (both)          --json\n"
+               "  --ep-ranks R (1)     R expert-parallel layers as threads of this process, T/R tokens\n"
+               "                       each (threads split between them); reports the bytes each rank\n"
+               "                       sends per token. Times then measure the in-process exchange path,\n"
+               "                       not the speed of a networked run.\n");
 }
 
 int64_t to_i64(const std::string &flag, const std::string &v) {
@@ -369,6 +276,7 @@ Options parse(int argc, char **argv) {
       {"--sgemm-size", [&](auto &f, auto &v) { o.sgemm_size = to_i64(f, v); }},
       {"--iters", [&](auto &f, auto &v) { o.iters = static_cast<int>(to_i64(f, v)); }},
       {"--warmup", [&](auto &f, auto &v) { o.warmup = static_cast<int>(to_i64(f, v)); }},
+      {"--ep-ranks", [&](auto &f, auto &v) { o.ep_ranks = static_cast<int>(to_i64(f, v)); }},
       {"--mode",
        [&](auto &f, auto &v) {
          int m = to_enum<int>(f, v, {{"fwd", 1}, {"fwdbwd", 2}, {"both", 3}});
@@ -387,6 +295,7 @@ Options parse(int argc, char **argv) {
   if (o.iters < 1) die("--iters must be >= 1");
   if (o.warmup < 0) die("--warmup must be >= 0");
   if (o.sgemm_size < 1) die("--sgemm-size must be >= 1");
+  if (o.ep_ranks < 1 || o.ep_ranks > 1024) die("--ep-ranks must be in [1, 1024]");
   return o;
 }
 
@@ -411,10 +320,6 @@ double measure_sgemm(int64_t n, int reps) {
   return 2.0 * n * n * n / best / 1e9;
 }
 
-struct Timing {
-  double median_ms = 0, min_ms = 0;
-};
-
 Timing time_it(int warmup, int iters, Cuda *cuda, const std::function<void()> &step) {
   for (int i = 0; i < warmup; ++i) step();
   if (cuda) cuda->ok(cuda->sync(), "cudaDeviceSynchronize");
@@ -425,12 +330,47 @@ Timing time_it(int warmup, int iters, Cuda *cuda, const std::function<void()> &s
     if (cuda) cuda->ok(cuda->sync(), "cudaDeviceSynchronize");
     ms.push_back(seconds_since(t0) * 1e3);
   }
-  std::sort(ms.begin(), ms.end());
-  size_t m = ms.size();
-  Timing t;
-  t.median_ms = m % 2 ? ms[m / 2] : 0.5 * (ms[m / 2 - 1] + ms[m / 2]);
-  t.min_ms = ms.front();
-  return t;
+  return summarize(std::move(ms));
+}
+
+// One layer holding every expert: the figures the comparisons use.
+struct Measured {
+  moe_config eff{};
+  Timing tf, tb;
+  moe_stats st{};
+  bool have_stats = false;
+};
+
+Measured run_single(const Options &o, Cuda *cu) {
+  Measured m;
+  moe_layer *layer = nullptr;
+  check(moe_layer_create(&o.cfg, &layer), "moe_layer_create");
+  m.eff.struct_size = sizeof m.eff;
+  check(moe_layer_get_config(layer, &m.eff), "moe_layer_get_config");
+  moe_context *ctx = nullptr;
+  check(moe_context_create(layer, &ctx), "moe_context_create");
+
+  // Random, non-zero activations on the layer's device.
+  Rng rng{m.eff.seed ^ 0xA5A5A5A5DEADBEEFull};
+  const int64_t n = o.tokens * m.eff.d_model;
+  DeviceBuffer x(cu, random_activations(n, m.eff.dtype, rng));
+  DeviceBuffer dy(cu, random_activations(n, m.eff.dtype, rng));
+  const size_t act_bytes = static_cast<size_t>(n) * (m.eff.dtype == MOE_DTYPE_F32 ? 4 : 2);
+  DeviceBuffer y(cu, std::vector<unsigned char>(act_bytes));
+  DeviceBuffer dx(cu, std::vector<unsigned char>(act_bytes));
+
+  if (o.fwd)
+    m.tf = time_it(o.warmup, o.iters, cu, [&] { check(moe_forward(layer, x.p, o.tokens, y.p, nullptr), "moe_forward"); });
+  if (o.fwdbwd)
+    m.tb = time_it(o.warmup, o.iters, cu, [&] {
+      check(moe_forward(layer, x.p, o.tokens, y.p, ctx), "moe_forward (training)");
+      check(moe_backward(layer, ctx, dy.p, dx.p), "moe_backward");
+    });
+  m.st.struct_size = sizeof m.st;
+  m.have_stats = o.fwdbwd && moe_context_stats(ctx, &m.st) == MOE_OK;
+  moe_context_destroy(ctx);
+  moe_layer_destroy(layer);
+  return m;
 }
 
 }  // namespace
@@ -441,15 +381,47 @@ int run(int argc, char **argv) {
   const int threads = omp_get_max_threads();
   const bool on_cuda = o.cfg.device == MOE_DEVICE_CUDA;
 
-  moe_layer *layer = nullptr;
-  check(moe_layer_create(&o.cfg, &layer), "moe_layer_create");
-  moe_config eff{};
-  eff.struct_size = sizeof eff;
-  check(moe_layer_get_config(layer, &eff), "moe_layer_get_config");
-  moe_context *ctx = nullptr;
-  check(moe_context_create(layer, &ctx), "moe_context_create");
+  // The machine's sgemm rate with the same BLAS and thread count (CPU layers only).
+  const double sgemm_gflops = on_cuda ? 0.0 : measure_sgemm(o.sgemm_size, 5);
+  if (!on_cuda) warn_slow_blas_kernel();
 
-  // FLOPs per iteration (DESIGN §8).
+  Cuda cuda;
+  if (on_cuda) {
+    cuda.open();
+    // The current device is per thread: the bench's buffers and synchronisations follow the layer's.
+    cuda.ok(cuda.set_device(o.cfg.device_index), "cudaSetDevice");
+  }
+  Cuda *cu = on_cuda ? &cuda : nullptr;
+
+  Measured m;
+  std::optional<EpResult> ep;
+  if (o.ep_ranks > 1) {
+    EpParams p;
+    p.cfg = o.cfg;
+    p.ranks = o.ep_ranks;
+    p.tokens = o.tokens;
+    p.warmup = o.warmup;
+    p.iters = o.iters;
+    p.fwd = o.fwd;
+    p.fwdbwd = o.fwdbwd;
+    // The ranks share the machine: each gets its share of the threads.
+    p.threads_per_rank = std::max(1, threads / o.ep_ranks);
+    p.cuda = cu;
+    ep = run_expert_parallel(p);
+    m.eff = ep->eff;
+    m.tf = ep->fwd;
+    m.tb = ep->fwdbwd;
+    m.st = ep->stats;
+    m.have_stats = ep->have_stats;
+  } else {
+    m = run_single(o, cu);
+  }
+  const moe_config &eff = m.eff;
+  const Timing &tf = m.tf, &tb = m.tb;
+  const moe_stats &st = m.st;
+  const bool have_stats = m.have_stats;
+
+  // FLOPs per iteration (DESIGN §8), of the global batch.
   const double T = static_cast<double>(o.tokens), d = static_cast<double>(eff.d_model);
   const double E = static_cast<double>(eff.num_experts), k = static_cast<double>(eff.top_k);
   const auto glu_factor = [](moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU ? 3.0 : 2.0; };
@@ -460,35 +432,6 @@ int run(int argc, char **argv) {
   fwd_flops += 2.0 * T * static_cast<double>(eff.num_shared_experts) * d * static_cast<double>(eff.d_ff_shared) *
                glu_factor(eff.activation);
   const double fwdbwd_flops = 3.0 * fwd_flops;
-
-  // The machine's sgemm rate with the same BLAS and thread count (CPU layers only).
-  const double sgemm_gflops = on_cuda ? 0.0 : measure_sgemm(o.sgemm_size, 5);
-  if (!on_cuda) warn_slow_blas_kernel();
-
-  // Random, non-zero activations on the layer's device.
-  Cuda cuda;
-  if (on_cuda) cuda.open();
-  Cuda *cu = on_cuda ? &cuda : nullptr;
-  Rng rng{eff.seed ^ 0xA5A5A5A5DEADBEEFull};
-  const int64_t n = o.tokens * eff.d_model;
-  DeviceBuffer x(cu, random_activations(n, eff.dtype, rng));
-  DeviceBuffer dy(cu, random_activations(n, eff.dtype, rng));
-  const size_t act_bytes = static_cast<size_t>(n) * (eff.dtype == MOE_DTYPE_F32 ? 4 : 2);
-  DeviceBuffer y(cu, std::vector<unsigned char>(act_bytes));
-  DeviceBuffer dx(cu, std::vector<unsigned char>(act_bytes));
-
-  Timing tf, tb;
-  if (o.fwd)
-    tf = time_it(o.warmup, o.iters, cu, [&] { check(moe_forward(layer, x.p, o.tokens, y.p, nullptr), "moe_forward"); });
-  if (o.fwdbwd)
-    tb = time_it(o.warmup, o.iters, cu, [&] {
-      check(moe_forward(layer, x.p, o.tokens, y.p, ctx), "moe_forward (training)");
-      check(moe_backward(layer, ctx, dy.p, dx.p), "moe_backward");
-    });
-
-  moe_stats st{};
-  st.struct_size = sizeof st;
-  bool have_stats = o.fwdbwd && moe_context_stats(ctx, &st) == MOE_OK;
 
   const std::string blas = on_cuda ? std::string("n/a (cuda)") : blas_description();
   auto gflops = [](double flops, const Timing &t) { return flops / (t.median_ms * 1e-3) / 1e9; };
@@ -524,6 +467,8 @@ int run(int argc, char **argv) {
     if (have_stats)
       std::printf(", \"routing\": {\"dropped_slots\": %lld, \"load_cv\": %.4f, \"max_load_ratio\": %.4f}",
                   (long long)st.dropped_slots, st.load_cv, st.max_load_ratio);
+    std::printf(", \"ep_ranks\": %d", o.ep_ranks);
+    if (ep) print_ep_json(*ep);
     std::printf("}\n");
   } else {
     std::printf("moe-bench  libmoe %u.%u.%u  device %s  threads %d\n", v / 10000, v / 100 % 100, v % 100,
@@ -541,6 +486,10 @@ int run(int argc, char **argv) {
                   eff.shared_gate ? " gated" : "");
     std::printf("  %s\n", dtype_name(eff.dtype));
     std::printf("run        tokens %lld  iters %d (median)  warmup %d\n", (long long)o.tokens, o.iters, o.warmup);
+    if (ep)
+      std::printf("           %d expert-parallel ranks in this process: times below are of the in-process exchange\n"
+                  "           path (copies and barriers), not a speed claim\n",
+                  o.ep_ranks);
     if (!on_cuda)
       std::printf("sgemm      %lld^3: %.1f GFLOP/s (best of 5, same BLAS and threads)\n", (long long)o.sgemm_size,
                   sgemm_gflops);
@@ -556,10 +505,9 @@ int run(int argc, char **argv) {
     if (have_stats)
       std::printf("\nrouting    dropped slots %lld  load CV %.3f  max/mean load %.3f\n", (long long)st.dropped_slots,
                   st.load_cv, st.max_load_ratio);
+    if (ep) print_ep_text(*ep);
   }
 
-  moe_context_destroy(ctx);
-  moe_layer_destroy(layer);
   return 0;
 }
 

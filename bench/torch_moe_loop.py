@@ -22,15 +22,18 @@ PLAIN = {"relu": F.relu, "gelu": lambda t: F.gelu(t), "silu": F.silu}
 
 
 class LoopMoE(torch.nn.Module):
-    def __init__(self, d, ff, experts, k, activation, aux_coef=0.01):
+    # device/dtype: where the parameters are made (and initialised): a DeepSeek-V3-sized layer has
+    # 11e9 parameters, too many to create on the host and copy.
+    def __init__(self, d, ff, experts, k, activation, aux_coef=0.01, device=None, dtype=None):
         super().__init__()
         self.k, self.experts, self.aux_coef = k, experts, aux_coef
         self.glu = activation in GLU
         self.act = GLU.get(activation) or PLAIN[activation]
-        self.router = torch.nn.Linear(d, experts, bias=False)
-        self.w1 = torch.nn.ModuleList(torch.nn.Linear(d, ff, bias=False) for _ in range(experts))
-        self.w3 = torch.nn.ModuleList(torch.nn.Linear(d, ff, bias=False) for _ in range(experts)) if self.glu else None
-        self.w2 = torch.nn.ModuleList(torch.nn.Linear(ff, d, bias=False) for _ in range(experts))
+        f = {"bias": False, "device": device, "dtype": dtype}
+        self.router = torch.nn.Linear(d, experts, **f)
+        self.w1 = torch.nn.ModuleList(torch.nn.Linear(d, ff, **f) for _ in range(experts))
+        self.w3 = torch.nn.ModuleList(torch.nn.Linear(d, ff, **f) for _ in range(experts)) if self.glu else None
+        self.w2 = torch.nn.ModuleList(torch.nn.Linear(ff, d, **f) for _ in range(experts))
 
     def forward(self, x):
         logits = self.router(x)
@@ -52,7 +55,7 @@ class LoopMoE(torch.nn.Module):
             y.index_add_(0, tok, out)
         aux = None
         if torch.is_grad_enabled():
-            frac = torch.tensor(counts, dtype=x.dtype) / (x.shape[0] * self.k)
+            frac = torch.tensor(counts, dtype=x.dtype, device=x.device) / (x.shape[0] * self.k)
             aux = self.aux_coef * self.experts * (frac * probs.mean(dim=0)).sum()
         return y, aux
 
