@@ -202,8 +202,8 @@ MOE_API void moe_layer_destroy(moe_layer *layer);
 MOE_API moe_status moe_layer_get_config(const moe_layer *layer, moe_config *out);
 
 /**
- * Make a CUDA layer issue all its work on cuda_stream (a cudaStream_t). Not owned: it must outlive
- * its use by the layer, or be replaced first. NULL returns to the layer's own stream, a blocking
+ * Make a CUDA layer issue all its work on cuda_stream (a cudaStream_t). Not owned: it must stay
+ * valid until another stream is set or the layer is destroyed (destroy frees memory on it). NULL returns to the layer's own stream, a blocking
  * stream made at create (ordered after work on the legacy default stream). Work already queued on
  * the previous stream is waited for. For a CPU layer only NULL is accepted (and ignored).
  *

@@ -17,6 +17,7 @@ void check(cudaError_t e, const char *what) {
 
 void check(cublasStatus_t s, const char *what) {
   if (s == CUBLAS_STATUS_SUCCESS) return;
+  cudaGetLastError();
   fail(s == CUBLAS_STATUS_ALLOC_FAILED ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s", what,
        cublasGetStatusString(s));
 }
@@ -38,17 +39,17 @@ DeviceScope::DeviceScope(int device) {
 }
 
 DeviceScope::~DeviceScope() {
-  if (previous_ >= 0) cudaSetDevice(previous_);
+  if (previous_ >= 0 && cudaSetDevice(previous_) != cudaSuccess) cudaGetLastError();
 }
 
-void DeviceMemory::ensure(size_t bytes, cudaStream_t &stream) {
+void DeviceMemory::ensure(size_t bytes, State &st) {
   if (p_ && bytes_ >= bytes) return;
   void *p = nullptr;
-  check(cudaMallocAsync(&p, bytes, stream), "cudaMallocAsync");
+  check(cudaMallocFromPoolAsync(&p, bytes, st.pool, st.stream), "cudaMallocFromPoolAsync");
   DeviceMemory fresh;
   fresh.p_ = p;
   fresh.bytes_ = bytes;
-  fresh.stream_ = &stream;
+  fresh.stream_ = &st.stream;
   swap(fresh);  // the old memory is freed on its stream, after the work queued on it
 }
 
@@ -68,6 +69,9 @@ State::~State() {
   if (stream) cudaStreamSynchronize(stream);
   if (blas) cublasDestroy(blas);
   if (own_stream) cudaStreamDestroy(own_stream);
+  // Freed once its last allocation is (the core frees its buffers before the backend).
+  if (pool) cudaMemPoolDestroy(pool);
+  cudaGetLastError();
 }
 
 namespace {
@@ -107,6 +111,22 @@ moe_status create(const moe_config *cfg, void **state) {
     int pools = 0;
     check(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, s->device), "cudaDeviceGetAttribute");
     if (!pools) fail(MOE_ERR_DEVICE, "CUDA device %d has no stream-ordered memory pool", s->device);
+    int major = 0, minor = 0;
+    check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, s->device), "cudaDeviceGetAttribute");
+    check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, s->device), "cudaDeviceGetAttribute");
+    if (major < 8)
+      fail(MOE_ERR_DEVICE, "CUDA device %d has compute capability %d.%d; libmoe_cuda is built for 8.0 and newer",
+           s->device, major, minor);
+    // A pool of the layer's own that keeps what it frees: the routing waits on the host every
+    // forward, and the default pool would hand memory back to the driver at each wait. Its own,
+    // so the application's default pool keeps its settings.
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = s->device;
+    check(cudaMemPoolCreate(&s->pool, &props), "cudaMemPoolCreate");
+    uint64_t keep = UINT64_MAX;
+    check(cudaMemPoolSetAttribute(s->pool, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
     s->tf32 = cfg->allow_tf32 != 0;
     // A blocking stream: it orders itself after work the caller put on the legacy default stream.
     check(cudaStreamCreate(&s->own_stream), "cudaStreamCreate");
@@ -151,7 +171,7 @@ moe_status set_stream(void *state, void *stream) {
 moe_status alloc(void *state, size_t bytes, void **out) {
   return guarded(state, [&](State &st) {
     void *p = nullptr;
-    check(cudaMallocAsync(&p, bytes ? bytes : 1, st.stream), "cudaMallocAsync");
+    check(cudaMallocFromPoolAsync(&p, bytes ? bytes : 1, st.pool, st.stream), "cudaMallocFromPoolAsync");
     *out = p;
   });
 }
@@ -164,6 +184,7 @@ void release(void *state, void *p) {
   if (current != st->device) cudaSetDevice(st->device);
   cudaFreeAsync(p, st->stream);
   if (current >= 0 && current != st->device) cudaSetDevice(current);
+  cudaGetLastError();  // nothing to report from a free; keep it from blaming the next launch
 }
 
 moe_status memset_zero(void *state, void *p, size_t bytes) {
@@ -220,7 +241,7 @@ moe_status find_nonfinite(void *state, const float *p, int64_t n, int64_t *first
   return guarded(state, [&](State &st) {
     *first = -1;
     if (n <= 0) return;
-    st.scratch[0].ensure(sizeof(unsigned long long), st.stream);
+    st.scratch[0].ensure(sizeof(unsigned long long), st);
     auto *d = st.scratch[0].as<unsigned long long>();
     check(cudaMemsetAsync(d, 0xff, sizeof *d, st.stream), "cudaMemsetAsync");
     const unsigned cap = static_cast<unsigned>((st.sm_count > 0 ? st.sm_count : 16) * 8);

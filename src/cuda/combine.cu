@@ -158,7 +158,7 @@ moe_status shared_combine_bwd(void *state, const moe_shared_args *a) {
     if (T == 0) return;
     float *dpre = a->scratch;
     if (a->gate_w && !dpre) {
-      st.scratch[0].ensure(checked_bytes(T, sizeof(float), "shared_combine_bwd scratch"), st.stream);
+      st.scratch[0].ensure(checked_bytes(T, sizeof(float), "shared_combine_bwd scratch"), st);
       dpre = st.scratch[0].as<float>();
     }
     if (vec4_ok(d, {a->dy, a->ys, a->gate_w, a->dys, a->dx}))

@@ -15,7 +15,9 @@
 
 namespace moe::cuda {
 
-// Device memory from the device's stream-ordered pool, owned RAII-style. Freed on the layer's
+struct State;
+
+// Device memory from the layer's stream-ordered pool, owned RAII-style. Freed on the layer's
 // stream as it is at that time (the caller may have replaced the stream it was allocated on), so
 // a buffer may be dropped while kernels that use it are still queued.
 class DeviceMemory {
@@ -38,7 +40,7 @@ class DeviceMemory {
     std::swap(stream_, o.stream_);
   }
   // Grow-only: keeps the memory when it is large enough. stream is the State's member.
-  void ensure(size_t bytes, cudaStream_t &stream);
+  void ensure(size_t bytes, State &st);
   template <class T>
   T *as() const { return static_cast<T *>(p_); }
   size_t bytes() const { return bytes_; }
@@ -75,6 +77,7 @@ struct State {
   cudaStream_t own_stream = nullptr;  // made at create; used until the caller sets one
   cudaStream_t stream = nullptr;      // the layer's stream: every kernel, copy and GEMM runs on it
   cublasHandle_t blas = nullptr;
+  cudaMemPool_t pool = nullptr;  // every allocation of the layer comes from it
   // Scratch reused from call to call (grow-only), for stages whose temporaries are not workspace
   // buffers of the core.
   DeviceMemory scratch[4];
@@ -120,6 +123,9 @@ moe_status guarded(void *state, F &&body) noexcept {
   auto *st = static_cast<State *>(state);
   try {
     DeviceScope scope(st->device);
+    // An error left by earlier work of the application would be reported by our first launch
+    // check as our own: take it out of the way (a sticky one recurs at our first call).
+    cudaGetLastError();
     body(*st);
     return MOE_OK;
   } catch (const Error &e) {

@@ -21,8 +21,12 @@ Rows rows_of(const moe_ffn_args *a, int64_t e) {
   return {a->offsets[e], a->offsets[e + 1] - a->offsets[e]};
 }
 
+// Rows of every expert together; they start at row 0 (the core's offsets begin at 0), so the
+// activation runs over all of them in one launch.
 int64_t total_rows(const moe_ffn_args *a) {
-  return a->shared_input ? a->num_experts * a->offsets[1] : a->offsets[a->num_experts] - a->offsets[0];
+  if (!a->shared_input && a->offsets[0] != 0)
+    fail(MOE_ERR_INTERNAL, "expert_ffn: offsets[0] is %lld, expected 0", (long long)a->offsets[0]);
+  return a->shared_input ? a->num_experts * a->offsets[1] : a->offsets[a->num_experts];
 }
 
 const float *input_of(const moe_ffn_args *a, const Rows &r) {
@@ -41,7 +45,9 @@ __global__ void act_bwd_kernel(int kind, const float *h, const float *g, float *
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const Act v = activation(kind, h[i]);
     const float d = d_dh[i];
-    if (g) {
+    if (kind == MOE_ACT_RELU) {
+      d_dh[i] = h[i] > 0.0f ? d : 0.0f;  // a select, as on the CPU: an inf or NaN gradient stays out
+    } else if (g) {
       dg[i] = d * v.a;
       d_dh[i] = d * g[i] * v.da;
     } else {

@@ -91,8 +91,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
       // Scratch first: nothing may fail for lack of memory once dw has been added to.
       float *dxr = a->scratch;
       if (a->dx && !dxr) {
-        st.scratch[0].ensure(checked_bytes(checked_mul(T, d, "num_tokens * d_model"), sizeof(float), "gate_bwd"),
-                             st.stream);
+        st.scratch[0].ensure(checked_bytes(checked_mul(T, d, "num_tokens * d_model"), sizeof(float), "gate_bwd"), st);
         dxr = st.scratch[0].as<float>();
       }
       sgemm(st, true, false, E, d, T, 1.0f, a->dlogits, E, a->xr, d, 1.0f, a->dw, d);

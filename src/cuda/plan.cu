@@ -7,7 +7,6 @@
 #include <cub/device/device_histogram.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
-#include <cub/device/device_segmented_radix_sort.cuh>
 
 #include <algorithm>
 
@@ -28,6 +27,7 @@ int bits_for(int64_t n) {
 // A float as an unsigned key whose ascending order is the float's descending order; NaN as -inf.
 __device__ inline uint32_t descending_key(float v) {
   if (isnan(v)) v = -INFINITY;
+  if (v == 0.0f) v = 0.0f;  // -0 and +0 tie, as in the CPU backend's comparisons
   uint32_t u = __float_as_uint(v);
   u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // ascending order of floats
   return ~u;
@@ -78,20 +78,14 @@ __global__ void fill_rows_kernel(const int32_t *order, int64_t n, const int64_t 
   }
 }
 
-// Per expert, the sum of its rows' weights in double, in row order within fixed strides, then a
-// fixed tree: the same bits on every run.
-__global__ void weight_sum_kernel(const float *row_weight, const int64_t *offsets, double *out) {
-  __shared__ double part[kThreads];
-  const int e = blockIdx.x;
-  double acc = 0.0;
-  for (int64_t r = offsets[e] + threadIdx.x; r < offsets[e + 1]; r += blockDim.x) acc += row_weight[r];
-  part[threadIdx.x] = acc;
-  __syncthreads();
-  for (int s = blockDim.x / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) part[threadIdx.x] += part[threadIdx.x + s];
-    __syncthreads();
+// Per expert, the sum of its rows' weights in double, in row order (as the CPU backend): one
+// thread per expert. E is small and the plan waits on the host right after anyway.
+__global__ void weight_sum_kernel(const float *row_weight, const int64_t *offsets, int64_t E, double *out) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < E; e += int64_t{gridDim.x} * blockDim.x) {
+    double acc = 0.0;
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += row_weight[r];
+    out[e] = acc;
   }
-  if (threadIdx.x == 0) out[e] = part[0];
 }
 
 __global__ void kept_kernel(const int64_t *offsets, int64_t E, int64_t *kept) {
@@ -99,34 +93,52 @@ __global__ void kept_kernel(const int64_t *offsets, int64_t E, int64_t *kept) {
     kept[e] = offsets[e + 1] - offsets[e];
 }
 
-// Expert choice: keys [E, T] (expert-major) so each expert's tokens are one segment.
-__global__ void choice_keys_kernel(const float *scores, int64_t T, int64_t E, uint32_t *keys, int32_t *tokens) {
+// Expert choice: one key per (expert, token), expert-major, so one stable sort ranks every
+// expert's tokens best first with ties in token order.
+__global__ void choice_keys_kernel(const float *scores, int64_t T, int64_t E, uint64_t *keys, int32_t *tokens) {
   const int64_t n = T * E;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e = i / T, t = i % T;
-    keys[i] = descending_key(scores[t * E + e]);
+    keys[i] = (static_cast<uint64_t>(e) << 32) | descending_key(scores[t * E + e]);
     tokens[i] = static_cast<int32_t>(t);
   }
 }
 
-// The first C tokens of each expert's sorted segment, as keys for the sort into token order.
-__global__ void choice_take_kernel(const int32_t *sorted_tokens, int64_t T, int64_t E, int64_t C, int32_t *taken) {
+// The first C tokens of each expert (its segment starts at e*T), keyed (expert, token) for the
+// sort into token order.
+__global__ void choice_take_kernel(const int32_t *sorted_tokens, int64_t T, int64_t C, int64_t E, int token_bits,
+                                   uint64_t *taken) {
   const int64_t n = E * C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e = i / C, c = i % C;
-    taken[i] = sorted_tokens[e * T + c];
+    taken[i] = (static_cast<uint64_t>(e) << token_bits) | static_cast<uint64_t>(sorted_tokens[e * T + c]);
   }
 }
 
-__global__ void choice_rows_kernel(const int32_t *tokens, const float *scores, int64_t E, int64_t C,
+__global__ void choice_rows_kernel(const uint64_t *keys, const float *scores, int64_t E, int64_t C, int token_bits,
                                    int32_t *row_token, int32_t *row_slot, float *row_weight, int32_t *row_ids) {
   const int64_t n = E * C;
+  const uint64_t mask = (uint64_t{1} << token_bits) - 1;
   for (int64_t r = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; r < n; r += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t e = r / C, t = tokens[r];
+    const int64_t e = r / C, t = static_cast<int64_t>(keys[r] & mask);
     row_token[r] = static_cast<int32_t>(t);
     row_slot[r] = static_cast<int32_t>(t * E + e);
     row_weight[r] = scores[t * E + e];
     row_ids[r] = static_cast<int32_t>(r);
+  }
+}
+
+// token_offsets[t] = the first position of token t in the sorted row tokens (a lower bound):
+// no histogram with one bin per token.
+__global__ void lower_bounds_kernel(const int32_t *sorted, int64_t n, int64_t T, int64_t *offsets) {
+  for (int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; t <= T; t += int64_t{gridDim.x} * blockDim.x) {
+    int64_t lo = 0, hi = n;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (sorted[mid] < t) lo = mid + 1;
+      else hi = mid;
+    }
+    offsets[t] = lo;
   }
 }
 
@@ -145,7 +157,7 @@ template <class F>
 void cub_call(State &st, const char *what, F &&f) {
   size_t bytes = 0;
   check(f(nullptr, bytes), what);
-  st.scratch[3].ensure(std::max<size_t>(bytes, 1), st.stream);
+  st.scratch[3].ensure(std::max<size_t>(bytes, 1), st);
   check(f(st.scratch[3].as<void>(), bytes), what);
 }
 
@@ -166,7 +178,7 @@ void finish(State &st, const moe_plan_args *a, const int64_t *offsets, int64_t *
   const int64_t E = a->E;
   kept_kernel<<<blocks_for(E, kThreads), kThreads, 0, st.stream>>>(offsets, E, kept);
   check_launch("kept");
-  weight_sum_kernel<<<static_cast<unsigned>(E), kThreads, 0, st.stream>>>(a->row_weight, offsets, wsum);
+  weight_sum_kernel<<<blocks_for(E, 128), 128, 0, st.stream>>>(a->row_weight, offsets, E, wsum);
   check_launch("weight sums");
   const size_t bytes = sizeof(int64_t) * (2 * E + 1) + sizeof(double) * E;
   st.host.ensure(bytes);
@@ -202,7 +214,7 @@ void plan_token_choice(State &st, const moe_plan_args *a) {
   const size_t h_offsets = sp.add<int64_t>(E + 2, "plan scratch");
   const size_t h_kept = sp.add<int64_t>(E, "plan scratch");
   const size_t h_wsum = sp.add<double>(E, "plan scratch");
-  sp.commit(st.scratch[2], st.stream);
+  sp.commit(st.scratch[2], st);
   auto *slots = sp.get<int32_t>(h_slots), *slots_out = sp.get<int32_t>(h_slots_out);
   auto *bucket = sp.get<int32_t>(h_bucket), *bucket_out = sp.get<int32_t>(h_bucket_out);
   auto *counts = sp.get<int32_t>(h_counts);
@@ -247,53 +259,49 @@ void plan_token_choice(State &st, const moe_plan_args *a) {
 void plan_expert_choice(State &st, const moe_plan_args *a) {
   const int64_t T = a->T, E = a->E, C = std::max<int64_t>(0, std::min(a->capacity, T));
   const int64_t n = checked_mul(T, E, "num_tokens * num_experts"), R = E * C;
+  const int token_bits = bits_for(T), expert_bits = bits_for(E);
   ScratchPlan sp;
-  const size_t h_keys = sp.add<uint32_t>(n, "plan scratch");
-  const size_t h_keys_out = sp.add<uint32_t>(n, "plan scratch");
+  const size_t h_keys = sp.add<uint64_t>(n, "plan scratch");
+  const size_t h_keys_out = sp.add<uint64_t>(n, "plan scratch");
   const size_t h_tok = sp.add<int32_t>(n, "plan scratch");
   const size_t h_tok_out = sp.add<int32_t>(n, "plan scratch");
-  const size_t h_seg = sp.add<int64_t>(E + 1, "plan scratch");
   const size_t h_ids = sp.add<int32_t>(R, "plan scratch");
-  const size_t h_counts = sp.add<int32_t>(T + 1, "plan scratch");
   const size_t h_offsets = sp.add<int64_t>(E + 2, "plan scratch");
   const size_t h_kept = sp.add<int64_t>(E, "plan scratch");
   const size_t h_wsum = sp.add<double>(E, "plan scratch");
-  sp.commit(st.scratch[2], st.stream);
-  auto *keys = sp.get<uint32_t>(h_keys), *keys_out = sp.get<uint32_t>(h_keys_out);
+  sp.commit(st.scratch[2], st);
+  auto *keys = sp.get<uint64_t>(h_keys), *keys_out = sp.get<uint64_t>(h_keys_out);
   auto *tok = sp.get<int32_t>(h_tok), *tok_out = sp.get<int32_t>(h_tok_out);
-  auto *seg = sp.get<int64_t>(h_seg), *offsets = sp.get<int64_t>(h_offsets);
-  auto *ids = sp.get<int32_t>(h_ids), *counts = sp.get<int32_t>(h_counts);
+  auto *offsets = sp.get<int64_t>(h_offsets);
+  auto *ids = sp.get<int32_t>(h_ids);
 
   segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(offsets, E, C);
   check_launch("expert offsets");
   if (R > 0) {
     choice_keys_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->scores, T, E, keys, tok);
     check_launch("choice keys");
-    segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(seg, E, T);
-    check_launch("segment offsets");
-    // Best first within each expert; stable, so equal scores keep token order.
-    cub_call(st, "cub::DeviceSegmentedRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
-      return cub::DeviceSegmentedRadixSort::SortPairs(tmp, bytes, keys, keys_out, tok, tok_out, n,
-                                                      static_cast<int>(E), seg, seg + 1, 0, 32, st.stream);
+    // Best first within each expert; the sort is stable and its input in token order, so equal
+    // scores keep the lower token first.
+    cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, keys_out, tok, tok_out, n, 0, 32 + expert_bits,
+                                             st.stream);
     });
     // The C chosen tokens of each expert, into token order.
-    choice_take_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(tok_out, T, E, C, tok);
+    choice_take_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(tok_out, T, C, E, token_bits, keys);
     check_launch("choice take");
-    segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(seg, E, C);
-    check_launch("segment offsets");
-    cub_call(st, "cub::DeviceSegmentedRadixSort::SortKeys", [&](void *tmp, size_t &bytes) {
-      return cub::DeviceSegmentedRadixSort::SortKeys(tmp, bytes, tok, tok_out, R, static_cast<int>(E), seg, seg + 1,
-                                                     0, bits_for(T), st.stream);
+    cub_call(st, "cub::DeviceRadixSort::SortKeys", [&](void *tmp, size_t &bytes) {
+      return cub::DeviceRadixSort::SortKeys(tmp, bytes, keys, keys_out, R, 0, token_bits + expert_bits, st.stream);
     });
-    choice_rows_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(tok_out, a->scores, E, C, a->row_token, a->row_slot,
-                                                                a->row_weight, ids);
+    choice_rows_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(keys_out, a->scores, E, C, token_bits, a->row_token,
+                                                                a->row_slot, a->row_weight, ids);
     check_launch("choice rows");
     // Each token's rows in expert (row) order: a stable sort of row ids by token.
     cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
-      return cub::DeviceRadixSort::SortPairs(tmp, bytes, a->row_token, tok, ids, a->token_rows, R, 0, bits_for(T),
+      return cub::DeviceRadixSort::SortPairs(tmp, bytes, a->row_token, tok, ids, a->token_rows, R, 0, token_bits,
                                              st.stream);
     });
-    histogram_offsets(st, a->row_token, R, T, counts, a->token_offsets);
+    lower_bounds_kernel<<<grid(st, T + 1), kThreads, 0, st.stream>>>(tok, R, T, a->token_offsets);
+    check_launch("token offsets");
   } else {
     check(cudaMemsetAsync(a->token_offsets, 0, sizeof(int64_t) * (T + 1), st.stream), "cudaMemsetAsync");
   }

@@ -1,7 +1,10 @@
 // Row access for the gather kernels: a row of d floats moved 16 bytes at a time when d and the
 // pointers allow it, one float at a time otherwise.
 #pragma once
+#include <cuda_runtime.h>
+
 #include <cstdint>
+#include <initializer_list>
 
 namespace moe::cuda {
 

@@ -17,8 +17,8 @@ class ScratchPlan {
     total_ += (checked_bytes(n, sizeof(T), what) + 255) / 256 * 256;
     return offsets_.size() - 1;
   }
-  void commit(DeviceMemory &mem, cudaStream_t &stream) {
-    mem.ensure(total_ ? total_ : 256, stream);
+  void commit(DeviceMemory &mem, State &st) {
+    mem.ensure(total_ ? total_ : 256, st);
     base_ = mem.as<char>();
   }
   template <class T>

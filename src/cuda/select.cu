@@ -3,6 +3,7 @@
 // token); then the aux-loss sums, reduced in a fixed order so they are the same on every run.
 // Also the backward from routing weights and aux-loss terms to the logits.
 #include <algorithm>
+#include <climits>
 #include <vector>
 
 #include "cuda/cuda.h"
@@ -129,23 +130,27 @@ __global__ void router_kernel(RouterParams p) {
 constexpr int kChunk = 1024;
 
 template <bool kSquare>
-__global__ void colsum_kernel(const float *m, const float *row_scale, int64_t T, int E, double *partial) {
+__global__ void colsum_kernel(const float *m, const float *row_scale, int64_t T, int E, int64_t chunks,
+                              double *partial) {
   __shared__ double part[8][33];
   const int e = blockIdx.x * 32 + threadIdx.x;
-  const int64_t t0 = int64_t{blockIdx.y} * kChunk, t1 = min(T, t0 + kChunk);
-  double acc = 0.0;
-  if (e < E)
-    for (int64_t t = t0 + threadIdx.y; t < t1; t += 8) {
-      const float v = m[t * E + e];
-      if (kSquare) acc += static_cast<double>(v) * v;
-      else acc += static_cast<double>(row_scale ? v * row_scale[t] : v);
+  for (int64_t c = blockIdx.y; c < chunks; c += gridDim.y) {
+    const int64_t t0 = c * kChunk, t1 = min(T, t0 + kChunk);
+    double acc = 0.0;
+    if (e < E)
+      for (int64_t t = t0 + threadIdx.y; t < t1; t += 8) {
+        const float v = m[t * E + e];
+        if (kSquare) acc += static_cast<double>(v) * v;
+        else acc += static_cast<double>(row_scale ? v * row_scale[t] : v);
+      }
+    part[threadIdx.y][threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.y == 0 && e < E) {
+      double s = 0.0;
+      for (int i = 0; i < 8; ++i) s += part[i][threadIdx.x];
+      partial[c * E + e] = s;
     }
-  part[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && e < E) {
-    double s = 0.0;
-    for (int i = 0; i < 8; ++i) s += part[i][threadIdx.x];
-    partial[int64_t{blockIdx.y} * E + e] = s;
+    __syncthreads();
   }
 }
 
@@ -164,9 +169,9 @@ void column_sums(State &st, const float *m, const float *scale, bool square, int
     check(cudaMemsetAsync(out, 0, sizeof(double) * E, st.stream), "cudaMemsetAsync");
     return;
   }
-  const dim3 grid((E + 31) / 32, static_cast<unsigned>(chunks)), block(32, 8);
-  if (square) colsum_kernel<true><<<grid, block, 0, st.stream>>>(m, scale, T, E, partial);
-  else colsum_kernel<false><<<grid, block, 0, st.stream>>>(m, scale, T, E, partial);
+  const dim3 grid((E + 31) / 32, static_cast<unsigned>(chunks < 65535 ? chunks : 65535)), block(32, 8);
+  if (square) colsum_kernel<true><<<grid, block, 0, st.stream>>>(m, scale, T, E, chunks, partial);
+  else colsum_kernel<false><<<grid, block, 0, st.stream>>>(m, scale, T, E, chunks, partial);
   check_launch("column sums");
   finish_sums_kernel<<<blocks_for(E, 128), 128, 0, st.stream>>>(partial, chunks, E, out);
   check_launch("finish sums");
@@ -187,6 +192,8 @@ int router_grid(const State &st, int64_t T, int warps) {
 moe_status select(void *state, const moe_select_args *a) {
   return guarded(state, [&](State &st) {
     const int64_t T = a->T, E = a->E, k = a->k;
+    if (checked_mul(T, std::max(E, k), "num_tokens * num_experts") > INT32_MAX)
+      fail(MOE_ERR_INVALID_ARGUMENT, "select: num_tokens %lld is too large for int32 routing indices", (long long)T);
     const bool load = a->clean_logits != nullptr;
     const int64_t chunks = (T + kChunk - 1) / kChunk;
     ScratchPlan plan;
@@ -196,7 +203,7 @@ moe_status select(void *state, const moe_select_args *a) {
     // Results that travel to the host together: prob_sum[E], load_sum[E], lse_sq[1], counts[E].
     const int64_t nres = 3 * E + 1;
     const size_t h_res = plan.add<double>(nres, "select sums");
-    plan.commit(st.scratch[1], st.stream);
+    plan.commit(st.scratch[1], st);
     double *res = plan.get<double>(h_res);
     double *partial = plan.get<double>(h_partial);
     auto *counts = reinterpret_cast<unsigned long long *>(res + 2 * E + 1);
@@ -372,7 +379,7 @@ moe_status select_bwd(void *state, const moe_select_bwd_args *a) {
     if (T == 0) return;
     ScratchPlan plan;
     const size_t h_coef = plan.add<float>(3 * E, "select_bwd coefficients");
-    plan.commit(st.scratch[1], st.stream);
+    plan.commit(st.scratch[1], st);
     float *coef = plan.get<float>(h_coef);
     const size_t eb = sizeof(float) * static_cast<size_t>(E);
     // From pageable host memory: the call returns once the source has been staged.
