@@ -1,0 +1,786 @@
+// The CUDA layer against the CPU layer through the public C API only (moe.h): every routing method
+// (each preset of moe_config_preset shrunk to small sizes, capacity with both drop policies, Gaussian
+// noise and jitter in training), each in float32, bfloat16 and float16. Both layers get the same
+// parameters (random, never zero), the same x and dy; y, dx, every gradient, the statistics, the
+// expert counts and the routing decisions are compared. Then determinism, streams, bad input,
+// device pointers.
+//
+// Without a CUDA device every case reports SKIPPED (gtest skip; ctest counts it as skipped).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gpu_test_util.h"
+#include "moe/moe.h"
+
+namespace {
+
+using gpu_test::close;
+using gpu_test::close_scalar;
+using gpu_test::Rng;
+using gpu_test::same;
+
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr int64_t kT = 96;
+
+// float32 against the float32 CPU layer; bf16 / f16 activations against the CPU layer fed the same
+// rounded values (parameters, x and dy all exactly representable in the dtype).
+double tol_of(int dtype) { return dtype == MOE_DTYPE_F32 ? 1e-5 : 1e-2; }
+const char *dtype_name(int dtype) { return dtype == MOE_DTYPE_F32 ? "f32" : dtype == MOE_DTYPE_BF16 ? "bf16" : "f16"; }
+
+// ---- configurations ---------------------------------------------------------------------------------
+
+void preset(moe_config &c, const char *name) {
+  const moe_status s = moe_config_preset(&c, name);
+  if (s != MOE_OK) ADD_FAILURE() << "moe_config_preset(\"" << name << "\"): " << moe_status_name(s) << ": " << moe_last_error();
+}
+
+struct Case {
+  const char *name;
+  void (*apply)(moe_config &);
+};
+
+const Case kCases[] = {
+    {"mixtral",
+     [](moe_config &c) {
+       preset(c, "mixtral");  // E 8, k 2, SwiGLU, softmax, normalized, dropless
+       c.d_model = 64;
+       c.d_ff = 128;
+       c.z_loss_coef = 1e-3f;
+     }},
+    {"switch",
+     [](moe_config &c) {
+       preset(c, "switch");  // top-1, ReLU, capacity 1.25 (position), jitter, z-loss
+       c.d_model = 96;
+       c.d_ff = 192;
+     }},
+    {"shazeer",
+     [](moe_config &c) {
+       preset(c, "shazeer");  // top-2, ReLU, Gaussian noise, importance and load losses
+       c.d_model = 64;
+       c.d_ff = 96;
+     }},
+    {"expert_choice",
+     [](moe_config &c) {
+       preset(c, "expert-choice");  // capacity factor 1, each expert picks its tokens
+       c.d_model = 64;
+       c.d_ff = 128;
+       c.z_loss_coef = 1e-3f;
+       c.importance_loss_coef = 1e-2f;
+     }},
+    {"deepseek_v3",
+     [](moe_config &c) {
+       preset(c, "deepseek-v3");  // sigmoid, groups, routed_scale 2.5, shared expert, bias balancing
+       c.d_model = 128;
+       c.d_ff = 96;
+       c.num_experts = 16;
+       c.top_k = 4;
+       c.num_groups = 4;
+       c.topk_groups = 2;
+       c.d_ff_shared = 64;
+     }},
+    {"qwen2_moe",
+     [](moe_config &c) {
+       preset(c, "qwen2-moe");  // softmax not normalized, 4 shared experts behind a sigmoid gate
+       c.d_model = 64;
+       c.d_ff = 96;
+       c.num_experts = 12;
+       c.top_k = 4;
+       c.d_ff_shared = 32;
+     }},
+    {"capacity_position",
+     [](moe_config &c) {
+       moe_config_init(&c);
+       c.d_model = 64;
+       c.d_ff = 128;
+       c.num_experts = 8;
+       c.top_k = 2;
+       c.capacity_factor = 0.75f;
+       c.drop_policy = MOE_DROP_POSITION;
+       c.activation = MOE_ACT_GEGLU;
+       c.z_loss_coef = 1e-3f;
+     }},
+    {"capacity_probs",
+     [](moe_config &c) {
+       moe_config_init(&c);
+       c.d_model = 64;
+       c.d_ff = 128;
+       c.num_experts = 8;
+       c.top_k = 2;
+       c.capacity_factor = 0.75f;
+       c.drop_policy = MOE_DROP_PROBS;
+       c.activation = MOE_ACT_GELU;
+       c.importance_loss_coef = 1e-2f;
+     }},
+    {"gaussian",
+     [](moe_config &c) {
+       moe_config_init(&c);
+       c.d_model = 64;
+       c.d_ff = 96;
+       c.num_experts = 8;
+       c.top_k = 2;
+       c.noise = MOE_NOISE_GAUSSIAN;
+       c.load_loss_coef = 1e-2f;
+       c.importance_loss_coef = 1e-2f;
+       c.activation = MOE_ACT_SILU;
+       c.capacity_factor = 1.0f;
+       c.drop_policy = MOE_DROP_PROBS;
+     }},
+    {"jitter",
+     [](moe_config &c) {
+       moe_config_init(&c);
+       c.d_model = 80;
+       c.d_ff = 128;
+       c.num_experts = 16;
+       c.top_k = 2;
+       c.noise = MOE_NOISE_JITTER;
+       c.noise_eps = 0.05f;
+       c.score = MOE_SCORE_SIGMOID;
+       c.z_loss_coef = 1e-3f;
+     }},
+    {"dense",
+     [](moe_config &c) {
+       moe_config_init(&c);
+       c.d_model = 64;
+       c.d_ff = 96;
+       c.num_experts = 8;
+       c.top_k = 8;
+       c.activation = MOE_ACT_GEGLU;
+     }},
+};
+constexpr int kNumCases = static_cast<int>(sizeof kCases / sizeof kCases[0]);
+
+moe_config config_of(int case_index) {
+  moe_config c;
+  moe_config_init(&c);
+  kCases[case_index].apply(c);
+  c.seed = 11;
+  return c;
+}
+moe_config cuda_config(moe_config c, int dtype) {
+  c.device = MOE_DEVICE_CUDA;
+  c.device_index = 0;
+  c.dtype = static_cast<moe_dtype>(dtype);
+  return c;
+}
+
+// ---- layers, parameters ----------------------------------------------------------------------------
+
+using LayerPtr = std::unique_ptr<moe_layer, decltype(&moe_layer_destroy)>;
+using CtxPtr = std::unique_ptr<moe_context, decltype(&moe_context_destroy)>;
+
+LayerPtr make_layer(const moe_config &cfg, moe_status *status = nullptr) {
+  moe_layer *l = nullptr;
+  const moe_status s = moe_layer_create(&cfg, &l);
+  if (status) *status = s;
+  else if (s != MOE_OK) ADD_FAILURE() << "moe_layer_create: " << moe_status_name(s) << ": " << moe_last_error();
+  return LayerPtr(s == MOE_OK ? l : nullptr, &moe_layer_destroy);
+}
+
+struct ParamDesc {
+  std::string name;
+  int64_t numel = 0;
+  bool trainable = false;
+  std::vector<int64_t> shape;
+};
+
+std::vector<ParamDesc> describe(const moe_layer *l) {
+  std::vector<ParamDesc> out;
+  const int n = moe_layer_num_params(l);
+  for (int i = 0; i < n; ++i) {
+    moe_param_info info{};
+    if (moe_layer_param_info(l, i, &info) != MOE_OK) {
+      ADD_FAILURE() << "moe_layer_param_info(" << i << "): " << moe_last_error();
+      continue;
+    }
+    ParamDesc p;
+    p.name = info.name;
+    p.trainable = info.trainable != 0;
+    p.numel = 1;
+    for (int j = 0; j < info.ndim; ++j) {
+      p.shape.push_back(info.shape[j]);
+      p.numel *= info.shape[j];
+    }
+    out.push_back(p);
+  }
+  return out;
+}
+
+std::vector<float> get_param(const moe_layer *l, const ParamDesc &p) {
+  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
+  const moe_status s = moe_layer_get_param(l, p.name.c_str(), v.data(), p.numel);
+  if (s != MOE_OK) ADD_FAILURE() << "get_param " << p.name << ": " << moe_last_error();
+  return v;
+}
+std::vector<float> get_grad(const moe_layer *l, const ParamDesc &p) {
+  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
+  const moe_status s = moe_layer_get_grad(l, p.name.c_str(), v.data(), p.numel);
+  if (s != MOE_OK) ADD_FAILURE() << "get_grad " << p.name << ": " << moe_last_error();
+  return v;
+}
+void set_param(moe_layer *l, const ParamDesc &p, const std::vector<float> &v) {
+  const moe_status s = moe_layer_set_param(l, p.name.c_str(), v.data(), p.numel);
+  if (s != MOE_OK) ADD_FAILURE() << "set_param " << p.name << ": " << moe_status_name(s) << ": " << moe_last_error();
+}
+
+bool relu(const moe_config &c) { return c.activation == MOE_ACT_RELU; }
+
+// Random values (never zero) in nn.Linear's range, rounded to dtype. ReLU layers get w1 (and x, below)
+// on an exact grid: x W1^T is then exact on every backend and dtype, so no pre-activation can fall on
+// different sides of the kink by rounding (the gradients would differ by a whole term).
+std::vector<float> random_param(const ParamDesc &p, const moe_config &cfg, Rng &rng, int dtype) {
+  const size_t n = static_cast<size_t>(p.numel);
+  std::vector<float> v;
+  if (p.name == "router.bias") {
+    v = rng.nonzeros(n, 0.02f);
+  } else {
+    const float bound = 1.0f / std::sqrt(static_cast<float>(p.shape.back()));
+    if (p.name == "router.noise_weight") {
+      v = rng.nonzeros(n, 0.5f * bound);
+    } else if (relu(cfg) && (p.name == "experts.w1" || p.name == "shared.w1")) {
+      float step = 1.0f;
+      while (7.0f * step > bound) step *= 0.5f;
+      v = rng.odd_grids(n, 4, step);
+    } else {
+      v = rng.nonzeros(n, bound);
+    }
+  }
+  return gpu_test::rounded(dtype, std::move(v));
+}
+
+std::vector<float> random_x(const moe_config &cfg, Rng &rng, int64_t T, int dtype) {
+  const size_t n = static_cast<size_t>(T * cfg.d_model);
+  return gpu_test::rounded(dtype, relu(cfg) ? rng.odd_grids(n, 4, 0.125f) : rng.nonzeros(n, 1.0f));
+}
+
+// ---- activations: host float32 for a CPU layer, device buffers in the dtype for a CUDA layer ---------
+
+class Io {
+ public:
+  enum Slot { X, Y, DY, DX, Y2, kSlots };
+  Io(bool gpu, int dtype, int64_t n) : gpu_(gpu), dtype_(dtype), n_(static_cast<size_t>(n)) {
+    for (int i = 0; i < kSlots; ++i) {
+      if (gpu_) {
+        const size_t bytes = std::max<size_t>(1, n_ * gpu_test::dtype_size(dtype_));
+        void *p = nullptr;
+        const cudaError_t e = cudaMalloc(&p, bytes);
+        if (e != cudaSuccess) {
+          ADD_FAILURE() << "cudaMalloc(" << bytes << "): " << cudaGetErrorString(e);
+          continue;
+        }
+        dev_[i] = p;
+        (void)cudaMemset(p, 0xff, bytes);  // NaN in every dtype: an output never written shows
+      } else {
+        host_[i].assign(n_, kNaN);
+      }
+    }
+  }
+  ~Io() {
+    for (void *p : dev_)
+      if (p) cudaFree(p);
+  }
+  Io(const Io &) = delete;
+  Io &operator=(const Io &) = delete;
+
+  void *ptr(Slot s) { return gpu_ ? dev_[s] : static_cast<void *>(host_[s].data()); }
+  // Waits for the device before (earlier calls may still read the buffer: CUDA layers return with
+  // their work queued) and after (a pageable cudaMemcpy may return before the data lands, and a
+  // layer on a non-blocking stream is not ordered after it).
+  void put(Slot s, const std::vector<float> &v) {
+    if (!gpu_) {
+      host_[s] = v;
+      return;
+    }
+    const std::vector<unsigned char> bytes = gpu_test::encode(dtype_, v);
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e == cudaSuccess) e = cudaMemcpy(dev_[s], bytes.data(), bytes.size(), cudaMemcpyHostToDevice);
+    if (e == cudaSuccess) e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) ADD_FAILURE() << "copying to the device: " << cudaGetErrorString(e);
+  }
+  std::vector<float> take(Slot s) {
+    if (!gpu_) return host_[s];
+    std::vector<unsigned char> bytes(n_ * gpu_test::dtype_size(dtype_));
+    cudaError_t e = cudaDeviceSynchronize();
+    if (e != cudaSuccess) ADD_FAILURE() << "cudaDeviceSynchronize: " << cudaGetErrorString(e);
+    e = cudaMemcpy(bytes.data(), dev_[s], bytes.size(), cudaMemcpyDeviceToHost);
+    if (e != cudaSuccess) ADD_FAILURE() << "cudaMemcpy from the device: " << cudaGetErrorString(e);
+    return gpu_test::decode(dtype_, bytes);
+  }
+
+ private:
+  bool gpu_;
+  int dtype_;
+  size_t n_;
+  void *dev_[kSlots] = {};
+  std::vector<float> host_[kSlots];
+};
+
+// ---- one inference forward, one training forward and its backward ------------------------------------
+
+struct Outcome {
+  std::vector<float> y_inf, y, dx;
+  moe_stats stats{};
+  std::vector<int64_t> counts;
+  std::vector<int32_t> ids;  // token choice: [T,k], -1 dropped
+  std::vector<float> weights;
+  std::vector<int32_t> a_token, a_expert;  // expert choice: the assignments
+  std::vector<float> a_weight;
+  std::vector<std::vector<float>> grads;  // by parameter index; empty when not trainable
+  std::vector<float> bias_after;
+};
+
+#define API_EXPECT_OK(call)                                                                               \
+  do {                                                                                                    \
+    const moe_status moe_api_s_ = (call);                                                                 \
+    EXPECT_EQ(moe_api_s_, MOE_OK) << #call << ": " << moe_status_name(moe_api_s_) << ": " << moe_last_error(); \
+  } while (0)
+
+Outcome run_layer(moe_layer *l, bool gpu, int dtype, const moe_config &cfg, int64_t T, const std::vector<float> &x,
+              const std::vector<float> &dy) {
+  Outcome r;
+  Io io(gpu, dtype, T * cfg.d_model);
+  io.put(Io::X, x);
+  io.put(Io::DY, dy);
+  API_EXPECT_OK(moe_forward(l, io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr));
+  r.y_inf = io.take(Io::Y2);
+  moe_context *raw = nullptr;
+  API_EXPECT_OK(moe_context_create(l, &raw));
+  CtxPtr ctx(raw, &moe_context_destroy);
+  API_EXPECT_OK(moe_forward(l, io.ptr(Io::X), T, io.ptr(Io::Y), ctx.get()));
+  API_EXPECT_OK(moe_backward(l, ctx.get(), io.ptr(Io::DY), io.ptr(Io::DX)));
+  r.y = io.take(Io::Y);
+  r.dx = io.take(Io::DX);
+  r.stats.struct_size = sizeof(moe_stats);
+  API_EXPECT_OK(moe_context_stats(ctx.get(), &r.stats));
+  r.counts.assign(static_cast<size_t>(cfg.num_experts), -7);
+  API_EXPECT_OK(moe_context_expert_counts(ctx.get(), r.counts.data()));
+  if (cfg.routing == MOE_ROUTE_EXPERT_CHOICE) {
+    int64_t count = -1;
+    API_EXPECT_OK(moe_context_assignments(ctx.get(), 0, nullptr, nullptr, nullptr, &count));
+    if (count >= 0) {
+      r.a_token.assign(static_cast<size_t>(count), -7);
+      r.a_expert.assign(static_cast<size_t>(count), -7);
+      r.a_weight.assign(static_cast<size_t>(count), kNaN);
+      API_EXPECT_OK(moe_context_assignments(ctx.get(), count, r.a_token.data(), r.a_expert.data(), r.a_weight.data(),
+                                            &count));
+    }
+  } else {
+    r.ids.assign(static_cast<size_t>(T * cfg.top_k), -7);
+    r.weights.assign(static_cast<size_t>(T * cfg.top_k), kNaN);
+    API_EXPECT_OK(moe_context_topk(ctx.get(), r.ids.data(), r.weights.data()));
+  }
+  for (const ParamDesc &p : describe(l)) {
+    r.grads.push_back(p.trainable ? get_grad(l, p) : std::vector<float>());
+    if (p.name == "router.bias") r.bias_after = get_param(l, p);
+  }
+  return r;
+}
+
+// The experts each token went to: its top-k ids in choice order (-1 dropped), or for expert choice
+// the experts that took it (assignments are ordered by expert).
+std::vector<std::vector<int32_t>> routes(const Outcome &r, const moe_config &cfg, int64_t T) {
+  std::vector<std::vector<int32_t>> out(static_cast<size_t>(T));
+  if (cfg.routing == MOE_ROUTE_EXPERT_CHOICE) {
+    for (size_t i = 0; i < r.a_token.size(); ++i)
+      if (r.a_token[i] >= 0 && r.a_token[i] < T) out[r.a_token[i]].push_back(r.a_expert[i]);
+  } else if (r.ids.size() == static_cast<size_t>(T * cfg.top_k)) {
+    for (int64_t t = 0; t < T; ++t) out[t].assign(r.ids.begin() + t * cfg.top_k, r.ids.begin() + (t + 1) * cfg.top_k);
+  }
+  return out;
+}
+
+// The rows of [T, d] whose token is kept.
+std::vector<float> rows_where(const std::vector<float> &v, const std::vector<char> &keep, int64_t d) {
+  std::vector<float> out;
+  for (size_t t = 0; t < keep.size(); ++t)
+    if (keep[t] && v.size() >= (t + 1) * d) out.insert(out.end(), v.begin() + t * d, v.begin() + (t + 1) * d);
+  return out;
+}
+
+std::vector<double> stats_fields(const moe_stats &s) {
+  return {static_cast<double>(s.num_tokens), static_cast<double>(s.num_slots), static_cast<double>(s.dropped_slots),
+          s.load_balance_loss, s.z_loss, s.importance_loss, s.load_loss, s.aux_loss_total, s.load_cv,
+          s.max_load_ratio};
+}
+const char *const kStatNames[] = {"num_tokens", "num_slots", "dropped_slots", "load_balance_loss", "z_loss",
+                                  "importance_loss", "load_loss", "aux_loss_total", "load_cv", "max_load_ratio"};
+
+// Parameters copied to both layers: random values set on the CPU layer and the CUDA one, then what the
+// CUDA layer holds read back and set on the CPU layer (float32 copies whatever the dtype).
+std::vector<ParamDesc> share_params(moe_layer *cpu, moe_layer *gpu, const moe_config &cfg, int dtype, uint64_t seed) {
+  const std::vector<ParamDesc> pc = describe(cpu), pg = describe(gpu);
+  EXPECT_EQ(pc.size(), pg.size());
+  for (size_t i = 0; i < std::min(pc.size(), pg.size()); ++i) {
+    EXPECT_EQ(pg[i].name, pc[i].name) << "parameter " << i;
+    EXPECT_EQ(pg[i].shape, pc[i].shape) << pc[i].name;
+    EXPECT_EQ(pg[i].trainable, pc[i].trainable) << pc[i].name;
+  }
+  Rng rng(seed);
+  for (const ParamDesc &p : pc) {
+    const std::vector<float> v = random_param(p, cfg, rng, dtype);
+    set_param(cpu, p, v);
+    if (gpu) {
+      set_param(gpu, p, v);
+      const std::vector<float> back = get_param(gpu, p);
+      if (dtype == MOE_DTYPE_F32) { EXPECT_TRUE(same("get_param after set_param: " + p.name, back, v)); }
+      set_param(cpu, p, back);
+    }
+  }
+  return pc;
+}
+
+// ---- the CUDA layer against the CPU layer ------------------------------------------------------------
+
+class GpuLayer : public ::testing::TestWithParam<std::tuple<int, int>> {
+ protected:
+  void SetUp() override { MOE_GPU_REQUIRE_DEVICE(); }
+};
+
+// A build whose CUDA backend computes float32 only refuses bf16 / f16 layers with
+// MOE_ERR_UNSUPPORTED (moe.h documents it for this version): reported as a skip that says so.
+#define skip_if_dtype_unsupported(status, dtype)                                                        \
+  do {                                                                                                  \
+    if ((dtype) != MOE_DTYPE_F32 && (status) == MOE_ERR_UNSUPPORTED)                                     \
+      GTEST_SKIP() << "SKIPPED: this CUDA backend does not support " << dtype_name(dtype) << ": "     \
+                   << moe_last_error();                                                                 \
+  } while (0)
+
+TEST_P(GpuLayer, MatchesCpu) {
+  const int ci = std::get<0>(GetParam()), dtype = std::get<1>(GetParam());
+  const moe_config cc = config_of(ci), gc = cuda_config(cc, dtype);
+  const double tol = tol_of(dtype);
+  const int64_t T = kT, d = cc.d_model;
+  LayerPtr cpu = make_layer(cc);
+  moe_status st;
+  LayerPtr gpu = make_layer(gc, &st);
+  skip_if_dtype_unsupported(st, dtype);
+  ASSERT_EQ(st, MOE_OK) << "creating the CUDA layer (" << dtype_name(dtype) << "): " << moe_last_error();
+  ASSERT_TRUE(cpu && gpu);
+  const std::vector<ParamDesc> params = share_params(cpu.get(), gpu.get(), cc, dtype, 1000 + ci);
+  Rng rng(2000 + ci);
+  const std::vector<float> x = random_x(cc, rng, T, dtype);
+  const std::vector<float> dy = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
+
+  const Outcome rc = run_layer(cpu.get(), false, MOE_DTYPE_F32, cc, T, x, dy);
+  const Outcome rg = run_layer(gpu.get(), true, dtype, gc, T, x, dy);
+  ASSERT_FALSE(HasFailure());
+
+  // Routing: exact in float32; in low precision ids may differ at near-ties of the router.
+  const auto route_c = routes(rc, cc, T), route_g = routes(rg, gc, T);
+  std::vector<char> agree(static_cast<size_t>(T));
+  int64_t n_agree = 0;
+  for (int64_t t = 0; t < T; ++t) n_agree += agree[t] = route_c[t] == route_g[t];
+  const bool all_agree = n_agree == T;
+  if (dtype == MOE_DTYPE_F32) {
+    EXPECT_TRUE(all_agree) << T - n_agree << " of " << T << " tokens are routed differently";
+  } else {
+    EXPECT_GE(n_agree * 100, T * 95) << T - n_agree << " of " << T << " tokens are routed differently";
+    if (!all_agree)
+      std::printf("note: %lld of %lld tokens routed differently in %s; gradients, counts and routing-dependent "
+                  "statistics are not compared\n",
+                  static_cast<long long>(T - n_agree), static_cast<long long>(T), dtype_name(dtype));
+  }
+  if (cc.routing == MOE_ROUTE_EXPERT_CHOICE) {
+    if (all_agree) {
+      EXPECT_TRUE(same("assignments: token", rg.a_token, rc.a_token));
+      EXPECT_TRUE(same("assignments: expert", rg.a_expert, rc.a_expert));
+      EXPECT_TRUE(close("assignments: weight", rg.a_weight, rc.a_weight, tol));
+    }
+  } else {
+    if (dtype == MOE_DTYPE_F32) { EXPECT_TRUE(same("moe_context_topk ids", rg.ids, rc.ids)); }
+    const int64_t k = cc.top_k;
+    EXPECT_TRUE(close("moe_context_topk weights (agreeing tokens)", rows_where(rg.weights, agree, k),
+                      rows_where(rc.weights, agree, k), tol));
+  }
+
+  // Outputs over the tokens routed alike (every token in float32).
+  EXPECT_TRUE(close("y", rows_where(rg.y, agree, d), rows_where(rc.y, agree, d), tol));
+  EXPECT_TRUE(close("dx", rows_where(rg.dx, agree, d), rows_where(rc.dx, agree, d), tol));
+
+  // Inference (no noise, no saved state): the same as the CPU layer's inference; and, without noise,
+  // the same as the training forward. Inference ran first on both, before any bias update.
+  {
+    std::vector<char> rows_ok(static_cast<size_t>(T));
+    int64_t good = 0;
+    double scale = 1e-30;
+    for (float v : rc.y_inf) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+    for (int64_t t = 0; t < T; ++t) {
+      bool ok = true;
+      for (int64_t c = 0; c < d; ++c)
+        ok &= std::fabs(static_cast<double>(rg.y_inf[t * d + c]) - rc.y_inf[t * d + c]) <= tol * scale;
+      good += rows_ok[t] = ok;
+    }
+    if (dtype == MOE_DTYPE_F32) {
+      EXPECT_TRUE(close("inference y", rg.y_inf, rc.y_inf, tol));
+    } else {
+      EXPECT_GE(good * 100, T * 95) << "inference y: " << T - good << " of " << T << " tokens differ";
+    }
+    if (gc.noise == MOE_NOISE_NONE) { EXPECT_TRUE(close("inference y vs training y (CUDA)", rg.y_inf, rg.y, tol)); }
+  }
+
+  // Statistics. z-loss does not depend on the routing.
+  const std::vector<double> sg = stats_fields(rg.stats), sc = stats_fields(rc.stats);
+  EXPECT_EQ(rg.stats.num_tokens, T);
+  EXPECT_TRUE(close_scalar("z_loss", rg.stats.z_loss, rc.stats.z_loss, tol, 1e-6));
+  if (all_agree) {
+    for (size_t i = 0; i < sg.size(); ++i)
+      EXPECT_TRUE(close_scalar(std::string("stats.") + kStatNames[i], sg[i], sc[i], i < 3 ? 0.0 : tol, 1e-6));
+    EXPECT_TRUE(same("moe_context_expert_counts", rg.counts, rc.counts));
+    // Gradients of every trainable parameter, aux-loss terms included.
+    for (size_t i = 0; i < params.size() && i < rc.grads.size() && i < rg.grads.size(); ++i)
+      if (params[i].trainable) { EXPECT_TRUE(close("grad " + params[i].name, rg.grads[i], rc.grads[i], tol)); }
+    // The aux-loss-free bias update (deepseek-v3) moved router.bias the same way.
+    if (dtype == MOE_DTYPE_F32) {
+      EXPECT_TRUE(same("router.bias after the training forward", rg.bias_after, rc.bias_after));
+    } else {
+      EXPECT_TRUE(close("router.bias after the training forward", rg.bias_after, rc.bias_after, tol));
+    }
+  }
+}
+
+// Two CUDA layers with the same parameters and inputs give the same bits; a layer gives the same
+// bits run after run (configurations without noise and bias updates, whose next step differs).
+TEST_P(GpuLayer, Deterministic) {
+  const int ci = std::get<0>(GetParam()), dtype = std::get<1>(GetParam());
+  const moe_config gc = cuda_config(config_of(ci), dtype);
+  const int64_t T = kT;
+  moe_status st;
+  LayerPtr a = make_layer(gc, &st);
+  skip_if_dtype_unsupported(st, dtype);
+  ASSERT_EQ(st, MOE_OK) << moe_last_error();
+  LayerPtr b = make_layer(gc, &st);
+  ASSERT_EQ(st, MOE_OK) << moe_last_error();
+  const std::vector<ParamDesc> params = describe(a.get());
+  Rng rng(3000 + ci);
+  for (const ParamDesc &p : params) {
+    const std::vector<float> v = random_param(p, gc, rng, dtype);
+    set_param(a.get(), p, v);
+    set_param(b.get(), p, v);
+  }
+  const std::vector<float> x = random_x(gc, rng, T, dtype);
+  const std::vector<float> dy = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * gc.d_model), 1.0f));
+  const Outcome ra = run_layer(a.get(), true, dtype, gc, T, x, dy);
+  const Outcome rb = run_layer(b.get(), true, dtype, gc, T, x, dy);
+  auto expect_same = [&](const Outcome &p, const Outcome &q, const std::string &what) {
+    EXPECT_TRUE(same(what + ": inference y", p.y_inf, q.y_inf));
+    EXPECT_TRUE(same(what + ": y", p.y, q.y));
+    EXPECT_TRUE(same(what + ": dx", p.dx, q.dx));
+    EXPECT_TRUE(same(what + ": stats", stats_fields(p.stats), stats_fields(q.stats)));
+    EXPECT_TRUE(same(what + ": counts", p.counts, q.counts));
+    EXPECT_TRUE(same(what + ": topk ids", p.ids, q.ids));
+    EXPECT_TRUE(same(what + ": topk weights", p.weights, q.weights));
+    EXPECT_TRUE(same(what + ": assignments", p.a_token, q.a_token));
+    for (size_t i = 0; i < params.size() && i < p.grads.size() && i < q.grads.size(); ++i)
+      EXPECT_TRUE(same(what + ": grad " + params[i].name, p.grads[i], q.grads[i]));
+  };
+  expect_same(rb, ra, "two layers");
+  if (gc.noise == MOE_NOISE_NONE && gc.bias_update_rate == 0.0f) {
+    API_EXPECT_OK(moe_layer_zero_grad(a.get()));
+    const Outcome again = run_layer(a.get(), true, dtype, gc, T, x, dy);
+    expect_same(again, ra, "the same layer again");
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Configs, GpuLayer,
+                         ::testing::Combine(::testing::Range(0, kNumCases),
+                                            ::testing::Values(static_cast<int>(MOE_DTYPE_F32),
+                                                              static_cast<int>(MOE_DTYPE_BF16),
+                                                              static_cast<int>(MOE_DTYPE_F16))),
+                         [](const ::testing::TestParamInfo<std::tuple<int, int>> &info) {
+                           return std::string(kCases[std::get<0>(info.param)].name) + "_" +
+                                  dtype_name(std::get<1>(info.param));
+                         });
+
+// ---- the API around a CUDA layer -------------------------------------------------------------------
+
+class GpuLayerApi : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    MOE_GPU_REQUIRE_DEVICE();
+    cfg_ = cuda_config(config_of(0), MOE_DTYPE_F32);  // mixtral, shrunk
+  }
+  // A CUDA layer with the parameters of seed.
+  LayerPtr layer(uint64_t seed, int dtype = MOE_DTYPE_F32) {
+    moe_config c = cfg_;
+    c.dtype = static_cast<moe_dtype>(dtype);
+    LayerPtr l = make_layer(c);
+    if (!l) return l;
+    Rng rng(seed);
+    for (const ParamDesc &p : describe(l.get())) set_param(l.get(), p, random_param(p, c, rng, dtype));
+    return l;
+  }
+  moe_config cfg_{};
+};
+
+TEST_F(GpuLayerApi, HostPointersAreRefused) {
+  const int64_t T = kT, d = cfg_.d_model;
+  LayerPtr l = layer(1), ref = layer(1);
+  ASSERT_TRUE(l && ref);
+  Rng rng(2);
+  const std::vector<float> x = rng.nonzeros(static_cast<size_t>(T * d), 1.0f),
+                           dy = rng.nonzeros(static_cast<size_t>(T * d), 1.0f);
+  Io io(true, MOE_DTYPE_F32, T * d);
+  io.put(Io::X, x);
+  io.put(Io::DY, dy);
+  ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr), MOE_OK) << moe_last_error();
+  const std::vector<float> y_before = io.take(Io::Y2);
+
+  std::vector<float> host(static_cast<size_t>(T * d), 1.0f), host_out(static_cast<size_t>(T * d), kNaN);
+  EXPECT_EQ(moe_forward(l.get(), host.data(), T, io.ptr(Io::Y), nullptr), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_GT(std::strlen(moe_last_error()), 0u) << "no message for a host x";
+  EXPECT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, host_out.data(), nullptr), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_GT(std::strlen(moe_last_error()), 0u) << "no message for a host y";
+  for (float v : host_out) ASSERT_TRUE(std::isnan(v)) << "a refused forward wrote the host y";
+
+  moe_context *raw = nullptr;
+  ASSERT_EQ(moe_context_create(l.get(), &raw), MOE_OK);
+  CtxPtr ctx(raw, &moe_context_destroy);
+  EXPECT_EQ(moe_forward(l.get(), host.data(), T, io.ptr(Io::Y), ctx.get()), MOE_ERR_INVALID_ARGUMENT);
+  ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y), ctx.get()), MOE_OK) << moe_last_error();
+  EXPECT_EQ(moe_backward(l.get(), ctx.get(), host.data(), io.ptr(Io::DX)), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_GT(std::strlen(moe_last_error()), 0u) << "no message for a host dy";
+  EXPECT_EQ(moe_backward(l.get(), ctx.get(), io.ptr(Io::DY), host_out.data()), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_GT(std::strlen(moe_last_error()), 0u) << "no message for a host dx";
+  // The layer still works, and the refused calls changed nothing (no gradient accumulated).
+  ASSERT_EQ(moe_backward(l.get(), ctx.get(), io.ptr(Io::DY), io.ptr(Io::DX)), MOE_OK) << moe_last_error();
+  ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr), MOE_OK) << moe_last_error();
+  EXPECT_TRUE(same("inference y after the refused calls", io.take(Io::Y2), y_before));
+  const Outcome rr = run_layer(ref.get(), true, MOE_DTYPE_F32, cfg_, T, x, dy);
+  EXPECT_TRUE(same("dx after the refused calls", io.take(Io::DX), rr.dx));
+  const std::vector<ParamDesc> params = describe(l.get());
+  for (size_t i = 0; i < params.size() && i < rr.grads.size(); ++i) {
+    if (params[i].trainable) {
+      EXPECT_TRUE(same("grad " + params[i].name + " after the refused calls", get_grad(l.get(), params[i]),
+                       rr.grads[i]));
+    }
+  }
+}
+
+TEST_F(GpuLayerApi, SetStream) {
+  const int64_t T = kT, d = cfg_.d_model;
+  LayerPtr a = layer(3), b = layer(3);
+  ASSERT_TRUE(a && b);
+  Rng rng(4);
+  const std::vector<float> x = rng.nonzeros(static_cast<size_t>(T * d), 1.0f),
+                           dy = rng.nonzeros(static_cast<size_t>(T * d), 1.0f);
+  const Outcome ra = run_layer(a.get(), true, MOE_DTYPE_F32, cfg_, T, x, dy);
+  cudaStream_t stream = nullptr;
+  CUDA_ASSERT(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  std::unique_ptr<CUstream_st, decltype(&cudaStreamDestroy)> owner(stream, &cudaStreamDestroy);
+  ASSERT_EQ(moe_layer_set_stream(b.get(), stream), MOE_OK) << moe_last_error();
+  // Forward, backward, statistics and gradients read back on the caller's (non-blocking) stream.
+  const Outcome rb = run_layer(b.get(), true, MOE_DTYPE_F32, cfg_, T, x, dy);
+  CUDA_EXPECT(cudaStreamSynchronize(stream));
+  EXPECT_TRUE(close("inference y", rb.y_inf, ra.y_inf, 1e-5));
+  EXPECT_TRUE(close("y", rb.y, ra.y, 1e-5));
+  EXPECT_TRUE(close("dx", rb.dx, ra.dx, 1e-5));
+  EXPECT_TRUE(same("counts", rb.counts, ra.counts));
+  EXPECT_TRUE(same("topk ids", rb.ids, ra.ids));
+  const std::vector<ParamDesc> params = describe(a.get());
+  for (size_t i = 0; i < params.size() && i < ra.grads.size() && i < rb.grads.size(); ++i)
+    if (params[i].trainable) { EXPECT_TRUE(close("grad " + params[i].name, rb.grads[i], ra.grads[i], 1e-5)); }
+  EXPECT_EQ(moe_layer_set_stream(b.get(), nullptr), MOE_OK) << moe_last_error();
+  // A CPU layer takes no stream.
+  moe_config cc = cfg_;
+  cc.device = MOE_DEVICE_CPU;
+  LayerPtr cpu = make_layer(cc);
+  ASSERT_TRUE(cpu);
+  EXPECT_EQ(moe_layer_set_stream(cpu.get(), stream), MOE_ERR_INVALID_ARGUMENT);
+}
+
+TEST_F(GpuLayerApi, MissingDeviceIsRefused) {
+  for (int index : {gpu_test::device_count(), gpu_test::device_count() + 7}) {
+    moe_config c = cfg_;
+    c.device_index = index;
+    moe_layer *sentinel = reinterpret_cast<moe_layer *>(uintptr_t{0x1234});
+    moe_layer *out = sentinel;
+    const moe_status s = moe_layer_create(&c, &out);
+    EXPECT_TRUE(s == MOE_ERR_DEVICE || s == MOE_ERR_INVALID_ARGUMENT)
+        << "device_index " << index << " gave " << moe_status_name(s);
+    EXPECT_GT(std::strlen(moe_last_error()), 0u) << "no message for device_index " << index;
+    EXPECT_EQ(out, sentinel) << "a failed create wrote *out";
+    if (s == MOE_OK && out != sentinel) moe_layer_destroy(out);
+  }
+}
+
+TEST_F(GpuLayerApi, ParamBuffersAreDevicePointers) {
+  for (int dtype : {MOE_DTYPE_F32, MOE_DTYPE_BF16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    if (dtype != MOE_DTYPE_F32) {
+      moe_config c = cfg_;
+      c.dtype = static_cast<moe_dtype>(dtype);
+      moe_status st;
+      LayerPtr probe = make_layer(c, &st);
+      if (st == MOE_ERR_UNSUPPORTED) {
+        std::printf("note: %s layers are not supported by this CUDA backend (%s); their buffers not checked\n",
+                    dtype_name(dtype), moe_last_error());
+        continue;
+      }
+    }
+    LayerPtr l = layer(5, dtype);
+    ASSERT_TRUE(l);
+    int device = -1;
+    CUDA_ASSERT(cudaGetDevice(&device));
+    Rng rng(6);
+    for (const ParamDesc &p : describe(l.get())) {
+      SCOPED_TRACE(p.name);
+      void *data = nullptr, *grad = reinterpret_cast<void *>(uintptr_t{1});
+      ASSERT_EQ(moe_layer_param_buffers(l.get(), p.name.c_str(), &data, &grad), MOE_OK) << moe_last_error();
+      ASSERT_NE(data, nullptr);
+      cudaPointerAttributes attr{};
+      CUDA_ASSERT(cudaPointerGetAttributes(&attr, data));
+      EXPECT_EQ(attr.type, cudaMemoryTypeDevice);
+      EXPECT_EQ(attr.device, device);
+      if (p.trainable) {
+        ASSERT_NE(grad, nullptr);
+        CUDA_ASSERT(cudaPointerGetAttributes(&attr, grad));
+        EXPECT_EQ(attr.type, cudaMemoryTypeDevice);
+      } else {
+        EXPECT_EQ(grad, nullptr) << "a parameter that is not trainable has no gradient buffer";
+      }
+      // float32, contiguous, in the documented shape: the same values as moe_layer_get_param ...
+      std::vector<float> seen(static_cast<size_t>(p.numel));
+      CUDA_ASSERT(cudaMemcpy(seen.data(), data, seen.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      EXPECT_TRUE(same("buffer contents", seen, get_param(l.get(), p)));
+      // ... and writing through it is what moe_layer_get_param then reads.
+      const std::vector<float> fresh = rng.nonzeros(static_cast<size_t>(p.numel), 0.1f);
+      CUDA_ASSERT(cudaMemcpy(data, fresh.data(), fresh.size() * sizeof(float), cudaMemcpyHostToDevice));
+      EXPECT_TRUE(same("get_param after writing the buffer", get_param(l.get(), p), fresh));
+    }
+    void *data = nullptr;
+    EXPECT_EQ(moe_layer_param_buffers(l.get(), "no.such", &data, nullptr), MOE_ERR_INVALID_ARGUMENT);
+  }
+}
+
+TEST_F(GpuLayerApi, CheckFinite) {
+  const int64_t T = kT, d = cfg_.d_model;
+  cfg_.check_finite = 1;
+  LayerPtr l = layer(7);
+  ASSERT_TRUE(l);
+  Rng rng(8);
+  std::vector<float> x = rng.nonzeros(static_cast<size_t>(T * d), 1.0f);
+  Io io(true, MOE_DTYPE_F32, T * d);
+  io.put(Io::X, x);
+  ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y), nullptr), MOE_OK) << moe_last_error();
+  const std::vector<float> y = io.take(Io::Y);
+  std::vector<float> bad = x;
+  bad[static_cast<size_t>(41 * d + 5)] = std::numeric_limits<float>::infinity();
+  bad[static_cast<size_t>(60 * d + 1)] = kNaN;
+  io.put(Io::X, bad);
+  EXPECT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr), MOE_ERR_NONFINITE);
+  EXPECT_NE(std::strstr(moe_last_error(), "[41][5]"), nullptr) << moe_last_error();
+  io.put(Io::X, x);
+  ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr), MOE_OK) << moe_last_error();
+  EXPECT_TRUE(same("y after a refused forward", io.take(Io::Y2), y));
+}
+
+}  // namespace
