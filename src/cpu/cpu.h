@@ -1,12 +1,11 @@
 // Shared pieces of the CPU backend's stage files.
 #pragma once
-#include <exception>
-#include <new>
 #include <string>
 
 #include "core/backend.h"
 #include "core/checked.h"
 #include "core/error.h"
+#include "core/stage_status.h"
 
 namespace moe::cpu {
 
@@ -24,33 +23,12 @@ struct State {
   std::string error;
 };
 
-// Records a stage's message in the state; never throws (it runs inside catch handlers of a
-// noexcept function): without memory for the text the message is cleared.
-inline void set_error(State *st, const char *message) noexcept {
-  try {
-    st->error = message;
-  } catch (...) {
-    st->error.clear();
-  }
-}
+inline void set_error(State *st, const char *message) noexcept { keep_message(st->error, message); }
 
 // Runs a stage body, turning exceptions into a status and the state's message.
 template <class F>
 moe_status guarded(void *state, F &&body) noexcept {
-  auto *st = static_cast<State *>(state);
-  try {
-    body();
-    return MOE_OK;
-  } catch (const Error &e) {
-    set_error(st, e.what());
-    return e.status();
-  } catch (const std::bad_alloc &) {
-    set_error(st, "out of host memory");
-    return MOE_ERR_OUT_OF_MEMORY;
-  } catch (const std::exception &e) {
-    set_error(st, e.what());
-    return MOE_ERR_INTERNAL;
-  }
+  return stage_status(static_cast<State *>(state)->error, body);
 }
 
 // out[t] = sum of (weight[r] *) src[r] over token t's rows (combine.cpp; used by dispatch_bwd).

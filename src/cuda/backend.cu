@@ -87,8 +87,7 @@ moe_status create(const moe_config *cfg, void **state) {
     return MOE_ERR_OUT_OF_MEMORY;
   }
   State *s = st.get();
-  moe_status status = MOE_OK;
-  try {
+  const moe_status status = stage_status(s->error, [&] {
     int count = 0;
     const cudaError_t e = cudaGetDeviceCount(&count);
     if (e != cudaSuccess) {
@@ -133,13 +132,7 @@ moe_status create(const moe_config *cfg, void **state) {
     s->stream = s->own_stream;
     check(cublasCreate(&s->blas), "cublasCreate");
     check(cublasSetStream(s->blas, s->stream), "cublasSetStream");
-  } catch (const Error &e) {
-    set_error(s, e.what());
-    status = e.status();
-  } catch (const std::bad_alloc &) {
-    set_error(s, "out of host memory");
-    status = MOE_ERR_OUT_OF_MEMORY;
-  }
+  });
   *state = st.release();
   return status;
 }
@@ -244,9 +237,7 @@ moe_status find_nonfinite(void *state, const float *p, int64_t n, int64_t *first
     st.scratch[0].ensure(sizeof(unsigned long long), st);
     auto *d = st.scratch[0].as<unsigned long long>();
     check(cudaMemsetAsync(d, 0xff, sizeof *d, st.stream), "cudaMemsetAsync");
-    const unsigned cap = static_cast<unsigned>((st.sm_count > 0 ? st.sm_count : 16) * 8);
-    const unsigned g = blocks_for(n, 256) < cap ? blocks_for(n, 256) : cap;
-    first_nonfinite_kernel<<<g, 256, 0, st.stream>>>(p, n, d);
+    first_nonfinite_kernel<<<stride_blocks(st, n, 256), 256, 0, st.stream>>>(p, n, d);
     check_launch("find non-finite");
     unsigned long long h = 0;
     check(cudaMemcpyAsync(&h, d, sizeof h, cudaMemcpyDeviceToHost, st.stream), "cudaMemcpyAsync");

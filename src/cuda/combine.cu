@@ -9,8 +9,6 @@ namespace {
 
 constexpr int kThreads = 128;
 
-unsigned grid_rows(int64_t n) { return static_cast<unsigned>(n < (1 << 30) ? (n < 1 ? 1 : n) : (1 << 30)); }
-
 // out[t] = sum over t's rows, in the order they are listed, of (weight[r] *) src[r].
 template <bool kVec>
 __global__ void sum_rows_kernel(const float *src, const float *weight, const int64_t *token_offsets,

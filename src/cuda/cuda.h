@@ -5,13 +5,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <exception>
-#include <new>
 #include <string>
 
 #include "core/backend.h"
 #include "core/checked.h"
 #include "core/error.h"
+#include "core/stage_status.h"
 
 namespace moe::cuda {
 
@@ -109,35 +108,25 @@ class DeviceScope {
   int previous_ = -1;
 };
 
-inline void set_error(State *st, const char *message) noexcept {
-  try {
-    st->error = message;
-  } catch (...) {
-    st->error.clear();
-  }
-}
+inline void set_error(State *st, const char *message) noexcept { keep_message(st->error, message); }
 
 // Runs a stage body on the layer's device, turning exceptions into a status and the message.
 template <class F>
 moe_status guarded(void *state, F &&body) noexcept {
   auto *st = static_cast<State *>(state);
-  try {
+  return stage_status(st->error, [&] {
     DeviceScope scope(st->device);
     // An error left by earlier work of the application would be reported by our first launch
     // check as our own: take it out of the way (a sticky one recurs at our first call).
     cudaGetLastError();
     body(*st);
-    return MOE_OK;
-  } catch (const Error &e) {
-    set_error(st, e.what());
-    return e.status();
-  } catch (const std::bad_alloc &) {
-    set_error(st, "out of host memory");
-    return MOE_ERR_OUT_OF_MEMORY;
-  } catch (const std::exception &e) {
-    set_error(st, e.what());
-    return MOE_ERR_INTERNAL;
-  }
+  });
+}
+
+// Blocks for a grid-stride loop over n elements: enough to fill the device, no more.
+inline unsigned stride_blocks(const State &st, int64_t n, int threads) {
+  const int64_t want = (n + threads - 1) / threads, cap = int64_t{st.sm_count > 0 ? st.sm_count : 16} * 16;
+  return static_cast<unsigned>(want < 1 ? 1 : (want < cap ? want : cap));
 }
 
 inline unsigned blocks_for(int64_t n, int threads) {

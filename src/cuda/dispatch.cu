@@ -24,7 +24,7 @@ __global__ void gather_rows_kernel(const float *x, const int32_t *row_token, flo
 moe_status dispatch(void *state, const moe_rows_args *a) {
   return guarded(state, [&](State &st) {
     if (a->R == 0 || a->d == 0) return;
-    const unsigned g = static_cast<unsigned>(a->R < (1 << 30) ? a->R : (1 << 30));
+    const unsigned g = grid_rows(a->R);
     if (vec4_ok(a->d, {a->x, a->xe}))
       gather_rows_kernel<true><<<g, kThreads, 0, st.stream>>>(a->x, a->row_token, a->xe, a->R, a->d);
     else

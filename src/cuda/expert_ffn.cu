@@ -56,16 +56,10 @@ __global__ void act_bwd_kernel(int kind, const float *h, const float *g, float *
   }
 }
 
-unsigned grid(const State &st, int64_t n) {
-  const unsigned cap = static_cast<unsigned>((st.sm_count > 0 ? st.sm_count : 16) * 16);
-  const unsigned b = blocks_for(n, kThreads);
-  return b < cap ? b : cap;
-}
-
 void act_forward(State &st, const moe_ffn_args *a, int64_t n) {
   if (n == 0) return;
-  act_fwd_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->activation, a->h, glu(a->activation) ? a->g : nullptr,
-                                                          a->a, n);
+  act_fwd_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(
+      a->activation, a->h, glu(a->activation) ? a->g : nullptr, a->a, n);
   check_launch("activation");
 }
 
@@ -108,8 +102,8 @@ moe_status expert_ffn_bwd(void *state, const moe_ffn_args *a) {
       sgemm(st, false, false, r.n, ff, d, 1.0f, dy, d, a->w2 + e * d * ff, ff, 0.0f, a->dh + r.begin * ff, ff);
     }
     if (n > 0) {
-      act_bwd_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->activation, a->h, is_glu ? a->g : nullptr, a->dh,
-                                                              is_glu ? a->dg : nullptr, n);
+      act_bwd_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(
+          a->activation, a->h, is_glu ? a->g : nullptr, a->dh, is_glu ? a->dg : nullptr, n);
       check_launch("activation backward");
     }
     for (int64_t e = 0; e < a->num_experts; ++e) {

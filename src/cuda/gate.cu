@@ -53,12 +53,6 @@ __global__ void gaussian_bwd_kernel(const float *dlogits, const float *draws, co
 
 constexpr int kThreads = 256;
 
-unsigned grid(const State &st, int64_t n) {
-  const unsigned cap = static_cast<unsigned>(st.sm_count > 0 ? st.sm_count * 8 : 1024);
-  const unsigned b = blocks_for(n, kThreads);
-  return b < cap ? b : cap;
-}
-
 }  // namespace
 
 moe_status gate(void *state, const moe_gate_args *a) {
@@ -67,15 +61,16 @@ moe_status gate(void *state, const moe_gate_args *a) {
     if (T == 0) return;
     if (a->noise == MOE_NOISE_JITTER) {
       const int64_t n = T * d;
-      jitter_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->x, a->xr, n, a->noise_eps, a->seed, a->step);
+      jitter_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(a->x, a->xr, n, a->noise_eps, a->seed,
+                                                                                a->step);
       check_launch("jitter");
       sgemm(st, false, true, T, E, d, 1.0f, a->xr, d, a->w, d, 0.0f, a->logits, E);
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
       sgemm(st, false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
       sgemm(st, false, true, T, E, d, 1.0f, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
       const int64_t n = T * E;
-      gaussian_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->clean_logits, a->noise_std, a->noise_draws,
-                                                               a->logits, n, a->seed, a->step);
+      gaussian_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(
+          a->clean_logits, a->noise_std, a->noise_draws, a->logits, n, a->seed, a->step);
       check_launch("gaussian noise");
     } else {
       sgemm(st, false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->logits, E);
@@ -98,14 +93,15 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
       if (a->dx) {
         sgemm(st, false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr, d);
         const int64_t n = T * d;
-        jitter_bwd_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(dxr, a->dx, n, a->noise_eps, a->seed, a->step);
+        jitter_bwd_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(dxr, a->dx, n, a->noise_eps,
+                                                                                      a->seed, a->step);
         check_launch("jitter backward");
       }
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
       float *dclean = a->scratch, *dpre = a->scratch + T * E;
       const int64_t n = T * E;
-      gaussian_bwd_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->dlogits, a->noise_draws, a->noise_std,
-                                                                   a->dclean_extra, a->dstd_extra, dclean, dpre, n);
+      gaussian_bwd_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(
+          a->dlogits, a->noise_draws, a->noise_std, a->dclean_extra, a->dstd_extra, dclean, dpre, n);
       check_launch("gaussian noise backward");
       sgemm(st, true, false, E, d, T, 1.0f, dclean, E, a->x, d, 1.0f, a->dw, d);
       sgemm(st, true, false, E, d, T, 1.0f, dpre, E, a->x, d, 1.0f, a->dwn, d);

@@ -12,10 +12,7 @@ void sgemm(State &st, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t 
   if (M > INT_MAX || N > INT_MAX || K > INT_MAX || lda > INT_MAX || ldb > INT_MAX || ldc > INT_MAX)
     fail(MOE_ERR_INVALID_ARGUMENT, "a GEMM of %lld x %lld x %lld exceeds cuBLAS's int dimensions", (long long)M,
          (long long)N, (long long)K);
-  if (K == 0) {
-    // cuBLAS still scales C by beta; keep the CPU backend's meaning of an empty sum.
-    if (beta == 1.0f) return;
-  }
+  if (K == 0 && beta == 1.0f) return;  // an empty sum added to C
   const cublasComputeType_t compute = st.tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F;
   check(cublasGemmEx(st.blas, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N,
                      static_cast<int>(N), static_cast<int>(M), static_cast<int>(K), &alpha, B, CUDA_R_32F,

@@ -147,11 +147,6 @@ __global__ void segment_offsets_kernel(int64_t *offsets, int64_t segments, int64
     offsets[i] = i * size;
 }
 
-unsigned grid(const State &st, int64_t n) {
-  const unsigned cap = static_cast<unsigned>(std::max(1, st.sm_count) * 8);
-  return std::min(blocks_for(n, kThreads), cap);
-}
-
 // Runs a CUB call twice: once for its temporary size, once for real, in scratch[3].
 template <class F>
 void cub_call(State &st, const char *what, F &&f) {
@@ -219,7 +214,7 @@ void plan_token_choice(State &st, const moe_plan_args *a) {
   auto *bucket = sp.get<int32_t>(h_bucket), *bucket_out = sp.get<int32_t>(h_bucket_out);
   auto *counts = sp.get<int32_t>(h_counts);
   auto *offsets = sp.get<int64_t>(h_offsets);
-  const unsigned g = grid(st, n);
+  const unsigned g = stride_blocks(st, n, kThreads);
 
   if (n > 0 && capped) {
     const bool by_weight = a->drop_policy == MOE_DROP_PROBS;
@@ -278,7 +273,7 @@ void plan_expert_choice(State &st, const moe_plan_args *a) {
   segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(offsets, E, C);
   check_launch("expert offsets");
   if (R > 0) {
-    choice_keys_kernel<<<grid(st, n), kThreads, 0, st.stream>>>(a->scores, T, E, keys, tok);
+    choice_keys_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(a->scores, T, E, keys, tok);
     check_launch("choice keys");
     // Best first within each expert; the sort is stable and its input in token order, so equal
     // scores keep the lower token first.
@@ -287,20 +282,20 @@ void plan_expert_choice(State &st, const moe_plan_args *a) {
                                              st.stream);
     });
     // The C chosen tokens of each expert, into token order.
-    choice_take_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(tok_out, T, C, E, token_bits, keys);
+    choice_take_kernel<<<stride_blocks(st, R, kThreads), kThreads, 0, st.stream>>>(tok_out, T, C, E, token_bits, keys);
     check_launch("choice take");
     cub_call(st, "cub::DeviceRadixSort::SortKeys", [&](void *tmp, size_t &bytes) {
       return cub::DeviceRadixSort::SortKeys(tmp, bytes, keys, keys_out, R, 0, token_bits + expert_bits, st.stream);
     });
-    choice_rows_kernel<<<grid(st, R), kThreads, 0, st.stream>>>(keys_out, a->scores, E, C, token_bits, a->row_token,
-                                                                a->row_slot, a->row_weight, ids);
+    choice_rows_kernel<<<stride_blocks(st, R, kThreads), kThreads, 0, st.stream>>>(
+        keys_out, a->scores, E, C, token_bits, a->row_token, a->row_slot, a->row_weight, ids);
     check_launch("choice rows");
     // Each token's rows in expert (row) order: a stable sort of row ids by token.
     cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
       return cub::DeviceRadixSort::SortPairs(tmp, bytes, a->row_token, tok, ids, a->token_rows, R, 0, token_bits,
                                              st.stream);
     });
-    lower_bounds_kernel<<<grid(st, T + 1), kThreads, 0, st.stream>>>(tok, R, T, a->token_offsets);
+    lower_bounds_kernel<<<stride_blocks(st, T + 1, kThreads), kThreads, 0, st.stream>>>(tok, R, T, a->token_offsets);
     check_launch("token offsets");
   } else {
     check(cudaMemsetAsync(a->token_offsets, 0, sizeof(int64_t) * (T + 1), st.stream), "cudaMemsetAsync");

@@ -15,6 +15,11 @@ inline bool vec4_ok(int64_t d, std::initializer_list<const void *> ptrs) {
   return true;
 }
 
+// One block per row (or token), up to the grid limit; kernels loop past it.
+inline unsigned grid_rows(int64_t n) {
+  return static_cast<unsigned>(n < (1 << 30) ? (n < 1 ? 1 : n) : (1 << 30));
+}
+
 template <bool kVec>
 struct RowIo;
 
