@@ -16,6 +16,11 @@
  *  - Dimensions are int64_t, byte sizes size_t; strings are NUL-terminated UTF-8.
  *  - Tensors are dense and row-major. Activations (x, y, dy, dx) live on the layer's device in the
  *    layer's dtype; host copies of parameters are always float32.
+ *  - Precision (moe_config.dtype): with MOE_DTYPE_BF16 or MOE_DTYPE_F16 the experts' weights
+ *    (experts.*, shared.w*) and their gradients are stored in that dtype, as are x, y, dy, dx and
+ *    every activation the layer keeps; products and sums accumulate in float32, and what is
+ *    stored is rounded once, to nearest even. The router (router.*, shared.gate, logits, scores,
+ *    weights, aux losses) is float32 whatever the dtype.
  *  - Thread-safety: a layer, and the contexts created from it, may be used by one thread at a
  *    time (callers that share one layer between threads must hold their own lock). Different
  *    layers may be used from different threads concurrently. Functions that take no layer are
@@ -137,9 +142,8 @@ typedef struct moe_config {
   int shared_gate;              /* nonzero: shared output scaled by sigmoid(x . shared.gate); default 0 */
   moe_device device;            /* default MOE_DEVICE_CPU */
   int device_index;             /* CUDA ordinal; default 0 */
-  moe_dtype dtype;              /* storage type of activations; default MOE_DTYPE_F32 (the only one
-                                   both backends accept in this version: BF16/F16 give
-                                   MOE_ERR_UNSUPPORTED) */
+  moe_dtype dtype;              /* storage of activations and expert weights (see Precision above);
+                                   default MOE_DTYPE_F32 */
   int allow_tf32;               /* CUDA float32 GEMMs may use TF32; default 0 */
   uint64_t seed;                /* parameter initialisation and router noise; default 0 */
   int check_finite;             /* nonzero: refuse NaN/Inf in x and dy with MOE_ERR_NONFINITE; default 0 */
@@ -248,14 +252,24 @@ MOE_API int moe_layer_num_params(const moe_layer *layer);
 MOE_API moe_status moe_layer_param_info(const moe_layer *layer, int index, moe_param_info *out);
 
 /**
+ * The storage type of parameter name and of its gradient: the layer's dtype for experts.* and
+ * shared.w1/w3/w2, MOE_DTYPE_F32 for router.*, shared.gate. Thread-safe as moe_layer_param_info.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers or an unknown name.
+ */
+MOE_API moe_status moe_layer_param_dtype(const moe_layer *layer, const char *name, moe_dtype *out);
+
+/**
  * Copy count float32 values from host memory into parameter name (count must equal its number
- * of elements). Must not be called between a training forward and its backward.
+ * of elements), rounded to nearest even when the parameter is stored in bf16/f16. Must not be
+ * called between a training forward and its backward.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers, an unknown name or a wrong count;
- *         MOE_ERR_NONFINITE if check_finite is on and host holds NaN/Inf.
+ *         MOE_ERR_NONFINITE if check_finite is on and host holds NaN/Inf, or a value that is
+ *         not finite once stored (above 65504 in magnitude for a float16 parameter).
  */
 MOE_API moe_status moe_layer_set_param(moe_layer *layer, const char *name, const float *host, int64_t count);
 
-/** Copy parameter name into host (count float32 values). Errors as moe_layer_set_param. */
+/** Copy parameter name into host (count float32 values, exact whatever the storage dtype).
+ *  Errors as moe_layer_set_param. */
 MOE_API moe_status moe_layer_get_param(const moe_layer *layer, const char *name, float *host, int64_t count);
 
 /**
@@ -269,8 +283,8 @@ MOE_API moe_status moe_layer_get_grad(const moe_layer *layer, const char *name, 
 MOE_API moe_status moe_layer_zero_grad(moe_layer *layer);
 
 /**
- * The layer's own storage of parameter name and of its gradient, on the layer's device, float32,
- * contiguous, in the documented shape; valid until the layer is destroyed. Writing through them
+ * The layer's own storage of parameter name and of its gradient, on the layer's device, in the
+ * parameter's dtype (moe_layer_param_dtype), contiguous, in the documented shape; valid until the layer is destroyed. Writing through them
  * is allowed (this is how optimisers and the Python/PyTorch binding update weights in place);
  * not between a training forward and its backward. *grad is NULL for router.bias. Either out
  * pointer may be NULL when not wanted.

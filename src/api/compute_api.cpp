@@ -8,6 +8,7 @@
 
 #include "api/guard.h"
 #include "core/checked.h"
+#include "core/half.h"
 #include "core/layer.h"
 
 using moe::fail;
@@ -42,8 +43,8 @@ void check_tensors(const moe_layer *layer, int64_t T, std::initializer_list<Tens
   if (T > INT32_MAX / per_token)
     fail(MOE_ERR_INVALID_ARGUMENT, "num_tokens is %lld: at most %lld tokens per call for %lld experts, top_k %lld",
          (long long)T, (long long)(INT32_MAX / per_token), (long long)layer->cfg.E, (long long)layer->cfg.k);
-  const size_t bytes = moe::checked_bytes(moe::checked_mul(T, layer->cfg.d, "num_tokens * d_model"), sizeof(float),
-                                          "num_tokens * d_model");
+  const size_t bytes = moe::checked_bytes(moe::checked_mul(T, layer->cfg.d, "num_tokens * d_model"),
+                                          moe::dtype_size(layer->cfg.c.dtype), "num_tokens * d_model");
   for (const Tensor &t : ts) {
     if (!t.p) {
       if (T > 0 && !t.optional) fail(MOE_ERR_INVALID_ARGUMENT, "%s is NULL with num_tokens %lld", t.name, (long long)T);
@@ -64,7 +65,7 @@ void check_finite(const moe_layer *layer, const void *p, int64_t T, const char *
   const moe::Backend &be = *layer->backend;
   int64_t first = -1;
   const int64_t n = T * layer->cfg.d;
-  be.check(be.ops()->find_nonfinite(be.state(), static_cast<const float *>(p), n, &first), "find_nonfinite");
+  be.check(be.ops()->find_nonfinite(be.state(), p, layer->cfg.c.dtype, n, &first), "find_nonfinite");
   if (first >= 0)
     fail(MOE_ERR_NONFINITE, "%s[%lld][%lld] is not finite (check_finite is on)", name,
          (long long)(first / layer->cfg.d), (long long)(first % layer->cfg.d));
@@ -106,8 +107,7 @@ MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_toke
     check_context(layer, ctx);
     check_tensors(layer, num_tokens, {{x, "x", false}, {y, "y", false}});
     check_finite(layer, x, num_tokens, "x");
-    moe::forward(*layer, static_cast<const float *>(x), num_tokens, static_cast<float *>(y), ctx,
-                 ctx ? moe::Mode::kTraining : moe::Mode::kInference);
+    moe::forward(*layer, x, num_tokens, y, ctx, ctx ? moe::Mode::kTraining : moe::Mode::kInference);
   });
 }
 
@@ -122,7 +122,7 @@ MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *
     const int64_t T = ctx->route.T;
     check_tensors(layer, T, {{dy, "dy", false}, {dx, "dx", true}});
     check_finite(layer, dy, T, "dy");
-    moe::backward(*layer, *ctx, static_cast<const float *>(dy), static_cast<float *>(dx));
+    moe::backward(*layer, *ctx, dy, dx);
   });
 }
 
@@ -141,7 +141,7 @@ MOE_API moe_status moe_route(moe_layer *layer, const void *x, int64_t num_tokens
     check_context(layer, ctx);
     check_tensors(layer, num_tokens, {{x, "x", false}});
     check_finite(layer, x, num_tokens, "x");
-    moe::forward(*layer, static_cast<const float *>(x), num_tokens, nullptr, ctx, moe::Mode::kRouteOnly);
+    moe::forward(*layer, x, num_tokens, nullptr, ctx, moe::Mode::kRouteOnly);
   });
 }
 

@@ -6,6 +6,7 @@
 
 #include "api/guard.h"
 #include "core/checked.h"
+#include "core/half.h"
 #include "core/layer.h"
 
 using moe::fail;
@@ -18,9 +19,6 @@ void refuse_unbuilt(const moe::Config &c) {
   if (c.c.comm != nullptr && c.c.routing == MOE_ROUTE_EXPERT_CHOICE)
     fail(MOE_ERR_UNSUPPORTED,
          "cfg->comm is set with expert-choice routing: experts choosing among every rank's tokens is not built yet");
-  if (c.c.device == MOE_DEVICE_CPU && c.c.dtype != MOE_DTYPE_F32)
-    fail(MOE_ERR_UNSUPPORTED, "cfg->dtype is %s: the CPU backend computes and stores float32 only",
-         c.c.dtype == MOE_DTYPE_BF16 ? "MOE_DTYPE_BF16" : "MOE_DTYPE_F16");
 }
 
 moe::Param &param_by_name(const moe_layer *layer, const char *name) {
@@ -133,11 +131,18 @@ MOE_API moe_status moe_layer_set_param(moe_layer *layer, const char *name, const
     moe::Param &p = param_by_name(layer, name);
     check_count(p, host, count);
     if (layer->cfg.c.check_finite)
-      for (int64_t i = 0; i < count; ++i)
+      for (int64_t i = 0; i < count; ++i) {
         if (!std::isfinite(host[i]))
           fail(MOE_ERR_NONFINITE, "host[%lld] is %g: %s must be finite (check_finite is on)", (long long)i,
                (double)host[i], name);
-    layer->backend->upload(p.data.get(), host, moe::checked_bytes(count, sizeof(float), "count"));
+        // A finite float32 may still overflow a float16 parameter.
+        if (!std::isfinite(moe::round_to(p.dtype, host[i])))
+          fail(MOE_ERR_NONFINITE,
+               "host[%lld] is %g: %s is stored as %s, where it is not finite "
+               "(check_finite is on)",
+               (long long)i, (double)host[i], name, moe::dtype_name(p.dtype));
+      }
+    moe::upload_param(*layer, p, host);
   });
 }
 
@@ -145,7 +150,7 @@ MOE_API moe_status moe_layer_get_param(const moe_layer *layer, const char *name,
   return moe::call("moe_layer_get_param", [&] {
     moe::Param &p = param_by_name(layer, name);
     check_count(p, host, count);
-    layer->backend->download(host, p.data.get(), moe::checked_bytes(count, sizeof(float), "count"));
+    moe::download_param(*layer, p, p.data, host);
   });
 }
 
@@ -154,7 +159,7 @@ MOE_API moe_status moe_layer_get_grad(const moe_layer *layer, const char *name, 
     moe::Param &p = param_by_name(layer, name);
     if (!p.trainable) fail(MOE_ERR_INVALID_ARGUMENT, "name: %s is not trainable and has no gradient", name);
     check_count(p, host, count);
-    layer->backend->download(host, p.grad.get(), moe::checked_bytes(count, sizeof(float), "count"));
+    moe::download_param(*layer, p, p.grad, host);
   });
 }
 
@@ -163,6 +168,14 @@ MOE_API moe_status moe_layer_zero_grad(moe_layer *layer) {
     require(layer != nullptr, "layer is NULL");
     for (moe::Param &p : layer->params)
       if (p.trainable) layer->backend->zero(p.grad);
+  });
+}
+
+MOE_API moe_status moe_layer_param_dtype(const moe_layer *layer, const char *name, moe_dtype *out) {
+  return moe::call("moe_layer_param_dtype", [&] {
+    const moe::Param &p = param_by_name(layer, name);
+    require(out != nullptr, "out is NULL");
+    *out = static_cast<moe_dtype>(p.dtype);
   });
 }
 

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/checked.h"
+#include "core/half.h"
 
 namespace moe {
 namespace {
@@ -144,44 +145,49 @@ ExchangePlan plan_exchange(moe_layer &l, Workspace &w, const RoutingSummary &r) 
 
 namespace {
 
-// dst[i] = src[index[i]] over n rows of width floats, with the backend's dispatch (a row gather).
-void gather(const Backend &be, const float *src, const Buffer &index, float *dst, int64_t n, int64_t width) {
+// dst[i] = src[index[i]] over n rows of width elements, with the backend's dispatch (a row gather).
+void gather(const Backend &be, int dtype, const void *src, const Buffer &index, void *dst, int64_t n, int64_t width) {
   moe_rows_args a{};
   a.d = width;
   a.R = n;
+  a.dtype = dtype;
   a.row_token = index.as<const int32_t>();
   a.x = src;
   a.xe = dst;
   be.check(be.ops()->dispatch(be.state(), &a), "dispatch (exchange permutation)");
 }
 
-void rows_hook(moe_layer &l, const float *send, const std::vector<int64_t> &sc, float *recv,
+void rows_hook(moe_layer &l, const void *send, const std::vector<int64_t> &sc, void *recv,
                const std::vector<int64_t> &rc, int64_t width) {
   const moe_comm &cm = comm_of(l);
   const Backend &be = *l.backend;
   be.check(be.ops()->synchronize(be.state()), "synchronize");
   // On the layer's stream: a device-side comm (NCCL) queues its transfers behind the rows.
-  check_hook(cm.exchange_rows(cm.user, send, sc.data(), recv, rc.data(), static_cast<size_t>(width) * sizeof(float),
-                              be.ops()->stream(be.state())),
+  check_hook(cm.exchange_rows(cm.user, send, sc.data(), recv, rc.data(),
+                              static_cast<size_t>(width) * dtype_size(l.cfg.c.dtype), be.ops()->stream(be.state())),
              "exchange_rows");
+}
+
+size_t stage_bytes(const moe_layer &l, const ExchangePlan &p, int64_t width) {
+  return checked_bytes(checked_mul(p.recv_rows, width, "exchange rows"), dtype_size(l.cfg.c.dtype), "exchange");
 }
 
 }  // namespace
 
-void exchange_to_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const float *rows, float *local,
+void exchange_to_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const void *rows, void *local,
                          int64_t width) {
   const Backend &be = *l.backend;
-  be.ensure(w.ep_stage, checked_bytes(checked_mul(p.recv_rows, width, "exchange rows"), sizeof(float), "exchange"));
-  rows_hook(l, rows, p.send_counts, w.ep_stage.as<float>(), p.recv_counts, width);
-  gather(be, w.ep_stage.as<const float>(), w.ep_perm, local, p.recv_rows, width);
+  be.ensure(w.ep_stage, stage_bytes(l, p, width));
+  rows_hook(l, rows, p.send_counts, w.ep_stage.get(), p.recv_counts, width);
+  gather(be, l.cfg.c.dtype, w.ep_stage.get(), w.ep_perm, local, p.recv_rows, width);
 }
 
-void exchange_from_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const float *local, float *rows,
+void exchange_from_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const void *local, void *rows,
                            int64_t width) {
   const Backend &be = *l.backend;
-  be.ensure(w.ep_stage, checked_bytes(checked_mul(p.recv_rows, width, "exchange rows"), sizeof(float), "exchange"));
-  gather(be, local, w.ep_inv, w.ep_stage.as<float>(), p.recv_rows, width);
-  rows_hook(l, w.ep_stage.as<const float>(), p.recv_counts, rows, p.send_counts, width);
+  be.ensure(w.ep_stage, stage_bytes(l, p, width));
+  gather(be, l.cfg.c.dtype, local, w.ep_inv, w.ep_stage.get(), p.recv_rows, width);
+  rows_hook(l, w.ep_stage.get(), p.recv_counts, rows, p.send_counts, width);
 }
 
 }  // namespace moe

@@ -14,9 +14,9 @@ void exchange_routing_stats(moe_layer &l, RoutingSummary &r);
 // Plans the exchange of this forward's rows (collective: exchanges the per-expert counts).
 ExchangePlan plan_exchange(moe_layer &l, Workspace &w, const RoutingSummary &r);
 
-// Sends rows [R, width] (grouped by owner rank, in the sender's expert order) and returns them
-// expert-major in `local` [recv_rows, width]; `back` does the reverse.
-void exchange_to_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const float *rows, float *local, int64_t width);
-void exchange_from_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const float *local, float *rows, int64_t width);
+// Sends rows [R, width] of the layer's dtype (grouped by owner rank, in the sender's expert order)
+// and returns them expert-major in `local` [recv_rows, width]; `from` does the reverse.
+void exchange_to_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const void *rows, void *local, int64_t width);
+void exchange_from_experts(moe_layer &l, Workspace &w, const ExchangePlan &p, const void *local, void *rows, int64_t width);
 
 }  // namespace moe

@@ -16,12 +16,16 @@ struct Param {
   int64_t shape[3] = {0, 0, 0};
   int64_t numel = 0;
   bool trainable = true;
+  int dtype = MOE_DTYPE_F32;  // storage of data and grad (host copies are float32)
   Buffer data, grad;
 };
 
 // Buffers one forward (and its backward) works in; grow-only, reused from call to call.
 struct Workspace {
-  Buffer x, logits, scores, lse, topk_ids, topk_w;
+  // x in the layer's dtype; with bf16/f16 also xf, its float32 copy for the router, and yacc,
+  // dxacc: float32 sums of y and dx, rounded once into the caller's buffers.
+  Buffer x, xf, yacc, dxacc;
+  Buffer logits, scores, lse, topk_ids, topk_w;
   Buffer xr, clean_logits, noise_std, noise;  // training noise
   Buffer token_offsets, token_rows;           // expert choice
   Buffer row_of_slot, row_token, row_slot, row_weight;
@@ -89,10 +93,15 @@ namespace moe {
 // Builds the parameters of a new layer and initialises them from the seed.
 void create_params(moe_layer &layer);
 
+// Host float32 copies of a parameter's storage (p.data or p.grad), converted from or to p.dtype.
+void upload_param(const moe_layer &layer, const Param &p, const float *host);
+void download_param(const moe_layer &layer, const Param &p, const Buffer &src, float *host);
+
 // The pipeline (src/core/pipeline.cpp).
 enum class Mode { kInference, kTraining, kRouteOnly };
-void forward(moe_layer &layer, const float *x, int64_t T, float *y, moe_context *ctx, Mode mode);
-void backward(moe_layer &layer, moe_context &ctx, const float *dy, float *dx);
+// x, y, dy, dx: [T, d_model] in the layer's dtype.
+void forward(moe_layer &layer, const void *x, int64_t T, void *y, moe_context *ctx, Mode mode);
+void backward(moe_layer &layer, moe_context &ctx, const void *dy, void *dx);
 
 // Loss values and their backward coefficients from the routing summary (src/core/aux_loss.cpp).
 void compute_aux_losses(const Config &cfg, RoutingSummary &r);

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "core/checked.h"
+#include "core/half.h"
 #include "core/layer.h"
 #include "core/rng.h"
 
@@ -18,7 +19,9 @@ uint64_t name_stream(const std::string &name) {
   return kStreamInit + (h << 8);
 }
 
-Param &add(moe_layer &l, const char *name, std::initializer_list<int64_t> shape, bool trainable) {
+// The router's parameters (and shared.gate) are float32; the experts' are stored in `dtype`.
+Param &add(moe_layer &l, const char *name, std::initializer_list<int64_t> shape, bool trainable,
+           int dtype = MOE_DTYPE_F32) {
   Param p;
   p.name = name;
   p.ndim = static_cast<int>(shape.size());
@@ -29,7 +32,8 @@ Param &add(moe_layer &l, const char *name, std::initializer_list<int64_t> shape,
   }
   p.numel = n;
   p.trainable = trainable;
-  size_t bytes = checked_bytes(n, sizeof(float), name);
+  p.dtype = dtype;
+  size_t bytes = checked_bytes(n, dtype_size(dtype), name);
   p.data = l.backend->alloc(bytes);
   if (trainable) {
     p.grad = l.backend->alloc(bytes);
@@ -49,10 +53,32 @@ void init_uniform(moe_layer &l, Param &p, float bound, int64_t first_elem) {
 #pragma omp parallel for schedule(static) if (p.numel >= (1 << 16))
   for (int64_t i = 0; i < p.numel; ++i)
     host[i] = bound * (2.0f * rng_uniform(seed, stream, static_cast<uint64_t>(first_elem + i)) - 1.0f);
-  l.backend->upload(p.data.get(), host.data(), host.size() * sizeof(float));
+  upload_param(l, p, host.data());
 }
 
 }  // namespace
+
+void upload_param(const moe_layer &l, const Param &p, const float *host) {
+  const size_t n = static_cast<size_t>(p.numel);
+  if (p.dtype == MOE_DTYPE_F32) {
+    l.backend->upload(p.data.get(), host, n * sizeof(float));
+    return;
+  }
+  std::vector<uint16_t> narrow(n);
+  convert_host(narrow.data(), p.dtype, host, MOE_DTYPE_F32, p.numel);
+  l.backend->upload(p.data.get(), narrow.data(), n * sizeof(uint16_t));
+}
+
+void download_param(const moe_layer &l, const Param &p, const Buffer &src, float *host) {
+  const size_t n = static_cast<size_t>(p.numel);
+  if (p.dtype == MOE_DTYPE_F32) {
+    l.backend->download(host, src.get(), n * sizeof(float));
+    return;
+  }
+  std::vector<uint16_t> narrow(n);
+  l.backend->download(narrow.data(), src.get(), n * sizeof(uint16_t));
+  convert_host(host, MOE_DTYPE_F32, narrow.data(), p.dtype, p.numel);
+}
 
 void create_params(moe_layer &l) {
   const Config &c = l.cfg;
@@ -72,24 +98,25 @@ void create_params(moe_layer &l) {
   l.backend->zero(l.router_bias->data);
 
   const int64_t off1 = c.expert_begin * c.ff * c.d;
-  l.w1 = &add(l, "experts.w1", {El, c.ff, c.d}, true);
+  const int dt = c.c.dtype;
+  l.w1 = &add(l, "experts.w1", {El, c.ff, c.d}, true, dt);
   init_uniform(l, *l.w1, bd, off1);
   if (c.glu) {
-    l.w3 = &add(l, "experts.w3", {El, c.ff, c.d}, true);
+    l.w3 = &add(l, "experts.w3", {El, c.ff, c.d}, true, dt);
     init_uniform(l, *l.w3, bd, off1);
   }
-  l.w2 = &add(l, "experts.w2", {El, c.d, c.ff}, true);
+  l.w2 = &add(l, "experts.w2", {El, c.d, c.ff}, true, dt);
   init_uniform(l, *l.w2, bff, c.expert_begin * c.d * c.ff);
 
   if (c.S > 0) {
     const float bffs = 1.0f / std::sqrt(static_cast<float>(c.ffs));
-    l.sw1 = &add(l, "shared.w1", {c.S, c.ffs, c.d}, true);
+    l.sw1 = &add(l, "shared.w1", {c.S, c.ffs, c.d}, true, dt);
     init_uniform(l, *l.sw1, bd, 0);
     if (c.glu) {
-      l.sw3 = &add(l, "shared.w3", {c.S, c.ffs, c.d}, true);
+      l.sw3 = &add(l, "shared.w3", {c.S, c.ffs, c.d}, true, dt);
       init_uniform(l, *l.sw3, bd, 0);
     }
-    l.sw2 = &add(l, "shared.w2", {c.S, c.d, c.ffs}, true);
+    l.sw2 = &add(l, "shared.w2", {c.S, c.d, c.ffs}, true, dt);
     init_uniform(l, *l.sw2, bffs, 0);
     if (c.c.shared_gate) {
       l.sgate = &add(l, "shared.gate", {1, c.d}, true);

@@ -6,6 +6,7 @@
 
 #include "core/checked.h"
 #include "core/exchange.h"
+#include "core/half.h"
 #include "core/layer.h"
 
 namespace moe {
@@ -13,6 +14,10 @@ namespace {
 
 size_t fbytes(int64_t n, const char *what) { return checked_bytes(n, sizeof(float), what); }
 size_t ibytes(int64_t n, const char *what) { return checked_bytes(n, sizeof(int32_t), what); }
+// Bytes of n activations in the layer's dtype.
+size_t abytes(const Config &c, int64_t n, const char *what) { return checked_bytes(n, dtype_size(c.c.dtype), what); }
+
+bool low_precision(const Config &c) { return c.c.dtype != MOE_DTYPE_F32; }
 
 template <class Args>
 void run(const Backend &be, moe_status (*fn)(void *, const Args *), const Args &a, const char *name) {
@@ -22,6 +27,9 @@ void run(const Backend &be, moe_status (*fn)(void *, const Args *), const Args &
 const float *f(const Buffer &b) { return b.as<const float>(); }
 const float *f(const Param *p) { return p ? p->data.as<const float>() : nullptr; }
 float *g(const Param *p) { return p ? p->grad.as<float>() : nullptr; }
+// Expert weights, stored in the layer's dtype.
+const void *data(const Param *p) { return p ? p->data.get() : nullptr; }
+void *grad(const Param *p) { return p ? p->grad.get() : nullptr; }
 
 bool expert_choice(const Config &c) { return c.c.routing == MOE_ROUTE_EXPERT_CHOICE; }
 
@@ -63,13 +71,14 @@ moe_rows_args rows_args(const Config &c, const Workspace &w, const RoutingSummar
   }
   a.row_token = w.row_token.as<const int32_t>();
   a.row_weight = w.row_weight.as<const float>();
+  a.dtype = c.c.dtype;
   return a;
 }
 
 // The arguments of expert_ffn / expert_ffn_bwd for the routed experts or for the shared ones,
 // which read all T tokens each (expert-major rows). Backward fields point at workspace buffers
 // that backward has sized before calling; forward leaves them unused.
-moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, bool shared, const float *x, const int64_t *offsets) {
+moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, bool shared, const void *x, const int64_t *offsets) {
   const Config &c = l.cfg;
   const Param *w1 = shared ? l.sw1 : l.w1, *w3 = shared ? l.sw3 : l.w3, *w2 = shared ? l.sw2 : l.w2;
   moe_ffn_args a{};
@@ -77,32 +86,34 @@ moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, bool shared, const
   a.d = c.d;
   a.ff = shared ? c.ffs : c.ff;
   a.activation = c.c.activation;
+  a.dtype = c.c.dtype;
   a.offsets = offsets;
   a.shared_input = shared ? 1 : 0;
   a.x = x;
-  a.w1 = f(w1);
-  a.w3 = f(w3);
-  a.w2 = f(w2);
-  a.h = (shared ? w.hs : w.h).as<float>();
-  a.g = c.glu ? (shared ? w.gs : w.g).as<float>() : nullptr;
-  a.a = (shared ? w.as : w.a).as<float>();
-  a.dw1 = g(w1);
-  a.dw3 = g(w3);
-  a.dw2 = g(w2);
-  a.dh = (shared ? w.dhs : w.dh).as<float>();
-  a.dg = c.glu ? (shared ? w.dgs : w.dg).as<float>() : nullptr;
+  a.w1 = data(w1);
+  a.w3 = data(w3);
+  a.w2 = data(w2);
+  a.h = (shared ? w.hs : w.h).get();
+  a.g = c.glu ? (shared ? w.gs : w.g).get() : nullptr;
+  a.a = (shared ? w.as : w.a).get();
+  a.dw1 = grad(w1);
+  a.dw3 = grad(w3);
+  a.dw2 = grad(w2);
+  a.dh = (shared ? w.dhs : w.dh).get();
+  a.dg = c.glu ? (shared ? w.dgs : w.dg).get() : nullptr;
   return a;
 }
 
-moe_shared_args shared_args(const moe_layer &l, const Workspace &w, const float *x, int64_t T) {
+moe_shared_args shared_args(const moe_layer &l, const Workspace &w, const void *x, int64_t T) {
   const Config &c = l.cfg;
   moe_shared_args s{};
   s.T = T;
   s.d = c.d;
   s.S = c.S;
+  s.dtype = c.c.dtype;
   s.x = x;
   s.gate_w = f(l.sgate);
-  s.ys = f(w.ys);
+  s.ys = w.ys.get();
   s.gate = w.gate.as<float>();
   return s;
 }
@@ -113,18 +124,19 @@ void shared_reserve(moe_layer &l, Workspace &w, int64_t T) {
   const Backend &be = *l.backend;
   const int64_t rows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
   const int64_t rff = checked_mul(rows, c.ffs, "shared rows * d_ff_shared");
-  be.ensure(w.hs, fbytes(rff, "shared h"));
-  if (c.glu) be.ensure(w.gs, fbytes(rff, "shared g"));
-  be.ensure(w.as, fbytes(rff, "shared a"));
-  be.ensure(w.ys, fbytes(checked_mul(rows, c.d, "shared rows * d_model"), "shared y"));
+  be.ensure(w.hs, abytes(c, rff, "shared h"));
+  if (c.glu) be.ensure(w.gs, abytes(c, rff, "shared g"));
+  be.ensure(w.as, abytes(c, rff, "shared a"));
+  be.ensure(w.ys, abytes(c, checked_mul(rows, c.d, "shared rows * d_model"), "shared y"));
   be.ensure(w.gate, fbytes(T, "shared gate"));
 }
 
-void shared_forward(moe_layer &l, Workspace &w, const float *x, int64_t T, float *y) {
+// y: the float32 sum the routed experts' combine wrote.
+void shared_forward(moe_layer &l, Workspace &w, const void *x, int64_t T, float *y) {
   const Backend &be = *l.backend;
   const int64_t offsets[2] = {0, T};
   moe_ffn_args a = ffn_args(l, w, true, x, offsets);
-  a.y = w.ys.as<float>();
+  a.y = w.ys.get();
   run(be, be.ops()->expert_ffn, a, "expert_ffn (shared)");
   moe_shared_args s = shared_args(l, w, x, T);
   s.y = y;
@@ -140,7 +152,7 @@ int64_t capacity_of(const Config &c, int64_t Tk) {
 
 }  // namespace
 
-void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *ctx, Mode mode) {
+void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context *ctx, Mode mode) {
   const Config &c = l.cfg;
   const Backend &be = *l.backend;
   const moe_backend_ops *ops = be.ops();
@@ -164,12 +176,25 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   // Expert choice fills at most E*C rows; token choice at most T*k.
   const int64_t max_rows = ec ? checked_mul(E, std::min(r.capacity, T), "num_experts * capacity") : Tk;
 
-  const float *x = x_in;
+  const bool lowp = low_precision(c);
+  const void *x = x_in;
   if (training) {
     // Training keeps its own copy of x: the caller may reuse its buffer before backward.
-    be.ensure(w.x, fbytes(Td, "x"));
-    be.copy(w.x.get(), x_in, fbytes(Td, "x"));
-    x = f(w.x);
+    be.ensure(w.x, abytes(c, Td, "x"));
+    be.copy(w.x.get(), x_in, abytes(c, Td, "x"));
+    x = w.x.get();
+  }
+  // The router computes in float32 (shared/DESIGN.md section 4) from a float32 copy of x.
+  const float *xf = static_cast<const float *>(x);
+  if (lowp) {
+    be.ensure(w.xf, fbytes(Td, "float32 x"));
+    xf = f(w.xf);
+  }
+  // With bf16/f16 the routed and shared outputs are summed in float32, then rounded once into y.
+  float *y = static_cast<float *>(y_out);
+  if (lowp && mode != Mode::kRouteOnly) {
+    be.ensure(w.yacc, fbytes(Td, "float32 y"));
+    y = w.yacc.as<float>();
   }
   be.ensure(w.logits, fbytes(TE, "logits"));
   be.ensure(w.scores, fbytes(TE, "scores"));
@@ -195,7 +220,8 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   const bool update_bias = training && c.c.bias_update_rate > 0;
   std::vector<float> bias(update_bias ? static_cast<size_t>(E) : 0);
 
-  run(be, ops->gate, gate_args(l, w, r, noise, x), "gate");
+  if (lowp) be.check(ops->convert(be.state(), w.xf.get(), MOE_DTYPE_F32, x, c.c.dtype, Td), "convert (x)");
+  run(be, ops->gate, gate_args(l, w, r, noise, xf), "gate");
 
   r.counts.assign(E, 0);
   r.prob_sum.assign(E, 0.0);
@@ -259,12 +285,12 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   if (mode != Mode::kRouteOnly) {
     const int64_t R = r.R;
     const int64_t Rd = checked_mul(R, d, "rows * d_model");
-    be.ensure(w.xe, fbytes(Rd, "xe"));
-    be.ensure(w.ye, fbytes(Rd, "ye"));
+    be.ensure(w.xe, abytes(c, Rd, "xe"));
+    be.ensure(w.ye, abytes(c, Rd, "ye"));
 
     moe_rows_args ra = rows_args(c, w, r);
     ra.x = x;
-    ra.xe = w.xe.as<float>();
+    ra.xe = w.xe.get();
     run(be, ops->dispatch, ra, "dispatch");
 
     // The rows this rank's experts compute: its own, or those the exchange brings.
@@ -272,24 +298,26 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
     if (ep) r.ep = plan_exchange(l, w, r);
     const int64_t rows = ep ? r.ep.recv_rows : R;
     const int64_t rff = checked_mul(rows, c.ff, "rows * d_ff");
-    be.ensure(w.h, fbytes(rff, "h"));
-    if (c.glu) be.ensure(w.g, fbytes(rff, "g"));
-    be.ensure(w.a, fbytes(rff, "a"));
+    be.ensure(w.h, abytes(c, rff, "h"));
+    if (c.glu) be.ensure(w.g, abytes(c, rff, "g"));
+    be.ensure(w.a, abytes(c, rff, "a"));
     if (ep) {
-      be.ensure(w.xl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
-      be.ensure(w.yl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
-      exchange_to_experts(l, w, r.ep, f(w.xe), w.xl.as<float>(), d);
+      be.ensure(w.xl, abytes(c, checked_mul(rows, d, "rows * d_model"), "expert rows"));
+      be.ensure(w.yl, abytes(c, checked_mul(rows, d, "rows * d_model"), "expert rows"));
+      exchange_to_experts(l, w, r.ep, w.xe.get(), w.xl.get(), d);
     }
-    moe_ffn_args fa = ffn_args(l, w, false, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
-    fa.y = ep ? w.yl.as<float>() : w.ye.as<float>();
+    moe_ffn_args fa =
+        ffn_args(l, w, false, ep ? w.xl.get() : w.xe.get(), ep ? r.ep.local_offsets.data() : r.offsets.data());
+    fa.y = ep ? w.yl.get() : w.ye.get();
     run(be, ops->expert_ffn, fa, "expert_ffn");
-    if (ep) exchange_from_experts(l, w, r.ep, f(w.yl), w.ye.as<float>(), d);
+    if (ep) exchange_from_experts(l, w, r.ep, w.yl.get(), w.ye.get(), d);
 
-    ra.ye = f(w.ye);
+    ra.ye = w.ye.get();
     ra.y = y;
     run(be, ops->combine, ra, "combine");
 
     if (c.S > 0) shared_forward(l, w, x, T, y);
+    if (lowp) be.check(ops->convert(be.state(), y_out, c.c.dtype, y, MOE_DTYPE_F32, Td), "convert (y)");
   }
 
   if (update_bias && r.global_T > 0) {
@@ -311,7 +339,7 @@ void forward(moe_layer &l, const float *x_in, int64_t T, float *y, moe_context *
   }
 }
 
-void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
+void backward(moe_layer &l, moe_context &ctx, const void *dy, void *dx_out) {
   const Config &c = l.cfg;
   const Backend &be = *l.backend;
   const moe_backend_ops *ops = be.ops();
@@ -324,14 +352,21 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   const int64_t Rd = checked_mul(R, d, "rows * d_model");
   const int64_t Rff = checked_mul(rows, c.ff, "rows * d_ff");
   const int64_t TE = checked_mul(T, E, "num_tokens * num_experts");
-  be.ensure(w.dye, fbytes(Rd, "dye"));
+  const bool lowp = low_precision(c);
+  be.ensure(w.dye, abytes(c, Rd, "dye"));
   be.ensure(w.drow_weight, fbytes(R, "drow_weight"));
-  be.ensure(w.dh, fbytes(Rff, "dh"));
-  if (c.glu) be.ensure(w.dg, fbytes(Rff, "dg"));
-  be.ensure(w.dxe, fbytes(Rd, "dxe"));
+  be.ensure(w.dh, abytes(c, Rff, "dh"));
+  if (c.glu) be.ensure(w.dg, abytes(c, Rff, "dg"));
+  be.ensure(w.dxe, abytes(c, Rd, "dxe"));
   if (ep) {
-    be.ensure(w.dyl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
-    be.ensure(w.dxl, fbytes(checked_mul(rows, d, "rows * d_model"), "expert rows"));
+    be.ensure(w.dyl, abytes(c, checked_mul(rows, d, "rows * d_model"), "expert rows"));
+    be.ensure(w.dxl, abytes(c, checked_mul(rows, d, "rows * d_model"), "expert rows"));
+  }
+  // With bf16/f16, dx is summed in float32 (dispatch, shared experts, router) and rounded once.
+  float *dx = static_cast<float *>(dx_out);
+  if (lowp && dx_out) {
+    be.ensure(w.dxacc, fbytes(checked_mul(T, d, "num_tokens * d_model"), "float32 dx"));
+    dx = w.dxacc.as<float>();
   }
   be.ensure(w.dlogits, fbytes(TE, "dlogits"));
   const bool load = r.noisy && c.c.load_loss_coef != 0.0f;
@@ -346,9 +381,9 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   if (c.S > 0) {
     const int64_t srows = checked_mul(c.S, T, "num_shared_experts * num_tokens");
     const int64_t srff = checked_mul(srows, c.ffs, "shared rows * d_ff_shared");
-    be.ensure(w.dys, fbytes(checked_mul(srows, d, "shared rows * d_model"), "shared dy"));
-    be.ensure(w.dhs, fbytes(srff, "shared dh"));
-    if (c.glu) be.ensure(w.dgs, fbytes(srff, "shared dg"));
+    be.ensure(w.dys, abytes(c, checked_mul(srows, d, "shared rows * d_model"), "shared dy"));
+    be.ensure(w.dhs, abytes(c, srff, "shared dh"));
+    if (c.glu) be.ensure(w.dgs, abytes(c, srff, "shared dg"));
     if (l.sgate) be.ensure(w.shared_scratch, fbytes(T, "shared gate scratch"));
   }
   // The aux-loss coefficients, times the context's gradient scale.
@@ -360,12 +395,13 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   // Everything is allocated above this line. The stages below allocate nothing once gradients
   // start to accumulate (select_bwd, whose scratch is its own, runs before any of them), so a
   // backward that fails for lack of memory leaves every gradient and dx as they were.
-  const float *x = f(w.x);
+  const void *x = w.x.get();
+  const float *xf = lowp ? f(w.xf) : f(w.x);
 
   moe_rows_args ra = rows_args(c, w, r);
-  ra.ye = f(w.ye);
+  ra.ye = w.ye.get();
   ra.dy = dy;
-  ra.dye = w.dye.as<float>();
+  ra.dye = w.dye.get();
   ra.drow_weight = w.drow_weight.as<float>();
   run(be, ops->combine_bwd, ra, "combine_bwd");
 
@@ -406,15 +442,16 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
 
   // Other ranks may want the input gradient of the rows this rank computed, so with expert
   // parallelism it is always computed and sent back.
-  if (ep) exchange_to_experts(l, w, r.ep, f(w.dye), w.dyl.as<float>(), d);
-  moe_ffn_args fa = ffn_args(l, w, false, ep ? f(w.xl) : f(w.xe), ep ? r.ep.local_offsets.data() : r.offsets.data());
-  fa.dy = ep ? f(w.dyl) : f(w.dye);
-  fa.dx = ep ? w.dxl.as<float>() : (dx ? w.dxe.as<float>() : nullptr);
+  if (ep) exchange_to_experts(l, w, r.ep, w.dye.get(), w.dyl.get(), d);
+  moe_ffn_args fa =
+      ffn_args(l, w, false, ep ? w.xl.get() : w.xe.get(), ep ? r.ep.local_offsets.data() : r.offsets.data());
+  fa.dy = ep ? w.dyl.get() : w.dye.get();
+  fa.dx = ep ? w.dxl.get() : (dx ? w.dxe.get() : nullptr);
   run(be, ops->expert_ffn_bwd, fa, "expert_ffn_bwd");
-  if (ep) exchange_from_experts(l, w, r.ep, f(w.dxl), w.dxe.as<float>(), d);
+  if (ep) exchange_from_experts(l, w, r.ep, w.dxl.get(), w.dxe.get(), d);
 
   if (dx) {
-    ra.dxe = f(w.dxe);
+    ra.dxe = w.dxe.get();
     ra.dx = dx;
     run(be, ops->dispatch_bwd, ra, "dispatch_bwd");
   }
@@ -422,19 +459,19 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
   if (c.S > 0) {
     moe_shared_args s = shared_args(l, w, x, T);
     s.dy = dy;
-    s.dys = w.dys.as<float>();
+    s.dys = w.dys.get();
     s.dx = dx;
     s.dgate_w = g(l.sgate);
     s.scratch = l.sgate ? w.shared_scratch.as<float>() : nullptr;
     run(be, ops->shared_combine_bwd, s, "shared_combine_bwd");
     const int64_t offsets[2] = {0, T};
     moe_ffn_args sf = ffn_args(l, w, true, x, offsets);
-    sf.dy = f(w.dys);
+    sf.dy = w.dys.get();
     sf.dx = dx;
     run(be, ops->expert_ffn_bwd, sf, "expert_ffn_bwd (shared)");
   }
 
-  moe_gate_args ga = gate_args(l, w, r, noise, x);
+  moe_gate_args ga = gate_args(l, w, r, noise, xf);
   ga.dlogits = f(w.dlogits);
   ga.dx = dx;
   ga.dw = g(l.router_w);
@@ -448,6 +485,9 @@ void backward(moe_layer &l, moe_context &ctx, const float *dy, float *dx) {
     }
   }
   run(be, ops->gate_bwd, ga, "gate_bwd");
+  if (lowp && dx_out)
+    be.check(ops->convert(be.state(), dx_out, c.c.dtype, dx, MOE_DTYPE_F32, checked_mul(T, d, "num_tokens * d_model")),
+             "convert (dx)");
 }
 
 }  // namespace moe

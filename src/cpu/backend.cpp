@@ -86,23 +86,13 @@ moe_status check_pointer(void *state, const void *p) {
   return MOE_ERR_INVALID_ARGUMENT;
 }
 
-moe_status find_nonfinite(void *, const float *p, int64_t n, int64_t *first) {
-  *first = -1;
-  for (int64_t i = 0; i < n; ++i)
-    if (!std::isfinite(p[i])) {
-      *first = i;
-      break;
-    }
-  return MOE_OK;
-}
-
 moe_status synchronize(void *) { return MOE_OK; }
 
 void *no_stream(void *) { return nullptr; }
 
 const moe_backend_ops kOps = {
     MOE_BACKEND_ABI, "cpu", create, destroy, last_error, set_stream, alloc, release, memset_zero, copy, copy, copy,
-    check_pointer, find_nonfinite, synchronize,
+    check_pointer, find_nonfinite, convert, synchronize,
     gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
     shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, no_stream,
 };

@@ -1,35 +1,40 @@
 // Each token's weighted sum of its expert rows (a gather, no atomics), the shared experts'
-// contribution, and their backward.
+// contribution, and their backward. Rows are in the args' dtype; sums are float32.
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "cpu/cpu.h"
+#include "cpu/elem.h"
 
 namespace moe::cpu {
 
 // out[t] = sum over t's rows r of weight[r] * src[r] (weight NULL: 1), a gather in the order the
 // rows are listed: deterministic, no atomics. Shared with dispatch_bwd.
-void sum_token_rows(const moe_rows_args *a, const float *src, const float *weight, float *out_rows) {
+void sum_token_rows(const moe_rows_args *a, const void *src_rows, const float *weight, float *out_rows) {
   const int64_t d = a->d;
+  with_dtype(a->dtype, [&](auto tag) {
+    using E = decltype(tag);
+    const E *src = static_cast<const E *>(src_rows);
 #pragma omp parallel for schedule(static) if (worth_threads(a->T * d))
-  for (int64_t t = 0; t < a->T; ++t) {
-    float *out = out_rows + t * d;
-    std::memset(out, 0, sizeof(float) * d);
-    const int64_t b = a->token_offsets ? a->token_offsets[t] : t * a->k;
-    const int64_t e = a->token_offsets ? a->token_offsets[t + 1] : (t + 1) * a->k;
-    for (int64_t i = b; i < e; ++i) {
-      const int32_t r = a->token_rows[i];
-      if (r < 0) continue;
-      const float *row = src + static_cast<int64_t>(r) * d;
-      if (weight) {
-        const float w = weight[r];
-        for (int64_t c = 0; c < d; ++c) out[c] += w * row[c];
-      } else {
-        for (int64_t c = 0; c < d; ++c) out[c] += row[c];
+    for (int64_t t = 0; t < a->T; ++t) {
+      float *out = out_rows + t * d;
+      std::memset(out, 0, sizeof(float) * d);
+      const int64_t b = a->token_offsets ? a->token_offsets[t] : t * a->k;
+      const int64_t e = a->token_offsets ? a->token_offsets[t + 1] : (t + 1) * a->k;
+      for (int64_t i = b; i < e; ++i) {
+        const int32_t r = a->token_rows[i];
+        if (r < 0) continue;
+        const E *row = src + static_cast<int64_t>(r) * d;
+        if (weight) {
+          const float w = weight[r];
+          for (int64_t c = 0; c < d; ++c) out[c] += w * f32(row[c]);
+        } else {
+          for (int64_t c = 0; c < d; ++c) out[c] += f32(row[c]);
+        }
       }
     }
-  }
+  });
 }
 
 moe_status combine(void *st, const moe_rows_args *a) {
@@ -39,19 +44,23 @@ moe_status combine(void *st, const moe_rows_args *a) {
 moe_status combine_bwd(void *st, const moe_rows_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d;
+    with_dtype(a->dtype, [&](auto tag) {
+      using E = decltype(tag);
 #pragma omp parallel for schedule(static) if (worth_threads(a->R * d))
-    for (int64_t r = 0; r < a->R; ++r) {
-      const float *g = a->dy + static_cast<int64_t>(a->row_token[r]) * d;
-      const float *ye = a->ye + r * d;
-      float *dye = a->dye + r * d;
-      const float w = a->row_weight[r];
-      float dot = 0.0f;
-      for (int64_t c = 0; c < d; ++c) {
-        dye[c] = w * g[c];
-        dot += g[c] * ye[c];
+      for (int64_t r = 0; r < a->R; ++r) {
+        const E *g = static_cast<const E *>(a->dy) + static_cast<int64_t>(a->row_token[r]) * d;
+        const E *ye = static_cast<const E *>(a->ye) + r * d;
+        E *dye = static_cast<E *>(a->dye) + r * d;
+        const float w = a->row_weight[r];
+        float dot = 0.0f;
+        for (int64_t c = 0; c < d; ++c) {
+          const float gc = f32(g[c]);
+          put(dye[c], w * gc);
+          dot += gc * f32(ye[c]);
+        }
+        a->drow_weight[r] = dot;
       }
-      a->drow_weight[r] = dot;
-    }
+    });
   });
 }
 
@@ -60,22 +69,25 @@ static inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 moe_status shared_combine(void *st, const moe_shared_args *a) {
   return guarded(st, [&] {
     const int64_t d = a->d, T = a->T;
+    with_dtype(a->dtype, [&](auto tag) {
+      using E = decltype(tag);
 #pragma omp parallel for schedule(static) if (worth_threads(T * d))
-    for (int64_t t = 0; t < T; ++t) {
-      const float *x = a->x + t * d;
-      float gv = 1.0f;
-      if (a->gate_w) {
-        float z = 0.0f;
-        for (int64_t c = 0; c < d; ++c) z += x[c] * a->gate_w[c];
-        gv = sigmoid(z);
-        if (a->gate) a->gate[t] = gv;
+      for (int64_t t = 0; t < T; ++t) {
+        const E *x = static_cast<const E *>(a->x) + t * d;
+        float gv = 1.0f;
+        if (a->gate_w) {
+          float z = 0.0f;
+          for (int64_t c = 0; c < d; ++c) z += f32(x[c]) * a->gate_w[c];
+          gv = sigmoid(z);
+          if (a->gate) a->gate[t] = gv;
+        }
+        float *y = a->y + t * d;
+        for (int64_t s = 0; s < a->S; ++s) {
+          const E *ys = static_cast<const E *>(a->ys) + (s * T + t) * d;
+          for (int64_t c = 0; c < d; ++c) y[c] += gv * f32(ys[c]);
+        }
       }
-      float *y = a->y + t * d;
-      for (int64_t s = 0; s < a->S; ++s) {
-        const float *ys = a->ys + (s * T + t) * d;
-        for (int64_t c = 0; c < d; ++c) y[c] += gv * ys[c];
-      }
-    }
+    });
   });
 }
 
@@ -84,37 +96,42 @@ moe_status shared_combine_bwd(void *st, const moe_shared_args *a) {
     const int64_t d = a->d, T = a->T;
     std::vector<float> own(a->gate_w && !a->scratch ? static_cast<size_t>(T) : 0);
     float *dpre = a->scratch ? a->scratch : own.data();
+    with_dtype(a->dtype, [&](auto tag) {
+      using E = decltype(tag);
+      const E *xs = static_cast<const E *>(a->x);
 #pragma omp parallel for schedule(static) if (worth_threads(T * d * a->S))
-    for (int64_t t = 0; t < T; ++t) {
-      const float *dy = a->dy + t * d;
-      const float gv = a->gate_w ? a->gate[t] : 1.0f;
-      float dgate = 0.0f;
-      for (int64_t s = 0; s < a->S; ++s) {
-        const float *ys = a->ys + (s * T + t) * d;
-        float *dys = a->dys + (s * T + t) * d;
-        for (int64_t c = 0; c < d; ++c) {
-          dys[c] = gv * dy[c];
-          dgate += dy[c] * ys[c];
+      for (int64_t t = 0; t < T; ++t) {
+        const E *dy = static_cast<const E *>(a->dy) + t * d;
+        const float gv = a->gate_w ? a->gate[t] : 1.0f;
+        float dgate = 0.0f;
+        for (int64_t s = 0; s < a->S; ++s) {
+          const E *ys = static_cast<const E *>(a->ys) + (s * T + t) * d;
+          E *dys = static_cast<E *>(a->dys) + (s * T + t) * d;
+          for (int64_t c = 0; c < d; ++c) {
+            const float g = f32(dy[c]);
+            put(dys[c], gv * g);
+            dgate += g * f32(ys[c]);
+          }
+        }
+        if (a->gate_w) {
+          float dp = dgate * gv * (1.0f - gv);
+          dpre[t] = dp;
+          if (a->dx) {
+            float *dx = a->dx + t * d;
+            for (int64_t c = 0; c < d; ++c) dx[c] += dp * a->gate_w[c];
+          }
         }
       }
       if (a->gate_w) {
-        float dp = dgate * gv * (1.0f - gv);
-        dpre[t] = dp;
-        if (a->dx) {
-          float *dx = a->dx + t * d;
-          for (int64_t c = 0; c < d; ++c) dx[c] += dp * a->gate_w[c];
+        // Column sums in token order: the same bits for any thread count.
+#pragma omp parallel for schedule(static) if (worth_threads(T * d))
+        for (int64_t c = 0; c < d; ++c) {
+          float acc = 0.0f;
+          for (int64_t t = 0; t < T; ++t) acc += dpre[t] * f32(xs[t * d + c]);
+          a->dgate_w[c] += acc;
         }
       }
-    }
-    if (a->gate_w) {
-      // Column sums in token order: the same bits for any thread count.
-#pragma omp parallel for schedule(static) if (worth_threads(T * d))
-      for (int64_t c = 0; c < d; ++c) {
-        float acc = 0.0f;
-        for (int64_t t = 0; t < T; ++t) acc += dpre[t] * a->x[t * d + c];
-        a->dgate_w[c] += acc;
-      }
-    }
+    });
   });
 }
 

@@ -31,8 +31,9 @@ moe_status guarded(void *state, F &&body) noexcept {
   return stage_status(static_cast<State *>(state)->error, body);
 }
 
-// out[t] = sum of (weight[r] *) src[r] over token t's rows (combine.cpp; used by dispatch_bwd).
-void sum_token_rows(const moe_rows_args *a, const float *src, const float *weight, float *out);
+// out[t] = sum of (weight[r] *) src[r] over token t's rows, src in a->dtype (combine.cpp; used by
+// dispatch_bwd).
+void sum_token_rows(const moe_rows_args *a, const void *src, const float *weight, float *out);
 
 // Stage entry points (one file each, named for the stage).
 moe_status gate(void *, const moe_gate_args *);
@@ -48,5 +49,7 @@ moe_status combine(void *, const moe_rows_args *);
 moe_status combine_bwd(void *, const moe_rows_args *);
 moe_status shared_combine(void *, const moe_shared_args *);
 moe_status shared_combine_bwd(void *, const moe_shared_args *);
+moe_status convert(void *, void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n);
+moe_status find_nonfinite(void *, const void *p, int dtype, int64_t n, int64_t *first);
 
 }  // namespace moe::cpu

@@ -1,9 +1,12 @@
 // Each expert's FFN over its rows: GEMM, activation (GLU or plain), GEMM; and the backward.
 #include <algorithm>
+#include <climits>
+#include <vector>
 
 #include "cpu/activation.h"
 #include "cpu/blas.h"
 #include "cpu/cpu.h"
+#include "cpu/elem.h"
 
 namespace moe::cpu {
 
@@ -29,73 +32,219 @@ Rows rows_of(const moe_ffn_args *a, int64_t e) {
   return {a->offsets[e], a->offsets[e + 1] - a->offsets[e]};
 }
 
+// Typed views of the args' float32 storage.
+const float *cf(const void *p) { return static_cast<const float *>(p); }
+float *mf(void *p) { return static_cast<float *>(p); }
+
 const float *input_of(const moe_ffn_args *a, const Rows &r) {
-  return a->shared_input ? a->x : a->x + r.begin * a->d;
+  return a->shared_input ? cf(a->x) : cf(a->x) + r.begin * a->d;
+}
+
+void forward_f32(const moe_ffn_args *a) {
+  const int64_t d = a->d, ff = a->ff;
+  const bool is_glu = glu(a->activation);
+  for (int64_t e = 0; e < a->num_experts; ++e) {
+    Rows r = rows_of(a, e);
+    if (r.n == 0) continue;
+    const float *x = input_of(a, r);
+    float *h = mf(a->h) + r.begin * ff;
+    float *g = is_glu ? mf(a->g) + r.begin * ff : nullptr;
+    float *act_out = mf(a->a) + r.begin * ff;
+    sgemm(false, true, r.n, ff, d, 1.0f, x, d, cf(a->w1) + e * ff * d, d, 0.0f, h, ff);
+    if (is_glu) sgemm(false, true, r.n, ff, d, 1.0f, x, d, cf(a->w3) + e * ff * d, d, 0.0f, g, ff);
+    chunked(r.n * ff, [&](int64_t at, int64_t len) {
+      activation_forward(a->activation, h + at, g ? g + at : nullptr, act_out + at, len);
+    });
+    sgemm(false, true, r.n, d, ff, 1.0f, act_out, ff, cf(a->w2) + e * d * ff, ff, 0.0f, mf(a->y) + r.begin * d, d);
+  }
+}
+
+void backward_f32(const moe_ffn_args *a) {
+  const int64_t d = a->d, ff = a->ff;
+  const bool is_glu = glu(a->activation);
+  const int kind = a->activation;
+  for (int64_t e = 0; e < a->num_experts; ++e) {
+    Rows r = rows_of(a, e);
+    if (r.n == 0) continue;
+    const float *x = input_of(a, r);
+    const float *h = cf(a->h) + r.begin * ff;
+    const float *g = is_glu ? cf(a->g) + r.begin * ff : nullptr;
+    const float *dy = cf(a->dy) + r.begin * d;
+    float *act_out = mf(a->a) + r.begin * ff;
+    float *dh = mf(a->dh) + r.begin * ff;
+    float *dg = is_glu ? mf(a->dg) + r.begin * ff : nullptr;
+    const float *w1 = cf(a->w1) + e * ff * d, *w2 = cf(a->w2) + e * d * ff;
+    const float *w3 = is_glu ? cf(a->w3) + e * ff * d : nullptr;
+    // A is recomputed rather than saved: one pass over H and G instead of R*ff more memory.
+    chunked(r.n * ff, [&](int64_t at, int64_t len) {
+      activation_forward(kind, h + at, g ? g + at : nullptr, act_out + at, len);
+    });
+    // dW2 += dY^T A ; dA = dY W2 (into dh)
+    sgemm(true, false, d, ff, r.n, 1.0f, dy, d, act_out, ff, 1.0f, mf(a->dw2) + e * d * ff, ff);
+    sgemm(false, false, r.n, ff, d, 1.0f, dy, d, w2, ff, 0.0f, dh, ff);
+    chunked(r.n * ff, [&](int64_t at, int64_t len) {
+      activation_backward(kind, h + at, g ? g + at : nullptr, dh + at, dg ? dg + at : nullptr, len);
+    });
+    sgemm(true, false, ff, d, r.n, 1.0f, dh, ff, x, d, 1.0f, mf(a->dw1) + e * ff * d, d);
+    if (is_glu) sgemm(true, false, ff, d, r.n, 1.0f, dg, ff, x, d, 1.0f, mf(a->dw3) + e * ff * d, d);
+    if (a->dx) {
+      // Shared experts all read the same x, so their input gradients add into the caller's dx.
+      float *dx = a->shared_input ? mf(a->dx) : mf(a->dx) + r.begin * d;
+      const float beta = a->shared_input ? 1.0f : 0.0f;
+      sgemm(false, false, r.n, d, ff, 1.0f, dh, ff, w1, d, beta, dx, d);
+      if (is_glu) sgemm(false, false, r.n, d, ff, 1.0f, dg, ff, w3, d, 1.0f, dx, d);
+    }
+  }
+}
+
+// bfloat16/float16 experts run the float32 code one expert at a time on widened copies: the GEMMs
+// accumulate in float32 (as cuBLAS does with a 32F compute type), and what the stage stores (h, g,
+// y, dx, the accumulated weight gradients) is rounded once per call. The float32 copies live in one
+// arena sized for the largest expert before any output is written, so running out of memory leaves
+// every output (and gradient) as it was.
+class Widened {
+ public:
+  Widened(int dtype, size_t floats) : dtype_(dtype), arena_(floats) {}
+  // A float32 copy of n elements of p from element offset.
+  float *in(const void *p, int64_t offset, int64_t n) {
+    float *v = next(n);
+    convert_host(v, MOE_DTYPE_F32, elem_at(p, dtype_, offset), dtype_, n);
+    return v;
+  }
+  // A float32 buffer of n elements (zeros, or p's values when accumulate) that flush() rounds into
+  // p from element offset; p NULL: scratch, never stored.
+  float *out(void *p, int64_t offset, int64_t n, bool accumulate = false) {
+    float *buf = accumulate ? in(p, offset, n) : next(n);
+    if (!accumulate) std::fill(buf, buf + n, 0.0f);
+    if (p) pending_[npending_++] = {buf, elem_at(p, dtype_, offset), n};
+    return buf;
+  }
+  // Stores the outputs and recycles the arena.
+  void flush() {
+    for (size_t i = 0; i < npending_; ++i)
+      convert_host(pending_[i].dst, dtype_, pending_[i].src, MOE_DTYPE_F32, pending_[i].n);
+    npending_ = 0;
+    used_ = 0;
+  }
+
+ private:
+  struct Pending {
+    const float *src;
+    void *dst;
+    int64_t n;
+  };
+  float *next(int64_t n) {
+    if (static_cast<size_t>(n) > arena_.size() - used_ || npending_ == kMaxPending)
+      fail(MOE_ERR_INTERNAL, "expert_ffn: float32 arena of %zu elements too small", arena_.size());
+    float *p = arena_.data() + used_;
+    used_ += static_cast<size_t>(n);
+    return p;
+  }
+  static constexpr size_t kMaxPending = 8;
+  int dtype_;
+  std::vector<float> arena_;
+  size_t used_ = 0;
+  Pending pending_[kMaxPending];
+  size_t npending_ = 0;
+};
+
+// The most rows any one expert has.
+int64_t max_rows(const moe_ffn_args *a) {
+  int64_t m = 0;
+  for (int64_t e = 0; e < a->num_experts; ++e) m = std::max(m, rows_of(a, e).n);
+  return m;
+}
+
+// Arena size: `weights` expert-weight-sized copies plus `per_row` floats for each of n rows.
+size_t arena_floats(const moe_ffn_args *a, int64_t weights, int64_t per_row) {
+  const int64_t w = checked_mul(weights, checked_mul(a->ff, a->d, "d_ff * d_model"), "expert weights");
+  const int64_t r = checked_mul(max_rows(a), per_row, "expert rows");
+  if (r > INT64_MAX - w) fail(MOE_ERR_INVALID_ARGUMENT, "expert_ffn: float32 copies overflow int64");
+  return static_cast<size_t>(w + r);
+}
+
+// One expert's arguments over float32 copies: num_experts 1, rows [0, offsets[1]).
+moe_ffn_args one_expert(const moe_ffn_args *a, const int64_t *offsets) {
+  moe_ffn_args o = *a;
+  o.num_experts = 1;
+  o.offsets = offsets;
+  o.dtype = MOE_DTYPE_F32;
+  return o;
+}
+
+// Shared experts all read the same rows: widened once for every expert.
+std::vector<float> shared_input_f32(const moe_ffn_args *a) {
+  std::vector<float> x;
+  if (a->shared_input) {
+    x.resize(checked_count(a->offsets[1], a->d, "rows * d_model"));
+    convert_host(x.data(), MOE_DTYPE_F32, a->x, a->dtype, static_cast<int64_t>(x.size()));
+  }
+  return x;
+}
+
+void forward_lowp(const moe_ffn_args *a) {
+  const int64_t d = a->d, ff = a->ff;
+  const bool is_glu = glu(a->activation);
+  const std::vector<float> shared_x = shared_input_f32(a);
+  // x, y and h, g, a per row; w1, w3, w2.
+  Widened w(a->dtype, arena_floats(a, 3, checked_mul(5, std::max(d, ff), "row width")));
+  for (int64_t e = 0; e < a->num_experts; ++e) {
+    const Rows r = rows_of(a, e);
+    if (r.n == 0) continue;
+    const int64_t offsets[2] = {0, r.n};
+    moe_ffn_args o = one_expert(a, offsets);
+    o.x = a->shared_input ? shared_x.data() : w.in(a->x, r.begin * d, r.n * d);
+    o.w1 = w.in(a->w1, e * ff * d, ff * d);
+    o.w3 = is_glu ? w.in(a->w3, e * ff * d, ff * d) : nullptr;
+    o.w2 = w.in(a->w2, e * d * ff, d * ff);
+    o.h = w.out(a->h, r.begin * ff, r.n * ff);
+    o.g = is_glu ? w.out(a->g, r.begin * ff, r.n * ff) : nullptr;
+    o.a = w.out(nullptr, 0, r.n * ff);
+    o.y = w.out(a->y, r.begin * d, r.n * d);
+    forward_f32(&o);
+    w.flush();
+  }
+}
+
+void backward_lowp(const moe_ffn_args *a) {
+  const int64_t d = a->d, ff = a->ff;
+  const bool is_glu = glu(a->activation);
+  const std::vector<float> shared_x = shared_input_f32(a);
+  // x, dy, dx and h, g, a, dh, dg per row; w1, w3, w2 and their gradients.
+  Widened w(a->dtype, arena_floats(a, 6, checked_mul(8, std::max(d, ff), "row width")));
+  for (int64_t e = 0; e < a->num_experts; ++e) {
+    const Rows r = rows_of(a, e);
+    if (r.n == 0) continue;
+    const int64_t offsets[2] = {0, r.n};
+    moe_ffn_args o = one_expert(a, offsets);
+    o.x = a->shared_input ? shared_x.data() : w.in(a->x, r.begin * d, r.n * d);
+    o.w1 = w.in(a->w1, e * ff * d, ff * d);
+    o.w3 = is_glu ? w.in(a->w3, e * ff * d, ff * d) : nullptr;
+    o.w2 = w.in(a->w2, e * d * ff, d * ff);
+    o.h = w.in(a->h, r.begin * ff, r.n * ff);
+    o.g = is_glu ? w.in(a->g, r.begin * ff, r.n * ff) : nullptr;
+    o.dy = w.in(a->dy, r.begin * d, r.n * d);
+    o.a = w.out(nullptr, 0, r.n * ff);
+    o.dh = w.out(nullptr, 0, r.n * ff);
+    o.dg = is_glu ? w.out(nullptr, 0, r.n * ff) : nullptr;
+    o.dw1 = w.out(a->dw1, e * ff * d, ff * d, true);
+    o.dw3 = is_glu ? w.out(a->dw3, e * ff * d, ff * d, true) : nullptr;
+    o.dw2 = w.out(a->dw2, e * d * ff, d * ff, true);
+    // Shared experts add into the caller's float32 dx; a routed expert's dx rows are stored.
+    if (a->dx && !a->shared_input) o.dx = w.out(a->dx, r.begin * d, r.n * d);
+    backward_f32(&o);
+    w.flush();
+  }
 }
 
 }  // namespace
 
 moe_status expert_ffn(void *st, const moe_ffn_args *a) {
-  return guarded(st, [&] {
-    const int64_t d = a->d, ff = a->ff;
-    const bool is_glu = glu(a->activation);
-    for (int64_t e = 0; e < a->num_experts; ++e) {
-      Rows r = rows_of(a, e);
-      if (r.n == 0) continue;
-      const float *x = input_of(a, r);
-      float *h = a->h + r.begin * ff;
-      float *g = is_glu ? a->g + r.begin * ff : nullptr;
-      float *act_out = a->a + r.begin * ff;
-      sgemm(false, true, r.n, ff, d, 1.0f, x, d, a->w1 + e * ff * d, d, 0.0f, h, ff);
-      if (is_glu) sgemm(false, true, r.n, ff, d, 1.0f, x, d, a->w3 + e * ff * d, d, 0.0f, g, ff);
-      chunked(r.n * ff, [&](int64_t at, int64_t len) {
-        activation_forward(a->activation, h + at, g ? g + at : nullptr, act_out + at, len);
-      });
-      sgemm(false, true, r.n, d, ff, 1.0f, act_out, ff, a->w2 + e * d * ff, ff, 0.0f, a->y + r.begin * d, d);
-    }
-  });
+  return guarded(st, [&] { a->dtype == MOE_DTYPE_F32 ? forward_f32(a) : forward_lowp(a); });
 }
 
 moe_status expert_ffn_bwd(void *st, const moe_ffn_args *a) {
-  return guarded(st, [&] {
-    const int64_t d = a->d, ff = a->ff;
-    const bool is_glu = glu(a->activation);
-    const int kind = a->activation;
-    for (int64_t e = 0; e < a->num_experts; ++e) {
-      Rows r = rows_of(a, e);
-      if (r.n == 0) {
-        continue;
-      }
-      const float *x = input_of(a, r);
-      const float *h = a->h + r.begin * ff;
-      const float *g = is_glu ? a->g + r.begin * ff : nullptr;
-      const float *dy = a->dy + r.begin * d;
-      float *act_out = a->a + r.begin * ff;
-      float *dh = a->dh + r.begin * ff;
-      float *dg = is_glu ? a->dg + r.begin * ff : nullptr;
-      const float *w1 = a->w1 + e * ff * d, *w2 = a->w2 + e * d * ff;
-      const float *w3 = is_glu ? a->w3 + e * ff * d : nullptr;
-      // A is recomputed rather than saved: one pass over H and G instead of R*ff more memory.
-      chunked(r.n * ff, [&](int64_t at, int64_t len) {
-        activation_forward(kind, h + at, g ? g + at : nullptr, act_out + at, len);
-      });
-      // dW2 += dY^T A ; dA = dY W2 (into dh)
-      sgemm(true, false, d, ff, r.n, 1.0f, dy, d, act_out, ff, 1.0f, a->dw2 + e * d * ff, ff);
-      sgemm(false, false, r.n, ff, d, 1.0f, dy, d, w2, ff, 0.0f, dh, ff);
-      chunked(r.n * ff, [&](int64_t at, int64_t len) {
-        activation_backward(kind, h + at, g ? g + at : nullptr, dh + at, dg ? dg + at : nullptr, len);
-      });
-      sgemm(true, false, ff, d, r.n, 1.0f, dh, ff, x, d, 1.0f, a->dw1 + e * ff * d, d);
-      if (is_glu) sgemm(true, false, ff, d, r.n, 1.0f, dg, ff, x, d, 1.0f, a->dw3 + e * ff * d, d);
-      if (a->dx) {
-        // Shared experts all read the same x, so their input gradients add into the caller's dx.
-        float *dx = a->shared_input ? a->dx : a->dx + r.begin * d;
-        const float beta = a->shared_input ? 1.0f : 0.0f;
-        sgemm(false, false, r.n, d, ff, 1.0f, dh, ff, w1, d, beta, dx, d);
-        if (is_glu) sgemm(false, false, r.n, d, ff, 1.0f, dg, ff, w3, d, 1.0f, dx, d);
-      }
-    }
-  });
+  return guarded(st, [&] { a->dtype == MOE_DTYPE_F32 ? backward_f32(a) : backward_lowp(a); });
 }
 
 }  // namespace moe::cpu

@@ -116,19 +116,19 @@ TEST_F(CpuStages, SetStream) {
 TEST_F(CpuStages, FindNonfinite) {
   std::vector<float> v(37, 1.0f);
   int64_t first = 123;
-  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), MOE_DTYPE_F32, 37, &first), MOE_OK);
   EXPECT_EQ(first, -1);
   v[20] = std::numeric_limits<float>::infinity();
   v[30] = kNaN;
-  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), MOE_DTYPE_F32, 37, &first), MOE_OK);
   EXPECT_EQ(first, 20);
   v[20] = 0.0f;
-  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), MOE_DTYPE_F32, 37, &first), MOE_OK);
   EXPECT_EQ(first, 30);
   v[0] = -std::numeric_limits<float>::infinity();
-  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 37, &first), MOE_OK);
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), MOE_DTYPE_F32, 37, &first), MOE_OK);
   EXPECT_EQ(first, 0);
-  ASSERT_EQ(ops->find_nonfinite(state, v.data(), 0, &first), MOE_OK);
+  ASSERT_EQ(ops->find_nonfinite(state, v.data(), MOE_DTYPE_F32, 0, &first), MOE_OK);
   EXPECT_EQ(first, -1);
 }
 
