@@ -1,9 +1,11 @@
 // The moe_comm contract without MPI: R ranks as threads of one process, exchanging through an
 // in-process all-to-all. Checks that (1) the expert-parallel layers together equal one layer holding
 // all experts on the global batch, and (2) a failing hook gives MOE_ERR_COMM naming the hook and
-// leaves every layer usable.
+// leaves every layer usable. Runs in float32 and in bfloat16 (activations and experts' weights on
+// the wire are 2-byte elements).
 #include <barrier>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <mutex>
@@ -87,8 +89,40 @@ void check(bool ok, const std::string &what) {
   errors.push_back(what);
 }
 
-void configure(moe_config &cfg) {
+// Activations in a dtype as bytes: float32 as is, bfloat16 rounded to nearest even.
+std::vector<unsigned char> encode(const std::vector<float> &v, int dtype) {
+  std::vector<unsigned char> out(v.size() * (dtype == MOE_DTYPE_F32 ? 4 : 2));
+  if (dtype == MOE_DTYPE_F32) {
+    std::memcpy(out.data(), v.data(), out.size());
+    return out;
+  }
+  for (size_t i = 0; i < v.size(); ++i) {
+    uint32_t u;
+    std::memcpy(&u, &v[i], 4);
+    const uint16_t b = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    std::memcpy(out.data() + 2 * i, &b, 2);
+  }
+  return out;
+}
+
+std::vector<float> decode(const unsigned char *p, int64_t n, int dtype) {
+  std::vector<float> out(n);
+  if (dtype == MOE_DTYPE_F32) {
+    std::memcpy(out.data(), p, n * 4);
+    return out;
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    uint16_t b;
+    std::memcpy(&b, p + 2 * i, 2);
+    const uint32_t u = static_cast<uint32_t>(b) << 16;
+    std::memcpy(&out[i], &u, 4);
+  }
+  return out;
+}
+
+void configure(moe_config &cfg, int dtype) {
   moe_config_init(&cfg);
+  cfg.dtype = static_cast<moe_dtype>(dtype);
   cfg.d_model = 12;
   cfg.d_ff = 20;
   cfg.num_experts = 8;
@@ -103,87 +137,98 @@ void configure(moe_config &cfg) {
 
 int main() {
   const int64_t d = 12;
-  for (int R : {2, 4}) {
-    std::vector<int64_t> T(R), first(R);
-    int64_t Tg = 0;
-    for (int r = 0; r < R; ++r) {
-      T[r] = r == 1 ? 0 : 4 + 3 * r;  // uneven, one rank empty
-      first[r] = Tg;
-      Tg += T[r];
+  for (int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16})
+    for (int R : {2, 4}) {
+      const size_t es = dt == MOE_DTYPE_F32 ? 4 : 2;
+      // The same rows reach the same experts in the same order: float32 agrees to rounding, and
+      // bfloat16 to its precision.
+      const double tol = dt == MOE_DTYPE_F32 ? 1e-5 : 1e-2;
+      std::vector<int64_t> T(R), first(R);
+      int64_t Tg = 0;
+      for (int r = 0; r < R; ++r) {
+        T[r] = r == 1 ? 0 : 4 + 3 * r;  // uneven, one rank empty
+        first[r] = Tg;
+        Tg += T[r];
+      }
+      std::vector<float> xv(Tg * d), dyv(Tg * d);
+      for (int64_t i = 0; i < Tg * d; ++i) xv[i] = value(i, 1), dyv[i] = value(i, 2);
+      const std::vector<unsigned char> x = encode(xv, dt), dy = encode(dyv, dt);
+      std::vector<unsigned char> yrb(Tg * d * es), dxrb(Tg * d * es);
+      moe_config cfg;
+      configure(cfg, dt);
+      moe_layer *ref;
+      moe_context *rctx;
+      moe_layer_create(&cfg, &ref);
+      moe_context_create(ref, &rctx);
+      moe_forward(ref, x.data(), Tg, yrb.data(), rctx);
+      moe_backward(ref, rctx, dy.data(), dxrb.data());
+      const std::vector<float> yr = decode(yrb.data(), Tg * d, dt), dxr = decode(dxrb.data(), Tg * d, dt);
+      moe_stats sr{sizeof(moe_stats)};
+      moe_context_stats(rctx, &sr);
+      std::vector<float> w2r(8 * d * 20), g2r(8 * d * 20);
+      moe_layer_get_grad(ref, "experts.w2", g2r.data(), g2r.size());
+
+      World world(R);
+      std::vector<std::thread> threads;
+      for (int r = 0; r < R; ++r)
+        threads.emplace_back([&, r] {
+          Rank me{&world, r};
+          moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook};
+          moe_config c;
+          configure(c, dt);
+          c.comm = &comm;
+          moe_layer *ep = nullptr;
+          moe_status s = moe_layer_create(&c, &ep);
+          check(s == MOE_OK, std::string("create: ") + moe_last_error());
+          if (s != MOE_OK) std::abort();
+          moe_context *ctx;
+          moe_context_create(ep, &ctx);
+          std::vector<unsigned char> yb(T[r] * d * es + 4), dxb(T[r] * d * es + 4), y2(T[r] * d * es + 4);
+          const unsigned char *xs = x.data() + first[r] * d * es, *dys = dy.data() + first[r] * d * es;
+
+          // Every rank's exchange_rows fails once at the same collective, then exchange_counts.
+          world.fail_rows[r] = 1;
+          s = moe_forward(ep, xs, T[r], yb.data(), ctx);
+          check(s == MOE_ERR_COMM, "failing exchange_rows gave " + std::string(moe_status_name(s)));
+          check(std::strstr(moe_last_error(), "exchange_rows") != nullptr, std::string("message: ") + moe_last_error());
+          s = moe_backward(ep, ctx, dys, dxb.data());
+          check(s == MOE_ERR_STATE, "backward after a failed forward gave " + std::string(moe_status_name(s)));
+          world.fail_counts[r] = 1;
+          s = moe_forward(ep, xs, T[r], yb.data(), ctx);
+          check(s == MOE_ERR_COMM, "failing exchange_counts gave " + std::string(moe_status_name(s)));
+          check(std::strstr(moe_last_error(), "exchange_counts") != nullptr,
+                std::string("message: ") + moe_last_error());
+
+          s = moe_forward(ep, xs, T[r], yb.data(), ctx);
+          check(s == MOE_OK, std::string("forward: ") + moe_last_error());
+          s = moe_backward(ep, ctx, dys, dxb.data());
+          check(s == MOE_OK, std::string("backward: ") + moe_last_error());
+          s = moe_forward(ep, xs, T[r], y2.data(), nullptr);
+          check(s == MOE_OK && std::memcmp(yb.data(), y2.data(), T[r] * d * es) == 0,
+                "inference differs from the training forward");
+          if (T[r] > 0) {
+            const std::vector<float> y = decode(yb.data(), T[r] * d, dt), dx = decode(dxb.data(), T[r] * d, dt);
+            check(rel(y.data(), yr.data() + first[r] * d, T[r] * d) < tol, "y differs from the single-rank layer");
+            check(rel(dx.data(), dxr.data() + first[r] * d, T[r] * d) < tol, "dx differs from the single-rank layer");
+          }
+          moe_stats st{sizeof(moe_stats)};
+          moe_context_stats(ctx, &st);
+          check(std::fabs(st.load_balance_loss - sr.load_balance_loss) <= 1e-5f * sr.load_balance_loss, "LB differs");
+          check(std::fabs(st.z_loss - sr.z_loss) <= 1e-5f * sr.z_loss, "z-loss differs");
+          check(std::fabs(st.aux_loss_total - sr.aux_loss_total) <= 1e-5f * sr.aux_loss_total, "aux total differs");
+          const int64_t El = 8 / R;
+          std::vector<float> g2(El * d * 20);
+          moe_layer_get_grad(ep, "experts.w2", g2.data(), g2.size());
+          check(rel(g2.data(), g2r.data() + r * El * d * 20, g2.size()) < tol, "experts.w2 gradient differs");
+          moe_context_destroy(ctx);
+          moe_layer_destroy(ep);
+        });
+      for (auto &t : threads) t.join();
+      moe_context_destroy(rctx);
+      moe_layer_destroy(ref);
+      std::printf("expert parallel over %d in-process ranks, %s: %zu failed checks\n", R,
+                  dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", errors.size());
     }
-    std::vector<float> x(Tg * d), dy(Tg * d), yr(Tg * d), dxr(Tg * d);
-    for (int64_t i = 0; i < Tg * d; ++i) x[i] = value(i, 1), dy[i] = value(i, 2);
-    moe_config cfg;
-    configure(cfg);
-    moe_layer *ref;
-    moe_context *rctx;
-    moe_layer_create(&cfg, &ref);
-    moe_context_create(ref, &rctx);
-    moe_forward(ref, x.data(), Tg, yr.data(), rctx);
-    moe_backward(ref, rctx, dy.data(), dxr.data());
-    moe_stats sr{sizeof(moe_stats)};
-    moe_context_stats(rctx, &sr);
-    std::vector<float> w2r(8 * d * 20), g2r(8 * d * 20);
-    moe_layer_get_grad(ref, "experts.w2", g2r.data(), g2r.size());
-
-    World world(R);
-    std::vector<std::thread> threads;
-    for (int r = 0; r < R; ++r)
-      threads.emplace_back([&, r] {
-        Rank me{&world, r};
-        moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook};
-        moe_config c;
-        configure(c);
-        c.comm = &comm;
-        moe_layer *ep = nullptr;
-        moe_status s = moe_layer_create(&c, &ep);
-        check(s == MOE_OK, std::string("create: ") + moe_last_error());
-        if (s != MOE_OK) std::abort();
-        moe_context *ctx;
-        moe_context_create(ep, &ctx);
-        std::vector<float> y(T[r] * d + 1), dx(T[r] * d + 1), y2(T[r] * d + 1);
-        const float *xs = x.data() + first[r] * d, *dys = dy.data() + first[r] * d;
-
-        // Every rank's exchange_rows fails once at the same collective, then exchange_counts.
-        world.fail_rows[r] = 1;
-        s = moe_forward(ep, xs, T[r], y.data(), ctx);
-        check(s == MOE_ERR_COMM, "failing exchange_rows gave " + std::string(moe_status_name(s)));
-        check(std::strstr(moe_last_error(), "exchange_rows") != nullptr, std::string("message: ") + moe_last_error());
-        s = moe_backward(ep, ctx, dys, dx.data());
-        check(s == MOE_ERR_STATE, "backward after a failed forward gave " + std::string(moe_status_name(s)));
-        world.fail_counts[r] = 1;
-        s = moe_forward(ep, xs, T[r], y.data(), ctx);
-        check(s == MOE_ERR_COMM, "failing exchange_counts gave " + std::string(moe_status_name(s)));
-        check(std::strstr(moe_last_error(), "exchange_counts") != nullptr, std::string("message: ") + moe_last_error());
-
-        s = moe_forward(ep, xs, T[r], y.data(), ctx);
-        check(s == MOE_OK, std::string("forward: ") + moe_last_error());
-        s = moe_backward(ep, ctx, dys, dx.data());
-        check(s == MOE_OK, std::string("backward: ") + moe_last_error());
-        s = moe_forward(ep, xs, T[r], y2.data(), nullptr);
-        check(s == MOE_OK && std::memcmp(y.data(), y2.data(), T[r] * d * sizeof(float)) == 0,
-              "inference differs from the training forward");
-        if (T[r] > 0) {
-          check(rel(y.data(), yr.data() + first[r] * d, T[r] * d) < 1e-5, "y differs from the single-rank layer");
-          check(rel(dx.data(), dxr.data() + first[r] * d, T[r] * d) < 1e-5, "dx differs from the single-rank layer");
-        }
-        moe_stats st{sizeof(moe_stats)};
-        moe_context_stats(ctx, &st);
-        check(std::fabs(st.load_balance_loss - sr.load_balance_loss) <= 1e-5f * sr.load_balance_loss, "LB differs");
-        check(std::fabs(st.z_loss - sr.z_loss) <= 1e-5f * sr.z_loss, "z-loss differs");
-        check(std::fabs(st.aux_loss_total - sr.aux_loss_total) <= 1e-5f * sr.aux_loss_total, "aux total differs");
-        const int64_t El = 8 / R;
-        std::vector<float> g2(El * d * 20);
-        moe_layer_get_grad(ep, "experts.w2", g2.data(), g2.size());
-        check(rel(g2.data(), g2r.data() + r * El * d * 20, g2.size()) < 1e-5, "experts.w2 gradient differs");
-        moe_context_destroy(ctx);
-        moe_layer_destroy(ep);
-      });
-    for (auto &t : threads) t.join();
-    moe_context_destroy(rctx);
-    moe_layer_destroy(ref);
-    std::printf("expert parallel over %d in-process ranks: %zu failed checks\n", R, errors.size());
-  }
   for (const auto &e : errors) std::fprintf(stderr, "FAIL: %s\n", e.c_str());
   return errors.empty() ? 0 : 1;
 }
