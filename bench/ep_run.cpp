@@ -72,8 +72,8 @@ EpResult run_expert_parallel(const EpParams &p) {
   };
   std::function<void()> after;
   if (cuda) after = [cuda] { cuda->ok(cuda->sync(), "cudaDeviceSynchronize (in-process exchange)"); };
-  // Token rows are d_model values of float32 (what libmoe exchanges today) or of the layer's dtype.
-  InProcessWorld world(R, p.cfg.d_model, {4, element_size(p.cfg.dtype)}, copy, after);
+  // Token rows are d_model values of the layer's dtype.
+  InProcessWorld world(R, p.cfg.d_model, {element_size(p.cfg.dtype)}, copy, after);
 
   // Layers and buffers are made here, before any rank thread starts: creation is not collective,
   // and a bad configuration then fails before any rank waits for another.
