@@ -81,8 +81,12 @@ def test_config_library_checks(kwargs, match):
 
 
 def test_unsupported_features():
-    with pytest.raises(libmoe.UnsupportedError, match="float32 only"):
-        libmoe.Layer(d_model=8, d_ff=16, dtype="bfloat16")
+    for dtype in ("bfloat16", "float16"):  # supported on the CPU
+        assert libmoe.Layer(d_model=8, d_ff=16, dtype=dtype).dtype == dtype
+    with pytest.raises(ValueError, match="dtype='float8' is not one of"):
+        libmoe.Layer(d_model=8, d_ff=16, dtype="float8")
+    with pytest.raises(libmoe.InvalidArgumentError, match="dtype is 7"):
+        libmoe.Layer(d_model=8, d_ff=16, dtype=7)
     try:  # without libmoe_cuda.so.0 (or without a GPU) a CUDA layer is refused with a reason
         libmoe.Layer(d_model=8, d_ff=16, device="cuda")
     except (libmoe.UnsupportedError, libmoe.DeviceError) as e:

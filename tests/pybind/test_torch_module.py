@@ -264,8 +264,8 @@ def test_bad_inputs():
         make(dtype=torch.int32)
     with pytest.raises(TypeError, match="device="):
         make(device_index=1)
-    with pytest.raises(libmoe.UnsupportedError):
-        make(dtype=torch.bfloat16)  # the CPU backend is float32-only
+    with pytest.raises(TypeError, match="x has dtype torch.float32, this MoE computes in torch.bfloat16"):
+        make(dtype=torch.bfloat16)(torch.zeros(2, 16))
     with pytest.raises(libmoe.InvalidArgumentError, match="top_k"):
         make(top_k=7)
     assert moe(torch.zeros(0, 16)).shape == (0, 16)

@@ -7,6 +7,9 @@
     dx = layer.backward(ctx, np.ones_like(y))                            # grads += ..., aux included
     ctx.stats()["aux_loss_total"], layer.get_grad("experts.w1")
 
+``dtype="bfloat16"`` or ``"float16"`` layers store activations and expert weights in that dtype
+(see libmoe.Layer); numpy callers may keep passing float32.
+
 ``libmoe.torch.MoE`` is the PyTorch module (imported on first use of ``libmoe.torch``).
 ``libmoe.capi`` is the SWIG module: moe.h one to one, addresses for tensors.
 Failures raise :class:`libmoe.MoeError` subclasses (see :mod:`libmoe.errors`).
@@ -17,14 +20,15 @@ import importlib as _importlib
 from . import capi
 from .errors import (CommError, DeviceError, InternalError, InvalidArgumentError, MoeError, NonFiniteError,
                      OutOfMemoryError, StateError, UnsupportedError)
-from ._layer import CONFIG_FIELDS, PRESETS, Context, Layer, ParamInfo, default_config, preset_config
+from ._layer import (CONFIG_FIELDS, PRESETS, Context, Layer, ParamInfo, default_config, from_bfloat16_bits,
+                     preset_config, to_bfloat16_bits)
 
 __version__ = f"{capi.MOE_VERSION_MAJOR}.{capi.MOE_VERSION_MINOR}.{capi.MOE_VERSION_PATCH}"
 
 __all__ = ["Layer", "Context", "ParamInfo", "MoeError", "InvalidArgumentError", "OutOfMemoryError",
            "UnsupportedError", "DeviceError", "CommError", "StateError", "NonFiniteError", "InternalError",
-           "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config", "library_version", "status_name",
-           "last_error", "capi"]
+           "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config", "to_bfloat16_bits",
+           "from_bfloat16_bits", "library_version", "status_name", "last_error", "capi"]
 
 
 def library_version():

@@ -9,7 +9,8 @@ import numpy as np
 from . import capi
 from .errors import StateError
 
-__all__ = ["Layer", "Context", "ParamInfo", "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config"]
+__all__ = ["Layer", "Context", "ParamInfo", "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config",
+           "to_bfloat16_bits", "from_bfloat16_bits"]
 
 PRESETS = ("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe")
 
@@ -49,6 +50,52 @@ ParamInfo = namedtuple("ParamInfo", "name shape trainable")
 ParamInfo.__doc__ = "A named parameter: shape in PyTorch nn.Linear layout; trainable is False for router.bias."
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+_F32, _F16, _U16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16)
+# How each libmoe dtype is stored in numpy: numpy has no bfloat16, so its raw bits are uint16.
+_STORAGE = {"float32": _F32, "float16": _F16, "bfloat16": _U16}
+_TYPESTR = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}
+# The numpy dtypes Layer.forward/backward/route accept for activations, and how they are named.
+_ACCEPTED = {"float32": (_F32,), "float16": (_F32, _F16), "bfloat16": (_F32, _U16)}
+_ACCEPTED_TEXT = {"float32": "float32", "float16": "float32 or float16",
+                  "bfloat16": "float32 or uint16 (bfloat16 bits)"}
+
+
+def to_bfloat16_bits(a):
+    """The bfloat16 nearest to each value of ``a`` (as float32), rounded to nearest even, as uint16
+    raw bits (the upper half of the float32 encoding). NaN stays NaN; overflow gives +-inf."""
+    a = np.asarray(a, dtype=np.float32, order="C")
+    u = a.view(np.uint32)
+    bits = ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():  # rounding could carry a NaN's payload into the exponent: keep it a quiet NaN
+        bits[nan] = ((u[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return bits
+
+
+def from_bfloat16_bits(bits):
+    """float32 values of bfloat16 raw bits (uint16), exact."""
+    bits = np.asarray(bits)
+    if bits.dtype != _U16:
+        raise TypeError(f"bfloat16 bits must be uint16, not {bits.dtype}")
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def _to_storage(a, dtype):
+    """float32 array a converted to the layer's activation dtype ("float16" or "bfloat16")."""
+    if dtype == "bfloat16":
+        return to_bfloat16_bits(a)
+    with np.errstate(over="ignore"):  # beyond +-65504 becomes inf, as the C library rounds
+        return a.astype(np.float16)
+
+
+def _from_storage(a, dtype, out=None):
+    """Storage-dtype array a as float32, into out when given."""
+    f = from_bfloat16_bits(a) if dtype == "bfloat16" else a.astype(np.float32)
+    if out is None:
+        return f
+    np.copyto(out, f)
+    return out
 
 
 def _enum_value(field, value):
@@ -195,10 +242,20 @@ class Layer:
 
     ``Layer(d_model=512, d_ff=1024, num_experts=8, top_k=2, ...)`` takes the moe_config fields as
     keywords (enums as strings, e.g. ``activation="geglu"``, ``device="cuda:0"``); ``preset=``
-    (or :meth:`from_preset`) starts from a published recipe. Activations are numpy float32 arrays
-    of shape ``[num_tokens, d_model]``, C-contiguous; they are passed to the library without a copy.
-    Parameters and gradients are numpy arrays by name (``get_param``/``set_param``/``get_grad``
-    copy; ``param_view``/``grad_view`` are zero-copy views of the layer's own storage).
+    (or :meth:`from_preset`) starts from a published recipe. Activations are numpy arrays of shape
+    ``[num_tokens, d_model]``, C-contiguous. Parameters and gradients are numpy arrays by name
+    (``get_param``/``set_param``/``get_grad`` copy; ``param_view``/``grad_view`` are zero-copy
+    views of the layer's own storage).
+
+    Precision (``dtype=``, see moe.h): a "float32" layer takes and returns float32 activations,
+    passed to the library without a copy. A "float16" or "bfloat16" layer stores its activations
+    and expert weights (``experts.*``, ``shared.w*``) in that dtype; the router (``router.*``,
+    ``shared.gate``) stays float32. Its forward/backward/route accept float32 activations, rounded
+    to the layer's dtype (nearest even) on the way in, and return float32 (exact conversions of
+    what the layer computed); they also take the layer's own format with no copy and return that
+    format: numpy.float16 for a float16 layer, numpy.uint16 raw bits for a bfloat16 layer (numpy
+    has no bfloat16; see :func:`to_bfloat16_bits`, :func:`from_bfloat16_bits`). Host copies of
+    parameters and gradients are float32 whatever the dtype.
 
     A Layer may be used by one thread at a time; it holds a lock so concurrent calls wait, and the
     GIL is released while the library computes. ``close()`` (or ``with Layer(...) as layer``) frees
@@ -222,11 +279,14 @@ class Layer:
         self._config = _config_dict(cfg)
         self._d = self._config["d_model"]
         self._params = {}
+        self._param_dtypes = {}
         info = capi.moe_param_info()
         for i in range(capi.moe_layer_num_params(self._h.ptr)):
             capi.moe_layer_param_info(self._h.ptr, i, info)
             shape = tuple(int(info.dim(j)) for j in range(info.ndim))
             self._params[info.name] = ParamInfo(info.name, shape, bool(info.trainable))
+            dt = capi.moe_layer_param_dtype(self._h.ptr, info.name)
+            self._param_dtypes[info.name] = _ENUM_NAMES["dtype"].get(dt, dt)
 
     # ---- lifetime -------------------------------------------------------------------------------
     def _handle(self):
@@ -272,6 +332,11 @@ class Layer:
     top_k = property(lambda self: self._config["top_k"])
 
     @property
+    def dtype(self):
+        """The layer's dtype: "float32", "bfloat16" or "float16" (activations and expert weights)."""
+        return self._config["dtype"]
+
+    @property
     def device(self):
         """"cpu" or "cuda:N"."""
         c = self._config
@@ -293,6 +358,12 @@ class Layer:
         """{name: ParamInfo(name, shape, trainable)}."""
         return dict(self._params)
 
+    def param_dtype(self, name):
+        """Storage dtype of parameter ``name`` and of its gradient: the layer's dtype for
+        ``experts.*`` and ``shared.w1/w3/w2``, "float32" for ``router.*`` and ``shared.gate``."""
+        self._info(name)
+        return self._param_dtypes[name]
+
     def _info(self, name):
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {type(name).__name__}")
@@ -304,7 +375,7 @@ class Layer:
         return info
 
     def get_param(self, name):
-        """A float32 copy of parameter ``name``."""
+        """A float32 copy of parameter ``name`` (exact, whatever its storage dtype)."""
         info = self._info(name)
         out = np.empty(info.shape, dtype=np.float32)
         h = self._h
@@ -313,7 +384,8 @@ class Layer:
         return out
 
     def set_param(self, name, value):
-        """Copy ``value`` (float32, the parameter's shape) into parameter ``name``."""
+        """Copy ``value`` (float32, the parameter's shape) into parameter ``name``; rounded to nearest
+        even when the parameter is stored in bfloat16/float16."""
         info = self._info(name)
         a = _check_array(value, name, info.shape, "float32")
         h = self._h
@@ -349,30 +421,36 @@ class Layer:
                 self.set_param(name, np.asarray(value))
 
     def buffer_addresses(self, name):
-        """(data, grad) addresses of the layer's own storage of ``name`` on its device (grad None
-        for router.bias). For zero-copy bindings; valid while this Layer is open."""
+        """(data, grad) addresses of the layer's own storage of ``name`` on its device, in
+        param_dtype(name) (grad None for router.bias). For zero-copy bindings; valid while this
+        Layer is open."""
         self._info(name)
         h = self._h
         with h.lock:
             return tuple(capi.moe_layer_param_buffers(h.ptr, name))
 
-    def _buffer(self, name, which):
+    def _buffer(self, name, which, bf16_typestr=None):
         info = self._info(name)
         data, grad = self.buffer_addresses(name)
         address = data if which == "data" else grad
         if address is None:
             raise ValueError(f"{name} is not trainable and has no gradient")
+        dtype = self._param_dtypes[name]
+        typestr = bf16_typestr if dtype == "bfloat16" and bf16_typestr else _TYPESTR[dtype]
         if self._config["device"] == "cpu":
-            return _HostBuffer(address, info.shape, "<f4", self._h)
-        return _DeviceBuffer(address, info.shape, "<f4", self._h)
+            return _HostBuffer(address, info.shape, typestr, self._h)
+        return _DeviceBuffer(address, info.shape, typestr, self._h)
 
     def param_view(self, name):
-        """The layer's own storage of ``name`` as a writable numpy array (no copy; CPU layers).
-        Writes go straight into the layer; not between a training forward and its backward."""
+        """The layer's own storage of ``name`` as a writable numpy array (no copy; CPU layers):
+        float32, numpy.float16 for a float16 parameter, numpy.uint16 raw bits for a bfloat16 one
+        (see param_dtype). Writes go straight into the layer; not between a training forward and
+        its backward."""
         return self._host_view(name, "data")
 
     def grad_view(self, name):
-        """The layer's own gradient buffer of ``name`` as a numpy array (no copy; CPU layers)."""
+        """The layer's own gradient buffer of ``name`` as a numpy array (no copy; CPU layers), in
+        the same dtype as param_view(name)."""
         return self._host_view(name, "grad")
 
     def _host_view(self, name, which):
@@ -383,7 +461,8 @@ class Layer:
         return np.asarray(buf)
 
     def cuda_array_interface(self, name, which="data"):
-        """An object with __cuda_array_interface__ over a CUDA layer's ``name`` (which: "data"/"grad")."""
+        """An object with __cuda_array_interface__ over a CUDA layer's ``name`` (which: "data"/"grad"):
+        typestr "<f4", "<f2" for float16, "<u2" raw bits for bfloat16 (the interface has no bfloat16)."""
         buf = self._buffer(name, which)
         if not isinstance(buf, _DeviceBuffer):
             raise ValueError("this layer lives on the CPU: use param_view()/grad_view()")
@@ -395,34 +474,50 @@ class Layer:
             raise ValueError(f"this layer lives on {self.device}: numpy arrays are host memory; use "
                              f"libmoe.torch.MoE or pass device addresses to libmoe.capi")
 
-    def _activation(self, a, name, tokens=None, writable=False):
-        return _check_array(a, name, (tokens, self._d), "float32", writable=writable)
+    def _activation(self, a, name, tokens=None):
+        """Check an activation array: float32 or the layer's own format, [tokens, d_model]."""
+        layer_dtype = self._config["dtype"]
+        return _check_array(a, name, (tokens, self._d), _ACCEPTED[layer_dtype], expected=_ACCEPTED_TEXT[layer_dtype])
+
+    def _native(self, a):
+        """a in the layer's activation dtype: a itself if it is already, else a converted copy."""
+        dtype = self._config["dtype"]
+        return a if a.dtype == _STORAGE[dtype] else _to_storage(a, dtype)
 
     def context(self):
         """A new Context for training forwards (and route) on this layer."""
         return Context(self)
 
     def forward(self, x, ctx=None, out=None):
-        """y = MoE(x). x: float32 [num_tokens, d_model]. ctx None: inference; a Context:
-        training (noise, statistics and activations saved in ctx for backward). out: optional
-        float32 [num_tokens, d_model] array to write y into. Returns y."""
+        """y = MoE(x). x: [num_tokens, d_model], float32, or the layer's own format (see the class
+        docstring); y has x's dtype. ctx None: inference; a Context: training (noise, statistics
+        and activations saved in ctx for backward). out: optional array of x's dtype and shape to
+        write y into. Returns y."""
         h = self._handle()
         self._check_host()
         x = self._activation(x, "x")
         T = x.shape[0]
-        y = np.empty_like(x) if out is None else self._activation(out, "out", T, writable=True)
+        if out is not None:
+            out = _check_array(out, "out", (T, self._d), (x.dtype,), writable=True,
+                               expected=f"{x.dtype} (the dtype of x)")
+        xs = self._native(x)
+        if xs is x:
+            ys = np.empty_like(x) if out is None else out
+        else:
+            ys = np.empty(x.shape, dtype=xs.dtype)
         cptr = self._ctx_ptr(ctx)
         with h.lock:
-            capi.moe_forward(h.ptr, _address(x), T, _address(y), cptr)
+            capi.moe_forward(h.ptr, _address(xs), T, _address(ys), cptr)
         if ctx is not None:
             ctx._filled(T, "trained")
-        return y
+        return ys if xs is x else _from_storage(ys, self._config["dtype"], out)
 
     __call__ = forward
 
     def backward(self, ctx, dy, out=None, need_dx=True):
         """Backward of the training forward in ctx: returns dx (None if need_dx is False) and ADDS
-        to every trainable parameter's gradient, aux-loss gradients included."""
+        to every trainable parameter's gradient, aux-loss gradients included. dy: float32 or the
+        layer's own format, like x in forward; dx (and out, if given) has dy's dtype."""
         h = self._handle()
         self._check_host()
         cptr = self._ctx_ptr(ctx, required=True)
@@ -432,23 +527,31 @@ class Layer:
             raise StateError("ctx holds no training forward")  # not reached
         T = ctx._tokens
         dy = self._activation(dy, "dy", T)
-        dx = None
+        if need_dx and out is not None:
+            out = _check_array(out, "out", (T, self._d), (dy.dtype,), writable=True,
+                               expected=f"{dy.dtype} (the dtype of dy)")
+        dys = self._native(dy)
+        dxs = None
         if need_dx:
-            dx = np.empty_like(dy) if out is None else self._activation(out, "out", T, writable=True)
+            dxs = (np.empty_like(dy) if out is None else out) if dys is dy else np.empty(dy.shape, dtype=dys.dtype)
         with h.lock:
-            capi.moe_backward(h.ptr, cptr, _address(dy), None if dx is None else _address(dx))
-        return dx
+            capi.moe_backward(h.ptr, cptr, _address(dys), None if dxs is None else _address(dxs))
+        if dxs is None or dys is dy:
+            return dxs
+        return _from_storage(dxs, self._config["dtype"], out)
 
     def route(self, x, ctx=None):
-        """Routing only (no expert runs): fills ctx (a new Context if None) and returns it."""
+        """Routing only (no expert runs): fills ctx (a new Context if None) and returns it.
+        x as in forward."""
         h = self._handle()
         self._check_host()
         x = self._activation(x, "x")
         if ctx is None:
             ctx = Context(self)
         cptr = self._ctx_ptr(ctx, required=True)
+        xs = self._native(x)
         with h.lock:
-            capi.moe_route(h.ptr, _address(x), x.shape[0], cptr)
+            capi.moe_route(h.ptr, _address(xs), x.shape[0], cptr)
         ctx._filled(x.shape[0], "routed")
         return ctx
 
@@ -580,16 +683,22 @@ class Context:
         return token, expert, weight
 
 
-def _check_array(a, name, shape, dtype, writable=False):
-    """a must be a numpy array of dtype, C-contiguous and aligned, of shape (None = any size)."""
+def _check_array(a, name, shape, dtypes, writable=False, expected=None):
+    """a must be a numpy array of one of dtypes (a dtype or a tuple of them), C-contiguous and
+    aligned, of shape (None = any size). expected: how the accepted dtypes are named in errors."""
+    if not isinstance(dtypes, tuple):
+        dtypes = (dtypes,)
+    dtypes = tuple(np.dtype(d) for d in dtypes)
+    if expected is None:
+        expected = " or ".join(str(d) for d in dtypes)
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of {dtype}, not {type(a).__name__}")
-    if a.dtype != np.dtype(dtype):
-        raise TypeError(f"{name} has dtype {a.dtype}, expected {dtype} (convert with .astype(numpy.{dtype}))")
-    expected = tuple("num_tokens" if s is None else s for s in shape)
+        raise TypeError(f"{name} must be a numpy.ndarray of {expected}, not {type(a).__name__}")
+    if a.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {a.dtype}, expected {expected} (convert with .astype(numpy.{dtypes[0]}))")
+    want = tuple("num_tokens" if s is None else s for s in shape)
     if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
-        raise ValueError(f"{name} has shape {a.shape}, expected ({', '.join(map(str, expected))}"
-                         f"{',' if len(expected) == 1 else ''})")
+        raise ValueError(f"{name} has shape {a.shape}, expected ({', '.join(map(str, want))}"
+                         f"{',' if len(want) == 1 else ''})")
     if not a.flags.c_contiguous:
         raise ValueError(f"{name} is not C-contiguous (use numpy.ascontiguousarray)")
     if not a.flags.aligned:

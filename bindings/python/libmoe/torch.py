@@ -11,7 +11,9 @@ Zero copy, both ways:
     ``experts.w1``, ...) and the buffer ``router.bias`` is a torch tensor over that storage
     (torch.from_numpy over the layer's memory on the CPU, __cuda_array_interface__ on CUDA), so an
     optimizer step or load_state_dict writes straight into the layer. state_dict() keys are the
-    libmoe parameter names.
+    libmoe parameter names. With dtype=torch.bfloat16 or torch.float16 the expert weights
+    (``experts.*``, ``shared.w1/w3/w2``) are tensors of that dtype and the router (``router.*``,
+    ``shared.gate``) stays float32, as libmoe stores them; each gradient has its parameter's dtype.
   - Activations. The autograd Function hands x.data_ptr(), y.data_ptr(), dy.data_ptr() and
     dx.data_ptr() to moe_forward/moe_backward; only a non-contiguous x is made contiguous first.
 
@@ -35,6 +37,7 @@ Auxiliary losses, like Megatron-Core's MoEAuxLossAutoScaler:
 import threading
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -203,15 +206,20 @@ class MoE(nn.Module):
     Args: d_model, d_ff, num_experts, top_k, and any libmoe config field as a keyword
     (activation="swiglu", capacity_factor=1.25, num_shared_experts=1, seed=..., see
     libmoe.CONFIG_FIELDS); preset: start from a libmoe preset ("mixtral", ...); device: torch
-    device ("cpu", "cuda:0"); dtype: torch dtype of activations (float32; bfloat16/float16 on
-    CUDA); aux_loss: "add" or "return" (see the module docstring).
+    device ("cpu", "cuda:0"); dtype: torch.float32 (default), torch.bfloat16 or torch.float16, on
+    either device: the dtype of activations and of the expert weights; aux_loss: "add" or
+    "return" (see the module docstring).
 
-    Input [..., d_model] in dtype on device; output the same shape. Parameters are float32.
+    Input [..., d_model] in dtype on device; output the same shape and dtype. Expert weights
+    (``experts.*``, ``shared.w1/w3/w2``) are parameters of dtype; the router's (``router.*``,
+    ``shared.gate``) are float32 whatever dtype is (libmoe accumulates in float32 and routes in
+    float32). The aux loss is a float32 scalar.
     Whenever autograd needs gradients, or the module is in training mode, the layer runs a training
     forward (router noise, bias update, stats in ``last_stats``); in eval mode under no_grad it
     runs inference. Up to 4 libmoe contexts are pooled per module and reused between steps.
-    .to(device) rebuilds the layer on the new device (parameter objects are kept); changing the
-    parameter dtype (.half(), .double()) is refused.
+    .to(device) rebuilds the layer on the new device (parameter objects are kept). Converting to
+    another floating dtype (.double(), .half() on a float32 module) is refused; converting to the
+    module's own dtype (.bfloat16() on a bfloat16 module, as model.to(dtype) does) changes nothing.
     """
 
     aux_loss_scale = 1.0
@@ -253,10 +261,16 @@ class MoE(nn.Module):
     # ---- the layer's storage as torch tensors -----------------------------------------------------
     def _tensor(self, name, which):
         layer = self._layer
+        bf16 = layer.param_dtype(name) == "bfloat16"
         if self._device.type == "cpu":
             view = layer.param_view(name) if which == "data" else layer.grad_view(name)
+            if bf16:  # numpy has no bfloat16: the layer's uint16 bits, as int16 (which torch.from_numpy takes)
+                return torch.from_numpy(view.view(np.int16)).view(torch.bfloat16)
             return torch.from_numpy(view)
-        return torch.as_tensor(layer.cuda_array_interface(name, which), device=self._device)
+        # The array interface has no bfloat16 either: the same memory as int16, reinterpreted.
+        buf = layer._buffer(name, which, bf16_typestr="<i2")
+        t = torch.as_tensor(buf, device=self._device)
+        return t.view(torch.bfloat16) if bf16 else t
 
     def _bind(self):
         """(Re)point every parameter and buffer at the layer's storage."""
@@ -300,9 +314,14 @@ class MoE(nn.Module):
         probe = fn(torch.zeros(1, dtype=torch.float32, device=self._device))
         if not isinstance(probe, torch.Tensor):
             return self
-        if probe.dtype != torch.float32:
-            raise TypeError(f"libmoe.torch.MoE keeps float32 parameters (asked for {probe.dtype}); the activation "
-                            f"dtype is chosen at construction with dtype=")
+        keeps = probe.dtype in (torch.float32, self._dtype)
+        if keeps and self._dtype != torch.float32:  # e.g. .float() would turn the bf16 experts into float32
+            keeps = fn(torch.zeros(1, dtype=self._dtype, device=self._device)).dtype == self._dtype
+        if not keeps:
+            kept = ("float32 parameters" if self._dtype == torch.float32 else
+                    f"{_DTYPES[self._dtype]} expert parameters and float32 router parameters")
+            raise TypeError(f"libmoe.torch.MoE keeps {kept} (asked for {probe.dtype}); the dtype is chosen at "
+                            f"construction with dtype=")
         if probe.device != self._device:
             cfg = self._layer.config
             dev = _torch_device(probe.device)

@@ -10,7 +10,7 @@
  *   - tensor arguments are addresses: a Python int (numpy's arr.ctypes.data, torch's
  *     t.data_ptr()) or None for NULL. No copy is ever made here; the caller keeps the memory
  *     alive and correctly sized (libmoe.Layer checks shapes and dtypes before it passes them);
- *   - moe_layer ** / moe_context ** / void ** / int64_t *count out-parameters are returned;
+ *   - moe_layer ** / moe_context ** / void ** / moe_dtype * / int64_t *count out-parameters are returned;
  *   - the GIL is released around every call (swig -threads), and re-taken before any exception
  *     is raised; moe_last_error() is per OS thread, which the GIL release does not change.
  */
@@ -114,6 +114,11 @@ static PyObject *moe_python_from_address(void *p) {
 %typemap(in, numinputs=0) void **data (void *tmp = NULL), void **grad (void *tmp = NULL) { $1 = &tmp; }
 %typemap(argout) void **data, void **grad {
   $result = SWIG_Python_AppendOutput($result, moe_python_from_address(tmp$argnum));
+}
+/* moe_layer_param_dtype: returns the MOE_DTYPE_* value as an int. */
+%typemap(in, numinputs=0) moe_dtype *out (moe_dtype tmp = MOE_DTYPE_F32) { $1 = &tmp; }
+%typemap(argout) moe_dtype *out {
+  $result = SWIG_Python_AppendOutput($result, PyLong_FromLong((long)tmp$argnum));
 }
 /* moe_context_assignments: returns the count. */
 %typemap(in, numinputs=0) int64_t *count (int64_t tmp = 0) { $1 = &tmp; }
