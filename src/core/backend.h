@@ -15,7 +15,14 @@
 extern "C" {
 #endif
 
-#define MOE_BACKEND_ABI 1
+#define MOE_BACKEND_ABI 2
+
+/* Activation storage (shared/DESIGN.md section 3): fields typed `void *` below hold elements of
+ * the args' `dtype` (a moe_dtype: float32, bfloat16 or float16); everything typed `float *` is
+ * float32 whatever the dtype. Products accumulate in float32, and an output in bf16/f16 is
+ * rounded once, to nearest even. The router works in float32 throughout: its input is a float32
+ * copy of x, and router.weight, router.noise_weight, router.bias and shared.gate are float32;
+ * experts.* and shared.w* are stored in the layer's dtype. */
 
 typedef struct moe_gate_args {
   int64_t T, d, E;
@@ -106,46 +113,51 @@ typedef struct moe_select_bwd_args {
 
 typedef struct moe_rows_args {
   int64_t T, d, R;
+  int dtype;                 /* moe_dtype of x, xe, dxe, ye, dy, dye */
   int64_t k;                 /* rows per token in token_rows when token_offsets is NULL */
   const int64_t *token_offsets; /* [T+1] or NULL (fixed k per token) */
   const int32_t *token_rows; /* row of each (token, j); -1 = none */
   const int32_t *row_token;  /* [R] */
   const float *row_weight;   /* [R] */
-  /* dispatch: xe[r] = x[row_token[r]];  backward: dx[t] = sum of dxe over t's rows */
-  const float *x; float *xe;
-  const float *dxe; float *dx;
-  /* combine: y[t] = sum of row_weight[r] * ye[r];  backward: dye[r] = w_r dy[t], dw_r = <dy[t], ye[r]> */
-  const float *ye; float *y;
-  const float *dy; float *dye; float *drow_weight;
+  /* dispatch: xe[r] = x[row_token[r]];  backward: dx[t] = sum of dxe over t's rows (float32) */
+  const void *x; void *xe;
+  const void *dxe; float *dx;
+  /* combine: y[t] = sum of row_weight[r] * ye[r] (float32);
+     backward: dye[r] = w_r dy[t], dw_r = <dy[t], ye[r]> */
+  const void *ye; float *y;
+  const void *dy; void *dye; float *drow_weight;
 } moe_rows_args;
 
 typedef struct moe_ffn_args {
   int64_t num_experts, d, ff;
   int activation;            /* moe_activation */
+  int dtype;                 /* moe_dtype of every tensor below but a float32 dx (shared_input) */
   const int64_t *offsets;    /* host [num_experts+1]: row range of each expert */
   int shared_input;          /* nonzero: every expert reads rows [0, offsets[1]) of x */
-  const float *x;            /* [R,d] (or [rows,d]) */
-  const float *w1, *w3, *w2; /* [E,ff,d], [E,ff,d] (GLU only), [E,d,ff] */
-  float *h, *g;              /* [R,ff] pre-activations (g: GLU only); saved for backward */
-  float *a;                  /* [R,ff] scratch: activation output */
-  float *y;                  /* [R,d] out */
+  const void *x;             /* [R,d] (or [rows,d]) */
+  const void *w1, *w3, *w2;  /* [E,ff,d], [E,ff,d] (GLU only), [E,d,ff] */
+  void *h, *g;               /* [R,ff] pre-activations (g: GLU only); saved for backward */
+  void *a;                   /* [R,ff] scratch: activation output */
+  void *y;                   /* [R,d] out */
   /* backward */
-  const float *dy;           /* [R,d] */
-  float *dx;                 /* [R,d] out (overwritten); with shared_input, every expert's dx is added (+=) */
-  float *dw1, *dw3, *dw2;    /* accumulated (+=) */
-  float *dh, *dg;            /* [R,ff] scratch */
+  const void *dy;            /* [R,d] */
+  void *dx;                  /* [R,d] out (overwritten), in dtype; with shared_input it is float32
+                                [rows,d] and every expert's dx is added (+=); NULL: not wanted */
+  void *dw1, *dw3, *dw2;     /* accumulated (+=) */
+  void *dh, *dg;             /* [R,ff] scratch */
 } moe_ffn_args;
 
 typedef struct moe_shared_args {
   int64_t T, d, S;
-  const float *x;            /* [T,d] */
+  int dtype;                 /* moe_dtype of x, ys, dy, dys */
+  const void *x;             /* [T,d] */
   const float *gate_w;       /* [d] or NULL: no gate */
-  const float *ys;           /* [S*T,d] outputs of the shared experts */
+  const void *ys;            /* [S*T,d] outputs of the shared experts */
   float *gate;               /* [T] saved sigmoid(x . gate_w) */
   float *y;                  /* [T,d] accumulated: y += gate * sum_s ys[s] */
   /* backward */
-  const float *dy;           /* [T,d] */
-  float *dys;                /* [S*T,d] out */
+  const void *dy;            /* [T,d] */
+  void *dys;                 /* [S*T,d] out */
   float *dx;                 /* [T,d] accumulated */
   float *dgate_w;            /* [d] accumulated */
   float *scratch;            /* [T] backward scratch when gate_w is set (NULL: the stage allocates) */
@@ -167,7 +179,11 @@ typedef struct moe_backend_ops {
   moe_status (*download)(void *state, void *host, const void *src, size_t bytes);
   moe_status (*copy)(void *state, void *dst, const void *src, size_t bytes); /* device to device */
   moe_status (*check_pointer)(void *state, const void *p); /* MOE_OK if p is on this device */
-  moe_status (*find_nonfinite)(void *state, const float *p, int64_t n, int64_t *first); /* -1: none */
+  /* *first = index of the first element of p (n elements of dtype) that is not finite, -1: none */
+  moe_status (*find_nonfinite)(void *state, const void *p, int dtype, int64_t n, int64_t *first);
+  /* dst[i] = src[i] for n elements, converted (rounded to nearest even when narrowing); dst and
+     src do not overlap */
+  moe_status (*convert)(void *state, void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n);
   moe_status (*synchronize)(void *state);
   /* stages, in pipeline order */
   moe_status (*gate)(void *state, const moe_gate_args *a);
