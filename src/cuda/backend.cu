@@ -97,9 +97,6 @@ moe_status create(const moe_config *cfg, void **state) {
     }
     if (cfg->device_index < 0 || cfg->device_index >= count)
       fail(MOE_ERR_DEVICE, "cfg->device_index is %d but this machine has %d CUDA device(s)", cfg->device_index, count);
-    if (cfg->dtype != MOE_DTYPE_F32)
-      fail(MOE_ERR_UNSUPPORTED, "cfg->dtype is %s: the CUDA backend computes and stores float32 only in this version",
-           cfg->dtype == MOE_DTYPE_BF16 ? "MOE_DTYPE_BF16" : "MOE_DTYPE_F16");
     // The routing kernels keep a few rows of E floats per warp in shared memory.
     if (cfg->num_experts > 4096)
       fail(MOE_ERR_UNSUPPORTED, "cfg->num_experts is %lld: the CUDA backend routes at most 4096 experts",
@@ -131,6 +128,11 @@ moe_status create(const moe_config *cfg, void **state) {
     check(cudaStreamCreate(&s->own_stream), "cudaStreamCreate");
     s->stream = s->own_stream;
     check(cublasCreate(&s->blas), "cublasCreate");
+    // A split-K GEMM with a 16-bit C may otherwise add its partial results in 16 bits: the stages
+    // promise float32 accumulation and one rounding of each output.
+    check(cublasSetMathMode(s->blas, static_cast<cublasMath_t>(CUBLAS_DEFAULT_MATH |
+                                                               CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+          "cublasSetMathMode");
     check(cublasSetStream(s->blas, s->stream), "cublasSetStream");
   });
   *state = st.release();
@@ -225,27 +227,6 @@ moe_status check_pointer(void *state, const void *p) {
   });
 }
 
-__global__ void first_nonfinite_kernel(const float *p, int64_t n, unsigned long long *first) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
-    if (!isfinite(p[i])) atomicMin(first, static_cast<unsigned long long>(i));  // integer min: order-free
-}
-
-moe_status find_nonfinite(void *state, const float *p, int64_t n, int64_t *first) {
-  return guarded(state, [&](State &st) {
-    *first = -1;
-    if (n <= 0) return;
-    st.scratch[0].ensure(sizeof(unsigned long long), st);
-    auto *d = st.scratch[0].as<unsigned long long>();
-    check(cudaMemsetAsync(d, 0xff, sizeof *d, st.stream), "cudaMemsetAsync");
-    first_nonfinite_kernel<<<stride_blocks(st, n, 256), 256, 0, st.stream>>>(p, n, d);
-    check_launch("find non-finite");
-    unsigned long long h = 0;
-    check(cudaMemcpyAsync(&h, d, sizeof h, cudaMemcpyDeviceToHost, st.stream), "cudaMemcpyAsync");
-    check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize");
-    if (h != ~0ull) *first = static_cast<int64_t>(h);
-  });
-}
-
 moe_status synchronize(void *state) {
   return guarded(state, [&](State &st) { check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize"); });
 }
@@ -254,7 +235,7 @@ void *stream_of(void *state) { return static_cast<State *>(state)->stream; }
 
 const moe_backend_ops kOps = {
     MOE_BACKEND_ABI, "cuda", create, destroy, last_error, set_stream, alloc, release, memset_zero, upload, download,
-    copy, check_pointer, find_nonfinite, synchronize,
+    copy, check_pointer, find_nonfinite, convert, synchronize,
     gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
     shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, stream_of,
 };

@@ -134,8 +134,17 @@ inline unsigned blocks_for(int64_t n, int threads) {
   return static_cast<unsigned>(b < 1 ? 1 : (b > (int64_t{1} << 30) ? (int64_t{1} << 30) : b));
 }
 
-// out[t] = sum over t's rows r of (weight[r] *) src[r] (combine.cu; used by dispatch_bwd).
-void sum_token_rows(State &st, const moe_rows_args *a, const float *src, const float *weight, float *out);
+// out[t] = sum over t's rows r of (weight[r] *) src[r], src in a->dtype, out float32 (combine.cu;
+// used by dispatch_bwd).
+void sum_token_rows(State &st, const moe_rows_args *a, const void *src, const float *weight, float *out);
+
+// dst[i] = src[i] for n elements, converted between dtypes, queued on the layer's stream
+// (convert.cu).
+void convert_elements(State &st, void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n);
+
+// Table entries on activation memory (convert.cu).
+moe_status find_nonfinite(void *, const void *, int, int64_t, int64_t *);
+moe_status convert(void *, void *, int, const void *, int, int64_t);
 
 // Stage entry points (one file each, named for the stage as in src/cpu).
 moe_status gate(void *, const moe_gate_args *);

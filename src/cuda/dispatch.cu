@@ -8,15 +8,21 @@ namespace {
 
 constexpr int kThreads = 128;
 
-template <bool kVec>
-__global__ void gather_rows_kernel(const float *x, const int32_t *row_token, float *xe, int64_t R, int64_t d) {
-  using Io = RowIo<kVec>;
-  const int64_t n = d / Io::kWidth;
+// A row copy moves bits, whatever the dtype: U is the unit moved (16 bytes, or one element), n the
+// units per row.
+template <class U>
+__global__ void gather_rows_kernel(const U *x, const int32_t *row_token, U *xe, int64_t R, int64_t n) {
   for (int64_t r = blockIdx.x; r < R; r += gridDim.x) {
-    const float *src = x + int64_t{row_token[r]} * d;
-    float *dst = xe + r * d;
-    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) Io::store(dst, i, Io::load(src, i));
+    const U *src = x + int64_t{row_token[r]} * n;
+    U *dst = xe + r * n;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
   }
+}
+
+template <class U>
+void gather(State &st, const moe_rows_args *a, int64_t units_per_row) {
+  gather_rows_kernel<U><<<grid_rows(a->R), kThreads, 0, st.stream>>>(static_cast<const U *>(a->x), a->row_token,
+                                                                     static_cast<U *>(a->xe), a->R, units_per_row);
 }
 
 }  // namespace
@@ -24,16 +30,19 @@ __global__ void gather_rows_kernel(const float *x, const int32_t *row_token, flo
 moe_status dispatch(void *state, const moe_rows_args *a) {
   return guarded(state, [&](State &st) {
     if (a->R == 0 || a->d == 0) return;
-    const unsigned g = grid_rows(a->R);
-    if (vec4_ok(a->d, {a->x, a->xe}))
-      gather_rows_kernel<true><<<g, kThreads, 0, st.stream>>>(a->x, a->row_token, a->xe, a->R, a->d);
-    else
-      gather_rows_kernel<false><<<g, kThreads, 0, st.stream>>>(a->x, a->row_token, a->xe, a->R, a->d);
+    with_dtype(a->dtype, "dispatch", [&](auto type) {
+      using T = typename decltype(type)::type;
+      const int64_t row_bytes = checked_mul(a->d, static_cast<int64_t>(sizeof(T)), "d_model * element size");
+      if (vec_ok(row_bytes, 16, {a->x, a->xe}))
+        gather<uint4>(st, a, row_bytes / 16);
+      else
+        gather<T>(st, a, a->d);
+    });
     check_launch("dispatch");
   });
 }
 
-// Each token's input gradient: the unweighted sum of its rows' gradients.
+// Each token's input gradient: the unweighted sum of its rows' gradients, in float32.
 moe_status dispatch_bwd(void *state, const moe_rows_args *a) {
   return guarded(state, [&](State &st) { sum_token_rows(st, a, a->dxe, nullptr, a->dx); });
 }

@@ -1,55 +1,119 @@
-// Row access for the gather kernels: a row of d floats moved 16 bytes at a time when d and the
-// pointers allow it, one float at a time otherwise.
+// Row access for the row and elementwise kernels: W consecutive elements at a time, widened to
+// float. With W = 16 / sizeof(T) a pack of the storage type is one 16-byte access (4 floats, or 8
+// bfloat16 / float16 values); a float32 tensor read beside them moves as two 16-byte accesses.
+// W = 1 is the path for any length and alignment.
 #pragma once
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
+
+#include "cuda/dtype.cuh"
 
 namespace moe::cuda {
 
-inline bool vec4_ok(int64_t d, std::initializer_list<const void *> ptrs) {
-  if (d % 4 != 0) return false;
+// Elements of T that fill 16 bytes: the width of the vector path for storage type T.
+template <class T>
+constexpr int kVecWidth = static_cast<int>(16 / sizeof(T));
+
+inline bool aligned16(std::initializer_list<const void *> ptrs) {
   for (const void *p : ptrs)
     if (p && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
   return true;
 }
 
-// One block per row (or token), up to the grid limit; kernels loop past it.
-inline unsigned grid_rows(int64_t n) {
-  return static_cast<unsigned>(n < (1 << 30) ? (n < 1 ? 1 : n) : (1 << 30));
+// Whether rows of d elements can take the W-wide path: d a multiple of W and every (non-null)
+// pointer 16-byte aligned. Row starts then stay aligned: W elements of any type used here span a
+// multiple of 16 bytes.
+inline bool vec_ok(int64_t d, int w, std::initializer_list<const void *> ptrs) { return d % w == 0 && aligned16(ptrs); }
+
+// Calls body(std::integral_constant<int, W>{}): W = kVecWidth<T> when vec, else W = 1.
+template <class T, class F>
+void with_width(bool vec, F &&body) {
+  if (vec)
+    body(std::integral_constant<int, kVecWidth<T>>{});
+  else
+    body(std::integral_constant<int, 1>{});
 }
 
-template <bool kVec>
-struct RowIo;
+// One block per row (or token), up to the grid limit; kernels loop past it.
+inline unsigned grid_rows(int64_t n) { return static_cast<unsigned>(n < (1 << 30) ? (n < 1 ? 1 : n) : (1 << 30)); }
 
-template <>
-struct RowIo<true> {
-  using V = float4;
-  static constexpr int kWidth = 4;
-  __device__ static V load(const float *p, int64_t i) { return reinterpret_cast<const float4 *>(p)[i]; }
-  __device__ static void store(float *p, int64_t i, V v) { reinterpret_cast<float4 *>(p)[i] = v; }
-  __device__ static V zero() { return make_float4(0.f, 0.f, 0.f, 0.f); }
-  __device__ static V fma(float w, V a, V acc) {
-    return make_float4(acc.x + w * a.x, acc.y + w * a.y, acc.z + w * a.z, acc.w + w * a.w);
+template <class T, int W>
+struct alignas(16) Pack {
+  static_assert(W * sizeof(T) % 16 == 0, "a pack is a whole number of 16-byte accesses");
+  T v[W];
+};
+
+template <int W>
+struct Frag {
+  float v[W];
+};
+
+// Elements [i*W, i*W + W) of p.
+template <int W, class T>
+__device__ __forceinline__ Frag<W> load(const T *p, int64_t i) {
+  Frag<W> f;
+  if constexpr (W == 1) {
+    f.v[0] = to_float(p[i]);
+  } else {
+    const Pack<T, W> k = reinterpret_cast<const Pack<T, W> *>(p)[i];
+#pragma unroll
+    for (int j = 0; j < W; ++j) f.v[j] = to_float(k.v[j]);
   }
-  __device__ static V add(V a, V acc) { return make_float4(acc.x + a.x, acc.y + a.y, acc.z + a.z, acc.w + a.w); }
-  __device__ static V scale(float w, V a) { return make_float4(w * a.x, w * a.y, w * a.z, w * a.w); }
-  __device__ static float dot(V a, V b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
-};
+  return f;
+}
 
-template <>
-struct RowIo<false> {
-  using V = float;
-  static constexpr int kWidth = 1;
-  __device__ static V load(const float *p, int64_t i) { return p[i]; }
-  __device__ static void store(float *p, int64_t i, V v) { p[i] = v; }
-  __device__ static V zero() { return 0.0f; }
-  __device__ static V fma(float w, V a, V acc) { return acc + w * a; }
-  __device__ static V add(V a, V acc) { return acc + a; }
-  __device__ static V scale(float w, V a) { return w * a; }
-  __device__ static float dot(V a, V b) { return a * b; }
-};
+template <int W, class T>
+__device__ __forceinline__ void store(T *p, int64_t i, const Frag<W> &f) {
+  if constexpr (W == 1) {
+    p[i] = from_float<T>(f.v[0]);
+  } else {
+    Pack<T, W> k;
+#pragma unroll
+    for (int j = 0; j < W; ++j) k.v[j] = from_float<T>(f.v[j]);
+    reinterpret_cast<Pack<T, W> *>(p)[i] = k;
+  }
+}
+
+template <int W>
+__device__ __forceinline__ Frag<W> zero() {
+  Frag<W> f;
+#pragma unroll
+  for (int j = 0; j < W; ++j) f.v[j] = 0.0f;
+  return f;
+}
+
+// acc + w * a, elementwise
+template <int W>
+__device__ __forceinline__ Frag<W> axpy(float w, const Frag<W> &a, Frag<W> acc) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) acc.v[j] += w * a.v[j];
+  return acc;
+}
+
+template <int W>
+__device__ __forceinline__ Frag<W> add(const Frag<W> &a, Frag<W> acc) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) acc.v[j] += a.v[j];
+  return acc;
+}
+
+template <int W>
+__device__ __forceinline__ Frag<W> scale(float w, Frag<W> a) {
+#pragma unroll
+  for (int j = 0; j < W; ++j) a.v[j] *= w;
+  return a;
+}
+
+template <int W>
+__device__ __forceinline__ float dot(const Frag<W> &a, const Frag<W> &b) {
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < W; ++j) s += a.v[j] * b.v[j];
+  return s;
+}
 
 // Sum over the block in a fixed tree (deterministic); every thread gets the result. blockDim.x is
 // a multiple of 32 and at most 1024.

@@ -3,9 +3,9 @@
 // that copies rows between the ranks' device buffers with cudaMemcpyAsync on the stream the hook is
 // given. The ranks together must equal one CUDA layer holding every expert on the global batch:
 // outputs, input gradients, every parameter gradient (experts.*: the rank's slice; router.* and
-// shared.*: the sum over ranks), the aux losses, counts and routing. A failing hook gives
-// MOE_ERR_COMM naming the hook and leaves every layer usable. (tests/mpi/test_ep_threads.cpp is the
-// CPU version of this test.)
+// shared.*: the sum over ranks), the aux losses, counts and routing, in float32 and in bfloat16
+// (rows exchanged in 16 bits). A failing hook gives MOE_ERR_COMM naming the hook and leaves every
+// layer usable. (tests/mpi/test_ep_threads.cpp is the CPU version of this test.)
 //
 // Without a CUDA device every case reports SKIPPED (gtest skip; ctest counts it as skipped).
 #include <cuda_runtime_api.h>
@@ -34,7 +34,9 @@ using gpu_test::close_scalar;
 using gpu_test::Rng;
 using gpu_test::same;
 
-constexpr double kTol = 1e-5;
+// float32: the ranks compute what one layer computes, in another grouping. bfloat16: per-rank
+// gradients of the replicated 16-bit parameters (shared.w*) are rounded before they are summed.
+double tol_of(int dtype) { return dtype == MOE_DTYPE_F32 ? 1e-5 : 1e-2; }
 
 // ---- the in-process communicator ----------------------------------------------------------------------
 
@@ -236,28 +238,33 @@ std::vector<float> random_param(const std::string &name, int64_t numel, int64_t 
   return rng.nonzeros(static_cast<size_t>(numel), 1.0f / std::sqrt(static_cast<float>(fan_in)));
 }
 
-// A device buffer of floats (at least one, so that an empty rank still passes a valid pointer).
-struct DevFloats {
-  explicit DevFloats(size_t n) : n(n) {
-    if (cudaMalloc(&p, std::max<size_t>(1, n) * sizeof(float)) != cudaSuccess) p = nullptr;
-    else (void)cudaMemset(p, 0xff, std::max<size_t>(1, n) * sizeof(float));  // NaN
+// A device tensor of n values in dtype (at least one byte, so that an empty rank still passes a valid
+// pointer), filled and read as float32 on the host.
+struct DevTensor {
+  DevTensor(int dtype, size_t n) : dtype(dtype), n(n) {
+    const size_t bytes = std::max<size_t>(1, n * gpu_test::dtype_size(dtype));
+    if (cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
+    else (void)cudaMemset(p, 0xff, bytes);  // NaN in every dtype
   }
-  ~DevFloats() {
+  ~DevTensor() {
     if (p) cudaFree(p);
   }
-  DevFloats(const DevFloats &) = delete;
-  DevFloats &operator=(const DevFloats &) = delete;
+  DevTensor(const DevTensor &) = delete;
+  DevTensor &operator=(const DevTensor &) = delete;
   // Complete when it returns (a pageable cudaMemcpy may return before the data lands, and a layer
   // on a non-blocking stream is not ordered after it).
   cudaError_t put(const float *host) {
-    const cudaError_t e = cudaMemcpy(p, host, n * sizeof(float), cudaMemcpyHostToDevice);
+    const std::vector<unsigned char> bytes = gpu_test::encode(dtype, std::vector<float>(host, host + n));
+    const cudaError_t e = cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice);
     return e != cudaSuccess ? e : cudaDeviceSynchronize();
   }
   std::vector<float> take() {
-    std::vector<float> v(n);
-    if (n && cudaMemcpy(v.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost) != cudaSuccess) v.assign(n, NAN);
-    return v;
+    std::vector<unsigned char> bytes(n * gpu_test::dtype_size(dtype));
+    if (n && cudaMemcpy(bytes.data(), p, bytes.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
+      return std::vector<float>(n, NAN);
+    return gpu_test::decode(dtype, bytes);
   }
+  int dtype;
   void *p = nullptr;
   size_t n;
 };
@@ -272,7 +279,7 @@ struct Outcome {
 
 // ---- the test -----------------------------------------------------------------------------------------
 
-class GpuEp : public ::testing::TestWithParam<std::tuple<int, int, bool>> {  // ranks, config, own streams
+class GpuEp : public ::testing::TestWithParam<std::tuple<int, int, bool, int>> {  // ranks, config, own streams, dtype
  protected:
   void SetUp() override { MOE_GPU_REQUIRE_DEVICE(); }
 };
@@ -280,7 +287,10 @@ class GpuEp : public ::testing::TestWithParam<std::tuple<int, int, bool>> {  // 
 TEST_P(GpuEp, RanksEqualOneLayer) {
   const int R = std::get<0>(GetParam()), which = std::get<1>(GetParam());
   const bool own_streams = std::get<2>(GetParam());
-  const moe_config cfg = config(which);
+  const int dtype = std::get<3>(GetParam());
+  const double tol = tol_of(dtype);
+  moe_config cfg = config(which);
+  cfg.dtype = static_cast<moe_dtype>(dtype);
   const int64_t d = cfg.d_model, E = cfg.num_experts, El = E / R, k = cfg.top_k;
   // Uneven token counts; with 4 ranks one rank has none.
   std::vector<int64_t> T = R == 2 ? std::vector<int64_t>{29, 35} : std::vector<int64_t>{24, 0, 31, 17};
@@ -291,8 +301,8 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
     Tg += T[r];
   }
   Rng rng(40 + 10 * which + R);
-  const std::vector<float> x = rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f),
-                           dy = rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f);
+  const std::vector<float> x = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f)),
+                           dy = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f));
 
   // The reference: one CUDA layer with every expert, on the global batch.
   moe_layer *raw = nullptr;
@@ -306,13 +316,14 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
       moe_layer_param_info(ref.get(), i, &info);
       if (p.name == info.name) break;
     }
-    values.push_back(random_param(p.name, p.numel, info.shape[info.ndim - 1], rng));
+    values.push_back(gpu_test::rounded(dtype, random_param(p.name, p.numel, info.shape[info.ndim - 1], rng)));
     ASSERT_EQ(moe_layer_set_param(ref.get(), p.name.c_str(), values.back().data(), p.numel), MOE_OK)
         << moe_last_error();
   }
   Outcome want;
   {
-    DevFloats xd(Tg * d), yd(Tg * d), yi(Tg * d), dyd(Tg * d), dxd(Tg * d);
+    const size_t n = static_cast<size_t>(Tg * d);
+    DevTensor xd(dtype, n), yd(dtype, n), yi(dtype, n), dyd(dtype, n), dxd(dtype, n);
     ASSERT_EQ(xd.put(x.data()), cudaSuccess);
     ASSERT_EQ(dyd.put(dy.data()), cudaSuccess);
     ASSERT_EQ(moe_forward(ref.get(), xd.p, Tg, yi.p, nullptr), MOE_OK) << moe_last_error();
@@ -399,7 +410,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
         world.barrier.abort();  // the other ranks' hooks fail instead of waiting
       };
       const size_t n = static_cast<size_t>(T[r] * d);
-      DevFloats xd(n), yd(n), yi(n), dyd(n), dxd(n);
+      DevTensor xd(dtype, n), yd(dtype, n), yi(dtype, n), dyd(dtype, n), dxd(dtype, n);
       if (!xd.p || !yd.p || !yi.p || !dyd.p || !dxd.p || xd.put(x.data() + first[r] * d) != cudaSuccess ||
           dyd.put(dy.data() + first[r] * d) != cudaSuccess) {
         res.errors.push_back("device buffers");
@@ -478,15 +489,15 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
     const std::vector<float> y_want(want.y.begin() + b, want.y.begin() + b + n),
         yi_want(want.y_inf.begin() + b, want.y_inf.begin() + b + n),
         dx_want(want.dx.begin() + b, want.dx.begin() + b + n);
-    EXPECT_TRUE(close("y", o.y, y_want, kTol));
-    EXPECT_TRUE(close("inference y", o.y_inf, yi_want, kTol));
-    EXPECT_TRUE(close("dx", o.dx, dx_want, kTol));
+    EXPECT_TRUE(close("y", o.y, y_want, tol));
+    EXPECT_TRUE(close("inference y", o.y_inf, yi_want, tol));
+    EXPECT_TRUE(close("dx", o.dx, dx_want, tol));
     // Every rank reports the losses of the global batch.
-    EXPECT_TRUE(close_scalar("load_balance_loss", o.stats.load_balance_loss, want.stats.load_balance_loss, kTol, 1e-6));
-    EXPECT_TRUE(close_scalar("z_loss", o.stats.z_loss, want.stats.z_loss, kTol, 1e-6));
-    EXPECT_TRUE(close_scalar("importance_loss", o.stats.importance_loss, want.stats.importance_loss, kTol, 1e-6));
-    EXPECT_TRUE(close_scalar("load_loss", o.stats.load_loss, want.stats.load_loss, kTol, 1e-6));
-    EXPECT_TRUE(close_scalar("aux_loss_total", o.stats.aux_loss_total, want.stats.aux_loss_total, kTol, 1e-6));
+    EXPECT_TRUE(close_scalar("load_balance_loss", o.stats.load_balance_loss, want.stats.load_balance_loss, tol, 1e-6));
+    EXPECT_TRUE(close_scalar("z_loss", o.stats.z_loss, want.stats.z_loss, tol, 1e-6));
+    EXPECT_TRUE(close_scalar("importance_loss", o.stats.importance_loss, want.stats.importance_loss, tol, 1e-6));
+    EXPECT_TRUE(close_scalar("load_loss", o.stats.load_loss, want.stats.load_loss, tol, 1e-6));
+    EXPECT_TRUE(close_scalar("aux_loss_total", o.stats.aux_loss_total, want.stats.aux_loss_total, tol, 1e-6));
     EXPECT_EQ(o.stats.num_tokens, T[r]);
     for (int64_t e = 0; e < E; ++e) count_sum[e] += o.counts[e];
     ids.insert(ids.end(), o.ids.begin(), o.ids.end());
@@ -499,7 +510,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
       const std::vector<float> slice(want.grads[i].begin() + r * per, want.grads[i].begin() + (r + 1) * per);
       EXPECT_TRUE(close("grad " + params[i].name + " (this rank's experts " + std::to_string(r * El) + ".." +
                             std::to_string((r + 1) * El - 1) + ")",
-                        o.grads[i], slice, kTol));
+                        o.grads[i], slice, tol));
     }
   }
   EXPECT_TRUE(same("expert counts summed over ranks", count_sum, want.counts));
@@ -511,7 +522,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
     for (int r = 0; r < R; ++r)
       for (size_t j = 0; j < sum.size(); ++j) sum[j] += results[r].got.grads[i][j];
     std::vector<float> total(sum.begin(), sum.end());
-    EXPECT_TRUE(close("grad " + params[i].name + " summed over ranks", total, want.grads[i], kTol));
+    EXPECT_TRUE(close("grad " + params[i].name + " summed over ranks", total, want.grads[i], tol));
   }
   // Layers go before the comms and streams they use.
   for (int r = 0; r < R; ++r)
@@ -520,11 +531,14 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Ranks, GpuEp,
-                         ::testing::Combine(::testing::Values(2, 4), ::testing::Values(0, 1), ::testing::Bool()),
-                         [](const ::testing::TestParamInfo<std::tuple<int, int, bool>> &info) {
+                         ::testing::Combine(::testing::Values(2, 4), ::testing::Values(0, 1), ::testing::Bool(),
+                                            ::testing::Values(static_cast<int>(MOE_DTYPE_F32),
+                                                              static_cast<int>(MOE_DTYPE_BF16))),
+                         [](const ::testing::TestParamInfo<std::tuple<int, int, bool, int>> &info) {
                            return "R" + std::to_string(std::get<0>(info.param)) + "_config" +
                                   (std::get<1>(info.param) == 0 ? "A" : "B") +
-                                  (std::get<2>(info.param) ? "_own_streams" : "_default_stream");
+                                  (std::get<2>(info.param) ? "_own_streams" : "_default_stream") +
+                                  (std::get<3>(info.param) == MOE_DTYPE_BF16 ? "_bf16" : "");
                          });
 
 }  // namespace

@@ -1,10 +1,12 @@
 // Every stage of the CUDA backend's table against the CPU backend's, on the same random inputs
 // (never zeros): float32 to 1e-5 of each tensor's scale, routing decisions (top-k ids, the plan)
-// exactly. Both tables are driven the same way the core drives them (src/core/pipeline.cpp): every
-// buffer is allocated with the backend's alloc and filled with its upload; outputs start as NaN
-// (floats) or -7 (integers) so that an output a stage forgets to write shows. Inputs that a stage
-// reads from an earlier stage are produced once on the host by the CPU stages and given to both
-// backends, so each stage is compared on its own.
+// exactly. The activation stages run in every dtype: a tensor stored in bfloat16 / float16 to 1e-2
+// / 2e-3 of its scale, a float32 output of 16-bit inputs (combine, the backward row sums) to 1e-5,
+// conversions bit for bit. Both tables are driven the same way the core drives them
+// (src/core/pipeline.cpp): every buffer is allocated with the backend's alloc and filled with its
+// upload; outputs start as NaN (floats) or -7 (integers) so that an output a stage forgets to
+// write shows. Inputs that a stage reads from an earlier stage are produced once on the host by the
+// CPU stages and given to both backends, so each stage is compared on its own.
 //
 // Without a CUDA device every case reports SKIPPED (gtest skip; ctest counts it as skipped).
 #include <cuda_runtime_api.h>
@@ -20,6 +22,7 @@
 #include <memory>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/backend.h"
@@ -39,6 +42,12 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kDNaN = std::numeric_limits<double>::quiet_NaN();
 // float32 against float32, scale-aware (gpu_test::close). TF32 is off: cfg.allow_tf32 = 0.
 constexpr double kTol = 1e-5;
+// A tensor stored in dtype: the two backends may round a float32 value that differs in its last
+// bits to neighbouring values, one unit in the last place (2^-8 bf16, 2^-11 f16) and what follows
+// from it downstream.
+double tol_of(int dtype) { return dtype == MOE_DTYPE_BF16 ? 1e-2 : dtype == MOE_DTYPE_F16 ? 2e-3 : kTol; }
+const char *dtype_name(int dtype) { return dtype == MOE_DTYPE_F32 ? "f32" : dtype == MOE_DTYPE_BF16 ? "bf16" : "f16"; }
+constexpr int kDtypes[] = {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16};
 
 const char *noise_name(int n) {
   return n == MOE_NOISE_GAUSSIAN ? "GAUSSIAN" : n == MOE_NOISE_JITTER ? "JITTER" : "NONE";
@@ -99,6 +108,13 @@ class Side {
     s = ops_->download(st_, host.data(), p, n * sizeof(T));
     if (s != MOE_OK) ADD_FAILURE() << name() << " download(" << n * sizeof(T) << "): " << moe_status_name(s) << ": " << err();
     return host;
+  }
+  // Activations in dtype: host float32 values (rounded to dtype) as a buffer of that dtype, an
+  // output buffer of n NaNs, and n values read back as float32.
+  void *put_as(int dtype, const std::vector<float> &host) { return put(gpu_test::encode(dtype, host)); }
+  void *out_as(int dtype, size_t n) { return put_as(dtype, std::vector<float>(n, kNaN)); }
+  std::vector<float> get_as(int dtype, const void *p, size_t n) {
+    return gpu_test::decode(dtype, get(static_cast<const unsigned char *>(p), n * gpu_test::dtype_size(dtype)));
   }
   ::testing::AssertionResult ok(moe_status s, const char *stage) const {
     if (s == MOE_OK) return ::testing::AssertionSuccess();
@@ -394,10 +410,11 @@ class GpuStages : public ::testing::Test {
 };
 
 // The routing arguments of dispatch / combine and their backward, as rows_args in pipeline.cpp.
-moe_rows_args rows_args(Side &s, const Plan &p, int64_t d) {
+moe_rows_args rows_args(Side &s, const Plan &p, int64_t d, int dtype = MOE_DTYPE_F32) {
   moe_rows_args a{};
   a.T = p.T;
   a.d = d;
+  a.dtype = dtype;
   a.R = p.R;
   a.k = p.k;
   if (p.ec) {
@@ -424,7 +441,8 @@ TEST_F(GpuStages, TableIsComplete) {
       reinterpret_cast<const void *>(gpu_->memset_zero),    reinterpret_cast<const void *>(gpu_->upload),
       reinterpret_cast<const void *>(gpu_->download),       reinterpret_cast<const void *>(gpu_->copy),
       reinterpret_cast<const void *>(gpu_->check_pointer),  reinterpret_cast<const void *>(gpu_->find_nonfinite),
-      reinterpret_cast<const void *>(gpu_->synchronize),    reinterpret_cast<const void *>(gpu_->gate),
+      reinterpret_cast<const void *>(gpu_->convert),        reinterpret_cast<const void *>(gpu_->synchronize),
+      reinterpret_cast<const void *>(gpu_->gate),
       reinterpret_cast<const void *>(gpu_->select),         reinterpret_cast<const void *>(gpu_->plan),
       reinterpret_cast<const void *>(gpu_->dispatch),       reinterpret_cast<const void *>(gpu_->expert_ffn),
       reinterpret_cast<const void *>(gpu_->combine),        reinterpret_cast<const void *>(gpu_->shared_combine),
@@ -539,48 +557,159 @@ TEST_F(GpuStages, CheckPointer) {
 }
 
 TEST_F(GpuStages, FindNonfinite) {
-  Side g(gpu_, gs_);
-  Rng rng(2);
-  const int64_t n = (int64_t{1} << 20) + 37;
-  std::vector<float> v = rng.nonzeros(static_cast<size_t>(n), 4.0f);
-  float *p = g.put(v);
-  ASSERT_NE(p, nullptr);
-  auto first_of = [&](int64_t count) {
-    int64_t first = 12345;
-    EXPECT_TRUE(g.ok(gpu_->find_nonfinite(gs_, p, count, &first), "find_nonfinite"));
-    return first;
-  };
-  EXPECT_EQ(first_of(n), -1);
-  EXPECT_EQ(first_of(0), -1);
-  const float inf = std::numeric_limits<float>::infinity();
-  const float bad[3] = {kNaN, inf, -inf};
-  for (int trial = 0; trial < 24; ++trial) {
-    std::vector<int64_t> at;
-    if (trial == 0) at = {0};
-    else if (trial == 1) at = {n - 1};
-    else if (trial == 2) at = {n - 1, 0};
-    else {
-      at.push_back(rng.below(n));
-      if (trial % 2) at.push_back(rng.below(n));
-      if (trial % 3 == 0) at.push_back(rng.below(n));
+  for (int dtype : kDtypes) {
+    SCOPED_TRACE(dtype_name(dtype));
+    Side g(gpu_, gs_), c(cpu_, cs_);
+    Rng rng(2);
+    const int64_t n = (int64_t{1} << 20) + 37;
+    const std::vector<float> v = rng.nonzeros(static_cast<size_t>(n), 4.0f);
+    void *p = g.put_as(dtype, v);
+    ASSERT_NE(p, nullptr);
+    auto first_of = [&](int64_t count) {
+      int64_t first = 12345;
+      EXPECT_TRUE(g.ok(gpu_->find_nonfinite(gs_, p, dtype, count, &first), "find_nonfinite"));
+      return first;
+    };
+    EXPECT_EQ(first_of(n), -1);
+    EXPECT_EQ(first_of(0), -1);
+    const float inf = std::numeric_limits<float>::infinity();
+    const float bad[3] = {kNaN, inf, -inf};
+    for (int trial = 0; trial < 24; ++trial) {
+      std::vector<int64_t> at;
+      if (trial == 0) at = {0};
+      else if (trial == 1) at = {n - 1};
+      else if (trial == 2) at = {n - 1, 0};
+      else {
+        at.push_back(rng.below(n));
+        if (trial % 2) at.push_back(rng.below(n));
+        if (trial % 3 == 0) at.push_back(rng.below(n));
+      }
+      std::vector<float> w = v;
+      for (size_t i = 0; i < at.size(); ++i) w[static_cast<size_t>(at[i])] = bad[(trial + i) % 3];
+      const std::vector<unsigned char> bytes = gpu_test::encode(dtype, w);
+      ASSERT_TRUE(g.ok(gpu_->upload(gs_, p, bytes.data(), bytes.size()), "upload"));
+      const int64_t expect = *std::min_element(at.begin(), at.end());
+      EXPECT_EQ(first_of(n), expect) << "trial " << trial;
+      // Only the first count elements are looked at.
+      EXPECT_EQ(first_of(expect), -1) << "trial " << trial;
+      EXPECT_EQ(first_of(expect + 1), expect) << "trial " << trial;
+      // The CPU table gives the same index.
+      if (trial < 4) {
+        int64_t cpu_first = 12345;
+        EXPECT_TRUE(c.ok(cpu_->find_nonfinite(cs_, bytes.data(), dtype, n, &cpu_first), "find_nonfinite"));
+        EXPECT_EQ(cpu_first, expect) << "trial " << trial;
+      }
     }
-    std::vector<float> w = v;
-    for (size_t i = 0; i < at.size(); ++i) w[static_cast<size_t>(at[i])] = bad[(trial + i) % 3];
-    ASSERT_TRUE(g.ok(gpu_->upload(gs_, p, w.data(), w.size() * sizeof(float)), "upload"));
-    const int64_t expect = *std::min_element(at.begin(), at.end());
-    EXPECT_EQ(first_of(n), expect) << "trial " << trial;
-    // Only the first count elements are looked at.
-    EXPECT_EQ(first_of(expect), -1) << "trial " << trial;
-    EXPECT_EQ(first_of(expect + 1), expect) << "trial " << trial;
+    // Small counts (one partial block).
+    void *q = g.put_as(dtype, {1.0f, 2.0f, kNaN, 3.0f});
+    int64_t first = 99;
+    ASSERT_TRUE(g.ok(gpu_->find_nonfinite(gs_, q, dtype, 4, &first), "find_nonfinite"));
+    EXPECT_EQ(first, 2);
+    ASSERT_TRUE(g.ok(gpu_->find_nonfinite(gs_, q, dtype, 2, &first), "find_nonfinite"));
+    EXPECT_EQ(first, -1);
+    // The largest finite values are finite; one past them is not (float16 overflows at 65520).
+    if (dtype != MOE_DTYPE_F32) {
+      const float big = dtype == MOE_DTYPE_BF16 ? 3.3895313892515355e38f : 65504.0f;
+      void *r = g.put_as(dtype, {-big, big, dtype == MOE_DTYPE_F16 ? 65520.0f : inf});
+      ASSERT_TRUE(g.ok(gpu_->find_nonfinite(gs_, r, dtype, 3, &first), "find_nonfinite"));
+      EXPECT_EQ(first, 2);
+    }
   }
-  // Small counts (one partial block).
-  std::vector<float> small = {1.0f, 2.0f, kNaN, 3.0f};
-  float *q = g.put(small);
-  int64_t first = 99;
-  ASSERT_TRUE(g.ok(gpu_->find_nonfinite(gs_, q, 4, &first), "find_nonfinite"));
-  EXPECT_EQ(first, 2);
-  ASSERT_TRUE(g.ok(gpu_->find_nonfinite(gs_, q, 2, &first), "find_nonfinite"));
-  EXPECT_EQ(first, -1);
+}
+
+// Bit patterns of a dtype's element i of a buffer (float32: 32 bits, else 16).
+uint32_t bits_at(int dtype, const std::vector<unsigned char> &bytes, size_t i) {
+  if (dtype == MOE_DTYPE_F32) {
+    uint32_t u;
+    std::memcpy(&u, &bytes[i * 4], 4);
+    return u;
+  }
+  uint16_t h;
+  std::memcpy(&h, &bytes[i * 2], 2);
+  return h;
+}
+
+bool is_nan_bits(int dtype, uint32_t b) {
+  if (dtype == MOE_DTYPE_F32) return (b & 0x7fffffffu) > 0x7f800000u;
+  if (dtype == MOE_DTYPE_BF16) return (b & 0x7fffu) > 0x7f80u;
+  return (b & 0x7fffu) > 0x7c00u;
+}
+
+// Equal bit for bit, except that any NaN matches any NaN (payloads are not specified).
+::testing::AssertionResult same_bits(const std::string &what, int dtype, const std::vector<unsigned char> &got,
+                                     const std::vector<unsigned char> &ref) {
+  if (got.size() != ref.size()) return ::testing::AssertionFailure() << what << ": sizes differ";
+  const size_t n = got.size() / gpu_test::dtype_size(dtype);
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const uint32_t a = bits_at(dtype, got, i), b = bits_at(dtype, ref, i);
+    if (a == b || (is_nan_bits(dtype, a) && is_nan_bits(dtype, b))) continue;
+    if (bad++ == 0) first = i;
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << what << ": " << bad << " of " << n << " elements differ; first [" << first
+                                       << "]: got 0x" << std::hex << bits_at(dtype, got, first) << ", expected 0x"
+                                       << bits_at(dtype, ref, first);
+}
+
+// Source values for the conversions: random bit patterns over the whole range (subnormals, values
+// past float16's range, ties of every kind) and the special values.
+std::vector<unsigned char> conversion_source(int dtype, Rng &rng, size_t n) {
+  std::vector<unsigned char> out(n * gpu_test::dtype_size(dtype));
+  const uint32_t f32_specials[] = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x00000001u,
+                                   0x3f808000u, 0x3f818000u, 0x3f800fffu, 0x3f801000u, 0x3f803000u, 0x477ff000u,
+                                   0x477fefffu, 0x33800000u, 0x33000001u, 0x7f7fffffu, 0xff7fffffu, 0x387fc000u};
+  const uint16_t h_specials[] = {0x0000, 0x8000, 0x7f80, 0xff80, 0x7c00, 0xfc00, 0x7fc0, 0x7e00, 0x0001, 0x8001,
+                                 0x03ff, 0x0400, 0x7bff, 0x3c00, 0x477f, 0x4780, 0x3380, 0x7f7f};
+  for (size_t i = 0; i < n; ++i) {
+    if (dtype == MOE_DTYPE_F32) {
+      uint32_t u;
+      const size_t k = sizeof f32_specials / sizeof f32_specials[0];
+      if (i < k) u = f32_specials[i];
+      else if (i % 3 == 0) u = static_cast<uint32_t>(rng.next());  // anything, NaNs included
+      else u = (static_cast<uint32_t>(rng.next()) & 0x807fffffu) | static_cast<uint32_t>(100 + rng.below(56)) << 23;
+      std::memcpy(&out[i * 4], &u, 4);
+    } else {
+      const size_t k = sizeof h_specials / sizeof h_specials[0];
+      const uint16_t h = i < k ? h_specials[i] : static_cast<uint16_t>(rng.next());
+      std::memcpy(&out[i * 2], &h, 2);
+    }
+  }
+  return out;
+}
+
+// The host's conversion of one element (gpu_test's round-to-nearest-even), as bytes of dst_dtype.
+std::vector<unsigned char> host_convert(int dst_dtype, int src_dtype, const std::vector<unsigned char> &src) {
+  return gpu_test::encode(dst_dtype, gpu_test::decode(src_dtype, src));
+}
+
+TEST_F(GpuStages, Convert) {
+  Rng rng(5);
+  // Odd count: a tail past the last 16-byte pack; the offset run starts 2 or 4 bytes into a buffer.
+  const size_t n = (size_t{1} << 16) + 5;
+  for (int from : kDtypes)
+    for (int to : kDtypes)
+      for (size_t offset : {size_t{0}, size_t{1}}) {
+        SCOPED_TRACE(std::string(dtype_name(from)) + " to " + dtype_name(to) + (offset ? ", unaligned" : ""));
+        const std::vector<unsigned char> src = conversion_source(from, rng, n);
+        const size_t in = gpu_test::dtype_size(from), out = gpu_test::dtype_size(to);
+        auto run = [&](Side &s) {
+          auto *p = static_cast<unsigned char *>(s.put(src));
+          auto *q = static_cast<unsigned char *>(s.put(std::vector<unsigned char>((n + 1) * out, 0xa5)));
+          const int64_t count = static_cast<int64_t>(n - offset);
+          EXPECT_TRUE(s.ok(s.ops()->convert(s.st(), q + offset * out, to, p + offset * in, from, count), "convert"));
+          EXPECT_TRUE(s.ok(s.ops()->convert(s.st(), q, to, p, from, 0), "convert of nothing"));
+          return s.get(q, (n + 1) * out);
+        };
+        Side c(cpu_, cs_), g(gpu_, gs_);
+        std::vector<unsigned char> want = host_convert(to, from, src);
+        if (from == to) want = src;
+        want.resize((n + 1) * out, 0xa5);  // the element past the end is untouched
+        if (offset) std::fill(want.begin(), want.begin() + out, 0xa5);
+        const std::vector<unsigned char> rg = run(g), rc = run(c);
+        EXPECT_TRUE(same_bits("CUDA against the host's rounding", to, rg, want));
+        EXPECT_TRUE(same_bits("CUDA against the CPU table", to, rg, rc));
+      }
 }
 
 // ---- gate ---------------------------------------------------------------------------------------
@@ -979,82 +1108,107 @@ class GpuRows : public GpuStages {
     EXPECT_GT(empty, 0) << "some tokens should have no expert";
     return out;
   }
-  static constexpr int64_t kD = 256;
 };
 
+// Each row stage in every dtype, with a d_model that takes the 16-byte path and an odd one that
+// cannot.
+struct RowCase {
+  int dtype;
+  int64_t d;
+};
+std::vector<RowCase> row_cases() {
+  std::vector<RowCase> out;
+  for (int dtype : kDtypes)
+    for (int64_t d : {int64_t{256}, int64_t{33}}) out.push_back({dtype, d});
+  return out;
+}
+std::string row_case_name(const RowCase &rc, const Plan &p) {
+  return std::string(dtype_name(rc.dtype)) + ", d " + std::to_string(rc.d) +
+         (p.ec ? ", expert choice" : ", token choice with capacity");
+}
+
 TEST_F(GpuRows, Dispatch) {
-  for (const Plan &p : routings()) {
-    SCOPED_TRACE(p.ec ? "expert choice" : "token choice with capacity");
-    Rng rng(401);
-    const auto x = rng.nonzeros(p.T * kD, 1.0f);
-    auto run = [&](Side &s) {
-      moe_rows_args a = rows_args(s, p, kD);
-      a.x = s.put(x);
-      a.xe = s.out<float>(p.R * kD, kNaN);
-      EXPECT_TRUE(s.ok(s.ops()->dispatch(s.st(), &a), "dispatch"));
-      return s.get(a.xe, p.R * kD);
-    };
-    Side c(cpu_, cs_), g(gpu_, gs_);
-    EXPECT_TRUE(same("xe (a gather: exact)", run(g), run(c)));
-  }
+  const std::vector<Plan> plans = routings();
+  for (const RowCase &rc : row_cases())
+    for (const Plan &p : plans) {
+      SCOPED_TRACE(row_case_name(rc, p));
+      Rng rng(401);
+      const auto x = rng.nonzeros(p.T * rc.d, 1.0f);
+      auto run = [&](Side &s) {
+        moe_rows_args a = rows_args(s, p, rc.d, rc.dtype);
+        a.x = s.put_as(rc.dtype, x);
+        a.xe = s.out_as(rc.dtype, p.R * rc.d);
+        EXPECT_TRUE(s.ok(s.ops()->dispatch(s.st(), &a), "dispatch"));
+        return s.get_as(rc.dtype, a.xe, p.R * rc.d);
+      };
+      Side c(cpu_, cs_), g(gpu_, gs_);
+      EXPECT_TRUE(same("xe (a gather: exact)", run(g), run(c)));
+    }
 }
 
 TEST_F(GpuRows, Combine) {
-  for (const Plan &p : routings()) {
-    SCOPED_TRACE(p.ec ? "expert choice" : "token choice with capacity");
-    Rng rng(402);
-    const auto ye = rng.nonzeros(p.R * kD, 1.0f);
-    auto run = [&](Side &s) {
-      moe_rows_args a = rows_args(s, p, kD);
-      a.ye = s.put(ye);
-      a.y = s.out<float>(p.T * kD, kNaN);
-      EXPECT_TRUE(s.ok(s.ops()->combine(s.st(), &a), "combine"));
-      return s.get(a.y, p.T * kD);
-    };
-    Side c(cpu_, cs_), g(gpu_, gs_);
-    EXPECT_TRUE(close("y (tokens without rows are 0)", run(g), run(c), kTol));
-  }
+  const std::vector<Plan> plans = routings();
+  for (const RowCase &rc : row_cases())
+    for (const Plan &p : plans) {
+      SCOPED_TRACE(row_case_name(rc, p));
+      Rng rng(402);
+      const auto ye = rng.nonzeros(p.R * rc.d, 1.0f);
+      auto run = [&](Side &s) {
+        moe_rows_args a = rows_args(s, p, rc.d, rc.dtype);
+        a.ye = s.put_as(rc.dtype, ye);
+        a.y = s.out<float>(p.T * rc.d, kNaN);
+        EXPECT_TRUE(s.ok(s.ops()->combine(s.st(), &a), "combine"));
+        return s.get(a.y, p.T * rc.d);
+      };
+      Side c(cpu_, cs_), g(gpu_, gs_);
+      // float32 sums of the same (16-bit) values on both sides.
+      EXPECT_TRUE(close("y (float32; tokens without rows are 0)", run(g), run(c), kTol));
+    }
 }
 
 TEST_F(GpuRows, CombineBackward) {
-  for (const Plan &p : routings()) {
-    SCOPED_TRACE(p.ec ? "expert choice" : "token choice with capacity");
-    Rng rng(403);
-    const auto ye = rng.nonzeros(p.R * kD, 1.0f), dy = rng.nonzeros(p.T * kD, 1.0f);
-    struct Out {
-      std::vector<float> dye, dw;
-    };
-    auto run = [&](Side &s) {
-      moe_rows_args a = rows_args(s, p, kD);
-      a.ye = s.put(ye);
-      a.dy = s.put(dy);
-      a.dye = s.out<float>(p.R * kD, kNaN);
-      a.drow_weight = s.out<float>(p.R, kNaN);
-      EXPECT_TRUE(s.ok(s.ops()->combine_bwd(s.st(), &a), "combine_bwd"));
-      return Out{s.get(a.dye, p.R * kD), s.get(a.drow_weight, p.R)};
-    };
-    Side c(cpu_, cs_), g(gpu_, gs_);
-    const Out rc = run(c), rg = run(g);
-    EXPECT_TRUE(close("dye", rg.dye, rc.dye, kTol));
-    EXPECT_TRUE(close("drow_weight", rg.dw, rc.dw, kTol));
-  }
+  const std::vector<Plan> plans = routings();
+  for (const RowCase &rc : row_cases())
+    for (const Plan &p : plans) {
+      SCOPED_TRACE(row_case_name(rc, p));
+      Rng rng(403);
+      const auto ye = rng.nonzeros(p.R * rc.d, 1.0f), dy = rng.nonzeros(p.T * rc.d, 1.0f);
+      struct Out {
+        std::vector<float> dye, dw;
+      };
+      auto run = [&](Side &s) {
+        moe_rows_args a = rows_args(s, p, rc.d, rc.dtype);
+        a.ye = s.put_as(rc.dtype, ye);
+        a.dy = s.put_as(rc.dtype, dy);
+        a.dye = s.out_as(rc.dtype, p.R * rc.d);
+        a.drow_weight = s.out<float>(p.R, kNaN);
+        EXPECT_TRUE(s.ok(s.ops()->combine_bwd(s.st(), &a), "combine_bwd"));
+        return Out{s.get_as(rc.dtype, a.dye, p.R * rc.d), s.get(a.drow_weight, p.R)};
+      };
+      Side c(cpu_, cs_), g(gpu_, gs_);
+      const Out oc = run(c), og = run(g);
+      EXPECT_TRUE(close("dye", og.dye, oc.dye, tol_of(rc.dtype)));
+      EXPECT_TRUE(close("drow_weight (float32)", og.dw, oc.dw, kTol));
+    }
 }
 
 TEST_F(GpuRows, DispatchBackward) {
-  for (const Plan &p : routings()) {
-    SCOPED_TRACE(p.ec ? "expert choice" : "token choice with capacity");
-    Rng rng(404);
-    const auto dxe = rng.nonzeros(p.R * kD, 1.0f);
-    auto run = [&](Side &s) {
-      moe_rows_args a = rows_args(s, p, kD);
-      a.dxe = s.put(dxe);
-      a.dx = s.out<float>(p.T * kD, kNaN);
-      EXPECT_TRUE(s.ok(s.ops()->dispatch_bwd(s.st(), &a), "dispatch_bwd"));
-      return s.get(a.dx, p.T * kD);
-    };
-    Side c(cpu_, cs_), g(gpu_, gs_);
-    EXPECT_TRUE(close("dx (overwritten; tokens without rows are 0)", run(g), run(c), kTol));
-  }
+  const std::vector<Plan> plans = routings();
+  for (const RowCase &rc : row_cases())
+    for (const Plan &p : plans) {
+      SCOPED_TRACE(row_case_name(rc, p));
+      Rng rng(404);
+      const auto dxe = rng.nonzeros(p.R * rc.d, 1.0f);
+      auto run = [&](Side &s) {
+        moe_rows_args a = rows_args(s, p, rc.d, rc.dtype);
+        a.dxe = s.put_as(rc.dtype, dxe);
+        a.dx = s.out<float>(p.T * rc.d, kNaN);
+        EXPECT_TRUE(s.ok(s.ops()->dispatch_bwd(s.st(), &a), "dispatch_bwd"));
+        return s.get(a.dx, p.T * rc.d);
+      };
+      Side c(cpu_, cs_), g(gpu_, gs_);
+      EXPECT_TRUE(close("dx (float32, overwritten; tokens without rows are 0)", run(g), run(c), kTol));
+    }
 }
 
 // ---- expert FFN -----------------------------------------------------------------------------------
@@ -1071,9 +1225,12 @@ const char *act_name(int act) {
   }
 }
 
-class GpuFfn : public GpuStages, public ::testing::WithParamInterface<int> {
+// Parameters: the activation and the dtype of every tensor (shared input's dx is float32).
+class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple<int, int>> {
  protected:
   static constexpr int64_t kD = 256, kFF = 192;
+  int act() const { return std::get<0>(GetParam()); }
+  int dtype() const { return std::get<1>(GetParam()); }
   // Routed: 8 experts, two of them (1 and 4) with no rows, one with a single row.
   // Shared input: 2 experts reading the same 150 tokens.
   struct Problem {
@@ -1083,7 +1240,6 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<int> {
     std::vector<float> x, w1, w3, w2;
   };
   Problem problem(bool shared, uint64_t seed) const {
-    const int act = GetParam();
     Problem p;
     p.shared = shared;
     if (shared) {
@@ -1099,35 +1255,36 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<int> {
       p.R_in = p.R_out = p.offsets.back();
     }
     Rng rng(seed);
-    // ReLU has a kink at 0: x and w1 on an exact grid make x W1^T exact in float32 on both backends,
-    // so no pre-activation can land on different sides of 0 by rounding.
-    if (act == MOE_ACT_RELU) {
+    // ReLU has a kink at 0: x and w1 on an exact grid (exact in bf16 and f16 too) make x W1^T exact
+    // in float32 on both backends, so no pre-activation can land on different sides of 0 by rounding.
+    if (act() == MOE_ACT_RELU) {
       p.x = rng.odd_grids(p.R_in * kD, 4, 0.125f);
       p.w1 = rng.odd_grids(p.E * kFF * kD, 4, 1.0f / 128);
     } else {
       p.x = rng.nonzeros(p.R_in * kD, 1.0f);
       p.w1 = rng.nonzeros(p.E * kFF * kD, 1.0f / 16);
     }
-    if (is_glu(act)) p.w3 = rng.nonzeros(p.E * kFF * kD, 1.0f / 16);
+    if (is_glu(act())) p.w3 = rng.nonzeros(p.E * kFF * kD, 1.0f / 16);
     p.w2 = rng.nonzeros(p.E * kD * kFF, 1.0f / 14);
     return p;
   }
   moe_ffn_args args(Side &s, const Problem &p) const {
-    const int act = GetParam();
+    const int dt = dtype();
     moe_ffn_args a{};
     a.num_experts = p.E;
     a.d = kD;
     a.ff = kFF;
-    a.activation = act;
+    a.activation = act();
+    a.dtype = dt;
     a.offsets = p.offsets.data();
     a.shared_input = p.shared ? 1 : 0;
-    a.x = s.put(p.x);
-    a.w1 = s.put(p.w1);
-    a.w3 = is_glu(act) ? s.put(p.w3) : nullptr;
-    a.w2 = s.put(p.w2);
-    a.h = s.out<float>(p.R_out * kFF, kNaN);
-    a.g = is_glu(act) ? s.out<float>(p.R_out * kFF, kNaN) : nullptr;
-    a.a = s.out<float>(p.R_out * kFF, kNaN);
+    a.x = s.put_as(dt, p.x);
+    a.w1 = s.put_as(dt, p.w1);
+    a.w3 = is_glu(act()) ? s.put_as(dt, p.w3) : nullptr;
+    a.w2 = s.put_as(dt, p.w2);
+    a.h = s.out_as(dt, p.R_out * kFF);
+    a.g = is_glu(act()) ? s.out_as(dt, p.R_out * kFF) : nullptr;
+    a.a = s.out_as(dt, p.R_out * kFF);
     return a;
   }
   struct Fwd {
@@ -1135,24 +1292,26 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<int> {
   };
   Fwd forward(Side &s, const Problem &p) const {
     moe_ffn_args a = args(s, p);
-    a.y = s.out<float>(p.R_out * kD, kNaN);
+    a.y = s.out_as(dtype(), p.R_out * kD);
     EXPECT_TRUE(s.ok(s.ops()->expert_ffn(s.st(), &a), "expert_ffn"));
     Fwd f;
-    f.h = s.get(a.h, p.R_out * kFF);
-    if (a.g) f.g = s.get(a.g, p.R_out * kFF);
-    f.y = s.get(a.y, p.R_out * kD);
+    f.h = s.get_as(dtype(), a.h, p.R_out * kFF);
+    if (a.g) f.g = s.get_as(dtype(), a.g, p.R_out * kFF);
+    f.y = s.get_as(dtype(), a.y, p.R_out * kD);
     return f;
   }
   void check_forward(bool shared) {
+    const double tol = tol_of(dtype());
     const Problem p = problem(shared, shared ? 501 : 502);
     Side c(cpu_, cs_), g(gpu_, gs_);
     const Fwd rc = forward(c, p), rg = forward(g, p);
-    EXPECT_TRUE(close("h (saved pre-activation)", rg.h, rc.h, kTol));
-    if (is_glu(GetParam())) { EXPECT_TRUE(close("g (saved GLU input)", rg.g, rc.g, kTol)); }
-    EXPECT_TRUE(close("y", rg.y, rc.y, kTol));
+    EXPECT_TRUE(close("h (saved pre-activation)", rg.h, rc.h, tol));
+    if (is_glu(act())) { EXPECT_TRUE(close("g (saved GLU input)", rg.g, rc.g, tol)); }
+    EXPECT_TRUE(close("y", rg.y, rc.y, tol));
   }
   void check_backward(bool shared) {
-    const int act = GetParam();
+    const int dt = dtype();
+    const double tol = tol_of(dt);
     const Problem p = problem(shared, shared ? 503 : 504);
     Fwd saved;
     {
@@ -1161,7 +1320,7 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<int> {
     }
     Rng rng(shared ? 505 : 506);
     const auto dy = rng.nonzeros(p.R_out * kD, 1.0f);
-    const auto dx0 = rng.nonzeros(p.R_in * kD, 1.0f);  // shared input: dx is accumulated
+    const auto dx0 = rng.nonzeros(p.R_in * kD, 1.0f);  // shared input: dx is float32 and accumulated
     const auto dw1_0 = rng.nonzeros(p.E * kFF * kD, 1.0f), dw3_0 = rng.nonzeros(p.E * kFF * kD, 1.0f),
                dw2_0 = rng.nonzeros(p.E * kD * kFF, 1.0f);
     struct Bwd {
@@ -1171,29 +1330,30 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<int> {
       SCOPED_TRACE(want_dx ? "with dx" : "dx NULL");
       auto run = [&](Side &s) {
         moe_ffn_args a = args(s, p);
-        a.h = s.put(saved.h);
-        if (is_glu(act)) a.g = s.put(saved.g);
-        a.dy = s.put(dy);
-        a.dx = want_dx ? (shared ? s.put(dx0) : s.out<float>(p.R_in * kD, kNaN)) : nullptr;
-        a.dw1 = s.put(dw1_0);
-        a.dw3 = is_glu(act) ? s.put(dw3_0) : nullptr;
-        a.dw2 = s.put(dw2_0);
-        a.dh = s.out<float>(p.R_out * kFF, kNaN);
-        a.dg = is_glu(act) ? s.out<float>(p.R_out * kFF, kNaN) : nullptr;
+        a.h = s.put_as(dt, saved.h);
+        if (is_glu(act())) a.g = s.put_as(dt, saved.g);
+        a.dy = s.put_as(dt, dy);
+        if (want_dx) a.dx = shared ? static_cast<void *>(s.put(dx0)) : s.out_as(dt, p.R_in * kD);
+        a.dw1 = s.put_as(dt, dw1_0);
+        a.dw3 = is_glu(act()) ? s.put_as(dt, dw3_0) : nullptr;
+        a.dw2 = s.put_as(dt, dw2_0);
+        a.dh = s.out_as(dt, p.R_out * kFF);
+        a.dg = is_glu(act()) ? s.out_as(dt, p.R_out * kFF) : nullptr;
         EXPECT_TRUE(s.ok(s.ops()->expert_ffn_bwd(s.st(), &a), "expert_ffn_bwd"));
         Bwd b;
-        if (want_dx) b.dx = s.get(a.dx, p.R_in * kD);
-        b.dw1 = s.get(a.dw1, p.E * kFF * kD);
-        if (is_glu(act)) b.dw3 = s.get(a.dw3, p.E * kFF * kD);
-        b.dw2 = s.get(a.dw2, p.E * kD * kFF);
+        if (want_dx)
+          b.dx = shared ? s.get(static_cast<const float *>(a.dx), p.R_in * kD) : s.get_as(dt, a.dx, p.R_in * kD);
+        b.dw1 = s.get_as(dt, a.dw1, p.E * kFF * kD);
+        if (is_glu(act())) b.dw3 = s.get_as(dt, a.dw3, p.E * kFF * kD);
+        b.dw2 = s.get_as(dt, a.dw2, p.E * kD * kFF);
         return b;
       };
       Side c(cpu_, cs_), g(gpu_, gs_);
       const Bwd rc = run(c), rg = run(g);
-      if (want_dx) { EXPECT_TRUE(close(shared ? "dx (accumulated)" : "dx", rg.dx, rc.dx, kTol)); }
-      EXPECT_TRUE(close("dw1 (accumulated)", rg.dw1, rc.dw1, kTol));
-      if (is_glu(act)) { EXPECT_TRUE(close("dw3 (accumulated)", rg.dw3, rc.dw3, kTol)); }
-      EXPECT_TRUE(close("dw2 (accumulated)", rg.dw2, rc.dw2, kTol));
+      if (want_dx) { EXPECT_TRUE(close(shared ? "dx (float32, accumulated)" : "dx", rg.dx, rc.dx, tol)); }
+      EXPECT_TRUE(close("dw1 (accumulated)", rg.dw1, rc.dw1, tol));
+      if (is_glu(act())) { EXPECT_TRUE(close("dw3 (accumulated)", rg.dw3, rc.dw3, tol)); }
+      EXPECT_TRUE(close("dw2 (accumulated)", rg.dw2, rc.dw2, tol));
     }
   }
 };
@@ -1204,100 +1364,118 @@ TEST_P(GpuFfn, RoutedBackward) { check_backward(false); }
 TEST_P(GpuFfn, SharedInputBackward) { check_backward(true); }
 
 INSTANTIATE_TEST_SUITE_P(Activations, GpuFfn,
-                         ::testing::Values(MOE_ACT_SWIGLU, MOE_ACT_GEGLU, MOE_ACT_RELU, MOE_ACT_GELU, MOE_ACT_SILU),
-                         [](const ::testing::TestParamInfo<int> &info) { return std::string(act_name(info.param)); });
+                         ::testing::Combine(::testing::Values(MOE_ACT_SWIGLU, MOE_ACT_GEGLU, MOE_ACT_RELU,
+                                                              MOE_ACT_GELU, MOE_ACT_SILU),
+                                            ::testing::ValuesIn(kDtypes)),
+                         [](const ::testing::TestParamInfo<std::tuple<int, int>> &info) {
+                           return std::string(act_name(std::get<0>(info.param))) + "_" +
+                                  dtype_name(std::get<1>(info.param));
+                         });
 
 // ---- shared experts ---------------------------------------------------------------------------------
 
 TEST_F(GpuStages, SharedCombine) {
-  const int64_t T = 300, d = 256, S = 2;
-  Rng rng(600);
-  const auto x = rng.nonzeros(T * d, 1.0f), gw = rng.nonzeros(d, 1.0f / 16), ys = rng.nonzeros(S * T * d, 1.0f),
-             y0 = rng.nonzeros(T * d, 1.0f);
-  for (bool gated : {false, true}) {
-    SCOPED_TRACE(gated ? "with gate" : "without gate");
-    struct Out {
-      std::vector<float> y, gate;
-    };
-    auto run = [&](Side &s) {
-      moe_shared_args a{};
-      a.T = T;
-      a.d = d;
-      a.S = S;
-      a.x = s.put(x);
-      a.gate_w = gated ? s.put(gw) : nullptr;
-      a.ys = s.put(ys);
-      a.gate = s.out<float>(T, kNaN);
-      a.y = s.put(y0);
-      EXPECT_TRUE(s.ok(s.ops()->shared_combine(s.st(), &a), "shared_combine"));
-      Out o;
-      o.y = s.get(a.y, T * d);
-      if (gated) o.gate = s.get(a.gate, T);
-      return o;
-    };
-    Side c(cpu_, cs_), g(gpu_, gs_);
-    const Out rc = run(c), rg = run(g);
-    EXPECT_TRUE(close("y (accumulated)", rg.y, rc.y, kTol));
-    if (gated) { EXPECT_TRUE(close("gate (saved sigmoid)", rg.gate, rc.gate, kTol)); }
-  }
-}
-
-TEST_F(GpuStages, SharedCombineBackward) {
-  const int64_t T = 300, d = 256, S = 2;
-  Rng rng(601);
-  const auto x = rng.nonzeros(T * d, 1.0f), gw = rng.nonzeros(d, 1.0f / 16), ys = rng.nonzeros(S * T * d, 1.0f),
-             dy = rng.nonzeros(T * d, 1.0f), dx0 = rng.nonzeros(T * d, 1.0f), dgw0 = rng.nonzeros(d, 1.0f);
-  // The gate the forward saved, from the CPU stage.
-  std::vector<float> gate(T, kNaN);
-  {
-    std::vector<float> y(T * d, 0.0f);
-    moe_shared_args a{};
-    a.T = T;
-    a.d = d;
-    a.S = S;
-    a.x = x.data();
-    a.gate_w = gw.data();
-    a.ys = ys.data();
-    a.gate = gate.data();
-    a.y = y.data();
-    ASSERT_EQ(cpu_->shared_combine(cs_, &a), MOE_OK);
-  }
-  for (bool gated : {false, true})
-    for (bool with_dx : {true, false})
-      for (bool scratch : {true, false}) {
-        if (!gated && scratch) continue;
-        SCOPED_TRACE(std::string(gated ? "with gate" : "without gate") + (with_dx ? ", dx" : ", dx NULL") +
-                     (scratch ? ", caller's scratch" : ""));
+  const int64_t T = 300, S = 2;
+  for (int dtype : kDtypes)
+    for (int64_t d : {int64_t{256}, int64_t{33}}) {
+      Rng rng(600);
+      const auto x = rng.nonzeros(T * d, 1.0f), gw = rng.nonzeros(d, 1.0f / 16), ys = rng.nonzeros(S * T * d, 1.0f),
+                 y0 = rng.nonzeros(T * d, 1.0f);
+      for (bool gated : {false, true}) {
+        SCOPED_TRACE(std::string(dtype_name(dtype)) + ", d " + std::to_string(d) +
+                     (gated ? ", with gate" : ", without gate"));
         struct Out {
-          std::vector<float> dys, dx, dgw;
+          std::vector<float> y, gate;
         };
         auto run = [&](Side &s) {
           moe_shared_args a{};
           a.T = T;
           a.d = d;
           a.S = S;
-          a.x = s.put(x);
+          a.dtype = dtype;
+          a.x = s.put_as(dtype, x);
           a.gate_w = gated ? s.put(gw) : nullptr;
-          a.ys = s.put(ys);
-          a.gate = gated ? s.put(gate) : s.out<float>(T, kNaN);
-          a.dy = s.put(dy);
-          a.dys = s.out<float>(S * T * d, kNaN);
-          a.dx = with_dx ? s.put(dx0) : nullptr;
-          a.dgate_w = gated ? s.put(dgw0) : nullptr;
-          a.scratch = scratch ? s.out<float>(T, kNaN) : nullptr;
-          EXPECT_TRUE(s.ok(s.ops()->shared_combine_bwd(s.st(), &a), "shared_combine_bwd"));
+          a.ys = s.put_as(dtype, ys);
+          a.gate = s.out<float>(T, kNaN);
+          a.y = s.put(y0);
+          EXPECT_TRUE(s.ok(s.ops()->shared_combine(s.st(), &a), "shared_combine"));
           Out o;
-          o.dys = s.get(a.dys, S * T * d);
-          if (with_dx) o.dx = s.get(a.dx, T * d);
-          if (gated) o.dgw = s.get(a.dgate_w, d);
+          o.y = s.get(a.y, T * d);
+          if (gated) o.gate = s.get(a.gate, T);
           return o;
         };
         Side c(cpu_, cs_), g(gpu_, gs_);
         const Out rc = run(c), rg = run(g);
-        EXPECT_TRUE(close("dys", rg.dys, rc.dys, kTol));
-        if (with_dx) { EXPECT_TRUE(close("dx (accumulated)", rg.dx, rc.dx, kTol)); }
-        if (gated) { EXPECT_TRUE(close("dgate_w (accumulated)", rg.dgw, rc.dgw, kTol)); }
+        // float32 outputs of the same 16-bit inputs on both sides.
+        EXPECT_TRUE(close("y (float32, accumulated)", rg.y, rc.y, kTol));
+        if (gated) { EXPECT_TRUE(close("gate (saved sigmoid)", rg.gate, rc.gate, kTol)); }
       }
+    }
+}
+
+TEST_F(GpuStages, SharedCombineBackward) {
+  const int64_t T = 300, S = 2;
+  for (int dtype : kDtypes)
+    for (int64_t d : {int64_t{256}, int64_t{33}}) {
+      Rng rng(601);
+      const auto x = rng.nonzeros(T * d, 1.0f), gw = rng.nonzeros(d, 1.0f / 16), ys = rng.nonzeros(S * T * d, 1.0f),
+                 dy = rng.nonzeros(T * d, 1.0f), dx0 = rng.nonzeros(T * d, 1.0f), dgw0 = rng.nonzeros(d, 1.0f);
+      // The gate the forward saved, from the CPU stage.
+      std::vector<float> gate(T, kNaN);
+      {
+        const std::vector<unsigned char> xb = gpu_test::encode(dtype, x), ysb = gpu_test::encode(dtype, ys);
+        std::vector<float> y(T * d, 0.0f);
+        moe_shared_args a{};
+        a.T = T;
+        a.d = d;
+        a.S = S;
+        a.dtype = dtype;
+        a.x = xb.data();
+        a.gate_w = gw.data();
+        a.ys = ysb.data();
+        a.gate = gate.data();
+        a.y = y.data();
+        ASSERT_EQ(cpu_->shared_combine(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
+      }
+      for (bool gated : {false, true})
+        for (bool with_dx : {true, false})
+          for (bool scratch : {true, false}) {
+            if (!gated && scratch) continue;
+            SCOPED_TRACE(std::string(dtype_name(dtype)) + ", d " + std::to_string(d) +
+                         (gated ? ", with gate" : ", without gate") + (with_dx ? ", dx" : ", dx NULL") +
+                         (scratch ? ", caller's scratch" : ""));
+            struct Out {
+              std::vector<float> dys, dx, dgw;
+            };
+            auto run = [&](Side &s) {
+              moe_shared_args a{};
+              a.T = T;
+              a.d = d;
+              a.S = S;
+              a.dtype = dtype;
+              a.x = s.put_as(dtype, x);
+              a.gate_w = gated ? s.put(gw) : nullptr;
+              a.ys = s.put_as(dtype, ys);
+              a.gate = gated ? s.put(gate) : s.out<float>(T, kNaN);
+              a.dy = s.put_as(dtype, dy);
+              a.dys = s.out_as(dtype, S * T * d);
+              a.dx = with_dx ? s.put(dx0) : nullptr;
+              a.dgate_w = gated ? s.put(dgw0) : nullptr;
+              a.scratch = scratch ? s.out<float>(T, kNaN) : nullptr;
+              EXPECT_TRUE(s.ok(s.ops()->shared_combine_bwd(s.st(), &a), "shared_combine_bwd"));
+              Out o;
+              o.dys = s.get_as(dtype, a.dys, S * T * d);
+              if (with_dx) o.dx = s.get(a.dx, T * d);
+              if (gated) o.dgw = s.get(a.dgate_w, d);
+              return o;
+            };
+            Side c(cpu_, cs_), g(gpu_, gs_);
+            const Out rc = run(c), rg = run(g);
+            EXPECT_TRUE(close("dys", rg.dys, rc.dys, tol_of(dtype)));
+            if (with_dx) { EXPECT_TRUE(close("dx (float32, accumulated)", rg.dx, rc.dx, kTol)); }
+            if (gated) { EXPECT_TRUE(close("dgate_w (float32, accumulated)", rg.dgw, rc.dgw, kTol)); }
+          }
+    }
 }
 
 // ---- select backward ----------------------------------------------------------------------------
@@ -1467,6 +1645,7 @@ TEST_F(GpuStages, EmptyBatch) {
   moe_rows_args ra{};
   ra.T = T;
   ra.d = d;
+  ra.dtype = MOE_DTYPE_F32;
   ra.R = 0;
   ra.k = k;
   ra.token_rows = g.put(std::vector<int32_t>());
@@ -1492,6 +1671,7 @@ TEST_F(GpuStages, EmptyBatch) {
   fa.d = d;
   fa.ff = ff;
   fa.activation = MOE_ACT_RELU;
+  fa.dtype = MOE_DTYPE_F32;
   fa.offsets = offsets.data();
   fa.x = g.put(none);
   fa.w1 = g.put(w1);
@@ -1501,14 +1681,15 @@ TEST_F(GpuStages, EmptyBatch) {
   fa.y = g.put(none);
   EXPECT_TRUE(g.ok(gpu_->expert_ffn(gs_, &fa), "expert_ffn"));
   const auto dw1_0 = rng.nonzeros(E * ff * d, 1.0f), dw2_0 = rng.nonzeros(E * d * ff, 1.0f);
+  float *dw1 = g.put(dw1_0), *dw2 = g.put(dw2_0);
   fa.dy = g.put(none);
   fa.dx = g.put(none);
-  fa.dw1 = g.put(dw1_0);
-  fa.dw2 = g.put(dw2_0);
+  fa.dw1 = dw1;
+  fa.dw2 = dw2;
   fa.dh = g.put(none);
   EXPECT_TRUE(g.ok(gpu_->expert_ffn_bwd(gs_, &fa), "expert_ffn_bwd"));
-  EXPECT_TRUE(same("dw1 untouched", g.get(fa.dw1, dw1_0.size()), dw1_0));
-  EXPECT_TRUE(same("dw2 untouched", g.get(fa.dw2, dw2_0.size()), dw2_0));
+  EXPECT_TRUE(same("dw1 untouched", g.get(dw1, dw1_0.size()), dw1_0));
+  EXPECT_TRUE(same("dw2 untouched", g.get(dw2, dw2_0.size()), dw2_0));
 
   moe_select_bwd_args sb{};
   const std::vector<float> lb(E, 0.01f);
@@ -1538,6 +1719,7 @@ TEST_F(GpuStages, EmptyBatch) {
   sh.T = T;
   sh.d = d;
   sh.S = 1;
+  sh.dtype = MOE_DTYPE_F32;
   sh.x = g.put(none);
   sh.ys = g.put(none);
   sh.gate = g.put(none);
@@ -1549,6 +1731,88 @@ TEST_F(GpuStages, EmptyBatch) {
   EXPECT_TRUE(g.ok(gpu_->shared_combine_bwd(gs_, &sh), "shared_combine_bwd"));
 }
 
+// The activation stages in 16 bits on an empty batch, GLU (the path that sums dx in float32).
+TEST_F(GpuStages, EmptyBatchLowPrecision) {
+  const int64_t d = 64, E = 8, k = 2, ff = 32;
+  Rng rng(802);
+  for (int dtype : {MOE_DTYPE_BF16, MOE_DTYPE_F16}) {
+    SCOPED_TRACE(dtype_name(dtype));
+    Side g(gpu_, gs_);
+    const std::vector<float> none;
+    moe_rows_args ra{};
+    ra.T = 0;
+    ra.d = d;
+    ra.dtype = dtype;
+    ra.k = k;
+    ra.token_rows = g.put(std::vector<int32_t>());
+    ra.row_token = g.put(std::vector<int32_t>());
+    ra.row_weight = g.put(none);
+    ra.x = g.put_as(dtype, none);
+    ra.xe = g.put_as(dtype, none);
+    ra.ye = g.put_as(dtype, none);
+    ra.y = g.put(none);
+    ra.dy = g.put_as(dtype, none);
+    ra.dye = g.put_as(dtype, none);
+    ra.drow_weight = g.put(none);
+    ra.dxe = g.put_as(dtype, none);
+    ra.dx = g.put(none);
+    EXPECT_TRUE(g.ok(gpu_->dispatch(gs_, &ra), "dispatch"));
+    EXPECT_TRUE(g.ok(gpu_->combine(gs_, &ra), "combine"));
+    EXPECT_TRUE(g.ok(gpu_->combine_bwd(gs_, &ra), "combine_bwd"));
+    EXPECT_TRUE(g.ok(gpu_->dispatch_bwd(gs_, &ra), "dispatch_bwd"));
+
+    const std::vector<int64_t> offsets(E + 1, 0);
+    const auto w1 = rng.nonzeros(E * ff * d, 0.1f), w2 = rng.nonzeros(E * d * ff, 0.1f);
+    const auto dw1_0 = rng.nonzeros(E * ff * d, 1.0f), dw2_0 = rng.nonzeros(E * d * ff, 1.0f);
+    moe_ffn_args fa{};
+    fa.num_experts = E;
+    fa.d = d;
+    fa.ff = ff;
+    fa.activation = MOE_ACT_SWIGLU;
+    fa.dtype = dtype;
+    fa.offsets = offsets.data();
+    fa.x = g.put_as(dtype, none);
+    fa.w1 = g.put_as(dtype, w1);
+    fa.w3 = g.put_as(dtype, w1);
+    fa.w2 = g.put_as(dtype, w2);
+    fa.h = g.put_as(dtype, none);
+    fa.g = g.put_as(dtype, none);
+    fa.a = g.put_as(dtype, none);
+    fa.y = g.put_as(dtype, none);
+    EXPECT_TRUE(g.ok(gpu_->expert_ffn(gs_, &fa), "expert_ffn"));
+    fa.dy = g.put_as(dtype, none);
+    fa.dx = g.put_as(dtype, none);
+    fa.dw1 = g.put_as(dtype, dw1_0);
+    fa.dw3 = g.put_as(dtype, dw1_0);
+    fa.dw2 = g.put_as(dtype, dw2_0);
+    fa.dh = g.put_as(dtype, none);
+    fa.dg = g.put_as(dtype, none);
+    EXPECT_TRUE(g.ok(gpu_->expert_ffn_bwd(gs_, &fa), "expert_ffn_bwd"));
+    EXPECT_TRUE(same("dw1 untouched", g.get_as(dtype, fa.dw1, dw1_0.size()), gpu_test::rounded(dtype, dw1_0)));
+    EXPECT_TRUE(same("dw2 untouched", g.get_as(dtype, fa.dw2, dw2_0.size()), gpu_test::rounded(dtype, dw2_0)));
+
+    const auto gw = rng.nonzeros(d, 0.1f), dgw0 = rng.nonzeros(d, 1.0f);
+    moe_shared_args sh{};
+    sh.T = 0;
+    sh.d = d;
+    sh.S = 1;
+    sh.dtype = dtype;
+    sh.x = g.put_as(dtype, none);
+    sh.gate_w = g.put(gw);
+    sh.ys = g.put_as(dtype, none);
+    sh.gate = g.put(none);
+    sh.y = g.put(none);
+    EXPECT_TRUE(g.ok(gpu_->shared_combine(gs_, &sh), "shared_combine"));
+    sh.dy = g.put_as(dtype, none);
+    sh.dys = g.put_as(dtype, none);
+    sh.dx = g.put(none);
+    float *dgw = g.put(dgw0);
+    sh.dgate_w = dgw;
+    EXPECT_TRUE(g.ok(gpu_->shared_combine_bwd(gs_, &sh), "shared_combine_bwd"));
+    EXPECT_TRUE(same("dgate_w untouched", g.get(dgw, dgw0.size()), dgw0));
+  }
+}
+
 TEST_F(GpuStages, AllSlotsDropped) {
   // Tokens but no rows (capacity 0): combine and dispatch_bwd write zeros, the FFN has nothing to do.
   const int64_t T = 40, d = 64, E = 8, k = 2, ff = 32;
@@ -1558,31 +1822,36 @@ TEST_F(GpuStages, AllSlotsDropped) {
   for (float &v : w) v = rng.uniform(0.1f, 1.0f);
   const Plan p = host_plan(T, E, k, 0, MOE_DROP_POSITION, ids, w);
   ASSERT_EQ(p.R, 0);
-  Side g(gpu_, gs_);
-  moe_rows_args a = rows_args(g, p, d);
-  a.ye = g.put(std::vector<float>());
-  a.y = g.out<float>(T * d, kNaN);
-  a.dxe = g.put(std::vector<float>());
-  a.dx = g.out<float>(T * d, kNaN);
-  EXPECT_TRUE(g.ok(gpu_->combine(gs_, &a), "combine"));
-  EXPECT_TRUE(g.ok(gpu_->dispatch_bwd(gs_, &a), "dispatch_bwd"));
-  EXPECT_TRUE(same("y", g.get(a.y, T * d), std::vector<float>(T * d, 0.0f)));
-  EXPECT_TRUE(same("dx", g.get(a.dx, T * d), std::vector<float>(T * d, 0.0f)));
-  const std::vector<int64_t> offsets(E + 1, 0);
   const auto w1 = rng.nonzeros(E * ff * d, 0.1f), w2 = rng.nonzeros(E * d * ff, 0.1f);
-  moe_ffn_args fa{};
-  fa.num_experts = E;
-  fa.d = d;
-  fa.ff = ff;
-  fa.activation = MOE_ACT_GELU;
-  fa.offsets = offsets.data();
-  fa.x = g.put(std::vector<float>());
-  fa.w1 = g.put(w1);
-  fa.w2 = g.put(w2);
-  fa.h = g.put(std::vector<float>());
-  fa.a = g.put(std::vector<float>());
-  fa.y = g.put(std::vector<float>());
-  EXPECT_TRUE(g.ok(gpu_->expert_ffn(gs_, &fa), "expert_ffn"));
+  for (int dtype : kDtypes) {
+    SCOPED_TRACE(dtype_name(dtype));
+    Side g(gpu_, gs_);
+    moe_rows_args a = rows_args(g, p, d, dtype);
+    a.ye = g.put_as(dtype, std::vector<float>());
+    float *y = g.out<float>(T * d, kNaN), *dx = g.out<float>(T * d, kNaN);
+    a.y = y;
+    a.dxe = g.put_as(dtype, std::vector<float>());
+    a.dx = dx;
+    EXPECT_TRUE(g.ok(gpu_->combine(gs_, &a), "combine"));
+    EXPECT_TRUE(g.ok(gpu_->dispatch_bwd(gs_, &a), "dispatch_bwd"));
+    EXPECT_TRUE(same("y", g.get(y, T * d), std::vector<float>(T * d, 0.0f)));
+    EXPECT_TRUE(same("dx", g.get(dx, T * d), std::vector<float>(T * d, 0.0f)));
+    const std::vector<int64_t> offsets(E + 1, 0);
+    moe_ffn_args fa{};
+    fa.num_experts = E;
+    fa.d = d;
+    fa.ff = ff;
+    fa.activation = MOE_ACT_GELU;
+    fa.dtype = dtype;
+    fa.offsets = offsets.data();
+    fa.x = g.put_as(dtype, std::vector<float>());
+    fa.w1 = g.put_as(dtype, w1);
+    fa.w2 = g.put_as(dtype, w2);
+    fa.h = g.put_as(dtype, std::vector<float>());
+    fa.a = g.put_as(dtype, std::vector<float>());
+    fa.y = g.put_as(dtype, std::vector<float>());
+    EXPECT_TRUE(g.ok(gpu_->expert_ffn(gs_, &fa), "expert_ffn"));
+  }
 }
 
 // ---- streams --------------------------------------------------------------------------------------
@@ -1662,6 +1931,7 @@ TEST_F(GpuStages, SetStream) {
     moe_rows_args ra{};
     ra.T = T;
     ra.d = d;
+    ra.dtype = MOE_DTYPE_F32;
     ra.R = R;
     ra.k = k;
     ra.token_rows = pa.row_of_slot;
