@@ -20,7 +20,7 @@ InProcessWorld::InProcessWorld(int ranks, int64_t d_model, std::vector<size_t> e
     Rank &k = ranks_[r];
     k.world = this;
     k.rank = r;
-    k.comm = moe_comm{sizeof(moe_comm), ranks, r, &k, counts_hook, rows_hook};
+    k.comm = moe_comm{sizeof(moe_comm), ranks, r, &k, counts_hook, rows_hook, nullptr};
   }
 }
 

@@ -47,6 +47,7 @@
    (always NULL from a binding). */
 %ignore moe_comm::exchange_counts;
 %ignore moe_comm::exchange_rows;
+%ignore moe_comm::last_error;
 %ignore moe_comm::user;
 %immutable moe_config::comm;
 

@@ -408,12 +408,13 @@ MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capac
  *    local experts and their gradients are complete.
  *  - Capacity is applied per rank over its own tokens (as in Megatron-Core).
  *  - Expert-choice routing with a comm is refused (MOE_ERR_UNSUPPORTED).
- * A hook returns MOE_OK or an error status; the call then fails with MOE_ERR_COMM naming the hook,
- * the context is left empty, and the layer stays usable. Every rank's hook must fail at the same
+ * A hook returns MOE_OK or an error status; the call then fails with MOE_ERR_COMM naming the hook
+ * (and giving the comm's reason, when last_error has one), the context is left empty, and the
+ * layer stays usable. Every rank's hook must fail at the same
  * collective, or the others wait: a comm that can fail on one rank should abort its communicator.
  * ------------------------------------------------------------------------------------------- */
 struct moe_comm {
-  size_t struct_size; /* sizeof(moe_comm) */
+  size_t struct_size; /* sizeof(moe_comm); see last_error for the older, shorter size */
   int size;           /* number of ranks R >= 1 */
   int rank;           /* 0 <= rank < size */
   void *user;         /* passed back to the hooks */
@@ -427,6 +428,16 @@ struct moe_comm {
      through the host must finish before it returns. */
   moe_status (*exchange_rows)(void *user, const void *send, const int64_t *send_counts, void *recv,
                               const int64_t *recv_counts, size_t row_bytes, void *stream);
+  /* Optional (may be NULL): the comm's reason for the failure of the hook that just returned an
+     error, e.g. MPI's or NCCL's message. Called right after such a hook, on the same thread, before
+     any other hook call on this comm; the call then fails with a moe_last_error() text that ends
+     with this reason (up to 1024 bytes of it). Returns a NUL-terminated string owned by the comm,
+     valid until the next hook call on this comm or its destruction; NULL or "" when there is no
+     reason to give (the text then names the hook and its status only). Called only by the thread
+     running the failed collective, so it needs no more thread-safety than the hooks themselves.
+     A comm built against a moe.h without this field has struct_size offsetof(moe_comm,
+     last_error): it is accepted, and this field is never read. */
+  const char *(*last_error)(void *user);
 };
 
 #ifdef __cplusplus

@@ -18,8 +18,9 @@
  * (ncclCommAbort) on every rank, after destroying the layers and this comm.
  * A hook that fails returns MOE_ERR_COMM (NCCL or CUDA failed), MOE_ERR_OUT_OF_MEMORY or
  * MOE_ERR_INVALID_ARGUMENT (negative counts, rows in host memory or on another device) and records
- * why; moe_forward/moe_backward then fail with MOE_ERR_COMM naming the hook, and
- * moe_nccl_last_error(), on the same thread, gives the reason (NCCL's or CUDA's message).
+ * why, both in the comm (its last_error hook returns it) and as the thread's moe_nccl_last_error().
+ * moe_forward/moe_backward then fail with MOE_ERR_COMM and a moe_last_error() text that names the
+ * hook and ends with the reason (NCCL's or CUDA's message).
  */
 #ifndef MOE_MOE_NCCL_H
 #define MOE_MOE_NCCL_H
@@ -44,7 +45,10 @@ struct ncclComm; /* NCCL's opaque communicator: ncclComm_t is `struct ncclComm *
  *                    layer's work. exchange_rows runs on the stream the layer passes to it instead
  *                    and returns without waiting (the layer orders its reads on that stream).
  * @param out         receives the comm, owned by the caller, freed with moe_nccl_comm_destroy after
- *                    every layer using it is destroyed.
+ *                    every layer using it is destroyed. Its last_error hook is set: it returns the
+ *                    reason for the comm's most recent failed hook call, "" before any failure (a
+ *                    successful call does not clear it); the string lives in the comm, valid until
+ *                    its next hook call or moe_nccl_comm_destroy.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL out or nccl_comm (*out untouched, no CUDA
  *         or NCCL call made); MOE_ERR_UNSUPPORTED if the loaded NCCL is older than 2.7 (no
  *         ncclSend/ncclRecv); MOE_ERR_COMM if an NCCL or CUDA call fails or the communicator
@@ -63,8 +67,10 @@ MOE_API void moe_nccl_comm_destroy(moe_comm *comm);
 
 /**
  * The message of the calling thread's most recent failure in libmoe_nccl (moe_nccl_comm_create or
- * a hook called by a layer on this thread), "" if none. moe_last_error() names the failing hook;
- * this gives NCCL's or CUDA's reason (ncclGetErrorString, ncclGetLastError, cudaGetErrorString).
+ * a hook called on this thread, by a layer or directly), "" if none: "function: reason", where
+ * the reason is NCCL's or CUDA's (ncclGetErrorString, ncclGetLastError, cudaGetErrorString) or the
+ * refused argument. The only source of the reason for a failed moe_nccl_comm_create; a failed hook's
+ * reason also reaches moe_last_error() through the comm's last_error.
  * @return a thread-local string owned by the library, valid until this thread's next libmoe_nccl
  *         call. Successful calls do not clear it. Thread-safe.
  */

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <memory>
 #include <new>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -24,24 +25,39 @@ struct NcclComm {
   // [send | recv] int64 counts: NCCL moves device memory only, and pinned host staging keeps the
   // copies asynchronous, so that waiting for them can watch for NCCL errors instead of blocking.
   CudaMemory device_counts, host_counts;
+  // The reason for this comm's last failed hook, for moe_comm::last_error, which is per comm:
+  // moe_nccl_last_error's text is per thread, shared by every comm used on it.
+  std::string error;
 };
 
+// Records why fn failed: in the thread's text and, for a hook, in its comm (NULL: none).
+moe_status failed(const char *fn, std::string *comm_error, moe_status status, const std::string &message) noexcept {
+  record_error(fn, message);
+  if (comm_error) {
+    try {
+      *comm_error = message;
+    } catch (...) {
+      comm_error->clear();  // no memory for the text: better none than an older failure's
+    }
+  }
+  return status;
+}
+
 template <class F>
-moe_status guarded(const char *fn, F &&body) noexcept {
+moe_status guarded(const char *fn, std::string *comm_error, F &&body) noexcept {
   try {
     body();
     return MOE_OK;
   } catch (const Failure &f) {
-    record_error(fn, f.message);
-    return f.status;
+    return failed(fn, comm_error, f.status, f.message);
   } catch (const std::bad_alloc &) {
-    record_error(fn, "out of host memory");
-    return MOE_ERR_OUT_OF_MEMORY;
+    return failed(fn, comm_error, MOE_ERR_OUT_OF_MEMORY, "out of host memory");
   } catch (...) {
-    record_error(fn, "internal error");
-    return MOE_ERR_INTERNAL;
+    return failed(fn, comm_error, MOE_ERR_INTERNAL, "internal error");
   }
 }
+
+std::string *error_of(void *user) { return user ? &static_cast<NcclComm *>(user)->error : nullptr; }
 
 std::string str(long long v) { return std::to_string(v); }
 
@@ -58,7 +74,7 @@ void wait_for(NcclComm &m) {
 }
 
 moe_status exchange_counts(void *user, const int64_t *send, int64_t *recv) {
-  return guarded("moe_nccl exchange_counts", [&] {
+  return guarded("moe_nccl exchange_counts", error_of(user), [&] {
     if (!user || !send || !recv) fail(MOE_ERR_INVALID_ARGUMENT, "user, send and recv must not be NULL");
     NcclComm &m = *static_cast<NcclComm *>(user);
     const size_t n = static_cast<size_t>(m.size), bytes = n * sizeof(int64_t);
@@ -112,7 +128,7 @@ void require_device_memory(const void *p, int device, const char *which) {
 
 moe_status exchange_rows(void *user, const void *send, const int64_t *send_counts, void *recv,
                          const int64_t *recv_counts, size_t row_bytes, void *stream) {
-  return guarded("moe_nccl exchange_rows", [&] {
+  return guarded("moe_nccl exchange_rows", error_of(user), [&] {
     if (!user || !send_counts || !recv_counts)
       fail(MOE_ERR_INVALID_ARGUMENT, "user, send_counts and recv_counts must not be NULL");
     if (row_bytes == 0) fail(MOE_ERR_INVALID_ARGUMENT, "row_bytes is 0");
@@ -138,6 +154,8 @@ moe_status exchange_rows(void *user, const void *send, const int64_t *send_count
   });
 }
 
+const char *last_error(void *user) { return user ? static_cast<NcclComm *>(user)->error.c_str() : ""; }
+
 }  // namespace
 }  // namespace moe_nccl
 
@@ -145,7 +163,7 @@ extern "C" {
 
 MOE_API moe_status moe_nccl_comm_create(struct ncclComm *nccl_comm, void *cuda_stream, moe_comm **out) {
   using namespace moe_nccl;
-  return guarded("moe_nccl_comm_create", [&] {
+  return guarded("moe_nccl_comm_create", nullptr, [&] {
     if (!out) fail(MOE_ERR_INVALID_ARGUMENT, "out is NULL");
     if (!nccl_comm) fail(MOE_ERR_INVALID_ARGUMENT, "nccl_comm is NULL");
     int version = 0;
@@ -169,6 +187,7 @@ MOE_API moe_status moe_nccl_comm_create(struct ncclComm *nccl_comm, void *cuda_s
     m->base.user = m.get();
     m->base.exchange_counts = exchange_counts;
     m->base.exchange_rows = exchange_rows;
+    m->base.last_error = last_error;
     *out = &m.release()->base;
   });
 }

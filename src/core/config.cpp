@@ -204,9 +204,10 @@ Config make_config(const moe_config *user) {
   cf.rank = 0;
   if (c.comm) {
     const moe_comm *m = c.comm;
-    if (m->struct_size != sizeof(moe_comm))
-      fail(MOE_ERR_INVALID_ARGUMENT, "cfg->comm->struct_size is %zu, expected %zu", m->struct_size,
-           sizeof(moe_comm));
+    // A comm built against a moe.h that predates last_error stops just before it.
+    if (m->struct_size != sizeof(moe_comm) && m->struct_size != kCommSizeWithoutLastError)
+      fail(MOE_ERR_INVALID_ARGUMENT, "cfg->comm->struct_size is %zu, expected %zu (or %zu, without last_error)",
+           m->struct_size, sizeof(moe_comm), kCommSizeWithoutLastError);
     if (m->size < 1 || m->rank < 0 || m->rank >= m->size)
       fail(MOE_ERR_INVALID_ARGUMENT, "cfg->comm has size %d and rank %d; need 0 <= rank < size", m->size, m->rank);
     if (!m->exchange_counts || !m->exchange_rows)

@@ -1,5 +1,6 @@
 // The validated, immutable configuration of a layer and the quantities derived from it.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "moe/moe.h"
@@ -17,6 +18,10 @@ struct Config {
 };
 
 bool is_glu(moe_activation a);
+
+// sizeof(moe_comm) in a moe.h without last_error, still accepted: such a comm's last_error is
+// never read.
+constexpr size_t kCommSizeWithoutLastError = offsetof(moe_comm, last_error);
 
 // Copies the caller's struct (min(struct_size, sizeof) bytes over the defaults) and validates
 // every field, naming the first bad one. Throws moe::Error.

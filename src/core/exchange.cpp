@@ -1,6 +1,7 @@
 #include "core/exchange.h"
 
 #include <climits>
+#include <cstddef>
 #include <cstring>
 
 #include "core/checked.h"
@@ -9,9 +10,30 @@
 namespace moe {
 namespace {
 
-void check_hook(moe_status s, const char *hook) {
-  if (s != MOE_OK)
-    fail(MOE_ERR_COMM, "comm->%s returned %s", hook, moe_status_name(s));
+// The comm's text is not ours: a runaway string must not make the error message unbounded.
+constexpr size_t kMaxReason = 1024;
+
+// The comm's reason for the failure of the hook that just returned, or NULL. last_error lies past
+// the end of a comm built against an older moe.h, so struct_size decides whether it exists.
+const char *comm_reason(const moe_comm &c) {
+  if (c.struct_size < offsetof(moe_comm, last_error) + sizeof c.last_error || !c.last_error) return nullptr;
+  const char *why = c.last_error(c.user);
+  return why && *why ? why : nullptr;
+}
+
+void check_hook(const moe_comm &c, moe_status s, const char *hook) {
+  if (s == MOE_OK) return;
+  const char *why = comm_reason(c);
+  if (!why) fail(MOE_ERR_COMM, "comm->%s returned %s", hook, moe_status_name(s));
+  size_t n = strnlen(why, kMaxReason + 1);
+  const bool cut = n > kMaxReason;
+  if (cut) {
+    n = kMaxReason;
+    // Never split a UTF-8 sequence: back up to the start of the character at the cut.
+    while (n > 0 && (static_cast<unsigned char>(why[n]) & 0xC0) == 0x80) --n;
+  }
+  fail(MOE_ERR_COMM, "comm->%s returned %s: %.*s%s", hook, moe_status_name(s), static_cast<int>(n), why,
+       cut ? "..." : "");
 }
 
 const moe_comm &comm_of(const moe_layer &l) { return *l.cfg.c.comm; }
@@ -31,15 +53,16 @@ void alltoall_host(moe_layer &l, const void *send, const std::vector<int64_t> &s
   int64_t ns = 0, nr = 0;
   for (int64_t v : send_counts) ns = checked_add(ns, v, "exchange rows");
   for (int64_t v : recv_counts) nr = checked_add(nr, v, "exchange rows");
-  const size_t send_bytes = checked_bytes(ns, row_bytes, "exchange"), recv_bytes = checked_bytes(nr, row_bytes, "exchange");
+  const size_t send_bytes = checked_bytes(ns, row_bytes, "exchange"),
+               recv_bytes = checked_bytes(nr, row_bytes, "exchange");
   Buffer s = be.alloc(send_bytes);
   Buffer rbuf = be.alloc(recv_bytes);
   be.upload(s.get(), send, send_bytes);
   const moe_comm &c = comm_of(l);
   be.check(be.ops()->synchronize(be.state()), "synchronize");
-  check_hook(c.exchange_rows(c.user, s.get(), send_counts.data(), rbuf.get(), recv_counts.data(), row_bytes,
-                             stream ? stream : be.ops()->stream(be.state())),
-             "exchange_rows");
+  const moe_status st = c.exchange_rows(c.user, s.get(), send_counts.data(), rbuf.get(), recv_counts.data(), row_bytes,
+                                        stream ? stream : be.ops()->stream(be.state()));
+  check_hook(c, st, "exchange_rows");
   be.download(recv, rbuf.get(), recv_bytes);
 }
 
@@ -92,7 +115,7 @@ ExchangePlan plan_exchange(moe_layer &l, Workspace &w, const RoutingSummary &r) 
   p.recv_counts.assign(R, 0);
   for (int q = 0; q < R; ++q) p.send_counts[q] = r.offsets[(q + 1) * El] - r.offsets[q * El];
   const moe_comm &cm = comm_of(l);
-  check_hook(cm.exchange_counts(cm.user, p.send_counts.data(), p.recv_counts.data()), "exchange_counts");
+  check_hook(cm, cm.exchange_counts(cm.user, p.send_counts.data(), p.recv_counts.data()), "exchange_counts");
   for (int q = 0; q < R; ++q)
     if (p.recv_counts[q] < 0)
       fail(MOE_ERR_COMM, "comm->exchange_counts gave %lld rows from rank %d", (long long)p.recv_counts[q], q);
@@ -163,9 +186,10 @@ void rows_hook(moe_layer &l, const void *send, const std::vector<int64_t> &sc, v
   const Backend &be = *l.backend;
   be.check(be.ops()->synchronize(be.state()), "synchronize");
   // On the layer's stream: a device-side comm (NCCL) queues its transfers behind the rows.
-  check_hook(cm.exchange_rows(cm.user, send, sc.data(), recv, rc.data(),
-                              static_cast<size_t>(width) * dtype_size(l.cfg.c.dtype), be.ops()->stream(be.state())),
-             "exchange_rows");
+  const moe_status st =
+      cm.exchange_rows(cm.user, send, sc.data(), recv, rc.data(),
+                       static_cast<size_t>(width) * dtype_size(l.cfg.c.dtype), be.ops()->stream(be.state()));
+  check_hook(cm, st, "exchange_rows");
 }
 
 size_t stage_bytes(const moe_layer &l, const ExchangePlan &p, int64_t width) {

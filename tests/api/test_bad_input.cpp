@@ -540,6 +540,230 @@ TEST_F(BadInput, FailingCommHookGivesCommError) {
   expect_layer_unchanged("failing comm");
 }
 
+// ---- the comm's own reason (moe_comm::last_error) ---------------------------------------------
+
+// Rank 0 of 2 whose peer, rank 1, holds no tokens: this rank's rows to itself come back, rank 1
+// sends zeros (its statistics and counts) and drops what it is sent. Consistent, so a forward
+// succeeds; a hook can be made to fail, with a reason for last_error.
+struct ReasonComm {
+  enum Fail { kNone, kCounts, kRows } fail = kNone;
+  const char *reason = "";
+  int failures = 0;          // hook calls that failed
+  int reason_calls = 0;      // last_error calls
+  int reason_misplaced = 0;  // last_error calls not right after a failed hook
+  bool just_failed = false;
+};
+
+moe_status reason_counts(void *user, const int64_t *send, int64_t *recv) {
+  auto &c = *static_cast<ReasonComm *>(user);
+  c.just_failed = c.fail == ReasonComm::kCounts;
+  if (c.just_failed) {
+    ++c.failures;
+    return MOE_ERR_COMM;
+  }
+  recv[0] = send[0];
+  recv[1] = 0;
+  return MOE_OK;
+}
+
+moe_status reason_rows(void *user, const void *send, const int64_t *send_counts, void *recv, const int64_t *recv_counts,
+                       size_t row_bytes, void *) {
+  auto &c = *static_cast<ReasonComm *>(user);
+  c.just_failed = c.fail == ReasonComm::kRows;
+  if (c.just_failed) {
+    ++c.failures;
+    return MOE_ERR_COMM;
+  }
+  const size_t own = static_cast<size_t>(send_counts[0]) * row_bytes;
+  if (own > 0) std::memcpy(recv, send, own);
+  if (recv_counts[1] > 0)
+    std::memset(static_cast<char *>(recv) + own, 0, static_cast<size_t>(recv_counts[1]) * row_bytes);
+  return MOE_OK;
+}
+
+const char *reason_of(void *user) {
+  auto &c = *static_cast<ReasonComm *>(user);
+  ++c.reason_calls;
+  if (!c.just_failed) ++c.reason_misplaced;
+  return c.reason;
+}
+
+moe_comm reason_comm(ReasonComm *state) {
+  moe_comm m{};
+  m.struct_size = sizeof m;
+  m.size = 2;
+  m.rank = 0;
+  m.user = state;
+  m.exchange_counts = reason_counts;
+  m.exchange_rows = reason_rows;
+  m.last_error = reason_of;
+  return m;
+}
+
+class CommReason : public ::testing::Test {
+ protected:
+  static constexpr int64_t T = 9;
+  void SetUp() override {
+    c = small_config();
+    x = inputs(T * c.d_model, 1);
+    dy = inputs(T * c.d_model, 2);
+  }
+  // A layer over m, and its inference output while the comm works.
+  void make_layer(const moe_comm &m) {
+    c.comm = &m;
+    ASSERT_EQ(moe_layer_create(&c, &l), MOE_OK) << moe_last_error();
+    y_ok.assign(T * c.d_model, kNaN);
+    scratch.assign(T * c.d_model, kNaN);
+    ASSERT_EQ(moe_forward(l, x.data(), T, y_ok.data(), nullptr), MOE_OK) << moe_last_error();
+  }
+  // The failed call left the layer usable: with the comm working again, the same output.
+  void expect_usable(ReasonComm &state) {
+    state.fail = ReasonComm::kNone;
+    std::vector<float> y(T * c.d_model, kNaN);
+    ASSERT_EQ(moe_forward(l, x.data(), T, y.data(), nullptr), MOE_OK) << moe_last_error();
+    EXPECT_EQ(std::memcmp(y.data(), y_ok.data(), y.size() * sizeof(float)), 0) << "output changed by the failure";
+  }
+  void TearDown() override { moe_layer_destroy(l); }
+
+  moe_config c{};
+  moe_layer *l = nullptr;
+  std::vector<float> x, dy, y_ok, scratch;
+};
+
+TEST_F(CommReason, ReasonOfAFailedHookReachesLastError) {
+  for (auto fail : {ReasonComm::kRows, ReasonComm::kCounts}) {
+    const char *hook = fail == ReasonComm::kRows ? "exchange_rows" : "exchange_counts";
+    SCOPED_TRACE(hook);
+    ReasonComm state;
+    const moe_comm m = reason_comm(&state);
+    make_layer(m);
+    state.fail = fail;
+    state.reason = "link down on port 7";
+    mark_last_error();
+    std::vector<float> y(T * c.d_model, 55.0f);
+    EXPECT_EQ(sname(moe_forward(l, x.data(), T, y.data(), nullptr)), "MOE_ERR_COMM");
+    const std::string msg = moe_last_error();
+    EXPECT_TRUE(names(msg, hook)) << msg;
+    EXPECT_NE(msg.find(std::string("comm->") + hook + " returned MOE_ERR_COMM: link down on port 7"), std::string::npos)
+        << msg;
+    EXPECT_EQ(state.failures, 1);
+    EXPECT_EQ(state.reason_calls, 1) << "last_error must be asked once per failed hook";
+    EXPECT_EQ(state.reason_misplaced, 0) << "last_error called other than right after the failed hook";
+    EXPECT_EQ(y, std::vector<float>(T * c.d_model, 55.0f)) << "y written by a failed call";
+    expect_usable(state);
+    EXPECT_EQ(state.reason_calls, 1) << "last_error called after a successful hook";
+    moe_layer_destroy(l);
+    l = nullptr;
+  }
+}
+
+TEST_F(CommReason, ReasonOfAFailedBackwardExchange) {
+  ReasonComm state;
+  const moe_comm m = reason_comm(&state);
+  make_layer(m);
+  moe_context *ctx = nullptr;
+  ASSERT_EQ(moe_context_create(l, &ctx), MOE_OK);
+  std::vector<float> y(T * c.d_model), dx(T * c.d_model, 66.0f);
+  ASSERT_EQ(moe_forward(l, x.data(), T, y.data(), ctx), MOE_OK) << moe_last_error();
+  state.fail = ReasonComm::kRows;
+  state.reason = "link down on port 7";
+  EXPECT_EQ(sname(moe_backward(l, ctx, dy.data(), dx.data())), "MOE_ERR_COMM");
+  const std::string msg = moe_last_error();
+  EXPECT_TRUE(names(msg, "moe_backward") && names(msg, "exchange_rows")) << msg;
+  EXPECT_NE(msg.find("link down on port 7"), std::string::npos) << msg;
+  moe_context_destroy(ctx);
+  expect_usable(state);
+}
+
+// NULL or "" from last_error, or no last_error at all: the message names the hook and its status
+// and ends there.
+TEST_F(CommReason, NoReasonGivesTheHookAndStatusOnly) {
+  for (int variant = 0; variant < 3; ++variant) {
+    SCOPED_TRACE(variant == 0   ? "last_error returns NULL"
+                 : variant == 1 ? "last_error returns \"\""
+                                : "last_error NULL");
+    ReasonComm state;
+    moe_comm m = reason_comm(&state);
+    if (variant == 2) m.last_error = nullptr;
+    make_layer(m);
+    state.fail = ReasonComm::kRows;
+    state.reason = variant == 0 ? nullptr : "";
+    EXPECT_EQ(sname(moe_forward(l, x.data(), T, scratch.data(), nullptr)), "MOE_ERR_COMM");
+    const std::string msg = moe_last_error();
+    const std::string tail = "comm->exchange_rows returned MOE_ERR_COMM";
+    ASSERT_GE(msg.size(), tail.size()) << msg;
+    EXPECT_EQ(msg.substr(msg.size() - tail.size()), tail) << msg;
+    EXPECT_EQ(state.reason_calls, variant == 2 ? 0 : 1);
+    expect_usable(state);
+    moe_layer_destroy(l);
+    l = nullptr;
+  }
+}
+
+// A comm built against a moe.h without last_error: struct_size stops before the field, and what
+// lies there (here a function that counts its calls) is never read.
+TEST_F(CommReason, OlderShorterCommStillWorksAndLastErrorIsNotRead) {
+  ReasonComm state;
+  moe_comm m = reason_comm(&state);
+  m.struct_size = offsetof(moe_comm, last_error);
+  make_layer(m);
+  state.fail = ReasonComm::kRows;
+  state.reason = "must not be read";
+  EXPECT_EQ(sname(moe_forward(l, x.data(), T, scratch.data(), nullptr)), "MOE_ERR_COMM");
+  const std::string msg = moe_last_error();
+  EXPECT_TRUE(names(msg, "exchange_rows")) << msg;
+  EXPECT_EQ(msg.find("must not be read"), std::string::npos) << msg;
+  EXPECT_EQ(state.reason_calls, 0) << "last_error read past the comm's struct_size";
+  expect_usable(state);
+  moe_config back;
+  back.struct_size = sizeof back;
+  ASSERT_EQ(moe_layer_get_config(l, &back), MOE_OK);
+  EXPECT_EQ(back.comm, &m);
+}
+
+// A runaway reason is cut (at a character boundary of UTF-8 text) and marked, not copied whole.
+TEST_F(CommReason, LongReasonIsBounded) {
+  std::string reason = "prefix ";
+  while (reason.size() < 100000) reason += "\xc3\xa9";  // é, two bytes
+  ReasonComm state;
+  const moe_comm m = reason_comm(&state);
+  make_layer(m);
+  state.fail = ReasonComm::kRows;
+  state.reason = reason.c_str();
+  EXPECT_EQ(sname(moe_forward(l, x.data(), T, scratch.data(), nullptr)), "MOE_ERR_COMM");
+  const std::string msg = moe_last_error();
+  EXPECT_LT(msg.size(), 1024u + 200u) << "the reason was not bounded";
+  EXPECT_NE(msg.find("returned MOE_ERR_COMM: prefix \xc3\xa9"), std::string::npos);
+  ASSERT_GE(msg.size(), 5u);
+  EXPECT_EQ(msg.substr(msg.size() - 3), "...");
+  EXPECT_EQ(msg.substr(msg.size() - 5, 2), "\xc3\xa9") << "a UTF-8 character was split at the cut";
+  expect_usable(state);
+}
+
+// struct_size: this header's size or the one before last_error; anything else is refused.
+TEST_F(CommReason, StructSizeOfEitherVersion) {
+  ReasonComm state;
+  moe_config cfg = c;
+  for (size_t size : {sizeof(moe_comm), offsetof(moe_comm, last_error)}) {
+    moe_comm m = reason_comm(&state);
+    m.struct_size = size;
+    cfg.comm = &m;
+    moe_layer *out = nullptr;
+    EXPECT_EQ(moe_layer_create(&cfg, &out), MOE_OK) << size << ": " << moe_last_error();
+    moe_layer_destroy(out);
+  }
+  for (size_t size : {offsetof(moe_comm, last_error) - 1, offsetof(moe_comm, last_error) + 1,
+                      offsetof(moe_comm, exchange_rows), sizeof(moe_comm) + 8}) {
+    moe_comm m = reason_comm(&state);
+    m.struct_size = size;
+    cfg.comm = &m;
+    moe_layer *out = sentinel_ptr<moe_layer>();
+    EXPECT_EQ(moe_layer_create(&cfg, &out), MOE_ERR_INVALID_ARGUMENT) << size;
+    EXPECT_TRUE(names(moe_last_error(), "struct_size")) << moe_last_error();
+    EXPECT_EQ(out, sentinel_ptr<moe_layer>());
+  }
+}
+
 TEST_F(BadInput, CudaDeviceWithoutTheModule) {
   const std::filesystem::path module = std::filesystem::path(MOE_TEST_LIBDIR) / "libmoe_cuda.so.0";
   if (std::filesystem::exists(module))

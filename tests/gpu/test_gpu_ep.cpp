@@ -372,7 +372,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
   std::vector<LayerPtr> layers;
   for (int r = 0; r < R; ++r) {
     refs[r] = RankRef{&world, r};
-    comms[r] = moe_comm{sizeof(moe_comm), R, r, &refs[r], counts_hook, rows_hook};
+    comms[r] = moe_comm{sizeof(moe_comm), R, r, &refs[r], counts_hook, rows_hook, nullptr};
     moe_config c = cfg;
     c.comm = &comms[r];
     raw = nullptr;

@@ -170,12 +170,106 @@ static int run_variant(int variant, int size) {
   return 0;
 }
 
+/* libmoe_mpi's reason for a failed hook, through comm->last_error, ends moe_last_error()'s text.
+ * MPI returns errors only where the communicator says so: MPI_ERRORS_RETURN on the communicator
+ * the comm is made from (its duplicate keeps the handler). The failure is a real MPI one: a
+ * wrapper comm makes every rank send each peer twice the rows the peer expects, so MPI reports
+ * truncation on every rank at the same collective (the routing statistics, a forward's first
+ * exchange of rows) and no rank is left waiting. */
+typedef struct {
+  const moe_comm *inner;
+  int truncate; /* the next exchange_rows sends twice the rows; then cleared */
+} Breaker;
+
+static moe_status breaker_counts(void *user, const int64_t *send, int64_t *recv) {
+  const Breaker *b = user;
+  return b->inner->exchange_counts(b->inner->user, send, recv);
+}
+
+static moe_status breaker_rows(void *user, const void *send, const int64_t *send_counts, void *recv,
+                               const int64_t *recv_counts, size_t row_bytes, void *stream) {
+  Breaker *b = user;
+  if (!b->truncate)
+    return b->inner->exchange_rows(b->inner->user, send, send_counts, recv, recv_counts, row_bytes, stream);
+  b->truncate = 0;
+  const int n = b->inner->size;
+  int64_t *twice = malloc(sizeof(int64_t) * n);
+  int64_t rows = 0;
+  for (int q = 0; q < n; ++q) rows += twice[q] = 2 * send_counts[q];
+  void *big = calloc((size_t)rows + 1, row_bytes); /* real memory for every row MPI sends */
+  moe_status s = b->inner->exchange_rows(b->inner->user, big, twice, recv, recv_counts, row_bytes, stream);
+  free(big);
+  free(twice);
+  return s;
+}
+
+static const char *breaker_reason(void *user) {
+  const Breaker *b = user;
+  return b->inner->last_error(b->inner->user);
+}
+
+static void check_comm_reason(int size) {
+  MPI_Comm returning;
+  MPI_Comm_dup(MPI_COMM_WORLD, &returning);
+  MPI_Comm_set_errhandler(returning, MPI_ERRORS_RETURN);
+  moe_comm *comm;
+  OK(moe_mpi_comm_create(returning, &comm));
+  CHECK(comm->struct_size == sizeof(moe_comm), "struct_size %zu", comm->struct_size);
+  CHECK(comm->last_error != NULL, "libmoe_mpi sets no last_error");
+  if (!comm->last_error) MPI_Abort(MPI_COMM_WORLD, 2);
+  CHECK(strcmp(comm->last_error(comm->user), "") == 0, "last_error before any failure: '%s'",
+        comm->last_error(comm->user));
+
+  /* Refused before MPI sees them, on every rank alike. */
+  int64_t *counts = calloc((size_t)size, sizeof(int64_t));
+  char row[8];
+  moe_status s = comm->exchange_rows(comm->user, row, counts, row, counts, 0, NULL);
+  CHECK(s == MOE_ERR_INVALID_ARGUMENT, "row_bytes 0 gave %s", moe_status_name(s));
+  CHECK(strstr(comm->last_error(comm->user), "row_bytes") != NULL, "last_error: '%s'", comm->last_error(comm->user));
+  counts[size - 1] = -3;
+  s = comm->exchange_rows(comm->user, row, counts, row, counts, sizeof row, NULL);
+  CHECK(s == MOE_ERR_INVALID_ARGUMENT, "a negative count gave %s", moe_status_name(s));
+  CHECK(strstr(comm->last_error(comm->user), "send_counts") != NULL, "last_error: '%s'", comm->last_error(comm->user));
+  free(counts);
+
+  if (size > 1) {
+    Breaker b = {comm, 0};
+    moe_comm wrap = {sizeof(moe_comm), comm->size, comm->rank, &b, breaker_counts, breaker_rows, breaker_reason};
+    moe_config cfg;
+    configure(&cfg, 0);
+    cfg.comm = &wrap;
+    moe_layer *l;
+    OK(moe_layer_create(&cfg, &l));
+    const int64_t T = 4 + rank_, d = cfg.d_model;
+    float *x = malloc(sizeof(float) * T * d), *y0 = malloc(sizeof(float) * T * d), *y = malloc(sizeof(float) * T * d);
+    for (int64_t i = 0; i < T * d; ++i) x[i] = value(i + 1000 * (uint64_t)rank_, 3);
+    OK(moe_forward(l, x, T, y0, NULL));
+    b.truncate = 1;
+    s = moe_forward(l, x, T, y, NULL);
+    const char *msg = moe_last_error();
+    CHECK(s == MOE_ERR_COMM, "a truncating exchange gave %s: %s", moe_status_name(s), msg);
+    CHECK(strstr(msg, "comm->exchange_rows returned MOE_ERR_COMM: MPI_Alltoallv (rows) failed: ") != NULL,
+          "moe_last_error() lacks MPI's reason: '%s'", msg);
+    const char *mpi_text = strstr(msg, "failed: ");
+    CHECK(mpi_text && strlen(mpi_text) > strlen("failed: "), "MPI's text is empty: '%s'", msg);
+    if (rank_ == 0) printf("a failed MPI exchange reads: %s\n", msg);
+    /* the layer is intact, and so is the communicator here */
+    OK(moe_forward(l, x, T, y, NULL));
+    CHECK(memcmp(y, y0, sizeof(float) * T * d) == 0, "the forward after the failure differs");
+    moe_layer_destroy(l);
+    free(x), free(y0), free(y);
+  }
+  moe_mpi_comm_destroy(comm);
+  MPI_Comm_free(&returning);
+}
+
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   int size;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   for (int v = 0; v < 2; ++v) run_variant(v, size);
+  check_comm_reason(size);
   int total = 0;
   MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   if (rank_ == 0) printf("expert parallel over %d ranks: %s (%d failed checks)\n", size, total ? "FAIL" : "ok", total);

@@ -173,7 +173,7 @@ int main() {
       for (int r = 0; r < R; ++r)
         threads.emplace_back([&, r] {
           Rank me{&world, r};
-          moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook};
+          moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook, nullptr};
           moe_config c;
           configure(c, dt);
           c.comm = &comm;

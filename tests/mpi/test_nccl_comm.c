@@ -85,10 +85,13 @@ static void check_bad_hook_arguments(const moe_comm *c, cudaStream_t stream) {
   moe_status s = c->exchange_rows(c->user, host, one, dev, one, sizeof host, stream);
   CHECK(s == MOE_ERR_INVALID_ARGUMENT, "exchange_rows from host memory gave %s", moe_status_name(s));
   CHECK(strstr(moe_nccl_last_error(), "device memory") != NULL, "message: '%s'", moe_nccl_last_error());
+  /* the comm keeps the reason too: what libmoe puts in moe_last_error() */
+  CHECK(strstr(c->last_error(c->user), "device memory") != NULL, "comm's reason: '%s'", c->last_error(c->user));
   s = c->exchange_rows(c->user, dev, negative, dev, negative, sizeof host, stream);
   CHECK(s == MOE_ERR_INVALID_ARGUMENT, "exchange_rows with count -1 gave %s", moe_status_name(s));
   s = c->exchange_rows(c->user, dev, one, dev, one, 0, stream);
   CHECK(s == MOE_ERR_INVALID_ARGUMENT, "exchange_rows with row_bytes 0 gave %s", moe_status_name(s));
+  CHECK(strstr(c->last_error(c->user), "row_bytes") != NULL, "comm's reason: '%s'", c->last_error(c->user));
   s = c->exchange_rows(c->user, dev, NULL, dev, one, sizeof host, stream);
   CHECK(s == MOE_ERR_INVALID_ARGUMENT, "exchange_rows with NULL send_counts gave %s", moe_status_name(s));
   s = c->exchange_counts(c->user, NULL, one);
@@ -128,6 +131,9 @@ int main(void) {
   CHECK(c->struct_size == sizeof(moe_comm) && c->size == 1 && c->rank == 0, "comm: struct_size %zu size %d rank %d",
         c->struct_size, c->size, c->rank);
   CHECK(c->exchange_counts && c->exchange_rows, "hooks missing");
+  CHECK(c->last_error != NULL, "last_error missing");
+  if (!c->last_error) return 1;
+  CHECK(strcmp(c->last_error(c->user), "") == 0, "last_error before any failure: '%s'", c->last_error(c->user));
 
   /* counts: values beyond 32 bits, several calls in a row (the staging buffers are reused) */
   for (int64_t v = 0; v < 3; ++v) {

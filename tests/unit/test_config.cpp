@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <functional>
 #include <limits>
@@ -273,6 +274,12 @@ TEST(Config, BadCommIsNamed) {
   moe::Config ok = moe::make_config(&c);
   EXPECT_EQ(ok.ranks, 2);
   EXPECT_EQ(ok.E_local, 4);
+
+  // Built against a moe.h without last_error: accepted.
+  moe_comm older = comm;
+  older.struct_size = offsetof(moe_comm, last_error);
+  c.comm = &older;
+  EXPECT_NO_THROW(moe::make_config(&c));
 
   moe_comm bad = comm;
   bad.struct_size = 8;
