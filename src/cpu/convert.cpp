@@ -1,6 +1,5 @@
 // Conversions between activation dtypes, and the search for the first non-finite element.
 #include <cmath>
-#include <cstring>
 
 #include "cpu/cpu.h"
 #include "cpu/elem.h"
@@ -10,7 +9,7 @@ namespace moe::cpu {
 moe_status convert(void *st, void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n) {
   return guarded(st, [&] {
     if (dst_dtype == src_dtype) {
-      if (n > 0) std::memcpy(dst, src, static_cast<size_t>(n) * dtype_size(dst_dtype));
+      convert_host(dst, dst_dtype, src, src_dtype, n);
       return;
     }
     with_dtype(dst_dtype, [&](auto dtag) {

@@ -1,6 +1,7 @@
 // Shared pieces of the CPU backend's stage files.
 #pragma once
 #include <string>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/checked.h"
@@ -21,6 +22,8 @@ inline size_t checked_count(int64_t a, int64_t b, const char *what) {
 
 struct State {
   std::string error;
+  // float32 copies for the bf16/f16 expert FFN (expert_ffn.cpp): grow-only, reused across calls.
+  std::vector<float> widened;
 };
 
 inline void set_error(State *st, const char *message) noexcept { keep_message(st->error, message); }

@@ -99,12 +99,14 @@ void backward_f32(const moe_ffn_args *a) {
 
 // bfloat16/float16 experts run the float32 code one expert at a time on widened copies: the GEMMs
 // accumulate in float32 (as cuBLAS does with a 32F compute type), and what the stage stores (h, g,
-// y, dx, the accumulated weight gradients) is rounded once per call. The float32 copies live in one
-// arena sized for the largest expert before any output is written, so running out of memory leaves
-// every output (and gradient) as it was.
+// y, dx, the accumulated weight gradients) is rounded once per call. The float32 copies live in the
+// backend's arena, grown for the largest expert before any output is written, so running out of
+// memory leaves every output (and gradient) as it was.
 class Widened {
  public:
-  Widened(int dtype, size_t floats) : dtype_(dtype), arena_(floats) {}
+  Widened(int dtype, std::vector<float> &arena, size_t floats) : dtype_(dtype), arena_(arena) {
+    if (arena_.size() < floats) arena_.resize(floats);
+  }
   // A float32 copy of n elements of p from element offset.
   float *in(const void *p, int64_t offset, int64_t n) {
     float *v = next(n);
@@ -119,12 +121,14 @@ class Widened {
     if (p) pending_[npending_++] = {buf, elem_at(p, dtype_, offset), n};
     return buf;
   }
-  // Stores the outputs and recycles the arena.
+  // What was taken so far stays for the whole call (flush() recycles only what follows).
+  void keep() { kept_ = used_; }
+  // Stores the outputs and recycles the arena past what keep() kept.
   void flush() {
     for (size_t i = 0; i < npending_; ++i)
       convert_host(pending_[i].dst, dtype_, pending_[i].src, MOE_DTYPE_F32, pending_[i].n);
     npending_ = 0;
-    used_ = 0;
+    used_ = kept_;
   }
 
  private:
@@ -142,109 +146,101 @@ class Widened {
   }
   static constexpr size_t kMaxPending = 8;
   int dtype_;
-  std::vector<float> arena_;
-  size_t used_ = 0;
+  std::vector<float> &arena_;
+  size_t used_ = 0, kept_ = 0;
   Pending pending_[kMaxPending];
   size_t npending_ = 0;
 };
 
-// The most rows any one expert has.
-int64_t max_rows(const moe_ffn_args *a) {
-  int64_t m = 0;
-  for (int64_t e = 0; e < a->num_experts; ++e) m = std::max(m, rows_of(a, e).n);
-  return m;
-}
-
-// Arena size: `weights` expert-weight-sized copies plus `per_row` floats for each of n rows.
+// Arena size: the shared input rows (shared experts), `weights` expert-weight-sized copies, and
+// `per_row` floats for each row of the largest expert.
 size_t arena_floats(const moe_ffn_args *a, int64_t weights, int64_t per_row) {
-  const int64_t w = checked_mul(weights, checked_mul(a->ff, a->d, "d_ff * d_model"), "expert weights");
-  const int64_t r = checked_mul(max_rows(a), per_row, "expert rows");
-  if (r > INT64_MAX - w) fail(MOE_ERR_INVALID_ARGUMENT, "expert_ffn: float32 copies overflow int64");
-  return static_cast<size_t>(w + r);
-}
-
-// One expert's arguments over float32 copies: num_experts 1, rows [0, offsets[1]).
-moe_ffn_args one_expert(const moe_ffn_args *a, const int64_t *offsets) {
-  moe_ffn_args o = *a;
-  o.num_experts = 1;
-  o.offsets = offsets;
-  o.dtype = MOE_DTYPE_F32;
-  return o;
-}
-
-// Shared experts all read the same rows: widened once for every expert.
-std::vector<float> shared_input_f32(const moe_ffn_args *a) {
-  std::vector<float> x;
-  if (a->shared_input) {
-    x.resize(checked_count(a->offsets[1], a->d, "rows * d_model"));
-    convert_host(x.data(), MOE_DTYPE_F32, a->x, a->dtype, static_cast<int64_t>(x.size()));
+  int64_t rows = 0;
+  for (int64_t e = 0; e < a->num_experts; ++e) rows = std::max(rows, rows_of(a, e).n);
+  const int64_t parts[3] = {checked_mul(weights, checked_mul(a->ff, a->d, "d_ff * d_model"), "expert weights"),
+                            checked_mul(rows, per_row, "expert rows"),
+                            a->shared_input ? checked_mul(a->offsets[1], a->d, "rows * d_model") : 0};
+  int64_t total = 0;
+  for (int64_t p : parts) {
+    if (p > INT64_MAX - total) fail(MOE_ERR_INVALID_ARGUMENT, "expert_ffn: float32 copies overflow int64");
+    total += p;
   }
-  return x;
+  return static_cast<size_t>(total);
 }
 
-void forward_lowp(const moe_ffn_args *a) {
+// Calls body(o, w, e, r) for each expert with rows, o being its arguments over float32 copies
+// (num_experts 1, rows [0, r.n), x and the weights widened); body widens or allocates the rest
+// through w, and what it marked for storing is rounded into a's buffers after it returns.
+template <class F>
+void each_expert_widened(State &st, const moe_ffn_args *a, int64_t weights, int64_t per_row, F &&body) {
   const int64_t d = a->d, ff = a->ff;
   const bool is_glu = glu(a->activation);
-  const std::vector<float> shared_x = shared_input_f32(a);
+  Widened w(a->dtype, st.widened, arena_floats(a, weights, per_row));
+  // Shared experts all read the same rows: widened once for every expert.
+  const float *shared_x = a->shared_input ? w.in(a->x, 0, a->offsets[1] * d) : nullptr;
+  w.keep();
+  for (int64_t e = 0; e < a->num_experts; ++e) {
+    const Rows r = rows_of(a, e);
+    if (r.n == 0) continue;
+    const int64_t offsets[2] = {0, r.n};
+    moe_ffn_args o = *a;
+    o.num_experts = 1;
+    o.offsets = offsets;
+    o.dtype = MOE_DTYPE_F32;
+    o.x = a->shared_input ? shared_x : w.in(a->x, r.begin * d, r.n * d);
+    o.w1 = w.in(a->w1, e * ff * d, ff * d);
+    o.w3 = is_glu ? w.in(a->w3, e * ff * d, ff * d) : nullptr;
+    o.w2 = w.in(a->w2, e * d * ff, d * ff);
+    body(o, w, e, r);
+    w.flush();
+  }
+}
+
+void forward_lowp(State &st, const moe_ffn_args *a) {
+  const int64_t d = a->d, ff = a->ff;
+  const bool is_glu = glu(a->activation);
   // x, y and h, g, a per row; w1, w3, w2.
-  Widened w(a->dtype, arena_floats(a, 3, checked_mul(5, std::max(d, ff), "row width")));
-  for (int64_t e = 0; e < a->num_experts; ++e) {
-    const Rows r = rows_of(a, e);
-    if (r.n == 0) continue;
-    const int64_t offsets[2] = {0, r.n};
-    moe_ffn_args o = one_expert(a, offsets);
-    o.x = a->shared_input ? shared_x.data() : w.in(a->x, r.begin * d, r.n * d);
-    o.w1 = w.in(a->w1, e * ff * d, ff * d);
-    o.w3 = is_glu ? w.in(a->w3, e * ff * d, ff * d) : nullptr;
-    o.w2 = w.in(a->w2, e * d * ff, d * ff);
-    o.h = w.out(a->h, r.begin * ff, r.n * ff);
-    o.g = is_glu ? w.out(a->g, r.begin * ff, r.n * ff) : nullptr;
-    o.a = w.out(nullptr, 0, r.n * ff);
-    o.y = w.out(a->y, r.begin * d, r.n * d);
-    forward_f32(&o);
-    w.flush();
-  }
+  each_expert_widened(st, a, 3, checked_mul(5, std::max(d, ff), "row width"),
+                      [&](moe_ffn_args &o, Widened &w, int64_t, const Rows &r) {
+                        o.h = w.out(a->h, r.begin * ff, r.n * ff);
+                        o.g = is_glu ? w.out(a->g, r.begin * ff, r.n * ff) : nullptr;
+                        o.a = w.out(nullptr, 0, r.n * ff);
+                        o.y = w.out(a->y, r.begin * d, r.n * d);
+                        forward_f32(&o);
+                      });
 }
 
-void backward_lowp(const moe_ffn_args *a) {
+void backward_lowp(State &st, const moe_ffn_args *a) {
   const int64_t d = a->d, ff = a->ff;
   const bool is_glu = glu(a->activation);
-  const std::vector<float> shared_x = shared_input_f32(a);
   // x, dy, dx and h, g, a, dh, dg per row; w1, w3, w2 and their gradients.
-  Widened w(a->dtype, arena_floats(a, 6, checked_mul(8, std::max(d, ff), "row width")));
-  for (int64_t e = 0; e < a->num_experts; ++e) {
-    const Rows r = rows_of(a, e);
-    if (r.n == 0) continue;
-    const int64_t offsets[2] = {0, r.n};
-    moe_ffn_args o = one_expert(a, offsets);
-    o.x = a->shared_input ? shared_x.data() : w.in(a->x, r.begin * d, r.n * d);
-    o.w1 = w.in(a->w1, e * ff * d, ff * d);
-    o.w3 = is_glu ? w.in(a->w3, e * ff * d, ff * d) : nullptr;
-    o.w2 = w.in(a->w2, e * d * ff, d * ff);
-    o.h = w.in(a->h, r.begin * ff, r.n * ff);
-    o.g = is_glu ? w.in(a->g, r.begin * ff, r.n * ff) : nullptr;
-    o.dy = w.in(a->dy, r.begin * d, r.n * d);
-    o.a = w.out(nullptr, 0, r.n * ff);
-    o.dh = w.out(nullptr, 0, r.n * ff);
-    o.dg = is_glu ? w.out(nullptr, 0, r.n * ff) : nullptr;
-    o.dw1 = w.out(a->dw1, e * ff * d, ff * d, true);
-    o.dw3 = is_glu ? w.out(a->dw3, e * ff * d, ff * d, true) : nullptr;
-    o.dw2 = w.out(a->dw2, e * d * ff, d * ff, true);
-    // Shared experts add into the caller's float32 dx; a routed expert's dx rows are stored.
-    if (a->dx && !a->shared_input) o.dx = w.out(a->dx, r.begin * d, r.n * d);
-    backward_f32(&o);
-    w.flush();
-  }
+  each_expert_widened(st, a, 6, checked_mul(8, std::max(d, ff), "row width"),
+                      [&](moe_ffn_args &o, Widened &w, int64_t e, const Rows &r) {
+                        o.h = w.in(a->h, r.begin * ff, r.n * ff);
+                        o.g = is_glu ? w.in(a->g, r.begin * ff, r.n * ff) : nullptr;
+                        o.dy = w.in(a->dy, r.begin * d, r.n * d);
+                        o.a = w.out(nullptr, 0, r.n * ff);
+                        o.dh = w.out(nullptr, 0, r.n * ff);
+                        o.dg = is_glu ? w.out(nullptr, 0, r.n * ff) : nullptr;
+                        o.dw1 = w.out(a->dw1, e * ff * d, ff * d, true);
+                        o.dw3 = is_glu ? w.out(a->dw3, e * ff * d, ff * d, true) : nullptr;
+                        o.dw2 = w.out(a->dw2, e * d * ff, d * ff, true);
+                        // Shared experts add into the caller's float32 dx; a routed expert's dx
+                        // rows are stored.
+                        if (a->dx && !a->shared_input) o.dx = w.out(a->dx, r.begin * d, r.n * d);
+                        backward_f32(&o);
+                      });
 }
 
 }  // namespace
 
 moe_status expert_ffn(void *st, const moe_ffn_args *a) {
-  return guarded(st, [&] { a->dtype == MOE_DTYPE_F32 ? forward_f32(a) : forward_lowp(a); });
+  return guarded(st, [&] { a->dtype == MOE_DTYPE_F32 ? forward_f32(a) : forward_lowp(*static_cast<State *>(st), a); });
 }
 
 moe_status expert_ffn_bwd(void *st, const moe_ffn_args *a) {
-  return guarded(st, [&] { a->dtype == MOE_DTYPE_F32 ? backward_f32(a) : backward_lowp(a); });
+  return guarded(st,
+                 [&] { a->dtype == MOE_DTYPE_F32 ? backward_f32(a) : backward_lowp(*static_cast<State *>(st), a); });
 }
 
 }  // namespace moe::cpu

@@ -38,8 +38,6 @@ struct Type {
   using type = T;
 };
 
-inline size_t dtype_size(int dtype) { return dtype == MOE_DTYPE_F32 ? sizeof(float) : 2; }
-
 // Calls body(Type<T>{}) for the element type of dtype. The core validated the config, so an
 // unknown value here is a bug on the caller's side of the table, not bad user input.
 template <class F>
