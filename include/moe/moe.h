@@ -260,8 +260,9 @@ MOE_API moe_status moe_layer_param_dtype(const moe_layer *layer, const char *nam
 
 /**
  * Copy count float32 values from host memory into parameter name (count must equal its number
- * of elements), rounded to nearest even when the parameter is stored in bf16/f16. Must not be
- * called between a training forward and its backward.
+ * of elements), rounded to nearest even when the parameter is stored in bf16/f16. Changing a
+ * trainable parameter between a training forward and its backward makes that backward fail with
+ * MOE_ERR_STATE (its saved activations belong to the old values); router.bias may change any time.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers, an unknown name or a wrong count;
  *         MOE_ERR_NONFINITE if check_finite is on and host holds NaN/Inf, or a value that is
  *         not finite once stored (above 65504 in magnitude for a float16 parameter).
@@ -332,7 +333,10 @@ MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_toke
  * (gradients accumulate again). Parameters must not change between the forward and this call.
  * @return MOE_OK;
  *   MOE_ERR_INVALID_ARGUMENT  NULL layer, ctx or dy (with tokens), a context of another layer;
- *   MOE_ERR_STATE             ctx holds no training forward (new, or filled by moe_route);
+ *   MOE_ERR_STATE             ctx holds no training forward (new, or filled by moe_route), or
+ *                             moe_layer_set_param changed a trainable parameter since that forward
+ *                             (writes through moe_layer_param_buffers are not tracked: the caller
+ *                             must not make them in between);
  *   MOE_ERR_NONFINITE         check_finite on and dy holds NaN/Inf;
  *   MOE_ERR_OUT_OF_MEMORY, MOE_ERR_DEVICE, MOE_ERR_COMM.
  */

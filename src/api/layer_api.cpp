@@ -8,6 +8,7 @@
 #include "core/checked.h"
 #include "core/half.h"
 #include "core/layer.h"
+#include "core/module.h"
 
 using moe::fail;
 using moe::require;
@@ -65,7 +66,7 @@ MOE_API moe_status moe_layer_create(const moe_config *cfg, moe_layer **out) {
     auto layer = std::make_unique<moe_layer>();
     layer->cfg = c;
     const moe_backend_ops *ops = moe_cpu_backend();
-    if (c.c.device == MOE_DEVICE_CUDA) layer->module = moe::Module::load_cuda(&ops);
+    if (c.c.device == MOE_DEVICE_CUDA) ops = moe::cuda_backend_ops();
     layer->backend = std::make_unique<moe::Backend>(ops, layer->cfg.c);
     moe::create_params(*layer);
     *out = layer.release();
@@ -143,6 +144,10 @@ MOE_API moe_status moe_layer_set_param(moe_layer *layer, const char *name, const
                (long long)i, (double)host[i], name, moe::dtype_name(p.dtype));
       }
     moe::upload_param(*layer, p, host);
+    if (p.trainable) {  // router.bias only steers selection; backward never reads it
+      ++layer->param_version;
+      layer->last_set = &p;
+    }
   });
 }
 

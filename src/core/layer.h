@@ -6,7 +6,6 @@
 
 #include "core/buffer.h"
 #include "core/config.h"
-#include "core/module.h"
 
 namespace moe {
 
@@ -65,13 +64,16 @@ struct RoutingSummary {
 
 struct moe_layer {
   moe::Config cfg;
-  moe::Module module;                    // the CUDA module, when used; outlives the backend
   std::unique_ptr<moe::Backend> backend; // outlives every buffer below
   std::vector<moe::Param> params;
   moe::Param *router_w = nullptr, *router_bias = nullptr, *noise_w = nullptr;
   moe::Param *w1 = nullptr, *w3 = nullptr, *w2 = nullptr;
   moe::Param *sw1 = nullptr, *sw3 = nullptr, *sw2 = nullptr, *sgate = nullptr;
   uint64_t step = 0;  // training forwards so far: keys the router noise
+  // Bumped by every moe_layer_set_param: a training forward records it, and its backward refuses
+  // to run on parameters that changed in between (its saved activations would not match them).
+  uint64_t param_version = 0;
+  const moe::Param *last_set = nullptr;  // the parameter the last set_param wrote, for that message
   moe::Workspace ws;  // for inference
   int live_contexts = 0;
   bool destroyed = false;  // moe_layer_destroy ran while contexts were alive
@@ -86,6 +88,7 @@ struct moe_context {
   moe::Workspace ws;
   moe::RoutingSummary route;
   float aux_grad_scale = 1.0f;  // moe_context_set_aux_grad_scale
+  uint64_t param_version = 0;   // the layer's param_version at the training forward
 };
 
 namespace moe {

@@ -4,21 +4,12 @@
 
 namespace moe {
 
-class Module {
- public:
-  Module() = default;
-  Module(Module &&o) noexcept : handle_(o.handle_) { o.handle_ = nullptr; }
-  Module &operator=(Module &&o) noexcept;
-  Module(const Module &) = delete;
-  Module &operator=(const Module &) = delete;
-  ~Module();
-
-  // Loads libmoe_cuda and returns its table; throws MOE_ERR_UNSUPPORTED when it is absent.
-  static Module load_cuda(const moe_backend_ops **ops);
-
- private:
-  explicit Module(void *h) : handle_(h) {}
-  void *handle_ = nullptr;
-};
+// The backend table of libmoe_cuda.so.0. The first call loads the module and keeps it (and the
+// CUDA runtime and cuBLAS it brings) for the life of the process; a load that failed is
+// remembered and reported again by every later call, with no new search. Loading and unloading
+// those libraries per layer cost ~80 ms and leaked loader memory on every failed CUDA create.
+// Throws MOE_ERR_UNSUPPORTED when the module is absent or does not belong to this libmoe.
+// Thread-safe.
+const moe_backend_ops *cuda_backend_ops();
 
 }  // namespace moe

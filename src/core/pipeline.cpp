@@ -336,6 +336,7 @@ void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context
   if (ctx) {
     ctx->route = std::move(r);
     ctx->state = training ? moe_context::State::kTrained : moe_context::State::kRouted;
+    ctx->param_version = l.param_version;
   }
 }
 

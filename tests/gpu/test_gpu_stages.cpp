@@ -131,25 +131,21 @@ class Side {
 // ---- the CUDA module, loaded once per process -----------------------------------------------------
 
 struct LoadedModule {
-  moe::Module module;
   const moe_backend_ops *ops = nullptr;
   std::string error;
 };
 
-// Never unloaded: dlclose at exit, after the CUDA runtime may have begun its own teardown, gains
-// nothing.
 const LoadedModule &cuda_module() {
-  static const LoadedModule *m = [] {
-    auto *l = new LoadedModule;
+  static const LoadedModule m = [] {
+    LoadedModule l;
     try {
-      l->module = moe::Module::load_cuda(&l->ops);
+      l.ops = moe::cuda_backend_ops();  // loaded once per process, never unloaded
     } catch (const moe::Error &e) {
-      l->ops = nullptr;
-      l->error = std::string(moe_status_name(e.status())) + ": " + e.what();
+      l.error = std::string(moe_status_name(e.status())) + ": " + e.what();
     }
     return l;
   }();
-  return *m;
+  return m;
 }
 
 // ---- host-side routing, from the CPU stages --------------------------------------------------------
