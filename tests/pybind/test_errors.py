@@ -106,25 +106,71 @@ def layer_x(rng):
 
 
 @pytest.mark.parametrize("make, exc, match", [
-    (lambda x: x.tolist(), TypeError, "x must be a numpy.ndarray of float32, not list"),
+    (lambda x: [[1.0, "a"]], TypeError, "x: a list that is not a rectangular sequence of numbers"),
+    (lambda x: {"x": x}, TypeError, "x must be a numpy.ndarray of float32, not dict"),
     (lambda x: x.astype(np.float64), TypeError, "x has dtype float64, expected float32"),
     (lambda x: x.astype(np.float16), TypeError, "dtype float16"),
     (lambda x: x.astype(np.int32), TypeError, "dtype int32"),
     (lambda x: x.astype(">f4"), TypeError, "dtype >f4"),
-    (lambda x: x[0], ValueError, r"shape \(16,\), expected \(num_tokens, 16\)"),
-    (lambda x: x[None], ValueError, r"shape \(1, 10, 16\)"),
-    (lambda x: x[:, :8].copy(), ValueError, r"shape \(10, 8\), expected \(num_tokens, 16\)"),
+    (lambda x: x[:, 0].copy(), ValueError, r"shape \(10,\), expected \[\.\.\., 16\]"),
+    (lambda x: x[:, :8].copy(), ValueError, r"shape \(10, 8\), expected \[\.\.\., 16\]"),
+    (lambda x: np.float32(3.0), TypeError, "not float32"),
     (lambda x: np.repeat(x, 2, axis=1)[:, ::2], ValueError, "not C-contiguous"),
     (lambda x: np.asfortranarray(x), ValueError, "not C-contiguous"),
     (lambda x: np.frombuffer(b"\0" + x.tobytes(), np.float32, offset=1).reshape(10, 16), ValueError, "not aligned"),
 ])
 def test_bad_x(layer_x, make, exc, match):
     layer, x, y = layer_x
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match="Layer.forward: .*" + match) as info:
         layer.forward(make(x))
-    with pytest.raises(exc, match=match):
+    assert isinstance(info.value, libmoe.MoeError) and info.value.status == "MOE_ERR_INVALID_ARGUMENT"
+    with pytest.raises(exc, match="Layer.route: .*" + match):
         layer.route(make(x))
     np.testing.assert_array_equal(layer.forward(x), y)
+
+
+def test_leading_dimensions_and_sequences(layer_x):
+    """x is [..., d_model] like the torch module's; a list or tuple is converted to float32."""
+    layer, x, y = layer_x
+    np.testing.assert_array_equal(layer.forward(x.reshape(2, 5, 16)), y.reshape(2, 5, 16))
+    # one token, shape (16,): a GEMM of one row, so equal to rounding only
+    np.testing.assert_allclose(layer.forward(x[3]), y[3], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(layer.forward(x.tolist()), y)
+    np.testing.assert_array_equal(layer.forward(tuple(map(tuple, x.tolist()))), y)
+    out = np.empty((2, 5, 16), np.float32)
+    assert layer.forward(x.reshape(2, 5, 16), out=out) is out
+    np.testing.assert_array_equal(out.reshape(10, 16), y)
+    ctx = layer.context()
+    y3 = layer.forward(x.reshape(5, 2, 16), ctx)
+    dx = layer.backward(ctx, np.ones((10, 16), np.float32))  # any leading shape with the same tokens
+    assert y3.shape == (5, 2, 16) and dx.shape == (10, 16)
+    dx2 = layer.backward(ctx, np.ones((2, 5, 16), np.float32))
+    np.testing.assert_array_equal(dx2.reshape(10, 16), dx)
+    assert layer.route(x.reshape(2, 5, 16)).num_tokens == 10
+
+
+def test_every_error_is_a_moe_error(layer_x):
+    layer, x, _ = layer_x
+    other = libmoe.Layer(**SMALL)
+    attempts = [
+        (lambda: layer.forward(x, other.context()), libmoe.InvalidArgumentError, ValueError),
+        (lambda: layer.forward(x.astype(np.float64)), libmoe.ArgumentTypeError, TypeError),
+        (lambda: layer.forward(x, 3), libmoe.ArgumentTypeError, TypeError),
+        (lambda: layer.get_grad("experts.w9"), libmoe.InvalidArgumentError, ValueError),
+        (lambda: libmoe.Layer(d_model=8, d_ff=8, activation="swish"), libmoe.InvalidArgumentError, ValueError),
+        (lambda: libmoe.Layer(d_model="8", d_ff=8), libmoe.ArgumentTypeError, TypeError),
+    ]
+    closed = libmoe.Layer(**SMALL)
+    closed.close()
+    attempts.append((lambda: closed.forward(x), libmoe.ClosedError, ValueError))
+    for call, cls, builtin in attempts:
+        with pytest.raises(libmoe.MoeError) as info:
+            call()
+        assert isinstance(info.value, cls) and isinstance(info.value, builtin), repr(info.value)
+    with pytest.raises(libmoe.InvalidArgumentError, match=r"Layer\.get_grad: .*'experts\.w9'") as info:
+        layer.get_grad("experts.w9")
+    assert "moe_layer_param_buffers" not in str(info.value)
+    assert issubclass(libmoe.ClosedError, libmoe.StateError)
 
 
 def test_bad_out(layer_x):
@@ -166,7 +212,7 @@ def test_bad_contexts(layer_x, rng):
     with pytest.raises(libmoe.StateError):
         ctx.assignments()
     layer.forward(x, ctx)
-    with pytest.raises(ValueError, match=r"dy has shape \(9, 16\), expected \(10, 16\)"):
+    with pytest.raises(ValueError, match=r"Layer.backward: dy has shape \(9, 16\): 9 tokens, but the forward held by ctx had 10"):
         layer.backward(ctx, y[:9].copy())
     with pytest.raises(TypeError, match="dy has dtype float64"):
         layer.backward(ctx, y.astype(np.float64))
@@ -187,7 +233,7 @@ def test_expert_choice_has_no_topk(rng):
 # ---- parameters -------------------------------------------------------------------------------
 def test_bad_params(layer_x, rng):
     layer, x, y = layer_x
-    with pytest.raises(libmoe.InvalidArgumentError, match='no parameter "experts.w4".*experts.w1'):
+    with pytest.raises(libmoe.InvalidArgumentError, match="Layer.get_param: name: this layer has no parameter 'experts.w4'.*experts.w1"):
         layer.get_param("experts.w4")
     with pytest.raises(TypeError, match="name must be a str"):
         layer.get_param(0)

@@ -197,7 +197,8 @@ def test_wrong_activation_dtype(dtype, wrong, match, rng):
     with pytest.raises(TypeError, match=match):
         layer.route(x.astype(wrong))
     with pytest.raises(TypeError, match="x must be a numpy.ndarray of float32 or"):
-        layer.forward(x.tolist())
+        layer.forward({"x": x})
+    np.testing.assert_array_equal(layer.forward(x.tolist()), layer.forward(x))  # lists become float32
     ctx = layer.context()
     layer.forward(x, ctx)
     with pytest.raises(TypeError, match=match.replace("x has", "dy has")):

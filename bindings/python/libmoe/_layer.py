@@ -7,7 +7,7 @@ from collections import namedtuple
 import numpy as np
 
 from . import capi
-from .errors import StateError
+from .errors import ArgumentTypeError, ClosedError, InvalidArgumentError, StateError
 
 __all__ = ["Layer", "Context", "ParamInfo", "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config",
            "to_bfloat16_bits", "from_bfloat16_bits"]
@@ -77,7 +77,7 @@ def from_bfloat16_bits(bits):
     """float32 values of bfloat16 raw bits (uint16), exact."""
     bits = np.asarray(bits)
     if bits.dtype != _U16:
-        raise TypeError(f"bfloat16 bits must be uint16, not {bits.dtype}")
+        raise ArgumentTypeError(f"bfloat16 bits must be uint16, not {bits.dtype}")
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
@@ -106,11 +106,11 @@ def _enum_value(field, value):
             key = key.split(":", 1)[0]
         key = _ENUM_ALIASES.get(field, {}).get(key, key)
         if key not in table:
-            raise ValueError(f"{field}={value!r} is not one of {', '.join(repr(k) for k in table)}")
+            raise InvalidArgumentError(f"{field}={value!r} is not one of {', '.join(repr(k) for k in table)}")
         return table[key]
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)  # the pinned C value; the library validates the range
-    raise TypeError(f"{field} must be a str ({', '.join(repr(k) for k in table)}) or an int, "
+    raise ArgumentTypeError(f"{field} must be a str ({', '.join(repr(k) for k in table)}) or an int, "
                     f"not {type(value).__name__}")
 
 
@@ -122,37 +122,37 @@ def _set_field(cfg, field, value):
         if field == "device" and isinstance(value, str) and ":" in value:
             index = value.split(":", 1)[1]
             if not index.isdigit():
-                raise ValueError(f"device={value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
+                raise InvalidArgumentError(f"device={value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
             cfg.device_index = int(index)
         setattr(cfg, field, v)
     elif field in _INTS or field == "seed":
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise TypeError(f"{field} must be an int, not {type(value).__name__}")
+            raise ArgumentTypeError(f"{field} must be an int, not {type(value).__name__}")
         lo, hi = (0, (1 << 64) - 1) if field == "seed" else _INT64
         if field == "device_index":
             lo, hi = -(1 << 31), (1 << 31) - 1
         if not lo <= int(value) <= hi:
-            raise ValueError(f"{field}={int(value)} is out of range [{lo}, {hi}]")
+            raise InvalidArgumentError(f"{field}={int(value)} is out of range [{lo}, {hi}]")
         setattr(cfg, field, int(value))
     elif field in _FLOATS:
         if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise TypeError(f"{field} must be a float, not {type(value).__name__}")
+            raise ArgumentTypeError(f"{field} must be a float, not {type(value).__name__}")
         setattr(cfg, field, float(value))
     elif field in _BOOLS:
         if not isinstance(value, (bool, numbers.Integral)):
-            raise TypeError(f"{field} must be a bool, not {type(value).__name__}")
+            raise ArgumentTypeError(f"{field} must be a bool, not {type(value).__name__}")
         setattr(cfg, field, 1 if value else 0)
     elif field == "comm":
-        raise TypeError("comm: expert-parallel communicators are not available from Python")
+        raise ArgumentTypeError("comm: expert-parallel communicators are not available from Python")
     else:
-        raise TypeError(f"unknown config field {field!r}; the fields are: {', '.join(CONFIG_FIELDS)}")
+        raise ArgumentTypeError(f"unknown config field {field!r}; the fields are: {', '.join(CONFIG_FIELDS)}")
 
 
 def _make_config(preset, fields):
     cfg = capi.moe_config()  # moe_config_init defaults
     if preset is not None:
         if not isinstance(preset, str):
-            raise TypeError(f"preset must be a str, not {type(preset).__name__}")
+            raise ArgumentTypeError(f"preset must be a str, not {type(preset).__name__}")
         capi.moe_config_preset(cfg, preset)
     for field, value in fields.items():
         _set_field(cfg, field, value)
@@ -168,7 +168,7 @@ def _config_dict(cfg):
         elif field in _BOOLS:
             v = bool(v)
         elif field in _FLOATS:
-            v = float(repr(np.float32(v)))  # 0.01, not 0.009999999776482582: the same float32
+            v = float(str(np.float32(v)))  # 0.01, not 0.009999999776482582: the same float32 (str, not repr: numpy 2 writes repr as "np.float32(0.01)")
         out[field] = v
     return out
 
@@ -292,7 +292,7 @@ class Layer:
     def _handle(self):
         h = self.__dict__.get("_h")
         if h is None:
-            raise ValueError("operation on a closed libmoe.Layer")
+            raise ClosedError("operation on a closed libmoe.Layer")
         return h
 
     def close(self):
@@ -361,22 +361,23 @@ class Layer:
     def param_dtype(self, name):
         """Storage dtype of parameter ``name`` and of its gradient: the layer's dtype for
         ``experts.*`` and ``shared.w1/w3/w2``, "float32" for ``router.*`` and ``shared.gate``."""
-        self._info(name)
+        self._info(name, "param_dtype")
         return self._param_dtypes[name]
 
-    def _info(self, name):
+    def _info(self, name, call):
+        """ParamInfo of ``name``; errors name ``call``, the method the user called."""
         if not isinstance(name, str):
-            raise TypeError(f"name must be a str, not {type(name).__name__}")
-        h = self._handle()
+            raise ArgumentTypeError(f"Layer.{call}: name must be a str, not {type(name).__name__}")
+        self._handle()
         info = self._params.get(name)
-        if info is None:  # the library reports it: InvalidArgumentError naming the known parameters
-            capi.moe_layer_param_buffers(h.ptr, name)
-            raise KeyError(name)  # not reached
+        if info is None:
+            raise InvalidArgumentError(f"Layer.{call}: name: this layer has no parameter {name!r} "
+                                       f"(it has {', '.join(self._params)})")
         return info
 
     def get_param(self, name):
         """A float32 copy of parameter ``name`` (exact, whatever its storage dtype)."""
-        info = self._info(name)
+        info = self._info(name, "get_param")
         out = np.empty(info.shape, dtype=np.float32)
         h = self._h
         with h.lock:
@@ -386,15 +387,15 @@ class Layer:
     def set_param(self, name, value):
         """Copy ``value`` (float32, the parameter's shape) into parameter ``name``; rounded to nearest
         even when the parameter is stored in bfloat16/float16."""
-        info = self._info(name)
-        a = _check_array(value, name, info.shape, "float32")
+        info = self._info(name, "set_param")
+        a = _check_array(value, f"Layer.set_param: {name}", info.shape, "float32")
         h = self._h
         with h.lock:
             capi.moe_layer_set_param(h.ptr, name, _address(a), a.size)
 
     def get_grad(self, name):
         """A float32 copy of the accumulated gradient of ``name`` (router.bias has none: ValueError)."""
-        info = self._info(name)
+        info = self._info(name, "get_grad")
         out = np.empty(info.shape, dtype=np.float32)
         h = self._h
         with h.lock:
@@ -415,7 +416,7 @@ class Layer:
         unknown = [k for k in state if k not in self._params]
         missing = [k for k in self._params if k not in state]
         if strict and (unknown or missing):
-            raise ValueError(f"load_state_dict: unknown parameters {unknown}, missing parameters {missing}")
+            raise InvalidArgumentError(f"load_state_dict: unknown parameters {unknown}, missing parameters {missing}")
         for name, value in state.items():
             if name in self._params:
                 self.set_param(name, np.asarray(value))
@@ -424,17 +425,20 @@ class Layer:
         """(data, grad) addresses of the layer's own storage of ``name`` on its device, in
         param_dtype(name) (grad None for router.bias). For zero-copy bindings; valid while this
         Layer is open."""
-        self._info(name)
+        self._info(name, "buffer_addresses")
         h = self._h
         with h.lock:
             return tuple(capi.moe_layer_param_buffers(h.ptr, name))
 
-    def _buffer(self, name, which, bf16_typestr=None):
-        info = self._info(name)
-        data, grad = self.buffer_addresses(name)
+    def _buffer(self, name, which, bf16_typestr=None, call=None):
+        call = call or ("param_view" if which == "data" else "grad_view")
+        info = self._info(name, call)
+        h = self._h
+        with h.lock:
+            data, grad = capi.moe_layer_param_buffers(h.ptr, name)
         address = data if which == "data" else grad
         if address is None:
-            raise ValueError(f"{name} is not trainable and has no gradient")
+            raise InvalidArgumentError(f"Layer.{call}: {name} is not trainable and has no gradient")
         dtype = self._param_dtypes[name]
         typestr = bf16_typestr if dtype == "bfloat16" and bf16_typestr else _TYPESTR[dtype]
         if self._config["device"] == "cpu":
@@ -456,28 +460,51 @@ class Layer:
     def _host_view(self, name, which):
         buf = self._buffer(name, which)
         if not isinstance(buf, _HostBuffer):
-            raise ValueError(f"this layer lives on {self.device}: its buffers are device memory; use "
-                             f"cuda_array_interface() (torch.as_tensor, CuPy) or libmoe.torch")
+            raise InvalidArgumentError(f"Layer.{'param_view' if which == 'data' else 'grad_view'}: this layer "
+                                       f"lives on {self.device}: its buffers are device memory; use "
+                                       f"cuda_array_interface() (torch.as_tensor, CuPy) or libmoe.torch")
         return np.asarray(buf)
 
     def cuda_array_interface(self, name, which="data"):
         """An object with __cuda_array_interface__ over a CUDA layer's ``name`` (which: "data"/"grad"):
         typestr "<f4", "<f2" for float16, "<u2" raw bits for bfloat16 (the interface has no bfloat16)."""
-        buf = self._buffer(name, which)
+        buf = self._buffer(name, which, call="cuda_array_interface")
         if not isinstance(buf, _DeviceBuffer):
-            raise ValueError("this layer lives on the CPU: use param_view()/grad_view()")
+            raise InvalidArgumentError("Layer.cuda_array_interface: this layer lives on the CPU: use "
+                                       "param_view()/grad_view()")
         return buf
 
     # ---- compute -------------------------------------------------------------------------------------
-    def _check_host(self):
+    def _check_host(self, call):
         if self._config["device"] != "cpu":
-            raise ValueError(f"this layer lives on {self.device}: numpy arrays are host memory; use "
-                             f"libmoe.torch.MoE or pass device addresses to libmoe.capi")
+            raise InvalidArgumentError(f"Layer.{call}: this layer lives on {self.device}: numpy arrays are host "
+                                       f"memory; use libmoe.torch.MoE or pass device addresses to libmoe.capi")
 
-    def _activation(self, a, name, tokens=None):
-        """Check an activation array: float32 or the layer's own format, [tokens, d_model]."""
+    def _activation(self, a, what, tokens=None):
+        """An activation as a [tokens, d_model] array: float32 or the layer's own format, any
+        leading shape [..., d_model] (flattened without a copy); a list or tuple is converted to
+        float32. Returns (array2d, original shape)."""
         layer_dtype = self._config["dtype"]
-        return _check_array(a, name, (tokens, self._d), _ACCEPTED[layer_dtype], expected=_ACCEPTED_TEXT[layer_dtype])
+        if isinstance(a, (list, tuple)):
+            try:
+                a = np.asarray(a, dtype=np.float32)
+            except (TypeError, ValueError) as e:
+                raise ArgumentTypeError(f"{what}: a {type(a).__name__} that is not a rectangular sequence of "
+                                        f"numbers ({e})") from None
+        a = _check_array(a, what, None, _ACCEPTED[layer_dtype], expected=_ACCEPTED_TEXT[layer_dtype])
+        if a.ndim < 1 or a.shape[-1] != self._d:
+            raise InvalidArgumentError(f"{what} has shape {a.shape}, expected [..., {self._d}] (d_model {self._d})")
+        a2 = a.reshape(-1, self._d)
+        if tokens is not None and a2.shape[0] != tokens:
+            raise InvalidArgumentError(f"{what} has shape {a.shape}: {a2.shape[0]} tokens, but the forward held "
+                                       f"by ctx had {tokens}")
+        return a2, a.shape
+
+    def _out(self, out, what, shape, dtype, src):
+        """The caller's output array: exactly shape and dtype (those of src), writable; returned as
+        [tokens, d]."""
+        out = _check_array(out, what, shape, (dtype,), writable=True, expected=f"{dtype} (the dtype of {src})")
+        return out.reshape(-1, self._d)
 
     def _native(self, a):
         """a in the layer's activation dtype: a itself if it is already, else a converted copy."""
@@ -489,82 +516,86 @@ class Layer:
         return Context(self)
 
     def forward(self, x, ctx=None, out=None):
-        """y = MoE(x). x: [num_tokens, d_model], float32, or the layer's own format (see the class
-        docstring); y has x's dtype. ctx None: inference; a Context: training (noise, statistics
-        and activations saved in ctx for backward). out: optional array of x's dtype and shape to
-        write y into. Returns y."""
+        """y = MoE(x). x: [..., d_model] (any leading shape, C-contiguous), float32 or the layer's
+        own format (see the class docstring); a list or tuple is converted to float32; other
+        dtypes (float64, ...) raise ArgumentTypeError: convert with x.astype(numpy.float32).
+        y has x's shape and dtype. ctx None: inference; a Context: training (noise, statistics and
+        activations saved in ctx for backward). out: optional array of x's dtype and shape to write
+        y into. Returns y."""
         h = self._handle()
-        self._check_host()
-        x = self._activation(x, "x")
+        self._check_host("forward")
+        x, shape = self._activation(x, "Layer.forward: x")
         T = x.shape[0]
-        if out is not None:
-            out = _check_array(out, "out", (T, self._d), (x.dtype,), writable=True,
-                               expected=f"{x.dtype} (the dtype of x)")
+        o = None if out is None else self._out(out, "Layer.forward: out", shape, x.dtype, "x")
         xs = self._native(x)
         if xs is x:
-            ys = np.empty_like(x) if out is None else out
+            ys = np.empty_like(x) if o is None else o
         else:
             ys = np.empty(x.shape, dtype=xs.dtype)
-        cptr = self._ctx_ptr(ctx)
+        cptr = self._ctx_ptr(ctx, "forward")
         with h.lock:
             capi.moe_forward(h.ptr, _address(xs), T, _address(ys), cptr)
         if ctx is not None:
             ctx._filled(T, "trained")
-        return ys if xs is x else _from_storage(ys, self._config["dtype"], out)
+        y = ys if xs is x else _from_storage(ys, self._config["dtype"], o)
+        return out if out is not None else y.reshape(shape)
 
     __call__ = forward
 
     def backward(self, ctx, dy, out=None, need_dx=True):
         """Backward of the training forward in ctx: returns dx (None if need_dx is False) and ADDS
-        to every trainable parameter's gradient, aux-loss gradients included. dy: float32 or the
-        layer's own format, like x in forward; dx (and out, if given) has dy's dtype."""
+        to every trainable parameter's gradient, aux-loss gradients included. dy: as x in forward
+        (the same number of tokens, any leading shape); dx (and out, if given) has dy's shape and
+        dtype."""
         h = self._handle()
-        self._check_host()
-        cptr = self._ctx_ptr(ctx, required=True)
+        self._check_host("backward")
+        cptr = self._ctx_ptr(ctx, "backward", required=True)
         if ctx._tokens is None or ctx._kind != "trained":
-            with h.lock:  # the library reports the state error (dy is never read)
-                capi.moe_backward(h.ptr, cptr, None, None)
-            raise StateError("ctx holds no training forward")  # not reached
+            how = "it is empty" if ctx._tokens is None else "it was filled by Layer.route"
+            raise StateError(f"Layer.backward: ctx holds no training forward ({how}): call Layer.forward(x, ctx) "
+                             f"first")
         T = ctx._tokens
-        dy = self._activation(dy, "dy", T)
+        dy, shape = self._activation(dy, "Layer.backward: dy", T)
+        o = None
         if need_dx and out is not None:
-            out = _check_array(out, "out", (T, self._d), (dy.dtype,), writable=True,
-                               expected=f"{dy.dtype} (the dtype of dy)")
+            o = self._out(out, "Layer.backward: out", shape, dy.dtype, "dy")
         dys = self._native(dy)
         dxs = None
         if need_dx:
-            dxs = (np.empty_like(dy) if out is None else out) if dys is dy else np.empty(dy.shape, dtype=dys.dtype)
+            dxs = (np.empty_like(dy) if o is None else o) if dys is dy else np.empty(dy.shape, dtype=dys.dtype)
         with h.lock:
             capi.moe_backward(h.ptr, cptr, _address(dys), None if dxs is None else _address(dxs))
-        if dxs is None or dys is dy:
-            return dxs
-        return _from_storage(dxs, self._config["dtype"], out)
+        if dxs is None:
+            return None
+        dx = dxs if dys is dy else _from_storage(dxs, self._config["dtype"], o)
+        return out if out is not None else dx.reshape(shape)
 
     def route(self, x, ctx=None):
         """Routing only (no expert runs): fills ctx (a new Context if None) and returns it.
         x as in forward."""
         h = self._handle()
-        self._check_host()
-        x = self._activation(x, "x")
+        self._check_host("route")
+        x, _ = self._activation(x, "Layer.route: x")
         if ctx is None:
             ctx = Context(self)
-        cptr = self._ctx_ptr(ctx, required=True)
+        cptr = self._ctx_ptr(ctx, "route", required=True)
         xs = self._native(x)
         with h.lock:
             capi.moe_route(h.ptr, _address(xs), x.shape[0], cptr)
         ctx._filled(x.shape[0], "routed")
         return ctx
 
-    def _ctx_ptr(self, ctx, required=False):
+    def _ctx_ptr(self, ctx, call, required=False):
         if ctx is None:
             if required:
-                raise TypeError("ctx must be a libmoe.Context, not None")
+                raise ArgumentTypeError(f"Layer.{call}: ctx must be a libmoe.Context, not None")
             return None
         if not isinstance(ctx, Context):
-            raise TypeError(f"ctx must be a libmoe.Context, not {type(ctx).__name__}")
+            raise ArgumentTypeError(f"Layer.{call}: ctx must be a libmoe.Context, not {type(ctx).__name__}")
         ch = ctx._handle()
         if ch.layer is not self._h:
-            raise ValueError("ctx belongs to another layer; create it with this layer's context()")
+            raise InvalidArgumentError(f"Layer.{call}: ctx belongs to another layer; create it with this layer's "
+                                       f"context()")
         return ch.ptr
 
     # ---- raw pointers (libmoe.torch) -----------------------------------------------------------------
@@ -574,6 +605,10 @@ class Layer:
             capi.moe_forward(h.ptr, x, T, y, None if ctx is None else ctx._handle().ptr)
         if ctx is not None:
             ctx._filled(T, "trained")
+
+    def _set_aux_grad_scale(self, ctx, scale):
+        with self._handle().lock:
+            capi.moe_context_set_aux_grad_scale(ctx._handle().ptr, scale)
 
     def _backward_raw(self, ctx, dy, dx):
         h = self._handle()
@@ -596,7 +631,7 @@ class Context:
 
     def __init__(self, layer):
         if not isinstance(layer, Layer):
-            raise TypeError(f"layer must be a libmoe.Layer, not {type(layer).__name__}")
+            raise ArgumentTypeError(f"layer must be a libmoe.Layer, not {type(layer).__name__}")
         lh = layer._handle()
         with lh.lock:
             ptr = capi.moe_context_create(lh.ptr)
@@ -611,7 +646,7 @@ class Context:
     def _handle(self):
         h = self.__dict__.get("_h")
         if h is None:
-            raise ValueError("operation on a closed libmoe.Context")
+            raise ClosedError("operation on a closed libmoe.Context")
         return h
 
     def close(self):
@@ -643,6 +678,16 @@ class Context:
         with h.layer.lock:
             capi.moe_context_stats(h.ptr, s)
         return {f: getattr(s, f) for f in _STATS_FIELDS}
+
+    def set_aux_grad_scale(self, scale):
+        """Scale the aux-loss gradient that Layer.backward adds for this context (default 1.0,
+        kept until changed; 0 leaves the aux losses out of the gradient). The reported loss
+        values are not scaled."""
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise ArgumentTypeError(f"Context.set_aux_grad_scale: scale must be a float, not {type(scale).__name__}")
+        h = self._handle()
+        with h.layer.lock:
+            capi.moe_context_set_aux_grad_scale(h.ptr, float(scale))
 
     @property
     def aux_loss(self):
@@ -683,26 +728,28 @@ class Context:
         return token, expert, weight
 
 
-def _check_array(a, name, shape, dtypes, writable=False, expected=None):
+def _check_array(a, what, shape, dtypes, writable=False, expected=None):
     """a must be a numpy array of one of dtypes (a dtype or a tuple of them), C-contiguous and
-    aligned, of shape (None = any size). expected: how the accepted dtypes are named in errors."""
+    aligned, of shape (None: any shape; None inside: any size there). what names the call and the
+    argument in errors ("Layer.forward: x"); expected: how the accepted dtypes are named."""
     if not isinstance(dtypes, tuple):
         dtypes = (dtypes,)
     dtypes = tuple(np.dtype(d) for d in dtypes)
     if expected is None:
         expected = " or ".join(str(d) for d in dtypes)
     if not isinstance(a, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray of {expected}, not {type(a).__name__}")
+        raise ArgumentTypeError(f"{what} must be a numpy.ndarray of {expected}, not {type(a).__name__}")
     if a.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {a.dtype}, expected {expected} (convert with .astype(numpy.{dtypes[0]}))")
-    want = tuple("num_tokens" if s is None else s for s in shape)
-    if a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape)):
-        raise ValueError(f"{name} has shape {a.shape}, expected ({', '.join(map(str, want))}"
-                         f"{',' if len(want) == 1 else ''})")
+        raise ArgumentTypeError(f"{what} has dtype {a.dtype}, expected {expected} (convert with "
+                                f".astype(numpy.{dtypes[0]}))")
+    if shape is not None and (a.ndim != len(shape) or any(s is not None and s != n for s, n in zip(shape, a.shape))):
+        want = tuple("num_tokens" if s is None else s for s in shape)
+        raise InvalidArgumentError(f"{what} has shape {a.shape}, expected ({', '.join(map(str, want))}"
+                                   f"{',' if len(want) == 1 else ''})")
     if not a.flags.c_contiguous:
-        raise ValueError(f"{name} is not C-contiguous (use numpy.ascontiguousarray)")
+        raise InvalidArgumentError(f"{what} is not C-contiguous (use numpy.ascontiguousarray)")
     if not a.flags.aligned:
-        raise ValueError(f"{name} is not aligned to its dtype")
+        raise InvalidArgumentError(f"{what} is not aligned to its dtype")
     if writable and not a.flags.writeable:
-        raise ValueError(f"{name} is read-only; the result is written into it")
+        raise InvalidArgumentError(f"{what} is read-only; the result is written into it")
     return a

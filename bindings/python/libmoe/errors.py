@@ -14,14 +14,22 @@ each also derives from the built-in exception a Python caller would expect, so e
       NonFiniteError(ValueError)        MOE_ERR_NONFINITE
       InternalError(RuntimeError)       MOE_ERR_INTERNAL (a libmoe bug: please report it)
 
-Checks the Python layer makes before calling the library (an array of the wrong dtype or
-shape, an unknown keyword) raise plain TypeError / ValueError with a message naming the
-argument, as any Python function would.
+      ArgumentTypeError(InvalidArgumentError, TypeError)
+                                        an argument of the wrong type (a list where an array is
+                                        expected, float64 where float32 is) found by the binding
+      ClosedError(StateError, ValueError)
+                                        a closed Layer or Context was used (ValueError, like a
+                                        closed file)
+
+Every error the binding raises is a MoeError, including the checks it makes before calling the
+library (an array of the wrong dtype or shape, an unknown keyword, a context of another layer):
+``except libmoe.MoeError`` catches them all, and each message names the call and the argument.
 """
 
 __all__ = [
     "MoeError", "InvalidArgumentError", "OutOfMemoryError", "UnsupportedError", "DeviceError",
-    "CommError", "StateError", "NonFiniteError", "InternalError", "from_status",
+    "CommError", "StateError", "NonFiniteError", "InternalError", "ArgumentTypeError", "ClosedError",
+    "from_status",
 ]
 
 
@@ -81,6 +89,14 @@ class NonFiniteError(MoeError, ValueError):
 
 class InternalError(MoeError, RuntimeError):
     status, code = "MOE_ERR_INTERNAL", 8
+
+
+class ArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type, found by the binding (status MOE_ERR_INVALID_ARGUMENT)."""
+
+
+class ClosedError(StateError, ValueError):
+    """A closed Layer or Context was used (status MOE_ERR_STATE; a ValueError, like a closed file)."""
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidArgumentError, OutOfMemoryError, UnsupportedError, DeviceError,

@@ -28,14 +28,14 @@ small next to the expert GEMMs it follows.
 
 Auxiliary losses, like Megatron-Core's MoEAuxLossAutoScaler:
   aux_loss="add" (default): forward returns y; backward adds the aux-loss gradient scaled by
-      MoE.aux_loss_scale (1.0; set it with MoE.set_aux_loss_scale when the main loss is scaled,
-      e.g. 1/num_microbatches). The value is in ``moe.aux_loss`` (a detached tensor) for logging.
+      the module's aux_loss_scale (1.0; set it with moe.set_aux_loss_scale(s) when the main loss
+      is scaled, e.g. 1/num_microbatches; each module has its own). The value is in
+      ``moe.aux_loss`` (a detached tensor) for logging.
   aux_loss="return": forward returns (y, aux_loss); its gradient is whatever the loss gives it
       (loss = task + aux_loss adds it once, scaling the loss scales it, not using it drops it).
 """
 
 import threading
-import warnings
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._layer import Layer
+from .errors import ArgumentTypeError, InvalidArgumentError, StateError
 
 __all__ = ["MoE"]
 
@@ -74,6 +75,7 @@ class _Engine:
         self.grads = {}
         self.lock = threading.RLock()
         self.last_stats = None
+        self.aux_loss_scale = 1.0  # the owning module's, read by backward
         self._stream = None
 
     def acquire(self):
@@ -110,6 +112,10 @@ class _MoEFunction(torch.autograd.Function):
         ctx.engine, ctx.aux_mode = engine, aux_mode
         if need_grad:
             ctx.saved = _Saved(mctx, engine.pool)
+            # Saved so that autograd enforces its rules on them: a parameter changed in place
+            # before backward (version counters) and a second backward without retain_graph both
+            # raise, as for any other op, instead of giving wrong or doubled gradients.
+            ctx.save_for_backward(*params)
         else:
             ctx.saved = None
             if mctx is not None:
@@ -124,60 +130,31 @@ class _MoEFunction(torch.autograd.Function):
         engine = ctx.engine
         saved = ctx.saved
         if saved is None or saved.ctx is None:
-            raise RuntimeError("libmoe.torch.MoE: backward without a saved training forward")
+            raise StateError("libmoe.torch.MoE: backward without a saved training forward")
+        ctx.saved_tensors  # noqa: B018 - raises if a parameter changed in place or the graph was freed
         mctx = saved.ctx
         layer = engine.layer
         need = ctx.needs_input_grad
         need_x, need_params = need[0], need[5:]
         names = engine.trainable
         if dy is None:
-            raise RuntimeError("libmoe.torch.MoE: no gradient for the output")
+            raise StateError("libmoe.torch.MoE: no gradient for the output")
         dy = dy.contiguous()
         if ctx.aux_mode == "return":
             scale = float(daux) if daux is not None else 0.0
         else:
-            scale = float(MoE.aux_loss_scale)
-
-        def run(dy_t):
-            dx_t = torch.empty_like(dy_t) if need_x else None
-            layer.zero_grad()
-            layer._backward_raw(mctx, dy_t.data_ptr(), None if dx_t is None else dx_t.data_ptr())
-            return dx_t
+            scale = float(engine.aux_loss_scale)
 
         with engine.lock:
             engine.bind_stream()
-            if scale == 1.0:
-                dx = run(dy)
-                grads = [engine.grads[n].clone() if w else None for n, w in zip(names, need_params)]
-            elif scale != 0.0:
-                # moe_backward always adds 1x the aux-loss gradient; it is linear in dy, so
-                # s * backward(dy / s) = backward(dy) with the aux gradient scaled by s.
-                dx = run(dy / scale)
-                if dx is not None:
-                    dx.mul_(scale)
-                grads = [torch.mul(engine.grads[n], scale) if w else None for n, w in zip(names, need_params)]
-            else:
-                # Scale 0 (aux loss returned and not used): subtract the aux-only backward.
-                # Twice the cost; libmoe has no switch for the aux gradient yet.
-                _warn_double_backward()
-                dx = run(dy)
-                grads = [engine.grads[n].clone() if w else None for n, w in zip(names, need_params)]
-                dx_aux = run(torch.zeros_like(dy))
-                if dx is not None:
-                    dx.sub_(dx_aux)
-                grads = [g.sub_(engine.grads[n]) if g is not None else None for n, g in zip(names, grads)]
+            # The library scales the aux-loss gradient it adds (moe_context_set_aux_grad_scale):
+            # one backward whatever the scale, 0 included.
+            layer._set_aux_grad_scale(mctx, scale)
+            dx = torch.empty_like(dy) if need_x else None
+            layer.zero_grad()
+            layer._backward_raw(mctx, dy.data_ptr(), None if dx is None else dx.data_ptr())
+            grads = [engine.grads[n].clone() if w else None for n, w in zip(names, need_params)]
         return (dx, None, None, None, None, *grads)
-
-
-_warned = []
-
-
-def _warn_double_backward():
-    if not _warned:
-        _warned.append(True)
-        warnings.warn("libmoe.torch.MoE: the aux loss was returned but does not reach the loss; removing its "
-                      "gradient costs a second backward (set aux_loss_coef=0 or use aux_loss='add')",
-                      RuntimeWarning, stacklevel=3)
 
 
 class _ParamGroup(nn.Module):
@@ -196,7 +173,7 @@ def _torch_device(device):
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {device}: libmoe runs on 'cpu' or 'cuda'")
+        raise InvalidArgumentError(f"device {device}: libmoe runs on 'cpu' or 'cuda'")
     return device
 
 
@@ -222,30 +199,40 @@ class MoE(nn.Module):
     module's own dtype (.bfloat16() on a bfloat16 module, as model.to(dtype) does) changes nothing.
     """
 
-    aux_loss_scale = 1.0
+    @property
+    def aux_loss_scale(self):
+        """Scale of this module's aux-loss gradient with aux_loss="add" (default 1.0)."""
+        return self.__dict__.get("_aux_scale", 1.0)
 
-    @classmethod
-    def set_aux_loss_scale(cls, scale):
-        """Scale of the aux-loss gradient for aux_loss="add" modules (Megatron's set_loss_scale)."""
+    def set_aux_loss_scale(self, scale):
+        """Scale this module's aux-loss gradient (aux_loss="add"), e.g. by 1/num_microbatches when
+        the main loss is scaled so (Megatron's MoEAuxLossAutoScaler.set_loss_scale, per module).
+        Kept across .to(), pickling and deepcopy."""
         if isinstance(scale, torch.Tensor):
             scale = scale.item()
-        cls.aux_loss_scale = float(scale)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise ArgumentTypeError(f"MoE.set_aux_loss_scale: scale must be a float, not {type(scale).__name__}")
+        scale = float(scale)
+        if scale != scale or scale in (float("inf"), float("-inf")):
+            raise InvalidArgumentError(f"MoE.set_aux_loss_scale: scale is {scale}, must be finite")
+        self._aux_scale = scale
+        self._engine.aux_loss_scale = scale
 
     def __init__(self, d_model=None, d_ff=None, num_experts=None, top_k=None, *, preset=None, device=None,
                  dtype=None, aux_loss="add", **config):
         super().__init__()
         if aux_loss not in ("add", "return"):
-            raise ValueError(f"aux_loss={aux_loss!r}: expected 'add' or 'return'")
+            raise InvalidArgumentError(f"aux_loss={aux_loss!r}: expected 'add' or 'return'")
         for key, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts), ("top_k", top_k)):
             if value is not None:
                 config[key] = value
         if "device_index" in config or "device" in config:
-            raise TypeError("pass the device as device=torch.device(...) (or 'cuda:1'), not device/device_index fields")
+            raise ArgumentTypeError("pass the device as device=torch.device(...) (or 'cuda:1'), not device/device_index fields")
         dtype = torch.float32 if dtype is None else dtype
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, dtype)
         if dtype not in _DTYPES:
-            raise TypeError(f"dtype {dtype}: libmoe activations are torch.float32, torch.bfloat16 or torch.float16")
+            raise ArgumentTypeError(f"dtype {dtype}: libmoe activations are torch.float32, torch.bfloat16 or torch.float16")
         dev = _torch_device(device)
         config["dtype"] = _DTYPES[dtype]
         config["device"] = dev.type
@@ -277,6 +264,7 @@ class MoE(nn.Module):
         layer = self._layer
         self._device = torch.device(layer.device)
         engine = _Engine(layer, self._device)
+        engine.aux_loss_scale = self.__dict__.get("_aux_scale", 1.0)
         trainable = []
         for name, info in layer.param_info().items():
             group, attr = name.split(".", 1)
@@ -320,7 +308,7 @@ class MoE(nn.Module):
         if not keeps:
             kept = ("float32 parameters" if self._dtype == torch.float32 else
                     f"{_DTYPES[self._dtype]} expert parameters and float32 router parameters")
-            raise TypeError(f"libmoe.torch.MoE keeps {kept} (asked for {probe.dtype}); the dtype is chosen at "
+            raise ArgumentTypeError(f"libmoe.torch.MoE keeps {kept} (asked for {probe.dtype}); the dtype is chosen at "
                             f"construction with dtype=")
         if probe.device != self._device:
             cfg = self._layer.config
@@ -348,14 +336,14 @@ class MoE(nn.Module):
     # ---- compute -----------------------------------------------------------------------------------
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
+            raise ArgumentTypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
         d = self._layer.d_model
         if x.dim() < 1 or x.shape[-1] != d:
-            raise ValueError(f"x has shape {tuple(x.shape)}, expected [..., {d}] (d_model {d})")
+            raise InvalidArgumentError(f"x has shape {tuple(x.shape)}, expected [..., {d}] (d_model {d})")
         if x.dtype != self._dtype:
-            raise TypeError(f"x has dtype {x.dtype}, this MoE computes in {self._dtype}")
+            raise ArgumentTypeError(f"x has dtype {x.dtype}, this MoE computes in {self._dtype}")
         if x.device != self._device:
-            raise ValueError(f"x is on {x.device}, this MoE's layer is on {self._device}")
+            raise InvalidArgumentError(f"x is on {x.device}, this MoE's layer is on {self._device}")
         shape = x.shape
         x2 = x.reshape(-1, d)
         if not x2.is_contiguous():
