@@ -10,7 +10,9 @@ packages=(
   libopenblas-dev libopenblas0-openmp libblis-dev libdnnl-dev
   # tests: GoogleTest, the PyTorch oracle, sanitizers/fuzzing, valgrind
   libgtest-dev python3-dev python3-numpy python3-pytest python3-torch python3-matplotlib
-  clang libclang-rt-14-dev valgrind
+  clang libclang-rt-14-dev libomp-dev valgrind
+  # the Python suites against today's PyPI numpy/torch (a venv), and pip install ./bindings/python
+  python3-venv python3-pip
   # bindings: SWIG (Python, Java), JUnit 5, Rust with bindgen
   swig default-jdk-headless junit5 cargo rustc bindgen librust-bindgen-dev libclang-dev
   # expert parallelism over MPI

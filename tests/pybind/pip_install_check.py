@@ -59,6 +59,32 @@ def main(source_root, work):
     subprocess.check_call([python, "-m", "pip", "install", "--no-build-isolation", "--no-deps",
                            os.path.join(source_root, "bindings", "python")], env=env)
     subprocess.check_call([python, "-c", SMOKE], env=env, cwd=work)
+    return check_runtime_libraries(python, env, work)
+
+
+# What the installed libmoe.so.0 may need from the system: the runtime libraries the binding's
+# README names (oneDNN, libgomp, libstdc++) and the C library's own. Anything else would make the
+# README wrong: name it there, or carry it in the package.
+DOCUMENTED = ("libdnnl.so.", "libgomp.so.", "libstdc++.so.", "libgcc_s.so.", "libm.so.", "libmvec.so.", "libc.so.",
+              "ld-linux")
+
+
+def check_runtime_libraries(python, env, work):
+    here = subprocess.check_output([python, "-c", "import os, libmoe; print(os.path.dirname(libmoe.__file__))"],
+                                   env=env, cwd=work, text=True).strip()
+    lib = os.path.join(here, "libmoe.so.0")
+    readelf = shutil.which("readelf")
+    if not readelf:
+        print("readelf not found: the runtime libraries of the installed package were not checked")
+        return 0
+    dynamic = subprocess.check_output([readelf, "-d", lib], text=True)
+    needed = [line.split("[", 1)[1].split("]", 1)[0] for line in dynamic.splitlines() if "(NEEDED)" in line]
+    undocumented = [n for n in needed if not n.startswith(DOCUMENTED)]
+    if undocumented:
+        print(f"{lib} needs {undocumented}, which bindings/python/README.md does not name as runtime "
+              f"dependencies (it needs {needed})")
+        return 1
+    print(f"installed libmoe.so.0 needs {needed}: all named in the README")
     return 0
 
 
