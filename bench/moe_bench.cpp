@@ -1,10 +1,14 @@
-// moe-bench: times libmoe's forward and forward+backward and relates them to the machine's own
-// sgemm rate, measured here with the very BLAS libmoe's CPU backend calls (src/cpu/blas.cpp is
-// compiled into this program) at the same thread count.
+// moe-bench: times libmoe's forward and forward+backward over a sweep of token counts and relates
+// each time to its roofline bound on this machine (DESIGN section 8): max(FLOPs / the GEMM rate
+// measured here in the layer's dtype, bytes of the expert weights the batch touches / the copy
+// bandwidth measured here). The GEMM rate is taken with the very primitives libmoe's CPU backend
+// calls (src/cpu/gemm.cpp is compiled into this program) at the same thread count.
 //
-// FLOPs follow DESIGN §8: forward = 2·slots·d·d_ff·(3 for GLU, 2 otherwise) + router 2·T·d·E
-// (+ the shared experts, 2·T·S·d·d_ff_shared·(3|2)); backward ≈ 2× forward. slots = T·k for
-// token choice, E·C for expert choice; nominal counts (slots dropped by capacity are counted).
+// FLOPs: forward = 2·slots·d·d_ff·(3 for GLU, 2 otherwise) + router 2·T·d·E (+ the shared experts,
+// 2·T·S·d·d_ff_shared·(3|2)); backward ≈ 2× forward. slots = T·k for token choice, E·C for expert
+// choice; nominal counts (slots dropped by capacity are counted). Bytes: the weights of the
+// experts the batch routes to (read once by a forward; read again, and their gradients read and
+// written, by a backward: 4x for forward+backward).
 // CUDA layers: each iteration ends with cudaDeviceSynchronize before the clock is read (the
 // device's reference rates come from moe-gpu-peak, bench/gpu_peak.cu). --ep-ranks R runs R
 // expert-parallel layers in this process and reports the bytes each rank sends (ep_run.h).
@@ -27,79 +31,41 @@
 #include <moe/moe.h>
 
 #include "bench_device.h"
-#include "cpu/blas.h"
+#include "cpu/gemm.h"
+#include "core/half.h"
 #include "ep_run.h"
 
 using namespace moe_bench;
 
-// ---- BLAS thread count ----------------------------------------------------------------------
-// If blas.h declares moe::cpu::set_threads(int-like), overload resolution prefers it to this
-// catch-all (an ellipsis match is the worst), so the bench uses the library's own setter when it
-// exists and falls back to the BLAS entry points below when it does not.
-namespace moe::cpu {
-struct bench_no_set_threads {};
-inline bench_no_set_threads set_threads(...) { return {}; }
-}  // namespace moe::cpu
-
-// Weak references: present only when the BLAS linked in provides them.
-extern "C" {
-void openblas_set_num_threads(int) __attribute__((weak));
-char *openblas_get_corename(void) __attribute__((weak));
-char *openblas_get_config(void) __attribute__((weak));
-void bli_thread_set_num_threads(long) __attribute__((weak));
-}
-
 namespace {
 
-constexpr bool kHaveLibSetThreads =
-    !std::is_same_v<decltype(moe::cpu::set_threads(1)), moe::cpu::bench_no_set_threads>;
+void set_threads(int n) { omp_set_num_threads(n); }  // oneDNN threads with OpenMP, like libmoe
 
-void set_threads(int n) {
-  omp_set_num_threads(n);
-  if constexpr (kHaveLibSetThreads) {
-    moe::cpu::set_threads(n);
-  } else {
-    if (openblas_set_num_threads) openblas_set_num_threads(n);
-    if (bli_thread_set_num_threads) bli_thread_set_num_threads(n);
-  }
-}
-
-std::string blas_description() {
-  std::string s = moe::cpu::blas_name();
-  if (openblas_get_config) {
-    s += " (";
-    s += openblas_get_config();
-    if (openblas_get_corename) {
-      s += ", kernel ";
-      s += openblas_get_corename();
+// The CPU model and the matrix instructions its figures depend on (the README asks for both).
+std::string cpu_description() {
+  std::string model = "unknown CPU", flags;
+  if (FILE *f = std::fopen("/proc/cpuinfo", "r")) {
+    char line[8192];
+    while (std::fgets(line, sizeof line, f)) {
+      std::string l = line;
+      if (l.rfind("model name", 0) == 0 && model == "unknown CPU") model = l.substr(l.find(':') + 2);
+      if (l.rfind("flags", 0) == 0 && flags.empty()) flags = l;
     }
-    s += ")";
+    std::fclose(f);
   }
-  return s;
-}
-
-// OpenBLAS's DYNAMIC_ARCH picks its kernel from cpuid; under some hypervisors it falls back to an
-// SSE3 kernel on a CPU with AVX2/AVX-512. Say so, since it changes every figure here.
-void warn_slow_blas_kernel() {
-#if defined(__x86_64__) || defined(__i386__)
-  if (!openblas_get_corename) return;
-  const std::string core = openblas_get_corename();
-  for (const char *fast : {"Haswell", "Zen", "SkylakeX", "Cooperlake", "SapphireRapids"})
-    if (core.find(fast) != std::string::npos) return;
-  const char *better = __builtin_cpu_supports("avx512f") ? "SkylakeX" : __builtin_cpu_supports("avx2") ? "Haswell" : nullptr;
-  if (better)
-    std::fprintf(stderr,
-                 "moe-bench: note: OpenBLAS chose its '%s' kernel although this CPU has %s; "
-                 "OPENBLAS_CORETYPE=%s selects the faster one\n",
-                 core.c_str(), better[0] == 'S' ? "AVX-512" : "AVX2", better);
-#endif
+  while (!model.empty() && (model.back() == '\n' || model.back() == ' ')) model.pop_back();
+  std::string isa;
+  for (const char *fl : {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
+    if (flags.find(std::string(" ") + fl + " ") != std::string::npos || flags.find(std::string(" ") + fl + "\n") != std::string::npos)
+      isa += (isa.empty() ? "" : " ") + std::string(fl);
+  return model + " [" + (isa.empty() ? "no AVX-512" : isa) + "]";
 }
 
 // ---- options ----------------------------------------------------------------------------------
 struct Options {
   moe_config cfg{};
   int threads = 0;  // 0: leave OpenMP's default
-  int64_t tokens = 4096;
+  std::vector<int64_t> tokens = {4096};  // --tokens 1,8,64: one row per count
   int64_t sgemm_size = 2048;
   int ep_ranks = 1;
   int iters = 20;
@@ -142,9 +108,10 @@ void usage(FILE *f) {
                "  --device cpu|cuda   --device-index N   --dtype f32|bf16|f16   --tf32 0|1\n"
                "  --seed N   --check-finite 0|1\n"
                "run:\n"
-               "  --threads N          OpenMP and BLAS threads (default: OpenMP's default)\n"
-               "  --tokens T (4096)    --iters N (20)    --warmup N (3)\n"
-               "  --sgemm-size N (2048)  size of the reference sgemm\n"
+               "  --threads N          OpenMP threads, libmoe's and oneDNN's (default: OpenMP's default)\n"
+               "  --tokens T[,T...] (4096)  token counts, one row each (e.g. 1,8,64,512,4096)\n"
+               "  --iters N (20)    --warmup N (3)\n"
+               "  --sgemm-size N (2048)  size of the reference GEMMs (float32 and bfloat16)\n"
                "  --mode fwd|fwdbwd|both (both)          --json\n"
                "  --ep-ranks R (1)     R expert-parallel layers as threads of this process, T/R tokens\n"
                "                       each (threads split between them); reports the bytes each rank\n"
@@ -272,7 +239,16 @@ Options parse(int argc, char **argv) {
       {"--seed", [&](auto &f, auto &v) { c.seed = static_cast<uint64_t>(to_i64(f, v)); }},
       {"--check-finite", [&](auto &f, auto &v) { c.check_finite = to_bool(f, v); }},
       {"--threads", [&](auto &f, auto &v) { o.threads = static_cast<int>(to_i64(f, v)); }},
-      {"--tokens", [&](auto &f, auto &v) { o.tokens = to_i64(f, v); }},
+      {"--tokens",
+       [&](auto &f, auto &v) {
+         o.tokens.clear();
+         size_t at = 0;
+         while (at <= v.size()) {
+           const size_t comma = std::min(v.find(',', at), v.size());
+           o.tokens.push_back(to_i64(f, v.substr(at, comma - at)));
+           at = comma + 1;
+         }
+       }},
       {"--sgemm-size", [&](auto &f, auto &v) { o.sgemm_size = to_i64(f, v); }},
       {"--iters", [&](auto &f, auto &v) { o.iters = static_cast<int>(to_i64(f, v)); }},
       {"--warmup", [&](auto &f, auto &v) { o.warmup = static_cast<int>(to_i64(f, v)); }},
@@ -291,7 +267,8 @@ Options parse(int argc, char **argv) {
     it->second(f, v);
   }
   if (o.threads < 0) die("--threads must be >= 1");
-  if (o.tokens < 1) die("--tokens must be >= 1");
+  for (int64_t t : o.tokens)
+    if (t < 1) die("--tokens must be >= 1");
   if (o.iters < 1) die("--iters must be >= 1");
   if (o.warmup < 0) die("--warmup must be >= 0");
   if (o.sgemm_size < 1) die("--sgemm-size must be >= 1");
@@ -304,20 +281,54 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Best-of-several sgemm rate, n^3 (2048 unless --sgemm-size), in GFLOP/s.
-double measure_sgemm(int64_t n, int reps) {
-  std::vector<float> a(n * n), b(n * n), c(n * n, 0.0f);
+// Best-of-several rate of an n^3 GEMM in dtype (bfloat16: bf16 inputs, float32 output), with the
+// primitives libmoe uses; 0 when this CPU has no kernel for the dtype.
+double measure_gemm(int64_t n, int dtype, int reps) {
+  moe::cpu::Gemms gemms;
+  if (!gemms.supports(dtype)) return 0.0;
+  moe::cpu::GemmShape s;
+  s.M = s.N = s.K = n;
+  s.lda = s.ldb = s.ldc = n;
+  s.trans_b = true;  // weights in the [out, in] layout, as libmoe reads them
+  s.a_dtype = s.b_dtype = dtype;
+  s.c_dtype = MOE_DTYPE_F32;
+  const moe::cpu::Gemm g = gemms.prepare(s);
+  std::vector<unsigned char> scratch(g.scratch_bytes());
+  const size_t es = moe::dtype_size(dtype);
+  std::vector<unsigned char> a(n * n * es), b(n * n * es);
+  std::vector<float> c(n * n);
   Rng rng{12345};
-  for (auto &v : a) v = rng.nonzero();
-  for (auto &v : b) v = rng.nonzero();
-  moe::cpu::sgemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);  // warm up
+  for (int64_t i = 0; i < n * n; ++i) {
+    moe::store_elem(a.data(), dtype, i, rng.nonzero());
+    moe::store_elem(b.data(), dtype, i, rng.nonzero());
+  }
+  g.run(a.data(), b.data(), c.data(), scratch);  // warm up
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
     auto t0 = Clock::now();
-    moe::cpu::sgemm(false, false, n, n, n, 1.0f, a.data(), n, b.data(), n, 0.0f, c.data(), n);
+    g.run(a.data(), b.data(), c.data(), scratch);
     best = std::min(best, seconds_since(t0));
   }
   return 2.0 * n * n * n / best / 1e9;
+}
+
+// Best-of-several copy bandwidth (bytes read + written per second) over 512 MB, every thread
+// copying its share: what streaming weights from memory can reach.
+double measure_copy_gbs(int reps) {
+  const size_t n = size_t{256} << 20;
+  std::vector<unsigned char> a(n, 1), b(n, 2);
+  double best = 1e30;
+  for (int r = 0; r < reps + 1; ++r) {
+    auto t0 = Clock::now();
+#pragma omp parallel
+    {
+      const size_t t = static_cast<size_t>(omp_get_thread_num()), nt = static_cast<size_t>(omp_get_num_threads());
+      const size_t begin = n / nt * t, end = t + 1 == nt ? n : n / nt * (t + 1);
+      std::memcpy(b.data() + begin, a.data() + begin, end - begin);
+    }
+    if (r > 0) best = std::min(best, seconds_since(t0));  // the first run faults the pages in
+  }
+  return 2.0 * static_cast<double>(n) / best / 1e9;
 }
 
 Timing time_it(int warmup, int iters, Cuda *cuda, const std::function<void()> &step) {
@@ -335,14 +346,19 @@ Timing time_it(int warmup, int iters, Cuda *cuda, const std::function<void()> &s
 
 // One layer holding every expert: the figures the comparisons use.
 struct Measured {
+  int64_t tokens = 0;
   moe_config eff{};
   Timing tf, tb;
   moe_stats st{};
   bool have_stats = false;
+  int64_t experts_touched = 0;  // experts with at least one row in this batch
+  size_t ctx_bytes = 0;         // what a training step keeps (moe_context_memory after it)
+  moe_memory mem{};
 };
 
-Measured run_single(const Options &o, Cuda *cu) {
+Measured run_single(const Options &o, int64_t tokens, Cuda *cu) {
   Measured m;
+  m.tokens = tokens;
   moe_layer *layer = nullptr;
   check(moe_layer_create(&o.cfg, &layer), "moe_layer_create");
   m.eff.struct_size = sizeof m.eff;
@@ -352,25 +368,57 @@ Measured run_single(const Options &o, Cuda *cu) {
 
   // Random, non-zero activations on the layer's device.
   Rng rng{m.eff.seed ^ 0xA5A5A5A5DEADBEEFull};
-  const int64_t n = o.tokens * m.eff.d_model;
+  const int64_t n = tokens * m.eff.d_model;
   DeviceBuffer x(cu, random_activations(n, m.eff.dtype, rng));
   DeviceBuffer dy(cu, random_activations(n, m.eff.dtype, rng));
   const size_t act_bytes = static_cast<size_t>(n) * (m.eff.dtype == MOE_DTYPE_F32 ? 4 : 2);
   DeviceBuffer y(cu, std::vector<unsigned char>(act_bytes));
   DeviceBuffer dx(cu, std::vector<unsigned char>(act_bytes));
 
+  check(moe_route(layer, x.p, tokens, ctx), "moe_route");
+  std::vector<int64_t> counts(static_cast<size_t>(m.eff.num_experts));
+  check(moe_context_expert_counts(ctx, counts.data()), "moe_context_expert_counts");
+  for (int64_t c : counts) m.experts_touched += c > 0;
+
   if (o.fwd)
-    m.tf = time_it(o.warmup, o.iters, cu, [&] { check(moe_forward(layer, x.p, o.tokens, y.p, nullptr), "moe_forward"); });
-  if (o.fwdbwd)
+    m.tf = time_it(o.warmup, o.iters, cu, [&] { check(moe_forward(layer, x.p, tokens, y.p, nullptr), "moe_forward"); });
+  if (o.fwdbwd) {
     m.tb = time_it(o.warmup, o.iters, cu, [&] {
-      check(moe_forward(layer, x.p, o.tokens, y.p, ctx), "moe_forward (training)");
+      check(moe_forward(layer, x.p, tokens, y.p, ctx), "moe_forward (training)");
       check(moe_backward(layer, ctx, dy.p, dx.p), "moe_backward");
     });
+    check(moe_context_memory(ctx, &m.ctx_bytes), "moe_context_memory");
+  }
   m.st.struct_size = sizeof m.st;
   m.have_stats = o.fwdbwd && moe_context_stats(ctx, &m.st) == MOE_OK;
+  m.mem.struct_size = sizeof m.mem;
+  check(moe_layer_memory(layer, &m.mem), "moe_layer_memory");
   moe_context_destroy(ctx);
   moe_layer_destroy(layer);
   return m;
+}
+
+// FLOPs and weight bytes of one forward over T tokens (DESIGN section 8).
+struct Work {
+  double fwd_flops = 0, fwdbwd_flops = 0, fwd_bytes = 0, fwdbwd_bytes = 0;
+};
+
+Work work_of(const moe_config &eff, int64_t tokens, int64_t experts_touched) {
+  const double T = static_cast<double>(tokens), d = static_cast<double>(eff.d_model);
+  const double E = static_cast<double>(eff.num_experts), k = static_cast<double>(eff.top_k);
+  const double glu = eff.activation == MOE_ACT_SWIGLU || eff.activation == MOE_ACT_GEGLU ? 3.0 : 2.0;
+  double slots = T * k;
+  if (eff.routing == MOE_ROUTE_EXPERT_CHOICE)
+    slots = E * std::min(T, std::ceil(static_cast<double>(eff.capacity_factor) * T * k / E));
+  const double S = static_cast<double>(eff.num_shared_experts), ffs = static_cast<double>(eff.d_ff_shared);
+  Work w;
+  w.fwd_flops = 2.0 * slots * d * static_cast<double>(eff.d_ff) * glu + 2.0 * T * d * E + 2.0 * T * S * d * ffs * glu;
+  w.fwdbwd_flops = 3.0 * w.fwd_flops;
+  const double es = eff.dtype == MOE_DTYPE_F32 ? 4.0 : 2.0;
+  const double expert_bytes = glu * d * static_cast<double>(eff.d_ff) * es;
+  w.fwd_bytes = static_cast<double>(experts_touched) * expert_bytes + S * glu * d * ffs * es + E * d * 4.0;
+  w.fwdbwd_bytes = 4.0 * w.fwd_bytes;
+  return w;
 }
 
 }  // namespace
@@ -381,9 +429,13 @@ int run(int argc, char **argv) {
   const int threads = omp_get_max_threads();
   const bool on_cuda = o.cfg.device == MOE_DEVICE_CUDA;
 
-  // The machine's sgemm rate with the same BLAS and thread count (CPU layers only).
-  const double sgemm_gflops = on_cuda ? 0.0 : measure_sgemm(o.sgemm_size, 5);
-  if (!on_cuda) warn_slow_blas_kernel();
+  // The machine's GEMM rates and copy bandwidth with the same library and thread count (CPU).
+  const double f32_gflops = on_cuda ? 0.0 : measure_gemm(o.sgemm_size, MOE_DTYPE_F32, 5);
+  const double bf16_gflops = on_cuda ? 0.0 : measure_gemm(o.sgemm_size, MOE_DTYPE_BF16, 5);
+  const double copy_gbs = on_cuda ? 0.0 : measure_copy_gbs(3);
+  // A bfloat16 layer runs on bfloat16 kernels where they are faster, else on float32 copies
+  // (src/cpu/expert_ffn.cpp): its yardstick is the faster of the two rates. float16: float32.
+  const double gemm_gflops = o.cfg.dtype == MOE_DTYPE_BF16 ? std::max(f32_gflops, bf16_gflops) : f32_gflops;
 
   Cuda cuda;
   if (on_cuda) {
@@ -393,13 +445,13 @@ int run(int argc, char **argv) {
   }
   Cuda *cu = on_cuda ? &cuda : nullptr;
 
-  Measured m;
+  std::vector<Measured> rows;
   std::optional<EpResult> ep;
   if (o.ep_ranks > 1) {
     EpParams p;
     p.cfg = o.cfg;
     p.ranks = o.ep_ranks;
-    p.tokens = o.tokens;
+    p.tokens = o.tokens.front();
     p.warmup = o.warmup;
     p.iters = o.iters;
     p.fwd = o.fwd;
@@ -408,39 +460,31 @@ int run(int argc, char **argv) {
     p.threads_per_rank = std::max(1, threads / o.ep_ranks);
     p.cuda = cu;
     ep = run_expert_parallel(p);
+    Measured m;
+    m.tokens = p.tokens;
     m.eff = ep->eff;
     m.tf = ep->fwd;
     m.tb = ep->fwdbwd;
     m.st = ep->stats;
     m.have_stats = ep->have_stats;
+    m.experts_touched = m.eff.num_experts;
+    rows.push_back(m);
   } else {
-    m = run_single(o, cu);
+    for (int64_t t : o.tokens) rows.push_back(run_single(o, t, cu));
   }
-  const moe_config &eff = m.eff;
-  const Timing &tf = m.tf, &tb = m.tb;
-  const moe_stats &st = m.st;
-  const bool have_stats = m.have_stats;
+  const moe_config &eff = rows.front().eff;
 
-  // FLOPs per iteration (DESIGN §8), of the global batch.
-  const double T = static_cast<double>(o.tokens), d = static_cast<double>(eff.d_model);
-  const double E = static_cast<double>(eff.num_experts), k = static_cast<double>(eff.top_k);
-  const auto glu_factor = [](moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU ? 3.0 : 2.0; };
-  double slots = T * k;
-  if (eff.routing == MOE_ROUTE_EXPERT_CHOICE)
-    slots = E * std::min(T, std::ceil(static_cast<double>(eff.capacity_factor) * T * k / E));
-  double fwd_flops = 2.0 * slots * d * static_cast<double>(eff.d_ff) * glu_factor(eff.activation) + 2.0 * T * d * E;
-  fwd_flops += 2.0 * T * static_cast<double>(eff.num_shared_experts) * d * static_cast<double>(eff.d_ff_shared) *
-               glu_factor(eff.activation);
-  const double fwdbwd_flops = 3.0 * fwd_flops;
-
-  const std::string blas = on_cuda ? std::string("n/a (cuda)") : blas_description();
-  auto gflops = [](double flops, const Timing &t) { return flops / (t.median_ms * 1e-3) / 1e9; };
-  auto tokps = [&](const Timing &t) { return T / (t.median_ms * 1e-3); };
+  const std::string cpu = on_cuda ? std::string("n/a (cuda)") : cpu_description();
+  const std::string blas = on_cuda ? std::string("n/a (cuda)") : moe::cpu::gemm_library();
+  auto bound_ms = [&](double flops, double bytes) {
+    if (gemm_gflops <= 0 || copy_gbs <= 0) return 0.0;
+    return std::max(flops / (gemm_gflops * 1e9), bytes / (copy_gbs * 1e9)) * 1e3;
+  };
   const unsigned v = moe_version();
 
   if (o.json) {
-    std::printf("{\"libmoe\": \"%u.%u.%u\", \"device\": \"%s\", \"blas\": \"%s\", \"threads\": %d, ", v / 10000,
-                v / 100 % 100, v % 100, on_cuda ? "cuda" : "cpu", blas.c_str(), threads);
+    std::printf("{\"libmoe\": \"%u.%u.%u\", \"device\": \"%s\", \"cpu\": \"%s\", \"blas\": \"%s\", \"threads\": %d, ",
+                v / 10000, v / 100 % 100, v % 100, on_cuda ? "cuda" : "cpu", cpu.c_str(), blas.c_str(), threads);
     std::printf(
         "\"config\": {\"preset\": \"%s\", \"d_model\": %lld, \"d_ff\": %lld, \"experts\": %lld, \"top_k\": %lld, "
         "\"activation\": \"%s\", \"routing\": \"%s\", \"score\": \"%s\", \"normalize\": %d, \"routed_scale\": %g, "
@@ -453,68 +497,89 @@ int run(int argc, char **argv) {
         eff.capacity_factor, drop_name(eff.drop_policy), noise_name(eff.noise), eff.aux_loss_coef, eff.z_loss_coef,
         (long long)eff.num_shared_experts, (long long)eff.d_ff_shared, eff.shared_gate, dtype_name(eff.dtype),
         (unsigned long long)eff.seed);
-    std::printf("\"tokens\": %lld, \"iters\": %d, \"warmup\": %d, \"sgemm_size\": %lld, \"sgemm_gflops\": %.2f, ",
-                (long long)o.tokens, o.iters, o.warmup, (long long)o.sgemm_size, sgemm_gflops);
-    std::printf("\"flops\": {\"fwd\": %.6g, \"fwdbwd\": %.6g}", fwd_flops, fwdbwd_flops);
-    auto entry = [&](const char *name, double flops, const Timing &t) {
-      std::printf(", \"%s\": {\"ms_median\": %.4f, \"ms_min\": %.4f, \"tokens_per_s\": %.1f, \"gflops\": %.2f, "
-                  "\"sgemm_fraction\": %s}",
-                  name, t.median_ms, t.min_ms, tokps(t), gflops(flops, t),
-                  sgemm_gflops > 0 ? std::to_string(gflops(flops, t) / sgemm_gflops).c_str() : "null");
-    };
-    if (o.fwd) entry("fwd", fwd_flops, tf);
-    if (o.fwdbwd) entry("fwdbwd", fwdbwd_flops, tb);
-    if (have_stats)
-      std::printf(", \"routing\": {\"dropped_slots\": %lld, \"load_cv\": %.4f, \"max_load_ratio\": %.4f}",
-                  (long long)st.dropped_slots, st.load_cv, st.max_load_ratio);
-    std::printf(", \"ep_ranks\": %d", o.ep_ranks);
+    std::printf("\"iters\": %d, \"warmup\": %d, \"gemm_size\": %lld, \"gemm_gflops\": {\"f32\": %.2f, \"bf16\": %.2f}, "
+                "\"copy_gbs\": %.2f, \"param_bytes\": %zu, \"rows\": [",
+                o.iters, o.warmup, (long long)o.sgemm_size, f32_gflops, bf16_gflops, copy_gbs,
+                rows.front().mem.parameters);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const Measured &m = rows[i];
+      const Work w = work_of(eff, m.tokens, m.experts_touched);
+      std::printf("%s{\"tokens\": %lld, \"experts_touched\": %lld, \"flops\": {\"fwd\": %.6g, \"fwdbwd\": %.6g}, "
+                  "\"weight_bytes\": {\"fwd\": %.6g, \"fwdbwd\": %.6g}, \"saved_bytes_per_token\": %.1f",
+                  i ? ", " : "", (long long)m.tokens, (long long)m.experts_touched, w.fwd_flops, w.fwdbwd_flops,
+                  w.fwd_bytes, w.fwdbwd_bytes, m.tokens ? static_cast<double>(m.ctx_bytes) / m.tokens : 0.0);
+      auto entry = [&](const char *name, double flops, double bytes, const Timing &t) {
+        const double b = bound_ms(flops, bytes);
+        std::printf(", \"%s\": {\"ms_median\": %.4f, \"ms_min\": %.4f, \"tokens_per_s\": %.1f, \"gflops\": %.2f, "
+                    "\"bound_ms\": %.4f, \"of_bound\": %s, \"sgemm_fraction\": %s}",
+                    name, t.median_ms, t.min_ms, m.tokens / (t.median_ms * 1e-3), flops / (t.median_ms * 1e-3) / 1e9, b,
+                    b > 0 ? std::to_string(t.median_ms / b).c_str() : "null",
+                    f32_gflops > 0 ? std::to_string(flops / (t.median_ms * 1e-3) / 1e9 / f32_gflops).c_str() : "null");
+      };
+      if (o.fwd) entry("fwd", w.fwd_flops, w.fwd_bytes, m.tf);
+      if (o.fwdbwd) entry("fwdbwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb);
+      if (m.have_stats)
+        std::printf(", \"routing\": {\"dropped_slots\": %lld, \"load_cv\": %.4f, \"max_load_ratio\": %.4f}",
+                    (long long)m.st.dropped_slots, m.st.load_cv, m.st.max_load_ratio);
+      std::printf("}");
+    }
+    std::printf("], \"ep_ranks\": %d", o.ep_ranks);
     if (ep) print_ep_json(*ep);
     std::printf("}\n");
-  } else {
-    std::printf("moe-bench  libmoe %u.%u.%u  device %s  threads %d\n", v / 10000, v / 100 % 100, v % 100,
-                on_cuda ? "cuda" : "cpu", threads);
-    std::printf("blas       %s\n", blas.c_str());
-    std::printf("layer      %s%sd_model %lld  d_ff %lld  experts %lld  top-k %lld  %s  %s %s%s",
-                o.preset.empty() ? "" : "preset ", o.preset.empty() ? "" : (o.preset + "  ").c_str(),
-                (long long)eff.d_model, (long long)eff.d_ff, (long long)eff.num_experts, (long long)eff.top_k,
-                activation_name(eff.activation), routing_name(eff.routing), score_name(eff.score),
-                eff.capacity_factor > 0 ? "" : "  dropless");
-    if (eff.capacity_factor > 0) std::printf("  capacity %g (%s)", eff.capacity_factor, drop_name(eff.drop_policy));
-    if (eff.num_groups > 1) std::printf("  groups %lld keep %lld", (long long)eff.num_groups, (long long)eff.topk_groups);
-    if (eff.num_shared_experts > 0)
-      std::printf("  shared %lld x %lld%s", (long long)eff.num_shared_experts, (long long)eff.d_ff_shared,
-                  eff.shared_gate ? " gated" : "");
-    std::printf("  %s\n", dtype_name(eff.dtype));
-    std::printf("run        tokens %lld  iters %d (median)  warmup %d\n", (long long)o.tokens, o.iters, o.warmup);
-    if (ep)
-      std::printf("           %d expert-parallel ranks in this process: times below are of the in-process exchange\n"
-                  "           path (copies and barriers), not a speed claim\n",
-                  o.ep_ranks);
-    if (!on_cuda)
-      std::printf("sgemm      %lld^3: %.1f GFLOP/s (best of 5, same BLAS and threads)\n", (long long)o.sgemm_size,
-                  sgemm_gflops);
-    std::printf("flops      fwd %.3g  fwd+bwd %.3g per iteration\n\n", fwd_flops, fwdbwd_flops);
-    std::printf("%-9s %12s %10s %14s %10s %9s\n", "mode", "ms/iter", "min ms", "tokens/s", "GFLOP/s", "of sgemm");
-    auto row = [&](const char *name, double flops, const Timing &t) {
-      std::printf("%-9s %12.3f %10.3f %14.0f %10.1f", name, t.median_ms, t.min_ms, tokps(t), gflops(flops, t));
-      if (sgemm_gflops > 0) std::printf(" %8.1f%%\n", 100.0 * gflops(flops, t) / sgemm_gflops);
-      else std::printf(" %9s\n", "n/a");
-    };
-    if (o.fwd) row("fwd", fwd_flops, tf);
-    if (o.fwdbwd) row("fwd+bwd", fwdbwd_flops, tb);
-    if (have_stats)
-      std::printf("\nrouting    dropped slots %lld  load CV %.3f  max/mean load %.3f\n", (long long)st.dropped_slots,
-                  st.load_cv, st.max_load_ratio);
-    if (ep) print_ep_text(*ep);
+    return 0;
   }
-
+  std::printf("moe-bench  libmoe %u.%u.%u  device %s  threads %d\n", v / 10000, v / 100 % 100, v % 100,
+              on_cuda ? "cuda" : "cpu", threads);
+  std::printf("cpu        %s\ngemm       %s\n", cpu.c_str(), blas.c_str());
+  std::printf("layer      %s%sd_model %lld  d_ff %lld  experts %lld  top-k %lld  %s  %s %s%s",
+              o.preset.empty() ? "" : "preset ", o.preset.empty() ? "" : (o.preset + "  ").c_str(),
+              (long long)eff.d_model, (long long)eff.d_ff, (long long)eff.num_experts, (long long)eff.top_k,
+              activation_name(eff.activation), routing_name(eff.routing), score_name(eff.score),
+              eff.capacity_factor > 0 ? "" : "  dropless");
+  if (eff.capacity_factor > 0) std::printf("  capacity %g (%s)", eff.capacity_factor, drop_name(eff.drop_policy));
+  if (eff.num_groups > 1) std::printf("  groups %lld keep %lld", (long long)eff.num_groups, (long long)eff.topk_groups);
+  if (eff.num_shared_experts > 0)
+    std::printf("  shared %lld x %lld%s", (long long)eff.num_shared_experts, (long long)eff.d_ff_shared,
+                eff.shared_gate ? " gated" : "");
+  std::printf("  %s\n", dtype_name(eff.dtype));
+  std::printf("memory     parameters %.1f MB, gradients %.1f MB\n", rows.front().mem.parameters / 1e6,
+              rows.front().mem.gradients / 1e6);
+  std::printf("run        iters %d (median)  warmup %d\n", o.iters, o.warmup);
+  if (ep)
+    std::printf("           %d expert-parallel ranks in this process: times below are of the in-process exchange\n"
+                "           path (copies and barriers), not a speed claim\n",
+                o.ep_ranks);
+  if (!on_cuda)
+    std::printf("yardsticks GEMM %lld^3: float32 %.1f GFLOP/s, bfloat16 %.1f GFLOP/s (best of 5, same library and "
+                "threads); copy %.1f GB/s\n",
+                (long long)o.sgemm_size, f32_gflops, bf16_gflops, copy_gbs);
+  std::printf("\n%7s %-8s %10s %9s %10s %9s %8s %12s\n", "tokens", "mode", "ms", "GFLOP/s", "bound ms", "of bound",
+              "experts", "saved B/tok");
+  for (const Measured &m : rows) {
+    const Work w = work_of(eff, m.tokens, m.experts_touched);
+    auto row = [&](const char *name, double flops, double bytes, const Timing &t) {
+      const double b = bound_ms(flops, bytes);
+      std::printf("%7lld %-8s %10.3f %9.1f %10.3f %8.2fx %8lld", (long long)m.tokens, name, t.median_ms,
+                  flops / (t.median_ms * 1e-3) / 1e9, b, b > 0 ? t.median_ms / b : 0.0, (long long)m.experts_touched);
+      if (std::string(name) == "fwd+bwd" && m.tokens)
+        std::printf(" %12.0f\n", static_cast<double>(m.ctx_bytes) / m.tokens);
+      else
+        std::printf(" %12s\n", "");
+    };
+    if (o.fwd) row("fwd", w.fwd_flops, w.fwd_bytes, m.tf);
+    if (o.fwdbwd) row("fwd+bwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb);
+  }
+  if (rows.back().have_stats)
+    std::printf("\nrouting    dropped slots %lld  load CV %.3f  max/mean load %.3f (last row)\n",
+                (long long)rows.back().st.dropped_slots, rows.back().st.load_cv, rows.back().st.max_load_ratio);
+  if (ep) print_ep_text(*ep);
   return 0;
 }
 
 int main(int argc, char **argv) {
   try {
     return run(argc, argv);
-  } catch (const std::exception &e) {  // moe::cpu::sgemm reports failures as exceptions
+  } catch (const std::exception &e) {  // the GEMM wrapper reports failures as exceptions
     std::fprintf(stderr, "moe-bench: %s\n", e.what());
     return 1;
   }

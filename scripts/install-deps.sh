@@ -7,7 +7,7 @@ set -euo pipefail
 packages=(
   # compilers, build tools, BLAS for the CPU backend
   build-essential cmake pkg-config
-  libopenblas-dev libopenblas0-openmp libblis-dev libdnnl-dev
+  libdnnl-dev
   # tests: GoogleTest, the PyTorch oracle, sanitizers/fuzzing, valgrind
   libgtest-dev python3-dev python3-numpy python3-pytest python3-torch python3-matplotlib
   clang libclang-rt-14-dev libomp-dev valgrind

@@ -19,8 +19,14 @@
  *  - Precision (moe_config.dtype): with MOE_DTYPE_BF16 or MOE_DTYPE_F16 the experts' weights
  *    (experts.*, shared.w*) and their gradients are stored in that dtype, as are x, y, dy, dx and
  *    every activation the layer keeps; products and sums accumulate in float32, and what is
- *    stored is rounded once, to nearest even. The router (router.*, shared.gate, logits, scores,
- *    weights, aux losses) is float32 whatever the dtype.
+ *    stored is rounded once, to nearest even. Inside each expert FFN these values are stored in
+ *    the dtype, and each later step starts from the stored value: h = x W1^T and g = x W3^T; the
+ *    activation a = act(h) (* g), computed in float32 from the stored h, g; the expert's output
+ *    a W2^T. In backward: dA = dy_e W2; dh and dg (computed in float32 from the stored h, g, dA);
+ *    each weight gradient, rounded once when this call's sum is added to it; dx once. (As on
+ *    tensor cores, which take the second GEMM's input in 16 bits.) Both backends follow this
+ *    rule; they may add the terms of a sum in different orders. The router (router.*,
+ *    shared.gate, logits, scores, weights, aux losses) is float32 whatever the dtype.
  *  - Thread-safety: a layer, and the contexts created from it, may be used by one thread at a
  *    time (callers that share one layer between threads must hold their own lock). Different
  *    layers may be used from different threads concurrently. Functions that take no layer are
@@ -224,6 +230,25 @@ MOE_API moe_status moe_layer_get_config(const moe_layer *layer, moe_config *out)
  */
 MOE_API moe_status moe_layer_set_stream(moe_layer *layer, void *cuda_stream);
 
+/**
+ * Bytes of memory a layer holds on its device (host memory for a CPU layer), as allocated. The
+ * workspace grows to the largest call seen and is reused; contexts hold their own (see
+ * moe_context_memory).
+ */
+typedef struct moe_memory {
+  size_t struct_size; /* sizeof(moe_memory), set by the caller */
+  size_t parameters;  /* storage of every parameter */
+  size_t gradients;   /* their gradients */
+  size_t workspace;   /* the layer's buffers for inference forwards */
+} moe_memory;
+
+/**
+ * Fill *out with the bytes layer holds (min(out->struct_size, sizeof) bytes are written).
+ * Thread-safe with respect to other readers of the layer.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers or an out->struct_size too small.
+ */
+MOE_API moe_status moe_layer_memory(const moe_layer *layer, moe_memory *out);
+
 /* ---------------------------------------------------------------------------------------------
  * Parameters: named tensors in PyTorch nn.Linear layout ([out, in], row-major).
  *   router.weight [E, d]        router.noise_weight [E, d] (noise GAUSSIAN only)
@@ -378,6 +403,14 @@ typedef struct moe_stats {
  *         MOE_ERR_STATE if ctx holds no forward.
  */
 MOE_API moe_status moe_context_stats(const moe_context *ctx, moe_stats *out);
+
+/**
+ * Bytes of memory ctx holds: what its training forward keeps for backward and the workspace of
+ * its forwards and backwards (grow-only: reused by the next step of the same size). After a
+ * training step this is the activation memory that step needs. An empty context holds 0.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers.
+ */
+MOE_API moe_status moe_context_memory(const moe_context *ctx, size_t *bytes);
 
 /** Per-expert kept slot counts [E] (after capacity). Errors as moe_context_stats. */
 MOE_API moe_status moe_context_expert_counts(const moe_context *ctx, int64_t *counts);

@@ -197,6 +197,14 @@ MOE_API moe_status moe_context_topk(const moe_context *ctx, int32_t *expert_ids,
   });
 }
 
+MOE_API moe_status moe_context_memory(const moe_context *ctx, size_t *bytes) {
+  return moe::call("moe_context_memory", [&] {
+    require(ctx != nullptr, "ctx is NULL");
+    require(bytes != nullptr, "bytes is NULL");
+    *bytes = ctx->ws.bytes();
+  });
+}
+
 MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capacity, int32_t *token,
                                            int32_t *expert, float *weight, int64_t *count) {
   return moe::call("moe_context_assignments", [&] {

@@ -1,5 +1,6 @@
 // extern "C" entry points for configuration, layers and parameters: argument checks first,
 // then the core. Nothing is changed before every check has passed.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -181,6 +182,23 @@ MOE_API moe_status moe_layer_param_dtype(const moe_layer *layer, const char *nam
     const moe::Param &p = param_by_name(layer, name);
     require(out != nullptr, "out is NULL");
     *out = static_cast<moe_dtype>(p.dtype);
+  });
+}
+
+MOE_API moe_status moe_layer_memory(const moe_layer *layer, moe_memory *out) {
+  return moe::call("moe_layer_memory", [&] {
+    require(layer != nullptr, "layer is NULL");
+    require(out != nullptr, "out is NULL");
+    if (out->struct_size < sizeof(size_t) || out->struct_size > 4096)
+      fail(MOE_ERR_INVALID_ARGUMENT, "out->struct_size is %zu, expected %zu", out->struct_size, sizeof(moe_memory));
+    moe_memory m{};
+    m.struct_size = std::min(out->struct_size, sizeof(moe_memory));
+    for (const moe::Param &p : layer->params) {
+      m.parameters += p.data.bytes();
+      m.gradients += p.grad.bytes();
+    }
+    m.workspace = layer->ws.bytes();
+    std::memcpy(out, &m, m.struct_size);
   });
 }
 

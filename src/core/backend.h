@@ -15,7 +15,13 @@
 extern "C" {
 #endif
 
-#define MOE_BACKEND_ABI 2
+#define MOE_BACKEND_ABI 3
+
+/* Stages that run after an output was first written (the shared experts' expert_ffn after y; in
+ * backward, expert_ffn_bwd, shared_combine_bwd and gate_bwd, which add to gradients) are first
+ * called with `prepare` set: the call makes ready everything the same call without it needs
+ * (kernels, scratch memory) and computes and writes nothing. The core does this before the first
+ * write, so that no allocation can fail once an output or a gradient has changed. */
 
 /* Activation storage (shared/DESIGN.md section 3): fields typed `void *` below hold elements of
  * the args' `dtype` (a moe_dtype: float32, bfloat16 or float16); everything typed `float *` is
@@ -45,6 +51,7 @@ typedef struct moe_gate_args {
   float *dx;            /* [T,d] accumulated (+=); NULL: not wanted */
   float *dw;            /* [E,d] accumulated (+=) */
   float *dwn;           /* [E,d] accumulated (+=) (GAUSSIAN) */
+  int prepare;          /* gate_bwd: make ready only (see above) */
 } moe_gate_args;
 
 typedef struct moe_select_args {
@@ -145,6 +152,7 @@ typedef struct moe_ffn_args {
                                 [rows,d] and every expert's dx is added (+=); NULL: not wanted */
   void *dw1, *dw3, *dw2;     /* accumulated (+=) */
   void *dh, *dg;             /* [R,ff] scratch */
+  int prepare;               /* expert_ffn, expert_ffn_bwd: make ready only (see above) */
 } moe_ffn_args;
 
 typedef struct moe_shared_args {
@@ -161,6 +169,7 @@ typedef struct moe_shared_args {
   float *dx;                 /* [T,d] accumulated */
   float *dgate_w;            /* [d] accumulated */
   float *scratch;            /* [T] backward scratch when gate_w is set (NULL: the stage allocates) */
+  int prepare;               /* shared_combine_bwd: make ready only (see above) */
 } moe_shared_args;
 
 typedef struct moe_backend_ops {

@@ -35,6 +35,18 @@ struct Workspace {
   Buffer dclean, dstd, gate_scratch, shared_scratch;
   // expert parallelism: rows received for this rank's experts, and their permutations
   Buffer ep_perm, ep_inv, ep_stage, xl, yl, dyl, dxl;
+
+  // Bytes held by every buffer above (moe_layer_memory, moe_context_memory).
+  size_t bytes() const {
+    size_t n = 0;
+    for (const Buffer *b : {&x, &xf, &yacc, &dxacc, &logits, &scores, &lse, &topk_ids, &topk_w, &xr, &clean_logits,
+                            &noise_std, &noise, &token_offsets, &token_rows, &row_of_slot, &row_token, &row_slot,
+                            &row_weight, &xe, &h, &g, &a, &ye, &hs, &gs, &as, &ys, &gate, &dye, &drow_weight, &dh,
+                            &dg, &dxe, &dlogits, &dys, &dhs, &dgs, &dclean, &dstd, &gate_scratch, &shared_scratch,
+                            &ep_perm, &ep_inv, &ep_stage, &xl, &yl, &dyl, &dxl})
+      n += b->bytes();
+    return n;
+  }
 };
 
 // How the rows of one forward are spread over ranks (src/core/exchange.cpp).

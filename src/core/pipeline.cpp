@@ -312,6 +312,15 @@ void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context
     run(be, ops->expert_ffn, fa, "expert_ffn");
     if (ep) exchange_from_experts(l, w, r.ep, w.yl.get(), w.ye.get(), d);
 
+    // The shared experts are made ready before y is first written, so that a forward that fails
+    // for lack of memory leaves the caller's y as it was.
+    const int64_t shared_offsets[2] = {0, T};
+    if (c.S > 0) {
+      moe_ffn_args sp = ffn_args(l, w, true, x, shared_offsets);
+      sp.y = w.ys.get();
+      sp.prepare = 1;
+      run(be, ops->expert_ffn, sp, "expert_ffn (shared, prepare)");
+    }
     ra.ye = w.ye.get();
     ra.y = y;
     run(be, ops->combine, ra, "combine");
@@ -393,11 +402,51 @@ void backward(moe_layer &l, moe_context &ctx, const void *dy, void *dx_out) {
   for (float &v : lb_coef) v *= as;
   for (float &v : gate_coef) v *= as;
   for (float &v : load_coef) v *= as;
-  // Everything is allocated above this line. The stages below allocate nothing once gradients
-  // start to accumulate (select_bwd, whose scratch is its own, runs before any of them), so a
-  // backward that fails for lack of memory leaves every gradient and dx as they were.
   const void *x = w.x.get();
   const float *xf = lowp ? f(w.xf) : f(w.x);
+
+  // The stages that add to a gradient, in the order they run below.
+  moe_ffn_args fa =
+      ffn_args(l, w, false, ep ? w.xl.get() : w.xe.get(), ep ? r.ep.local_offsets.data() : r.offsets.data());
+  fa.dy = ep ? w.dyl.get() : w.dye.get();
+  fa.dx = ep ? w.dxl.get() : (dx ? w.dxe.get() : nullptr);
+  const int64_t shared_offsets[2] = {0, T};
+  moe_shared_args sc = shared_args(l, w, x, T);
+  moe_ffn_args sf = ffn_args(l, w, true, x, shared_offsets);
+  if (c.S > 0) {
+    sc.dy = dy;
+    sc.dys = w.dys.get();
+    sc.dx = dx;
+    sc.dgate_w = g(l.sgate);
+    sc.scratch = l.sgate ? w.shared_scratch.as<float>() : nullptr;
+    sf.dy = w.dys.get();
+    sf.dx = dx;
+  }
+  moe_gate_args ga = gate_args(l, w, r, noise, xf);
+  ga.dlogits = f(w.dlogits);
+  ga.dx = dx;
+  ga.dw = g(l.router_w);
+  if (noise == MOE_NOISE_JITTER && dx) ga.scratch = w.gate_scratch.as<float>();
+  if (noise == MOE_NOISE_GAUSSIAN) {
+    ga.dwn = g(l.noise_w);
+    ga.scratch = w.gate_scratch.as<float>();
+    if (load) {
+      ga.dclean_extra = f(w.dclean);
+      ga.dstd_extra = f(w.dstd);
+    }
+  }
+  // Each is made ready first (kernels, scratch): with the buffers above, everything a backward
+  // allocates is allocated before the first gradient is added to, so a backward that fails for
+  // lack of memory leaves every gradient and dx as they were. (The stages before the first of
+  // them, up to select_bwd, add to nothing.)
+  fa.prepare = sc.prepare = sf.prepare = ga.prepare = 1;
+  run(be, ops->expert_ffn_bwd, fa, "expert_ffn_bwd (prepare)");
+  if (c.S > 0) {
+    run(be, ops->shared_combine_bwd, sc, "shared_combine_bwd (prepare)");
+    run(be, ops->expert_ffn_bwd, sf, "expert_ffn_bwd (shared, prepare)");
+  }
+  run(be, ops->gate_bwd, ga, "gate_bwd (prepare)");
+  fa.prepare = sc.prepare = sf.prepare = ga.prepare = 0;
 
   moe_rows_args ra = rows_args(c, w, r);
   ra.ye = w.ye.get();
@@ -444,10 +493,6 @@ void backward(moe_layer &l, moe_context &ctx, const void *dy, void *dx_out) {
   // Other ranks may want the input gradient of the rows this rank computed, so with expert
   // parallelism it is always computed and sent back.
   if (ep) exchange_to_experts(l, w, r.ep, w.dye.get(), w.dyl.get(), d);
-  moe_ffn_args fa =
-      ffn_args(l, w, false, ep ? w.xl.get() : w.xe.get(), ep ? r.ep.local_offsets.data() : r.offsets.data());
-  fa.dy = ep ? w.dyl.get() : w.dye.get();
-  fa.dx = ep ? w.dxl.get() : (dx ? w.dxe.get() : nullptr);
   run(be, ops->expert_ffn_bwd, fa, "expert_ffn_bwd");
   if (ep) exchange_from_experts(l, w, r.ep, w.dxl.get(), w.dxe.get(), d);
 
@@ -458,32 +503,8 @@ void backward(moe_layer &l, moe_context &ctx, const void *dy, void *dx_out) {
   }
 
   if (c.S > 0) {
-    moe_shared_args s = shared_args(l, w, x, T);
-    s.dy = dy;
-    s.dys = w.dys.get();
-    s.dx = dx;
-    s.dgate_w = g(l.sgate);
-    s.scratch = l.sgate ? w.shared_scratch.as<float>() : nullptr;
-    run(be, ops->shared_combine_bwd, s, "shared_combine_bwd");
-    const int64_t offsets[2] = {0, T};
-    moe_ffn_args sf = ffn_args(l, w, true, x, offsets);
-    sf.dy = w.dys.get();
-    sf.dx = dx;
+    run(be, ops->shared_combine_bwd, sc, "shared_combine_bwd");
     run(be, ops->expert_ffn_bwd, sf, "expert_ffn_bwd (shared)");
-  }
-
-  moe_gate_args ga = gate_args(l, w, r, noise, xf);
-  ga.dlogits = f(w.dlogits);
-  ga.dx = dx;
-  ga.dw = g(l.router_w);
-  if (noise == MOE_NOISE_JITTER && dx) ga.scratch = w.gate_scratch.as<float>();
-  if (noise == MOE_NOISE_GAUSSIAN) {
-    ga.dwn = g(l.noise_w);
-    ga.scratch = w.gate_scratch.as<float>();
-    if (load) {
-      ga.dclean_extra = f(w.dclean);
-      ga.dstd_extra = f(w.dstd);
-    }
   }
   run(be, ops->gate_bwd, ga, "gate_bwd");
   if (lowp && dx_out)

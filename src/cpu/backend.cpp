@@ -21,6 +21,10 @@ moe_status create(const moe_config *, void **state) {
     return MOE_OK;
   } catch (const std::bad_alloc &) {
     return MOE_ERR_OUT_OF_MEMORY;
+  } catch (const Error &e) {  // oneDNN's engine or stream (cpu/gemm.cpp)
+    return e.status();
+  } catch (...) {
+    return MOE_ERR_INTERNAL;
   }
 }
 

@@ -93,6 +93,7 @@ moe_status shared_combine(void *st, const moe_shared_args *a) {
 
 moe_status shared_combine_bwd(void *st, const moe_shared_args *a) {
   return guarded(st, [&] {
+    if (a->prepare) return;  // nothing to make ready: the core passes the scratch
     const int64_t d = a->d, T = a->T;
     std::vector<float> own(a->gate_w && !a->scratch ? static_cast<size_t>(T) : 0);
     float *dpre = a->scratch ? a->scratch : own.data();

@@ -7,6 +7,7 @@
 #include "core/checked.h"
 #include "core/error.h"
 #include "core/stage_status.h"
+#include "cpu/gemm.h"
 
 namespace moe::cpu {
 
@@ -22,6 +23,8 @@ inline size_t checked_count(int64_t a, int64_t b, const char *what) {
 
 struct State {
   std::string error;
+  Gemms gemms;                              // oneDNN primitives of this layer's shapes
+  std::vector<unsigned char> gemm_scratch;  // their scratchpad: grow-only, reused across calls
   // float32 copies for the bf16/f16 expert FFN (expert_ffn.cpp): grow-only, reused across calls.
   std::vector<float> widened;
 };
@@ -33,6 +36,13 @@ template <class F>
 moe_status guarded(void *state, F &&body) noexcept {
   return stage_status(static_cast<State *>(state)->error, body);
 }
+
+// Float32 row-major C = op(A) op(B) (+ C when beta is 1) for the router's products, whose token
+// dimension (M, or K when trans_a) is a runtime size: one primitive serves every batch size.
+// dry: only prepare the primitive (and grow the scratch), so that a later call cannot fail for
+// memory.
+void router_gemm(State &st, bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc, bool dry = false);
 
 // out[t] = sum of (weight[r] *) src[r] over token t's rows, src in a->dtype (combine.cpp; used by
 // dispatch_bwd).

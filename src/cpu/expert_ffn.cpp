@@ -1,21 +1,41 @@
 // Each expert's FFN over its rows: GEMM, activation (GLU or plain), GEMM; and the backward.
+//
+// The GEMMs run on oneDNN matmul primitives (cpu/gemm.h) over the weights in their public
+// [out, in] layout, threaded by oneDNN; the elementwise passes are threaded here. Two ways to run
+// a call, chosen once per call:
+//  - direct: every operand in its storage dtype. float32 layers, and bfloat16 layers where the
+//    CPU's bfloat16 kernels are the fast ones for this many rows (bf16_native_max_rows());
+//  - widened: float32 GEMMs on float32 copies (float16 layers: oneDNN 2.6 has no float16 matmul on
+//    the CPU; bfloat16 layers at many rows on CPUs whose bfloat16 dot product is no faster than
+//    their float32 FMA). Weights are widened a panel of kPanel rows or columns at a time.
+// Both follow the precision rule of moe.h: h and g are rounded to the layer's dtype, the
+// activation a is computed from the rounded values and rounded, y is rounded; in backward dA, dh,
+// dg are rounded, a weight gradient is rounded once when added, dx once.
+//
+// Every GEMM of a call is prepared before the first output is written (a dry run of the same
+// code), so that a primitive oneDNN cannot create, or scratch that cannot be had, fails the call
+// before it changes anything.
 #include <algorithm>
 #include <climits>
 #include <vector>
 
+#include "core/half.h"
 #include "cpu/activation.h"
-#include "cpu/blas.h"
+#include "cpu/convert.h"
 #include "cpu/cpu.h"
-#include "cpu/elem.h"
+#include "cpu/gemm.h"
 
 namespace moe::cpu {
 
 namespace {
 
+constexpr int64_t kPanel = 512;  // weight rows (or columns) widened at a time
+constexpr int64_t kChunk = 1 << 14;
+constexpr int64_t kSmallWeights = 1 << 16;  // weight elements below which row counts share a GEMM
+
 // Elementwise work split into contiguous chunks, one per thread, each a vectorised call.
 template <class F>
 void chunked(int64_t n, F &&f) {
-  constexpr int64_t kChunk = 1 << 14;
   const int64_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk) - c * kChunk);
@@ -24,223 +44,406 @@ void chunked(int64_t n, F &&f) {
 bool glu(int kind) { return kind == MOE_ACT_SWIGLU || kind == MOE_ACT_GEGLU; }
 
 struct Rows {
-  int64_t begin, n;
+  int64_t begin, n;  // output rows [begin, begin + n)
+  int64_t in;        // first input row
 };
 
 Rows rows_of(const moe_ffn_args *a, int64_t e) {
-  if (a->shared_input) return {e * a->offsets[1], a->offsets[1]};
-  return {a->offsets[e], a->offsets[e + 1] - a->offsets[e]};
+  if (a->shared_input) return {e * a->offsets[1], a->offsets[1], 0};
+  return {a->offsets[e], a->offsets[e + 1] - a->offsets[e], a->offsets[e]};
 }
 
-// Typed views of the args' float32 storage.
-const float *cf(const void *p) { return static_cast<const float *>(p); }
-float *mf(void *p) { return static_cast<float *>(p); }
-
-const float *input_of(const moe_ffn_args *a, const Rows &r) {
-  return a->shared_input ? cf(a->x) : cf(a->x) + r.begin * a->d;
+int64_t max_rows(const moe_ffn_args *a) {
+  int64_t m = 0;
+  for (int64_t e = 0; e < a->num_experts; ++e) m = std::max(m, rows_of(a, e).n);
+  return m;
 }
 
-void forward_f32(const moe_ffn_args *a) {
-  const int64_t d = a->d, ff = a->ff;
-  const bool is_glu = glu(a->activation);
-  for (int64_t e = 0; e < a->num_experts; ++e) {
-    Rows r = rows_of(a, e);
-    if (r.n == 0) continue;
-    const float *x = input_of(a, r);
-    float *h = mf(a->h) + r.begin * ff;
-    float *g = is_glu ? mf(a->g) + r.begin * ff : nullptr;
-    float *act_out = mf(a->a) + r.begin * ff;
-    sgemm(false, true, r.n, ff, d, 1.0f, x, d, cf(a->w1) + e * ff * d, d, 0.0f, h, ff);
-    if (is_glu) sgemm(false, true, r.n, ff, d, 1.0f, x, d, cf(a->w3) + e * ff * d, d, 0.0f, g, ff);
-    chunked(r.n * ff, [&](int64_t at, int64_t len) {
-      activation_forward(a->activation, h + at, g ? g + at : nullptr, act_out + at, len);
+// One operand of a GEMM: storage of dtype, row stride ld, read transposed when trans.
+struct Mat {
+  const void *p;
+  int dtype;
+  int64_t ld;
+  bool trans = false;
+};
+
+const void *at(const void *p, int dtype, int64_t i) { return elem_at(p, dtype, i); }
+void *at(void *p, int dtype, int64_t i) { return elem_at(p, dtype, i); }
+
+// Runs or, dry, only prepares the GEMMs of a call; the arena and scratch are sized in between.
+class Exec {
+ public:
+  Exec(State &st, bool dry) : st_(st), dry_(dry) {}
+  bool dry() const { return dry_; }
+  // C[M,N] (+)= op(A) op(B); C of dtype cdt with row stride ldc. The expert's rows are M, or K
+  // for a weight gradient (A transposed).
+  void gemm(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc, bool acc) {
+    if (M == 0 || N == 0) return;
+    GemmShape s;
+    // Small weights: one primitive for every row count (the rows are a runtime size). A fixed
+    // row count reaches oneDNN's brgemm kernels, which matters only where the product is large
+    // enough to pay for a primitive per count (about 0.05-0.3 ms and a few dozen allocations
+    // each).
+    const bool small = (A.trans ? M : K) * N < kSmallWeights;
+    s.runtime_m = small && !A.trans;
+    s.runtime_k = small && A.trans;
+    s.M = s.runtime_m ? 0 : M;
+    s.N = N;
+    s.K = s.runtime_k ? 0 : K;
+    s.trans_a = A.trans;
+    s.trans_b = B.trans;
+    s.lda = A.ld;
+    s.ldb = B.ld;
+    s.ldc = ldc;
+    s.a_dtype = A.dtype;
+    s.b_dtype = B.dtype;
+    s.c_dtype = cdt;
+    s.accumulate = acc;
+    const Gemm g = st_.gemms.prepare(s);
+    if (!dry_) g.run(A.p, B.p, C, st_.gemm_scratch, M, K);
+  }
+
+ private:
+  State &st_;
+  bool dry_;
+};
+
+// The float32 arena of a widened call, carved in order (mark/reset reuse it expert after
+// expert); sized by a dry run of the same code, which hands out null pointers.
+class Arena {
+ public:
+  Arena(std::vector<float> &store, bool dry) : store_(store), dry_(dry) {}
+  float *take(int64_t n) {
+    const size_t at = used_;
+    used_ += static_cast<size_t>(n);
+    peak_ = std::max(peak_, used_);
+    if (dry_) return nullptr;
+    if (used_ > store_.size()) fail(MOE_ERR_INTERNAL, "expert_ffn: arena of %zu floats too small", store_.size());
+    return store_.data() + at;
+  }
+  size_t mark() const { return used_; }
+  void reset(size_t mark) { used_ = mark; }
+  size_t peak() const { return peak_; }
+
+ private:
+  std::vector<float> &store_;
+  bool dry_;
+  size_t used_ = 0, peak_ = 0;
+};
+
+// Elementwise passes on rows of dtype storage: float32 computes in place, 16-bit storage through
+// float32 pieces (rounded where stored).
+void act_forward(const Exec &x, int kind, int dt, const void *h, const void *g, void *out, int64_t n) {
+  if (x.dry() || n == 0) return;
+  if (dt == MOE_DTYPE_F32) {
+    chunked(n, [&](int64_t at0, int64_t len) {
+      activation_forward(kind, static_cast<const float *>(h) + at0, g ? static_cast<const float *>(g) + at0 : nullptr,
+                         static_cast<float *>(out) + at0, len);
     });
-    sgemm(false, true, r.n, d, ff, 1.0f, act_out, ff, cf(a->w2) + e * d * ff, ff, 0.0f, mf(a->y) + r.begin * d, d);
+    return;
+  }
+  chunked(n, [&](int64_t at0, int64_t len) {
+    constexpr int64_t kPiece = 1024;
+    float hf[kPiece], gf[kPiece], of[kPiece];
+    for (int64_t i = 0; i < len; i += kPiece) {
+      const int64_t m = std::min(kPiece, len - i);
+      widen(hf, at(h, dt, at0 + i), dt, m);
+      if (g) widen(gf, at(g, dt, at0 + i), dt, m);
+      activation_forward(kind, hf, g ? gf : nullptr, of, m);
+      narrow(at(out, dt, at0 + i), dt, of, m);
+    }
+  });
+}
+
+// a = act(h, g) (a may be NULL: not wanted), then (dh, dg) from da = dh: dh = da g act'(h), dg = da act(h).
+void act_backward(const Exec &x, int kind, int dt, const void *h, const void *g, void *a, void *dh, void *dg,
+                  int64_t n) {
+  if (x.dry() || n == 0) return;
+  chunked(n, [&](int64_t at0, int64_t len) {
+    constexpr int64_t kPiece = 1024;
+    float hf[kPiece], gf[kPiece], af[kPiece], df[kPiece], dgf[kPiece];
+    for (int64_t i = 0; i < len; i += kPiece) {
+      const int64_t m = std::min(kPiece, len - i);
+      const float *hp = hf, *gp = g ? gf : nullptr;
+      float *dp = df, *dgp = dg ? dgf : nullptr;
+      if (dt == MOE_DTYPE_F32) {
+        hp = static_cast<const float *>(h) + at0 + i;
+        gp = g ? static_cast<const float *>(g) + at0 + i : nullptr;
+        dp = static_cast<float *>(dh) + at0 + i;
+        dgp = dg ? static_cast<float *>(dg) + at0 + i : nullptr;
+      } else {
+        widen(hf, at(h, dt, at0 + i), dt, m);
+        if (g) widen(gf, at(g, dt, at0 + i), dt, m);
+        widen(df, at(dh, dt, at0 + i), dt, m);
+      }
+      if (a) {
+        float *ap = dt == MOE_DTYPE_F32 ? static_cast<float *>(a) + at0 + i : af;
+        activation_forward(kind, hp, gp, ap, m);
+        if (dt != MOE_DTYPE_F32) narrow(at(a, dt, at0 + i), dt, af, m);
+      }
+      activation_backward(kind, hp, gp, dp, dgp, m);
+      if (dt != MOE_DTYPE_F32) {
+        narrow(at(dh, dt, at0 + i), dt, df, m);
+        if (dg) narrow(at(dg, dt, at0 + i), dt, dgf, m);
+      }
+    }
+  });
+}
+
+// Rows of float32 values: round in place to dt (what storing keeps), and store into dst (rows of
+// dt with row stride ld_dst) when dst is given.
+void round_rows(const Exec &x, float *v, int64_t rows, int64_t cols, int64_t ldv, int dt, void *dst, int64_t ld_dst) {
+  if (x.dry() || rows == 0) return;
+#pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
+  for (int64_t i = 0; i < rows; ++i) {
+    round_in_place(v + i * ldv, dt, cols);
+    if (dst) narrow(at(dst, dt, i * ld_dst), dt, v + i * ldv, cols);
   }
 }
 
-void backward_f32(const moe_ffn_args *a) {
-  const int64_t d = a->d, ff = a->ff;
-  const bool is_glu = glu(a->activation);
-  const int kind = a->activation;
-  for (int64_t e = 0; e < a->num_experts; ++e) {
-    Rows r = rows_of(a, e);
-    if (r.n == 0) continue;
-    const float *x = input_of(a, r);
-    const float *h = cf(a->h) + r.begin * ff;
-    const float *g = is_glu ? cf(a->g) + r.begin * ff : nullptr;
-    const float *dy = cf(a->dy) + r.begin * d;
-    float *act_out = mf(a->a) + r.begin * ff;
-    float *dh = mf(a->dh) + r.begin * ff;
-    float *dg = is_glu ? mf(a->dg) + r.begin * ff : nullptr;
-    const float *w1 = cf(a->w1) + e * ff * d, *w2 = cf(a->w2) + e * d * ff;
-    const float *w3 = is_glu ? cf(a->w3) + e * ff * d : nullptr;
-    // A is recomputed rather than saved: one pass over H and G instead of R*ff more memory.
-    chunked(r.n * ff, [&](int64_t at, int64_t len) {
-      activation_forward(kind, h + at, g ? g + at : nullptr, act_out + at, len);
-    });
-    // dW2 += dY^T A ; dA = dY W2 (into dh)
-    sgemm(true, false, d, ff, r.n, 1.0f, dy, d, act_out, ff, 1.0f, mf(a->dw2) + e * d * ff, ff);
-    sgemm(false, false, r.n, ff, d, 1.0f, dy, d, w2, ff, 0.0f, dh, ff);
-    chunked(r.n * ff, [&](int64_t at, int64_t len) {
-      activation_backward(kind, h + at, g ? g + at : nullptr, dh + at, dg ? dg + at : nullptr, len);
-    });
-    sgemm(true, false, ff, d, r.n, 1.0f, dh, ff, x, d, 1.0f, mf(a->dw1) + e * ff * d, d);
-    if (is_glu) sgemm(true, false, ff, d, r.n, 1.0f, dg, ff, x, d, 1.0f, mf(a->dw3) + e * ff * d, d);
-    if (a->dx) {
-      // Shared experts all read the same x, so their input gradients add into the caller's dx.
-      float *dx = a->shared_input ? mf(a->dx) : mf(a->dx) + r.begin * d;
-      const float beta = a->shared_input ? 1.0f : 0.0f;
-      sgemm(false, false, r.n, d, ff, 1.0f, dh, ff, w1, d, beta, dx, d);
-      if (is_glu) sgemm(false, false, r.n, d, ff, 1.0f, dg, ff, w3, d, 1.0f, dx, d);
+// dst rows (dt, stride ld_dst) += src rows (float32, stride ld_src), rounded once.
+void add_rows(const Exec &x, void *dst, int dt, int64_t ld_dst, const float *src, int64_t ld_src, int64_t rows,
+              int64_t cols) {
+  if (x.dry() || rows == 0) return;
+#pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
+  for (int64_t i = 0; i < rows; ++i) {
+    float buf[kPanel];
+    for (int64_t c = 0; c < cols; c += kPanel) {
+      const int64_t m = std::min(kPanel, cols - c);
+      widen(buf, at(dst, dt, i * ld_dst + c), dt, m);
+      const float *s = src + i * ld_src + c;
+      for (int64_t j = 0; j < m; ++j) buf[j] += s[j];
+      narrow(at(dst, dt, i * ld_dst + c), dt, buf, m);
     }
   }
 }
 
-// bfloat16/float16 experts run the float32 code one expert at a time on widened copies: the GEMMs
-// accumulate in float32 (as cuBLAS does with a 32F compute type), and what the stage stores (h, g,
-// y, dx, the accumulated weight gradients) is rounded once per call. The float32 copies live in the
-// backend's arena, grown for the largest expert before any output is written, so running out of
-// memory leaves every output (and gradient) as it was.
-class Widened {
- public:
-  Widened(int dtype, std::vector<float> &arena, size_t floats) : dtype_(dtype), arena_(arena) {
-    if (arena_.size() < floats) arena_.resize(floats);
-  }
-  // A float32 copy of n elements of p from element offset.
-  float *in(const void *p, int64_t offset, int64_t n) {
-    float *v = next(n);
-    convert_host(v, MOE_DTYPE_F32, elem_at(p, dtype_, offset), dtype_, n);
-    return v;
-  }
-  // A float32 buffer of n elements (zeros, or p's values when accumulate) that flush() rounds into
-  // p from element offset; p NULL: scratch, never stored.
-  float *out(void *p, int64_t offset, int64_t n, bool accumulate = false) {
-    float *buf = accumulate ? in(p, offset, n) : next(n);
-    if (!accumulate) std::fill(buf, buf + n, 0.0f);
-    if (p) pending_[npending_++] = {buf, elem_at(p, dtype_, offset), n};
-    return buf;
-  }
-  // What was taken so far stays for the whole call (flush() recycles only what follows).
-  void keep() { kept_ = used_; }
-  // Stores the outputs and recycles the arena past what keep() kept.
-  void flush() {
-    for (size_t i = 0; i < npending_; ++i)
-      convert_host(pending_[i].dst, dtype_, pending_[i].src, MOE_DTYPE_F32, pending_[i].n);
-    npending_ = 0;
-    used_ = kept_;
-  }
+// Widens rows x cols of src (dt, row stride ld) into dst (float32, row stride cols).
+void widen_rows(const Exec &x, float *dst, const void *src, int dt, int64_t ld, int64_t rows, int64_t cols) {
+  if (x.dry() || rows == 0) return;
+#pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
+  for (int64_t i = 0; i < rows; ++i) widen(dst + i * cols, at(src, dt, i * ld), dt, cols);
+}
 
- private:
-  struct Pending {
-    const float *src;
-    void *dst;
-    int64_t n;
-  };
-  float *next(int64_t n) {
-    if (static_cast<size_t>(n) > arena_.size() - used_ || npending_ == kMaxPending)
-      fail(MOE_ERR_INTERNAL, "expert_ffn: float32 arena of %zu elements too small", arena_.size());
-    float *p = arena_.data() + used_;
-    used_ += static_cast<size_t>(n);
-    return p;
-  }
-  static constexpr size_t kMaxPending = 8;
-  int dtype_;
-  std::vector<float> &arena_;
-  size_t used_ = 0, kept_ = 0;
-  Pending pending_[kMaxPending];
-  size_t npending_ = 0;
+// ---- the two ways to run a call -------------------------------------------------------------------
+
+struct Call {
+  const moe_ffn_args *a;
+  int64_t d, ff;
+  int dt;  // storage dtype
+  bool is_glu;
 };
 
-// Arena size: the shared input rows (shared experts), `weights` expert-weight-sized copies, and
-// `per_row` floats for each row of the largest expert.
-size_t arena_floats(const moe_ffn_args *a, int64_t weights, int64_t per_row) {
-  int64_t rows = 0;
-  for (int64_t e = 0; e < a->num_experts; ++e) rows = std::max(rows, rows_of(a, e).n);
-  const int64_t parts[3] = {checked_mul(weights, checked_mul(a->ff, a->d, "d_ff * d_model"), "expert weights"),
-                            checked_mul(rows, per_row, "expert rows"),
-                            a->shared_input ? checked_mul(a->offsets[1], a->d, "rows * d_model") : 0};
-  int64_t total = 0;
-  for (int64_t p : parts) {
-    if (p > INT64_MAX - total) fail(MOE_ERR_INVALID_ARGUMENT, "expert_ffn: float32 copies overflow int64");
-    total += p;
-  }
-  return static_cast<size_t>(total);
+// Forward of expert e, operands in storage.
+void forward_direct(Exec &x, const Call &c, int64_t e, const Rows &r) {
+  const moe_ffn_args *a = c.a;
+  const int64_t d = c.d, ff = c.ff;
+  const int dt = c.dt;
+  const Mat X{at(a->x, dt, r.in * d), dt, d};
+  void *h = at(a->h, dt, r.begin * ff), *g = c.is_glu ? at(a->g, dt, r.begin * ff) : nullptr;
+  void *act = at(a->a, dt, r.begin * ff);
+  x.gemm(r.n, ff, d, X, Mat{at(a->w1, dt, e * ff * d), dt, d, true}, h, dt, ff, false);
+  if (g) x.gemm(r.n, ff, d, X, Mat{at(a->w3, dt, e * ff * d), dt, d, true}, g, dt, ff, false);
+  act_forward(x, a->activation, dt, h, g, act, r.n * ff);
+  x.gemm(r.n, d, ff, Mat{act, dt, ff}, Mat{at(a->w2, dt, e * d * ff), dt, ff, true}, at(a->y, dt, r.begin * d), dt,
+         d, false);
 }
 
-// Calls body(o, w, e, r) for each expert with rows, o being its arguments over float32 copies
-// (num_experts 1, rows [0, r.n), x and the weights widened); body widens or allocates the rest
-// through w, and what it marked for storing is rounded into a's buffers after it returns.
-template <class F>
-void each_expert_widened(State &st, const moe_ffn_args *a, int64_t weights, int64_t per_row, F &&body) {
-  const int64_t d = a->d, ff = a->ff;
-  const bool is_glu = glu(a->activation);
-  Widened w(a->dtype, st.widened, arena_floats(a, weights, per_row));
-  // Shared experts all read the same rows: widened once for every expert.
-  const float *shared_x = a->shared_input ? w.in(a->x, 0, a->offsets[1] * d) : nullptr;
-  w.keep();
-  for (int64_t e = 0; e < a->num_experts; ++e) {
-    const Rows r = rows_of(a, e);
-    if (r.n == 0) continue;
-    const int64_t offsets[2] = {0, r.n};
-    moe_ffn_args o = *a;
-    o.num_experts = 1;
-    o.offsets = offsets;
-    o.dtype = MOE_DTYPE_F32;
-    o.x = a->shared_input ? shared_x : w.in(a->x, r.begin * d, r.n * d);
-    o.w1 = w.in(a->w1, e * ff * d, ff * d);
-    o.w3 = is_glu ? w.in(a->w3, e * ff * d, ff * d) : nullptr;
-    o.w2 = w.in(a->w2, e * d * ff, d * ff);
-    body(o, w, e, r);
-    w.flush();
+// out[:, panel] = X (float32, [rows, K]) times a panel of W^T, for panels of kPanel rows of the
+// weight W ([N, K] rows of dt): each panel widened into wbuf.
+void gemm_widened_nt(Exec &x, int64_t rows, int64_t N, int64_t K, const float *X, const void *W, int dt, float *wbuf,
+                     float *out, int64_t ldo) {
+  for (int64_t p = 0; p < N; p += kPanel) {
+    const int64_t w = std::min(kPanel, N - p);
+    widen_rows(x, wbuf, at(W, dt, p * K), dt, K, w, K);
+    x.gemm(rows, w, K, Mat{X, MOE_DTYPE_F32, K}, Mat{wbuf, MOE_DTYPE_F32, K, true}, x.dry() ? nullptr : out + p,
+           MOE_DTYPE_F32, ldo, false);
   }
 }
 
-void forward_lowp(State &st, const moe_ffn_args *a) {
-  const int64_t d = a->d, ff = a->ff;
-  const bool is_glu = glu(a->activation);
-  // x, y and h, g, a per row; w1, w3, w2.
-  each_expert_widened(st, a, 3, checked_mul(5, std::max(d, ff), "row width"),
-                      [&](moe_ffn_args &o, Widened &w, int64_t, const Rows &r) {
-                        o.h = w.out(a->h, r.begin * ff, r.n * ff);
-                        o.g = is_glu ? w.out(a->g, r.begin * ff, r.n * ff) : nullptr;
-                        o.a = w.out(nullptr, 0, r.n * ff);
-                        o.y = w.out(a->y, r.begin * d, r.n * d);
-                        forward_f32(&o);
-                      });
+// out[:, panel] (+)= X (float32, [rows, K]) times a column panel of W ([K, N] rows of dt, row stride N).
+void gemm_widened_nn(Exec &x, int64_t rows, int64_t N, int64_t K, const float *X, const void *W, int dt, float *wbuf,
+                     float *out, int64_t ldo, bool acc) {
+  for (int64_t p = 0; p < N; p += kPanel) {
+    const int64_t w = std::min(kPanel, N - p);
+    widen_rows(x, wbuf, at(W, dt, p), dt, N, K, w);
+    x.gemm(rows, w, K, Mat{X, MOE_DTYPE_F32, K}, Mat{wbuf, MOE_DTYPE_F32, w}, x.dry() ? nullptr : out + p,
+           MOE_DTYPE_F32, ldo, acc);
+  }
 }
 
-void backward_lowp(State &st, const moe_ffn_args *a) {
-  const int64_t d = a->d, ff = a->ff;
-  const bool is_glu = glu(a->activation);
-  // x, dy, dx and h, g, a, dh, dg per row; w1, w3, w2 and their gradients.
-  each_expert_widened(st, a, 6, checked_mul(8, std::max(d, ff), "row width"),
-                      [&](moe_ffn_args &o, Widened &w, int64_t e, const Rows &r) {
-                        o.h = w.in(a->h, r.begin * ff, r.n * ff);
-                        o.g = is_glu ? w.in(a->g, r.begin * ff, r.n * ff) : nullptr;
-                        o.dy = w.in(a->dy, r.begin * d, r.n * d);
-                        o.a = w.out(nullptr, 0, r.n * ff);
-                        o.dh = w.out(nullptr, 0, r.n * ff);
-                        o.dg = is_glu ? w.out(nullptr, 0, r.n * ff) : nullptr;
-                        o.dw1 = w.out(a->dw1, e * ff * d, ff * d, true);
-                        o.dw3 = is_glu ? w.out(a->dw3, e * ff * d, ff * d, true) : nullptr;
-                        o.dw2 = w.out(a->dw2, e * d * ff, d * ff, true);
-                        // Shared experts add into the caller's float32 dx; a routed expert's dx
-                        // rows are stored.
-                        if (a->dx && !a->shared_input) o.dx = w.out(a->dx, r.begin * d, r.n * d);
-                        backward_f32(&o);
-                      });
+void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, const float *xf) {
+  const moe_ffn_args *a = c.a;
+  const int64_t d = c.d, ff = c.ff, n = r.n;
+  const int dt = c.dt;
+  float *hf = arena.take(n * ff), *gf = c.is_glu ? arena.take(n * ff) : nullptr, *af = arena.take(n * ff);
+  float *yf = arena.take(n * d), *wbuf = arena.take(kPanel * std::max(d, ff));
+  gemm_widened_nt(x, n, ff, d, xf, at(a->w1, dt, e * ff * d), dt, wbuf, hf, ff);
+  round_rows(x, hf, n, ff, ff, dt, at(a->h, dt, r.begin * ff), ff);
+  if (gf) {
+    gemm_widened_nt(x, n, ff, d, xf, at(a->w3, dt, e * ff * d), dt, wbuf, gf, ff);
+    round_rows(x, gf, n, ff, ff, dt, at(a->g, dt, r.begin * ff), ff);
+  }
+  act_forward(x, a->activation, MOE_DTYPE_F32, hf, gf, af, n * ff);
+  round_rows(x, af, n, ff, ff, dt, nullptr, 0);
+  gemm_widened_nt(x, n, d, ff, af, at(a->w2, dt, e * d * ff), dt, wbuf, yf, d);
+  round_rows(x, yf, n, d, d, dt, at(a->y, dt, r.begin * d), d);
+}
+
+// Backward of expert e, operands in storage. dxf: float32 [n, d] scratch for a 16-bit dx.
+void backward_direct(Exec &x, const Call &c, int64_t e, const Rows &r, float *dxf) {
+  const moe_ffn_args *a = c.a;
+  const int64_t d = c.d, ff = c.ff, n = r.n;
+  const int dt = c.dt;
+  const void *xe = at(a->x, dt, r.in * d), *dy = at(a->dy, dt, r.begin * d);
+  const void *h = at(a->h, dt, r.begin * ff), *g = c.is_glu ? at(a->g, dt, r.begin * ff) : nullptr;
+  void *act = at(a->a, dt, r.begin * ff), *dh = at(a->dh, dt, r.begin * ff);
+  void *dg = c.is_glu ? at(a->dg, dt, r.begin * ff) : nullptr;
+  const void *w1 = at(a->w1, dt, e * ff * d), *w3 = c.is_glu ? at(a->w3, dt, e * ff * d) : nullptr;
+  // dA = dY W2 (into dh), then a = act(h, g) recomputed (one pass over h and g rather than n*ff
+  // more memory kept from forward) and dh, dg from dA.
+  x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{at(a->w2, dt, e * d * ff), dt, ff}, dh, dt, ff, false);
+  act_backward(x, a->activation, dt, h, g, act, dh, dg, n * ff);
+  // dW2 += dY^T a ; dW1 += dH^T X ; dW3 += dG^T X
+  x.gemm(d, ff, n, Mat{dy, dt, d, true}, Mat{act, dt, ff}, at(a->dw2, dt, e * d * ff), dt, ff, true);
+  x.gemm(ff, d, n, Mat{dh, dt, ff, true}, Mat{xe, dt, d}, at(a->dw1, dt, e * ff * d), dt, d, true);
+  if (dg) x.gemm(ff, d, n, Mat{dg, dt, ff, true}, Mat{xe, dt, d}, at(a->dw3, dt, e * ff * d), dt, d, true);
+  if (!a->dx) return;
+  // dX = dH W1 + dG W3. Shared experts all read the same rows: their dx (float32) adds up; a
+  // routed expert's rows are stored, in float32 directly or summed in dxf and rounded once.
+  const bool direct = a->shared_input || dt == MOE_DTYPE_F32;
+  void *out = a->shared_input ? a->dx : (dt == MOE_DTYPE_F32 ? at(a->dx, dt, r.begin * d) : dxf);
+  const int odt = a->shared_input ? MOE_DTYPE_F32 : (direct ? dt : MOE_DTYPE_F32);
+  x.gemm(n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
+  if (dg) x.gemm(n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);
+  if (!direct && !x.dry()) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
+}
+
+void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, const float *xf) {
+  const moe_ffn_args *a = c.a;
+  const int64_t d = c.d, ff = c.ff, n = r.n;
+  const int dt = c.dt;
+  float *dyf = arena.take(n * d), *hf = arena.take(n * ff), *gf = c.is_glu ? arena.take(n * ff) : nullptr;
+  float *af = arena.take(n * ff), *dhf = arena.take(n * ff), *dgf = c.is_glu ? arena.take(n * ff) : nullptr;
+  float *dxf = a->dx ? arena.take(n * d) : nullptr;
+  float *wbuf = arena.take(kPanel * std::max(d, ff)), *cbuf = arena.take(kPanel * std::max(d, ff));
+  widen_rows(x, dyf, at(a->dy, dt, r.begin * d), dt, d, n, d);
+  widen_rows(x, hf, at(a->h, dt, r.begin * ff), dt, ff, n, ff);
+  if (gf) widen_rows(x, gf, at(a->g, dt, r.begin * ff), dt, ff, n, ff);
+  // dA = dY W2 (W2 is [d, ff]: column panels), rounded as stored
+  gemm_widened_nn(x, n, ff, d, dyf, at(a->w2, dt, e * d * ff), dt, wbuf, dhf, ff, false);
+  round_rows(x, dhf, n, ff, ff, dt, nullptr, 0);
+  act_backward(x, a->activation, MOE_DTYPE_F32, hf, gf, af, dhf, dgf, n * ff);
+  round_rows(x, af, n, ff, ff, dt, nullptr, 0);
+  round_rows(x, dhf, n, ff, ff, dt, nullptr, 0);
+  if (dgf) round_rows(x, dgf, n, ff, ff, dt, nullptr, 0);
+  // Weight gradients a panel at a time into cbuf, each added to its gradient and rounded once.
+  void *dw2 = at(a->dw2, dt, e * d * ff);
+  for (int64_t p = 0; p < ff; p += kPanel) {  // dW2[:, p] += dY^T a[:, p]
+    const int64_t w = std::min(kPanel, ff - p);
+    x.gemm(d, w, n, Mat{dyf, MOE_DTYPE_F32, d, true}, Mat{x.dry() ? nullptr : af + p, MOE_DTYPE_F32, ff}, cbuf,
+           MOE_DTYPE_F32, w, false);
+    add_rows(x, at(dw2, dt, p), dt, ff, cbuf, w, d, w);
+  }
+  const float *dpre[2] = {dhf, dgf};
+  void *dws[2] = {at(a->dw1, dt, e * ff * d), c.is_glu ? at(a->dw3, dt, e * ff * d) : nullptr};
+  for (int i = 0; i < (c.is_glu ? 2 : 1); ++i) {
+    for (int64_t p = 0; p < ff; p += kPanel) {  // dW1[p, :] += dH[:, p]^T X
+      const int64_t w = std::min(kPanel, ff - p);
+      x.gemm(w, d, n, Mat{x.dry() ? nullptr : dpre[i] + p, MOE_DTYPE_F32, ff, true}, Mat{xf, MOE_DTYPE_F32, d}, cbuf,
+             MOE_DTYPE_F32, d, false);
+      add_rows(x, at(dws[i], dt, p * d), dt, d, cbuf, d, w, d);
+    }
+  }
+  if (!a->dx) return;
+  // dX = dH W1 + dG W3 (W1, W3 are [ff, d]: column panels); shared experts add into float32 dx.
+  float *out = a->shared_input ? static_cast<float *>(a->dx) : dxf;
+  gemm_widened_nn(x, n, d, ff, dhf, at(a->w1, dt, e * ff * d), dt, wbuf, out, d, a->shared_input);
+  if (dgf) gemm_widened_nn(x, n, d, ff, dgf, at(a->w3, dt, e * ff * d), dt, wbuf, out, d, true);
+  if (!a->shared_input && !x.dry()) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
+}
+
+// Runs body(exec, arena) twice: dry, to prepare every GEMM and size the arena and the GEMM
+// scratch, then for real (unless only_prepare). Nothing is written before the second run.
+template <class Body>
+void prepared(State &st, bool only_prepare, Body &&body) {
+  {
+    Exec dry(st, true);
+    Arena arena(st.widened, true);
+    body(dry, arena);
+    if (st.widened.size() < arena.peak()) st.widened.resize(arena.peak());
+    if (st.gemm_scratch.size() < st.gemms.max_scratch()) st.gemm_scratch.resize(st.gemms.max_scratch());
+  }
+  if (only_prepare) return;
+  Exec run(st, false);
+  Arena arena(st.widened, false);
+  body(run, arena);
+}
+
+bool widened_call(State &st, const moe_ffn_args *a) {
+  if (a->dtype == MOE_DTYPE_F32) return false;
+  if (a->dtype == MOE_DTYPE_F16 || !st.gemms.supports(MOE_DTYPE_BF16)) return true;
+  return max_rows(a) > bf16_native_max_rows();
+}
+
+// Calls each(x, arena, e, rows, xf) for every expert with rows; xf is the expert's input widened
+// to float32 in a widened call (null otherwise). Each expert reuses the arena past the shared rows.
+template <class Each>
+void each_expert(State &st, const moe_ffn_args *a, bool widened, Each &&each) {
+  prepared(st, a->prepare != 0, [&](Exec &x, Arena &arena) {
+    const int64_t d = a->d;
+    const float *shared_x = nullptr;
+    if (widened && a->shared_input) {  // shared experts all read the same rows: widened once
+      float *p = arena.take(a->offsets[1] * d);
+      widen_rows(x, p, a->x, a->dtype, d, a->offsets[1], d);
+      shared_x = p;
+    }
+    const size_t mark = arena.mark();
+    for (int64_t e = 0; e < a->num_experts; ++e) {
+      const Rows r = rows_of(a, e);
+      if (r.n == 0) continue;
+      arena.reset(mark);
+      const float *xf = shared_x;
+      if (widened && !xf) {
+        float *p = arena.take(r.n * d);
+        widen_rows(x, p, at(a->x, a->dtype, r.in * d), a->dtype, d, r.n, d);
+        xf = p;
+      }
+      each(x, arena, e, r, xf);
+    }
+  });
 }
 
 }  // namespace
 
-moe_status expert_ffn(void *st, const moe_ffn_args *a) {
-  return guarded(st, [&] { a->dtype == MOE_DTYPE_F32 ? forward_f32(a) : forward_lowp(*static_cast<State *>(st), a); });
+moe_status expert_ffn(void *state, const moe_ffn_args *a) {
+  return guarded(state, [&] {
+    State &st = *static_cast<State *>(state);
+    const Call c{a, a->d, a->ff, a->dtype, glu(a->activation)};
+    const bool widened = widened_call(st, a);
+    each_expert(st, a, widened, [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {
+      if (widened)
+        forward_widened(x, c, arena, e, r, xf);
+      else
+        forward_direct(x, c, e, r);
+    });
+  });
 }
 
-moe_status expert_ffn_bwd(void *st, const moe_ffn_args *a) {
-  return guarded(st,
-                 [&] { a->dtype == MOE_DTYPE_F32 ? backward_f32(a) : backward_lowp(*static_cast<State *>(st), a); });
+moe_status expert_ffn_bwd(void *state, const moe_ffn_args *a) {
+  return guarded(state, [&] {
+    State &st = *static_cast<State *>(state);
+    const Call c{a, a->d, a->ff, a->dtype, glu(a->activation)};
+    const bool widened = widened_call(st, a);
+    each_expert(st, a, widened, [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {
+      if (widened) {
+        backward_widened(x, c, arena, e, r, xf);
+      } else {
+        float *dxf = a->dx && !a->shared_input && c.dt != MOE_DTYPE_F32 ? arena.take(r.n * c.d) : nullptr;
+        backward_direct(x, c, e, r, dxf);
+      }
+    });
+  });
 }
 
 }  // namespace moe::cpu

@@ -4,7 +4,6 @@
 #include <vector>
 
 #include "core/rng.h"
-#include "cpu/blas.h"
 #include "cpu/cpu.h"
 
 namespace moe::cpu {
@@ -19,17 +18,19 @@ inline float jitter(const moe_gate_args *a, int64_t i) {
 
 }  // namespace
 
-moe_status gate(void *st, const moe_gate_args *a) {
-  return guarded(st, [&] {
+moe_status gate(void *state, const moe_gate_args *a) {
+  return guarded(state, [&] {
+    State &st = *static_cast<State *>(state);
     const int64_t T = a->T, d = a->d, E = a->E;
+    st.gemms.trim(512);  // a forward begins: the cache may be emptied here
     if (T == 0) return;
     if (a->noise == MOE_NOISE_JITTER) {
 #pragma omp parallel for schedule(static) if (worth_threads(T * d))
       for (int64_t i = 0; i < T * d; ++i) a->xr[i] = a->x[i] * jitter(a, i);
-      sgemm(false, true, T, E, d, 1.0f, a->xr, d, a->w, d, 0.0f, a->logits, E);
+      router_gemm(st, false, true, T, E, d, a->xr, d, a->w, d, 0.0f, a->logits, E);
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
-      sgemm(false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
-      sgemm(false, true, T, E, d, 1.0f, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
+      router_gemm(st, false, true, T, E, d, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
+      router_gemm(st, false, true, T, E, d, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
 #pragma omp parallel for schedule(static) if (worth_threads(T * E))
       for (int64_t i = 0; i < T * E; ++i) {
         const float n = rng_normal(a->seed, kStreamNoise + a->step, static_cast<uint64_t>(i));
@@ -39,47 +40,57 @@ moe_status gate(void *st, const moe_gate_args *a) {
         a->logits[i] = a->clean_logits[i] + n * sd;
       }
     } else {
-      sgemm(false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->logits, E);
+      router_gemm(st, false, true, T, E, d, a->x, d, a->w, d, 0.0f, a->logits, E);
     }
   });
 }
 
-moe_status gate_bwd(void *st, const moe_gate_args *a) {
-  return guarded(st, [&] {
+moe_status gate_bwd(void *state, const moe_gate_args *a) {
+  return guarded(state, [&] {
+    State &st = *static_cast<State *>(state);
     const int64_t T = a->T, d = a->d, E = a->E;
     if (T == 0) return;
-    if (a->noise == MOE_NOISE_JITTER) {
-      // Scratch first: nothing may fail for lack of memory once dw has been added to.
-      std::vector<float> own(a->dx && !a->scratch ? checked_count(T, d, "gate_bwd scratch") : 0);
-      float *dxr = a->scratch ? a->scratch : own.data();
-      sgemm(true, false, E, d, T, 1.0f, a->dlogits, E, a->xr, d, 1.0f, a->dw, d);
-      if (a->dx) {
-        sgemm(false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr, d);
+    // Scratch first: nothing may fail for lack of memory once dw has been added to.
+    std::vector<float> own(a->noise == MOE_NOISE_JITTER && a->dx && !a->scratch ? checked_count(T, d, "gate_bwd scratch")
+                                                                                 : 0);
+    // Twice: dry, preparing every GEMM, then for real (prepare: the dry run only).
+    for (const bool dry : {true, false}) {
+      if (!dry && a->prepare) break;
+      if (a->noise == MOE_NOISE_JITTER) {
+        float *dxr = a->scratch ? a->scratch : own.data();
+        router_gemm(st, true, false, E, d, T, a->dlogits, E, a->xr, d, 1.0f, a->dw, d, dry);
+        if (a->dx) {
+          router_gemm(st, false, false, T, d, E, a->dlogits, E, a->w, d, 0.0f, dxr, d, dry);
+          if (!dry) {
 #pragma omp parallel for schedule(static) if (worth_threads(T * d))
-        for (int64_t i = 0; i < T * d; ++i) a->dx[i] += dxr[i] * jitter(a, i);
-      }
-    } else if (a->noise == MOE_NOISE_GAUSSIAN) {
-      float *dclean = a->scratch, *dpre = a->scratch + T * E;
+            for (int64_t i = 0; i < T * d; ++i) a->dx[i] += dxr[i] * jitter(a, i);
+          }
+        }
+      } else if (a->noise == MOE_NOISE_GAUSSIAN) {
+        float *dclean = a->scratch, *dpre = a->scratch + T * E;
+        if (!dry) {
 #pragma omp parallel for schedule(static) if (worth_threads(T * E))
-      for (int64_t i = 0; i < T * E; ++i) {
-        const float dl = a->dlogits[i];
-        float dsd = dl * a->noise_draws[i];
-        float dc = dl;
-        if (a->dclean_extra) dc += a->dclean_extra[i];
-        if (a->dstd_extra) dsd += a->dstd_extra[i];
-        dclean[i] = dc;
-        // d softplus(p)/dp = sigmoid(p) = 1 - exp(-softplus(p))
-        dpre[i] = dsd * -std::expm1(-a->noise_std[i]);
+          for (int64_t i = 0; i < T * E; ++i) {
+            const float dl = a->dlogits[i];
+            float dsd = dl * a->noise_draws[i];
+            float dc = dl;
+            if (a->dclean_extra) dc += a->dclean_extra[i];
+            if (a->dstd_extra) dsd += a->dstd_extra[i];
+            dclean[i] = dc;
+            // d softplus(p)/dp = sigmoid(p) = 1 - exp(-softplus(p))
+            dpre[i] = dsd * -std::expm1(-a->noise_std[i]);
+          }
+        }
+        router_gemm(st, true, false, E, d, T, dclean, E, a->x, d, 1.0f, a->dw, d, dry);
+        router_gemm(st, true, false, E, d, T, dpre, E, a->x, d, 1.0f, a->dwn, d, dry);
+        if (a->dx) {
+          router_gemm(st, false, false, T, d, E, dclean, E, a->w, d, 1.0f, a->dx, d, dry);
+          router_gemm(st, false, false, T, d, E, dpre, E, a->wn, d, 1.0f, a->dx, d, dry);
+        }
+      } else {
+        if (a->dx) router_gemm(st, false, false, T, d, E, a->dlogits, E, a->w, d, 1.0f, a->dx, d, dry);
+        router_gemm(st, true, false, E, d, T, a->dlogits, E, a->x, d, 1.0f, a->dw, d, dry);
       }
-      sgemm(true, false, E, d, T, 1.0f, dclean, E, a->x, d, 1.0f, a->dw, d);
-      sgemm(true, false, E, d, T, 1.0f, dpre, E, a->x, d, 1.0f, a->dwn, d);
-      if (a->dx) {
-        sgemm(false, false, T, d, E, 1.0f, dclean, E, a->w, d, 1.0f, a->dx, d);
-        sgemm(false, false, T, d, E, 1.0f, dpre, E, a->wn, d, 1.0f, a->dx, d);
-      }
-    } else {
-      if (a->dx) sgemm(false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 1.0f, a->dx, d);
-      sgemm(true, false, E, d, T, 1.0f, a->dlogits, E, a->x, d, 1.0f, a->dw, d);
     }
   });
 }

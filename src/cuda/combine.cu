@@ -196,6 +196,8 @@ moe_status shared_combine_bwd(void *state, const moe_shared_args *a) {
             checked_bytes(checked_mul(chunks, d, "chunks * d_model"), sizeof(float), "shared_combine_bwd scratch"), st);
         partial = st.scratch[1].as<float>();
       }
+      // Sized before the core's first gradient update (the prepare call), not after it.
+      if (a->prepare) return;
       with_width<T>(vec_ok(d, kVecWidth<T>, {a->dy, a->ys, a->gate_w, a->dys, a->dx}), [&](auto width) {
         constexpr int W = decltype(width)::value;
         shared_combine_bwd_kernel<T, W><<<grid_rows(nt), kThreads, 0, st.stream>>>(

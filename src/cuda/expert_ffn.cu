@@ -157,6 +157,7 @@ void backward(State &st, const moe_ffn_args *a) {
     st.scratch[0].ensure(checked_bytes(checked_mul(rows, d, "rows * d_model"), sizeof(float), "expert_ffn_bwd"), st);
     dx32 = st.scratch[0].as<float>();
   }
+  if (a->prepare) return;  // ready: the scratch is there
   // A is recomputed rather than saved: one pass over H and G instead of R*ff more memory.
   act_forward<T>(st, a, n);
   for (int64_t e = 0; e < a->num_experts; ++e) {
@@ -199,6 +200,7 @@ void backward(State &st, const moe_ffn_args *a) {
 
 moe_status expert_ffn(void *state, const moe_ffn_args *a) {
   return guarded(state, [&](State &st) {
+    if (a->prepare) return;  // the forward allocates nothing
     with_dtype(a->dtype, "expert_ffn", [&](auto type) { forward<typename decltype(type)::type>(st, a); });
   });
 }

@@ -81,7 +81,7 @@ moe_status gate(void *state, const moe_gate_args *a) {
 moe_status gate_bwd(void *state, const moe_gate_args *a) {
   return guarded(state, [&](State &st) {
     const int64_t T = a->T, d = a->d, E = a->E;
-    if (T == 0) return;
+    if (T == 0 || (a->prepare && a->noise != MOE_NOISE_JITTER)) return;  // only jitter needs scratch
     if (a->noise == MOE_NOISE_JITTER) {
       // Scratch first: nothing may fail for lack of memory once dw has been added to.
       float *dxr = a->scratch;
@@ -89,6 +89,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
         st.scratch[0].ensure(checked_bytes(checked_mul(T, d, "num_tokens * d_model"), sizeof(float), "gate_bwd"), st);
         dxr = st.scratch[0].as<float>();
       }
+      if (a->prepare) return;
       sgemm(st, true, false, E, d, T, 1.0f, a->dlogits, E, a->xr, d, 1.0f, a->dw, d);
       if (a->dx) {
         sgemm(st, false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr, d);

@@ -30,6 +30,7 @@
 namespace alloc_hooks {
 
 constexpr int kMaxSites = 4096;
+constexpr int64_t kMaxLog = int64_t{1} << 16;
 
 struct State {
   std::atomic<bool> armed{false};
@@ -46,6 +47,8 @@ struct State {
   void *site[kMaxSites];
   std::atomic<int64_t> site_count[kMaxSites];
   std::atomic<bool> site_failed[kMaxSites];
+  // The call site of each counted allocation of the current run, in order (the first kMaxLog).
+  void *log[kMaxLog];
 };
 
 inline State &state() {
@@ -118,6 +121,7 @@ inline bool should_fail(void *ret, bool buffer) {
   }
   if (t_in_lib == 0) return false;
   const int64_t n = s.count.fetch_add(1) + 1;
+  if (n <= kMaxLog) s.log[n - 1] = ret;
   if (buffer) s.buffers.fetch_add(1);
   const int64_t at = s.fail_at.load(std::memory_order_relaxed);
   const bool fail = at > 0 && (n == at || (n > at && s.fail_after.load(std::memory_order_relaxed)));

@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -30,8 +31,16 @@
 extern "C" int __lsan_do_recoverable_leak_check() __attribute__((weak));
 
 // Allocations libmoe is asked for and cannot get must come back as NULL, not abort the sanitizer.
-extern "C" const char *__lsan_default_options() { return "allocator_may_return_null=1"; }
-extern "C" const char *__asan_default_options() { return "allocator_may_return_null=1"; }
+// The slow unwinder records whole stacks through libraries built without frame pointers
+// (oneDNN), so that the suppression below can name where a leak was made.
+extern "C" const char *__lsan_default_options() { return "allocator_may_return_null=1:fast_unwind_on_malloc=0:malloc_context_size=6"; }
+extern "C" const char *__asan_default_options() { return "allocator_may_return_null=1:fast_unwind_on_malloc=0:malloc_context_size=6"; }
+// oneDNN 2.6 (Debian 12) loses the primitive-descriptor iterator it is building when one of its
+// own allocations fails inside dnnl_primitive_desc_create: a leak inside oneDNN, on its error
+// path, that libmoe cannot reach. Everything else stays leak-checked.
+extern "C" const char *__lsan_default_suppressions() { return "leak:dnnl_primitive_desc_iterator_create\n"; }
+
+constexpr int kThirdPartyTries = 3;  // failures injected per call site of the GEMM library, per mode
 
 // A libmoe call, the only place allocations are counted and failed.
 #define LIB(call) (alloc_hooks::InLib(), (call))
@@ -55,6 +64,7 @@ struct Totals {
   int64_t oom_returns = 0;  // calls that returned MOE_ERR_OUT_OF_MEMORY
   int64_t fallbacks = 0;    // third-party allocation failures absorbed by a fallback (other bits)
   int64_t gemm_backward = 0;  // backward failures inside the GEMM library (gradients re-zeroed)
+  int64_t sampled_out = 0;    // allocations of the GEMM library beyond the first tries of their site
   std::set<void *> sites, failed_sites;
 } g_totals;
 
@@ -389,10 +399,22 @@ TEST_P(AllocFailure, EveryAllocationFailsInTurn) {
   ASSERT_GT(total, 0);
   std::printf("[ alloc    ] %s: %lld host allocations along the sequence\n", sc.name, (long long)total);
   if (std::getenv("MOE_ALLOC_SITES")) alloc_hooks::print_sites(stdout);
+  ASSERT_LE(total, alloc_hooks::kMaxLog);
+  const std::vector<void *> site_of(alloc_hooks::state().log, alloc_hooks::state().log + total);
 
   for (int mode = 0; mode < 2; ++mode) {
     const bool after = mode == 1;
+    // Every allocation libmoe makes fails in turn. Those the GEMM library makes inside a call
+    // (oneDNN allocates in each primitive it creates and each run) fail at their first few
+    // occurrences per call site: enough to show that such a failure is reported and changes
+    // nothing, without a quadratic number of runs.
+    std::map<void *, int> third_party_tries;
     for (int64_t n = 1; n <= total; ++n) {
+      void *caller = site_of[static_cast<size_t>(n - 1)];
+      if (!alloc_hooks::from_libmoe(caller) && ++third_party_tries[caller] > kThirdPartyTries) {
+        ++g_totals.sampled_out;
+        continue;
+      }
       Outputs got;
       const bool ok = seq.run(got, true, n, after, nullptr);
       ASSERT_TRUE(ok) << sc.name << ": fail_at " << n << (after ? " and after" : "");
@@ -591,10 +613,11 @@ int main(int argc, char **argv) {
               "%lld MOE_ERR_OUT_OF_MEMORY returns, %zu allocation call sites seen (%zu in libmoe), %zu of them failed "
               "(%zu in libmoe), "
               "LeakSanitizer %s; %lld GEMM-library failures absorbed by its fallback kernels; %lld backward "
-              "failures inside the GEMM library (gradients zeroed before the retry)\n",
+              "failures inside the GEMM library (gradients zeroed before the retry); %lld later allocations of the "
+              "GEMM library not failed (each of its sites failed %d times per mode)\n",
               (long long)g_totals.points, (long long)g_totals.runs, (long long)g_totals.oom_returns,
               g_totals.sites.size(), own, g_totals.failed_sites.size(), own_failed,
               __lsan_do_recoverable_leak_check ? "on" : "not linked", (long long)g_totals.fallbacks,
-              (long long)g_totals.gemm_backward);
+              (long long)g_totals.gemm_backward, (long long)g_totals.sampled_out, kThirdPartyTries);
   return rc;
 }

@@ -1,0 +1,15 @@
+// Vectorised conversions between float32 and the 16-bit storage types, one thread each call
+// (callers split the work). Rounding to nearest even, as core/half.h: the same bits.
+#pragma once
+#include <cstdint>
+
+namespace moe::cpu {
+
+// dst[i] = src[i] as float32, exact; src holds n elements of dtype (a moe_dtype).
+void widen(float *dst, const void *src, int dtype, int64_t n);
+// dst[i] = src[i] rounded to dtype.
+void narrow(void *dst, int dtype, const float *src, int64_t n);
+// v[i] = v[i] rounded to dtype and back (what storing in dtype keeps); no-op for float32.
+void round_in_place(float *v, int dtype, int64_t n);
+
+}  // namespace moe::cpu
