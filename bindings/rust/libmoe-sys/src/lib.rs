@@ -7,9 +7,13 @@
 //! The build script finds libmoe in this order:
 //!  1. `LIBMOE_LIB_DIR` (directory of libmoe.so) and `LIBMOE_INCLUDE_DIR` (directory holding
 //!     `moe/moe.h`); either may be given alone, the other is then looked up below;
-//!  2. `pkg-config libmoe` (`PKG_CONFIG` names another pkg-config binary, `PKG_CONFIG_PATH` as usual);
-//!     skipped when `LIBMOE_NO_PKG_CONFIG` is set;
-//!  3. the header only: `include/` of the source tree this crate sits in.
+//!  2. `pkg-config libmoe` (>= 0.2; `PKG_CONFIG` names another pkg-config binary,
+//!     `PKG_CONFIG_PATH` as usual); skipped when `LIBMOE_NO_PKG_CONFIG` is set;
+//!  3. `include/` of the source tree this crate sits in for the header, and libmoe.so in the
+//!     linker's default directories.
+//!
+//! When that gives no libmoe.so or no moe/moe.h, the build stops with what it tried and how to fix
+//! it (install libmoe-dev, or set the two variables), not with a linker error later.
 //!
 //! Through `links = "moe"` dependents' build scripts see `DEP_MOE_INCLUDE` and `DEP_MOE_LIB_DIR`.
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]
