@@ -137,7 +137,7 @@ if grep -q "libmoe.so.$MOE_VERSION" "$work/dev.list"; then fail "libmoe-dev hold
 # their SONAMEs (libcudart.so.13 -> libcudart13, libnccl.so.2 -> libnccl2), which dpkg-shlibdeps
 # cannot name
 for m in cuda nccl; do
-  f=$(ls "$work/deb/libmoe-$m${MOE_SOVERSION}"_*.deb 2>/dev/null | head -1)
+  f=$(ls "$work/deb/libmoe-$m${MOE_SOVERSION}"_*.deb 2>/dev/null | head -1 || true)  # (not built: none)
   [[ -n "$f" ]] || continue
   mkdir -p "$work/x-$m" && dpkg-deb -x "$f" "$work/x-$m"
   so=$(find "$work/x-$m" -name "libmoe_$m.so.$MOE_VERSION" -type f | head -1)
@@ -288,7 +288,7 @@ fi
 # ---- python3-libmoe: byte-compiled at install, importable from the system's interpreter -----------
 if present python3-libmoe; then
   say "python3-libmoe"
-  pyfiles=$(dpkg -L python3-libmoe | grep '/libmoe/[^/]*\.py$')
+  pyfiles=$(dpkg -L python3-libmoe | grep '/libmoe/[^/]*\.py$' || true)
   [[ -n "$pyfiles" ]] || fail "python3-libmoe holds no .py files"
   while IFS= read -r py; do
     pyc=$(dirname "$py")/__pycache__/$(basename "$py" .py).cpython-*.pyc
