@@ -7,8 +7,9 @@
 #   cuda       libmoe-cuda0     libmoe_cuda0     libmoe_cuda.so.0, the CUDA backend module
 #   mpi        libmoe-mpi0      libmoe_mpi0      libmoe_mpi.so.0 (when src/comm installs it)
 #   nccl       libmoe-nccl0     libmoe_nccl0     libmoe_nccl.so.0 (when src/comm installs it)
-#   python     python3-libmoe   python3-libmoe   the Python package
-#   java       libmoe-java      libmoe-java      the jar and its JNI library
+#   python     python3-libmoe   python3-libmoe   the Python package (byte-compiled at install)
+#   java       libmoe-java      libmoe-java      the jar (no native code inside) and its JNI library
+#   javadoc    libmoe-java-doc  libmoe-javadoc   the Java API documentation (Architecture: all)
 #
 # RPM names follow the shared-library policy of openSUSE (and rpmlint): the runtime package is
 # named after the SONAME, like Debian's; -devel for the development files.
@@ -36,7 +37,7 @@ if(TARGET moe_cuda AND NOT "cuda" IN_LIST _moe_components)
 endif()
 
 # component -> deb name, deb section, rpm name, extra Debian depends, one-line summary, description
-set(_moe_known runtime dev cuda mpi nccl python java)
+set(_moe_known runtime dev cuda mpi nccl python java javadoc)
 set(_moe_deb_runtime libmoe${PROJECT_VERSION_MAJOR})
 set(_moe_deb_dev libmoe-dev)
 set(_moe_deb_cuda libmoe-cuda${PROJECT_VERSION_MAJOR})
@@ -44,6 +45,7 @@ set(_moe_deb_mpi libmoe-mpi${PROJECT_VERSION_MAJOR})
 set(_moe_deb_nccl libmoe-nccl${PROJECT_VERSION_MAJOR})
 set(_moe_deb_python python3-libmoe)
 set(_moe_deb_java libmoe-java)
+set(_moe_deb_javadoc libmoe-java-doc)
 set(_moe_rpm_runtime libmoe${PROJECT_VERSION_MAJOR})
 set(_moe_rpm_dev libmoe-devel)
 set(_moe_rpm_cuda libmoe_cuda${PROJECT_VERSION_MAJOR})
@@ -51,6 +53,7 @@ set(_moe_rpm_mpi libmoe_mpi${PROJECT_VERSION_MAJOR})
 set(_moe_rpm_nccl libmoe_nccl${PROJECT_VERSION_MAJOR})
 set(_moe_rpm_python python3-libmoe)
 set(_moe_rpm_java libmoe-java)
+set(_moe_rpm_javadoc libmoe-javadoc)
 set(_moe_section_runtime libs)
 set(_moe_section_dev libdevel)
 set(_moe_section_cuda libs)
@@ -58,10 +61,122 @@ set(_moe_section_mpi libs)
 set(_moe_section_nccl libs)
 set(_moe_section_python python)
 set(_moe_section_java java)
-set(_moe_debdeps_python "python3, python3-numpy")
-set(_moe_debdeps_java "default-jre-headless | java-runtime-headless")
-set(_moe_rpmdeps_python "python3, python3-numpy")
+set(_moe_section_javadoc doc)
+# Debian's Java policy: a library does not depend on a runtime (lintian needless-dependency-on-jre).
 set(_moe_rpmdeps_java "java-headless")
+# In the .deb the documentation links to Debian's jQuery (deb/finish_debs.cmake).
+set(_moe_debdeps_javadoc "libjs-jquery, libjs-jquery-ui")
+set(_moe_noarch_javadoc TRUE)
+
+# python3-libmoe holds an extension module built for one Python version: it depends on that
+# version as dh_python3 writes it ("python3 (>= 3.11~), python3 (<< 3.12)").
+if("python" IN_LIST _moe_components)
+  find_package(Python3 COMPONENTS Interpreter QUIET)
+  if(Python3_VERSION_MAJOR AND Python3_VERSION_MINOR)
+    set(_moe_py "${Python3_VERSION_MAJOR}.${Python3_VERSION_MINOR}")
+    math(EXPR _moe_py_next "${Python3_VERSION_MINOR} + 1")
+    set(_moe_debdeps_python
+      "python3 (>= ${_moe_py}~), python3 (<< ${Python3_VERSION_MAJOR}.${_moe_py_next}), python3-numpy")
+    set(_moe_rpmdeps_python "python3, python(abi) = ${_moe_py}, python3-numpy")
+  else()
+    message(WARNING "libmoe packaging: no Python 3 interpreter found; python3-libmoe depends on any python3")
+    set(_moe_debdeps_python "python3, python3-numpy")
+    set(_moe_rpmdeps_python "python3, python3-numpy")
+  endif()
+endif()
+
+# libmoe-cuda0 / libmoe-nccl0 depend on the packages of the CUDA runtime, cuBLAS and NCCL they
+# link. dpkg-shlibdeps cannot name them (a toolkit in /usr/local/cuda belongs to no package), so
+# the names are derived from each library's SONAME, in the two namings a Debian system meets:
+# Debian's own (policy 8.1: libcudart.so.13 -> libcudart13, libnccl.so.2 -> libnccl2) or NVIDIA's
+# CUDA repository's, named after the toolkit release (cuda-cudart-13-0, libcublas-13-0).
+function(_moe_soname file out)
+  set(${out} "" PARENT_SCOPE)
+  if(NOT file OR NOT EXISTS "${file}" OR NOT CMAKE_READELF)
+    return()
+  endif()
+  execute_process(COMMAND ${CMAKE_READELF} -d "${file}" OUTPUT_VARIABLE _o ERROR_QUIET)
+  if(_o MATCHES "Library soname: \\[([^]]+)\\]")
+    set(${out} "${CMAKE_MATCH_1}" PARENT_SCOPE)
+  endif()
+endfunction()
+# _moe_library_depends(<var> <library file> <NVIDIA repository name or "">): the Debian package
+# name from the SONAME, or'ed with the NVIDIA repository's when there is one.
+function(_moe_library_depends out file nvidia)
+  _moe_soname("${file}" _so)
+  if(NOT _so MATCHES "^(.+)\\.so\\.([0-9]+)$")
+    message(WARNING "libmoe packaging: no SONAME in '${file}': its package is not in the Depends")
+    set(${out} "" PARENT_SCOPE)
+    return()
+  endif()
+  set(_name ${CMAKE_MATCH_1})
+  set(_ver ${CMAKE_MATCH_2})
+  if(_name MATCHES "[0-9]$")
+    set(_deb "${_name}-${_ver}")
+  else()
+    set(_deb "${_name}${_ver}")
+  endif()
+  string(TOLOWER "${_deb}" _deb)
+  string(REPLACE "_" "-" _deb "${_deb}")
+  if(nvidia AND NOT nvidia STREQUAL _deb)
+    set(${out} "${_deb} | ${nvidia}" PARENT_SCOPE)
+  else()
+    set(${out} "${_deb}" PARENT_SCOPE)
+  endif()
+endfunction()
+# The toolkit release, e.g. "13-0": from the toolkit's version.json, else from the real path of the
+# CUDA runtime (/usr/local/cuda-13.0/..., libcudart.so.13.0.88).
+set(_moe_cuda_release "")
+if(CUDA_cudart_LIBRARY)
+  get_filename_component(_moe_cudart_real "${CUDA_cudart_LIBRARY}" REALPATH)
+  get_filename_component(_moe_cuda_root "${_moe_cudart_real}" DIRECTORY)
+  get_filename_component(_moe_cuda_root "${_moe_cuda_root}" DIRECTORY)
+  if(EXISTS "${_moe_cuda_root}/version.json")
+    file(READ "${_moe_cuda_root}/version.json" _moe_json)
+    string(JSON _moe_v ERROR_VARIABLE _moe_json_err GET "${_moe_json}" cuda version)
+    if(NOT _moe_json_err AND _moe_v MATCHES "^([0-9]+)\\.([0-9]+)")
+      set(_moe_cuda_release "${CMAKE_MATCH_1}-${CMAKE_MATCH_2}")
+    endif()
+  endif()
+  if(NOT _moe_cuda_release AND _moe_cudart_real MATCHES "(cuda-|\\.so\\.)([0-9]+)\\.([0-9]+)")
+    set(_moe_cuda_release "${CMAKE_MATCH_2}-${CMAKE_MATCH_3}")
+  endif()
+endif()
+set(_moe_cudart_dep "")
+set(_moe_cublas_dep "")
+set(_moe_nccl_dep "")
+if(CUDA_cudart_LIBRARY)
+  set(_moe_nv_cudart "")
+  set(_moe_nv_cublas "")
+  if(_moe_cuda_release)
+    set(_moe_nv_cudart "cuda-cudart-${_moe_cuda_release}")
+    set(_moe_nv_cublas "libcublas-${_moe_cuda_release}")
+  endif()
+  _moe_library_depends(_moe_cudart_dep "${CUDA_cudart_LIBRARY}" "${_moe_nv_cudart}")
+  _moe_library_depends(_moe_cublas_dep "${CUDA_cublas_LIBRARY}" "${_moe_nv_cublas}")
+endif()
+if(MOE_NCCL_LIBRARY)
+  _moe_library_depends(_moe_nccl_dep "${MOE_NCCL_LIBRARY}" "")
+endif()
+set(_moe_debdeps_cuda)
+foreach(_d IN ITEMS "${_moe_cudart_dep}" "${_moe_cublas_dep}")
+  if(_d)
+    list(APPEND _moe_debdeps_cuda "${_d}")
+  endif()
+endforeach()
+list(JOIN _moe_debdeps_cuda ", " _moe_debdeps_cuda)
+set(_moe_debdeps_nccl)
+foreach(_d IN ITEMS "${_moe_nccl_dep}" "${_moe_cudart_dep}")
+  if(_d)
+    list(APPEND _moe_debdeps_nccl "${_d}")
+  endif()
+endforeach()
+list(JOIN _moe_debdeps_nccl ", " _moe_debdeps_nccl)
+foreach(_c cuda nccl)
+  if(_c IN_LIST _moe_components)
+    message(STATUS "libmoe packaging: ${_moe_deb_${_c}} depends on ${_moe_debdeps_${_c}}")
+  endif()
+endforeach()
 
 set(_moe_about "libmoe is a Mixture-of-Experts (MoE) layer behind a C ABI: one opaque layer
 object does routing (token choice or expert choice, top-k, groups, capacity),
@@ -98,7 +213,12 @@ set(_moe_summary_java "Mixture-of-Experts layer with a C ABI - Java binding")
 set(_moe_text_java "${_moe_about}
 .
 This package contains the Java binding (package org.libmoe) and its JNI
-library.")
+library; the jar uses the libmoe of libmoe0.")
+set(_moe_summary_javadoc "Mixture-of-Experts layer with a C ABI - Java API documentation")
+set(_moe_text_javadoc "${_moe_about}
+.
+This package contains the API documentation of the Java binding (javadoc),
+in /usr/share/doc/libmoe-java/api.")
 
 set(CPACK_COMPONENTS_ALL)
 foreach(_c IN LISTS _moe_components)
@@ -115,14 +235,18 @@ foreach(_c IN LISTS _moe_known)
   string(TOUPPER ${_c} _C)
   set(CPACK_COMPONENT_${_C}_DISPLAY_NAME "${_moe_summary_${_c}}")
   set(CPACK_COMPONENT_${_C}_DESCRIPTION "${_moe_summary_${_c}}\n${_moe_text_${_c}}")
-  if(NOT _c STREQUAL "runtime")
+  if(NOT _c STREQUAL "runtime" AND NOT _moe_noarch_${_c})
     set(CPACK_COMPONENT_${_C}_DEPENDS runtime)
+  endif()
+  if(_moe_noarch_${_c})
+    set(CPACK_DEBIAN_${_C}_PACKAGE_ARCHITECTURE all)
+    set(CPACK_RPM_${_C}_PACKAGE_ARCHITECTURE noarch)
   endif()
   # Debian
   set(CPACK_DEBIAN_${_C}_PACKAGE_NAME ${_moe_deb_${_c}})
   set(CPACK_DEBIAN_${_C}_PACKAGE_SECTION ${_moe_section_${_c}})
   set(CPACK_DEBIAN_${_C}_DESCRIPTION "${_moe_summary_${_c}}\n${_moe_text_${_c}}")
-  if(DEFINED _moe_debdeps_${_c})
+  if(_moe_debdeps_${_c})
     set(CPACK_DEBIAN_${_C}_PACKAGE_DEPENDS "${_moe_debdeps_${_c}}")
   endif()
   # RPM
@@ -131,7 +255,7 @@ foreach(_c IN LISTS _moe_known)
   string(REPLACE "\n.\n" "\n\n" _moe_rpm_text "${_moe_text_${_c}}")
   set(CPACK_RPM_${_C}_PACKAGE_DESCRIPTION "${_moe_rpm_text}")
   set(_moe_req)
-  if(NOT _c STREQUAL "runtime")
+  if(NOT _c STREQUAL "runtime" AND NOT _moe_noarch_${_c})
     list(APPEND _moe_req "${_moe_rpm_runtime} = ${_moe_ver}-${MOE_PACKAGE_RELEASE}")
   endif()
   if(DEFINED _moe_rpmdeps_${_c})
@@ -144,6 +268,16 @@ foreach(_c IN LISTS _moe_known)
   # lacks-ldconfig-trigger); CPack adds postinst/postrm that run ldconfig as well.
   if(_c MATCHES "^(runtime|cuda|mpi|nccl)$")
     set(CPACK_DEBIAN_${_C}_PACKAGE_CONTROL_EXTRA ${_moe_pkg_dir}/deb/triggers)
+  endif()
+  # python3-libmoe: byte-compile at install, remove the byte code at removal (what dh_python3's
+  # snippets do), so that nothing of it is left under /usr
+  if(_c STREQUAL "python")
+    foreach(_s postinst prerm)
+      configure_file(${_moe_pkg_dir}/deb/python3-libmoe.${_s}.in
+        ${MOE_PACKAGING_BINARY_DIR}/deb-python/${_s} @ONLY FILE_PERMISSIONS OWNER_READ OWNER_WRITE OWNER_EXECUTE
+        GROUP_READ GROUP_EXECUTE WORLD_READ WORLD_EXECUTE)
+      list(APPEND CPACK_DEBIAN_${_C}_PACKAGE_CONTROL_EXTRA ${MOE_PACKAGING_BINARY_DIR}/deb-python/${_s})
+    endforeach()
   endif()
   # Debian policy 12.5, 12.7: /usr/share/doc/<package>/copyright and changelog.Debian.gz
   if(MOE_INSTALL_PACKAGE_DOCS)
@@ -203,6 +337,12 @@ set(CPACK_SOURCE_IGNORE_FILES "/\\\\.git/" "/build[^/]*/" "__pycache__" "/target
 
 # ---- .deb ------------------------------------------------------------------------------------------
 set(CPACK_DEB_COMPONENT_INSTALL ON)
+# Finishing touches on the built .deb files only (deb/finish_debs.cmake): CPack's ldconfig
+# maintainer scripts out (the trigger does it), lintian overrides in, javadoc's jQuery linked to
+# Debian's, md5sums again.
+set(CPACK_POST_BUILD_SCRIPTS ${_moe_pkg_dir}/deb/finish_debs.cmake)
+set(CPACK_MOE_DPKG_DEB ${MOE_DPKG_DEB_EXECUTABLE})
+set(CPACK_MOE_LINTIAN_OVERRIDES ${_moe_pkg_dir}/deb/lintian-overrides.in)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
 set(CPACK_DEBIAN_PACKAGE_RELEASE ${MOE_PACKAGE_RELEASE})
 set(CPACK_DEBIAN_PACKAGE_MAINTAINER "${MOE_PACKAGE_MAINTAINER}")
@@ -220,7 +360,7 @@ if(NOT _moe_libdir)
   get_target_property(_moe_libdir moe BINARY_DIR)
 endif()
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS_PRIVATE_DIRS ${_moe_libdir})
-# DEBIAN/shlibs ("libmoe 0 libmoe0 (>= 0.1.0)") and the ldconfig trigger for libmoe0
+# DEBIAN/shlibs ("libmoe 0 libmoe0 (>= 0.2.0)") and the ldconfig trigger for libmoe0
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS ON)
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS_POLICY ">=")
 

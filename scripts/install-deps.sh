@@ -19,6 +19,8 @@ packages=(
   libopenmpi-dev openmpi-bin
   # packaging: ABI checks and the .rpm
   abigail-tools rpm file lintian rpmlint
+  # libmoe-java-doc links to Debian's jQuery (its Depends; packaging.deb installs it)
+  libjs-jquery libjs-jquery-ui
 )
 
 missing=()

@@ -62,6 +62,28 @@ if configure_consumer "$work/cmake-v1" -DCMAKE_PREFIX_PATH="$prefix" -DMOE_MIN_V
 fi
 grep -q "considered but not accepted" "$work/cmake-v1.log" || fail "find_package(libmoe 1.0) failed for another reason (see $work/cmake-v1.log)"
 
+# ---- a missing component names its package ------------------------------------------------------
+# A second tree with the runtime and dev components only: find_package(... COMPONENTS mpi) must
+# fail and say which package holds the MPI adapter.
+say "find_package(libmoe COMPONENTS mpi) without the mpi component says what to install"
+bare=$work/prefix-bare
+for c in runtime dev; do
+  "$CMAKE_COMMAND" --install "$MOE_BUILD_DIR" --prefix "$bare" --component "$c" >"$work/install-bare-$c.log"
+done
+[[ ! -e "$bare/$MOE_LIBDIR/libmoe_mpi.so.$MOE_SOVERSION" ]] || fail "the runtime or dev component installs the MPI adapter"
+if configure_consumer "$work/cmake-mpi-missing" -DCMAKE_PREFIX_PATH="$bare" -DMOE_COMPONENTS=mpi >"$work/cmake-mpi-missing.log" 2>&1; then
+  fail "find_package(libmoe COMPONENTS mpi) succeeded without libmoe_mpi.so.$MOE_SOVERSION"
+fi
+grep -q "install the package libmoe-mpi$MOE_SOVERSION" "$work/cmake-mpi-missing.log" \
+  || { cat "$work/cmake-mpi-missing.log"; fail "find_package(libmoe COMPONENTS mpi) does not name the package libmoe-mpi$MOE_SOVERSION"; }
+grep -q "MOE_WITH_MPI=ON" "$work/cmake-mpi-missing.log" || fail "the message does not say how to build the MPI adapter"
+grep -A3 "Reason given by package" "$work/cmake-mpi-missing.log"
+# and where the adapter is installed (and MPI is found), the component is there
+if [[ -e "$lib/libmoe_mpi.so.$MOE_SOVERSION" ]]; then
+  configure_consumer "$work/cmake-mpi" -DCMAKE_PREFIX_PATH="$prefix" -DMOE_COMPONENTS=mpi >"$work/cmake-mpi.log" 2>&1 \
+    || { cat "$work/cmake-mpi.log"; fail "find_package(libmoe COMPONENTS mpi) failed with the MPI adapter installed"; }
+fi
+
 # ---- pkg-config ----------------------------------------------------------------------------------
 if command -v pkg-config >/dev/null; then
   say "consumer with pkg-config (only $prefix/$MOE_PKGCONFIGDIR on the search path)"

@@ -1,117 +1,104 @@
 //! Finds libmoe and generates the FFI from its moe.h with bindgen.
 //!
-//! Order (as openssl-sys / zstd-sys do): environment overrides, then pkg-config, then (for the
-//! header only) the source tree this crate lives in. See the crate documentation.
+//! Order (as openssl-sys / zstd-sys do): environment overrides, then pkg-config, then the header
+//! of the source tree this crate lives in with the library in the linker's default directories.
+//! When libmoe is not found the build stops here with what was tried and how to fix it, rather
+//! than with a linker error later. The decision itself is in build/find.rs.
 use std::env;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
-/// What was found: the directory holding `moe/moe.h`, and where to link from (None: the default
-/// linker search path, e.g. /usr/lib/x86_64-linux-gnu).
-struct Found {
-    include_dir: Option<PathBuf>,
-    lib_dir: Option<PathBuf>,
-    how: String,
-}
+#[path = "build/find.rs"]
+mod find;
+use find::{Inputs, PkgConfig};
+
+/// The oldest libmoe whose API these bindings cover (moe_layer_param_dtype came with 0.2).
+const MIN_VERSION: &str = "0.2";
 
 fn env_path(name: &str) -> Option<PathBuf> {
     println!("cargo:rerun-if-env-changed={}", name);
     env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from)
 }
 
-/// `pkg-config --variable=NAME libmoe`, None when pkg-config or libmoe.pc is missing.
-fn pkg_config_variable(pkg_config: &str, variable: &str) -> Option<PathBuf> {
-    let out = Command::new(pkg_config)
-        .args(["--variable", variable, "libmoe"])
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
+/// `pkg-config --variable=NAME libmoe`.
+fn pkg_config_variable(pc: &str, variable: &str) -> Option<PathBuf> {
+    let out = Command::new(pc).args(["--variable", variable, "libmoe"]).output().ok()?;
     let s = String::from_utf8(out.stdout).ok()?;
     let s = s.trim();
-    if s.is_empty() {
+    if !out.status.success() || s.is_empty() {
         None
     } else {
         Some(PathBuf::from(s))
     }
 }
 
-fn pkg_config() -> Option<Found> {
+fn pkg_config() -> PkgConfig {
     if env::var_os("LIBMOE_NO_PKG_CONFIG").is_some() {
-        return None;
+        return PkgConfig::Skipped;
     }
     let pc = env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".to_string());
-    // --exists first, so that a missing libmoe.pc gives one clear message below.
-    let exists = Command::new(&pc)
-        .args(["--exists", "libmoe >= 0.1"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !exists {
-        return None;
+    let spec = format!("libmoe >= {}", MIN_VERSION);
+    let command = format!("{} --exists --print-errors '{}'", pc, spec);
+    match Command::new(&pc).args(["--exists", "--print-errors", &spec]).output() {
+        Err(e) => PkgConfig::NotFound { command, why: format!("cannot run {}: {}", pc, e) },
+        Ok(out) if !out.status.success() => {
+            // the first line says it ("Package libmoe was not found in the pkg-config search path.")
+            let why = String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("").trim().to_string();
+            PkgConfig::NotFound { command, why: if why.is_empty() { "failed".into() } else { why } }
+        }
+        Ok(_) => PkgConfig::Found {
+            command,
+            include_dir: pkg_config_variable(&pc, "includedir"),
+            lib_dir: pkg_config_variable(&pc, "libdir"),
+        },
     }
-    Some(Found {
-        include_dir: pkg_config_variable(&pc, "includedir"),
-        lib_dir: pkg_config_variable(&pc, "libdir"),
-        how: format!("{} libmoe", pc),
-    })
 }
 
-fn has_header(dir: &Path) -> bool {
-    dir.join("moe").join("moe.h").is_file()
+/// The linker's usual directories on Linux (Debian's multiarch ones first).
+fn system_lib_dirs() -> Vec<PathBuf> {
+    let arch = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
+    let triplet = match arch.as_str() {
+        "x86" => "i386-linux-gnu".to_string(),
+        "arm" => "arm-linux-gnueabihf".to_string(),
+        a => format!("{}-linux-gnu", a),
+    };
+    ["/usr/local/lib", &format!("/usr/lib/{}", triplet), "/usr/lib64", "/usr/lib", &format!("/lib/{}", triplet), "/lib64", "/lib"]
+        .iter()
+        .map(PathBuf::from)
+        .collect()
 }
 
 fn main() {
+    println!("cargo:rerun-if-changed=build/find.rs");
     for v in ["PKG_CONFIG", "PKG_CONFIG_PATH", "PKG_CONFIG_LIBDIR", "PKG_CONFIG_SYSROOT_DIR"] {
         println!("cargo:rerun-if-env-changed={}", v);
     }
-    let env_lib = env_path("LIBMOE_LIB_DIR");
-    let env_inc = env_path("LIBMOE_INCLUDE_DIR");
     let _ = env_path("LIBMOE_NO_PKG_CONFIG");
-
-    let mut found = if env_lib.is_some() && env_inc.is_some() {
-        Found { include_dir: env_inc.clone(), lib_dir: env_lib.clone(), how: "LIBMOE_LIB_DIR/LIBMOE_INCLUDE_DIR".into() }
-    } else if let Some(pc) = pkg_config() {
-        Found {
-            include_dir: env_inc.clone().or(pc.include_dir),
-            lib_dir: env_lib.clone().or(pc.lib_dir),
-            how: pc.how,
-        }
-    } else {
-        Found { include_dir: env_inc.clone(), lib_dir: env_lib.clone(), how: "environment".into() }
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let tree = manifest.join("../../../include");
+    let inputs = Inputs {
+        env_lib: env_path("LIBMOE_LIB_DIR"),
+        env_inc: env_path("LIBMOE_INCLUDE_DIR"),
+        pkg_config: pkg_config(),
+        tree_include: if tree.join("moe/moe.h").is_file() { Some(tree.canonicalize().unwrap_or(tree)) } else { None },
+        system_lib_dirs: system_lib_dirs(),
     };
-
-    // The header of the source tree this crate sits in (bindings/rust/libmoe-sys -> include/).
-    if found.include_dir.as_deref().map_or(true, |d| !has_header(d)) {
-        let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
-        let tree = manifest.join("../../../include");
-        if found.include_dir.is_none() && has_header(&tree) {
-            found.include_dir = Some(tree.canonicalize().unwrap_or(tree));
+    let found = match find::locate(&inputs) {
+        Ok(f) => f,
+        Err(message) => {
+            // cargo shows a failed build script's stderr: the message alone, no panic backtrace.
+            eprintln!("{}", message);
+            std::process::exit(1);
         }
-    }
-    let include_dir = match found.include_dir {
-        Some(d) if has_header(&d) => d,
-        Some(d) => panic!(
-            "libmoe-sys: {} gives include directory {} but it has no moe/moe.h",
-            found.how,
-            d.display()
-        ),
-        None => panic!(
-            "libmoe-sys: cannot find libmoe's header moe/moe.h. Install libmoe-dev (pkg-config libmoe), or set \
-             LIBMOE_INCLUDE_DIR to the directory holding moe/moe.h and LIBMOE_LIB_DIR to the one holding libmoe.so"
-        ),
     };
     if let Some(lib) = &found.lib_dir {
-        if !lib.is_dir() {
-            panic!("libmoe-sys: {} gives library directory {} which does not exist", found.how, lib.display());
-        }
         println!("cargo:rustc-link-search=native={}", lib.display());
         println!("cargo:lib_dir={}", lib.display());
     }
     println!("cargo:rustc-link-lib=dylib=moe");
-    println!("cargo:include={}", include_dir.display());
+    println!("cargo:include={}", found.include_dir.display());
 
+    let include_dir = found.include_dir;
     let header = include_dir.join("moe").join("moe.h");
     println!("cargo:rerun-if-changed={}", header.display());
     let bindings = bindgen::Builder::default()
@@ -128,7 +115,7 @@ fn main() {
         .layout_tests(true)
         .rustfmt_bindings(false)
         .generate()
-        .unwrap_or_else(|e| panic!("libmoe-sys: bindgen failed on {}: {:?}", header.display(), e));
+        .unwrap_or_else(|e| panic!("libmoe-sys: bindgen failed on {} (found through {}): {:?}", header.display(), found.how, e));
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("bindings.rs");
     bindings
         .write_to_file(&out)

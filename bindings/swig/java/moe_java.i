@@ -143,6 +143,25 @@ MOE_JAVA_ADDRESS(moe_layer *, const moe_layer *, moe_context *, const moe_contex
 %}
 %enddef
 
+/* enum out-parameters (moe_layer_param_dtype): int[] of at least one element */
+%typemap(jni) moe_dtype *out "jintArray"
+%typemap(jtype) moe_dtype *out "int[]"
+%typemap(jstype) moe_dtype *out "int[]"
+%typemap(javain) moe_dtype *out "$javainput"
+%typemap(in) moe_dtype *out (moe_dtype tmp = MOE_DTYPE_F32) %{
+  if ($input == NULL || (*jenv)->GetArrayLength(jenv, $input) < 1) {
+    SWIG_JavaThrowException(jenv, SWIG_JavaIllegalArgumentException, "out must be an int[] of at least one element");
+    return $null;
+  }
+  $1 = &tmp;
+%}
+%typemap(argout) moe_dtype *out %{
+  {
+    jint v_ = (jint)tmp$argnum;
+    (*jenv)->SetIntArrayRegion(jenv, $input, 0, 1, &v_);
+  }
+%}
+
 MOE_JAVA_OUT(moe_layer **, out, moe_layer *)
 MOE_JAVA_OUT(moe_context **, out, moe_context *)
 MOE_JAVA_OUT(void **, data, void *)
@@ -164,6 +183,26 @@ MOE_JAVA_OUT(int64_t *, count, int64_t)
 %inline %{
 /* The address of element 0 of a direct buffer (its position is not added). */
 int64_t moe_java_buffer_address(void *direct_buffer) { return (int64_t)(intptr_t)direct_buffer; }
+%}
+
+/* ---- a direct java.nio.ByteBuffer over native memory (the layer's parameter storage) ---------- */
+%typemap(in, numinputs=0) JNIEnv *jenv_ %{ $1 = jenv; %}
+%typemap(jni) moe_java_view "jobject"
+%typemap(jtype) moe_java_view "java.nio.ByteBuffer"
+%typemap(jstype) moe_java_view "java.nio.ByteBuffer"
+%typemap(javaout) moe_java_view { return $jnicall; }
+%typemap(out) moe_java_view %{ $result = $1; %}
+%inline %{
+typedef jobject moe_java_view;
+/* A direct ByteBuffer of bytes bytes at address, which the caller keeps valid while the buffer
+   (or any buffer derived from it) is reachable: org.libmoe.Layer ties the layer's lifetime to it. */
+moe_java_view moe_java_direct_buffer(JNIEnv *jenv_, int64_t address, int64_t bytes) {
+  if (address == 0 || bytes < 0 || bytes > 0x7fffffff) {
+    SWIG_JavaThrowException(jenv_, SWIG_JavaIllegalArgumentException, "moe_java_direct_buffer: bad address or size");
+    return NULL;
+  }
+  return (*jenv_)->NewDirectByteBuffer(jenv_, (void *)(intptr_t)address, (jlong)bytes);
+}
 %}
 
 /* ---- struct proxies: AutoCloseable, no finalizer --------------------------------------------- */

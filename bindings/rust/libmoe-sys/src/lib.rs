@@ -7,15 +7,25 @@
 //! The build script finds libmoe in this order:
 //!  1. `LIBMOE_LIB_DIR` (directory of libmoe.so) and `LIBMOE_INCLUDE_DIR` (directory holding
 //!     `moe/moe.h`); either may be given alone, the other is then looked up below;
-//!  2. `pkg-config libmoe` (`PKG_CONFIG` names another pkg-config binary, `PKG_CONFIG_PATH` as usual);
-//!     skipped when `LIBMOE_NO_PKG_CONFIG` is set;
-//!  3. the header only: `include/` of the source tree this crate sits in.
+//!  2. `pkg-config libmoe` (>= 0.2; `PKG_CONFIG` names another pkg-config binary,
+//!     `PKG_CONFIG_PATH` as usual); skipped when `LIBMOE_NO_PKG_CONFIG` is set;
+//!  3. `include/` of the source tree this crate sits in for the header, and libmoe.so in the
+//!     linker's default directories.
+//!
+//! When that gives no libmoe.so or no moe/moe.h, the build stops with what it tried and how to fix
+//! it (install libmoe-dev, or set the two variables), not with a linker error later.
 //!
 //! Through `links = "moe"` dependents' build scripts see `DEP_MOE_INCLUDE` and `DEP_MOE_LIB_DIR`.
 #![allow(non_upper_case_globals, non_camel_case_types, non_snake_case)]
 #![allow(clippy::all)]
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
+
+// build.rs's decision of where libmoe is, tested below without running cargo.
+#[cfg(test)]
+#[path = "../build/find.rs"]
+#[allow(dead_code)]
+mod find;
 
 #[cfg(test)]
 mod tests {
@@ -45,6 +55,111 @@ mod tests {
         assert_eq!(cfg.num_experts, 8);
         assert_eq!(cfg.top_k, 2);
         assert!(cfg.comm.is_null());
+    }
+
+    /// A scratch tree: `lib/` with or without libmoe.so, `include/` with or without moe/moe.h.
+    struct Tree(std::path::PathBuf);
+    impl Tree {
+        fn new(tag: &str, lib: bool, header: bool) -> Tree {
+            let root = std::env::temp_dir().join(format!("libmoe-sys-find-{}-{}", tag, std::process::id()));
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::create_dir_all(root.join("lib")).unwrap();
+            std::fs::create_dir_all(root.join("include/moe")).unwrap();
+            if lib {
+                std::fs::write(root.join("lib/libmoe.so"), b"").unwrap();
+            }
+            if header {
+                std::fs::write(root.join("include/moe/moe.h"), b"").unwrap();
+            }
+            Tree(root)
+        }
+        fn lib(&self) -> std::path::PathBuf {
+            self.0.join("lib")
+        }
+        fn inc(&self) -> std::path::PathBuf {
+            self.0.join("include")
+        }
+    }
+    impl Drop for Tree {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn inputs(pkg_config: find::PkgConfig) -> find::Inputs {
+        find::Inputs { env_lib: None, env_inc: None, pkg_config, tree_include: None, system_lib_dirs: vec![] }
+    }
+
+    fn not_found() -> find::PkgConfig {
+        find::PkgConfig::NotFound {
+            command: "pkg-config --exists --print-errors 'libmoe >= 0.2'".into(),
+            why: "Package libmoe was not found in the pkg-config search path.".into(),
+        }
+    }
+
+    #[test]
+    fn find_nothing_says_what_was_tried_and_how_to_fix_it() {
+        let empty = Tree::new("empty", false, true);
+        let mut i = inputs(not_found());
+        i.tree_include = Some(empty.inc());
+        i.system_lib_dirs = vec![empty.lib()];
+        let m = find::locate(&i).unwrap_err();
+        assert!(m.starts_with("libmoe-sys: cannot find the library libmoe.so"), "{}", m);
+        for part in ["LIBMOE_LIB_DIR and LIBMOE_INCLUDE_DIR: not set", "Package libmoe was not found",
+                     "the linker's default directories", "apt-get install libmoe-dev", "PKG_CONFIG_PATH",
+                     "set LIBMOE_LIB_DIR"] {
+            assert!(m.contains(part), "message lacks {:?}:\n{}", part, m);
+        }
+        i.pkg_config = find::PkgConfig::Skipped;
+        let m = find::locate(&i).unwrap_err();
+        assert!(m.contains("LIBMOE_NO_PKG_CONFIG"), "{}", m);
+        // no header anywhere
+        i.tree_include = None;
+        assert!(find::locate(&i).unwrap_err().starts_with("libmoe-sys: cannot find libmoe's header moe/moe.h"));
+    }
+
+    #[test]
+    fn find_names_a_directory_that_lacks_its_file() {
+        let t = Tree::new("lacks", false, false);
+        let mut i = inputs(not_found());
+        i.env_lib = Some(t.lib());
+        i.env_inc = Some(t.inc());
+        let m = find::locate(&i).unwrap_err();
+        assert!(m.starts_with(&format!("libmoe-sys: LIBMOE_LIB_DIR={} has no libmoe.so", t.lib().display())), "{}", m);
+        let good = Tree::new("good", true, false);
+        i.env_lib = Some(good.lib());
+        let m = find::locate(&i).unwrap_err();
+        assert!(m.starts_with(&format!("libmoe-sys: LIBMOE_INCLUDE_DIR={} has no moe/moe.h", t.inc().display())), "{}", m);
+        // pkg-config pointing at a directory without the library (a half-installed package)
+        let mut i = inputs(find::PkgConfig::Found { command: "pkg-config".into(), include_dir: Some(good.inc()), lib_dir: Some(t.lib()) });
+        i.tree_include = Some(good.inc());
+        let m = find::locate(&i).unwrap_err();
+        assert!(m.contains(&format!("pkg-config names libdir {} but it has no libmoe.so", t.lib().display())), "{}", m);
+    }
+
+    #[test]
+    fn find_in_order_environment_pkg_config_default_directories() {
+        let env = Tree::new("env", true, true);
+        let pc = Tree::new("pc", true, true);
+        let sys_dir = Tree::new("sys", true, false);
+        let pc_found = || find::PkgConfig::Found { command: "pkg-config".into(), include_dir: Some(pc.inc()), lib_dir: Some(pc.lib()) };
+        let mut i = inputs(pc_found());
+        i.env_lib = Some(env.lib());
+        i.env_inc = Some(env.inc());
+        let f = find::locate(&i).unwrap();
+        assert_eq!((f.include_dir, f.lib_dir), (env.inc(), Some(env.lib())));
+        // the environment gives the library only: the header comes from pkg-config
+        i.env_inc = None;
+        let f = find::locate(&i).unwrap();
+        assert_eq!((f.include_dir, f.lib_dir), (pc.inc(), Some(env.lib())));
+        let f = find::locate(&inputs(pc_found())).unwrap();
+        assert_eq!((f.include_dir, f.lib_dir), (pc.inc(), Some(pc.lib())));
+        // no pkg-config: the tree's header and a library in a default directory
+        let mut i = inputs(not_found());
+        i.tree_include = Some(env.inc());
+        i.system_lib_dirs = vec![pc.inc(), sys_dir.lib()];
+        let f = find::locate(&i).unwrap();
+        assert_eq!((f.include_dir, f.lib_dir), (env.inc(), None));
     }
 
     #[test]

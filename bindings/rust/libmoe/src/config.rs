@@ -30,7 +30,14 @@ c_enum!(
     Device: "moe_device" { Cpu = MOE_DEVICE_CPU, Cuda = MOE_DEVICE_CUDA });
 c_enum!(
     /// Storage type of the activations (host copies of parameters are always f32).
-    DType: "moe_dtype" { F32 = MOE_DTYPE_F32, BF16 = MOE_DTYPE_BF16, F16 = MOE_DTYPE_F16 });
+    DType: "moe_dtype" {
+        /// IEEE float32
+        F32 = MOE_DTYPE_F32,
+        /// bfloat16 (the upper 16 bits of a float32)
+        Bf16 = MOE_DTYPE_BF16,
+        /// IEEE binary16
+        F16 = MOE_DTYPE_F16,
+    });
 c_enum!(
     /// Expert FFN activation.
     Activation: "moe_activation" {
@@ -53,7 +60,27 @@ c_enum!(
     Score: "moe_score" { Softmax = MOE_SCORE_SOFTMAX, Sigmoid = MOE_SCORE_SIGMOID });
 c_enum!(
     /// Router noise in training.
-    Noise: "moe_noise" { None = MOE_NOISE_NONE, Gaussian = MOE_NOISE_GAUSSIAN, Jitter = MOE_NOISE_JITTER });
+    Noise: "moe_noise" {
+        /// No noise (the default).
+        Off = MOE_NOISE_NONE,
+        /// Logits += N(0,1) * softplus(x Wnᵀ) (Shazeer et al. 2017).
+        Gaussian = MOE_NOISE_GAUSSIAN,
+        /// Router input scaled by U(1-eps, 1+eps) (Switch).
+        Jitter = MOE_NOISE_JITTER,
+    });
+
+// The names of 0.1, kept as deprecated constants: they still compile (in expressions and patterns).
+impl DType {
+    /// Renamed [`DType::Bf16`] (the style of `Activation::SwiGlu`).
+    #[deprecated(since = "0.2.0", note = "use DType::Bf16")]
+    pub const BF16: DType = DType::Bf16;
+}
+impl Noise {
+    /// Renamed [`Noise::Off`] (`None` read as `Option::None`).
+    #[deprecated(since = "0.2.0", note = "use Noise::Off")]
+    #[allow(non_upper_case_globals)]
+    pub const None: Noise = Noise::Off;
+}
 c_enum!(
     /// Which slots an over-full expert keeps.
     DropPolicy: "moe_drop_policy" { Position = MOE_DROP_POSITION, Probs = MOE_DROP_PROBS });

@@ -24,6 +24,15 @@ impl ParamInfo {
     }
 }
 
+/// A parameter and its gradient in the layer's memory, from [`Layer::param_mut`].
+#[derive(Debug)]
+pub struct ParamMut<'a> {
+    /// The values, row-major in the parameter's shape; writes change the layer.
+    pub data: &'a mut [f32],
+    /// The accumulated gradient (`None` for `router.bias`, which is not trainable).
+    pub grad: Option<&'a [f32]>,
+}
+
 /// A Mixture-of-Experts layer (`moe_layer`), freed when dropped.
 ///
 /// Host-slice methods (`forward`, `backward`, `route`) need a CPU float32 layer; CUDA or bf16/f16
@@ -42,6 +51,7 @@ pub struct Layer {
     d_model: usize,
     num_experts: usize,
     top_k: usize,
+    host: bool,
     host_f32: bool,
 }
 
@@ -61,12 +71,13 @@ impl Layer {
         check(unsafe { sys::moe_layer_create(&raw, &mut out) })?;
         let ptr = NonNull::new(out).ok_or_else(|| Error::new(Status::Internal, "moe_layer_create returned NULL"))?;
         // From here on the layer is freed by Drop, also if the lines below fail.
-        let mut layer = Layer { ptr, d_model: 0, num_experts: 0, top_k: 0, host_f32: false };
+        let mut layer = Layer { ptr, d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
         let eff = layer.config()?;
         layer.d_model = eff.d_model;
         layer.num_experts = eff.num_experts;
         layer.top_k = eff.top_k;
-        layer.host_f32 = eff.device == Device::Cpu && eff.dtype == DType::F32;
+        layer.host = eff.device == Device::Cpu;
+        layer.host_f32 = layer.host && eff.dtype == DType::F32;
         Ok(layer)
     }
 
@@ -172,7 +183,9 @@ impl Layer {
     }
 
     /// The layer's own storage of parameter `name` and of its gradient (NULL for router.bias), on
-    /// the layer's device, f32, contiguous, valid until the layer is dropped.
+    /// the layer's device, contiguous, valid until the layer is dropped. The pointers are typed
+    /// f32 but the elements are in [`param_dtype`](Self::param_dtype) (bf16/f16 are 16-bit);
+    /// [`param_mut`](Self::param_mut) is the safe form for CPU f32 parameters.
     ///
     /// # Safety
     /// The pointers alias the layer's state: write through them only when no forward, backward or
@@ -183,6 +196,49 @@ impl Layer {
         let mut grad: *mut c_void = ptr::null_mut();
         check(sys::moe_layer_param_buffers(self.ptr.as_ptr(), c.as_ptr(), &mut data, &mut grad))?;
         Ok((data.cast(), grad.cast()))
+    }
+
+    /// The storage type of parameter `name` and of its gradient: the layer's dtype for `experts.*`
+    /// and `shared.w1/w3/w2`, [`DType::F32`] for `router.*` and `shared.gate`.
+    pub fn param_dtype(&self, name: &str) -> Result<DType> {
+        let c = c_name(name)?;
+        let mut raw: sys::moe_dtype = 0;
+        check(unsafe { sys::moe_layer_param_dtype(self.ptr.as_ptr(), c.as_ptr(), &mut raw) })?;
+        DType::from_raw(raw as u32)
+    }
+
+    /// Parameter `name` and its gradient in the layer's own memory, with no copy: what an
+    /// optimiser step writes through (`p.data[i] -= lr * p.grad[i]`).
+    ///
+    /// Takes `&mut self`: while the slices live no other call can reach the layer, and no
+    /// [`Context`] can exist (contexts borrow the layer), so no forward is waiting for its
+    /// backward. A CPU layer only, and a parameter stored in f32 ([`param_dtype`](Self::param_dtype));
+    /// otherwise `Status::InvalidArgument` naming the device or dtype (use
+    /// [`param_buffers`](Self::param_buffers) then). `grad` is `None` for `router.bias`.
+    pub fn param_mut(&mut self, name: &str) -> Result<ParamMut<'_>> {
+        if !self.host {
+            return Err(Error::invalid(format!(
+                "param_mut({:?}): the parameters of a CUDA layer are in device memory; use param_buffers",
+                name
+            )));
+        }
+        let dtype = self.param_dtype(name)?;
+        if dtype != DType::F32 {
+            return Err(Error::invalid(format!(
+                "param_mut({:?}): the parameter is stored as {:?}, not F32; use param_buffers",
+                name, dtype
+            )));
+        }
+        let n = self.param_info(name)?.numel();
+        // SAFETY: CPU storage of n f32 values each (moe.h: the documented shape, contiguous),
+        // valid while the layer lives; &mut self keeps every other access away for 'a.
+        unsafe {
+            let (data, grad) = self.param_buffers(name)?;
+            Ok(ParamMut {
+                data: std::slice::from_raw_parts_mut(data, n),
+                grad: if grad.is_null() { None } else { Some(std::slice::from_raw_parts(grad, n)) },
+            })
+        }
     }
 
     // ---- compute on host slices --------------------------------------------------------------
@@ -221,6 +277,7 @@ impl Layer {
     /// Training forward: like [`forward`](Self::forward) with router noise, the routing and
     /// activations saved in `ctx` for [`backward`](Self::backward), and the bias update.
     pub fn forward_train(&self, x: &[f32], y: &mut [f32], ctx: &mut Context<'_>) -> Result<()> {
+        self.check_ctx(ctx)?;
         let t = self.tokens_of("x", x.len())?;
         Self::same_len("y", y.len(), x.len())?;
         unsafe { self.forward_raw(x.as_ptr().cast(), t, y.as_mut_ptr().cast(), Some(ctx)) }
@@ -229,6 +286,9 @@ impl Layer {
     /// Backward of the training forward in `ctx`: writes `dx` (if given) and adds to every
     /// gradient, aux losses included. `dy` and `dx` have the length of that forward's `x`.
     pub fn backward(&self, ctx: &mut Context<'_>, dy: &[f32], dx: Option<&mut [f32]>) -> Result<()> {
+        // Ownership first: another layer's context holds another forward (or none), and asking it
+        // for its token count would report that instead of the real mistake.
+        self.check_ctx(ctx)?;
         self.tokens_of("dy", dy.len())?;
         // The token count of the forward held by ctx (MOE_ERR_STATE when it holds none).
         let want = ctx.stats()?.num_tokens * self.d_model;
@@ -246,15 +306,26 @@ impl Layer {
     /// Route `x` without running the experts: fills `ctx` with the routing and statistics of an
     /// inference forward (the context cannot then be used for backward).
     pub fn route(&self, x: &[f32], ctx: &mut Context<'_>) -> Result<()> {
+        self.check_ctx(ctx)?;
         let t = self.tokens_of("x", x.len())?;
         unsafe { self.route_raw(x.as_ptr().cast(), t, ctx) }
     }
 
     // ---- compute on raw (device) pointers ------------------------------------------------------
 
+    /// A context may only be used with the layer that created it. Checked before anything else by
+    /// every method that takes one.
     fn check_ctx(&self, ctx: &Context<'_>) -> Result<()> {
-        if !ptr::eq(ctx.layer(), self) {
-            return Err(Error::invalid("the context was created from another layer"));
+        let owner = ctx.layer();
+        if !ptr::eq(owner, self) {
+            return Err(Error::invalid(format!(
+                "ctx belongs to another layer ({:?} at {:p}), not to this one ({:?} at {:p}): \
+                 create it with this layer's context()",
+                owner,
+                owner.as_ptr(),
+                self,
+                self.as_ptr()
+            )));
         }
         Ok(())
     }

@@ -46,7 +46,7 @@ mod layer;
 pub use config::{Activation, Config, DType, Device, DropPolicy, Noise, Routing, Score, PRESETS};
 pub use context::{Assignment, Context, Stats, TopK};
 pub use error::{Error, Result, Status};
-pub use layer::{Layer, ParamInfo};
+pub use layer::{Layer, ParamInfo, ParamMut};
 /// The raw FFI, for what the safe layer does not cover (e.g. expert-parallel communicators).
 pub use libmoe_sys as sys;
 

@@ -270,8 +270,33 @@ class LayerTest {
   void contextOfAnotherLayerIsRefused() {
     try (Layer a = small().createLayer(); Layer b = small().createLayer(); Context ctx = a.newContext()) {
       float[] x = data(2 * 16, 13);
-      assertEquals(Status.INVALID_ARGUMENT, status(() -> b.forward(x, new float[x.length], ctx)));
-      a.forward(x, new float[x.length], ctx);
+      float[] y = new float[x.length];
+      // Every method that takes a context checks whose it is first: before sizes, before asking the
+      // context for its forward (b's backward would otherwise report "no forward" or a size).
+      List<Runnable> calls = List.of(
+          () -> b.forward(x, y, ctx),
+          () -> b.forward(direct(x), direct(x.length), ctx),
+          () -> b.backward(ctx, y, null),
+          () -> b.backward(ctx, direct(y), direct(y.length)),
+          () -> b.backward(ctx, new float[3], null),
+          () -> b.route(x, ctx),
+          () -> b.route(direct(x), ctx),
+          () -> b.forwardRaw(0, 2, 0, ctx),
+          () -> b.backwardRaw(ctx, 0, 0),
+          () -> b.routeRaw(0, 2, ctx));
+      a.forward(x, y, ctx); // ctx now holds a forward of a: b must still refuse it
+      for (Runnable call : calls) {
+        MoeException e = assertThrows(MoeException.class, call::run);
+        assertEquals(Status.INVALID_ARGUMENT, e.getStatus(), e.getMessage());
+        String m = e.getLibraryMessage();
+        assertTrue(m.startsWith("ctx belongs to another layer (Layer[dModel=16, numExperts=4, topK=2]@0x"), m);
+        assertTrue(m.contains("@0x" + Long.toHexString(a.handle())), "names the context's layer: " + m);
+        assertTrue(m.contains("@0x" + Long.toHexString(b.handle())), "names this layer: " + m);
+        assertTrue(m.contains("newContext()"), m);
+      }
+      // nothing changed: ctx still holds a's forward, and a's backward runs
+      assertEquals(2, ctx.stats().numTokens());
+      a.backward(ctx, y, null);
     }
   }
 

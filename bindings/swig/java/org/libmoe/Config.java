@@ -169,7 +169,7 @@ public final class Config {
     return numExperts;
   }
 
-  /** K, experts per token, 1 <= k <= E (default 2). */
+  /** K, experts per token, 1 &lt;= k &lt;= E (default 2). */
   public long topK() {
     return topK;
   }
@@ -524,7 +524,7 @@ public final class Config {
       return this;
     }
 
-    /** K, experts per token, 1 <= k <= E (default 2). */
+    /** K, experts per token, 1 &lt;= k &lt;= E (default 2). */
     public Builder topK(long value) {
       this.topK = value;
       return this;

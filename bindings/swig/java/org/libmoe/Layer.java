@@ -1,5 +1,6 @@
 package org.libmoe;
 
+import java.lang.ref.Cleaner;
 import java.lang.ref.Reference;
 import java.nio.Buffer;
 import java.nio.ByteBuffer;
@@ -9,7 +10,9 @@ import java.nio.IntBuffer;
 import java.nio.LongBuffer;
 import java.util.ArrayList;
 import java.util.Collections;
+import java.util.HashMap;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.atomic.AtomicInteger;
 import org.libmoe.jni.MoeNative;
 import org.libmoe.jni.moe_config;
@@ -38,14 +41,53 @@ import org.libmoe.jni.moe_param_info;
  * Layer and Context locks the layer, so a layer may be shared between threads (calls are
  * serialised). Closing the layer closes its contexts first. There is no finalizer: an unclosed
  * layer keeps its native memory until the process ends.
+ *
+ * <p>Parameters and gradients can be read and written in place through {@link #paramView(String)}
+ * (direct buffers, no copy); such a view keeps the layer's native memory alive until it is
+ * unreachable, so it never points at freed memory (see {@link ParamView}).
  */
 public final class Layer implements AutoCloseable {
   private static final AtomicInteger OPEN = new AtomicInteger();
+  private static final AtomicInteger NATIVE = new AtomicInteger();
+
+  /**
+   * The native layer, destroyed when its last holder lets go: the Layer (at close) and each
+   * parameter view buffer (when the garbage collector finds it unreachable).
+   */
+  private static final class Owner {
+    private long handle;
+    private int holders = 1;
+
+    Owner(long handle) {
+      this.handle = handle;
+      NATIVE.incrementAndGet();
+    }
+
+    synchronized void retain() {
+      holders++;
+    }
+
+    synchronized void release() {
+      if (--holders == 0) {
+        MoeNative.moe_layer_destroy(handle);
+        handle = 0;
+        NATIVE.decrementAndGet();
+      }
+    }
+  }
+
+  /** Created on the first view: one daemon thread that releases the views' hold on layers. */
+  private static final class Views {
+    static final Cleaner CLEANER = Cleaner.create();
+  }
 
   private long handle;
+  private final Owner owner;
+  private final Map<String, ParamView> views = new HashMap<>();
   private final long dModel;
   private final long numExperts;
   private final long topK;
+  private final boolean host;
   private final boolean hostF32;
   private final List<Context> contexts = new ArrayList<>();
   private ByteBuffer scratchIn;
@@ -64,13 +106,15 @@ public final class Layer implements AutoCloseable {
       MoeNative.moe_layer_create(raw, out);
     }
     handle = out[0];
+    owner = new Owner(handle);
     OPEN.incrementAndGet();
     try {
       Config eff = config();
       dModel = eff.dModel();
       numExperts = eff.numExperts();
       topK = eff.topK();
-      hostF32 = eff.device() == Device.CPU && eff.dtype() == DType.F32;
+      host = eff.device() == Device.CPU;
+      hostF32 = host && eff.dtype() == DType.F32;
     } catch (RuntimeException e) {
       close();
       throw e;
@@ -82,19 +126,40 @@ public final class Layer implements AutoCloseable {
     return OPEN.get();
   }
 
+  /**
+   * Number of native layers not yet freed: the open layers plus the closed ones whose memory a
+   * reachable {@link ParamView} buffer still holds (for leak checks).
+   */
+  public static int nativeCount() {
+    return NATIVE.get();
+  }
+
   // ---- lifetime ------------------------------------------------------------------------------
 
-  /** Frees the layer, after closing its open contexts. Calling it again does nothing. */
+  /**
+   * Frees the layer, after closing its open contexts; every later call on it (or its contexts)
+   * throws STATE. The native memory is freed now, or, while {@link ParamView} buffers of this layer
+   * are still reachable, once the garbage collector finds the last of them unreachable. Calling
+   * close again does nothing.
+   */
   @Override
   public synchronized void close() {
     if (handle == 0) return;
     for (Context c : new ArrayList<>(contexts)) c.closeLocked();
     contexts.clear();
-    MoeNative.moe_layer_destroy(handle);
+    views.clear();
     handle = 0;
+    owner.release();
     scratchIn = null;
     scratchOut = null;
     OPEN.decrementAndGet();
+  }
+
+  /** Whether the native layer has been freed (close, then no view buffer left); for the tests. */
+  boolean nativeFreed() {
+    synchronized (owner) {
+      return owner.handle == 0;
+    }
   }
 
   /** Whether {@link #close()} has been called. */
@@ -242,14 +307,66 @@ public final class Layer implements AutoCloseable {
 
   /**
    * The addresses of the layer's own storage of parameter {@code name} and of its gradient (0 for
-   * router.bias), on the layer's device, float32, valid until the layer is closed. For optimisers
-   * that update weights in place through other native code.
+   * router.bias), on the layer's device, in {@link #paramDtype(String)}, valid until the layer is
+   * closed. For optimisers that update weights in place through other native code (CUDA layers);
+   * on a CPU layer {@link #paramView(String)} gives the same memory as Java buffers.
    */
   public synchronized long[] paramBufferAddresses(String name) {
     long[] data = new long[1];
     long[] grad = new long[1];
     MoeNative.moe_layer_param_buffers(live(), name, data, grad);
     return new long[] {data[0], grad[0]};
+  }
+
+  /**
+   * The storage type of parameter {@code name} and of its gradient: the layer's dtype for
+   * experts.* and shared.w1/w3/w2, F32 for router.* and shared.gate.
+   */
+  public synchronized DType paramDtype(String name) {
+    if (name == null) throw invalid("name is null");
+    int[] out = new int[1];
+    MoeNative.moe_layer_param_dtype(live(), name, out);
+    return DType.fromCode(out[0]);
+  }
+
+  /**
+   * Parameter {@code name} and its gradient in the layer's own memory, as direct buffers with no
+   * copy (an optimiser step writes through them). A CPU layer only. The same view is returned for
+   * the same name. See {@link ParamView} for the rules, and for how a view keeps the layer's
+   * memory alive after {@link #close()}.
+   *
+   * @throws MoeException INVALID_ARGUMENT for an unknown name or a CUDA layer; STATE once closed
+   */
+  public synchronized ParamView paramView(String name) {
+    long h = live();
+    if (name == null) throw invalid("name is null");
+    ParamView v = views.get(name);
+    if (v != null) return v;
+    if (!host)
+      throw invalid(
+          "paramView(\"" + name + "\"): the parameters of a CUDA layer are in device memory, which a Java"
+              + " buffer cannot address; use paramBufferAddresses");
+    ParamInfo info = paramInfo(name);
+    DType dtype = paramDtype(name);
+    long bytes = info.numel() * dtype.size();
+    if (bytes > Integer.MAX_VALUE)
+      throw invalid("paramView(\"" + name + "\"): " + bytes + " bytes do not fit one Java buffer");
+    long[] data = new long[1];
+    long[] grad = new long[1];
+    MoeNative.moe_layer_param_buffers(h, name, data, grad);
+    v = new ParamView(info, dtype, holdingBuffer(data[0], bytes), grad[0] == 0 ? null : holdingBuffer(grad[0], bytes));
+    views.put(name, v);
+    return v;
+  }
+
+  /** A direct buffer over this layer's memory that keeps the native layer alive while reachable. */
+  private ByteBuffer holdingBuffer(long address, long bytes) {
+    ByteBuffer b = MoeNative.moe_java_direct_buffer(address, bytes).order(ByteOrder.nativeOrder());
+    owner.retain();
+    // Buffers derived from b (duplicate, asFloatBuffer, slice) reference b, so b becomes
+    // unreachable only after all of them. The action must not capture b itself.
+    Views.CLEANER.register(b, owner::release);
+    return b;
   }
 
   // ---- compute: direct buffers (no copy) ----------------------------------------------------------
@@ -383,10 +500,24 @@ public final class Layer implements AutoCloseable {
     return new MoeException(Status.INVALID_ARGUMENT, message);
   }
 
+  /** Every method that takes a context checks first that it is one of this layer's. */
   private long ctxHandle(Context ctx) {
     if (ctx == null) throw invalid("ctx is null");
-    if (ctx.layer() != this) throw invalid("the context was created from another layer");
+    if (ctx.layer() != this)
+      throw invalid(
+          "ctx belongs to another layer (" + ctx.layer().describe() + "), not to this one ("
+              + describe() + "): use a context made by this layer's newContext()");
     return ctx.live();
+  }
+
+  /**
+   * The sizes and the native address, to tell two layers apart in a message. Takes no lock (it
+   * describes another layer while this one is locked).
+   */
+  private String describe() {
+    long h = handle;
+    return "Layer[dModel=" + dModel + ", numExperts=" + numExperts + ", topK=" + topK + "]"
+        + (h == 0 ? " (closed)" : "@0x" + Long.toHexString(h));
   }
 
   /** Floats of the x of the forward held by ctx (STATE if it holds none). */

@@ -19,15 +19,16 @@ import java.util.Locale;
  * <ol>
  *   <li>the system property {@code org.libmoe.native.path}: the JNI library file, or a directory
  *       holding {@code libmoe_java.so} (and optionally {@code libmoe.so.0}, loaded first);
- *   <li>the jar: {@code /org/libmoe/native/<os>-<arch>/} (e.g. {@code linux-x86_64}) holds
- *       {@code libmoe_java.so} and, in a self-contained jar, {@code libmoe.so.0}; they are copied
- *       to a private temporary directory, loaded (libmoe first) and deleted again;
+ *   <li>the standalone jar only: {@code /org/libmoe/native/<os>-<arch>/} (e.g.
+ *       {@code linux-x86_64}) holds {@code libmoe_java.so} and {@code libmoe.so.0}; they are
+ *       copied to a private temporary directory, loaded (libmoe first) and deleted again;
  *   <li>{@code System.loadLibrary("moe_java")}: {@code java.library.path} (Debian installs JNI
- *       libraries in /usr/lib/&lt;triplet&gt;/jni), libmoe found by the dynamic linker.
+ *       libraries in /usr/lib/&lt;triplet&gt;/jni), libmoe found by the dynamic linker. This is how
+ *       the packaged jar (libmoe-java), which carries no native library, uses the system's.
  * </ol>
  *
- * The JNI library embedded in the jar is preferred to one on java.library.path because it was
- * generated together with the jar's classes. {@link #source()} tells which one was loaded.
+ * The native libraries of the standalone jar are preferred to those on java.library.path because
+ * they were built together with the jar's classes. {@link #source()} tells which one was loaded.
  */
 public final class NativeLoader {
   /** System property naming the JNI library file or its directory. */
@@ -80,7 +81,7 @@ public final class NativeLoader {
     }
   }
 
-  /** Where the JNI library came from: a path, "jar:<resource>" or "java.library.path"; null before loading. */
+  /** Where the JNI library came from: a path, {@code "jar:<resource>"} or "java.library.path"; null before loading. */
   public static synchronized String source() {
     return source;
   }
