@@ -10,7 +10,7 @@
  *   - handles (moe_layer *, moe_context *) and tensor/host-array arguments are raw addresses
  *     (long): org.libmoe passes the address of a direct buffer (MoeNative.moe_java_buffer_address)
  *     plus its position, so no copy is made here; 0 is NULL;
- *   - out-parameters (moe_layer **, moe_context **, void **data/grad, int64_t *count) are long[]
+ *   - out-parameters (moe_layer **, moe_context **, void **data/grad, int64_t *count, moe_dtype *) are long[]
  *     of at least one element that receive the value;
  *   - uint64_t (the seed) is a Java long holding the same 64 bits;
  *   - enums are int constants (org.libmoe has the Java enums);
@@ -148,6 +148,7 @@ MOE_JAVA_OUT(moe_context **, out, moe_context *)
 MOE_JAVA_OUT(void **, data, void *)
 MOE_JAVA_OUT(void **, grad, void *)
 MOE_JAVA_OUT(int64_t *, count, int64_t)
+MOE_JAVA_OUT(moe_dtype *, out, moe_dtype) /* moe_layer_param_dtype: the MOE_DTYPE_* value */
 
 /* ---- the address of a direct java.nio buffer ------------------------------------------------- */
 %typemap(jni) void *direct_buffer "jobject"

@@ -171,18 +171,30 @@ impl Layer {
         check(unsafe { sys::moe_layer_zero_grad(self.ptr.as_ptr()) })
     }
 
+    /// The storage type of parameter `name` and of its gradient: the layer's dtype for
+    /// `experts.*` and `shared.w1/w3/w2`, F32 for `router.*` and `shared.gate`.
+    pub fn param_dtype(&self, name: &str) -> Result<DType> {
+        let c = c_name(name)?;
+        let mut out: sys::moe_dtype = 0;
+        check(unsafe { sys::moe_layer_param_dtype(self.ptr.as_ptr(), c.as_ptr(), &mut out) })?;
+        DType::from_raw(out as u32)
+    }
+
     /// The layer's own storage of parameter `name` and of its gradient (NULL for router.bias), on
-    /// the layer's device, f32, contiguous, valid until the layer is dropped.
+    /// the layer's device, contiguous, valid until the layer is dropped, in
+    /// [`param_dtype`](Self::param_dtype)`(name)`: 4-byte f32 elements, or 2-byte bf16/f16 ones
+    /// in a BF16/F16 layer (hence untyped pointers).
     ///
     /// # Safety
     /// The pointers alias the layer's state: write through them only when no forward, backward or
-    /// parameter call runs, and never between a training forward and its backward.
-    pub unsafe fn param_buffers(&self, name: &str) -> Result<(*mut f32, *mut f32)> {
+    /// parameter call runs, and never between a training forward and its backward; never past
+    /// its number of elements of its dtype.
+    pub unsafe fn param_buffers(&self, name: &str) -> Result<(*mut c_void, *mut c_void)> {
         let c = c_name(name)?;
         let mut data: *mut c_void = ptr::null_mut();
         let mut grad: *mut c_void = ptr::null_mut();
         check(sys::moe_layer_param_buffers(self.ptr.as_ptr(), c.as_ptr(), &mut data, &mut grad))?;
-        Ok((data.cast(), grad.cast()))
+        Ok((data, grad))
     }
 
     // ---- compute on host slices --------------------------------------------------------------

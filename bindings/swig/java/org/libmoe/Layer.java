@@ -241,9 +241,20 @@ public final class Layer implements AutoCloseable {
   }
 
   /**
+   * The storage type of parameter {@code name} and of its gradient: the layer's dtype for experts.*
+   * and shared.w1/w3/w2, F32 for router.* and shared.gate.
+   */
+  public synchronized DType paramDtype(String name) {
+    long[] out = new long[1];
+    MoeNative.moe_layer_param_dtype(live(), name, out);
+    return DType.fromCode((int) out[0]);
+  }
+
+  /**
    * The addresses of the layer's own storage of parameter {@code name} and of its gradient (0 for
-   * router.bias), on the layer's device, float32, valid until the layer is closed. For optimisers
-   * that update weights in place through other native code.
+   * router.bias), on the layer's device, contiguous, in {@link #paramDtype}{@code (name)}: 4-byte
+   * float32 elements, or 2-byte bfloat16/float16 ones in a BF16/F16 layer. Valid until the layer
+   * is closed. For optimisers that update weights in place through other native code.
    */
   public synchronized long[] paramBufferAddresses(String name) {
     long[] data = new long[1];
