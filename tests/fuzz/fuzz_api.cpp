@@ -7,11 +7,12 @@
 // rank" answers with bytes from the input, as a broken or hostile peer would.
 //
 // Oracles, besides the sanitizers: every status is a moe_status other than MOE_ERR_INTERNAL; a
-// failed call leaves a message; calls that must fail (NULL handles, sizes that overflow) fail; a
-// failed moe_layer_create leaves *out alone; at the end every layer without a comm still runs a
-// clean forward and backward.
+// failed call leaves a message that starts with its own name; calls that must fail (NULL handles,
+// sizes that overflow) fail; a failed moe_layer_create leaves *out alone; at the end every layer
+// without a comm still runs a clean forward and backward.
 //
-// Built by tests/fuzz/run.sh with clang -fsanitize=fuzzer,address,undefined; the same file with
+// Built by tests/fuzz/run.sh with clang -fsanitize=fuzzer,address,undefined (or, --sanitizers
+// ubsan, -fsanitize=fuzzer,undefined -D_GLIBCXX_ASSERTIONS); the same file with
 // replay_main.cpp replays the committed corpus and regression inputs in every build (fuzz.replay).
 #include <moe/moe.h>
 
