@@ -15,9 +15,10 @@
 #   --sanitizers ubsan  -O2, UBSan and libstdc++'s assertions
 #                       (_GLIBCXX_ASSERTIONS), without ASan: an index past a container's size but
 #                       inside its allocation, std::clamp with lo > hi and other precondition
-#                       violations ASan cannot see; operator new failing with std::bad_alloc as in
-#                       production (ASan aborts instead), so libmoe's MOE_ERR_OUT_OF_MEMORY paths
-#                       run; UB as -O2 code meets it. About 3x the executions per second.
+#                       violations ASan cannot see; a failing operator new throws std::bad_alloc
+#                       as in production (ASan aborts the run instead), which libmoe must turn
+#                       into MOE_ERR_OUT_OF_MEMORY; UB as -O2 code meets it. About 3x the
+#                       executions per second.
 #   --seed N            libFuzzer's seed (1..4294967295); default random, printed so that a run
 #                       can be repeated. ctest's fuzz.libfuzzer passes a fixed one.
 #   --fresh             start from corpus/ and regressions/ only (empties <build>/fuzz-work, which
