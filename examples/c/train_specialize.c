@@ -326,17 +326,24 @@ static result train(const options *o, const task *t, const char *mode, const flo
   CHECK(moe_layer_create(&cfg, &layer));
   CHECK(moe_context_create(layer, &ctx));
 
-  /* Plain SGD writes through the layer's own parameter storage. */
+  /* Plain SGD writes through the layer's own parameter storage, which is float32 here (cfg.dtype is
+   * the default; a bf16/f16 layer stores experts.* in 2-byte elements: see moe_layer_param_dtype). */
   nparams = moe_layer_num_params(layer);
   for (i = 0; i < nparams; ++i) {
     moe_param_info info;
     void *data = NULL, *grad = NULL;
+    moe_dtype dtype = MOE_DTYPE_F32;
     int64_t n = 1;
     int dim;
     CHECK(moe_layer_param_info(layer, i, &info));
     if (!info.trainable) continue;
     if (np == 16) {
       fprintf(stderr, "train_specialize: more trainable parameters than expected\n");
+      exit(2);
+    }
+    CHECK(moe_layer_param_dtype(layer, info.name, &dtype));
+    if (dtype != MOE_DTYPE_F32) {
+      fprintf(stderr, "train_specialize: %s is not stored in float32\n", info.name);
       exit(2);
     }
     CHECK(moe_layer_param_buffers(layer, info.name, &data, &grad));

@@ -193,6 +193,7 @@ static void run_config(const char *label, moe_config *cfg) {
     moe_param_info info;
     float *host, *grad;
     void *data = NULL, *gbuf = NULL;
+    moe_dtype dtype = MOE_DTYPE_BF16;
     int64_t n, q;
     memset(&info, 0, sizeof info);
     CHECK_OK(moe_layer_param_info(layer, i, &info));
@@ -213,7 +214,10 @@ static void run_config(const char *label, moe_config *cfg) {
     CHECK(all_finite(host, (size_t)n));
     CHECK_OK(moe_layer_param_buffers(layer, info.name, &data, &gbuf));
     CHECK(data != NULL);
-    if (data) CHECK(memcmp(data, host, sizeof(float) * (size_t)n) == 0);
+    /* These are float32 layers: the storage holds n floats (2-byte elements in a bf16/f16 layer). */
+    CHECK_OK(moe_layer_param_dtype(layer, info.name, &dtype));
+    CHECK(dtype == MOE_DTYPE_F32);
+    if (data && dtype == MOE_DTYPE_F32) CHECK(memcmp(data, host, sizeof(float) * (size_t)n) == 0);
     if (info.trainable) {
       CHECK(gbuf != NULL);
       CHECK_OK(moe_layer_get_grad(layer, info.name, grad, n));

@@ -11,6 +11,7 @@
  *     (long): org.libmoe passes the address of a direct buffer (MoeNative.moe_java_buffer_address)
  *     plus its position, so no copy is made here; 0 is NULL;
  *   - out-parameters (moe_layer **, moe_context **, void **data/grad, int64_t *count) are long[]
+ *     (moe_dtype *out is an int[])
  *     of at least one element that receive the value;
  *   - uint64_t (the seed) is a Java long holding the same 64 bits;
  *   - enums are int constants (org.libmoe has the Java enums);

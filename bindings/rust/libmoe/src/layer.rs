@@ -183,19 +183,20 @@ impl Layer {
     }
 
     /// The layer's own storage of parameter `name` and of its gradient (NULL for router.bias), on
-    /// the layer's device, contiguous, valid until the layer is dropped. The pointers are typed
-    /// f32 but the elements are in [`param_dtype`](Self::param_dtype) (bf16/f16 are 16-bit);
-    /// [`param_mut`](Self::param_mut) is the safe form for CPU f32 parameters.
+    /// the layer's device, contiguous, valid until the layer is dropped, in
+    /// [`param_dtype`](Self::param_dtype)`(name)`: 4-byte f32 elements, or 2-byte bf16/f16 ones
+    /// in a BF16/F16 layer (hence untyped pointers).
     ///
     /// # Safety
     /// The pointers alias the layer's state: write through them only when no forward, backward or
-    /// parameter call runs, and never between a training forward and its backward.
-    pub unsafe fn param_buffers(&self, name: &str) -> Result<(*mut f32, *mut f32)> {
+    /// parameter call runs, and never between a training forward and its backward; never past
+    /// its number of elements of its dtype.
+    pub unsafe fn param_buffers(&self, name: &str) -> Result<(*mut c_void, *mut c_void)> {
         let c = c_name(name)?;
         let mut data: *mut c_void = ptr::null_mut();
         let mut grad: *mut c_void = ptr::null_mut();
         check(sys::moe_layer_param_buffers(self.ptr.as_ptr(), c.as_ptr(), &mut data, &mut grad))?;
-        Ok((data.cast(), grad.cast()))
+        Ok((data, grad))
     }
 
     /// The storage type of parameter `name` and of its gradient: the layer's dtype for `experts.*`
@@ -235,8 +236,8 @@ impl Layer {
         unsafe {
             let (data, grad) = self.param_buffers(name)?;
             Ok(ParamMut {
-                data: std::slice::from_raw_parts_mut(data, n),
-                grad: if grad.is_null() { None } else { Some(std::slice::from_raw_parts(grad, n)) },
+                data: std::slice::from_raw_parts_mut(data.cast::<f32>(), n),
+                grad: if grad.is_null() { None } else { Some(std::slice::from_raw_parts(grad.cast::<f32>(), n)) },
             })
         }
     }

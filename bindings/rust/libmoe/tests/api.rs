@@ -405,6 +405,25 @@ fn the_names_of_0_1_still_compile() {
 }
 
 #[test]
+fn param_buffers_are_in_the_param_dtype() {
+    let layer = small().dtype(DType::BF16).build().unwrap();
+    assert_eq!(layer.param_dtype("experts.w2").unwrap(), DType::BF16);
+    assert_eq!(layer.param_dtype("router.weight").unwrap(), DType::F32);
+    assert_eq!(layer.param_dtype("experts.w9").unwrap_err().status(), Status::InvalidArgument);
+    // The last element of a bf16 parameter is 2 bytes at index numel - 1: written there, it is
+    // what the f32 copy reads; values unrelated to the initial weights (bf16-exact).
+    let n = layer.param_info("experts.w2").unwrap().numel();
+    let want: [f32; 2] = [0.5, -1.75];
+    let (data, grad) = unsafe { layer.param_buffers("experts.w2").unwrap() };
+    assert!(!data.is_null() && !grad.is_null());
+    for (j, &v) in want.iter().enumerate() {
+        unsafe { *data.cast::<u16>().add(n - 1 - j) = (v.to_bits() >> 16) as u16 };
+    }
+    let got = layer.param("experts.w2").unwrap();
+    assert_eq!((got[n - 1], got[n - 2]), (want[0], want[1]));
+}
+
+#[test]
 fn host_slices_need_a_cpu_f32_layer() {
     // A bf16 CPU layer (if this build has one) cannot take f32 slices.
     match small().dtype(DType::Bf16).build() {

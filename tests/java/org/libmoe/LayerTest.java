@@ -301,6 +301,22 @@ class LayerTest {
   }
 
   @Test
+  void paramDtypeSaysHowBuffersAreStored() {
+    try (Layer l = small().dtype(DType.BF16).createLayer()) {
+      assertEquals(DType.BF16, l.paramDtype("experts.w1"));
+      assertEquals(DType.BF16, l.paramDtype("experts.w2"));
+      assertEquals(DType.F32, l.paramDtype("router.weight"));
+      assertEquals(DType.F32, l.paramDtype("router.bias"));
+      MoeException e = assertThrows(MoeException.class, () -> l.paramDtype("experts.w9"));
+      assertEquals(Status.INVALID_ARGUMENT, e.getStatus());
+      assertTrue(e.getLibraryMessage().contains("experts.w9"), e.getLibraryMessage());
+    }
+    try (Layer l = small().createLayer()) {
+      assertEquals(DType.F32, l.paramDtype("experts.w1"));
+    }
+  }
+
+  @Test
   void cudaOrOtherDtypesSayWhy() {
     try (Layer l = small().dtype(DType.BF16).createLayer()) {
       assertEquals(Status.INVALID_ARGUMENT, status(() -> l.forward(new float[16], new float[16])));

@@ -307,9 +307,9 @@ public final class Layer implements AutoCloseable {
 
   /**
    * The addresses of the layer's own storage of parameter {@code name} and of its gradient (0 for
-   * router.bias), on the layer's device, in {@link #paramDtype(String)}, valid until the layer is
-   * closed. For optimisers that update weights in place through other native code (CUDA layers);
-   * on a CPU layer {@link #paramView(String)} gives the same memory as Java buffers.
+   * router.bias), on the layer's device, contiguous, in {@link #paramDtype}{@code (name)}: 4-byte
+   * float32 elements, or 2-byte bfloat16/float16 ones in a BF16/F16 layer. Valid until the layer
+   * is closed. For optimisers that update weights in place through other native code.
    */
   public synchronized long[] paramBufferAddresses(String name) {
     long[] data = new long[1];
