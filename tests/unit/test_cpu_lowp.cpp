@@ -13,67 +13,22 @@
 #include <vector>
 
 #include "core/backend.h"
-#include "core/config.h"
 #include "core/half.h"
+#include "support/compare.h"
+#include "support/half.h"
+#include "support/random.h"
+#include "support/stages.h"
 
 namespace {
 
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ULL + 7) {}
-  uint32_t next() {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<uint32_t>(s >> 33);
-  }
-  float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 8) / 16777216.0f; }
-  std::vector<float> floats(size_t n, float lo = -1.0f, float hi = 1.0f) {
-    std::vector<float> v(n);
-    for (float &x : v) x = uniform(lo, hi);
-    return v;
-  }
-};
+using moe_test::Lowp;
+using moe_test::narrow;
+using moe_test::Rng;
+using moe_test::same;
 
-// Activations in a dtype: 2-byte storage, and its float32 widening.
-struct Lowp {
-  int dtype;
-  std::vector<uint16_t> bits;
-  Lowp(int dt, const std::vector<float> &v) : dtype(dt), bits(v.size()) {
-    moe::convert_host(bits.data(), dt, v.data(), MOE_DTYPE_F32, static_cast<int64_t>(v.size()));
-  }
-  Lowp(int dt, size_t n) : dtype(dt), bits(n, 0x7fff) {}  // NaN in both formats: must be overwritten
-  std::vector<float> wide() const {
-    std::vector<float> v(bits.size());
-    moe::convert_host(v.data(), MOE_DTYPE_F32, bits.data(), dtype, static_cast<int64_t>(v.size()));
-    return v;
-  }
-  void *data() { return bits.data(); }
-};
-
-// float32 results rounded to the dtype, as the bits a low-precision stage must store.
-std::vector<uint16_t> narrow(int dtype, const std::vector<float> &v) { return Lowp(dtype, v).bits; }
-
-std::vector<uint32_t> bits_of(const std::vector<float> &v) {
-  std::vector<uint32_t> b(v.size());
-  std::memcpy(b.data(), v.data(), v.size() * 4);
-  return b;
-}
-
-class CpuLowp : public ::testing::TestWithParam<int> {
+class CpuLowp : public moe_test::CpuBackendTest<::testing::TestWithParam<int>> {
  protected:
-  void SetUp() override {
-    ops = moe_cpu_backend();
-    moe_config cfg;
-    moe::config_defaults(&cfg);
-    ASSERT_EQ(ops->create(&cfg, &state), MOE_OK);
-  }
-  void TearDown() override {
-    if (state) ops->destroy(state);
-  }
-  std::string err() const { return ops->last_error(state); }
   int dt() const { return GetParam(); }
-
-  const moe_backend_ops *ops = nullptr;
-  void *state = nullptr;
 };
 
 // A routing of T tokens over k slots each: rows in a shuffled order, a few slots dropped.
@@ -93,7 +48,7 @@ struct Routing {
       row_of_slot[slots[r]] = r;
       row_token[r] = slots[r] / static_cast<int32_t>(k);
     }
-    row_weight = rng.floats(R, 0.1f, 1.0f);
+    row_weight = rng.uniforms(R, 0.1f, 1.0f);
   }
   moe_rows_args args(int dtype) const {
     moe_rows_args a{};
@@ -113,7 +68,7 @@ TEST_P(CpuLowp, DispatchCopiesBits) {
   for (int64_t d : {12, 33}) {
     Rng rng(1);
     Routing r(rng, d);
-    Lowp x(dt(), rng.floats(r.T * d)), xe(dt(), r.R * d);
+    Lowp x(dt(), rng.uniforms(r.T * d)), xe(dt(), r.R * d);
     moe_rows_args a = r.args(dt());
     a.x = x.data();
     a.xe = xe.data();
@@ -127,7 +82,7 @@ TEST_P(CpuLowp, CombineAndBackwardEqualFloat32OnWidenedRows) {
   Rng rng(2);
   Routing r(rng, 33);
   const int64_t d = r.d;
-  Lowp ye(dt(), rng.floats(r.R * d)), dy(dt(), rng.floats(r.T * d)), dxe(dt(), rng.floats(r.R * d));
+  Lowp ye(dt(), rng.uniforms(r.R * d)), dy(dt(), rng.uniforms(r.T * d)), dxe(dt(), rng.uniforms(r.R * d));
   std::vector<float> ye32 = ye.wide(), dy32 = dy.wide(), dxe32 = dxe.wide();
 
   std::vector<float> y(r.T * d, NAN), y32(r.T * d, NAN);
@@ -138,7 +93,7 @@ TEST_P(CpuLowp, CombineAndBackwardEqualFloat32OnWidenedRows) {
   b.y = y32.data();
   ASSERT_EQ(ops->combine(state, &a), MOE_OK) << err();
   ASSERT_EQ(ops->combine(state, &b), MOE_OK) << err();
-  EXPECT_EQ(bits_of(y), bits_of(y32));
+  EXPECT_TRUE(same("y", y, y32));
 
   Lowp dye(dt(), r.R * d);
   std::vector<float> dye32(r.R * d), dw(r.R, NAN), dw32(r.R, NAN);
@@ -151,7 +106,7 @@ TEST_P(CpuLowp, CombineAndBackwardEqualFloat32OnWidenedRows) {
   ASSERT_EQ(ops->combine_bwd(state, &a), MOE_OK) << err();
   ASSERT_EQ(ops->combine_bwd(state, &b), MOE_OK) << err();
   EXPECT_EQ(dye.bits, narrow(dt(), dye32));
-  EXPECT_EQ(bits_of(dw), bits_of(dw32));
+  EXPECT_TRUE(same("dw", dw, dw32));
 
   std::vector<float> dx(r.T * d, NAN), dx32(r.T * d, NAN);
   a.dxe = dxe.data();
@@ -160,7 +115,7 @@ TEST_P(CpuLowp, CombineAndBackwardEqualFloat32OnWidenedRows) {
   b.dx = dx32.data();
   ASSERT_EQ(ops->dispatch_bwd(state, &a), MOE_OK) << err();
   ASSERT_EQ(ops->dispatch_bwd(state, &b), MOE_OK) << err();
-  EXPECT_EQ(bits_of(dx), bits_of(dx32));
+  EXPECT_TRUE(same("dx", dx, dx32));
   // Dropped-only tokens get zeros, not NaN: every output was written.
   for (float v : dx) ASSERT_TRUE(std::isfinite(v));
 }
@@ -169,9 +124,9 @@ TEST_P(CpuLowp, SharedCombineAndBackward) {
   for (bool gated : {false, true}) {
     Rng rng(gated ? 3 : 4);
     const int64_t T = 9, d = 20, S = 2;
-    Lowp x(dt(), rng.floats(T * d)), ys(dt(), rng.floats(S * T * d)), dy(dt(), rng.floats(T * d));
-    std::vector<float> x32 = x.wide(), ys32 = ys.wide(), dy32 = dy.wide(), gw = rng.floats(d);
-    const std::vector<float> y0 = rng.floats(T * d), dx0 = rng.floats(T * d), dg0 = rng.floats(d);
+    Lowp x(dt(), rng.uniforms(T * d)), ys(dt(), rng.uniforms(S * T * d)), dy(dt(), rng.uniforms(T * d));
+    std::vector<float> x32 = x.wide(), ys32 = ys.wide(), dy32 = dy.wide(), gw = rng.uniforms(d);
+    const std::vector<float> y0 = rng.uniforms(T * d), dx0 = rng.uniforms(T * d), dg0 = rng.uniforms(d);
     std::vector<float> y = y0, y32 = y0, gate(T, NAN), gate32(T, NAN);
     moe_shared_args a{}, b{};
     a.T = b.T = T;
@@ -190,9 +145,9 @@ TEST_P(CpuLowp, SharedCombineAndBackward) {
     b.y = y32.data();
     ASSERT_EQ(ops->shared_combine(state, &a), MOE_OK) << err();
     ASSERT_EQ(ops->shared_combine(state, &b), MOE_OK) << err();
-    EXPECT_EQ(bits_of(y), bits_of(y32));
+    EXPECT_TRUE(same("y", y, y32));
     if (gated) {
-      EXPECT_EQ(bits_of(gate), bits_of(gate32));
+      EXPECT_TRUE(same("gate", gate, gate32));
     }
     Lowp dys(dt(), S * T * d);
     std::vector<float> dys32(S * T * d), dx = dx0, dx32 = dx0, dg = dg0, dg32 = dg0;
@@ -207,10 +162,10 @@ TEST_P(CpuLowp, SharedCombineAndBackward) {
     ASSERT_EQ(ops->shared_combine_bwd(state, &a), MOE_OK) << err();
     ASSERT_EQ(ops->shared_combine_bwd(state, &b), MOE_OK) << err();
     EXPECT_EQ(dys.bits, narrow(dt(), dys32));
-    EXPECT_EQ(bits_of(dx), bits_of(dx32));
-    EXPECT_EQ(bits_of(dg), bits_of(dg32));
+    EXPECT_TRUE(same("dx", dx, dx32));
+    EXPECT_TRUE(same("dg", dg, dg32));
     if (gated) {
-      EXPECT_NE(bits_of(dg), bits_of(dg0)) << "the gate's gradient was accumulated";
+      EXPECT_FALSE(same("dgate_w", dg, dg0)) << "the gate's gradient was accumulated";
     }
   }
 }
@@ -224,10 +179,10 @@ void expert_ffn_case(const moe_backend_ops *ops, void *state, int dtype, int act
   const std::vector<int64_t> offsets = shared ? std::vector<int64_t>{0, 7} : std::vector<int64_t>{0, 5, 5, 11, 19};
   const int64_t rows = shared ? offsets[1] : offsets.back();
   const int64_t out_rows = shared ? E * rows : rows;  // shared experts write E blocks of rows
-  Lowp x(dtype, rng.floats(rows * d)), w1(dtype, rng.floats(E * ff * d, -0.3f, 0.3f)),
-      w3(dtype, rng.floats(E * ff * d, -0.3f, 0.3f)), w2(dtype, rng.floats(E * d * ff, -0.2f, 0.2f)),
-      dy(dtype, rng.floats(out_rows * d)), dw1(dtype, rng.floats(E * ff * d)), dw3(dtype, rng.floats(E * ff * d)),
-      dw2(dtype, rng.floats(E * d * ff));
+  Lowp x(dtype, rng.uniforms(rows * d)), w1(dtype, rng.uniforms(E * ff * d, -0.3f, 0.3f)),
+      w3(dtype, rng.uniforms(E * ff * d, -0.3f, 0.3f)), w2(dtype, rng.uniforms(E * d * ff, -0.2f, 0.2f)),
+      dy(dtype, rng.uniforms(out_rows * d)), dw1(dtype, rng.uniforms(E * ff * d)), dw3(dtype, rng.uniforms(E * ff * d)),
+      dw2(dtype, rng.uniforms(E * d * ff));
   std::vector<float> x32 = x.wide(), w132 = w1.wide(), w332 = w3.wide(), w232 = w2.wide(), dy32 = dy.wide();
   std::vector<float> dw132 = dw1.wide(), dw332 = dw3.wide(), dw232 = dw2.wide();
 
@@ -263,7 +218,7 @@ void expert_ffn_case(const moe_backend_ops *ops, void *state, int dtype, int act
   q.g = glu ? gw.data() : nullptr;
   Lowp dh(dtype, out_rows * ff), dg(dtype, out_rows * ff);
   std::vector<float> dh32(out_rows * ff), dg32(out_rows * ff);
-  const std::vector<float> dx0 = rng.floats(rows * d);
+  const std::vector<float> dx0 = rng.uniforms(rows * d);
   Lowp dx(dtype, rows * d);
   std::vector<float> dxs = dx0, dx32 = shared ? dx0 : std::vector<float>(rows * d);
   p.dy = dy.data(), q.dy = dy32.data();
@@ -284,7 +239,7 @@ void expert_ffn_case(const moe_backend_ops *ops, void *state, int dtype, int act
   }
   EXPECT_NE(dw1.bits, dw1_before);
   if (shared) {
-    EXPECT_EQ(bits_of(dxs), bits_of(dx32));
+    EXPECT_TRUE(same("dxs", dxs, dx32));
   } else {
     EXPECT_EQ(dx.bits, narrow(dtype, dx32));
   }
@@ -297,7 +252,7 @@ TEST_P(CpuLowp, ExpertFfnEveryActivation) {
 
 TEST_P(CpuLowp, ConvertEveryPair) {
   Rng rng(5);
-  const std::vector<float> v = rng.floats(1000, -70000.0f, 70000.0f);
+  const std::vector<float> v = rng.uniforms(1000, -70000.0f, 70000.0f);
   for (int from : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16})
     for (int to : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16}) {
       std::vector<unsigned char> src(v.size() * 4), dst(v.size() * 4, 0xcd), want(v.size() * 4);
