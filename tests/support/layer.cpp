@@ -47,9 +47,14 @@ moe_config config(int64_t d_model, int64_t d_ff, int64_t num_experts, int64_t to
   return c;
 }
 
-void apply_preset(moe_config &cfg, const char *name) {
-  const moe_status s = moe_config_preset(&cfg, name);
+moe_config preset(const char *name, int64_t d_model, int64_t d_ff) {
+  moe_config c;
+  moe_config_init(&c);
+  const moe_status s = moe_config_preset(&c, name);
   if (s != MOE_OK) ADD_FAILURE() << failed(std::string("moe_config_preset(\"") + name + "\")", s);
+  c.d_model = d_model;
+  c.d_ff = d_ff;
+  return c;
 }
 
 void at_most_16_experts(moe_config &cfg) {

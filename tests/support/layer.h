@@ -37,8 +37,8 @@ ContextPtr make_context(moe_layer *layer);
 
 // moe_config_init with the sizes most tests set.
 moe_config config(int64_t d_model, int64_t d_ff, int64_t num_experts = 8, int64_t top_k = 2, uint64_t seed = 0);
-// moe_config_preset into cfg.
-void apply_preset(moe_config &cfg, const char *name);
+// moe_config_preset, then the widths (a preset leaves them 0).
+moe_config preset(const char *name, int64_t d_model, int64_t d_ff);
 // A preset with more than 16 experts (deepseek-v3: 256 in 8 groups, top-8) cut down to test size:
 // 16 experts, 4 groups keeping 2 where it groups them, top_k at most 4.
 void at_most_16_experts(moe_config &cfg);
