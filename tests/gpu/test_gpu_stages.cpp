@@ -30,17 +30,21 @@
 #include "core/error.h"
 #include "core/module.h"
 #include "gpu_test_util.h"
+#include "support/stages.h"
 
 namespace {
 
-using gpu_test::close;
-using gpu_test::close_scalar;
-using gpu_test::Rng;
-using gpu_test::same;
+using moe_test::close;
+using moe_test::close_scalar;
+using moe_test::Plan;
+using moe_test::Rng;
+using moe_test::same;
+using moe_test::SelectOut;
+using moe_test::skewed_ids;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kDNaN = std::numeric_limits<double>::quiet_NaN();
-// float32 against float32, scale-aware (gpu_test::close). TF32 is off: cfg.allow_tf32 = 0.
+// float32 against float32, scale-aware (moe_test::close). TF32 is off: cfg.allow_tf32 = 0.
 constexpr double kTol = 1e-5;
 // A tensor stored in dtype: the two backends may round a float32 value that differs in its last
 // bits to neighbouring values, one unit in the last place (2^-8 bf16, 2^-11 f16) and what follows
@@ -111,10 +115,10 @@ class Side {
   }
   // Activations in dtype: host float32 values (rounded to dtype) as a buffer of that dtype, an
   // output buffer of n NaNs, and n values read back as float32.
-  void *put_as(int dtype, const std::vector<float> &host) { return put(gpu_test::encode(dtype, host)); }
+  void *put_as(int dtype, const std::vector<float> &host) { return put(moe_test::encode(dtype, host)); }
   void *out_as(int dtype, size_t n) { return put_as(dtype, std::vector<float>(n, kNaN)); }
   std::vector<float> get_as(int dtype, const void *p, size_t n) {
-    return gpu_test::decode(dtype, get(static_cast<const unsigned char *>(p), n * gpu_test::dtype_size(dtype)));
+    return moe_test::decode(dtype, get(static_cast<const unsigned char *>(p), n * moe_test::dtype_size(dtype)));
   }
   ::testing::AssertionResult ok(moe_status s, const char *stage) const {
     if (s == MOE_OK) return ::testing::AssertionSuccess();
@@ -210,51 +214,6 @@ std::vector<float> separated_logits(Rng &rng, int64_t T, int64_t E, int score, c
   return L;
 }
 
-struct SelectOut {
-  std::vector<float> scores, lse, topk_w;
-  std::vector<int32_t> ids;
-  std::vector<int64_t> counts;
-  std::vector<double> prob_sum, load_sum;
-  double lse_sq_sum = kDNaN;
-};
-
-// k distinct experts per token, skewed so that some experts overflow a capacity.
-std::vector<int32_t> skewed_ids(Rng &rng, int64_t T, int64_t E, int64_t k) {
-  std::vector<double> weight(E);
-  double total = 0.0;
-  for (int64_t e = 0; e < E; ++e) total += weight[e] = 1.0 + 0.75 * static_cast<double>(e % 5);
-  std::vector<int32_t> ids(static_cast<size_t>(T * k));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      for (;;) {
-        double u = rng.unit() * total;
-        int32_t e = 0;
-        while (e + 1 < E && u >= weight[e]) u -= weight[e++];
-        bool dup = false;
-        for (int64_t i = 0; i < j; ++i) dup |= ids[t * k + i] == e;
-        if (!dup) {
-          ids[t * k + j] = e;
-          break;
-        }
-      }
-    }
-  return ids;
-}
-
-struct Plan {
-  int64_t T = 0, E = 0, k = 0, capacity = -1, R = 0;
-  bool ec = false;
-  std::vector<int32_t> ids;                                  // token choice: the plan's input
-  std::vector<float> topk_w;                                 // token choice: the plan's input
-  std::vector<float> scores;                                 // expert choice: the plan's input
-  std::vector<int32_t> row_of_slot, row_token, row_slot;     // [T*k] / [rows]
-  std::vector<float> row_weight;
-  std::vector<int64_t> offsets, kept, token_offsets;
-  std::vector<int32_t> token_rows;
-  std::vector<double> weight_sum;
-  int64_t rows_cap() const { return ec ? E * std::max<int64_t>(0, std::min(capacity, T)) : T * k; }
-};
-
 // ---- the fixture -------------------------------------------------------------------------------------
 
 class GpuStages : public ::testing::Test {
@@ -290,118 +249,21 @@ class GpuStages : public ::testing::Test {
                         const std::vector<float> &bias, const std::vector<float> *clean = nullptr,
                         const std::vector<float> *noise_std = nullptr) {
     SelectOut o;
-    o.scores.assign(T * E, kNaN);
-    o.lse.assign(T, kNaN);
-    o.topk_w.assign(T * sp.k, kNaN);
-    o.ids.assign(T * sp.k, -7);
-    o.counts.assign(E, -7);
-    o.prob_sum.assign(E, kDNaN);
-    if (sp.load) o.load_sum.assign(E, kDNaN);
-    moe_select_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = sp.k;
-    a.score = sp.score;
-    a.normalize = sp.normalize;
-    a.routed_scale = sp.routed_scale;
-    a.num_groups = sp.groups;
-    a.topk_groups = sp.topk_groups;
-    a.logits = logits.data();
-    a.bias = bias.data();
-    a.scores = o.scores.data();
-    a.lse = o.lse.data();
-    a.topk_ids = o.ids.data();
-    a.topk_w = o.topk_w.data();
-    a.expert_choice = sp.expert_choice;
-    if (sp.load) {
-      a.clean_logits = clean->data();
-      a.noise_std = noise_std->data();
-      a.load_sum = o.load_sum.data();
-    }
-    a.counts = o.counts.data();
-    a.prob_sum = o.prob_sum.data();
-    a.lse_sq_sum = &o.lse_sq_sum;
-    EXPECT_EQ(cpu_->select(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
+    const moe_test::SelectParams p{sp.k, sp.score, sp.normalize, sp.routed_scale, sp.groups, sp.topk_groups,
+                                   sp.expert_choice};
+    EXPECT_EQ(moe_test::run_select(cpu_, cs_, T, E, p, logits, bias, o, clean, noise_std), MOE_OK)
+        << cpu_->last_error(cs_);
     return o;
   }
-
   Plan host_plan(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy, const std::vector<int32_t> &ids,
                  const std::vector<float> &w) {
     Plan p;
-    p.T = T;
-    p.E = E;
-    p.k = k;
-    p.capacity = capacity;
-    p.ids = ids;
-    p.topk_w = w;
-    const size_t n = static_cast<size_t>(T * k);
-    p.row_of_slot.assign(n, -7);
-    p.row_token.assign(n, -7);
-    p.row_slot.assign(n, -7);
-    p.row_weight.assign(n, kNaN);
-    p.offsets.assign(E + 1, -7);
-    p.kept.assign(E, -7);
-    p.weight_sum.assign(E, kDNaN);
-    moe_plan_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = k;
-    a.capacity = capacity;
-    a.drop_policy = policy;
-    a.topk_ids = p.ids.data();
-    a.topk_w = p.topk_w.data();
-    a.row_of_slot = p.row_of_slot.data();
-    a.row_token = p.row_token.data();
-    a.row_slot = p.row_slot.data();
-    a.row_weight = p.row_weight.data();
-    a.offsets = p.offsets.data();
-    a.kept = p.kept.data();
-    a.weight_sum = p.weight_sum.data();
-    EXPECT_EQ(cpu_->plan(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
-    p.R = p.offsets[E];
+    EXPECT_EQ(moe_test::run_plan(cpu_, cs_, T, E, k, capacity, policy, ids, w, p), MOE_OK) << cpu_->last_error(cs_);
     return p;
   }
-
   Plan host_plan_ec(int64_t T, int64_t E, int64_t k, int64_t capacity, const std::vector<float> &scores) {
     Plan p;
-    p.T = T;
-    p.E = E;
-    p.k = k;
-    p.capacity = capacity;
-    p.ec = true;
-    p.scores = scores;
-    const size_t rows = static_cast<size_t>(p.rows_cap());
-    p.row_of_slot.assign(T * k, -7);
-    p.row_token.assign(rows, -7);
-    p.row_slot.assign(rows, -7);
-    p.row_weight.assign(rows, kNaN);
-    p.offsets.assign(E + 1, -7);
-    p.kept.assign(E, -7);
-    p.weight_sum.assign(E, kDNaN);
-    p.token_offsets.assign(T + 1, -7);
-    p.token_rows.assign(rows, -7);
-    std::vector<int32_t> ids(T * k, 0);
-    std::vector<float> w(T * k, 0.0f);
-    moe_plan_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = k;
-    a.capacity = capacity;
-    a.topk_ids = ids.data();
-    a.topk_w = w.data();
-    a.row_of_slot = p.row_of_slot.data();
-    a.row_token = p.row_token.data();
-    a.row_slot = p.row_slot.data();
-    a.row_weight = p.row_weight.data();
-    a.offsets = p.offsets.data();
-    a.kept = p.kept.data();
-    a.weight_sum = p.weight_sum.data();
-    a.expert_choice = 1;
-    a.scores = p.scores.data();
-    a.token_offsets = p.token_offsets.data();
-    a.token_rows = p.token_rows.data();
-    EXPECT_EQ(cpu_->plan(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
-    p.R = p.offsets[E];
+    EXPECT_EQ(moe_test::run_plan_ec(cpu_, cs_, T, E, k, capacity, scores, p), MOE_OK) << cpu_->last_error(cs_);
     return p;
   }
 
@@ -586,7 +448,7 @@ TEST_F(GpuStages, FindNonfinite) {
       }
       std::vector<float> w = v;
       for (size_t i = 0; i < at.size(); ++i) w[static_cast<size_t>(at[i])] = bad[(trial + i) % 3];
-      const std::vector<unsigned char> bytes = gpu_test::encode(dtype, w);
+      const std::vector<unsigned char> bytes = moe_test::encode(dtype, w);
       ASSERT_TRUE(g.ok(gpu_->upload(gs_, p, bytes.data(), bytes.size()), "upload"));
       const int64_t expect = *std::min_element(at.begin(), at.end());
       EXPECT_EQ(first_of(n), expect) << "trial " << trial;
@@ -639,7 +501,7 @@ bool is_nan_bits(int dtype, uint32_t b) {
 ::testing::AssertionResult same_bits(const std::string &what, int dtype, const std::vector<unsigned char> &got,
                                      const std::vector<unsigned char> &ref) {
   if (got.size() != ref.size()) return ::testing::AssertionFailure() << what << ": sizes differ";
-  const size_t n = got.size() / gpu_test::dtype_size(dtype);
+  const size_t n = got.size() / moe_test::dtype_size(dtype);
   size_t bad = 0, first = 0;
   for (size_t i = 0; i < n; ++i) {
     const uint32_t a = bits_at(dtype, got, i), b = bits_at(dtype, ref, i);
@@ -655,7 +517,7 @@ bool is_nan_bits(int dtype, uint32_t b) {
 // Source values for the conversions: random bit patterns over the whole range (subnormals, values
 // past float16's range, ties of every kind) and the special values.
 std::vector<unsigned char> conversion_source(int dtype, Rng &rng, size_t n) {
-  std::vector<unsigned char> out(n * gpu_test::dtype_size(dtype));
+  std::vector<unsigned char> out(n * moe_test::dtype_size(dtype));
   const uint32_t f32_specials[] = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x00000001u,
                                    0x3f808000u, 0x3f818000u, 0x3f800fffu, 0x3f801000u, 0x3f803000u, 0x477ff000u,
                                    0x477fefffu, 0x33800000u, 0x33000001u, 0x7f7fffffu, 0xff7fffffu, 0x387fc000u};
@@ -680,7 +542,7 @@ std::vector<unsigned char> conversion_source(int dtype, Rng &rng, size_t n) {
 
 // The host's conversion of one element (gpu_test's round-to-nearest-even), as bytes of dst_dtype.
 std::vector<unsigned char> host_convert(int dst_dtype, int src_dtype, const std::vector<unsigned char> &src) {
-  return gpu_test::encode(dst_dtype, gpu_test::decode(src_dtype, src));
+  return moe_test::encode(dst_dtype, moe_test::decode(src_dtype, src));
 }
 
 TEST_F(GpuStages, Convert) {
@@ -692,7 +554,7 @@ TEST_F(GpuStages, Convert) {
       for (size_t offset : {size_t{0}, size_t{1}}) {
         SCOPED_TRACE(std::string(dtype_name(from)) + " to " + dtype_name(to) + (offset ? ", unaligned" : ""));
         const std::vector<unsigned char> src = conversion_source(from, rng, n);
-        const size_t in = gpu_test::dtype_size(from), out = gpu_test::dtype_size(to);
+        const size_t in = moe_test::dtype_size(from), out = moe_test::dtype_size(to);
         auto run = [&](Side &s) {
           auto *p = static_cast<unsigned char *>(s.put(src));
           auto *q = static_cast<unsigned char *>(s.put(std::vector<unsigned char>((n + 1) * out, 0xa5)));
@@ -1423,7 +1285,7 @@ TEST_F(GpuStages, SharedCombineBackward) {
       // The gate the forward saved, from the CPU stage.
       std::vector<float> gate(T, kNaN);
       {
-        const std::vector<unsigned char> xb = gpu_test::encode(dtype, x), ysb = gpu_test::encode(dtype, ys);
+        const std::vector<unsigned char> xb = moe_test::encode(dtype, x), ysb = moe_test::encode(dtype, ys);
         std::vector<float> y(T * d, 0.0f);
         moe_shared_args a{};
         a.T = T;
@@ -1788,8 +1650,8 @@ TEST_F(GpuStages, EmptyBatchLowPrecision) {
     fa.dh = g.put_as(dtype, none);
     fa.dg = g.put_as(dtype, none);
     EXPECT_TRUE(g.ok(gpu_->expert_ffn_bwd(gs_, &fa), "expert_ffn_bwd"));
-    EXPECT_TRUE(same("dw1 untouched", g.get_as(dtype, fa.dw1, dw1_0.size()), gpu_test::rounded(dtype, dw1_0)));
-    EXPECT_TRUE(same("dw2 untouched", g.get_as(dtype, fa.dw2, dw2_0.size()), gpu_test::rounded(dtype, dw2_0)));
+    EXPECT_TRUE(same("dw1 untouched", g.get_as(dtype, fa.dw1, dw1_0.size()), moe_test::rounded(dtype, dw1_0)));
+    EXPECT_TRUE(same("dw2 untouched", g.get_as(dtype, fa.dw2, dw2_0.size()), moe_test::rounded(dtype, dw2_0)));
 
     const auto gw = rng.nonzeros(d, 0.1f), dgw0 = rng.nonzeros(d, 1.0f);
     moe_shared_args sh{};

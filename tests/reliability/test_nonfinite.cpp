@@ -261,8 +261,10 @@ TEST(NonFiniteRouterLogits, EveryRecipeStillRoutesEveryToken) {
         ASSERT_NE(ctx, nullptr);
         const std::vector<float> x = inputs(T * d, 9), dy = inputs(T * d, 10);
         std::vector<float> y(T * d), dx(T * d);
-        ASSERT_EQ(moe_forward(layer.get(), x.data(), T, y.data(), ctx.get()), MOE_OK) << preset << ": " << moe_last_error();
-        ASSERT_EQ(moe_backward(layer.get(), ctx.get(), dy.data(), dx.data()), MOE_OK) << preset << ": " << moe_last_error();
+        ASSERT_EQ(moe_forward(layer.get(), x.data(), T, y.data(), ctx.get()), MOE_OK)
+            << preset << ": " << moe_last_error();
+        ASSERT_EQ(moe_backward(layer.get(), ctx.get(), dy.data(), dx.data()), MOE_OK)
+            << preset << ": " << moe_last_error();
         if (cfg.routing == MOE_ROUTE_TOKEN_CHOICE) {
           topk_checked(ctx.get(), T, k, E);
         } else {

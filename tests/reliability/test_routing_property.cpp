@@ -200,10 +200,8 @@ class RoutingProperty : public moe_test::CpuBackendTest<> {
 void RoutingProperty::run_case(const Case &c, Rng &rng) {
   const int64_t T = c.T, E = c.E, k = c.k, n = T * k;
   moe_test::SelectOut so;
-  ASSERT_EQ(moe_test::run_select(ops, state, T, E, {k, c.score, c.normalize, c.routed_scale, c.G, c.TG, c.expert_choice},
-                                 c.logits, c.bias, so),
-            MOE_OK)
-      << err();
+  const moe_test::SelectParams sp{k, c.score, c.normalize, c.routed_scale, c.G, c.TG, c.expert_choice};
+  ASSERT_EQ(moe_test::run_select(ops, state, T, E, sp, c.logits, c.bias, so), MOE_OK) << err();
   const std::vector<float> &scores = so.scores, &topk_w = so.topk_w;
   const std::vector<int32_t> &ids = so.ids;
   const std::vector<int64_t> &counts = so.counts;
