@@ -169,6 +169,9 @@ struct SelectSpec {
   int expert_choice;
   bool load;         // GAUSSIAN training: clean_logits and noise_std given, load_sum wanted
 };
+moe_test::SelectParams params_of(const SelectSpec &sp) {
+  return {sp.k, sp.score, sp.normalize, sp.routed_scale, sp.groups, sp.topk_groups, sp.expert_choice};
+}
 
 // Router logits whose selection values S + bias, and group scores, are well apart within every
 // token (relative gap 1e-4, against float rounding of about 1e-7), so that the top-k cannot be
@@ -249,9 +252,7 @@ class GpuStages : public ::testing::Test {
                         const std::vector<float> &bias, const std::vector<float> *clean = nullptr,
                         const std::vector<float> *noise_std = nullptr) {
     SelectOut o;
-    const moe_test::SelectParams p{sp.k, sp.score, sp.normalize, sp.routed_scale, sp.groups, sp.topk_groups,
-                                   sp.expert_choice};
-    EXPECT_EQ(moe_test::run_select(cpu_, cs_, T, E, p, logits, bias, o, clean, noise_std), MOE_OK)
+    EXPECT_EQ(moe_test::run_select(cpu_, cs_, T, E, params_of(sp), logits, bias, o, clean, noise_std), MOE_OK)
         << cpu_->last_error(cs_);
     return o;
   }
@@ -750,22 +751,13 @@ TEST_F(GpuStages, Select) {
       o.counts.assign(E, -7);
       o.prob_sum.assign(E, kDNaN);
       if (sp.load) o.load_sum.assign(E, kDNaN);
-      moe_select_args a{};
-      a.T = T;
-      a.E = E;
-      a.k = sp.k;
-      a.score = sp.score;
-      a.normalize = sp.normalize;
-      a.routed_scale = sp.routed_scale;
-      a.num_groups = sp.groups;
-      a.topk_groups = sp.topk_groups;
+      moe_select_args a = moe_test::select_args(T, E, params_of(sp));
       a.logits = s.put(logits);
       a.bias = s.put(bias);
       a.scores = s.out<float>(T * E, kNaN);
       a.lse = s.out<float>(T, kNaN);
       a.topk_ids = s.out<int32_t>(T * sp.k, -7);
       a.topk_w = s.out<float>(T * sp.k, kNaN);
-      a.expert_choice = sp.expert_choice;
       if (sp.load) {
         a.clean_logits = s.put(clean);
         a.noise_std = s.put(sd);
@@ -841,12 +833,7 @@ TEST_F(GpuStages, PlanTokenChoice) {
       o.offsets.assign(E + 1, -7);
       o.kept.assign(E, -7);
       o.weight_sum.assign(E, kDNaN);
-      moe_plan_args a{};
-      a.T = T;
-      a.E = E;
-      a.k = k;
-      a.capacity = sp.capacity;
-      a.drop_policy = sp.policy;
+      moe_plan_args a = moe_test::plan_args(T, E, k, sp.capacity, sp.policy);
       a.topk_ids = s.put(ids);
       a.topk_w = s.put(w);
       a.row_of_slot = s.out<int32_t>(T * k, -7);
@@ -904,12 +891,7 @@ TEST_F(GpuStages, PlanExpertChoice) {
         o.offsets.assign(E + 1, -7);
         o.kept.assign(E, -7);
         o.weight_sum.assign(E, kDNaN);
-        moe_plan_args a{};
-        a.T = T;
-        a.E = E;
-        a.k = k;
-        a.capacity = capacity;
-        a.drop_policy = MOE_DROP_POSITION;
+        moe_plan_args a = moe_test::plan_args(T, E, k, capacity);
         a.topk_ids = s.out<int32_t>(T * k, 0);  // not read by expert choice; the core passes them
         a.topk_w = s.out<float>(T * k, 0.0f);
         a.row_of_slot = s.out<int32_t>(T * k, -7);
@@ -1459,14 +1441,7 @@ TEST_F(GpuStages, EmptyBatch) {
   std::vector<int64_t> counts(E, -7);
   std::vector<double> prob_sum(E, kDNaN);
   double lse_sq = kDNaN;
-  moe_select_args sa{};
-  sa.T = T;
-  sa.E = E;
-  sa.k = k;
-  sa.normalize = 1;
-  sa.routed_scale = 1.0f;
-  sa.num_groups = 1;
-  sa.topk_groups = 1;
+  moe_select_args sa = moe_test::select_args(T, E, {k});
   sa.logits = ga.logits;
   sa.bias = g.put(bias);
   sa.scores = g.put(none);
@@ -1484,11 +1459,7 @@ TEST_F(GpuStages, EmptyBatch) {
   for (int64_t capacity : {int64_t{-1}, int64_t{0}}) {
     std::vector<int64_t> offsets(E + 1, -7), kept(E, -7);
     std::vector<double> wsum(E, kDNaN);
-    moe_plan_args pa{};
-    pa.T = T;
-    pa.E = E;
-    pa.k = k;
-    pa.capacity = capacity;
+    moe_plan_args pa = moe_test::plan_args(T, E, k, capacity);
     pa.topk_ids = sa.topk_ids;
     pa.topk_w = sa.topk_w;
     pa.row_of_slot = g.put(std::vector<int32_t>());
@@ -1753,14 +1724,7 @@ TEST_F(GpuStages, SetStream) {
     std::vector<double> prob_sum(E);
     double lse_sq = 0.0;
     o.counts.assign(E, -7);
-    moe_select_args sa{};
-    sa.T = T;
-    sa.E = E;
-    sa.k = k;
-    sa.normalize = 1;
-    sa.routed_scale = 1.0f;
-    sa.num_groups = 1;
-    sa.topk_groups = 1;
+    moe_select_args sa = moe_test::select_args(T, E, {k});
     sa.logits = ga.logits;
     sa.bias = s.put(bias);
     sa.scores = s.out<float>(T * E, kNaN);
@@ -1774,11 +1738,7 @@ TEST_F(GpuStages, SetStream) {
     o.offsets.assign(E + 1, -7);
     std::vector<int64_t> kept(E);
     std::vector<double> wsum(E);
-    moe_plan_args pa{};
-    pa.T = T;
-    pa.E = E;
-    pa.k = k;
-    pa.capacity = -1;
+    moe_plan_args pa = moe_test::plan_args(T, E, k, -1);
     pa.topk_ids = sa.topk_ids;
     pa.topk_w = sa.topk_w;
     pa.row_of_slot = s.out<int32_t>(T * k, -7);

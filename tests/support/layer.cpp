@@ -92,39 +92,38 @@ std::vector<Param> params(const moe_layer *layer) {
 
 namespace {
 
-int64_t numel_of(const moe_layer *layer, const std::string &name) {
+// The Param of name; numel 0 (and a test failure) when the layer has none.
+Param param_named(const moe_layer *layer, const std::string &name) {
   for (const Param &p : params(layer))
-    if (p.name == name) return p.numel;
+    if (p.name == name) return p;
   ADD_FAILURE() << "the layer has no parameter " << name;
-  return 0;
+  Param none;
+  none.name = name;
+  return none;
+}
+
+using Reader = moe_status (*)(const moe_layer *, const char *, float *, int64_t);
+
+std::vector<float> read(const moe_layer *layer, const Param &p, Reader fn, const char *fn_name) {
+  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
+  const moe_status s = fn(layer, p.name.c_str(), v.data(), p.numel);
+  if (s != MOE_OK) ADD_FAILURE() << failed(std::string(fn_name) + "(" + p.name + ")", s);
+  return v;
 }
 
 }  // namespace
 
 std::vector<float> get_param(const moe_layer *layer, const Param &p) {
-  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
-  const moe_status s = moe_layer_get_param(layer, p.name.c_str(), v.data(), p.numel);
-  if (s != MOE_OK) ADD_FAILURE() << failed("moe_layer_get_param(" + p.name + ")", s);
-  return v;
+  return read(layer, p, moe_layer_get_param, "moe_layer_get_param");
 }
 std::vector<float> get_param(const moe_layer *layer, const std::string &name) {
-  Param p;
-  p.name = name;
-  p.numel = numel_of(layer, name);
-  return get_param(layer, p);
+  return get_param(layer, param_named(layer, name));
 }
-
 std::vector<float> get_grad(const moe_layer *layer, const Param &p) {
-  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
-  const moe_status s = moe_layer_get_grad(layer, p.name.c_str(), v.data(), p.numel);
-  if (s != MOE_OK) ADD_FAILURE() << failed("moe_layer_get_grad(" + p.name + ")", s);
-  return v;
+  return read(layer, p, moe_layer_get_grad, "moe_layer_get_grad");
 }
 std::vector<float> get_grad(const moe_layer *layer, const std::string &name) {
-  Param p;
-  p.name = name;
-  p.numel = numel_of(layer, name);
-  return get_grad(layer, p);
+  return get_grad(layer, param_named(layer, name));
 }
 
 void set_param(moe_layer *layer, const std::string &name, const std::vector<float> &v) {

@@ -10,6 +10,30 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kDNaN = std::numeric_limits<double>::quiet_NaN();
 }  // namespace
 
+moe_select_args select_args(int64_t T, int64_t E, const SelectParams &p) {
+  moe_select_args a{};
+  a.T = T;
+  a.E = E;
+  a.k = p.k;
+  a.score = p.score;
+  a.normalize = p.normalize;
+  a.routed_scale = p.routed_scale;
+  a.num_groups = p.groups;
+  a.topk_groups = p.topk_groups;
+  a.expert_choice = p.expert_choice;
+  return a;
+}
+
+moe_plan_args plan_args(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy) {
+  moe_plan_args a{};
+  a.T = T;
+  a.E = E;
+  a.k = k;
+  a.capacity = capacity;
+  a.drop_policy = policy;
+  return a;
+}
+
 moe_status run_select(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, const SelectParams &p,
                       const std::vector<float> &logits, const std::vector<float> &bias, SelectOut &o,
                       const std::vector<float> *clean_logits, const std::vector<float> *noise_std) {
@@ -22,16 +46,7 @@ moe_status run_select(const moe_backend_ops *ops, void *state, int64_t T, int64_
   o.prob_sum.assign(E, kDNaN);
   o.load_sum.assign(load ? E : 0, kDNaN);
   o.lse_sq_sum = kDNaN;
-  moe_select_args a{};
-  a.T = T;
-  a.E = E;
-  a.k = p.k;
-  a.score = p.score;
-  a.normalize = p.normalize;
-  a.routed_scale = p.routed_scale;
-  a.num_groups = p.groups;
-  a.topk_groups = p.topk_groups;
-  a.expert_choice = p.expert_choice;
+  moe_select_args a = select_args(T, E, p);
   a.logits = logits.data();
   a.bias = bias.data();
   a.scores = o.scores.data();
@@ -53,21 +68,23 @@ int64_t Plan::rows_cap() const { return ec ? E * std::max<int64_t>(0, std::min(c
 
 namespace {
 
-// The plan's outputs, sized for p (T, E, k, capacity, ec set), as arguments of the stage.
-moe_plan_args plan_args(Plan &p) {
+// A plan of T tokens (ec: expert choice) with its outputs sized and set to -7 / NaN, and the
+// arguments of the stage that write them.
+moe_plan_args new_plan(Plan &p, int64_t T, int64_t E, int64_t k, int64_t capacity, bool ec, int policy) {
+  p.T = T;
+  p.E = E;
+  p.k = k;
+  p.capacity = capacity;
+  p.ec = ec;
   const size_t rows = static_cast<size_t>(p.rows_cap());
-  p.row_of_slot.assign(p.T * p.k, -7);
+  p.row_of_slot.assign(T * k, -7);
   p.row_token.assign(rows, -7);
   p.row_slot.assign(rows, -7);
   p.row_weight.assign(rows, kNaN);
-  p.offsets.assign(p.E + 1, -7);
-  p.kept.assign(p.E, -7);
-  p.weight_sum.assign(p.E, kDNaN);
-  moe_plan_args a{};
-  a.T = p.T;
-  a.E = p.E;
-  a.k = p.k;
-  a.capacity = p.capacity;
+  p.offsets.assign(E + 1, -7);
+  p.kept.assign(E, -7);
+  p.weight_sum.assign(E, kDNaN);
+  moe_plan_args a = plan_args(T, E, k, capacity, policy);
   a.row_of_slot = p.row_of_slot.data();
   a.row_token = p.row_token.data();
   a.row_slot = p.row_slot.data();
@@ -83,14 +100,9 @@ moe_plan_args plan_args(Plan &p) {
 moe_status run_plan(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, int64_t k, int64_t capacity,
                     int policy, const std::vector<int32_t> &ids, const std::vector<float> &w, Plan &p) {
   Plan q;  // ids and w may be p's own
-  q.T = T;
-  q.E = E;
-  q.k = k;
-  q.capacity = capacity;
   q.ids = ids;
   q.topk_w = w;
-  moe_plan_args a = plan_args(q);
-  a.drop_policy = policy;
+  moe_plan_args a = new_plan(q, T, E, k, capacity, false, policy);
   a.topk_ids = q.ids.data();
   a.topk_w = q.topk_w.data();
   const moe_status s = ops->plan(state, &a);
@@ -102,13 +114,8 @@ moe_status run_plan(const moe_backend_ops *ops, void *state, int64_t T, int64_t 
 moe_status run_plan_ec(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, int64_t k, int64_t capacity,
                        const std::vector<float> &scores, Plan &p) {
   Plan q;  // scores may be p's own
-  q.T = T;
-  q.E = E;
-  q.k = k;
-  q.capacity = capacity;
-  q.ec = true;
   q.scores = scores;
-  moe_plan_args a = plan_args(q);
+  moe_plan_args a = new_plan(q, T, E, k, capacity, true, MOE_DROP_POSITION);
   q.token_offsets.assign(T + 1, -7);
   q.token_rows.assign(q.row_token.size(), -7);
   // Not read by expert choice; the core passes them.

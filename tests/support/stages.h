@@ -57,6 +57,11 @@ struct SelectOut {
   double lse_sq_sum = std::numeric_limits<double>::quiet_NaN();
 };
 
+// The scalar arguments of select and of a token-choice plan; the caller sets the pointers (host or
+// device memory).
+moe_select_args select_args(int64_t T, int64_t E, const SelectParams &p);
+moe_plan_args plan_args(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy = MOE_DROP_POSITION);
+
 // select over T tokens and E experts into o. clean_logits and noise_std (both or neither): GAUSSIAN
 // training, which also asks for load_sum.
 moe_status run_select(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, const SelectParams &p,
