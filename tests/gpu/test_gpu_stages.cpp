@@ -1114,13 +1114,7 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
   }
   moe_ffn_args args(Side &s, const Problem &p) const {
     const int dt = dtype();
-    moe_ffn_args a{};
-    a.num_experts = p.E;
-    a.d = kD;
-    a.ff = kFF;
-    a.activation = act();
-    a.dtype = dt;
-    a.offsets = p.offsets.data();
+    moe_ffn_args a = moe_test::ffn_args(p.E, kD, kFF, act(), p.offsets, dt);
     a.shared_input = p.shared ? 1 : 0;
     a.x = s.put_as(dt, p.x);
     a.w1 = s.put_as(dt, p.w1);
@@ -1232,11 +1226,7 @@ TEST_F(GpuStages, SharedCombine) {
           std::vector<float> y, gate;
         };
         auto run = [&](Side &s) {
-          moe_shared_args a{};
-          a.T = T;
-          a.d = d;
-          a.S = S;
-          a.dtype = dtype;
+          moe_shared_args a = moe_test::shared_args(T, d, S, dtype);
           a.x = s.put_as(dtype, x);
           a.gate_w = gated ? s.put(gw) : nullptr;
           a.ys = s.put_as(dtype, ys);
@@ -1269,11 +1259,7 @@ TEST_F(GpuStages, SharedCombineBackward) {
       {
         const std::vector<unsigned char> xb = moe_test::encode(dtype, x), ysb = moe_test::encode(dtype, ys);
         std::vector<float> y(T * d, 0.0f);
-        moe_shared_args a{};
-        a.T = T;
-        a.d = d;
-        a.S = S;
-        a.dtype = dtype;
+        moe_shared_args a = moe_test::shared_args(T, d, S, dtype);
         a.x = xb.data();
         a.gate_w = gw.data();
         a.ys = ysb.data();
@@ -1292,11 +1278,7 @@ TEST_F(GpuStages, SharedCombineBackward) {
               std::vector<float> dys, dx, dgw;
             };
             auto run = [&](Side &s) {
-              moe_shared_args a{};
-              a.T = T;
-              a.d = d;
-              a.S = S;
-              a.dtype = dtype;
+              moe_shared_args a = moe_test::shared_args(T, d, S, dtype);
               a.x = s.put_as(dtype, x);
               a.gate_w = gated ? s.put(gw) : nullptr;
               a.ys = s.put_as(dtype, ys);
@@ -1499,13 +1481,7 @@ TEST_F(GpuStages, EmptyBatch) {
   EXPECT_TRUE(g.ok(gpu_->dispatch_bwd(gs_, &ra), "dispatch_bwd"));
 
   const std::vector<int64_t> offsets(E + 1, 0);
-  moe_ffn_args fa{};
-  fa.num_experts = E;
-  fa.d = d;
-  fa.ff = ff;
-  fa.activation = MOE_ACT_RELU;
-  fa.dtype = MOE_DTYPE_F32;
-  fa.offsets = offsets.data();
+  moe_ffn_args fa = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
   fa.x = g.put(none);
   fa.w1 = g.put(w1);
   fa.w2 = g.put(w2);
@@ -1548,11 +1524,7 @@ TEST_F(GpuStages, EmptyBatch) {
   EXPECT_TRUE(g.ok(gpu_->gate_bwd(gs_, &ga), "gate_bwd"));
   EXPECT_TRUE(same("router dw untouched", g.get(ga.dw, dw0.size()), dw0));
 
-  moe_shared_args sh{};
-  sh.T = T;
-  sh.d = d;
-  sh.S = 1;
-  sh.dtype = MOE_DTYPE_F32;
+  moe_shared_args sh = moe_test::shared_args(T, d, 1);
   sh.x = g.put(none);
   sh.ys = g.put(none);
   sh.gate = g.put(none);
@@ -1597,13 +1569,7 @@ TEST_F(GpuStages, EmptyBatchLowPrecision) {
     const std::vector<int64_t> offsets(E + 1, 0);
     const auto w1 = rng.nonzeros(E * ff * d, 0.1f), w2 = rng.nonzeros(E * d * ff, 0.1f);
     const auto dw1_0 = rng.nonzeros(E * ff * d, 1.0f), dw2_0 = rng.nonzeros(E * d * ff, 1.0f);
-    moe_ffn_args fa{};
-    fa.num_experts = E;
-    fa.d = d;
-    fa.ff = ff;
-    fa.activation = MOE_ACT_SWIGLU;
-    fa.dtype = dtype;
-    fa.offsets = offsets.data();
+    moe_ffn_args fa = moe_test::ffn_args(E, d, ff, MOE_ACT_SWIGLU, offsets, dtype);
     fa.x = g.put_as(dtype, none);
     fa.w1 = g.put_as(dtype, w1);
     fa.w3 = g.put_as(dtype, w1);
@@ -1625,11 +1591,7 @@ TEST_F(GpuStages, EmptyBatchLowPrecision) {
     EXPECT_TRUE(same("dw2 untouched", g.get_as(dtype, fa.dw2, dw2_0.size()), moe_test::rounded(dtype, dw2_0)));
 
     const auto gw = rng.nonzeros(d, 0.1f), dgw0 = rng.nonzeros(d, 1.0f);
-    moe_shared_args sh{};
-    sh.T = 0;
-    sh.d = d;
-    sh.S = 1;
-    sh.dtype = dtype;
+    moe_shared_args sh = moe_test::shared_args(0, d, 1, dtype);
     sh.x = g.put_as(dtype, none);
     sh.gate_w = g.put(gw);
     sh.ys = g.put_as(dtype, none);
@@ -1670,13 +1632,7 @@ TEST_F(GpuStages, AllSlotsDropped) {
     EXPECT_TRUE(same("y", g.get(y, T * d), std::vector<float>(T * d, 0.0f)));
     EXPECT_TRUE(same("dx", g.get(dx, T * d), std::vector<float>(T * d, 0.0f)));
     const std::vector<int64_t> offsets(E + 1, 0);
-    moe_ffn_args fa{};
-    fa.num_experts = E;
-    fa.d = d;
-    fa.ff = ff;
-    fa.activation = MOE_ACT_GELU;
-    fa.dtype = dtype;
-    fa.offsets = offsets.data();
+    moe_ffn_args fa = moe_test::ffn_args(E, d, ff, MOE_ACT_GELU, offsets, dtype);
     fa.x = g.put_as(dtype, std::vector<float>());
     fa.w1 = g.put_as(dtype, w1);
     fa.w2 = g.put_as(dtype, w2);

@@ -4,6 +4,8 @@
 
 namespace moe_test {
 
+namespace {
+
 uint32_t bits_of(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -14,6 +16,8 @@ float float_of(uint32_t u) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
+
+}  // namespace
 
 uint16_t f32_to_bf16(float f) {
   uint32_t x = bits_of(f);

@@ -11,9 +11,6 @@
 
 namespace moe_test {
 
-uint32_t bits_of(float f);
-float float_of(uint32_t u);
-
 uint16_t f32_to_bf16(float f);
 float bf16_to_f32(uint16_t b);
 uint16_t f32_to_f16(float f);

@@ -34,6 +34,27 @@ moe_plan_args plan_args(int64_t T, int64_t E, int64_t k, int64_t capacity, int p
   return a;
 }
 
+moe_ffn_args ffn_args(int64_t num_experts, int64_t d, int64_t ff, int activation, const std::vector<int64_t> &offsets,
+                      int dtype) {
+  moe_ffn_args a{};
+  a.num_experts = num_experts;
+  a.d = d;
+  a.ff = ff;
+  a.activation = activation;
+  a.dtype = dtype;
+  a.offsets = offsets.data();
+  return a;
+}
+
+moe_shared_args shared_args(int64_t T, int64_t d, int64_t S, int dtype) {
+  moe_shared_args a{};
+  a.T = T;
+  a.d = d;
+  a.S = S;
+  a.dtype = dtype;
+  return a;
+}
+
 moe_status run_select(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, const SelectParams &p,
                       const std::vector<float> &logits, const std::vector<float> &bias, SelectOut &o,
                       const std::vector<float> *clean_logits, const std::vector<float> *noise_std) {

@@ -57,10 +57,13 @@ struct SelectOut {
   double lse_sq_sum = std::numeric_limits<double>::quiet_NaN();
 };
 
-// The scalar arguments of select and of a token-choice plan; the caller sets the pointers (host or
-// device memory).
+// The scalar arguments of the stages (offsets: host memory, as the core passes them); the caller
+// sets the tensors (host or device memory).
 moe_select_args select_args(int64_t T, int64_t E, const SelectParams &p);
 moe_plan_args plan_args(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy = MOE_DROP_POSITION);
+moe_ffn_args ffn_args(int64_t num_experts, int64_t d, int64_t ff, int activation, const std::vector<int64_t> &offsets,
+                      int dtype = MOE_DTYPE_F32);
+moe_shared_args shared_args(int64_t T, int64_t d, int64_t S, int dtype = MOE_DTYPE_F32);
 
 // select over T tokens and E experts into o. clean_logits and noise_std (both or neither): GAUSSIAN
 // training, which also asks for load_sum.

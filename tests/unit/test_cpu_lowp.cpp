@@ -41,7 +41,7 @@ struct Routing {
     for (int32_t s = 0; s < T * k; ++s)
       if (s % 7 != 3) slots.push_back(s);  // dropped: slots 3, 10, 17, 24
     R = static_cast<int64_t>(slots.size());
-    for (size_t i = slots.size(); i > 1; --i) std::swap(slots[i - 1], slots[rng.next() % i]);
+    rng.shuffle(slots);
     row_of_slot.assign(T * k, -1);
     row_token.resize(R);
     for (int32_t r = 0; r < R; ++r) {
@@ -128,12 +128,7 @@ TEST_P(CpuLowp, SharedCombineAndBackward) {
     std::vector<float> x32 = x.wide(), ys32 = ys.wide(), dy32 = dy.wide(), gw = rng.uniforms(d);
     const std::vector<float> y0 = rng.uniforms(T * d), dx0 = rng.uniforms(T * d), dg0 = rng.uniforms(d);
     std::vector<float> y = y0, y32 = y0, gate(T, NAN), gate32(T, NAN);
-    moe_shared_args a{}, b{};
-    a.T = b.T = T;
-    a.d = b.d = d;
-    a.S = b.S = S;
-    a.dtype = dt();
-    b.dtype = MOE_DTYPE_F32;
+    moe_shared_args a = moe_test::shared_args(T, d, S, dt()), b = moe_test::shared_args(T, d, S);
     a.x = x.data();
     b.x = x32.data();
     a.gate_w = b.gate_w = gated ? gw.data() : nullptr;
@@ -188,14 +183,8 @@ void expert_ffn_case(const moe_backend_ops *ops, void *state, int dtype, int act
 
   Lowp h(dtype, out_rows * ff), g(dtype, out_rows * ff), a(dtype, out_rows * ff), y(dtype, out_rows * d);
   std::vector<float> h32(out_rows * ff), g32(out_rows * ff), a32(out_rows * ff), y32(out_rows * d);
-  moe_ffn_args p{}, q{};
-  p.num_experts = q.num_experts = E;
-  p.d = q.d = d;
-  p.ff = q.ff = ff;
-  p.activation = q.activation = activation;
-  p.dtype = dtype;
-  q.dtype = MOE_DTYPE_F32;
-  p.offsets = q.offsets = offsets.data();
+  moe_ffn_args p = moe_test::ffn_args(E, d, ff, activation, offsets, dtype),
+               q = moe_test::ffn_args(E, d, ff, activation, offsets);
   p.shared_input = q.shared_input = shared;
   p.x = x.data(), q.x = x32.data();
   p.w1 = w1.data(), q.w1 = w132.data();

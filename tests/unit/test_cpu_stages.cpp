@@ -736,12 +736,7 @@ TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
   Rng rng(20);
   std::vector<float> x = rng.ints(R * d, -3, 3), w1 = rng.ints(E * ff * d, -2, 2), w2 = rng.ints(E * d * ff, -2, 2);
   std::vector<float> h(R * ff, kNaN), a_(R * ff, kNaN), y(R * d, kNaN);
-  moe_ffn_args a{};
-  a.num_experts = E;
-  a.d = d;
-  a.ff = ff;
-  a.activation = MOE_ACT_RELU;
-  a.offsets = offsets.data();
+  moe_ffn_args a = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
   a.x = x.data();
   a.w1 = w1.data();
   a.w2 = w2.data();
@@ -800,12 +795,7 @@ TEST_F(CpuStages, ExpertFfnGluMatchesNaiveLoops) {
   for (int act : {MOE_ACT_SWIGLU, MOE_ACT_GEGLU, MOE_ACT_SILU, MOE_ACT_GELU}) {
     const bool glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
     std::vector<float> h(R * ff), g(R * ff), a_(R * ff), y(R * d, kNaN);
-    moe_ffn_args a{};
-    a.num_experts = E;
-    a.d = d;
-    a.ff = ff;
-    a.activation = act;
-    a.offsets = offsets.data();
+    moe_ffn_args a = moe_test::ffn_args(E, d, ff, act, offsets);
     a.x = x.data();
     a.w1 = w1.data();
     a.w3 = glu ? w3.data() : nullptr;
@@ -843,12 +833,7 @@ TEST_F(CpuStages, ExpertFfnSharedInputReadsAllRows) {
   Rng rng(22);
   std::vector<float> x = rng.ints(T * d, -3, 3), w1 = rng.ints(S * ff * d, -2, 2), w2 = rng.ints(S * d * ff, -2, 2);
   std::vector<float> h(S * T * ff), a_(S * T * ff), y(S * T * d, kNaN);
-  moe_ffn_args a{};
-  a.num_experts = S;
-  a.d = d;
-  a.ff = ff;
-  a.activation = MOE_ACT_RELU;
-  a.offsets = offsets.data();
+  moe_ffn_args a = moe_test::ffn_args(S, d, ff, MOE_ACT_RELU, offsets);
   a.shared_input = 1;
   a.x = x.data();
   a.w1 = w1.data();
@@ -872,10 +857,7 @@ TEST_F(CpuStages, SharedCombineAddsSharedOutputs) {
   Rng rng(23);
   std::vector<float> x = rng.ints(T * d, -3, 3), ys = rng.ints(S * T * d, -5, 5), y0 = rng.ints(T * d, -5, 5);
   std::vector<float> y = y0, gate(T, kNaN);
-  moe_shared_args a{};
-  a.T = T;
-  a.d = d;
-  a.S = S;
+  moe_shared_args a = moe_test::shared_args(T, d, S);
   a.x = x.data();
   a.ys = ys.data();
   a.gate = gate.data();
