@@ -18,7 +18,13 @@
 #include <thread>
 #include <vector>
 
+#include "support/layer.h"
+#include "support/random.h"
+
 namespace {
+
+using moe_test::all_params;
+using moe_test::inputs;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -46,26 +52,7 @@ void mark_last_error() {
 
 std::string sname(moe_status s) { return moe_status_name(s); }
 
-moe_config small_config() {
-  moe_config c;
-  moe_config_init(&c);
-  c.d_model = 8;
-  c.d_ff = 16;
-  c.num_experts = 4;
-  c.top_k = 2;
-  c.seed = 3;
-  return c;
-}
-
-std::vector<float> inputs(size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  uint32_t s = seed * 2654435761u + 1u;
-  for (float &x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>((s >> 8) & 0xffff) / 32768.0f - 1.0f;
-  }
-  return v;
-}
+moe_config small_config() { return moe_test::config(8, 16, 4, 2, 3); }
 
 template <class T>
 T *sentinel_ptr() {
@@ -87,20 +74,6 @@ class BadInput : public ::testing::Test {
     params_ref = all_params(layer);
   }
   void TearDown() override { moe_layer_destroy(layer); }
-
-  static std::vector<std::vector<float>> all_params(const moe_layer *l) {
-    std::vector<std::vector<float>> out;
-    for (int i = 0; i < moe_layer_num_params(l); ++i) {
-      moe_param_info info{};
-      EXPECT_EQ(moe_layer_param_info(l, i, &info), MOE_OK);
-      int64_t n = 1;
-      for (int j = 0; j < info.ndim; ++j) n *= info.shape[j];
-      std::vector<float> v(n);
-      EXPECT_EQ(moe_layer_get_param(l, info.name, v.data(), n), MOE_OK);
-      out.push_back(std::move(v));
-    }
-    return out;
-  }
 
   // The layer is usable and unchanged: same parameters, and an inference forward gives the
   // same bytes as before the bad call.
@@ -1095,18 +1068,8 @@ TEST_F(BadInput, Backward) {
   ASSERT_EQ(moe_layer_zero_grad(layer), MOE_OK);
   const auto grads_of = [&] {
     std::vector<std::vector<float>> g;
-    for (const char *n : {"router.weight", "experts.w1", "experts.w3", "experts.w2"}) {
-      moe_param_info info{};
-      for (int i = 0; i < moe_layer_num_params(layer); ++i) {
-        moe_layer_param_info(layer, i, &info);
-        if (std::string(info.name) == n) break;
-      }
-      int64_t cnt = 1;
-      for (int j = 0; j < info.ndim; ++j) cnt *= info.shape[j];
-      std::vector<float> v(cnt);
-      EXPECT_EQ(moe_layer_get_grad(layer, n, v.data(), cnt), MOE_OK) << n;
-      g.push_back(std::move(v));
-    }
+    for (const char *n : {"router.weight", "experts.w1", "experts.w3", "experts.w2"})
+      g.push_back(moe_test::get_grad(layer, n));
     return g;
   };
   const auto zero_grads = grads_of();

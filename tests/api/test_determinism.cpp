@@ -11,17 +11,13 @@
 #include <string>
 #include <vector>
 
+#include "support/compare.h"
+#include "support/layer.h"
+#include "support/random.h"
+
 namespace {
 
-std::vector<float> inputs(size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  uint32_t s = seed * 2654435761u + 1u;
-  for (float &x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>((s >> 8) & 0xffff) / 16384.0f - 2.0f;
-  }
-  return v;
-}
+using moe_test::inputs;
 
 // Everything one run produces, as raw bytes per named item.
 struct Run {
@@ -33,75 +29,42 @@ struct Run {
   }
 };
 
-std::vector<std::pair<std::string, int64_t>> param_list(const moe_layer *l) {
-  std::vector<std::pair<std::string, int64_t>> out;
-  for (int i = 0; i < moe_layer_num_params(l); ++i) {
-    moe_param_info info{};
-    EXPECT_EQ(moe_layer_param_info(l, i, &info), MOE_OK);
-    int64_t n = 1;
-    for (int j = 0; j < info.ndim; ++j) n *= info.shape[j];
-    out.emplace_back(info.name, info.trainable ? n : -n);
-  }
-  return out;
-}
-
 // Creates a layer from cfg and runs `steps` training steps (forward + backward) on fixed inputs,
 // then an inference forward and a route. Returns false (skipping) if the config is unsupported.
 bool run_layer(const moe_config &cfg, int64_t T, int steps, Run &out) {
-  moe_layer *layer = nullptr;
-  const moe_status s = moe_layer_create(&cfg, &layer);
+  moe_status s;
+  const moe_test::LayerPtr owner = moe_test::make_layer(cfg, &s);
   if (s == MOE_ERR_UNSUPPORTED) return false;
   EXPECT_EQ(s, MOE_OK) << moe_last_error();
   if (s != MOE_OK) return false;
+  moe_layer *layer = owner.get();
   const int64_t d = cfg.d_model, k = cfg.top_k, E = cfg.num_experts;
-  const auto params = param_list(layer);
-  for (const auto &p : params) {
-    std::vector<float> v(std::llabs(p.second));
-    EXPECT_EQ(moe_layer_get_param(layer, p.first.c_str(), v.data(), v.size()), MOE_OK);
-    out.add("initial " + p.first, v);
-  }
-  moe_context *ctx = nullptr;
-  EXPECT_EQ(moe_context_create(layer, &ctx), MOE_OK);
+  const std::vector<moe_test::Param> params = moe_test::params(layer);
+  for (const moe_test::Param &p : params) out.add("initial " + p.name, moe_test::get_param(layer, p));
+  const moe_test::ContextPtr owned_ctx = moe_test::make_context(layer);
+  moe_context *ctx = owned_ctx.get();
   for (int step = 0; step < steps; ++step) {
     const std::string tag = "step " + std::to_string(step) + " ";
     std::vector<float> x = inputs(T * d, 100 + step), dy = inputs(T * d, 200 + step);
     std::vector<float> y(T * d, NAN), dx(T * d, NAN);
     EXPECT_EQ(moe_forward(layer, x.data(), T, y.data(), ctx), MOE_OK) << moe_last_error();
     EXPECT_EQ(moe_backward(layer, ctx, dy.data(), dx.data()), MOE_OK) << moe_last_error();
-    for (float v : y) EXPECT_TRUE(std::isfinite(v));
-    for (float v : dx) EXPECT_TRUE(std::isfinite(v));
+    EXPECT_TRUE(moe_test::all_finite(tag + "y", y));
+    EXPECT_TRUE(moe_test::all_finite(tag + "dx", dx));
     out.add(tag + "y", y);
     out.add(tag + "dx", dx);
-    moe_stats st;
-    std::memset(&st, 0, sizeof st);
-    st.struct_size = sizeof st;
-    EXPECT_EQ(moe_context_stats(ctx, &st), MOE_OK);
-    // Field by field (the struct has padding bytes).
-    std::vector<int64_t> sizes = {st.num_tokens, st.num_slots, st.dropped_slots};
-    std::vector<float> losses = {st.load_balance_loss, st.z_loss,  st.importance_loss, st.load_loss,
-                                 st.aux_loss_total,    st.load_cv, st.max_load_ratio};
-    out.add(tag + "stats sizes", sizes);
-    out.add(tag + "stats losses", losses);
-    std::vector<int64_t> counts(E);
-    EXPECT_EQ(moe_context_expert_counts(ctx, counts.data()), MOE_OK);
-    out.add(tag + "expert counts", counts);
+    out.add(tag + "stats", moe_test::stats_fields(moe_test::stats(ctx)));
+    out.add(tag + "expert counts", moe_test::expert_counts(ctx, E));
     if (cfg.routing == MOE_ROUTE_TOKEN_CHOICE) {
-      std::vector<int32_t> ids(T * k);
-      std::vector<float> w(T * k);
-      EXPECT_EQ(moe_context_topk(ctx, ids.data(), w.data()), MOE_OK);
-      out.add(tag + "topk ids", ids);
-      out.add(tag + "topk weights", w);
+      const moe_test::TopK topk = moe_test::topk(ctx, T, k);
+      out.add(tag + "topk ids", topk.ids);
+      out.add(tag + "topk weights", topk.weights);
     }
     // Gradients accumulate over the steps; every parameter (including router.bias, which the
     // aux-loss-free balancing updates) is recorded after each step.
-    for (const auto &p : params) {
-      std::vector<float> v(std::llabs(p.second));
-      EXPECT_EQ(moe_layer_get_param(layer, p.first.c_str(), v.data(), v.size()), MOE_OK);
-      out.add(tag + "param " + p.first, v);
-      if (p.second > 0) {
-        EXPECT_EQ(moe_layer_get_grad(layer, p.first.c_str(), v.data(), v.size()), MOE_OK);
-        out.add(tag + "grad " + p.first, v);
-      }
+    for (const moe_test::Param &p : params) {
+      out.add(tag + "param " + p.name, moe_test::get_param(layer, p));
+      if (p.trainable) out.add(tag + "grad " + p.name, moe_test::get_grad(layer, p));
     }
   }
   // Inference forward and route, after the training steps.
@@ -109,16 +72,10 @@ bool run_layer(const moe_config &cfg, int64_t T, int steps, Run &out) {
   EXPECT_EQ(moe_forward(layer, x.data(), T, y.data(), nullptr), MOE_OK);
   out.add("inference y", y);
   EXPECT_EQ(moe_route(layer, x.data(), T, ctx), MOE_OK);
-  int64_t count = 0;
-  EXPECT_EQ(moe_context_assignments(ctx, 0, nullptr, nullptr, nullptr, &count), MOE_OK);
-  std::vector<int32_t> tok(count), ex(count);
-  std::vector<float> w(count);
-  EXPECT_EQ(moe_context_assignments(ctx, count, tok.data(), ex.data(), w.data(), &count), MOE_OK);
-  out.add("route tokens", tok);
-  out.add("route experts", ex);
-  out.add("route weights", w);
-  moe_context_destroy(ctx);
-  moe_layer_destroy(layer);
+  const moe_test::Assignments route = moe_test::assignments(ctx);
+  out.add("route tokens", route.tokens);
+  out.add("route experts", route.experts);
+  out.add("route weights", route.weights);
   return true;
 }
 
@@ -145,14 +102,7 @@ void expect_identical_runs(const moe_config &cfg, int64_t T, int steps) {
   EXPECT_NE(a.items[0].second, c.items[0].second) << "the seed does not change the initial parameters";
 }
 
-moe_config base(int64_t d, int64_t ff) {
-  moe_config c;
-  moe_config_init(&c);
-  c.d_model = d;
-  c.d_ff = ff;
-  c.seed = 1234;
-  return c;
-}
+moe_config base(int64_t d, int64_t ff) { return moe_test::config(d, ff, 8, 2, 1234); }
 
 TEST(Determinism, DefaultSwiGLU) {
   moe_config c = base(32, 48);

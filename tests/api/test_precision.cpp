@@ -12,107 +12,30 @@
 #include <string>
 #include <vector>
 
+#include "support/compare.h"
+#include "support/half.h"
+#include "support/layer.h"
+#include "support/random.h"
+
 namespace {
 
-// Independent of the library's conversions: the compiler's _Float16, and bfloat16 by rounding the
-// float32 bits.
-uint16_t to_bits(int dtype, float f) {
-  if (dtype == MOE_DTYPE_F16) {
-    const _Float16 h = static_cast<_Float16>(f);
-    uint16_t b;
-    std::memcpy(&b, &h, 2);
-    return b;
-  }
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using moe_test::LayerPtr;
+using moe_test::Lowp;
+using moe_test::make_context;
+using moe_test::make_layer;
 
-float from_bits(int dtype, uint16_t b) {
-  if (dtype == MOE_DTYPE_F16) {
-    _Float16 h;
-    std::memcpy(&h, &b, 2);
-    return static_cast<float>(h);
-  }
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+std::vector<float> random(size_t n, unsigned seed) { return moe_test::inputs(n, seed, 1.0f); }
 
-std::vector<float> random(size_t n, unsigned seed, float scale = 1.0f) {
-  std::vector<float> v(n);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ULL + 1;
-  for (float &x : v) {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    x = scale * (static_cast<float>((s >> 40) & 0xffffff) / 8388608.0f - 1.0f);
-  }
-  return v;
-}
-
-struct Lowp {
-  int dtype;
-  std::vector<uint16_t> bits;
-  Lowp(int dt, const std::vector<float> &v) : dtype(dt), bits(v.size()) {
-    for (size_t i = 0; i < v.size(); ++i) bits[i] = to_bits(dt, v[i]);
-  }
-  Lowp(int dt, size_t n) : dtype(dt), bits(n, 0x7fff) {}
-  std::vector<float> wide() const {
-    std::vector<float> v(bits.size());
-    for (size_t i = 0; i < v.size(); ++i) v[i] = from_bits(dtype, bits[i]);
-    return v;
-  }
-};
-
-struct Layer {
-  moe_layer *l = nullptr;
-  explicit Layer(const moe_config &c) { EXPECT_EQ(moe_layer_create(&c, &l), MOE_OK) << moe_last_error(); }
-  ~Layer() { moe_layer_destroy(l); }
-};
-struct Ctx {
-  moe_context *c = nullptr;
-  explicit Ctx(moe_layer *l) { EXPECT_EQ(moe_context_create(l, &c), MOE_OK); }
-  ~Ctx() { moe_context_destroy(c); }
-};
-
-std::vector<std::pair<std::string, int64_t>> params(moe_layer *l) {
-  std::vector<std::pair<std::string, int64_t>> out;
-  for (int i = 0; i < moe_layer_num_params(l); ++i) {
-    moe_param_info info{};
-    EXPECT_EQ(moe_layer_param_info(l, i, &info), MOE_OK);
-    int64_t n = 1;
-    for (int j = 0; j < info.ndim; ++j) n *= info.shape[j];
-    out.emplace_back(info.name, info.trainable ? n : -n);
-  }
-  return out;
-}
-
-// max |a - b| <= tol * max |b| (and b is not all zeros: the comparison means something).
+// max |a - b| <= tol * max |b|, a finite, and b not all zeros (the comparison means something).
 void expect_close(const std::vector<float> &a, const std::vector<float> &b, double tol, const std::string &what) {
-  ASSERT_EQ(a.size(), b.size()) << what;
-  double scale = 0.0, err = 0.0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    ASSERT_TRUE(std::isfinite(a[i])) << what << "[" << i << "]";
-    scale = std::max(scale, std::fabs(static_cast<double>(b[i])));
-    err = std::max(err, std::fabs(static_cast<double>(a[i]) - b[i]));
-  }
-  EXPECT_GT(scale, 0.0) << what;
-  EXPECT_LE(err, tol * scale) << what << ": max error " << err << " against scale " << scale;
+  EXPECT_TRUE(moe_test::all_finite(what, a));
+  EXPECT_TRUE(std::any_of(b.begin(), b.end(), [](float v) { return v != 0.0f; })) << what << " is all zeros";
+  EXPECT_TRUE(moe_test::close(what, a, b, tol));
 }
 
 moe_config preset(const char *name, int dtype) {
-  moe_config c;
-  moe_config_init(&c);
-  EXPECT_EQ(moe_config_preset(&c, name), MOE_OK);
-  c.d_model = 48;
-  c.d_ff = 64;
-  if (c.num_experts > 16) {
-    c.num_experts = 16;
-    c.num_groups = c.num_groups > 1 ? 4 : 1;
-    c.topk_groups = c.num_groups > 1 ? 2 : 1;
-    c.top_k = std::min<int64_t>(c.top_k, 4);
-  }
+  moe_config c = moe_test::preset(name, 48, 64);
+  moe_test::at_most_16_experts(c);
   if (c.num_shared_experts > 0) c.d_ff_shared = 40;
   c.seed = 7;
   c.dtype = static_cast<moe_dtype>(dtype);
@@ -132,19 +55,16 @@ TEST_P(Precision, MatchesFloat32LayerWithTheSameRoundedValues) {
   const double tol = dt == MOE_DTYPE_BF16 ? 1e-2 : 2e-3;
   moe_config cl = preset(pc.preset, dt), cf = cl;
   cf.dtype = MOE_DTYPE_F32;
-  Layer low(cl), f32(cf);
-  ASSERT_TRUE(low.l && f32.l);
+  const LayerPtr low = make_layer(cl), f32 = make_layer(cf);
+  ASSERT_TRUE(low && f32);
   // The float32 layer takes the low-precision layer's (rounded) parameters.
-  for (const auto &p : params(low.l)) {
-    std::vector<float> v(std::llabs(p.second));
-    ASSERT_EQ(moe_layer_get_param(low.l, p.first.c_str(), v.data(), v.size()), MOE_OK);
-    ASSERT_EQ(moe_layer_set_param(f32.l, p.first.c_str(), v.data(), v.size()), MOE_OK);
-    moe_dtype pd;
-    ASSERT_EQ(moe_layer_param_dtype(low.l, p.first.c_str(), &pd), MOE_OK);
-    const bool expert = p.first.rfind("experts.", 0) == 0 || (p.first.rfind("shared.w", 0) == 0);
-    EXPECT_EQ(pd, expert ? dt : MOE_DTYPE_F32) << p.first;
+  for (const moe_test::Param &p : moe_test::params(low.get())) {
+    const std::vector<float> v = moe_test::get_param(low.get(), p);
+    moe_test::set_param(f32.get(), p.name, v);
+    const bool expert = moe_test::stored_dtype(p.name, dt) == dt;
+    EXPECT_EQ(moe_test::param_dtype(low.get(), p.name), expert ? dt : MOE_DTYPE_F32) << p.name;
     if (expert) {
-      for (float x : v) ASSERT_EQ(from_bits(dt, to_bits(dt, x)), x) << p.first << " holds rounded values";
+      for (float x : v) ASSERT_EQ(moe_test::round_to(dt, x), x) << p.name << " holds rounded values";
     }
   }
   const int64_t T = 37, d = cl.d_model, k = cl.top_k;
@@ -152,38 +72,30 @@ TEST_P(Precision, MatchesFloat32LayerWithTheSameRoundedValues) {
     SCOPED_TRACE("step " + std::to_string(step));
     Lowp x(dt, random(T * d, 11 + step)), dy(dt, random(T * d, 21 + step));
     std::vector<float> x32 = x.wide(), dy32 = dy.wide();
-    Ctx cl_ctx(low.l), cf_ctx(f32.l);
+    const moe_test::ContextPtr cl_ctx = make_context(low.get()), cf_ctx = make_context(f32.get());
     Lowp y(dt, T * d), dx(dt, T * d);
     std::vector<float> y32(T * d), dx32(T * d);
-    ASSERT_EQ(moe_layer_zero_grad(low.l), MOE_OK);
-    ASSERT_EQ(moe_layer_zero_grad(f32.l), MOE_OK);
-    ASSERT_EQ(moe_forward(low.l, x.bits.data(), T, y.bits.data(), cl_ctx.c), MOE_OK) << moe_last_error();
-    ASSERT_EQ(moe_forward(f32.l, x32.data(), T, y32.data(), cf_ctx.c), MOE_OK) << moe_last_error();
+    ASSERT_EQ(moe_layer_zero_grad(low.get()), MOE_OK);
+    ASSERT_EQ(moe_layer_zero_grad(f32.get()), MOE_OK);
+    ASSERT_EQ(moe_forward(low.get(), x.data(), T, y.data(), cl_ctx.get()), MOE_OK) << moe_last_error();
+    ASSERT_EQ(moe_forward(f32.get(), x32.data(), T, y32.data(), cf_ctx.get()), MOE_OK) << moe_last_error();
     if (cl.routing == MOE_ROUTE_TOKEN_CHOICE) {
-      std::vector<int32_t> ids(T * k), ids32(T * k);
-      std::vector<float> w(T * k), w32(T * k);
-      ASSERT_EQ(moe_context_topk(cl_ctx.c, ids.data(), w.data()), MOE_OK);
-      ASSERT_EQ(moe_context_topk(cf_ctx.c, ids32.data(), w32.data()), MOE_OK);
-      EXPECT_EQ(ids, ids32) << "the router is float32 on the same values";
-      EXPECT_EQ(0, std::memcmp(w.data(), w32.data(), w.size() * 4));
+      const moe_test::TopK r = moe_test::topk(cl_ctx.get(), T, k), r32 = moe_test::topk(cf_ctx.get(), T, k);
+      EXPECT_EQ(r.ids, r32.ids) << "the router is float32 on the same values";
+      EXPECT_TRUE(moe_test::same("topk weights", r.weights, r32.weights));
     }
-    moe_stats s{}, s32{};
-    s.struct_size = s32.struct_size = sizeof(moe_stats);
-    ASSERT_EQ(moe_context_stats(cl_ctx.c, &s), MOE_OK);
-    ASSERT_EQ(moe_context_stats(cf_ctx.c, &s32), MOE_OK);
+    const moe_stats s = moe_test::stats(cl_ctx.get()), s32 = moe_test::stats(cf_ctx.get());
     EXPECT_EQ(s.aux_loss_total, s32.aux_loss_total);
     EXPECT_EQ(s.dropped_slots, s32.dropped_slots);
     expect_close(y.wide(), y32, tol, "y");
-    ASSERT_EQ(moe_backward(low.l, cl_ctx.c, dy.bits.data(), dx.bits.data()), MOE_OK) << moe_last_error();
-    ASSERT_EQ(moe_backward(f32.l, cf_ctx.c, dy32.data(), dx32.data()), MOE_OK) << moe_last_error();
+    ASSERT_EQ(moe_backward(low.get(), cl_ctx.get(), dy.data(), dx.data()), MOE_OK) << moe_last_error();
+    ASSERT_EQ(moe_backward(f32.get(), cf_ctx.get(), dy32.data(), dx32.data()), MOE_OK) << moe_last_error();
     expect_close(dx.wide(), dx32, tol, "dx");
-    for (const auto &p : params(low.l)) {
-      if (p.second < 0) continue;
-      std::vector<float> g(p.second), g32(p.second);
-      ASSERT_EQ(moe_layer_get_grad(low.l, p.first.c_str(), g.data(), g.size()), MOE_OK);
-      ASSERT_EQ(moe_layer_get_grad(f32.l, p.first.c_str(), g32.data(), g32.size()), MOE_OK);
-      if (p.first == "router.noise_weight") continue;  // starts at zero: its gradient may be tiny
-      expect_close(g, g32, tol, "grad " + p.first);
+    for (const moe_test::Param &p : moe_test::params(low.get())) {
+      if (!p.trainable) continue;
+      const std::vector<float> g = moe_test::get_grad(low.get(), p), g32 = moe_test::get_grad(f32.get(), p);
+      if (p.name == "router.noise_weight") continue;  // starts at zero: its gradient may be tiny
+      expect_close(g, g32, tol, "grad " + p.name);
     }
   }
 }
@@ -201,87 +113,82 @@ INSTANTIATE_TEST_SUITE_P(
     });
 
 moe_config small(int dtype) {
-  moe_config c;
-  moe_config_init(&c);
-  c.d_model = 16;
-  c.d_ff = 24;
-  c.num_experts = 4;
-  c.top_k = 2;
+  moe_config c = moe_test::config(16, 24, 4, 2);
   c.dtype = static_cast<moe_dtype>(dtype);
   return c;
 }
 
 TEST(PrecisionApi, HostCopiesRoundToNearestEven) {
-  Layer l(small(MOE_DTYPE_BF16));
+  const LayerPtr l = make_layer(small(MOE_DTYPE_BF16));
   std::vector<float> w(4 * 24 * 16, 0.25f);
   // 1 + 2^-8 is halfway between two bfloat16 values: ties go to the even one, 1.0.
   w[0] = 1.00390625f;
   w[1] = 1.01171875f;  // 1 + 3*2^-8: halfway, to the even 1 + 2^-6
   w[2] = 0.1f;
-  ASSERT_EQ(moe_layer_set_param(l.l, "experts.w1", w.data(), w.size()), MOE_OK);
+  ASSERT_EQ(moe_layer_set_param(l.get(), "experts.w1", w.data(), w.size()), MOE_OK);
   std::vector<float> back(w.size());
-  ASSERT_EQ(moe_layer_get_param(l.l, "experts.w1", back.data(), back.size()), MOE_OK);
+  ASSERT_EQ(moe_layer_get_param(l.get(), "experts.w1", back.data(), back.size()), MOE_OK);
   EXPECT_EQ(back[0], 1.0f);
   EXPECT_EQ(back[1], 1.015625f);
   EXPECT_EQ(back[2], 0.10009765625f);
   EXPECT_EQ(back[3], 0.25f);
   // The router stays float32: no rounding.
   std::vector<float> r(4 * 16, 0.1f);
-  ASSERT_EQ(moe_layer_set_param(l.l, "router.weight", r.data(), r.size()), MOE_OK);
-  ASSERT_EQ(moe_layer_get_param(l.l, "router.weight", back.data(), r.size()), MOE_OK);
+  ASSERT_EQ(moe_layer_set_param(l.get(), "router.weight", r.data(), r.size()), MOE_OK);
+  ASSERT_EQ(moe_layer_get_param(l.get(), "router.weight", back.data(), r.size()), MOE_OK);
   EXPECT_EQ(back[0], 0.1f);
 }
 
 TEST(PrecisionApi, ParamDtypeErrors) {
-  Layer l(small(MOE_DTYPE_F16));
+  const LayerPtr l = make_layer(small(MOE_DTYPE_F16));
   moe_dtype out = MOE_DTYPE_F32;
-  EXPECT_EQ(moe_layer_param_dtype(l.l, "experts.w2", &out), MOE_OK);
+  EXPECT_EQ(moe_layer_param_dtype(l.get(), "experts.w2", &out), MOE_OK);
   EXPECT_EQ(out, MOE_DTYPE_F16);
-  EXPECT_EQ(moe_layer_param_dtype(l.l, "router.bias", &out), MOE_OK);
+  EXPECT_EQ(moe_layer_param_dtype(l.get(), "router.bias", &out), MOE_OK);
   EXPECT_EQ(out, MOE_DTYPE_F32);
-  EXPECT_EQ(moe_layer_param_dtype(l.l, "experts.w9", &out), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(moe_layer_param_dtype(l.get(), "experts.w9", &out), MOE_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(moe_last_error()).find("experts.w9"), std::string::npos) << moe_last_error();
-  EXPECT_EQ(moe_layer_param_dtype(l.l, "experts.w1", nullptr), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(moe_layer_param_dtype(l.get(), "experts.w1", nullptr), MOE_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(moe_layer_param_dtype(nullptr, "experts.w1", &out), MOE_ERR_INVALID_ARGUMENT);
 }
 
 TEST(PrecisionApi, CheckFiniteKnowsTheDtype) {
   moe_config c = small(MOE_DTYPE_F16);
   c.check_finite = 1;
-  Layer l(c);
+  const LayerPtr l = make_layer(c);
   const int64_t n = 4 * 24 * 16;
   std::vector<float> before(n), w(n, 0.5f), after(n);
-  ASSERT_EQ(moe_layer_get_param(l.l, "experts.w1", before.data(), n), MOE_OK);
+  ASSERT_EQ(moe_layer_get_param(l.get(), "experts.w1", before.data(), n), MOE_OK);
   w[5] = 1e5f;  // finite in float32, infinite in float16
-  EXPECT_EQ(moe_layer_set_param(l.l, "experts.w1", w.data(), n), MOE_ERR_NONFINITE);
+  EXPECT_EQ(moe_layer_set_param(l.get(), "experts.w1", w.data(), n), MOE_ERR_NONFINITE);
   const std::string msg = moe_last_error();
   EXPECT_NE(msg.find("float16"), std::string::npos) << msg;
   EXPECT_NE(msg.find("host[5]"), std::string::npos) << msg;
-  ASSERT_EQ(moe_layer_get_param(l.l, "experts.w1", after.data(), n), MOE_OK);
+  ASSERT_EQ(moe_layer_get_param(l.get(), "experts.w1", after.data(), n), MOE_OK);
   EXPECT_EQ(before, after) << "nothing changed";
   // The router is float32: 1e5 is fine there.
   std::vector<float> r(4 * 16, 1e5f);
-  EXPECT_EQ(moe_layer_set_param(l.l, "router.weight", r.data(), r.size()), MOE_OK) << moe_last_error();
+  EXPECT_EQ(moe_layer_set_param(l.get(), "router.weight", r.data(), r.size()), MOE_OK) << moe_last_error();
 
   const int64_t T = 3;
   Lowp x(MOE_DTYPE_F16, random(T * 16, 3)), y(MOE_DTYPE_F16, T * 16);
   x.bits[1 * 16 + 7] = 0x7c00;  // +inf
-  EXPECT_EQ(moe_forward(l.l, x.bits.data(), T, y.bits.data(), nullptr), MOE_ERR_NONFINITE);
+  EXPECT_EQ(moe_forward(l.get(), x.bits.data(), T, y.bits.data(), nullptr), MOE_ERR_NONFINITE);
   EXPECT_NE(std::string(moe_last_error()).find("x[1][7]"), std::string::npos) << moe_last_error();
   x.bits[1 * 16 + 7] = 0x3c00;  // 1.0
-  EXPECT_EQ(moe_forward(l.l, x.bits.data(), T, y.bits.data(), nullptr), MOE_OK) << moe_last_error();
+  EXPECT_EQ(moe_forward(l.get(), x.bits.data(), T, y.bits.data(), nullptr), MOE_OK) << moe_last_error();
 }
 
 TEST(PrecisionApi, BuffersAreSizedByTheDtype) {
-  Layer l(small(MOE_DTYPE_BF16));
+  const LayerPtr l = make_layer(small(MOE_DTYPE_BF16));
   const int64_t T = 5, d = 16;
   // x and y back to back in one allocation: distinct for 2-byte elements.
   std::vector<uint16_t> buf(2 * T * d);
   Lowp x(MOE_DTYPE_BF16, random(T * d, 4));
   std::copy(x.bits.begin(), x.bits.end(), buf.begin());
-  EXPECT_EQ(moe_forward(l.l, buf.data(), T, buf.data() + T * d, nullptr), MOE_OK) << moe_last_error();
+  EXPECT_EQ(moe_forward(l.get(), buf.data(), T, buf.data() + T * d, nullptr), MOE_OK) << moe_last_error();
   // One element less apart: they overlap.
-  EXPECT_EQ(moe_forward(l.l, buf.data(), T, buf.data() + T * d - 1, nullptr), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_EQ(moe_forward(l.get(), buf.data(), T, buf.data() + T * d - 1, nullptr), MOE_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::string(moe_last_error()).find("overlap"), std::string::npos) << moe_last_error();
 }
 
@@ -290,15 +197,15 @@ TEST(PrecisionApi, Deterministic) {
     moe_config c = small(dt);
     c.num_shared_experts = 1;
     c.shared_gate = 1;
-    Layer a(c), b(c);
+    const LayerPtr a = make_layer(c), b = make_layer(c);
     const int64_t T = 29, d = 16;
     Lowp x(dt, random(T * d, 5)), dy(dt, random(T * d, 6));
     Lowp ya(dt, T * d), yb(dt, T * d), dxa(dt, T * d), dxb(dt, T * d);
-    Ctx ca(a.l), cb(b.l);
-    ASSERT_EQ(moe_forward(a.l, x.bits.data(), T, ya.bits.data(), ca.c), MOE_OK);
-    ASSERT_EQ(moe_forward(b.l, x.bits.data(), T, yb.bits.data(), cb.c), MOE_OK);
-    ASSERT_EQ(moe_backward(a.l, ca.c, dy.bits.data(), dxa.bits.data()), MOE_OK);
-    ASSERT_EQ(moe_backward(b.l, cb.c, dy.bits.data(), dxb.bits.data()), MOE_OK);
+    const moe_test::ContextPtr ca = make_context(a.get()), cb = make_context(b.get());
+    ASSERT_EQ(moe_forward(a.get(), x.bits.data(), T, ya.bits.data(), ca.get()), MOE_OK);
+    ASSERT_EQ(moe_forward(b.get(), x.bits.data(), T, yb.bits.data(), cb.get()), MOE_OK);
+    ASSERT_EQ(moe_backward(a.get(), ca.get(), dy.bits.data(), dxa.bits.data()), MOE_OK);
+    ASSERT_EQ(moe_backward(b.get(), cb.get(), dy.bits.data(), dxb.bits.data()), MOE_OK);
     EXPECT_EQ(ya.bits, yb.bits);
     EXPECT_EQ(dxa.bits, dxb.bits);
     for (uint16_t v : ya.bits) ASSERT_NE(v, 0x7fff) << "every y element written";

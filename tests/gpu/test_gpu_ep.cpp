@@ -26,13 +26,17 @@
 
 #include "gpu_test_util.h"
 #include "moe/moe.h"
+#include "support/layer.h"
 
 namespace {
 
-using gpu_test::close;
-using gpu_test::close_scalar;
-using gpu_test::Rng;
-using gpu_test::same;
+using moe_test::close;
+using moe_test::close_scalar;
+using moe_test::is_expert_param;
+using moe_test::LayerPtr;
+using moe_test::Rng;
+using moe_test::same;
+using ParamDesc = moe_test::Param;
 
 // float32: the ranks compute what one layer computes, in another grouping. bfloat16: per-rank
 // gradients of the replicated 16-bit parameters (shared.w*) are rounded before they are summed.
@@ -175,32 +179,6 @@ moe_status rows_hook(void *user, const void *send, const int64_t *send_counts, v
 
 // ---- layers -----------------------------------------------------------------------------------------
 
-using LayerPtr = std::unique_ptr<moe_layer, decltype(&moe_layer_destroy)>;
-
-struct ParamDesc {
-  std::string name;
-  int64_t numel = 0;
-  bool trainable = false;
-};
-
-std::vector<ParamDesc> describe(const moe_layer *l) {
-  std::vector<ParamDesc> out;
-  const int n = moe_layer_num_params(l);
-  for (int i = 0; i < n; ++i) {
-    moe_param_info info{};
-    if (moe_layer_param_info(l, i, &info) != MOE_OK) continue;
-    ParamDesc p;
-    p.name = info.name;
-    p.trainable = info.trainable != 0;
-    p.numel = 1;
-    for (int j = 0; j < info.ndim; ++j) p.numel *= info.shape[j];
-    out.push_back(p);
-  }
-  return out;
-}
-
-bool is_expert_param(const std::string &name) { return name.rfind("experts.", 0) == 0; }
-
 // Config A: softmax top-2, z and importance losses, a gated shared expert, SwiGLU.
 // Config B: sigmoid with groups, routed_scale, bias balancing, an ungated shared expert, GELU.
 moe_config config(int which) {
@@ -242,7 +220,7 @@ std::vector<float> random_param(const std::string &name, int64_t numel, int64_t 
 // pointer), filled and read as float32 on the host.
 struct DevTensor {
   DevTensor(int dtype, size_t n) : dtype(dtype), n(n) {
-    const size_t bytes = std::max<size_t>(1, n * gpu_test::dtype_size(dtype));
+    const size_t bytes = std::max<size_t>(1, n * moe_test::dtype_size(dtype));
     if (cudaMalloc(&p, bytes) != cudaSuccess) p = nullptr;
     else (void)cudaMemset(p, 0xff, bytes);  // NaN in every dtype
   }
@@ -254,15 +232,15 @@ struct DevTensor {
   // Complete when it returns (a pageable cudaMemcpy may return before the data lands, and a layer
   // on a non-blocking stream is not ordered after it).
   cudaError_t put(const float *host) {
-    const std::vector<unsigned char> bytes = gpu_test::encode(dtype, std::vector<float>(host, host + n));
+    const std::vector<unsigned char> bytes = moe_test::encode(dtype, std::vector<float>(host, host + n));
     const cudaError_t e = cudaMemcpy(p, bytes.data(), bytes.size(), cudaMemcpyHostToDevice);
     return e != cudaSuccess ? e : cudaDeviceSynchronize();
   }
   std::vector<float> take() {
-    std::vector<unsigned char> bytes(n * gpu_test::dtype_size(dtype));
+    std::vector<unsigned char> bytes(n * moe_test::dtype_size(dtype));
     if (n && cudaMemcpy(bytes.data(), p, bytes.size(), cudaMemcpyDeviceToHost) != cudaSuccess)
       return std::vector<float>(n, NAN);
-    return gpu_test::decode(dtype, bytes);
+    return moe_test::decode(dtype, bytes);
   }
   int dtype;
   void *p = nullptr;
@@ -301,22 +279,16 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
     Tg += T[r];
   }
   Rng rng(40 + 10 * which + R);
-  const std::vector<float> x = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f)),
-                           dy = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f));
+  const std::vector<float> x = moe_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f)),
+                           dy = moe_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(Tg * d), 1.0f));
 
   // The reference: one CUDA layer with every expert, on the global batch.
-  moe_layer *raw = nullptr;
-  ASSERT_EQ(moe_layer_create(&cfg, &raw), MOE_OK) << moe_last_error();
-  LayerPtr ref(raw, &moe_layer_destroy);
-  const std::vector<ParamDesc> params = describe(ref.get());
+  const LayerPtr ref = moe_test::make_layer(cfg);
+  ASSERT_NE(ref, nullptr);
+  const std::vector<ParamDesc> params = moe_test::params(ref.get());
   std::vector<std::vector<float>> values;
   for (const ParamDesc &p : params) {
-    moe_param_info info{};
-    for (int i = 0; i < moe_layer_num_params(ref.get()); ++i) {
-      moe_layer_param_info(ref.get(), i, &info);
-      if (p.name == info.name) break;
-    }
-    values.push_back(gpu_test::rounded(dtype, random_param(p.name, p.numel, info.shape[info.ndim - 1], rng)));
+    values.push_back(moe_test::rounded(dtype, random_param(p.name, p.numel, p.shape.back(), rng)));
     ASSERT_EQ(moe_layer_set_param(ref.get(), p.name.c_str(), values.back().data(), p.numel), MOE_OK)
         << moe_last_error();
   }
@@ -329,7 +301,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
     ASSERT_EQ(moe_forward(ref.get(), xd.p, Tg, yi.p, nullptr), MOE_OK) << moe_last_error();
     moe_context *ctx = nullptr;
     ASSERT_EQ(moe_context_create(ref.get(), &ctx), MOE_OK);
-    std::unique_ptr<moe_context, decltype(&moe_context_destroy)> owner(ctx, &moe_context_destroy);
+    const moe_test::ContextPtr owner(ctx);
     ASSERT_EQ(moe_forward(ref.get(), xd.p, Tg, yd.p, ctx), MOE_OK) << moe_last_error();
     ASSERT_EQ(moe_backward(ref.get(), ctx, dyd.p, dxd.p), MOE_OK) << moe_last_error();
     CUDA_ASSERT(cudaDeviceSynchronize());
@@ -375,10 +347,10 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
     comms[r] = moe_comm{sizeof(moe_comm), R, r, &refs[r], counts_hook, rows_hook, nullptr};
     moe_config c = cfg;
     c.comm = &comms[r];
-    raw = nullptr;
-    ASSERT_EQ(moe_layer_create(&c, &raw), MOE_OK) << "rank " << r << ": " << moe_last_error();
-    layers.emplace_back(raw, &moe_layer_destroy);
-    const std::vector<ParamDesc> mine = describe(raw);
+    layers.push_back(moe_test::make_layer(c));
+    moe_layer *raw = layers.back().get();
+    ASSERT_NE(raw, nullptr) << "rank " << r;
+    const std::vector<ParamDesc> mine = moe_test::params(raw);
     ASSERT_EQ(mine.size(), params.size());
     for (size_t i = 0; i < params.size(); ++i) {
       ASSERT_EQ(mine[i].name, params[i].name);
@@ -419,7 +391,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
       }
       moe_context *ctx = nullptr;
       if (moe_context_create(l, &ctx) != MOE_OK) return fail("moe_context_create");
-      std::unique_ptr<moe_context, decltype(&moe_context_destroy)> owner(ctx, &moe_context_destroy);
+      const moe_test::ContextPtr owner(ctx);
 
       // Inference first, before the training forward updates router.bias.
       if (moe_forward(l, xd.p, T[r], yi.p, nullptr) != MOE_OK) return fail("inference forward");
@@ -448,7 +420,7 @@ TEST_P(GpuEp, RanksEqualOneLayer) {
       if (moe_context_expert_counts(ctx, o.counts.data()) != MOE_OK) return fail("moe_context_expert_counts");
       o.ids.assign(T[r] * k, -7);
       if (moe_context_topk(ctx, o.ids.data(), nullptr) != MOE_OK) return fail("moe_context_topk");
-      for (const ParamDesc &p : describe(l)) {
+      for (const ParamDesc &p : moe_test::params(l)) {
         std::vector<float> g;
         if (p.trainable) {
           g.assign(p.numel, NAN);

@@ -22,13 +22,22 @@
 
 #include "gpu_test_util.h"
 #include "moe/moe.h"
+#include "support/layer.h"
 
 namespace {
 
-using gpu_test::close;
-using gpu_test::close_scalar;
-using gpu_test::Rng;
-using gpu_test::same;
+using moe_test::close;
+using moe_test::close_scalar;
+using moe_test::ContextPtr;
+using moe_test::get_grad;
+using moe_test::get_param;
+using moe_test::LayerPtr;
+using moe_test::make_layer;
+using moe_test::Rng;
+using moe_test::same;
+using moe_test::set_param;
+using moe_test::stats_fields;
+using ParamDesc = moe_test::Param;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr int64_t kT = 96;
@@ -43,11 +52,6 @@ const char *dtype_name(int dtype) { return dtype == MOE_DTYPE_F32 ? "f32" : dtyp
 
 // ---- configurations ---------------------------------------------------------------------------------
 
-void preset(moe_config &c, const char *name) {
-  const moe_status s = moe_config_preset(&c, name);
-  if (s != MOE_OK) ADD_FAILURE() << "moe_config_preset(\"" << name << "\"): " << moe_status_name(s) << ": " << moe_last_error();
-}
-
 struct Case {
   const char *name;
   void (*apply)(moe_config &);
@@ -56,36 +60,27 @@ struct Case {
 const Case kCases[] = {
     {"mixtral",
      [](moe_config &c) {
-       preset(c, "mixtral");  // E 8, k 2, SwiGLU, softmax, normalized, dropless
-       c.d_model = 64;
-       c.d_ff = 128;
+       c = moe_test::preset("mixtral", 64, 128);  // E 8, k 2, SwiGLU, softmax, normalized, dropless
        c.z_loss_coef = 1e-3f;
      }},
     {"switch",
      [](moe_config &c) {
-       preset(c, "switch");  // top-1, ReLU, capacity 1.25 (position), jitter, z-loss
-       c.d_model = 96;
-       c.d_ff = 192;
+       c = moe_test::preset("switch", 96, 192);  // top-1, ReLU, capacity 1.25 (position), jitter, z-loss
      }},
     {"shazeer",
      [](moe_config &c) {
-       preset(c, "shazeer");  // top-2, ReLU, Gaussian noise, importance and load losses
-       c.d_model = 64;
-       c.d_ff = 96;
+       c = moe_test::preset("shazeer", 64, 96);  // top-2, ReLU, Gaussian noise, importance and load losses
      }},
     {"expert_choice",
      [](moe_config &c) {
-       preset(c, "expert-choice");  // capacity factor 1, each expert picks its tokens
-       c.d_model = 64;
-       c.d_ff = 128;
+       c = moe_test::preset("expert-choice", 64, 128);  // capacity factor 1, each expert picks its tokens
        c.z_loss_coef = 1e-3f;
        c.importance_loss_coef = 1e-2f;
      }},
     {"deepseek_v3",
      [](moe_config &c) {
-       preset(c, "deepseek-v3");  // sigmoid, groups, routed_scale 2.5, shared expert, bias balancing
-       c.d_model = 128;
-       c.d_ff = 96;
+       // sigmoid, groups, routed_scale 2.5, shared expert, bias balancing
+       c = moe_test::preset("deepseek-v3", 128, 96);
        c.num_experts = 16;
        c.top_k = 4;
        c.num_groups = 4;
@@ -94,9 +89,7 @@ const Case kCases[] = {
      }},
     {"qwen2_moe",
      [](moe_config &c) {
-       preset(c, "qwen2-moe");  // softmax not normalized, 4 shared experts behind a sigmoid gate
-       c.d_model = 64;
-       c.d_ff = 96;
+       c = moe_test::preset("qwen2-moe", 64, 96);  // softmax not normalized, 4 shared experts behind a sigmoid gate
        c.num_experts = 12;
        c.top_k = 4;
        c.d_ff_shared = 32;
@@ -179,63 +172,6 @@ moe_config cuda_config(moe_config c, int dtype) {
 
 // ---- layers, parameters ----------------------------------------------------------------------------
 
-using LayerPtr = std::unique_ptr<moe_layer, decltype(&moe_layer_destroy)>;
-using CtxPtr = std::unique_ptr<moe_context, decltype(&moe_context_destroy)>;
-
-LayerPtr make_layer(const moe_config &cfg, moe_status *status = nullptr) {
-  moe_layer *l = nullptr;
-  const moe_status s = moe_layer_create(&cfg, &l);
-  if (status) *status = s;
-  else if (s != MOE_OK) ADD_FAILURE() << "moe_layer_create: " << moe_status_name(s) << ": " << moe_last_error();
-  return LayerPtr(s == MOE_OK ? l : nullptr, &moe_layer_destroy);
-}
-
-struct ParamDesc {
-  std::string name;
-  int64_t numel = 0;
-  bool trainable = false;
-  std::vector<int64_t> shape;
-};
-
-std::vector<ParamDesc> describe(const moe_layer *l) {
-  std::vector<ParamDesc> out;
-  const int n = moe_layer_num_params(l);
-  for (int i = 0; i < n; ++i) {
-    moe_param_info info{};
-    if (moe_layer_param_info(l, i, &info) != MOE_OK) {
-      ADD_FAILURE() << "moe_layer_param_info(" << i << "): " << moe_last_error();
-      continue;
-    }
-    ParamDesc p;
-    p.name = info.name;
-    p.trainable = info.trainable != 0;
-    p.numel = 1;
-    for (int j = 0; j < info.ndim; ++j) {
-      p.shape.push_back(info.shape[j]);
-      p.numel *= info.shape[j];
-    }
-    out.push_back(p);
-  }
-  return out;
-}
-
-std::vector<float> get_param(const moe_layer *l, const ParamDesc &p) {
-  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
-  const moe_status s = moe_layer_get_param(l, p.name.c_str(), v.data(), p.numel);
-  if (s != MOE_OK) ADD_FAILURE() << "get_param " << p.name << ": " << moe_last_error();
-  return v;
-}
-std::vector<float> get_grad(const moe_layer *l, const ParamDesc &p) {
-  std::vector<float> v(static_cast<size_t>(p.numel), kNaN);
-  const moe_status s = moe_layer_get_grad(l, p.name.c_str(), v.data(), p.numel);
-  if (s != MOE_OK) ADD_FAILURE() << "get_grad " << p.name << ": " << moe_last_error();
-  return v;
-}
-void set_param(moe_layer *l, const ParamDesc &p, const std::vector<float> &v) {
-  const moe_status s = moe_layer_set_param(l, p.name.c_str(), v.data(), p.numel);
-  if (s != MOE_OK) ADD_FAILURE() << "set_param " << p.name << ": " << moe_status_name(s) << ": " << moe_last_error();
-}
-
 bool relu(const moe_config &c) { return c.activation == MOE_ACT_RELU; }
 
 // Random values (never zero) in nn.Linear's range, rounded to dtype. ReLU layers get w1 (and x, below)
@@ -258,12 +194,12 @@ std::vector<float> random_param(const ParamDesc &p, const moe_config &cfg, Rng &
       v = rng.nonzeros(n, bound);
     }
   }
-  return gpu_test::rounded(dtype, std::move(v));
+  return moe_test::rounded(dtype, std::move(v));
 }
 
 std::vector<float> random_x(const moe_config &cfg, Rng &rng, int64_t T, int dtype) {
   const size_t n = static_cast<size_t>(T * cfg.d_model);
-  return gpu_test::rounded(dtype, relu(cfg) ? rng.odd_grids(n, 4, 0.125f) : rng.nonzeros(n, 1.0f));
+  return moe_test::rounded(dtype, relu(cfg) ? rng.odd_grids(n, 4, 0.125f) : rng.nonzeros(n, 1.0f));
 }
 
 // ---- activations in the layer's dtype: host memory for a CPU layer, device memory for a CUDA one ------
@@ -272,7 +208,7 @@ class Io {
  public:
   enum Slot { X, Y, DY, DX, Y2, kSlots };
   Io(bool gpu, int dtype, int64_t n) : gpu_(gpu), dtype_(dtype), n_(static_cast<size_t>(n)) {
-    const size_t bytes = std::max<size_t>(1, n_ * gpu_test::dtype_size(dtype_));
+    const size_t bytes = std::max<size_t>(1, n_ * moe_test::dtype_size(dtype_));
     for (int i = 0; i < kSlots; ++i) {
       if (gpu_) {
         void *p = nullptr;
@@ -300,7 +236,7 @@ class Io {
   // their work queued) and after (a pageable cudaMemcpy may return before the data lands, and a
   // layer on a non-blocking stream is not ordered after it).
   void put(Slot s, const std::vector<float> &v) {
-    std::vector<unsigned char> bytes = gpu_test::encode(dtype_, v);
+    std::vector<unsigned char> bytes = moe_test::encode(dtype_, v);
     if (!gpu_) {
       bytes.resize(host_[s].size());
       host_[s] = std::move(bytes);
@@ -312,16 +248,16 @@ class Io {
     if (e != cudaSuccess) ADD_FAILURE() << "copying to the device: " << cudaGetErrorString(e);
   }
   std::vector<float> take(Slot s) {
-    std::vector<unsigned char> bytes(n_ * gpu_test::dtype_size(dtype_));
+    std::vector<unsigned char> bytes(n_ * moe_test::dtype_size(dtype_));
     if (!gpu_) {
       std::copy(host_[s].begin(), host_[s].begin() + bytes.size(), bytes.begin());
-      return gpu_test::decode(dtype_, bytes);
+      return moe_test::decode(dtype_, bytes);
     }
     cudaError_t e = cudaDeviceSynchronize();
     if (e != cudaSuccess) ADD_FAILURE() << "cudaDeviceSynchronize: " << cudaGetErrorString(e);
     e = cudaMemcpy(bytes.data(), dev_[s], bytes.size(), cudaMemcpyDeviceToHost);
     if (e != cudaSuccess) ADD_FAILURE() << "cudaMemcpy from the device: " << cudaGetErrorString(e);
-    return gpu_test::decode(dtype_, bytes);
+    return moe_test::decode(dtype_, bytes);
   }
 
  private:
@@ -346,47 +282,39 @@ struct Outcome {
   std::vector<float> bias_after;
 };
 
-#define API_EXPECT_OK(call)                                                                               \
-  do {                                                                                                    \
-    const moe_status moe_api_s_ = (call);                                                                 \
-    EXPECT_EQ(moe_api_s_, MOE_OK) << #call << ": " << moe_status_name(moe_api_s_) << ": " << moe_last_error(); \
-  } while (0)
-
 Outcome run_layer(moe_layer *l, bool gpu, int dtype, const moe_config &cfg, int64_t T, const std::vector<float> &x,
               const std::vector<float> &dy) {
   Outcome r;
   Io io(gpu, dtype, T * cfg.d_model);
   io.put(Io::X, x);
   io.put(Io::DY, dy);
-  API_EXPECT_OK(moe_forward(l, io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr));
+  MOE_EXPECT_OK(moe_forward(l, io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr));
   r.y_inf = io.take(Io::Y2);
-  moe_context *raw = nullptr;
-  API_EXPECT_OK(moe_context_create(l, &raw));
-  CtxPtr ctx(raw, &moe_context_destroy);
-  API_EXPECT_OK(moe_forward(l, io.ptr(Io::X), T, io.ptr(Io::Y), ctx.get()));
-  API_EXPECT_OK(moe_backward(l, ctx.get(), io.ptr(Io::DY), io.ptr(Io::DX)));
+  const ContextPtr ctx = moe_test::make_context(l);
+  MOE_EXPECT_OK(moe_forward(l, io.ptr(Io::X), T, io.ptr(Io::Y), ctx.get()));
+  MOE_EXPECT_OK(moe_backward(l, ctx.get(), io.ptr(Io::DY), io.ptr(Io::DX)));
   r.y = io.take(Io::Y);
   r.dx = io.take(Io::DX);
   r.stats.struct_size = sizeof(moe_stats);
-  API_EXPECT_OK(moe_context_stats(ctx.get(), &r.stats));
+  MOE_EXPECT_OK(moe_context_stats(ctx.get(), &r.stats));
   r.counts.assign(static_cast<size_t>(cfg.num_experts), -7);
-  API_EXPECT_OK(moe_context_expert_counts(ctx.get(), r.counts.data()));
+  MOE_EXPECT_OK(moe_context_expert_counts(ctx.get(), r.counts.data()));
   if (cfg.routing == MOE_ROUTE_EXPERT_CHOICE) {
     int64_t count = -1;
-    API_EXPECT_OK(moe_context_assignments(ctx.get(), 0, nullptr, nullptr, nullptr, &count));
+    MOE_EXPECT_OK(moe_context_assignments(ctx.get(), 0, nullptr, nullptr, nullptr, &count));
     if (count >= 0) {
       r.a_token.assign(static_cast<size_t>(count), -7);
       r.a_expert.assign(static_cast<size_t>(count), -7);
       r.a_weight.assign(static_cast<size_t>(count), kNaN);
-      API_EXPECT_OK(moe_context_assignments(ctx.get(), count, r.a_token.data(), r.a_expert.data(), r.a_weight.data(),
+      MOE_EXPECT_OK(moe_context_assignments(ctx.get(), count, r.a_token.data(), r.a_expert.data(), r.a_weight.data(),
                                             &count));
     }
   } else {
     r.ids.assign(static_cast<size_t>(T * cfg.top_k), -7);
     r.weights.assign(static_cast<size_t>(T * cfg.top_k), kNaN);
-    API_EXPECT_OK(moe_context_topk(ctx.get(), r.ids.data(), r.weights.data()));
+    MOE_EXPECT_OK(moe_context_topk(ctx.get(), r.ids.data(), r.weights.data()));
   }
-  for (const ParamDesc &p : describe(l)) {
+  for (const ParamDesc &p : moe_test::params(l)) {
     r.grads.push_back(p.trainable ? get_grad(l, p) : std::vector<float>());
     if (p.name == "router.bias") r.bias_after = get_param(l, p);
   }
@@ -414,20 +342,12 @@ std::vector<float> rows_where(const std::vector<float> &v, const std::vector<cha
   return out;
 }
 
-std::vector<double> stats_fields(const moe_stats &s) {
-  return {static_cast<double>(s.num_tokens), static_cast<double>(s.num_slots), static_cast<double>(s.dropped_slots),
-          s.load_balance_loss, s.z_loss, s.importance_loss, s.load_loss, s.aux_loss_total, s.load_cv,
-          s.max_load_ratio};
-}
-const char *const kStatNames[] = {"num_tokens", "num_slots", "dropped_slots", "load_balance_loss", "z_loss",
-                                  "importance_loss", "load_loss", "aux_loss_total", "load_cv", "max_load_ratio"};
-
 // Parameters copied to every layer: random values set on the CPU layer and the CUDA one, then what the
 // CUDA layer holds read back and set on the CPU layers (float32 copies whatever the dtype; cpu32, if
 // given, is a float32 CPU layer that gets the same rounded values).
 std::vector<ParamDesc> share_params(moe_layer *cpu, moe_layer *gpu, const moe_config &cfg, int dtype, uint64_t seed,
                                     moe_layer *cpu32 = nullptr) {
-  const std::vector<ParamDesc> pc = describe(cpu), pg = describe(gpu);
+  const std::vector<ParamDesc> pc = moe_test::params(cpu), pg = moe_test::params(gpu);
   EXPECT_EQ(pc.size(), pg.size());
   for (size_t i = 0; i < std::min(pc.size(), pg.size()); ++i) {
     EXPECT_EQ(pg[i].name, pc[i].name) << "parameter " << i;
@@ -437,16 +357,16 @@ std::vector<ParamDesc> share_params(moe_layer *cpu, moe_layer *gpu, const moe_co
   Rng rng(seed);
   for (const ParamDesc &p : pc) {
     const std::vector<float> v = random_param(p, cfg, rng, dtype);
-    set_param(cpu, p, v);
+    set_param(cpu, p.name, v);
     std::vector<float> held = v;
     if (gpu) {
-      set_param(gpu, p, v);
+      set_param(gpu, p.name, v);
       held = get_param(gpu, p);
       // The values are representable in the dtype: stored exactly, whichever tensor holds them.
       EXPECT_TRUE(same("get_param after set_param: " + p.name, held, v));
-      set_param(cpu, p, held);
+      set_param(cpu, p.name, held);
     }
-    if (cpu32) set_param(cpu32, p, held);
+    if (cpu32) set_param(cpu32, p.name, held);
   }
   return pc;
 }
@@ -525,7 +445,7 @@ void expect_match(const Outcome &rg, const Outcome &rc, const moe_config &gc, co
   EXPECT_TRUE(close_scalar("z_loss", rg.stats.z_loss, rc.stats.z_loss, tol, 1e-6));
   if (all_agree) {
     for (size_t i = 0; i < sg.size(); ++i)
-      EXPECT_TRUE(close_scalar(std::string("stats.") + kStatNames[i], sg[i], sc[i], i < 3 ? 0.0 : tol, 1e-6));
+      EXPECT_TRUE(close_scalar(std::string("stats.") + moe_test::kStatNames[i], sg[i], sc[i], i < 3 ? 0.0 : tol, 1e-6));
     EXPECT_TRUE(same("moe_context_expert_counts", rg.counts, rc.counts));
     // Gradients of every trainable parameter, aux-loss terms included.
     for (size_t i = 0; i < params.size() && i < rc.grads.size() && i < rg.grads.size(); ++i)
@@ -550,7 +470,7 @@ TEST_P(GpuLayer, MatchesCpu) {
   ASSERT_EQ(st, MOE_OK) << "creating the CPU layer (" << dtype_name(dtype) << "): " << moe_last_error();
   LayerPtr gpu = make_layer(gc, &st);
   ASSERT_EQ(st, MOE_OK) << "creating the CUDA layer (" << dtype_name(dtype) << "): " << moe_last_error();
-  LayerPtr cpu32(nullptr, &moe_layer_destroy);
+  LayerPtr cpu32;
   if (dtype != MOE_DTYPE_F32) {
     cpu32 = make_layer(c32);
     ASSERT_TRUE(cpu32);
@@ -559,7 +479,7 @@ TEST_P(GpuLayer, MatchesCpu) {
   const std::vector<ParamDesc> params = share_params(cpu.get(), gpu.get(), cc, dtype, 1000 + ci, cpu32.get());
   Rng rng(2000 + ci);
   const std::vector<float> x = random_x(cc, rng, T, dtype);
-  const std::vector<float> dy = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
+  const std::vector<float> dy = moe_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
 
   const Outcome rc = run_layer(cpu.get(), false, dtype, cc, T, x, dy);
   const Outcome rg = run_layer(gpu.get(), true, dtype, gc, T, x, dy);
@@ -582,15 +502,15 @@ TEST_P(GpuLayer, Deterministic) {
   ASSERT_EQ(st, MOE_OK) << moe_last_error();
   LayerPtr b = make_layer(gc, &st);
   ASSERT_EQ(st, MOE_OK) << moe_last_error();
-  const std::vector<ParamDesc> params = describe(a.get());
+  const std::vector<ParamDesc> params = moe_test::params(a.get());
   Rng rng(3000 + ci);
   for (const ParamDesc &p : params) {
     const std::vector<float> v = random_param(p, gc, rng, dtype);
-    set_param(a.get(), p, v);
-    set_param(b.get(), p, v);
+    set_param(a.get(), p.name, v);
+    set_param(b.get(), p.name, v);
   }
   const std::vector<float> x = random_x(gc, rng, T, dtype);
-  const std::vector<float> dy = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * gc.d_model), 1.0f));
+  const std::vector<float> dy = moe_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * gc.d_model), 1.0f));
   const Outcome ra = run_layer(a.get(), true, dtype, gc, T, x, dy);
   const Outcome rb = run_layer(b.get(), true, dtype, gc, T, x, dy);
   auto expect_same = [&](const Outcome &p, const Outcome &q, const std::string &what) {
@@ -607,7 +527,7 @@ TEST_P(GpuLayer, Deterministic) {
   };
   expect_same(rb, ra, "two layers");
   if (gc.noise == MOE_NOISE_NONE && gc.bias_update_rate == 0.0f) {
-    API_EXPECT_OK(moe_layer_zero_grad(a.get()));
+    MOE_EXPECT_OK(moe_layer_zero_grad(a.get()));
     const Outcome again = run_layer(a.get(), true, dtype, gc, T, x, dy);
     expect_same(again, ra, "the same layer again");
   }
@@ -638,7 +558,7 @@ class GpuLayerApi : public ::testing::Test {
     LayerPtr l = make_layer(c);
     if (!l) return l;
     Rng rng(seed);
-    for (const ParamDesc &p : describe(l.get())) set_param(l.get(), p, random_param(p, c, rng, dtype));
+    for (const ParamDesc &p : moe_test::params(l.get())) set_param(l.get(), p.name, random_param(p, c, rng, dtype));
     return l;
   }
   moe_config cfg_{};
@@ -664,9 +584,8 @@ TEST_F(GpuLayerApi, HostPointersAreRefused) {
   EXPECT_GT(std::strlen(moe_last_error()), 0u) << "no message for a host y";
   for (float v : host_out) ASSERT_TRUE(std::isnan(v)) << "a refused forward wrote the host y";
 
-  moe_context *raw = nullptr;
-  ASSERT_EQ(moe_context_create(l.get(), &raw), MOE_OK);
-  CtxPtr ctx(raw, &moe_context_destroy);
+  const ContextPtr ctx = moe_test::make_context(l.get());
+  ASSERT_NE(ctx, nullptr);
   EXPECT_EQ(moe_forward(l.get(), host.data(), T, io.ptr(Io::Y), ctx.get()), MOE_ERR_INVALID_ARGUMENT);
   ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y), ctx.get()), MOE_OK) << moe_last_error();
   EXPECT_EQ(moe_backward(l.get(), ctx.get(), host.data(), io.ptr(Io::DX)), MOE_ERR_INVALID_ARGUMENT);
@@ -679,7 +598,7 @@ TEST_F(GpuLayerApi, HostPointersAreRefused) {
   EXPECT_TRUE(same("inference y after the refused calls", io.take(Io::Y2), y_before));
   const Outcome rr = run_layer(ref.get(), true, MOE_DTYPE_F32, cfg_, T, x, dy);
   EXPECT_TRUE(same("dx after the refused calls", io.take(Io::DX), rr.dx));
-  const std::vector<ParamDesc> params = describe(l.get());
+  const std::vector<ParamDesc> params = moe_test::params(l.get());
   for (size_t i = 0; i < params.size() && i < rr.grads.size(); ++i) {
     if (params[i].trainable) {
       EXPECT_TRUE(same("grad " + params[i].name + " after the refused calls", get_grad(l.get(), params[i]),
@@ -708,7 +627,7 @@ TEST_F(GpuLayerApi, SetStream) {
   EXPECT_TRUE(close("dx", rb.dx, ra.dx, 1e-5));
   EXPECT_TRUE(same("counts", rb.counts, ra.counts));
   EXPECT_TRUE(same("topk ids", rb.ids, ra.ids));
-  const std::vector<ParamDesc> params = describe(a.get());
+  const std::vector<ParamDesc> params = moe_test::params(a.get());
   for (size_t i = 0; i < params.size() && i < ra.grads.size() && i < rb.grads.size(); ++i)
     if (params[i].trainable) { EXPECT_TRUE(close("grad " + params[i].name, rb.grads[i], ra.grads[i], 1e-5)); }
   EXPECT_EQ(moe_layer_set_stream(b.get(), nullptr), MOE_OK) << moe_last_error();
@@ -735,13 +654,6 @@ TEST_F(GpuLayerApi, MissingDeviceIsRefused) {
   }
 }
 
-// Where a parameter lives in a layer of the given dtype (core/backend.h): the experts' weights and
-// their gradients in the layer's dtype, the router's and the shared gate's in float32.
-int stored_dtype(const std::string &name, int dtype) {
-  const bool low = name.rfind("experts.", 0) == 0 || (name.rfind("shared.w", 0) == 0);
-  return low ? dtype : MOE_DTYPE_F32;
-}
-
 TEST_F(GpuLayerApi, ParamBuffersAreDevicePointers) {
   for (int dtype : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16}) {
     SCOPED_TRACE(dtype_name(dtype));
@@ -753,9 +665,9 @@ TEST_F(GpuLayerApi, ParamBuffersAreDevicePointers) {
     int device = -1;
     CUDA_ASSERT(cudaGetDevice(&device));
     Rng rng(6);
-    for (const ParamDesc &p : describe(l.get())) {
+    for (const ParamDesc &p : moe_test::params(l.get())) {
       SCOPED_TRACE(p.name);
-      const int sd = stored_dtype(p.name, dtype);
+      const int sd = moe_test::stored_dtype(p.name, dtype);
       void *data = nullptr, *grad = reinterpret_cast<void *>(uintptr_t{1});
       ASSERT_EQ(moe_layer_param_buffers(l.get(), p.name.c_str(), &data, &grad), MOE_OK) << moe_last_error();
       ASSERT_NE(data, nullptr);
@@ -768,24 +680,24 @@ TEST_F(GpuLayerApi, ParamBuffersAreDevicePointers) {
         CUDA_ASSERT(cudaPointerGetAttributes(&attr, grad));
         EXPECT_EQ(attr.type, cudaMemoryTypeDevice);
         // The gradient is stored like the parameter: after zero_grad it reads as zeros of that size.
-        API_EXPECT_OK(moe_layer_zero_grad(l.get()));
+        MOE_EXPECT_OK(moe_layer_zero_grad(l.get()));
         CUDA_ASSERT(cudaDeviceSynchronize());
-        std::vector<unsigned char> gbytes(static_cast<size_t>(p.numel) * gpu_test::dtype_size(sd), 0xa5);
+        std::vector<unsigned char> gbytes(static_cast<size_t>(p.numel) * moe_test::dtype_size(sd), 0xa5);
         CUDA_ASSERT(cudaMemcpy(gbytes.data(), grad, gbytes.size(), cudaMemcpyDeviceToHost));
-        EXPECT_TRUE(same("gradient buffer after zero_grad", gpu_test::decode(sd, gbytes),
+        EXPECT_TRUE(same("gradient buffer after zero_grad", moe_test::decode(sd, gbytes),
                          std::vector<float>(static_cast<size_t>(p.numel), 0.0f)));
       } else {
         EXPECT_EQ(grad, nullptr) << "a parameter that is not trainable has no gradient buffer";
       }
       // Contiguous, in the documented shape, in the dtype it is stored in: the same values as
       // moe_layer_get_param ...
-      std::vector<unsigned char> bytes(static_cast<size_t>(p.numel) * gpu_test::dtype_size(sd));
+      std::vector<unsigned char> bytes(static_cast<size_t>(p.numel) * moe_test::dtype_size(sd));
       CUDA_ASSERT(cudaDeviceSynchronize());
       CUDA_ASSERT(cudaMemcpy(bytes.data(), data, bytes.size(), cudaMemcpyDeviceToHost));
-      EXPECT_TRUE(same("buffer contents", gpu_test::decode(sd, bytes), get_param(l.get(), p)));
+      EXPECT_TRUE(same("buffer contents", moe_test::decode(sd, bytes), get_param(l.get(), p)));
       // ... and writing through it is what moe_layer_get_param then reads.
-      const std::vector<float> fresh = gpu_test::rounded(sd, rng.nonzeros(static_cast<size_t>(p.numel), 0.1f));
-      const std::vector<unsigned char> fresh_bytes = gpu_test::encode(sd, fresh);
+      const std::vector<float> fresh = moe_test::rounded(sd, rng.nonzeros(static_cast<size_t>(p.numel), 0.1f));
+      const std::vector<unsigned char> fresh_bytes = moe_test::encode(sd, fresh);
       CUDA_ASSERT(cudaMemcpy(data, fresh_bytes.data(), fresh_bytes.size(), cudaMemcpyHostToDevice));
       CUDA_ASSERT(cudaDeviceSynchronize());
       EXPECT_TRUE(same("get_param after writing the buffer", get_param(l.get(), p), fresh));
@@ -803,7 +715,7 @@ TEST_F(GpuLayerApi, CheckFinite) {
     LayerPtr l = layer(7, dtype);
     ASSERT_TRUE(l);
     Rng rng(8);
-    const std::vector<float> x = gpu_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
+    const std::vector<float> x = moe_test::rounded(dtype, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
     Io io(true, dtype, T * d);
     io.put(Io::X, x);
     ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y), nullptr), MOE_OK) << moe_last_error();

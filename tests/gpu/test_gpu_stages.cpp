@@ -30,17 +30,21 @@
 #include "core/error.h"
 #include "core/module.h"
 #include "gpu_test_util.h"
+#include "support/stages.h"
 
 namespace {
 
-using gpu_test::close;
-using gpu_test::close_scalar;
-using gpu_test::Rng;
-using gpu_test::same;
+using moe_test::close;
+using moe_test::close_scalar;
+using moe_test::Plan;
+using moe_test::Rng;
+using moe_test::same;
+using moe_test::SelectOut;
+using moe_test::skewed_ids;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kDNaN = std::numeric_limits<double>::quiet_NaN();
-// float32 against float32, scale-aware (gpu_test::close). TF32 is off: cfg.allow_tf32 = 0.
+// float32 against float32, scale-aware (moe_test::close). TF32 is off: cfg.allow_tf32 = 0.
 constexpr double kTol = 1e-5;
 // A tensor stored in dtype: the two backends may round a float32 value that differs in its last
 // bits to neighbouring values, one unit in the last place (2^-8 bf16, 2^-11 f16) and what follows
@@ -111,10 +115,10 @@ class Side {
   }
   // Activations in dtype: host float32 values (rounded to dtype) as a buffer of that dtype, an
   // output buffer of n NaNs, and n values read back as float32.
-  void *put_as(int dtype, const std::vector<float> &host) { return put(gpu_test::encode(dtype, host)); }
+  void *put_as(int dtype, const std::vector<float> &host) { return put(moe_test::encode(dtype, host)); }
   void *out_as(int dtype, size_t n) { return put_as(dtype, std::vector<float>(n, kNaN)); }
   std::vector<float> get_as(int dtype, const void *p, size_t n) {
-    return gpu_test::decode(dtype, get(static_cast<const unsigned char *>(p), n * gpu_test::dtype_size(dtype)));
+    return moe_test::decode(dtype, get(static_cast<const unsigned char *>(p), n * moe_test::dtype_size(dtype)));
   }
   ::testing::AssertionResult ok(moe_status s, const char *stage) const {
     if (s == MOE_OK) return ::testing::AssertionSuccess();
@@ -161,6 +165,9 @@ struct SelectSpec {
   int expert_choice;
   bool load;         // GAUSSIAN training: clean_logits and noise_std given, load_sum wanted
 };
+moe_test::SelectParams params_of(const SelectSpec &sp) {
+  return {sp.k, sp.score, sp.normalize, sp.routed_scale, sp.groups, sp.topk_groups, sp.expert_choice};
+}
 
 // Router logits whose selection values S + bias, and group scores, are well apart within every
 // token (relative gap 1e-4, against float rounding of about 1e-7), so that the top-k cannot be
@@ -206,51 +213,6 @@ std::vector<float> separated_logits(Rng &rng, int64_t T, int64_t E, int score, c
   return L;
 }
 
-struct SelectOut {
-  std::vector<float> scores, lse, topk_w;
-  std::vector<int32_t> ids;
-  std::vector<int64_t> counts;
-  std::vector<double> prob_sum, load_sum;
-  double lse_sq_sum = kDNaN;
-};
-
-// k distinct experts per token, skewed so that some experts overflow a capacity.
-std::vector<int32_t> skewed_ids(Rng &rng, int64_t T, int64_t E, int64_t k) {
-  std::vector<double> weight(E);
-  double total = 0.0;
-  for (int64_t e = 0; e < E; ++e) total += weight[e] = 1.0 + 0.75 * static_cast<double>(e % 5);
-  std::vector<int32_t> ids(static_cast<size_t>(T * k));
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      for (;;) {
-        double u = rng.unit() * total;
-        int32_t e = 0;
-        while (e + 1 < E && u >= weight[e]) u -= weight[e++];
-        bool dup = false;
-        for (int64_t i = 0; i < j; ++i) dup |= ids[t * k + i] == e;
-        if (!dup) {
-          ids[t * k + j] = e;
-          break;
-        }
-      }
-    }
-  return ids;
-}
-
-struct Plan {
-  int64_t T = 0, E = 0, k = 0, capacity = -1, R = 0;
-  bool ec = false;
-  std::vector<int32_t> ids;                                  // token choice: the plan's input
-  std::vector<float> topk_w;                                 // token choice: the plan's input
-  std::vector<float> scores;                                 // expert choice: the plan's input
-  std::vector<int32_t> row_of_slot, row_token, row_slot;     // [T*k] / [rows]
-  std::vector<float> row_weight;
-  std::vector<int64_t> offsets, kept, token_offsets;
-  std::vector<int32_t> token_rows;
-  std::vector<double> weight_sum;
-  int64_t rows_cap() const { return ec ? E * std::max<int64_t>(0, std::min(capacity, T)) : T * k; }
-};
-
 // ---- the fixture -------------------------------------------------------------------------------------
 
 class GpuStages : public ::testing::Test {
@@ -286,118 +248,19 @@ class GpuStages : public ::testing::Test {
                         const std::vector<float> &bias, const std::vector<float> *clean = nullptr,
                         const std::vector<float> *noise_std = nullptr) {
     SelectOut o;
-    o.scores.assign(T * E, kNaN);
-    o.lse.assign(T, kNaN);
-    o.topk_w.assign(T * sp.k, kNaN);
-    o.ids.assign(T * sp.k, -7);
-    o.counts.assign(E, -7);
-    o.prob_sum.assign(E, kDNaN);
-    if (sp.load) o.load_sum.assign(E, kDNaN);
-    moe_select_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = sp.k;
-    a.score = sp.score;
-    a.normalize = sp.normalize;
-    a.routed_scale = sp.routed_scale;
-    a.num_groups = sp.groups;
-    a.topk_groups = sp.topk_groups;
-    a.logits = logits.data();
-    a.bias = bias.data();
-    a.scores = o.scores.data();
-    a.lse = o.lse.data();
-    a.topk_ids = o.ids.data();
-    a.topk_w = o.topk_w.data();
-    a.expert_choice = sp.expert_choice;
-    if (sp.load) {
-      a.clean_logits = clean->data();
-      a.noise_std = noise_std->data();
-      a.load_sum = o.load_sum.data();
-    }
-    a.counts = o.counts.data();
-    a.prob_sum = o.prob_sum.data();
-    a.lse_sq_sum = &o.lse_sq_sum;
-    EXPECT_EQ(cpu_->select(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
+    EXPECT_EQ(moe_test::run_select(cpu_, cs_, T, E, params_of(sp), logits, bias, o, clean, noise_std), MOE_OK)
+        << cpu_->last_error(cs_);
     return o;
   }
-
   Plan host_plan(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy, const std::vector<int32_t> &ids,
                  const std::vector<float> &w) {
     Plan p;
-    p.T = T;
-    p.E = E;
-    p.k = k;
-    p.capacity = capacity;
-    p.ids = ids;
-    p.topk_w = w;
-    const size_t n = static_cast<size_t>(T * k);
-    p.row_of_slot.assign(n, -7);
-    p.row_token.assign(n, -7);
-    p.row_slot.assign(n, -7);
-    p.row_weight.assign(n, kNaN);
-    p.offsets.assign(E + 1, -7);
-    p.kept.assign(E, -7);
-    p.weight_sum.assign(E, kDNaN);
-    moe_plan_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = k;
-    a.capacity = capacity;
-    a.drop_policy = policy;
-    a.topk_ids = p.ids.data();
-    a.topk_w = p.topk_w.data();
-    a.row_of_slot = p.row_of_slot.data();
-    a.row_token = p.row_token.data();
-    a.row_slot = p.row_slot.data();
-    a.row_weight = p.row_weight.data();
-    a.offsets = p.offsets.data();
-    a.kept = p.kept.data();
-    a.weight_sum = p.weight_sum.data();
-    EXPECT_EQ(cpu_->plan(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
-    p.R = p.offsets[E];
+    EXPECT_EQ(moe_test::run_plan(cpu_, cs_, T, E, k, capacity, policy, ids, w, p), MOE_OK) << cpu_->last_error(cs_);
     return p;
   }
-
   Plan host_plan_ec(int64_t T, int64_t E, int64_t k, int64_t capacity, const std::vector<float> &scores) {
     Plan p;
-    p.T = T;
-    p.E = E;
-    p.k = k;
-    p.capacity = capacity;
-    p.ec = true;
-    p.scores = scores;
-    const size_t rows = static_cast<size_t>(p.rows_cap());
-    p.row_of_slot.assign(T * k, -7);
-    p.row_token.assign(rows, -7);
-    p.row_slot.assign(rows, -7);
-    p.row_weight.assign(rows, kNaN);
-    p.offsets.assign(E + 1, -7);
-    p.kept.assign(E, -7);
-    p.weight_sum.assign(E, kDNaN);
-    p.token_offsets.assign(T + 1, -7);
-    p.token_rows.assign(rows, -7);
-    std::vector<int32_t> ids(T * k, 0);
-    std::vector<float> w(T * k, 0.0f);
-    moe_plan_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = k;
-    a.capacity = capacity;
-    a.topk_ids = ids.data();
-    a.topk_w = w.data();
-    a.row_of_slot = p.row_of_slot.data();
-    a.row_token = p.row_token.data();
-    a.row_slot = p.row_slot.data();
-    a.row_weight = p.row_weight.data();
-    a.offsets = p.offsets.data();
-    a.kept = p.kept.data();
-    a.weight_sum = p.weight_sum.data();
-    a.expert_choice = 1;
-    a.scores = p.scores.data();
-    a.token_offsets = p.token_offsets.data();
-    a.token_rows = p.token_rows.data();
-    EXPECT_EQ(cpu_->plan(cs_, &a), MOE_OK) << cpu_->last_error(cs_);
-    p.R = p.offsets[E];
+    EXPECT_EQ(moe_test::run_plan_ec(cpu_, cs_, T, E, k, capacity, scores, p), MOE_OK) << cpu_->last_error(cs_);
     return p;
   }
 
@@ -582,7 +445,7 @@ TEST_F(GpuStages, FindNonfinite) {
       }
       std::vector<float> w = v;
       for (size_t i = 0; i < at.size(); ++i) w[static_cast<size_t>(at[i])] = bad[(trial + i) % 3];
-      const std::vector<unsigned char> bytes = gpu_test::encode(dtype, w);
+      const std::vector<unsigned char> bytes = moe_test::encode(dtype, w);
       ASSERT_TRUE(g.ok(gpu_->upload(gs_, p, bytes.data(), bytes.size()), "upload"));
       const int64_t expect = *std::min_element(at.begin(), at.end());
       EXPECT_EQ(first_of(n), expect) << "trial " << trial;
@@ -635,7 +498,7 @@ bool is_nan_bits(int dtype, uint32_t b) {
 ::testing::AssertionResult same_bits(const std::string &what, int dtype, const std::vector<unsigned char> &got,
                                      const std::vector<unsigned char> &ref) {
   if (got.size() != ref.size()) return ::testing::AssertionFailure() << what << ": sizes differ";
-  const size_t n = got.size() / gpu_test::dtype_size(dtype);
+  const size_t n = got.size() / moe_test::dtype_size(dtype);
   size_t bad = 0, first = 0;
   for (size_t i = 0; i < n; ++i) {
     const uint32_t a = bits_at(dtype, got, i), b = bits_at(dtype, ref, i);
@@ -651,7 +514,7 @@ bool is_nan_bits(int dtype, uint32_t b) {
 // Source values for the conversions: random bit patterns over the whole range (subnormals, values
 // past float16's range, ties of every kind) and the special values.
 std::vector<unsigned char> conversion_source(int dtype, Rng &rng, size_t n) {
-  std::vector<unsigned char> out(n * gpu_test::dtype_size(dtype));
+  std::vector<unsigned char> out(n * moe_test::dtype_size(dtype));
   const uint32_t f32_specials[] = {0x00000000u, 0x80000000u, 0x7f800000u, 0xff800000u, 0x7fc00000u, 0x00000001u,
                                    0x3f808000u, 0x3f818000u, 0x3f800fffu, 0x3f801000u, 0x3f803000u, 0x477ff000u,
                                    0x477fefffu, 0x33800000u, 0x33000001u, 0x7f7fffffu, 0xff7fffffu, 0x387fc000u};
@@ -676,7 +539,7 @@ std::vector<unsigned char> conversion_source(int dtype, Rng &rng, size_t n) {
 
 // The host's conversion of one element (gpu_test's round-to-nearest-even), as bytes of dst_dtype.
 std::vector<unsigned char> host_convert(int dst_dtype, int src_dtype, const std::vector<unsigned char> &src) {
-  return gpu_test::encode(dst_dtype, gpu_test::decode(src_dtype, src));
+  return moe_test::encode(dst_dtype, moe_test::decode(src_dtype, src));
 }
 
 TEST_F(GpuStages, Convert) {
@@ -688,7 +551,7 @@ TEST_F(GpuStages, Convert) {
       for (size_t offset : {size_t{0}, size_t{1}}) {
         SCOPED_TRACE(std::string(dtype_name(from)) + " to " + dtype_name(to) + (offset ? ", unaligned" : ""));
         const std::vector<unsigned char> src = conversion_source(from, rng, n);
-        const size_t in = gpu_test::dtype_size(from), out = gpu_test::dtype_size(to);
+        const size_t in = moe_test::dtype_size(from), out = moe_test::dtype_size(to);
         auto run = [&](Side &s) {
           auto *p = static_cast<unsigned char *>(s.put(src));
           auto *q = static_cast<unsigned char *>(s.put(std::vector<unsigned char>((n + 1) * out, 0xa5)));
@@ -884,22 +747,13 @@ TEST_F(GpuStages, Select) {
       o.counts.assign(E, -7);
       o.prob_sum.assign(E, kDNaN);
       if (sp.load) o.load_sum.assign(E, kDNaN);
-      moe_select_args a{};
-      a.T = T;
-      a.E = E;
-      a.k = sp.k;
-      a.score = sp.score;
-      a.normalize = sp.normalize;
-      a.routed_scale = sp.routed_scale;
-      a.num_groups = sp.groups;
-      a.topk_groups = sp.topk_groups;
+      moe_select_args a = moe_test::select_args(T, E, params_of(sp));
       a.logits = s.put(logits);
       a.bias = s.put(bias);
       a.scores = s.out<float>(T * E, kNaN);
       a.lse = s.out<float>(T, kNaN);
       a.topk_ids = s.out<int32_t>(T * sp.k, -7);
       a.topk_w = s.out<float>(T * sp.k, kNaN);
-      a.expert_choice = sp.expert_choice;
       if (sp.load) {
         a.clean_logits = s.put(clean);
         a.noise_std = s.put(sd);
@@ -975,12 +829,7 @@ TEST_F(GpuStages, PlanTokenChoice) {
       o.offsets.assign(E + 1, -7);
       o.kept.assign(E, -7);
       o.weight_sum.assign(E, kDNaN);
-      moe_plan_args a{};
-      a.T = T;
-      a.E = E;
-      a.k = k;
-      a.capacity = sp.capacity;
-      a.drop_policy = sp.policy;
+      moe_plan_args a = moe_test::plan_args(T, E, k, sp.capacity, sp.policy);
       a.topk_ids = s.put(ids);
       a.topk_w = s.put(w);
       a.row_of_slot = s.out<int32_t>(T * k, -7);
@@ -1038,12 +887,7 @@ TEST_F(GpuStages, PlanExpertChoice) {
         o.offsets.assign(E + 1, -7);
         o.kept.assign(E, -7);
         o.weight_sum.assign(E, kDNaN);
-        moe_plan_args a{};
-        a.T = T;
-        a.E = E;
-        a.k = k;
-        a.capacity = capacity;
-        a.drop_policy = MOE_DROP_POSITION;
+        moe_plan_args a = moe_test::plan_args(T, E, k, capacity);
         a.topk_ids = s.out<int32_t>(T * k, 0);  // not read by expert choice; the core passes them
         a.topk_w = s.out<float>(T * k, 0.0f);
         a.row_of_slot = s.out<int32_t>(T * k, -7);
@@ -1266,13 +1110,7 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
   }
   moe_ffn_args args(Side &s, const Problem &p) const {
     const int dt = dtype();
-    moe_ffn_args a{};
-    a.num_experts = p.E;
-    a.d = kD;
-    a.ff = kFF;
-    a.activation = act();
-    a.dtype = dt;
-    a.offsets = p.offsets.data();
+    moe_ffn_args a = moe_test::ffn_args(p.E, kD, kFF, act(), p.offsets, dt);
     a.shared_input = p.shared ? 1 : 0;
     a.x = s.put_as(dt, p.x);
     a.w1 = s.put_as(dt, p.w1);
@@ -1384,11 +1222,7 @@ TEST_F(GpuStages, SharedCombine) {
           std::vector<float> y, gate;
         };
         auto run = [&](Side &s) {
-          moe_shared_args a{};
-          a.T = T;
-          a.d = d;
-          a.S = S;
-          a.dtype = dtype;
+          moe_shared_args a = moe_test::shared_args(T, d, S, dtype);
           a.x = s.put_as(dtype, x);
           a.gate_w = gated ? s.put(gw) : nullptr;
           a.ys = s.put_as(dtype, ys);
@@ -1419,13 +1253,9 @@ TEST_F(GpuStages, SharedCombineBackward) {
       // The gate the forward saved, from the CPU stage.
       std::vector<float> gate(T, kNaN);
       {
-        const std::vector<unsigned char> xb = gpu_test::encode(dtype, x), ysb = gpu_test::encode(dtype, ys);
+        const std::vector<unsigned char> xb = moe_test::encode(dtype, x), ysb = moe_test::encode(dtype, ys);
         std::vector<float> y(T * d, 0.0f);
-        moe_shared_args a{};
-        a.T = T;
-        a.d = d;
-        a.S = S;
-        a.dtype = dtype;
+        moe_shared_args a = moe_test::shared_args(T, d, S, dtype);
         a.x = xb.data();
         a.gate_w = gw.data();
         a.ys = ysb.data();
@@ -1444,11 +1274,7 @@ TEST_F(GpuStages, SharedCombineBackward) {
               std::vector<float> dys, dx, dgw;
             };
             auto run = [&](Side &s) {
-              moe_shared_args a{};
-              a.T = T;
-              a.d = d;
-              a.S = S;
-              a.dtype = dtype;
+              moe_shared_args a = moe_test::shared_args(T, d, S, dtype);
               a.x = s.put_as(dtype, x);
               a.gate_w = gated ? s.put(gw) : nullptr;
               a.ys = s.put_as(dtype, ys);
@@ -1593,14 +1419,7 @@ TEST_F(GpuStages, EmptyBatch) {
   std::vector<int64_t> counts(E, -7);
   std::vector<double> prob_sum(E, kDNaN);
   double lse_sq = kDNaN;
-  moe_select_args sa{};
-  sa.T = T;
-  sa.E = E;
-  sa.k = k;
-  sa.normalize = 1;
-  sa.routed_scale = 1.0f;
-  sa.num_groups = 1;
-  sa.topk_groups = 1;
+  moe_select_args sa = moe_test::select_args(T, E, {k});
   sa.logits = ga.logits;
   sa.bias = g.put(bias);
   sa.scores = g.put(none);
@@ -1618,11 +1437,7 @@ TEST_F(GpuStages, EmptyBatch) {
   for (int64_t capacity : {int64_t{-1}, int64_t{0}}) {
     std::vector<int64_t> offsets(E + 1, -7), kept(E, -7);
     std::vector<double> wsum(E, kDNaN);
-    moe_plan_args pa{};
-    pa.T = T;
-    pa.E = E;
-    pa.k = k;
-    pa.capacity = capacity;
+    moe_plan_args pa = moe_test::plan_args(T, E, k, capacity);
     pa.topk_ids = sa.topk_ids;
     pa.topk_w = sa.topk_w;
     pa.row_of_slot = g.put(std::vector<int32_t>());
@@ -1662,13 +1477,7 @@ TEST_F(GpuStages, EmptyBatch) {
   EXPECT_TRUE(g.ok(gpu_->dispatch_bwd(gs_, &ra), "dispatch_bwd"));
 
   const std::vector<int64_t> offsets(E + 1, 0);
-  moe_ffn_args fa{};
-  fa.num_experts = E;
-  fa.d = d;
-  fa.ff = ff;
-  fa.activation = MOE_ACT_RELU;
-  fa.dtype = MOE_DTYPE_F32;
-  fa.offsets = offsets.data();
+  moe_ffn_args fa = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
   fa.x = g.put(none);
   fa.w1 = g.put(w1);
   fa.w2 = g.put(w2);
@@ -1711,11 +1520,7 @@ TEST_F(GpuStages, EmptyBatch) {
   EXPECT_TRUE(g.ok(gpu_->gate_bwd(gs_, &ga), "gate_bwd"));
   EXPECT_TRUE(same("router dw untouched", g.get(ga.dw, dw0.size()), dw0));
 
-  moe_shared_args sh{};
-  sh.T = T;
-  sh.d = d;
-  sh.S = 1;
-  sh.dtype = MOE_DTYPE_F32;
+  moe_shared_args sh = moe_test::shared_args(T, d, 1);
   sh.x = g.put(none);
   sh.ys = g.put(none);
   sh.gate = g.put(none);
@@ -1760,13 +1565,7 @@ TEST_F(GpuStages, EmptyBatchLowPrecision) {
     const std::vector<int64_t> offsets(E + 1, 0);
     const auto w1 = rng.nonzeros(E * ff * d, 0.1f), w2 = rng.nonzeros(E * d * ff, 0.1f);
     const auto dw1_0 = rng.nonzeros(E * ff * d, 1.0f), dw2_0 = rng.nonzeros(E * d * ff, 1.0f);
-    moe_ffn_args fa{};
-    fa.num_experts = E;
-    fa.d = d;
-    fa.ff = ff;
-    fa.activation = MOE_ACT_SWIGLU;
-    fa.dtype = dtype;
-    fa.offsets = offsets.data();
+    moe_ffn_args fa = moe_test::ffn_args(E, d, ff, MOE_ACT_SWIGLU, offsets, dtype);
     fa.x = g.put_as(dtype, none);
     fa.w1 = g.put_as(dtype, w1);
     fa.w3 = g.put_as(dtype, w1);
@@ -1784,15 +1583,11 @@ TEST_F(GpuStages, EmptyBatchLowPrecision) {
     fa.dh = g.put_as(dtype, none);
     fa.dg = g.put_as(dtype, none);
     EXPECT_TRUE(g.ok(gpu_->expert_ffn_bwd(gs_, &fa), "expert_ffn_bwd"));
-    EXPECT_TRUE(same("dw1 untouched", g.get_as(dtype, fa.dw1, dw1_0.size()), gpu_test::rounded(dtype, dw1_0)));
-    EXPECT_TRUE(same("dw2 untouched", g.get_as(dtype, fa.dw2, dw2_0.size()), gpu_test::rounded(dtype, dw2_0)));
+    EXPECT_TRUE(same("dw1 untouched", g.get_as(dtype, fa.dw1, dw1_0.size()), moe_test::rounded(dtype, dw1_0)));
+    EXPECT_TRUE(same("dw2 untouched", g.get_as(dtype, fa.dw2, dw2_0.size()), moe_test::rounded(dtype, dw2_0)));
 
     const auto gw = rng.nonzeros(d, 0.1f), dgw0 = rng.nonzeros(d, 1.0f);
-    moe_shared_args sh{};
-    sh.T = 0;
-    sh.d = d;
-    sh.S = 1;
-    sh.dtype = dtype;
+    moe_shared_args sh = moe_test::shared_args(0, d, 1, dtype);
     sh.x = g.put_as(dtype, none);
     sh.gate_w = g.put(gw);
     sh.ys = g.put_as(dtype, none);
@@ -1833,13 +1628,7 @@ TEST_F(GpuStages, AllSlotsDropped) {
     EXPECT_TRUE(same("y", g.get(y, T * d), std::vector<float>(T * d, 0.0f)));
     EXPECT_TRUE(same("dx", g.get(dx, T * d), std::vector<float>(T * d, 0.0f)));
     const std::vector<int64_t> offsets(E + 1, 0);
-    moe_ffn_args fa{};
-    fa.num_experts = E;
-    fa.d = d;
-    fa.ff = ff;
-    fa.activation = MOE_ACT_GELU;
-    fa.dtype = dtype;
-    fa.offsets = offsets.data();
+    moe_ffn_args fa = moe_test::ffn_args(E, d, ff, MOE_ACT_GELU, offsets, dtype);
     fa.x = g.put_as(dtype, std::vector<float>());
     fa.w1 = g.put_as(dtype, w1);
     fa.w2 = g.put_as(dtype, w2);
@@ -1887,14 +1676,7 @@ TEST_F(GpuStages, SetStream) {
     std::vector<double> prob_sum(E);
     double lse_sq = 0.0;
     o.counts.assign(E, -7);
-    moe_select_args sa{};
-    sa.T = T;
-    sa.E = E;
-    sa.k = k;
-    sa.normalize = 1;
-    sa.routed_scale = 1.0f;
-    sa.num_groups = 1;
-    sa.topk_groups = 1;
+    moe_select_args sa = moe_test::select_args(T, E, {k});
     sa.logits = ga.logits;
     sa.bias = s.put(bias);
     sa.scores = s.out<float>(T * E, kNaN);
@@ -1908,11 +1690,7 @@ TEST_F(GpuStages, SetStream) {
     o.offsets.assign(E + 1, -7);
     std::vector<int64_t> kept(E);
     std::vector<double> wsum(E);
-    moe_plan_args pa{};
-    pa.T = T;
-    pa.E = E;
-    pa.k = k;
-    pa.capacity = -1;
+    moe_plan_args pa = moe_test::plan_args(T, E, k, -1);
     pa.topk_ids = sa.topk_ids;
     pa.topk_w = sa.topk_w;
     pa.row_of_slot = s.out<int32_t>(T * k, -7);

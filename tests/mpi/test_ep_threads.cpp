@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "moe/moe.h"
+#include "support/half.h"
+#include "support/random.h"
 
 namespace {
 
@@ -70,8 +72,6 @@ moe_status rows_hook(void *user, const void *send, const int64_t *sc, void *recv
   return MOE_OK;
 }
 
-float value(int64_t i, int salt) { return static_cast<float>(std::sin(0.37 * static_cast<double>(i) + salt)) * 0.8f; }
-
 double rel(const float *a, const float *b, int64_t n) {
   double num = 0, den = 0;
   for (int64_t i = 0; i < n; ++i) {
@@ -87,37 +87,6 @@ void check(bool ok, const std::string &what) {
   if (ok) return;
   std::lock_guard<std::mutex> lock(errors_mu);
   errors.push_back(what);
-}
-
-// Activations in a dtype as bytes: float32 as is, bfloat16 rounded to nearest even.
-std::vector<unsigned char> encode(const std::vector<float> &v, int dtype) {
-  std::vector<unsigned char> out(v.size() * (dtype == MOE_DTYPE_F32 ? 4 : 2));
-  if (dtype == MOE_DTYPE_F32) {
-    std::memcpy(out.data(), v.data(), out.size());
-    return out;
-  }
-  for (size_t i = 0; i < v.size(); ++i) {
-    uint32_t u;
-    std::memcpy(&u, &v[i], 4);
-    const uint16_t b = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-    std::memcpy(out.data() + 2 * i, &b, 2);
-  }
-  return out;
-}
-
-std::vector<float> decode(const unsigned char *p, int64_t n, int dtype) {
-  std::vector<float> out(n);
-  if (dtype == MOE_DTYPE_F32) {
-    std::memcpy(out.data(), p, n * 4);
-    return out;
-  }
-  for (int64_t i = 0; i < n; ++i) {
-    uint16_t b;
-    std::memcpy(&b, p + 2 * i, 2);
-    const uint32_t u = static_cast<uint32_t>(b) << 16;
-    std::memcpy(&out[i], &u, 4);
-  }
-  return out;
 }
 
 void configure(moe_config &cfg, int dtype) {
@@ -139,7 +108,7 @@ int main() {
   const int64_t d = 12;
   for (int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16})
     for (int R : {2, 4}) {
-      const size_t es = dt == MOE_DTYPE_F32 ? 4 : 2;
+      const size_t es = moe_test::dtype_size(dt);
       // The same rows reach the same experts in the same order: float32 agrees to rounding, and
       // bfloat16 to its precision.
       const double tol = dt == MOE_DTYPE_F32 ? 1e-5 : 1e-2;
@@ -150,9 +119,8 @@ int main() {
         first[r] = Tg;
         Tg += T[r];
       }
-      std::vector<float> xv(Tg * d), dyv(Tg * d);
-      for (int64_t i = 0; i < Tg * d; ++i) xv[i] = value(i, 1), dyv[i] = value(i, 2);
-      const std::vector<unsigned char> x = encode(xv, dt), dy = encode(dyv, dt);
+      const std::vector<unsigned char> x = moe_test::encode(dt, moe_test::inputs(Tg * d, 1, 0.8f)),
+                                       dy = moe_test::encode(dt, moe_test::inputs(Tg * d, 2, 0.8f));
       std::vector<unsigned char> yrb(Tg * d * es), dxrb(Tg * d * es);
       moe_config cfg;
       configure(cfg, dt);
@@ -162,7 +130,7 @@ int main() {
       moe_context_create(ref, &rctx);
       moe_forward(ref, x.data(), Tg, yrb.data(), rctx);
       moe_backward(ref, rctx, dy.data(), dxrb.data());
-      const std::vector<float> yr = decode(yrb.data(), Tg * d, dt), dxr = decode(dxrb.data(), Tg * d, dt);
+      const std::vector<float> yr = moe_test::decode(dt, yrb), dxr = moe_test::decode(dt, dxrb);
       moe_stats sr{sizeof(moe_stats)};
       moe_context_stats(rctx, &sr);
       std::vector<float> w2r(8 * d * 20), g2r(8 * d * 20);
@@ -207,7 +175,7 @@ int main() {
           check(s == MOE_OK && std::memcmp(yb.data(), y2.data(), T[r] * d * es) == 0,
                 "inference differs from the training forward");
           if (T[r] > 0) {
-            const std::vector<float> y = decode(yb.data(), T[r] * d, dt), dx = decode(dxb.data(), T[r] * d, dt);
+            const std::vector<float> y = moe_test::decode(dt, yb), dx = moe_test::decode(dt, dxb);
             check(rel(y.data(), yr.data() + first[r] * d, T[r] * d) < tol, "y differs from the single-rank layer");
             check(rel(dx.data(), dxr.data() + first[r] * d, T[r] * d) < tol, "dx differs from the single-rank layer");
           }

@@ -27,6 +27,8 @@
 #include <vector>
 
 #include "alloc_hooks.h"
+#include "support/layer.h"
+#include "support/random.h"
 
 extern "C" int __lsan_do_recoverable_leak_check() __attribute__((weak));
 
@@ -47,15 +49,7 @@ constexpr int kThirdPartyTries = 3;  // failures injected per call site of the G
 
 namespace {
 
-std::vector<float> inputs(size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  uint32_t s = seed * 2654435761u + 1u;
-  for (float &x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>((s >> 8) & 0xffff) / 16384.0f - 2.0f;
-  }
-  return v;
-}
+using moe_test::inputs;
 
 // Totals reported at the end (the issue asks for the figures).
 struct Totals {
@@ -362,15 +356,10 @@ bool same_bits(const Outputs &a, const Outputs &b, std::string *what) {
 // even the persistent failure mode keeps a message (see report() in src/api/guard.h).
 void grow_error_text() {
   std::string name(8192, 'x');
-  moe_config cfg;
-  moe_config_init(&cfg);
-  cfg.d_model = 4;
-  cfg.d_ff = 4;
-  moe_layer *l = nullptr;
-  ASSERT_EQ(moe_layer_create(&cfg, &l), MOE_OK);
+  const moe_test::LayerPtr l = moe_test::make_layer(moe_test::config(4, 4));
+  ASSERT_NE(l, nullptr);
   float v = 0;
-  EXPECT_EQ(moe_layer_set_param(l, name.c_str(), &v, 1), MOE_ERR_INVALID_ARGUMENT);
-  moe_layer_destroy(l);
+  EXPECT_EQ(moe_layer_set_param(l.get(), name.c_str(), &v, 1), MOE_ERR_INVALID_ARGUMENT);
 }
 
 class AllocFailure : public ::testing::TestWithParam<Scenario> {};
@@ -378,13 +367,7 @@ class AllocFailure : public ::testing::TestWithParam<Scenario> {};
 TEST_P(AllocFailure, EveryAllocationFailsInTurn) {
   const Scenario &sc = GetParam();
   grow_error_text();
-  moe_config cfg;
-  moe_config_init(&cfg);
-  cfg.d_model = 8;
-  cfg.d_ff = 12;
-  cfg.num_experts = 4;
-  cfg.top_k = 2;
-  cfg.seed = 7;
+  moe_config cfg = moe_test::config(8, 12, 4, 2, 7);
   cfg.z_loss_coef = 0.001f;
   sc.setup(cfg);
   Sequence seq(cfg, sc.T);
@@ -546,16 +529,12 @@ TEST_F(Overflow, LayerSizesAreRefusedBeforeAnyAllocation) {
 }
 
 TEST_F(Overflow, TokenCountsAreRefusedBeforeAnyAllocation) {
-  moe_config cfg;
-  moe_config_init(&cfg);
-  cfg.d_model = 4;
-  cfg.d_ff = 4;
-  cfg.num_experts = 8;
-  cfg.top_k = 2;
-  moe_layer *l = nullptr;
-  ASSERT_EQ(moe_layer_create(&cfg, &l), MOE_OK);
-  moe_context *ctx = nullptr;
-  ASSERT_EQ(moe_context_create(l, &ctx), MOE_OK);
+  const moe_test::LayerPtr layer = moe_test::make_layer(moe_test::config(4, 4, 8, 2));
+  ASSERT_NE(layer, nullptr);
+  const moe_test::ContextPtr context = moe_test::make_context(layer.get());
+  ASSERT_NE(context, nullptr);
+  moe_layer *l = layer.get();
+  moe_context *ctx = context.get();
   float x[4] = {0}, y[4] = {0};
   const int64_t counts[] = {INT64_MAX, INT64_MAX / 4 + 1, int64_t{1} << 62, int64_t{1} << 32,
                             INT32_MAX / 8 + 1, -1, INT64_MIN};
@@ -572,33 +551,23 @@ TEST_F(Overflow, TokenCountsAreRefusedBeforeAnyAllocation) {
     EXPECT_EQ(n, 0) << "T " << T << ": a buffer was allocated before num_tokens was refused";
     EXPECT_NE(std::string(moe_last_error()).find("num_tokens"), std::string::npos) << moe_last_error();
   }
-  moe_context_destroy(ctx);
-  moe_layer_destroy(l);
 }
 
 // The largest capacity factor a float holds: C = ceil(cf * T * k / E) is computed without overflow
 // and clamped to T * k (every slot kept).
 TEST_F(Overflow, HugeCapacityFactorClampsToEverySlot) {
-  moe_config cfg;
-  moe_config_init(&cfg);
-  cfg.d_model = 4;
-  cfg.d_ff = 4;
+  moe_config cfg = moe_test::config(4, 4);
   cfg.capacity_factor = FLT_MAX;
-  moe_layer *l = nullptr;
-  ASSERT_EQ(moe_layer_create(&cfg, &l), MOE_OK);
-  moe_context *ctx = nullptr;
-  ASSERT_EQ(moe_context_create(l, &ctx), MOE_OK);
+  const moe_test::LayerPtr l = moe_test::make_layer(cfg);
+  ASSERT_NE(l, nullptr);
+  const moe_test::ContextPtr ctx = moe_test::make_context(l.get());
+  ASSERT_NE(ctx, nullptr);
   const int64_t T = 16;
   std::vector<float> x = inputs(T * 4, 3);
-  ASSERT_EQ(moe_route(l, x.data(), T, ctx), MOE_OK) << moe_last_error();
-  moe_stats st;
-  std::memset(&st, 0, sizeof st);
-  st.struct_size = sizeof st;
-  ASSERT_EQ(moe_context_stats(ctx, &st), MOE_OK);
+  ASSERT_EQ(moe_route(l.get(), x.data(), T, ctx.get()), MOE_OK) << moe_last_error();
+  const moe_stats st = moe_test::stats(ctx.get());
   EXPECT_EQ(st.dropped_slots, 0);
   EXPECT_EQ(st.num_slots, T * 2);
-  moe_context_destroy(ctx);
-  moe_layer_destroy(l);
 }
 
 }  // namespace

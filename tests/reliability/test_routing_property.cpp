@@ -26,27 +26,17 @@
 #include <vector>
 
 #include "core/backend.h"
-#include "core/config.h"
+#include "support/random.h"
+#include "support/stages.h"
 
 namespace {
+
+using moe_test::Plan;
+using moe_test::Rng;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr int kCases = 10000;
-
-struct Rng {
-  uint64_t s;
-  explicit Rng(uint64_t seed) : s(seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL) {}
-  uint64_t next() {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    return s;
-  }
-  int64_t range(int64_t lo, int64_t hi) { return lo + static_cast<int64_t>(next() % static_cast<uint64_t>(hi - lo + 1)); }
-  bool chance(int percent) { return range(0, 99) < percent; }
-  float uniform(float lo, float hi) { return lo + (hi - lo) * static_cast<float>(next() >> 40) / 16777216.0f; }
-};
 
 struct Case {
   int64_t T = 0, E = 1, k = 1, G = 1, TG = 1, d = 1;
@@ -185,36 +175,14 @@ struct Totals {
   int64_t slots = 0, dropped = 0;
 } g_totals;
 
-class RoutingProperty : public ::testing::Test {
+class RoutingProperty : public moe_test::CpuBackendTest<> {
  protected:
-  void SetUp() override {
-    ops = moe_cpu_backend();
-    moe_config cfg;
-    moe::config_defaults(&cfg);
-    cfg.d_model = 4;
-    cfg.d_ff = 4;
-    ASSERT_EQ(ops->create(&cfg, &state), MOE_OK);
-  }
-  void TearDown() override {
-    if (state) ops->destroy(state);
-  }
-  std::string err() const { return ops->last_error(state); }
-
-  // Dispatches x to rows, then combines rows (ye = xe) back with the given row weights.
-  void dispatch_combine(const Case &c, int64_t R, const std::vector<int32_t> &row_token,
-                        const std::vector<int32_t> &token_rows, const std::vector<int64_t> *token_offsets,
-                        const std::vector<float> &x, const std::vector<float> &weights, std::vector<float> &xe,
-                        std::vector<float> &y) {
-    xe.assign(static_cast<size_t>(R * c.d), kNaN);
+  // Dispatches x to the plan's rows, then combines rows (ye = xe) back with the given row weights.
+  void dispatch_combine(const Case &c, const Plan &p, const std::vector<float> &x, const std::vector<float> &weights,
+                        std::vector<float> &xe, std::vector<float> &y) {
+    xe.assign(static_cast<size_t>(p.R * c.d), kNaN);
     y.assign(static_cast<size_t>(c.T * c.d), kNaN);
-    moe_rows_args a{};
-    a.T = c.T;
-    a.d = c.d;
-    a.R = R;
-    a.k = c.k;
-    a.token_offsets = token_offsets ? token_offsets->data() : nullptr;
-    a.token_rows = token_rows.data();
-    a.row_token = row_token.data();
+    moe_rows_args a = moe_test::rows_args(p, c.d);
     a.row_weight = weights.data();
     a.x = x.data();
     a.xe = xe.data();
@@ -227,37 +195,16 @@ class RoutingProperty : public ::testing::Test {
   void run_case(const Case &c, Rng &rng);
   void run_expert_choice(const Case &c, const std::vector<float> &S, Rng &rng);
 
-  const moe_backend_ops *ops = nullptr;
-  void *state = nullptr;
 };
 
 void RoutingProperty::run_case(const Case &c, Rng &rng) {
   const int64_t T = c.T, E = c.E, k = c.k, n = T * k;
-  std::vector<float> scores(T * E, -7.0f), lse(T, -7.0f), topk_w(n, -7.0f);
-  std::vector<int32_t> ids(n, -7);
-  std::vector<int64_t> counts(E, -7);
-  std::vector<double> prob_sum(E, -7.0);
-  double lse_sq = -1.0;
-  moe_select_args a{};
-  a.T = T;
-  a.E = E;
-  a.k = k;
-  a.score = c.score;
-  a.normalize = c.normalize;
-  a.routed_scale = c.routed_scale;
-  a.num_groups = c.G;
-  a.topk_groups = c.TG;
-  a.logits = c.logits.data();
-  a.bias = c.bias.data();
-  a.scores = scores.data();
-  a.lse = lse.data();
-  a.topk_ids = ids.data();
-  a.topk_w = topk_w.data();
-  a.expert_choice = c.expert_choice;
-  a.counts = counts.data();
-  a.prob_sum = prob_sum.data();
-  a.lse_sq_sum = &lse_sq;
-  ASSERT_EQ(ops->select(state, &a), MOE_OK) << err();
+  moe_test::SelectOut so;
+  const moe_test::SelectParams sp{k, c.score, c.normalize, c.routed_scale, c.G, c.TG, c.expert_choice};
+  ASSERT_EQ(moe_test::run_select(ops, state, T, E, sp, c.logits, c.bias, so), MOE_OK) << err();
+  const std::vector<float> &scores = so.scores, &topk_w = so.topk_w;
+  const std::vector<int32_t> &ids = so.ids;
+  const std::vector<int64_t> &counts = so.counts;
   if (c.expert_choice) {
     run_expert_choice(c, scores, rng);
     return;
@@ -280,26 +227,11 @@ void RoutingProperty::run_case(const Case &c, Rng &rng) {
   ASSERT_EQ(counts, hist);
 
   // Plan.
-  std::vector<int32_t> row_of_slot(n, -7), row_token(n, -7), row_slot(n, -7);
-  std::vector<float> row_weight(n, -7.0f);
-  std::vector<int64_t> offsets(E + 1, -7), kept(E, -7);
-  std::vector<double> weight_sum(E, -7.0);
-  moe_plan_args p{};
-  p.T = T;
-  p.E = E;
-  p.k = k;
-  p.capacity = c.capacity;
-  p.drop_policy = c.policy;
-  p.topk_ids = ids.data();
-  p.topk_w = topk_w.data();
-  p.row_of_slot = row_of_slot.data();
-  p.row_token = row_token.data();
-  p.row_slot = row_slot.data();
-  p.row_weight = row_weight.data();
-  p.offsets = offsets.data();
-  p.kept = kept.data();
-  p.weight_sum = weight_sum.data();
-  ASSERT_EQ(ops->plan(state, &p), MOE_OK) << err();
+  Plan p;
+  ASSERT_EQ(moe_test::run_plan(ops, state, T, E, k, c.capacity, c.policy, ids, topk_w, p), MOE_OK) << err();
+  const std::vector<int32_t> &row_of_slot = p.row_of_slot, &row_token = p.row_token, &row_slot = p.row_slot;
+  const std::vector<float> &row_weight = p.row_weight;
+  const std::vector<int64_t> &offsets = p.offsets, &kept = p.kept;
 
   // The reference's kept slots: POSITION keeps the first C in (choice, token) order; PROBS the C
   // largest weights (NaN as -inf), equal weights in that same order.
@@ -347,8 +279,7 @@ void RoutingProperty::run_case(const Case &c, Rng &rng) {
 
   // Dispatch then combine: one unit weight per token (its first kept slot) gives x back exactly;
   // all-ones weights give kept-count times x.
-  std::vector<float> x(T * c.d);
-  for (float &v : x) v = static_cast<float>(rng.range(-8, 8));
+  const std::vector<float> x = rng.ints(T * c.d, -8, 8);
   std::vector<float> first(R, 0.0f), ones(R, 1.0f), xe, y;
   std::vector<int64_t> nkept(T, 0);
   for (int64_t t = 0; t < T; ++t)
@@ -358,40 +289,24 @@ void RoutingProperty::run_case(const Case &c, Rng &rng) {
       if (nkept[t] == 0) first[r] = 1.0f;
       ++nkept[t];
     }
-  dispatch_combine(c, R, row_token, row_of_slot, nullptr, x, first, xe, y);
+  dispatch_combine(c, p, x, first, xe, y);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t i = 0; i < c.d; ++i) ASSERT_EQ(xe[r * c.d + i], x[row_token[r] * c.d + i]) << "dispatch row " << r;
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < c.d; ++i)
       ASSERT_EQ(y[t * c.d + i], nkept[t] ? x[t * c.d + i] : 0.0f) << "token " << t << " not restored";
-  dispatch_combine(c, R, row_token, row_of_slot, nullptr, x, ones, xe, y);
+  dispatch_combine(c, p, x, ones, xe, y);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < c.d; ++i) ASSERT_EQ(y[t * c.d + i], static_cast<float>(nkept[t]) * x[t * c.d + i]);
 }
 
 void RoutingProperty::run_expert_choice(const Case &c, const std::vector<float> &S, Rng &rng) {
   const int64_t T = c.T, E = c.E, C = std::min(c.capacity, T), rows = E * C;
-  std::vector<int32_t> row_token(rows, -7), row_slot(rows, -7), token_rows(rows, -7), unused(1, -7);
-  std::vector<float> row_weight(rows, -7.0f);
-  std::vector<int64_t> offsets(E + 1, -7), kept(E, -7), token_offsets(T + 1, -7);
-  std::vector<double> weight_sum(E, -7.0);
-  moe_plan_args p{};
-  p.T = T;
-  p.E = E;
-  p.k = c.k;
-  p.capacity = c.capacity;
-  p.row_token = row_token.data();
-  p.row_slot = row_slot.data();
-  p.row_weight = row_weight.data();
-  p.row_of_slot = unused.data();
-  p.offsets = offsets.data();
-  p.kept = kept.data();
-  p.weight_sum = weight_sum.data();
-  p.expert_choice = 1;
-  p.scores = S.data();
-  p.token_offsets = token_offsets.data();
-  p.token_rows = token_rows.data();
-  ASSERT_EQ(ops->plan(state, &p), MOE_OK) << err();
+  Plan p;
+  ASSERT_EQ(moe_test::run_plan_ec(ops, state, T, E, c.k, c.capacity, S, p), MOE_OK) << err();
+  const std::vector<int32_t> &row_token = p.row_token, &row_slot = p.row_slot, &token_rows = p.token_rows;
+  const std::vector<float> &row_weight = p.row_weight;
+  const std::vector<int64_t> &offsets = p.offsets, &kept = p.kept, &token_offsets = p.token_offsets;
   ASSERT_EQ(offsets[E], rows);
   std::vector<int64_t> per_token(T, 0);
   for (int64_t e = 0; e < E; ++e) {
@@ -428,10 +343,9 @@ void RoutingProperty::run_expert_choice(const Case &c, const std::vector<float> 
       }
     }
   }
-  std::vector<float> x(T * c.d);
-  for (float &v : x) v = static_cast<float>(rng.range(-8, 8));
+  const std::vector<float> x = rng.ints(T * c.d, -8, 8);
   std::vector<float> ones(rows, 1.0f), xe, y;
-  dispatch_combine(c, rows, row_token, token_rows, &token_offsets, x, ones, xe, y);
+  dispatch_combine(c, p, x, ones, xe, y);
   for (int64_t t = 0; t < T; ++t)
     for (int64_t i = 0; i < c.d; ++i) ASSERT_EQ(y[t * c.d + i], static_cast<float>(per_token[t]) * x[t * c.d + i]);
   g_totals.slots += rows;

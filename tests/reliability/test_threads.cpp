@@ -15,6 +15,8 @@
 #include <thread>
 #include <vector>
 
+#include "support/random.h"
+
 namespace {
 
 std::atomic<int> g_failures{0};
@@ -29,15 +31,7 @@ std::atomic<int> g_failures{0};
     }                                                     \
   } while (0)
 
-std::vector<float> inputs(size_t n, unsigned seed) {
-  std::vector<float> v(n);
-  uint32_t s = seed * 2654435761u + 1u;
-  for (float &x : v) {
-    s = s * 1664525u + 1013904223u;
-    x = static_cast<float>((s >> 8) & 0xffff) / 16384.0f - 2.0f;
-  }
-  return v;
-}
+using moe_test::inputs;
 
 constexpr int64_t kT = 16;
 

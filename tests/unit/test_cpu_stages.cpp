@@ -13,48 +13,19 @@
 #include <vector>
 
 #include "core/backend.h"
-#include "core/config.h"
+#include "support/random.h"
+#include "support/stages.h"
 
 namespace {
 
+using moe_test::Plan;
+using moe_test::Rng;
+using moe_test::rows_args;
+using moe_test::SelectOut;
+
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
-// A small deterministic generator for test inputs (independent of the library's).
-struct Lcg {
-  uint64_t s;
-  explicit Lcg(uint64_t seed) : s(seed * 6364136223846793005ULL + 1442695040888963407ULL) {}
-  uint32_t next() {
-    s = s * 6364136223846793005ULL + 1442695040888963407ULL;
-    return static_cast<uint32_t>(s >> 33);
-  }
-  // Integer in [lo, hi].
-  int range(int lo, int hi) { return lo + static_cast<int>(next() % static_cast<uint32_t>(hi - lo + 1)); }
-  std::vector<float> ints(size_t n, int lo, int hi) {
-    std::vector<float> v(n);
-    for (float &x : v) x = static_cast<float>(range(lo, hi));
-    return v;
-  }
-};
-
-class CpuStages : public ::testing::Test {
- protected:
-  void SetUp() override {
-    ops = moe_cpu_backend();
-    ASSERT_NE(ops, nullptr);
-    moe_config cfg;
-    moe::config_defaults(&cfg);
-    cfg.d_model = 4;
-    cfg.d_ff = 4;
-    ASSERT_EQ(ops->create(&cfg, &state), MOE_OK);
-  }
-  void TearDown() override {
-    if (state) ops->destroy(state);
-  }
-  std::string err() const { return ops->last_error(state); }
-
-  const moe_backend_ops *ops = nullptr;
-  void *state = nullptr;
-};
+class CpuStages : public moe_test::CpuBackendTest<> {};
 
 // ---- the table itself ---------------------------------------------------------------------------
 
@@ -136,7 +107,7 @@ TEST_F(CpuStages, FindNonfinite) {
 
 TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
   const int64_t T = 7, d = 5, E = 3;
-  Lcg rng(1);
+  Rng rng(1);
   std::vector<float> x = rng.ints(T * d, -3, 3), w = rng.ints(E * d, -2, 2), dl = rng.ints(T * E, -2, 2);
   std::vector<float> logits(T * E, kNaN);
   std::vector<float> dx0 = rng.ints(T * d, -1, 1), dw0 = rng.ints(E * d, -1, 1);
@@ -191,44 +162,13 @@ TEST_F(CpuStages, GateWithNoTokens) {
 
 // ---- select -------------------------------------------------------------------------------------
 
-struct SelectOut {
-  std::vector<float> scores, lse, topk_w;
-  std::vector<int32_t> ids;
-  std::vector<int64_t> counts;
-  std::vector<double> prob_sum;
-  double lse_sq_sum = -1.0;
-};
-
 class CpuSelect : public CpuStages {
  protected:
   moe_status run(int64_t T, int64_t E, int64_t k, const std::vector<float> &logits, const std::vector<float> &bias,
                  SelectOut &o, int score = MOE_SCORE_SOFTMAX, int normalize = 1, float routed_scale = 1.0f,
                  int64_t groups = 1, int64_t topk_groups = 1) {
-    o.scores.assign(T * E, -7.0f);
-    o.lse.assign(T, -7.0f);
-    o.topk_w.assign(T * k, -7.0f);
-    o.ids.assign(T * k, -7);
-    o.counts.assign(E, -7);
-    o.prob_sum.assign(E, -7.0);
-    moe_select_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = k;
-    a.score = score;
-    a.normalize = normalize;
-    a.routed_scale = routed_scale;
-    a.num_groups = groups;
-    a.topk_groups = topk_groups;
-    a.logits = logits.data();
-    a.bias = bias.data();
-    a.scores = o.scores.data();
-    a.lse = o.lse.data();
-    a.topk_ids = o.ids.data();
-    a.topk_w = o.topk_w.data();
-    a.counts = o.counts.data();
-    a.prob_sum = o.prob_sum.data();
-    a.lse_sq_sum = &o.lse_sq_sum;
-    return ops->select(state, &a);
+    return moe_test::run_select(ops, state, T, E, {k, score, normalize, routed_scale, groups, topk_groups}, logits,
+                                bias, o);
   }
 
   // Every token has k distinct ids in [0, E); counts is their histogram.
@@ -251,7 +191,7 @@ class CpuSelect : public CpuStages {
 
 TEST_F(CpuSelect, TopKMatchesNaiveSortOnDistinctLogits) {
   const int64_t T = 64, E = 8, k = 3;
-  Lcg rng(2);
+  Rng rng(2);
   std::vector<float> logits(T * E), bias(E, 0.0f);
   for (int64_t t = 0; t < T; ++t) {
     std::vector<int> perm(E);
@@ -389,7 +329,7 @@ TEST_F(CpuSelect, AuxSumsOnUniformLogits) {
 
 TEST_F(CpuSelect, DenseMixtureTakesEveryExpert) {
   const int64_t T = 5, E = 4, k = 4;
-  Lcg rng(3);
+  Rng rng(3);
   std::vector<float> logits = rng.ints(T * E, -4, 4), bias(E, 0.0f);
   SelectOut o;
   ASSERT_EQ(run(T, E, k, logits, bias, o), MOE_OK) << err();
@@ -413,7 +353,7 @@ TEST_F(CpuSelect, NoTokens) {
 TEST_F(CpuSelect, BackwardOfSoftmaxSumsToZeroPerToken) {
   // Softmax logits are shift invariant, so each token's dlogits must sum to 0 whatever dLoss/dS.
   const int64_t T = 6, E = 5, k = 2;
-  Lcg rng(4);
+  Rng rng(4);
   std::vector<float> logits = rng.ints(T * E, -3, 3), bias(E, 0.0f);
   SelectOut o;
   ASSERT_EQ(run(T, E, k, logits, bias, o), MOE_OK) << err();
@@ -452,46 +392,16 @@ TEST_F(CpuSelect, BackwardOfSoftmaxSumsToZeroPerToken) {
 
 // ---- plan ---------------------------------------------------------------------------------------
 
-struct PlanOut {
-  std::vector<int32_t> row_of_slot, row_token, row_slot;
-  std::vector<float> row_weight;
-  std::vector<int64_t> offsets, kept;
-  std::vector<double> weight_sum;
-};
-
 class CpuPlan : public CpuStages {
  protected:
   moe_status run(int64_t T, int64_t E, int64_t k, int64_t capacity, int policy, const std::vector<int32_t> &ids,
-                 const std::vector<float> &w, PlanOut &o) {
-    const int64_t n = T * k;
-    o.row_of_slot.assign(n, -7);
-    o.row_token.assign(n, -7);
-    o.row_slot.assign(n, -7);
-    o.row_weight.assign(n, -7.0f);
-    o.offsets.assign(E + 1, -7);
-    o.kept.assign(E, -7);
-    o.weight_sum.assign(E, -7.0);
-    moe_plan_args a{};
-    a.T = T;
-    a.E = E;
-    a.k = k;
-    a.capacity = capacity;
-    a.drop_policy = policy;
-    a.topk_ids = ids.data();
-    a.topk_w = w.data();
-    a.row_of_slot = o.row_of_slot.data();
-    a.row_token = o.row_token.data();
-    a.row_slot = o.row_slot.data();
-    a.row_weight = o.row_weight.data();
-    a.offsets = o.offsets.data();
-    a.kept = o.kept.data();
-    a.weight_sum = o.weight_sum.data();
-    return ops->plan(state, &a);
+                 const std::vector<float> &w, Plan &o) {
+    return moe_test::run_plan(ops, state, T, E, k, capacity, policy, ids, w, o);
   }
 
   // The invariants every plan must keep.
   static void check_plan(int64_t T, int64_t E, int64_t k, int64_t capacity, const std::vector<int32_t> &ids,
-                         const std::vector<float> &w, const PlanOut &o) {
+                         const std::vector<float> &w, const Plan &o) {
     const int64_t n = T * k;
     std::vector<int64_t> counts(E, 0);
     for (int32_t e : ids) ++counts[e];
@@ -536,33 +446,20 @@ class CpuPlan : public CpuStages {
   }
 };
 
-// Random top-k ids (distinct per token) and dyadic weights (exact in float).
-void random_routing(Lcg &rng, int64_t T, int64_t E, int64_t k, std::vector<int32_t> &ids, std::vector<float> &w,
-                    bool skewed) {
-  ids.assign(T * k, 0);
-  w.assign(T * k, 0.0f);
-  for (int64_t t = 0; t < T; ++t) {
-    std::vector<int32_t> pool(E);
-    std::iota(pool.begin(), pool.end(), 0);
-    for (int64_t j = 0; j < k; ++j) {
-      // skewed: low experts are much more popular, so capacity bites.
-      int64_t pick = skewed ? std::min<int64_t>(rng.range(0, static_cast<int>(E - 1 - j)),
-                                                rng.range(0, static_cast<int>(E - 1 - j)))
-                            : rng.range(0, static_cast<int>(E - 1 - j));
-      ids[t * k + j] = pool[pick];
-      pool.erase(pool.begin() + pick);
-      w[t * k + j] = static_cast<float>(rng.range(1, 64)) / 64.0f;
-    }
-  }
+// Random top-k ids (distinct per token, skewed so that capacity bites) and dyadic weights (exact in float).
+void random_routing(Rng &rng, int64_t T, int64_t E, int64_t k, std::vector<int32_t> &ids, std::vector<float> &w) {
+  ids = moe_test::skewed_ids(rng, T, E, k);
+  w.resize(T * k);
+  for (float &v : w) v = static_cast<float>(rng.range(1, 64)) / 64.0f;
 }
 
 TEST_F(CpuPlan, DroplessKeepsEverySlot) {
   const int64_t T = 40, E = 6, k = 2;
-  Lcg rng(5);
+  Rng rng(5);
   std::vector<int32_t> ids;
   std::vector<float> w;
-  random_routing(rng, T, E, k, ids, w, true);
-  PlanOut o;
+  random_routing(rng, T, E, k, ids, w);
+  Plan o;
   ASSERT_EQ(run(T, E, k, -1, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
   check_plan(T, E, k, -1, ids, w, o);
   for (int64_t s = 0; s < T * k; ++s) EXPECT_GE(o.row_of_slot[s], 0);
@@ -571,12 +468,12 @@ TEST_F(CpuPlan, DroplessKeepsEverySlot) {
 TEST_F(CpuPlan, CapacityPositionKeepsFirstChoicesFirst) {
   for (uint64_t seed = 10; seed < 20; ++seed) {
     const int64_t T = 32, E = 4, k = 2;
-    Lcg rng(seed);
+    Rng rng(seed);
     std::vector<int32_t> ids;
     std::vector<float> w;
-    random_routing(rng, T, E, k, ids, w, true);
+    random_routing(rng, T, E, k, ids, w);
     const int64_t C = static_cast<int64_t>(std::ceil(1.0 * T * k / E));  // capacity factor 1
-    PlanOut o;
+    Plan o;
     ASSERT_EQ(run(T, E, k, C, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
     check_plan(T, E, k, C, ids, w, o);
     // Reference: per expert, the first C slots in the order (choice j, then token t).
@@ -597,7 +494,7 @@ TEST_F(CpuPlan, PositionPrefersAnyFirstChoiceOverAnEarlierTokensSecondChoice) {
   const int64_t T = 3, E = 3, k = 2;
   std::vector<int32_t> ids = {1, 0, 0, 2, 0, 1};
   std::vector<float> w = {0.75f, 0.25f, 0.5f, 0.5f, 0.5f, 0.5f};
-  PlanOut o;
+  Plan o;
   ASSERT_EQ(run(T, E, k, 2, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
   check_plan(T, E, k, 2, ids, w, o);
   EXPECT_LT(o.row_of_slot[1], 0);  // token 0, choice 1 (expert 0): dropped
@@ -609,12 +506,12 @@ TEST_F(CpuPlan, PositionPrefersAnyFirstChoiceOverAnEarlierTokensSecondChoice) {
 TEST_F(CpuPlan, CapacityProbsKeepsLargestWeights) {
   for (uint64_t seed = 30; seed < 40; ++seed) {
     const int64_t T = 32, E = 4, k = 2;
-    Lcg rng(seed);
+    Rng rng(seed);
     std::vector<int32_t> ids;
     std::vector<float> w;
-    random_routing(rng, T, E, k, ids, w, true);
+    random_routing(rng, T, E, k, ids, w);
     const int64_t C = 10;
-    PlanOut o;
+    Plan o;
     ASSERT_EQ(run(T, E, k, C, MOE_DROP_PROBS, ids, w, o), MOE_OK) << err();
     check_plan(T, E, k, C, ids, w, o);
     // Every kept slot of an expert weighs at least as much as every dropped slot of it.
@@ -634,7 +531,7 @@ TEST_F(CpuPlan, ProbsDropsTheSmallWeightEvenIfItComesFirst) {
   const int64_t T = 3, E = 2, k = 1;
   std::vector<int32_t> ids = {0, 0, 0};
   std::vector<float> w = {0.125f, 0.5f, 0.25f};
-  PlanOut o;
+  Plan o;
   ASSERT_EQ(run(T, E, k, 2, MOE_DROP_PROBS, ids, w, o), MOE_OK) << err();
   check_plan(T, E, k, 2, ids, w, o);
   EXPECT_LT(o.row_of_slot[0], 0);
@@ -648,12 +545,12 @@ TEST_F(CpuPlan, ProbsDropsTheSmallWeightEvenIfItComesFirst) {
 
 TEST_F(CpuPlan, CapacityZeroDropsEverything) {
   const int64_t T = 5, E = 3, k = 2;
-  Lcg rng(6);
+  Rng rng(6);
   std::vector<int32_t> ids;
   std::vector<float> w;
-  random_routing(rng, T, E, k, ids, w, false);
+  random_routing(rng, T, E, k, ids, w);
   for (int policy : {MOE_DROP_POSITION, MOE_DROP_PROBS}) {
-    PlanOut o;
+    Plan o;
     ASSERT_EQ(run(T, E, k, 0, policy, ids, w, o), MOE_OK) << err();
     check_plan(T, E, k, 0, ids, w, o);
     EXPECT_EQ(o.offsets[E], 0);
@@ -666,38 +563,27 @@ struct Routed {
   int64_t T, E, k, d, R;
   std::vector<int32_t> ids;
   std::vector<float> w;
-  PlanOut plan;
+  Plan plan;
 };
 
 class CpuRows : public CpuPlan {
  protected:
   Routed route(int64_t T, int64_t E, int64_t k, int64_t d, int64_t capacity, uint64_t seed, float unit = -1.0f) {
     Routed r{T, E, k, d, 0, {}, {}, {}};
-    Lcg rng(seed);
-    random_routing(rng, T, E, k, r.ids, r.w, capacity >= 0);
+    Rng rng(seed);
+    random_routing(rng, T, E, k, r.ids, r.w);
     if (unit >= 0) std::fill(r.w.begin(), r.w.end(), unit);
     EXPECT_EQ(run(T, E, k, capacity, MOE_DROP_POSITION, r.ids, r.w, r.plan), MOE_OK) << err();
     r.R = r.plan.offsets[E];
     return r;
   }
-  moe_rows_args rows_args(const Routed &r) {
-    moe_rows_args a{};
-    a.T = r.T;
-    a.d = r.d;
-    a.R = r.R;
-    a.k = r.k;
-    a.token_rows = r.plan.row_of_slot.data();
-    a.row_token = r.plan.row_token.data();
-    a.row_weight = r.plan.row_weight.data();
-    return a;
-  }
 };
 
 TEST_F(CpuRows, DispatchGathersRowsInExpertOrder) {
   Routed r = route(20, 5, 2, 6, -1, 7);
-  Lcg rng(8);
+  Rng rng(8);
   std::vector<float> x = rng.ints(r.T * r.d, -9, 9), xe(r.R * r.d, kNaN);
-  moe_rows_args a = rows_args(r);
+  moe_rows_args a = rows_args(r.plan, r.d);
   a.x = x.data();
   a.xe = xe.data();
   ASSERT_EQ(ops->dispatch(state, &a), MOE_OK) << err();
@@ -709,9 +595,9 @@ TEST_F(CpuRows, DispatchThenCombineWithUnitWeightsRestoresInput) {
   // k = 1, weight 1: y == x bit for bit.
   {
     Routed r = route(33, 4, 1, 8, -1, 9, 1.0f);
-    Lcg rng(10);
+    Rng rng(10);
     std::vector<float> x = rng.ints(r.T * r.d, -100, 100), xe(r.R * r.d), y(r.T * r.d, kNaN);
-    moe_rows_args a = rows_args(r);
+    moe_rows_args a = rows_args(r.plan, r.d);
     a.x = x.data();
     a.xe = xe.data();
     ASSERT_EQ(ops->dispatch(state, &a), MOE_OK) << err();
@@ -723,9 +609,9 @@ TEST_F(CpuRows, DispatchThenCombineWithUnitWeightsRestoresInput) {
   // k = 4, weights 1/4: the four copies sum back to x exactly.
   {
     Routed r = route(17, 6, 4, 5, -1, 11, 0.25f);
-    Lcg rng(12);
+    Rng rng(12);
     std::vector<float> x = rng.ints(r.T * r.d, -100, 100), xe(r.R * r.d), y(r.T * r.d, kNaN);
-    moe_rows_args a = rows_args(r);
+    moe_rows_args a = rows_args(r.plan, r.d);
     a.x = x.data();
     a.xe = xe.data();
     ASSERT_EQ(ops->dispatch(state, &a), MOE_OK) << err();
@@ -739,9 +625,9 @@ TEST_F(CpuRows, DispatchThenCombineWithUnitWeightsRestoresInput) {
 TEST_F(CpuRows, CombineIsTheWeightedSumOfKeptRows) {
   Routed r = route(24, 4, 2, 3, 8, 13);  // capacity 8 < 12 average: some slots dropped
   ASSERT_LT(r.R, r.T * r.k);
-  Lcg rng(14);
+  Rng rng(14);
   std::vector<float> ye = rng.ints(r.R * r.d, -8, 8), y(r.T * r.d, kNaN);
-  moe_rows_args a = rows_args(r);
+  moe_rows_args a = rows_args(r.plan, r.d);
   a.ye = ye.data();
   a.y = y.data();
   ASSERT_EQ(ops->combine(state, &a), MOE_OK) << err();
@@ -758,9 +644,9 @@ TEST_F(CpuRows, CombineIsTheWeightedSumOfKeptRows) {
 
 TEST_F(CpuRows, DispatchBackwardSumsEachTokensRows) {
   Routed r = route(24, 4, 3, 4, 12, 15);
-  Lcg rng(16);
+  Rng rng(16);
   std::vector<float> dxe = rng.ints(r.R * r.d, -5, 5), dx(r.T * r.d, kNaN);
-  moe_rows_args a = rows_args(r);
+  moe_rows_args a = rows_args(r.plan, r.d);
   a.dxe = dxe.data();
   a.dx = dx.data();
   ASSERT_EQ(ops->dispatch_bwd(state, &a), MOE_OK) << err();
@@ -777,10 +663,10 @@ TEST_F(CpuRows, DispatchBackwardSumsEachTokensRows) {
 
 TEST_F(CpuRows, CombineBackward) {
   Routed r = route(16, 4, 2, 5, -1, 17);
-  Lcg rng(18);
+  Rng rng(18);
   std::vector<float> ye = rng.ints(r.R * r.d, -4, 4), dy = rng.ints(r.T * r.d, -4, 4);
   std::vector<float> dye(r.R * r.d, kNaN), dw(r.R, kNaN);
-  moe_rows_args a = rows_args(r);
+  moe_rows_args a = rows_args(r.plan, r.d);
   a.ye = ye.data();
   a.dy = dy.data();
   a.dye = dye.data();
@@ -804,7 +690,7 @@ TEST_F(CpuRows, CombineWithVariableRowsPerToken) {
   std::vector<int32_t> trows = {3, 0, 1, 4, 2};
   std::vector<int32_t> rtok = {0, 2, 2, 0, 2};
   std::vector<float> rw = {0.5f, 1.0f, 2.0f, 0.25f, -1.0f};
-  Lcg rng(19);
+  Rng rng(19);
   std::vector<float> ye = rng.ints(R * d, -6, 6), y(T * d, kNaN);
   moe_rows_args a{};
   a.T = T;
@@ -847,15 +733,10 @@ TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
   const int64_t E = 4, d = 6, ff = 5;
   std::vector<int64_t> offsets = {0, 3, 3, 7, 12};  // expert 1 has no rows
   const int64_t R = offsets[E];
-  Lcg rng(20);
+  Rng rng(20);
   std::vector<float> x = rng.ints(R * d, -3, 3), w1 = rng.ints(E * ff * d, -2, 2), w2 = rng.ints(E * d * ff, -2, 2);
   std::vector<float> h(R * ff, kNaN), a_(R * ff, kNaN), y(R * d, kNaN);
-  moe_ffn_args a{};
-  a.num_experts = E;
-  a.d = d;
-  a.ff = ff;
-  a.activation = MOE_ACT_RELU;
-  a.offsets = offsets.data();
+  moe_ffn_args a = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
   a.x = x.data();
   a.w1 = w1.data();
   a.w2 = w2.data();
@@ -908,18 +789,13 @@ TEST_F(CpuStages, ExpertFfnGluMatchesNaiveLoops) {
   const int64_t E = 2, d = 4, ff = 3;
   std::vector<int64_t> offsets = {0, 2, 5};
   const int64_t R = 5;
-  Lcg rng(21);
+  Rng rng(21);
   std::vector<float> x = rng.ints(R * d, -2, 2), w1 = rng.ints(E * ff * d, -1, 1), w3 = rng.ints(E * ff * d, -1, 1),
                      w2 = rng.ints(E * d * ff, -1, 1);
   for (int act : {MOE_ACT_SWIGLU, MOE_ACT_GEGLU, MOE_ACT_SILU, MOE_ACT_GELU}) {
     const bool glu = act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU;
     std::vector<float> h(R * ff), g(R * ff), a_(R * ff), y(R * d, kNaN);
-    moe_ffn_args a{};
-    a.num_experts = E;
-    a.d = d;
-    a.ff = ff;
-    a.activation = act;
-    a.offsets = offsets.data();
+    moe_ffn_args a = moe_test::ffn_args(E, d, ff, act, offsets);
     a.x = x.data();
     a.w1 = w1.data();
     a.w3 = glu ? w3.data() : nullptr;
@@ -954,15 +830,10 @@ TEST_F(CpuStages, ExpertFfnSharedInputReadsAllRows) {
   // shared_input: every expert reads rows [0, offsets[1]) and writes its own [T, d] block.
   const int64_t S = 2, T = 3, d = 4, ff = 2;
   std::vector<int64_t> offsets = {0, T};
-  Lcg rng(22);
+  Rng rng(22);
   std::vector<float> x = rng.ints(T * d, -3, 3), w1 = rng.ints(S * ff * d, -2, 2), w2 = rng.ints(S * d * ff, -2, 2);
   std::vector<float> h(S * T * ff), a_(S * T * ff), y(S * T * d, kNaN);
-  moe_ffn_args a{};
-  a.num_experts = S;
-  a.d = d;
-  a.ff = ff;
-  a.activation = MOE_ACT_RELU;
-  a.offsets = offsets.data();
+  moe_ffn_args a = moe_test::ffn_args(S, d, ff, MOE_ACT_RELU, offsets);
   a.shared_input = 1;
   a.x = x.data();
   a.w1 = w1.data();
@@ -983,13 +854,10 @@ TEST_F(CpuStages, ExpertFfnSharedInputReadsAllRows) {
 
 TEST_F(CpuStages, SharedCombineAddsSharedOutputs) {
   const int64_t T = 4, d = 3, S = 2;
-  Lcg rng(23);
+  Rng rng(23);
   std::vector<float> x = rng.ints(T * d, -3, 3), ys = rng.ints(S * T * d, -5, 5), y0 = rng.ints(T * d, -5, 5);
   std::vector<float> y = y0, gate(T, kNaN);
-  moe_shared_args a{};
-  a.T = T;
-  a.d = d;
-  a.S = S;
+  moe_shared_args a = moe_test::shared_args(T, d, S);
   a.x = x.data();
   a.ys = ys.data();
   a.gate = gate.data();
