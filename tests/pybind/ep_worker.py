@@ -14,6 +14,7 @@ at once afterwards. Exit status 0 when every check held on this rank.
 
 import datetime
 import os
+import socket
 import sys
 import time
 
@@ -171,7 +172,8 @@ def main(argv):
         dist.destroy_process_group()
     else:
         run_deadline(size, timeout, argv[5])
-    print(f"rank {RANK} of {size}: {mode}: {'FAIL' if FAILURES else 'ok'} ({len(FAILURES)} failed checks)", flush=True)
+    print(f"rank {RANK} of {size}: {mode}: {'FAIL' if FAILURES else 'ok'} ({len(FAILURES)} failed checks) "
+          f"on {socket.gethostname()}", flush=True)
     if mode == "deadline":
         # A group whose collective timed out cannot be torn down in order (its peers are gone or
         # out of step): leave without running torch's exit-time teardown.
