@@ -19,6 +19,11 @@
  * Its receives are cancelled; sends the missing rank never took cannot be (MPI has no cancel for
  * them) and stay with MPI until moe_mpi_comm_destroy frees their requests: destroy the layers and
  * the comm, then end the job or carry on without the missing rank (a new communicator, a new comm).
+ * Those sends point into libmoe's buffers, which are gone once the call has failed: a rank that
+ * was late rather than dead must not take part in that exchange afterwards (it would receive
+ * whatever those bytes hold by then, or the sender's MPI would read freed memory). A rank whose
+ * own call failed destroys its comm; a late rank learns of the failure only from its own deadline,
+ * so on a deadline, end the job (MPI_Abort) unless every rank is known to have failed.
  * Waiting polls MPI_Test (MPI progresses inside it, as inside MPI_Waitall) and yields the core
  * between rounds, so ranks that share cores are not starved.
  *
