@@ -285,7 +285,29 @@ static void check_deadline(int size) {
   setenv("MOE_MPI_TIMEOUT", "-2", 1);
   bad = moe_mpi_comm_create_world(&comm);
   CHECK(bad == MOE_ERR_INVALID_ARGUMENT && comm == NULL, "MOE_MPI_TIMEOUT=-2 gave %s", moe_status_name(bad));
-  setenv("MOE_MPI_TIMEOUT", "1.5", 1);
+  /* MOE_MPI_TIMEOUT is the deadline of the comms made while it is set: rank 0 alone starts an
+     exchange and is told, after 0.5 s, that every other rank is missing. */
+  setenv("MOE_MPI_TIMEOUT", "0.5", 1);
+  moe_comm *alone;
+  OK(moe_mpi_comm_create_world(&alone));
+  if (rank_ == 0) {
+    int64_t *send = calloc((size_t)size, sizeof(int64_t)), *recv = calloc((size_t)size, sizeof(int64_t));
+    const double t0 = MPI_Wtime();
+    moe_status s = alone->exchange_counts(alone->user, send, recv);
+    const double waited = MPI_Wtime() - t0;
+    char who[64];
+    snprintf(who, sizeof who, "rank%s %s of %d did not answer within 0.5 s", size > 2 ? "s" : "",
+             size == 2 ? "1" : size == 4 ? "1, 2, 3" : "?", size);
+    CHECK(s == MOE_ERR_COMM && waited >= 0.45 && waited < 10 && strstr(alone->last_error(alone->user), who),
+          "an exchange nobody joined gave %s after %.2f s: '%s'", moe_status_name(s), waited,
+          alone->last_error(alone->user));
+    printf("an exchange nobody joined reads: %s (after %.2f s)\n", alone->last_error(alone->user), waited);
+    free(send), free(recv);
+  }
+  moe_mpi_comm_destroy(alone);
+  /* A generous deadline for the healthy step (ranks share cores with whatever else runs), a short
+     one, through moe_mpi_comm_set_timeout, for the step a rank skips. */
+  setenv("MOE_MPI_TIMEOUT", "60", 1);
   OK(moe_mpi_comm_create_world(&comm));
   unsetenv("MOE_MPI_TIMEOUT");
   CHECK(moe_mpi_comm_set_timeout(comm, -1.0) == MOE_ERR_INVALID_ARGUMENT, "a negative timeout was accepted");
@@ -312,6 +334,7 @@ static void check_deadline(int size) {
   const int64_t nw = (int64_t)cfg.num_experts / size * cfg.d_ff * d;
   float *w_before = malloc(sizeof(float) * nw), *w_after = malloc(sizeof(float) * nw);
   OK(moe_layer_get_param(l, "experts.w1", w_before, nw));
+  OK(moe_mpi_comm_set_timeout(comm, deadline));
 
   if (rank_ != size - 1) {
     const double t0 = now();

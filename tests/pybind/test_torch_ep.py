@@ -61,3 +61,42 @@ def test_refuses_a_group_before_torch_distributed_is_initialised():
         pytest.skip("torch.distributed is initialised in this process")
     with pytest.raises(libmoe.StateError, match="not initialised"):
         libmoe.distributed.ProcessGroupComm(None)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """A one-rank gloo group in this process (expert parallelism with R = 1)."""
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialised in this process already")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_group_equals_the_plain_module_and_refuses_what_would_lose_the_group(world_of_one):
+    import copy
+
+    import torch
+
+    import libmoe.torch as lt
+    cfg = dict(d_model=8, d_ff=16, num_experts=4, top_k=2, seed=9, z_loss_coef=1e-3)
+    ep, plain = lt.MoE(**cfg, ep_group=world_of_one), lt.MoE(**cfg)
+    x = torch.randn(5, 8)
+    xe, xp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ye, yp = ep(xe), plain(xp)
+    ye.sum().backward()
+    yp.sum().backward()
+    assert torch.allclose(ye, yp, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(xe.grad, xp.grad, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(ep.experts.w1.grad, plain.experts.w1.grad, rtol=1e-6, atol=1e-6)
+    assert ep.layer.comm.size == 1 and ep.layer.comm.broken is None
+    with pytest.raises(TypeError, match="cannot be pickled or deep-copied"):
+        copy.deepcopy(ep)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        copy.deepcopy(ep.layer)
+    with pytest.raises(libmoe.UnsupportedError, match="CPU layers only"):
+        lt.MoE(**cfg, device="cuda:0", ep_group=world_of_one)
+    with pytest.raises(libmoe.InvalidArgumentError, match="num_experts"):
+        libmoe.distributed.Layer(world_of_one, d_model=8, d_ff=16, num_experts=0, top_k=2)
