@@ -15,8 +15,8 @@ packages=(
   python3-venv python3-pip
   # bindings: SWIG (Python, Java), JUnit 5, Rust with bindgen
   swig default-jdk-headless junit5 cargo rustc bindgen librust-bindgen-dev libclang-dev
-  # expert parallelism over MPI
-  libopenmpi-dev openmpi-bin
+  # expert parallelism over MPI; iproute2 for the multi-host tests (hosts as network namespaces)
+  libopenmpi-dev openmpi-bin iproute2
   # packaging: ABI checks and the .rpm
   abigail-tools rpm file lintian rpmlint
   # libmoe-java-doc links to Debian's jQuery (its Depends; packaging.deb installs it)

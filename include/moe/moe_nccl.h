@@ -13,9 +13,16 @@
  * Errors. NCCL reports many failures asynchronously (a peer that died, a network error): the
  * comm checks ncclCommGetAsyncError after every NCCL call and while it waits for the counts, and
  * a communicator in error makes the hook fail instead of waiting for ever. A peer that is alive
- * but never joins the exchange is not an error NCCL can see: the counts exchange then waits as
- * any NCCL collective would. After any NCCL failure the communicator is unusable: abort it
- * (ncclCommAbort) on every rank, after destroying the layers and this comm.
+ * but never joins the exchange is not an error NCCL can see, so each exchange has a deadline:
+ * 300 s by default, MOE_NCCL_TIMEOUT (seconds, read by moe_nccl_comm_create; 0 or "inf": none) or
+ * moe_nccl_comm_set_timeout. With a deadline, exchange_rows waits for its transfer too (polling
+ * the layer's stream) instead of returning once it is queued. Past the deadline the comm calls
+ * ncclCommAbort on the communicator (which stops NCCL's waiting kernels and frees the
+ * communicator) and the hook fails with MOE_ERR_COMM, a reason naming the exchange (NCCL cannot
+ * tell which rank is missing) and saying the communicator was aborted: the caller must then not
+ * use, destroy or abort that ncclComm_t again; every later hook of this comm fails at once.
+ * After any other NCCL failure the communicator is unusable: abort it (ncclCommAbort) on every
+ * rank, after destroying the layers and this comm.
  * A hook that fails returns MOE_ERR_COMM (NCCL or CUDA failed), MOE_ERR_OUT_OF_MEMORY or
  * MOE_ERR_INVALID_ARGUMENT (negative counts, rows in host memory or on another device) and records
  * why, both in the comm (its last_error hook returns it) and as the thread's moe_nccl_last_error().
@@ -50,7 +57,8 @@ struct ncclComm; /* NCCL's opaque communicator: ncclComm_t is `struct ncclComm *
  *                    successful call does not clear it); the string lives in the comm, valid until
  *                    its next hook call or moe_nccl_comm_destroy.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL out or nccl_comm (*out untouched, no CUDA
- *         or NCCL call made); MOE_ERR_UNSUPPORTED if the loaded NCCL is older than 2.7 (no
+ *         or NCCL call made) or a MOE_NCCL_TIMEOUT that is not a number >= 0;
+ *         MOE_ERR_UNSUPPORTED if the loaded NCCL is older than 2.7 (no
  *         ncclSend/ncclRecv); MOE_ERR_COMM if an NCCL or CUDA call fails or the communicator
  *         holds an asynchronous error; MOE_ERR_OUT_OF_MEMORY. On failure moe_nccl_last_error()
  *         says which call failed and why.
@@ -58,6 +66,13 @@ struct ncclComm; /* NCCL's opaque communicator: ncclComm_t is `struct ncclComm *
  * at a time (as the NCCL communicator itself).
  */
 MOE_API moe_status moe_nccl_comm_create(struct ncclComm *nccl_comm, void *cuda_stream, moe_comm **out);
+
+/**
+ * Set how long each exchange of comm (made by moe_nccl_comm_create) may take: seconds > 0, or 0 or
+ * +infinity for no deadline (exchange_rows then returns once its transfer is queued). Local.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for another comm, a negative or NaN value.
+ */
+MOE_API moe_status moe_nccl_comm_set_timeout(moe_comm *comm, double seconds);
 
 /**
  * Free a comm made by moe_nccl_comm_create: its device buffer (cudaFree, which waits for the

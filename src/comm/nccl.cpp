@@ -3,7 +3,9 @@
 #include "moe/moe_nccl.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -15,6 +17,8 @@
 
 namespace moe_nccl {
 namespace {
+
+constexpr double kDefaultTimeout = 300.0;
 
 struct NcclComm {
   moe_comm base;  // what libmoe sees
@@ -28,7 +32,23 @@ struct NcclComm {
   // The reason for this comm's last failed hook, for moe_comm::last_error, which is per comm:
   // moe_nccl_last_error's text is per thread, shared by every comm used on it.
   std::string error;
+  double timeout = kDefaultTimeout;  // seconds each exchange may take; <= 0: none
+  // Set once a deadline passed and the communicator was aborted: comm is then gone (ncclCommAbort
+  // frees it) and every later hook fails at once with this reason.
+  std::string aborted;
 };
+
+// MOE_NCCL_TIMEOUT in seconds (0 or "inf": none); the default where unset. false if malformed.
+bool timeout_from_env(double &out) {
+  const char *v = std::getenv("MOE_NCCL_TIMEOUT");
+  out = kDefaultTimeout;
+  if (!v || !*v) return true;
+  char *end = nullptr;
+  const double t = std::strtod(v, &end);
+  if (end == v || *end != '\0' || std::isnan(t) || t < 0) return false;
+  out = std::isinf(t) ? 0.0 : t;
+  return true;
+}
 
 // Records why fn failed: in the thread's text and, for a hook, in its comm (NULL: none).
 moe_status failed(const char *fn, std::string *comm_error, moe_status status, const std::string &message) noexcept {
@@ -61,14 +81,33 @@ std::string *error_of(void *user) { return user ? &static_cast<NcclComm *>(user)
 
 std::string str(long long v) { return std::to_string(v); }
 
-// Waits for the counts stream by polling, so that a communicator that fails meanwhile ends the
-// wait with its error rather than hanging in cudaStreamSynchronize.
-void wait_for(NcclComm &m) {
+void refuse_if_aborted(const NcclComm &m) {
+  if (!m.aborted.empty()) fail(MOE_ERR_COMM, "not attempted: an earlier exchange failed: " + m.aborted);
+}
+
+// Waits for stream by polling, so that a communicator that fails meanwhile ends the wait with its
+// error rather than hanging in cudaStreamSynchronize, and so that a rank that never joins (NCCL
+// cannot tell which one) ends it at the deadline: the communicator is then aborted, which is what
+// frees the stream of NCCL's waiting kernels.
+void wait_for(NcclComm &m, cudaStream_t stream, const char *what) {
+  using clock = std::chrono::steady_clock;
+  const auto deadline =
+      clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(m.timeout));
   for (unsigned spins = 0;; ++spins) {
-    const cudaError_t e = cudaStreamQuery(m.counts_stream);
+    const cudaError_t e = cudaStreamQuery(stream);
     if (e == cudaSuccess) return;
-    if (e != cudaErrorNotReady) cuda_ok(e, "cudaStreamQuery (waiting for the counts exchange)");
-    check_async(m.comm, "while waiting for the counts exchange");
+    if (e != cudaErrorNotReady) cuda_ok(e, (std::string("cudaStreamQuery (waiting for ") + what + ")").c_str());
+    check_async(m.comm, (std::string("while waiting for ") + what).c_str());
+    if (m.timeout > 0 && clock::now() >= deadline) {
+      const ncclResult_t r = ncclCommAbort(m.comm);
+      m.comm = nullptr;
+      m.aborted = std::string(what) + ": the ranks did not all answer within " + std::to_string(m.timeout) +
+                  " s (the deadline: MOE_NCCL_TIMEOUT or moe_nccl_comm_set_timeout; NCCL does not say which "
+                  "rank is missing); the NCCL communicator was aborted (ncclCommAbort" +
+                  (r == ncclSuccess ? "" : std::string(" failed: ") + ncclGetErrorString(r)) +
+                  "): do not use, destroy or abort it again; destroy this comm and its layers";
+      fail(MOE_ERR_COMM, m.aborted);
+    }
     if (spins > 1000) std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
 }
@@ -77,6 +116,7 @@ moe_status exchange_counts(void *user, const int64_t *send, int64_t *recv) {
   return guarded("moe_nccl exchange_counts", error_of(user), [&] {
     if (!user || !send || !recv) fail(MOE_ERR_INVALID_ARGUMENT, "user, send and recv must not be NULL");
     NcclComm &m = *static_cast<NcclComm *>(user);
+    refuse_if_aborted(m);
     const size_t n = static_cast<size_t>(m.size), bytes = n * sizeof(int64_t);
     auto *host = static_cast<int64_t *>(m.host_counts.get());
     auto *dev = static_cast<int64_t *>(m.device_counts.get());
@@ -91,7 +131,7 @@ moe_status exchange_counts(void *user, const int64_t *send, int64_t *recv) {
     g.end();
     cuda_ok(cudaMemcpyAsync(host + n, dev + n, bytes, cudaMemcpyDeviceToHost, m.counts_stream),
             "cudaMemcpyAsync (counts to host)");
-    wait_for(m);
+    wait_for(m, m.counts_stream, "exchange_counts (all-to-all of row counts)");
     std::memcpy(recv, host + n, bytes);
   });
 }
@@ -133,6 +173,7 @@ moe_status exchange_rows(void *user, const void *send, const int64_t *send_count
       fail(MOE_ERR_INVALID_ARGUMENT, "user, send_counts and recv_counts must not be NULL");
     if (row_bytes == 0) fail(MOE_ERR_INVALID_ARGUMENT, "row_bytes is 0");
     NcclComm &m = *static_cast<NcclComm *>(user);
+    refuse_if_aborted(m);
     const std::vector<size_t> so = offsets(send_counts, m.size, row_bytes, "send_counts");
     const std::vector<size_t> ro = offsets(recv_counts, m.size, row_bytes, "recv_counts");
     DeviceGuard on(m.device);
@@ -151,6 +192,9 @@ moe_status exchange_rows(void *user, const void *send, const int64_t *send_count
         nccl_ok(m.comm, ncclRecv(r + ro[p], ro[p + 1] - ro[p], ncclUint8, p, m.comm, st), "ncclRecv (rows)");
     }
     g.end();
+    // With a deadline the transfer is waited for here, where a missing rank can be caught: libmoe
+    // synchronizes its stream before its next step anyway, and that wait has no deadline.
+    if (m.timeout > 0) wait_for(m, st, "exchange_rows (all-to-all of rows)");
   });
 }
 
@@ -172,6 +216,9 @@ MOE_API moe_status moe_nccl_comm_create(struct ncclComm *nccl_comm, void *cuda_s
       fail(MOE_ERR_UNSUPPORTED, "the loaded NCCL (version code " + str(version) +
                                     ") is older than 2.7 and lacks ncclSend/ncclRecv");
     auto m = std::make_unique<NcclComm>();
+    if (!timeout_from_env(m->timeout))
+      fail(MOE_ERR_INVALID_ARGUMENT, std::string("MOE_NCCL_TIMEOUT = '") + std::getenv("MOE_NCCL_TIMEOUT") +
+                                         "': expected seconds >= 0 (0 or inf: no deadline)");
     m->comm = nccl_comm;
     m->counts_stream = static_cast<cudaStream_t>(cuda_stream);
     int rank = 0;
@@ -189,6 +236,17 @@ MOE_API moe_status moe_nccl_comm_create(struct ncclComm *nccl_comm, void *cuda_s
     m->base.exchange_rows = exchange_rows;
     m->base.last_error = last_error;
     *out = &m.release()->base;
+  });
+}
+
+MOE_API moe_status moe_nccl_comm_set_timeout(moe_comm *comm, double seconds) {
+  using namespace moe_nccl;
+  return guarded("moe_nccl_comm_set_timeout", nullptr, [&] {
+    if (!comm || comm->exchange_rows != exchange_rows || !comm->user)
+      fail(MOE_ERR_INVALID_ARGUMENT, "comm was not made by moe_nccl_comm_create");
+    if (std::isnan(seconds) || seconds < 0)
+      fail(MOE_ERR_INVALID_ARGUMENT, "seconds = " + std::to_string(seconds) + ": expected >= 0 (0 or inf: none)");
+    static_cast<NcclComm *>(comm->user)->timeout = std::isinf(seconds) ? 0.0 : seconds;
   });
 }
 

@@ -1,6 +1,7 @@
 /* Expert parallelism over MPI: on every rank, the output, the input gradient, every parameter
  * gradient and the aux losses of the expert-parallel layer equal those of one layer holding all
  * experts, run on the global batch (the concatenation of every rank's tokens). */
+#define _POSIX_C_SOURCE 200112L /* setenv */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,8 +100,12 @@ static int run_variant(int variant, int size) {
   OK(moe_forward(ref, xg, Tg, yg, rctx));
   OK(moe_backward(ref, rctx, dyg, dxg));
 
+  /* The entry points for bindings without MPI_Comm (Java, Rust) make the same comm. */
   moe_comm *comm;
-  OK(moe_mpi_comm_create(MPI_COMM_WORLD, &comm));
+  if (variant == 0)
+    OK(moe_mpi_comm_create(MPI_COMM_WORLD, &comm));
+  else
+    OK(moe_mpi_comm_create_f((int64_t)MPI_Comm_c2f(MPI_COMM_WORLD), &comm));
   configure(&cfg, variant);
   cfg.comm = comm;
   moe_layer *ep;
@@ -248,10 +253,11 @@ static void check_comm_reason(int size) {
     s = moe_forward(l, x, T, y, NULL);
     const char *msg = moe_last_error();
     CHECK(s == MOE_ERR_COMM, "a truncating exchange gave %s: %s", moe_status_name(s), msg);
-    CHECK(strstr(msg, "comm->exchange_rows returned MOE_ERR_COMM: MPI_Alltoallv (rows) failed: ") != NULL,
+    CHECK(strstr(msg, "comm->exchange_rows returned MOE_ERR_COMM: exchange_rows (all-to-all of rows) failed: ") != NULL,
           "moe_last_error() lacks MPI's reason: '%s'", msg);
     const char *mpi_text = strstr(msg, "failed: ");
-    CHECK(mpi_text && strlen(mpi_text) > strlen("failed: "), "MPI's text is empty: '%s'", msg);
+    CHECK(mpi_text && strstr(mpi_text, "rank ") && strlen(strstr(mpi_text, "rank ")) > strlen("rank 0: "),
+          "MPI's text is empty: '%s'", msg);
     if (rank_ == 0) printf("a failed MPI exchange reads: %s\n", msg);
     /* the layer is intact, and so is the communicator here */
     OK(moe_forward(l, x, T, y, NULL));
@@ -263,16 +269,123 @@ static void check_comm_reason(int size) {
   MPI_Comm_free(&returning);
 }
 
+static double now(void) { return MPI_Wtime(); }
+
+/* The deadline: the last rank skips a training forward. Every other rank's forward returns
+ * MOE_ERR_COMM within the deadline, naming the exchange and the missing rank; its context is left
+ * empty and the layer's parameters unchanged; the comm is unusable afterwards and says so at once;
+ * everything is destroyed normally. */
+static void check_deadline(int size) {
+  if (size < 2) return;
+  const double deadline = 1.5;
+  moe_comm *comm = NULL;
+  setenv("MOE_MPI_TIMEOUT", "1.5s", 1);
+  moe_status bad = moe_mpi_comm_create(MPI_COMM_WORLD, &comm);
+  CHECK(bad == MOE_ERR_INVALID_ARGUMENT && comm == NULL, "MOE_MPI_TIMEOUT=1.5s gave %s", moe_status_name(bad));
+  setenv("MOE_MPI_TIMEOUT", "-2", 1);
+  bad = moe_mpi_comm_create_world(&comm);
+  CHECK(bad == MOE_ERR_INVALID_ARGUMENT && comm == NULL, "MOE_MPI_TIMEOUT=-2 gave %s", moe_status_name(bad));
+  /* MOE_MPI_TIMEOUT is the deadline of the comms made while it is set: rank 0 alone starts an
+     exchange and is told, after 0.5 s, that every other rank is missing. */
+  setenv("MOE_MPI_TIMEOUT", "0.5", 1);
+  moe_comm *alone;
+  OK(moe_mpi_comm_create_world(&alone));
+  if (rank_ == 0) {
+    int64_t *send = calloc((size_t)size, sizeof(int64_t)), *recv = calloc((size_t)size, sizeof(int64_t));
+    const double t0 = MPI_Wtime();
+    moe_status s = alone->exchange_counts(alone->user, send, recv);
+    const double waited = MPI_Wtime() - t0;
+    char who[64];
+    snprintf(who, sizeof who, "rank%s %s of %d did not answer within 0.5 s", size > 2 ? "s" : "",
+             size == 2 ? "1" : size == 4 ? "1, 2, 3" : "?", size);
+    CHECK(s == MOE_ERR_COMM && waited >= 0.45 && waited < 10 && strstr(alone->last_error(alone->user), who),
+          "an exchange nobody joined gave %s after %.2f s: '%s'", moe_status_name(s), waited,
+          alone->last_error(alone->user));
+    printf("an exchange nobody joined reads: %s (after %.2f s)\n", alone->last_error(alone->user), waited);
+    free(send), free(recv);
+  }
+  moe_mpi_comm_destroy(alone);
+  /* A generous deadline for the healthy step (ranks share cores with whatever else runs), a short
+     one, through moe_mpi_comm_set_timeout, for the step a rank skips. */
+  setenv("MOE_MPI_TIMEOUT", "60", 1);
+  OK(moe_mpi_comm_create_world(&comm));
+  unsetenv("MOE_MPI_TIMEOUT");
+  CHECK(moe_mpi_comm_set_timeout(comm, -1.0) == MOE_ERR_INVALID_ARGUMENT, "a negative timeout was accepted");
+  CHECK(moe_mpi_comm_set_timeout(comm, NAN) == MOE_ERR_INVALID_ARGUMENT, "a NaN timeout was accepted");
+  CHECK(moe_mpi_comm_set_timeout(NULL, 1.0) == MOE_ERR_INVALID_ARGUMENT, "a NULL comm was accepted");
+  moe_comm foreign = *comm;
+  foreign.exchange_rows = NULL;
+  CHECK(moe_mpi_comm_set_timeout(&foreign, 1.0) == MOE_ERR_INVALID_ARGUMENT, "another library's comm was accepted");
+  moe_config cfg;
+  configure(&cfg, 0);
+  cfg.comm = comm;
+  moe_layer *l;
+  OK(moe_layer_create(&cfg, &l));
+  moe_context *ctx;
+  OK(moe_context_create(l, &ctx));
+  const int64_t T = 6, d = cfg.d_model;
+  float *x = malloc(sizeof(float) * T * d), *y = malloc(sizeof(float) * T * d), *dy = malloc(sizeof(float) * T * d);
+  for (int64_t i = 0; i < T * d; ++i) {
+    x[i] = value(i + 7000 * (uint64_t)rank_, 4);
+    dy[i] = value(i + 7000 * (uint64_t)rank_, 5);
+  }
+  OK(moe_forward(l, x, T, y, ctx)); /* a healthy step first: the comm works */
+  OK(moe_backward(l, ctx, dy, NULL));
+  const int64_t nw = (int64_t)cfg.num_experts / size * cfg.d_ff * d;
+  float *w_before = malloc(sizeof(float) * nw), *w_after = malloc(sizeof(float) * nw);
+  OK(moe_layer_get_param(l, "experts.w1", w_before, nw));
+  OK(moe_mpi_comm_set_timeout(comm, deadline));
+
+  if (rank_ != size - 1) {
+    const double t0 = now();
+    moe_status s = moe_forward(l, x, T, y, ctx);
+    const double waited = now() - t0;
+    char msg[2048];
+    snprintf(msg, sizeof msg, "%s", moe_last_error());
+    CHECK(s == MOE_ERR_COMM, "a forward with a missing rank gave %s: %s", moe_status_name(s), msg);
+    CHECK(waited >= 0.9 * deadline && waited < deadline + 10.0, "it returned after %.2f s, the deadline is %.1f s",
+          waited, deadline);
+    char who[64];
+    snprintf(who, sizeof who, "rank %d of %d did not answer within 1.5 s", size - 1, size);
+    CHECK(strstr(msg, "comm->exchange_rows returned MOE_ERR_COMM: exchange_rows (all-to-all of rows): ") && strstr(msg, who),
+          "the text does not name the exchange and the missing rank: '%s'", msg);
+    if (rank_ == 0) printf("a missing rank reads: %s (after %.2f s)\n", msg, waited);
+    moe_stats st = {sizeof(moe_stats)};
+    CHECK(moe_context_stats(ctx, &st) == MOE_ERR_STATE, "the context is not empty after the failure");
+    CHECK(moe_backward(l, ctx, dy, NULL) == MOE_ERR_STATE, "backward ran on the failed forward's context");
+    OK(moe_layer_get_param(l, "experts.w1", w_after, nw));
+    CHECK(memcmp(w_before, w_after, sizeof(float) * nw) == 0, "the failed forward changed experts.w1");
+    /* The comm is unusable now, and says so without waiting again. */
+    const double t1 = now();
+    s = moe_forward(l, x, T, y, NULL);
+    CHECK(s == MOE_ERR_COMM && strstr(moe_last_error(), "not attempted: an earlier exchange failed") &&
+              now() - t1 < 0.5 * deadline,
+          "the next forward gave %s after %.2f s: %s", moe_status_name(s), now() - t1, moe_last_error());
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  moe_context_destroy(ctx);
+  moe_layer_destroy(l);
+  moe_mpi_comm_destroy(comm);
+  free(x), free(y), free(dy), free(w_before), free(w_after);
+}
+
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
+  CHECK(moe_mpi_init() == MOE_OK, "moe_mpi_init after MPI_Init is not a no-op");
   int size;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
   MPI_Comm_size(MPI_COMM_WORLD, &size);
   for (int v = 0; v < 2; ++v) run_variant(v, size);
   check_comm_reason(size);
+  check_deadline(size);
   int total = 0;
   MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   if (rank_ == 0) printf("expert parallel over %d ranks: %s (%d failed checks)\n", size, total ? "FAIL" : "ok", total);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  CHECK(moe_mpi_finalize() == MOE_OK, "moe_mpi_finalize failed");
+  moe_comm *late = NULL;
+  CHECK(moe_mpi_init() == MOE_ERR_STATE, "moe_mpi_init after MPI_Finalize did not give MOE_ERR_STATE");
+  CHECK(moe_mpi_comm_create_world(&late) == MOE_ERR_STATE && late == NULL,
+        "moe_mpi_comm_create_world after MPI_Finalize did not give MOE_ERR_STATE");
+  CHECK(moe_mpi_finalize() == MOE_OK, "a second moe_mpi_finalize is not a no-op");
+  return total || failures ? 1 : 0;
 }

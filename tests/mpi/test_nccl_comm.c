@@ -45,6 +45,12 @@ static void check_arguments_without_device(void) {
   s = moe_nccl_comm_create(NULL, NULL, NULL);
   CHECK(s == MOE_ERR_INVALID_ARGUMENT, "create(NULL, NULL, NULL) gave %s", moe_status_name(s));
   moe_nccl_comm_destroy(NULL); /* a no-op */
+  s = moe_nccl_comm_set_timeout(NULL, 5.0);
+  CHECK(s == MOE_ERR_INVALID_ARGUMENT, "set_timeout(NULL) gave %s", moe_status_name(s));
+  moe_comm foreign = {sizeof(moe_comm), 1, 0, NULL, NULL, NULL, NULL};
+  s = moe_nccl_comm_set_timeout(&foreign, 5.0);
+  CHECK(s == MOE_ERR_INVALID_ARGUMENT && strstr(moe_nccl_last_error(), "moe_nccl_comm_create"),
+        "set_timeout(a comm of another library) gave %s: '%s'", moe_status_name(s), moe_nccl_last_error());
 }
 
 static unsigned char tag(size_t i, unsigned salt) { return (unsigned char)((i * 131u + salt * 17u + 7u) & 0xffu); }
@@ -65,7 +71,7 @@ static int rows_roundtrip(const moe_comm *c, cudaStream_t stream, int64_t rows, 
   const int64_t counts[1] = {rows};
   moe_status s = c->exchange_rows(c->user, send, counts, recv, counts, row_bytes, stream);
   CHECK(s == MOE_OK, "exchange_rows(%lld rows of %zu bytes) gave %s", (long long)rows, row_bytes, moe_status_name(s));
-  CUDA(cudaStreamSynchronize(stream)); /* the hook does not wait */
+  CUDA(cudaStreamSynchronize(stream)); /* without a deadline the hook would not wait */
   CUDA(cudaMemcpy(back, recv, bytes + 1, cudaMemcpyDeviceToHost));
   int same = memcmp(back, host, bytes) == 0;
   CHECK(same, "exchange_rows(%lld rows of %zu bytes) did not copy the rows", (long long)rows, row_bytes);

@@ -43,7 +43,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from ._layer import Layer
-from .errors import ArgumentTypeError, InvalidArgumentError, StateError
+from .errors import ArgumentTypeError, InvalidArgumentError, StateError, UnsupportedError
 
 __all__ = ["MoE"]
 
@@ -185,7 +185,8 @@ class MoE(nn.Module):
     libmoe.CONFIG_FIELDS); preset: start from a libmoe preset ("mixtral", ...); device: torch
     device ("cpu", "cuda:0"); dtype: torch.float32 (default), torch.bfloat16 or torch.float16, on
     either device: the dtype of activations and of the expert weights; aux_loss: "add" or
-    "return" (see the module docstring).
+    "return" (see the module docstring); ep_group: a torch.distributed process group over whose
+    ranks the experts are spread (expert parallelism, CPU; see libmoe.distributed).
 
     Input [..., d_model] in dtype on device; output the same shape and dtype. Expert weights
     (``experts.*``, ``shared.w1/w3/w2``) are parameters of dtype; the router's (``router.*``,
@@ -219,7 +220,7 @@ class MoE(nn.Module):
         self._engine.aux_loss_scale = scale
 
     def __init__(self, d_model=None, d_ff=None, num_experts=None, top_k=None, *, preset=None, device=None,
-                 dtype=None, aux_loss="add", **config):
+                 dtype=None, aux_loss="add", ep_group=None, **config):
         super().__init__()
         if aux_loss not in ("add", "return"):
             raise InvalidArgumentError(f"aux_loss={aux_loss!r}: expected 'add' or 'return'")
@@ -240,7 +241,12 @@ class MoE(nn.Module):
             config["device_index"] = dev.index
         self.aux_loss_mode = aux_loss
         self._dtype = dtype
-        self._layer = Layer(preset=preset, **config)
+        self._ep_group = ep_group
+        if ep_group is None:
+            self._layer = Layer(preset=preset, **config)
+        else:
+            from . import distributed
+            self._layer = distributed.Layer(ep_group, preset=preset, **config)
         self._bind()
         self.aux_loss = torch.zeros((), dtype=torch.float32, device=dev)
         self.last_stats = None
@@ -311,6 +317,8 @@ class MoE(nn.Module):
             raise ArgumentTypeError(f"libmoe.torch.MoE keeps {kept} (asked for {probe.dtype}); the dtype is chosen at "
                             f"construction with dtype=")
         if probe.device != self._device:
+            if self.__dict__.get("_ep_group") is not None:
+                raise UnsupportedError(f"an expert-parallel libmoe.torch.MoE stays on {self._device}")
             cfg = self._layer.config
             dev = _torch_device(probe.device)
             cfg["device"] = dev.type
@@ -324,6 +332,9 @@ class MoE(nn.Module):
 
     # ---- pickling / deepcopy: the Layer pickles itself (config + parameters), then rebind ----------
     def __getstate__(self):
+        if self.__dict__.get("_ep_group") is not None:
+            raise TypeError("an expert-parallel libmoe.torch.MoE cannot be pickled or deep-copied: it holds this "
+                            "rank's experts and a process group; save its state_dict() instead")
         state = self.__dict__.copy()
         state.pop("_engine", None)
         state.pop("_params", None)

@@ -125,3 +125,11 @@ static PyObject *moe_python_from_address(void *p) {
 %typemap(argout) int64_t *count {
   $result = SWIG_Python_AppendOutput($result, PyLong_FromLongLong((long long)tmp$argnum));
 }
+
+/* ---- expert parallelism: a moe_comm made in Python ------------------------------------------- */
+/* libmoe.distributed builds a moe_comm (hooks over a torch.distributed process group) with ctypes
+   and hands its address here. Borrowed, as cfg->comm is: the comm must outlive every layer made
+   from this config (libmoe.distributed's Layer keeps it alive with the layer's handle). */
+%extend moe_config {
+  void set_comm_address(unsigned long long address) { $self->comm = (const moe_comm *)(uintptr_t)address; }
+}

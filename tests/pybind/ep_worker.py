@@ -1,0 +1,188 @@
+"""One rank of the torch.distributed expert-parallel tests (test_torch_ep.py starts R of them).
+
+    ep_worker.py equal    RANK SIZE INIT_METHOD
+    ep_worker.py deadline RANK SIZE INIT_METHOD TIMEOUT_S FLAG_FILE
+
+equal: libmoe.torch.MoE(ep_group=WORLD) on this rank's tokens against one libmoe.torch.MoE holding
+every expert on the global batch (the concatenation of every rank's tokens), two configurations:
+outputs, dx, aux loss and statistics, the router bias after its update, the replicated gradients
+summed over the ranks and the local experts' gradients; and libmoe.distributed.Layer (numpy) the same.
+deadline: the last rank skips a training forward; the others must raise libmoe.CommError within
+the process group's timeout, naming the exchange and the rank, with parameters unchanged, and fail
+at once afterwards. Exit status 0 when every check held on this rank.
+"""
+
+import datetime
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import libmoe
+import libmoe.distributed
+import libmoe.torch as lt
+
+FAILURES = []
+
+
+def check(cond, message):
+    if not cond:
+        FAILURES.append(message)
+        print(f"rank {RANK}: FAIL {message}", flush=True)
+
+
+def rel(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+CONFIGS = [
+    dict(d_model=16, d_ff=24, num_experts=8, top_k=2, seed=11, aux_loss_coef=0.01, z_loss_coef=0.001,
+         importance_loss_coef=0.01),
+    dict(d_model=16, d_ff=24, num_experts=8, top_k=2, seed=5, score="sigmoid", num_groups=4, topk_groups=2,
+         routed_scale=2.0, num_shared_experts=1, shared_gate=True, bias_update_rate=0.01, activation="geglu",
+         aux_loss_coef=0.01, z_loss_coef=0.001),
+]
+
+
+def tokens_per_rank(variant, size):
+    return [0 if (variant == 1 and r == 1) else 5 + 3 * r for r in range(size)]
+
+
+def run_equal(variant, size):
+    cfg = CONFIGS[variant]
+    counts = tokens_per_rank(variant, size)
+    first, T, Tg = sum(counts[:RANK]), counts[RANK], sum(counts)
+    g = torch.Generator().manual_seed(100 + variant)
+    xg = torch.randn(Tg, cfg["d_model"], generator=g)
+    dyg = torch.randn(Tg, cfg["d_model"], generator=g)
+
+    ref = lt.MoE(**cfg)
+    xr = xg.clone().requires_grad_(True)
+    yr = ref(xr)
+    (yr * dyg).sum().backward()
+
+    ep = lt.MoE(**cfg, ep_group=dist.group.WORLD)
+    E, local = cfg["num_experts"], cfg["num_experts"] // size
+    experts = slice(RANK * local, (RANK + 1) * local)
+    ref_bias = ref.router.bias.detach().clone()
+    for name, p in ep.state_dict().items():
+        want = ref.state_dict()[name]
+        if name.startswith("experts."):
+            check(p.shape[0] == local and want.shape[0] == E, f"{name}: shape {tuple(p.shape)} of {tuple(want.shape)}")
+            want = want[experts]
+        if name != "router.bias":  # the reference's bias has had its update already
+            check(torch.equal(p, want), f"variant {variant}: {name} does not start as the reference's slice")
+
+    x = xg[first:first + T].clone().requires_grad_(True)
+    y = ep(x)
+    (y * dyg[first:first + T]).sum().backward()
+
+    tag = f"variant {variant}, {size} ranks"
+    if T:
+        check(rel(y.detach(), yr.detach()[first:first + T]) < 1e-5, f"{tag}: y differs")
+        check(rel(x.grad, xr.grad[first:first + T]) < 1e-5, f"{tag}: dx differs")
+    check(abs(ep.aux_loss.item() - ref.aux_loss.item()) <= 1e-5 * abs(ref.aux_loss.item()),
+          f"{tag}: aux loss {ep.aux_loss.item()} vs {ref.aux_loss.item()}")
+    check(ref.aux_loss.item() > 0, f"{tag}: the reference's aux loss is {ref.aux_loss.item()}")
+    for key in ("load_balance_loss", "z_loss", "importance_loss", "aux_loss_total", "load_cv"):
+        a, b = ep.last_stats[key], ref.last_stats[key]
+        check(abs(a - b) <= 1e-4 * abs(b) + 1e-7, f"{tag}: stats {key} {a} vs {b}")
+    check(ep.last_stats["num_tokens"] == T, f"{tag}: num_tokens {ep.last_stats['num_tokens']}, this rank's {T}")
+    if cfg.get("bias_update_rate"):
+        check(torch.equal(ep.router.bias, ref.router.bias), f"{tag}: router.bias after the update differs")
+        check(not torch.equal(ref.router.bias, torch.zeros_like(ref_bias)), f"{tag}: the bias update did nothing")
+
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        want = ref_params[name].grad
+        got = p.grad.clone()
+        if name.startswith("experts."):
+            want = want[experts]
+        else:
+            dist.all_reduce(got)  # replicated: each rank holds its share
+        check(float(want.abs().max()) > 0, f"{tag}: the reference's grad of {name} is zero")
+        check(rel(got, want) < 1e-5, f"{tag}: grad of {name} differs: rel err {rel(got, want):.3g}")
+
+    # The numpy Layer over the same group gives the same forward.
+    lay = libmoe.distributed.Layer(dist.group.WORLD, **cfg)
+    check(lay.comm.size == size and lay.comm.rank == RANK, f"{tag}: comm {lay.comm}")
+    ctx = lay.context()
+    yn = lay.forward(np.ascontiguousarray(xg[first:first + T].numpy()), ctx)
+    if T:
+        check(rel(yn, yr.detach()[first:first + T]) < 1e-5, f"{tag}: libmoe.distributed.Layer's y differs")
+    check(lay.get_param("experts.w1").shape[0] == local, f"{tag}: Layer experts.w1 {lay.get_param('experts.w1').shape}")
+
+
+def run_deadline(size, timeout, flag):
+    cfg = CONFIGS[0]
+    # The world group has a generous timeout; the layer's group the short one under test.
+    group = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
+    ep = lt.MoE(**cfg, ep_group=group)
+    x = torch.randn(6, cfg["d_model"])
+    dist.barrier()  # the ranks start the healthy step together (they share cores with others)
+    ep(x).sum().backward()  # a healthy step first
+    if RANK == size - 1:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        check(os.path.exists(flag), "the other ranks never finished")
+        return
+    before = {k: v.clone() for k, v in ep.state_dict().items()}
+    t0 = time.monotonic()
+    try:
+        ep(x)
+        check(False, "a forward with a missing rank returned")
+    except libmoe.CommError as e:
+        waited = time.monotonic() - t0
+        msg = str(e)
+        print(f"rank {RANK}: a missing rank reads: {msg} (after {waited:.2f} s)", flush=True)
+        check(0.8 * timeout <= waited < timeout + 15, f"it failed after {waited:.2f} s; the group's timeout is {timeout} s")
+        check("moe_forward" in msg and "all_to_all_single" in msg and f"on rank {RANK} of {size}" in msg,
+              f"the text does not name the call, the exchange and the rank: {msg!r}")
+    after = ep.state_dict()
+    for k, v in before.items():
+        check(torch.equal(v, after[k]), f"the failed forward changed {k}")
+    check(ep.layer.comm.broken is not None, "the comm does not say it is broken")
+    t1 = time.monotonic()
+    try:
+        ep(x)
+        check(False, "a forward on the broken comm returned")
+    except libmoe.CommError as e:
+        check("not attempted" in str(e) and time.monotonic() - t1 < 1.0,
+              f"the next forward took {time.monotonic() - t1:.2f} s: {e}")
+    with open(flag + f".{RANK}", "w"):
+        pass
+    if all(os.path.exists(flag + f".{r}") for r in range(size - 1)):
+        open(flag, "w").close()
+
+
+def main(argv):
+    global RANK
+    mode, RANK, size, init = argv[0], int(argv[1]), int(argv[2]), argv[3]
+    timeout = float(argv[4]) if mode == "deadline" else 60.0
+    torch.manual_seed(1 + RANK)
+    dist.init_process_group("gloo", init_method=init, rank=RANK, world_size=size,
+                            timeout=datetime.timedelta(seconds=60))
+    if mode == "equal":
+        for variant in range(len(CONFIGS)):
+            run_equal(variant, size)
+        dist.barrier()
+        dist.destroy_process_group()
+    else:
+        run_deadline(size, timeout, argv[5])
+    print(f"rank {RANK} of {size}: {mode}: {'FAIL' if FAILURES else 'ok'} ({len(FAILURES)} failed checks) "
+          f"on {socket.gethostname()}", flush=True)
+    if mode == "deadline":
+        # A group whose collective timed out cannot be torn down in order (its peers are gone or
+        # out of step): leave without running torch's exit-time teardown.
+        os._exit(1 if FAILURES else 0)
+    return 1 if FAILURES else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
