@@ -5,28 +5,30 @@
 #include <memory>
 
 #include "cuda/cuda.h"
+#include "cuda/status.h"
 
 namespace moe::cuda {
 
 void check(cudaError_t e, const char *what) {
   if (e == cudaSuccess) return;
   cudaGetLastError();  // clear a non-sticky error so the layer stays usable
-  fail(e == cudaErrorMemoryAllocation ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s (%s)", what,
-       cudaGetErrorString(e), cudaGetErrorName(e));
+  fail(status_of(e), "%s failed: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
 void check(cublasStatus_t s, const char *what) {
   if (s == CUBLAS_STATUS_SUCCESS) return;
   cudaGetLastError();
-  fail(s == CUBLAS_STATUS_ALLOC_FAILED ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s", what,
-       cublasGetStatusString(s));
+  const moe_status st = status_of(s);
+  fail(st, "%s failed: %s%s", what, cublasGetStatusString(s),
+       st == MOE_ERR_INTERNAL ? " (the arguments libmoe passed were refused: a bug in libmoe)" : "");
 }
 
 void check_launch(const char *kernel) {
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    fail(MOE_ERR_DEVICE, "launching the %s kernel failed: %s (%s)", kernel, cudaGetErrorString(e),
-         cudaGetErrorName(e));
+  if (e == cudaSuccess) return;
+  const moe_status st = launch_status_of(e);
+  fail(st, "launching the %s kernel failed: %s (%s)%s", kernel, cudaGetErrorString(e), cudaGetErrorName(e),
+       st == MOE_ERR_INTERNAL ? ": a launch configuration the device refuses is a bug in libmoe" : "");
 }
 
 DeviceScope::DeviceScope(int device) {
@@ -46,20 +48,22 @@ void DeviceMemory::ensure(size_t bytes, State &st) {
   if (p_ && bytes_ >= bytes) return;
   void *p = nullptr;
   check(cudaMallocFromPoolAsync(&p, bytes, st.pool, st.stream), "cudaMallocFromPoolAsync");
-  DeviceMemory fresh;
-  fresh.p_ = p;
-  fresh.bytes_ = bytes;
-  fresh.stream_ = &st.stream;
-  swap(fresh);  // the old memory is freed on its stream, after the work queued on it
+  void *old = p_;
+  p_ = p;
+  bytes_ = bytes;
+  stream_ = &st.stream;
+  // On the stream, after the work queued on it; a failed free is reported by this call.
+  if (old) check(cudaFreeAsync(old, st.stream), "cudaFreeAsync");
 }
 
 void PinnedMemory::ensure(size_t bytes) {
   if (p_ && bytes_ >= bytes) return;
   void *p = nullptr;
   check(cudaMallocHost(&p, bytes), "cudaMallocHost");
-  if (p_) cudaFreeHost(p_);
+  void *old = p_;
   p_ = p;
   bytes_ = bytes;
+  if (old) check(cudaFreeHost(old), "cudaFreeHost");
 }
 
 State::~State() {
