@@ -87,7 +87,7 @@ typedef struct moe_plan_args {
   float *row_weight;         /* [T*k] out: weight of row r */
   int64_t *offsets;          /* host [E+1] out: rows of expert e are [offsets[e], offsets[e+1]) */
   int64_t *kept;             /* host [E] out: rows kept per expert */
-  double *weight_sum;        /* host [E] out: sum of kept weights per expert, in row order */
+  double *weight_sum;        /* host [E] out: sum of kept weights per expert, in the order of core/weight_sum.h */
   /* expert choice: each expert takes its `capacity` best tokens by scores[:, e] */
   int expert_choice;
   const float *scores;       /* [T,E] */

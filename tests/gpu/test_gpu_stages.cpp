@@ -856,12 +856,53 @@ TEST_F(GpuStages, PlanTokenChoice) {
     }
     EXPECT_TRUE(same("offsets (host)", rg.offsets, rc.offsets));
     EXPECT_TRUE(same("kept (host)", rg.kept, rc.kept));
-    EXPECT_TRUE(same("weight_sum (host, row order)", rg.weight_sum, rc.weight_sum));
+    EXPECT_TRUE(same("weight_sum (host, core/weight_sum.h order)", rg.weight_sum, rc.weight_sum));
     EXPECT_TRUE(same("row_of_slot", rg.row_of_slot, rc.row_of_slot));
     EXPECT_TRUE(same("row_token", rg.row_token, rc.row_token, static_cast<size_t>(R)));
     EXPECT_TRUE(same("row_slot", rg.row_slot, rc.row_slot, static_cast<size_t>(R)));
     EXPECT_TRUE(same("row_weight", rg.row_weight, rc.row_weight, static_cast<size_t>(R)));
   }
+}
+
+// The per-expert weight sums on experts large enough that every lane of core/weight_sum.h takes
+// several chunks (more than 2 * 128 * 32 rows), and on one with a single partial chunk: the same bits
+// as the CPU backend, whose order the unit test CpuPlan.WeightSumFollowsTheFixedOrder writes out.
+TEST_F(GpuStages, PlanWeightSumsOfLargeExperts) {
+  const int64_t T = 20000, E = 4, k = 2;
+  Rng rng(250);
+  std::vector<int32_t> ids(T * k);
+  for (int64_t t = 0; t < T; ++t) {
+    // Experts 0-2 share almost every slot; expert 3 takes every 1000th token's first choice.
+    ids[t * k] = static_cast<int32_t>(t % 1000 == 0 ? 3 : rng.below(3));
+    ids[t * k + 1] = static_cast<int32_t>((ids[t * k] + 1 + rng.below(2)) % 3);
+  }
+  std::vector<float> w(T * k);
+  for (float &v : w) v = rng.uniform(1e-4f, 1.0f) * (rng.chance(10) ? 1e-3f : 1.0f);
+  auto run = [&](Side &s, std::vector<int64_t> &offsets) {
+    std::vector<int64_t> kept(E, -7);
+    std::vector<double> sums(E, kDNaN);
+    offsets.assign(E + 1, -7);
+    moe_plan_args a = moe_test::plan_args(T, E, k, -1);
+    a.topk_ids = s.put(ids);
+    a.topk_w = s.put(w);
+    a.row_of_slot = s.out<int32_t>(T * k, -7);
+    a.row_token = s.out<int32_t>(T * k, -7);
+    a.row_slot = s.out<int32_t>(T * k, -7);
+    a.row_weight = s.out<float>(T * k, kNaN);
+    a.offsets = offsets.data();
+    a.kept = kept.data();
+    a.weight_sum = sums.data();
+    a.scores = s.out<float>(T * E, kNaN);
+    EXPECT_TRUE(s.ok(s.ops()->plan(s.st(), &a), "plan"));
+    return sums;
+  };
+  Side c(cpu_, cs_), g(gpu_, gs_);
+  std::vector<int64_t> oc, og;
+  const std::vector<double> rc = run(c, oc), rg = run(g, og);
+  EXPECT_TRUE(same("offsets (host)", og, oc));
+  for (int64_t e = 0; e < 3; ++e) EXPECT_GT(oc[e + 1] - oc[e], 2 * 128 * 32) << "expert " << e;
+  EXPECT_LE(oc[4] - oc[3], 32) << "expert 3 should fit one chunk";
+  EXPECT_TRUE(same("weight_sum (host, core/weight_sum.h order)", rg, rc));
 }
 
 TEST_F(GpuStages, PlanExpertChoice) {
@@ -915,7 +956,7 @@ TEST_F(GpuStages, PlanExpertChoice) {
       EXPECT_EQ(rc.offsets[E], rows);
       EXPECT_TRUE(same("offsets (host)", rg.offsets, rc.offsets));
       EXPECT_TRUE(same("kept (host)", rg.kept, rc.kept));
-      EXPECT_TRUE(same("weight_sum (host, row order)", rg.weight_sum, rc.weight_sum));
+      EXPECT_TRUE(same("weight_sum (host, core/weight_sum.h order)", rg.weight_sum, rc.weight_sum));
       EXPECT_TRUE(same("row_token", rg.row_token, rc.row_token));
       EXPECT_TRUE(same("row_slot", rg.row_slot, rc.row_slot));
       EXPECT_TRUE(same("row_weight", rg.row_weight, rc.row_weight));
