@@ -119,7 +119,9 @@ moe_status create(const moe_config *cfg, void **state) {
            s->device, major, minor);
     // A pool of the layer's own that keeps what it frees: the routing waits on the host every
     // forward, and the default pool would hand memory back to the driver at each wait. Its own,
-    // so the application's default pool keeps its settings.
+    // so the application's default pool keeps its settings, and so that what it keeps is given
+    // back when the core says memory was freed for good (`reserved` with trim: a context
+    // destroyed, a buffer replaced by a larger one), not held as each layer's peak for ever.
     cudaMemPoolProps props{};
     props.allocType = cudaMemAllocationTypePinned;
     props.location.type = cudaMemLocationTypeDevice;
@@ -237,11 +239,26 @@ moe_status synchronize(void *state) {
 
 void *stream_of(void *state) { return static_cast<State *>(state)->stream; }
 
+// Trimming gives back what no buffer holds: the layer's pool keeps freed memory for reuse
+// (cudaMemPoolAttrReleaseThreshold is UINT64_MAX, so that the routing's host wait each forward
+// does not hand it back), and the core asks for it when memory has been freed for good.
+moe_status reserved(void *state, int trim, size_t *bytes) {
+  return guarded(state, [&](State &st) {
+    if (trim) {
+      check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize");
+      check(cudaMemPoolTrimTo(st.pool, 0), "cudaMemPoolTrimTo");
+    }
+    uint64_t held = 0;
+    check(cudaMemPoolGetAttribute(st.pool, cudaMemPoolAttrReservedMemCurrent, &held), "cudaMemPoolGetAttribute");
+    *bytes = static_cast<size_t>(held);
+  });
+}
+
 const moe_backend_ops kOps = {
     MOE_BACKEND_ABI, "cuda", create, destroy, last_error, set_stream, alloc, release, memset_zero, upload, download,
     copy, check_pointer, find_nonfinite, convert, synchronize,
     gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
-    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, stream_of,
+    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, stream_of, reserved,
 };
 
 }  // namespace

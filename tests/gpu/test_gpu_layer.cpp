@@ -710,6 +710,40 @@ TEST_F(GpuLayerApi, SetStream) {
   EXPECT_EQ(moe_layer_set_stream(cpu.get(), stream), MOE_ERR_INVALID_ARGUMENT);
 }
 
+// A CUDA layer's memory pool holds its buffers and those of its contexts (device_pool), keeps what
+// is freed for reuse, and gives a context's memory back to the device when the context is destroyed.
+TEST_F(GpuLayerApi, DevicePoolGivesBackAContextsMemory) {
+  const int64_t T = 8192, d = cfg_.d_model;
+  LayerPtr l = layer(9);
+  ASSERT_TRUE(l);
+  auto memory = [&] {
+    moe_memory m{};
+    m.struct_size = sizeof m;
+    EXPECT_EQ(moe_layer_memory(l.get(), &m), MOE_OK) << moe_last_error();
+    return m;
+  };
+  const moe_memory m0 = memory();
+  EXPECT_GE(m0.device_pool, m0.parameters + m0.gradients);
+  Rng rng(10);
+  Io io(true, MOE_DTYPE_F32, T * d);
+  io.put(Io::X, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
+  io.put(Io::DY, rng.nonzeros(static_cast<size_t>(T * d), 1.0f));
+  ContextPtr ctx = moe_test::make_context(l.get());
+  ASSERT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y), ctx.get()), MOE_OK) << moe_last_error();
+  ASSERT_EQ(moe_backward(l.get(), ctx.get(), io.ptr(Io::DY), io.ptr(Io::DX)), MOE_OK) << moe_last_error();
+  size_t ctx_bytes = 0;
+  ASSERT_EQ(moe_context_memory(ctx.get(), &ctx_bytes), MOE_OK);
+  ASSERT_GT(ctx_bytes, size_t{16} << 20) << "the test wants a context far larger than the pool's granularity";
+  const moe_memory m1 = memory();
+  EXPECT_GE(m1.device_pool, m1.parameters + m1.gradients + m1.workspace + ctx_bytes);
+  ctx.reset();
+  const moe_memory m2 = memory();
+  EXPECT_LE(m2.device_pool + ctx_bytes / 2, m1.device_pool) << "the destroyed context's memory stayed in the pool";
+  EXPECT_GE(m2.device_pool, m2.parameters + m2.gradients + m2.workspace);
+  // The layer still works, and its next context is allocated anew.
+  EXPECT_EQ(moe_forward(l.get(), io.ptr(Io::X), T, io.ptr(Io::Y2), nullptr), MOE_OK) << moe_last_error();
+}
+
 TEST_F(GpuLayerApi, MissingDeviceIsRefused) {
   for (int index : {gpu_test::device_count(), gpu_test::device_count() + 7}) {
     moe_config c = cfg_;

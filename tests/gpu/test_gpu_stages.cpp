@@ -312,7 +312,7 @@ TEST_F(GpuStages, TableIsComplete) {
       reinterpret_cast<const void *>(gpu_->shared_combine_bwd), reinterpret_cast<const void *>(gpu_->combine_bwd),
       reinterpret_cast<const void *>(gpu_->expert_ffn_bwd), reinterpret_cast<const void *>(gpu_->dispatch_bwd),
       reinterpret_cast<const void *>(gpu_->select_bwd),     reinterpret_cast<const void *>(gpu_->gate_bwd),
-      reinterpret_cast<const void *>(gpu_->stream),
+      reinterpret_cast<const void *>(gpu_->stream),         reinterpret_cast<const void *>(gpu_->reserved),
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; ++i) EXPECT_NE(fns[i], nullptr) << "entry " << i;
   EXPECT_NE(gpu_->last_error(gs_), nullptr);
@@ -320,6 +320,24 @@ TEST_F(GpuStages, TableIsComplete) {
   if (gpu_->stream) {
     EXPECT_NE(gpu_->stream(gs_), nullptr);
   }
+}
+
+// The pool holds what is allocated from it, keeps what is freed, and gives that back when trimmed.
+TEST_F(GpuStages, ReservedAndTrim) {
+  ASSERT_NE(gpu_->reserved, nullptr);
+  size_t before = 0, held = 0, kept = 0, trimmed = 0;
+  ASSERT_EQ(gpu_->reserved(gs_, 1, &before), MOE_OK) << gpu_->last_error(gs_);
+  const size_t big = size_t{64} << 20;
+  void *p = nullptr;
+  ASSERT_EQ(gpu_->alloc(gs_, big, &p), MOE_OK) << gpu_->last_error(gs_);
+  ASSERT_EQ(gpu_->reserved(gs_, 0, &held), MOE_OK) << gpu_->last_error(gs_);
+  EXPECT_GE(held, before + big);
+  gpu_->free(gs_, p);
+  ASSERT_EQ(gpu_->synchronize(gs_), MOE_OK);
+  ASSERT_EQ(gpu_->reserved(gs_, 0, &kept), MOE_OK) << gpu_->last_error(gs_);
+  EXPECT_GE(kept, before + big) << "freed memory is kept for reuse until a trim";
+  ASSERT_EQ(gpu_->reserved(gs_, 1, &trimmed), MOE_OK) << gpu_->last_error(gs_);
+  EXPECT_LT(trimmed, before + big) << "a trim gives what no buffer holds back to the device";
 }
 
 TEST_F(GpuStages, CreateOnAMissingDeviceFails) {
