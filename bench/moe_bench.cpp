@@ -354,6 +354,7 @@ struct Measured {
   int64_t experts_touched = 0;  // experts with at least one row in this batch
   size_t ctx_bytes = 0;         // what a training step keeps (moe_context_memory after it)
   moe_memory mem{};
+  size_t pool_after = 0;        // CUDA: the layer's memory pool once the context is destroyed
 };
 
 Measured run_single(const Options &o, int64_t tokens, Cuda *cu) {
@@ -394,6 +395,10 @@ Measured run_single(const Options &o, int64_t tokens, Cuda *cu) {
   m.mem.struct_size = sizeof m.mem;
   check(moe_layer_memory(layer, &m.mem), "moe_layer_memory");
   moe_context_destroy(ctx);
+  moe_memory after{};
+  after.struct_size = sizeof after;
+  check(moe_layer_memory(layer, &after), "moe_layer_memory");
+  m.pool_after = after.device_pool;
   moe_layer_destroy(layer);
   return m;
 }
@@ -508,6 +513,9 @@ int run(int argc, char **argv) {
                   "\"weight_bytes\": {\"fwd\": %.6g, \"fwdbwd\": %.6g}, \"saved_bytes_per_token\": %.1f",
                   i ? ", " : "", (long long)m.tokens, (long long)m.experts_touched, w.fwd_flops, w.fwdbwd_flops,
                   w.fwd_bytes, w.fwdbwd_bytes, m.tokens ? static_cast<double>(m.ctx_bytes) / m.tokens : 0.0);
+      if (on_cuda)
+        std::printf(", \"device_pool_bytes\": {\"with_context\": %zu, \"context_destroyed\": %zu}", m.mem.device_pool,
+                    m.pool_after);
       auto entry = [&](const char *name, double flops, double bytes, const Timing &t) {
         const double b = bound_ms(flops, bytes);
         std::printf(", \"%s\": {\"ms_median\": %.4f, \"ms_min\": %.4f, \"tokens_per_s\": %.1f, \"gflops\": %.2f, "
@@ -568,6 +576,14 @@ int run(int argc, char **argv) {
     };
     if (o.fwd) row("fwd", w.fwd_flops, w.fwd_bytes, m.tf);
     if (o.fwdbwd) row("fwd+bwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb);
+  }
+  if (on_cuda) {
+    // What each row's layer held from the device: its buffers, its context's, its scratch and what
+    // its pool kept for reuse; then what it still held once the context was destroyed.
+    std::printf("\ndevice pool (the layer's, after its last step)\n");
+    for (const Measured &m : rows)
+      std::printf("%7lld tokens: %9.1f MB with the training context, %9.1f MB once it is destroyed\n",
+                  (long long)m.tokens, m.mem.device_pool / 1e6, m.pool_after / 1e6);
   }
   if (rows.back().have_stats)
     std::printf("\nrouting    dropped slots %lld  load CV %.3f  max/mean load %.3f (last row)\n",

@@ -240,12 +240,18 @@ typedef struct moe_memory {
   size_t parameters;  /* storage of every parameter */
   size_t gradients;   /* their gradients */
   size_t workspace;   /* the layer's buffers for inference forwards */
+  size_t device_pool; /* CUDA layers: what the layer's memory pool holds from the device: the
+                         buffers above and those of its contexts, the backend's scratch, and
+                         memory freed but kept for reuse, which goes back to the device when a
+                         context is destroyed and after a call that outgrew a buffer. 0 for a
+                         CPU layer. */
 } moe_memory;
 
 /**
  * Fill *out with the bytes layer holds (min(out->struct_size, sizeof) bytes are written).
  * Thread-safe with respect to other readers of the layer.
- * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers or an out->struct_size too small.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for NULL pointers or an out->struct_size too small;
+ *         MOE_ERR_DEVICE if the CUDA layer's memory pool cannot be queried.
  */
 MOE_API moe_status moe_layer_memory(const moe_layer *layer, moe_memory *out);
 
@@ -331,7 +337,10 @@ typedef struct moe_context moe_context; /* what one training forward keeps for i
  */
 MOE_API moe_status moe_context_create(moe_layer *layer, moe_context **out);
 
-/** Free a context. NULL: no-op. */
+/**
+ * Free a context. NULL: no-op. On a CUDA layer its memory goes back to the device (the call waits
+ * for the layer's stream), not only to the layer's memory pool.
+ */
 MOE_API void moe_context_destroy(moe_context *ctx);
 
 /**

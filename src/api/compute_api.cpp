@@ -98,7 +98,12 @@ MOE_API void moe_context_destroy(moe_context *ctx) {
   if (!ctx) return;
   moe_layer *layer = ctx->layer;
   delete ctx;  // NOLINT: owned by the caller through the C handle
-  if (--layer->live_contexts == 0 && layer->destroyed) delete layer;  // NOLINT: deferred moe_layer_destroy
+  if (--layer->live_contexts == 0 && layer->destroyed) {
+    delete layer;  // NOLINT: deferred moe_layer_destroy
+    return;
+  }
+  // The context's workspace went back to the layer's device memory pool: give it to the device.
+  layer->backend->trim(true);
 }
 
 MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_tokens, void *y, moe_context *ctx) {
@@ -108,6 +113,7 @@ MOE_API moe_status moe_forward(moe_layer *layer, const void *x, int64_t num_toke
     check_tensors(layer, num_tokens, {{x, "x", false}, {y, "y", false}});
     check_finite(layer, x, num_tokens, "x");
     moe::forward(*layer, x, num_tokens, y, ctx, ctx ? moe::Mode::kTraining : moe::Mode::kInference);
+    layer->backend->trim(false);
   });
 }
 
@@ -128,6 +134,7 @@ MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *
     check_tensors(layer, T, {{dy, "dy", false}, {dx, "dx", true}});
     check_finite(layer, dy, T, "dy");
     moe::backward(*layer, *ctx, dy, dx);
+    layer->backend->trim(false);
   });
 }
 
@@ -147,6 +154,7 @@ MOE_API moe_status moe_route(moe_layer *layer, const void *x, int64_t num_tokens
     check_tensors(layer, num_tokens, {{x, "x", false}});
     check_finite(layer, x, num_tokens, "x");
     moe::forward(*layer, x, num_tokens, nullptr, ctx, moe::Mode::kRouteOnly);
+    layer->backend->trim(false);
   });
 }
 

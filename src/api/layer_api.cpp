@@ -198,6 +198,7 @@ MOE_API moe_status moe_layer_memory(const moe_layer *layer, moe_memory *out) {
       m.gradients += p.grad.bytes();
     }
     m.workspace = layer->ws.bytes();
+    m.device_pool = layer->backend->reserved();
     std::memcpy(out, &m, m.struct_size);
   });
 }

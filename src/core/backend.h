@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define MOE_BACKEND_ABI 3
+#define MOE_BACKEND_ABI 4
 
 /* Stages that run after an output was first written (the shared experts' expert_ffn after y; in
  * backward, expert_ffn_bwd, shared_combine_bwd and gate_bwd, which add to gradients) are first
@@ -87,7 +87,7 @@ typedef struct moe_plan_args {
   float *row_weight;         /* [T*k] out: weight of row r */
   int64_t *offsets;          /* host [E+1] out: rows of expert e are [offsets[e], offsets[e+1]) */
   int64_t *kept;             /* host [E] out: rows kept per expert */
-  double *weight_sum;        /* host [E] out: sum of kept weights per expert, in row order */
+  double *weight_sum;        /* host [E] out: sum of kept weights per expert, in the order of core/weight_sum.h */
   /* expert choice: each expert takes its `capacity` best tokens by scores[:, e] */
   int expert_choice;
   const float *scores;       /* [T,E] */
@@ -211,6 +211,13 @@ typedef struct moe_backend_ops {
   moe_status (*gate_bwd)(void *state, const moe_gate_args *a);
   /* the stream the stages run on (cudaStream_t), handed to moe_comm hooks; NULL for the CPU */
   void *(*stream)(void *state);
+  /* *bytes = the device memory the backend holds from its device: every buffer it allocated, its
+     own scratch, and memory freed but kept for reuse. With trim set, first gives back to the
+     device what none of those holds (waiting for the work queued on the stream, whose frees
+     return memory when they run). The core trims when a context is destroyed and after a call
+     that replaced a buffer by a larger one. NULL for a backend that keeps no memory of its own
+     (the CPU backend: its buffers are the process heap's). */
+  moe_status (*reserved)(void *state, int trim, size_t *bytes);
 } moe_backend_ops;
 
 /* The CPU backend, always linked in. */

@@ -39,7 +39,20 @@ Buffer Backend::alloc(size_t bytes) const {
 void Backend::ensure(Buffer &buf, size_t bytes) const {
   if (buf.get() && buf.bytes() >= bytes) return;
   Buffer fresh = alloc(bytes);
+  replaced_ = replaced_ || buf.get() != nullptr;
   buf = std::move(fresh);
+}
+
+size_t Backend::reserved() const {
+  size_t bytes = 0;
+  if (ops_->reserved) check(ops_->reserved(state_, 0, &bytes), "reserved");
+  return bytes;
+}
+
+void Backend::trim(bool always) const noexcept {
+  if (!ops_->reserved || !(always || replaced_)) return;
+  size_t bytes = 0;
+  if (ops_->reserved(state_, 1, &bytes) == MOE_OK) replaced_ = false;
 }
 
 void Backend::zero(void *p, size_t bytes) const { check(ops_->memset_zero(state_, p, bytes), "memset"); }

@@ -57,6 +57,13 @@ class Backend {
   Buffer alloc(size_t bytes) const;
   // Grow-only reuse: keeps buf when it is large enough.
   void ensure(Buffer &buf, size_t bytes) const;
+  // Device memory the backend holds (its `reserved` entry; 0 for a backend without one).
+  size_t reserved() const;
+  // Gives back to the device what the backend keeps but no buffer holds. Called when memory has
+  // been freed for good: a context destroyed (always), or a call that replaced a buffer by a
+  // larger one (only then: trimming waits for the stream). Never fails: a backend that cannot
+  // trim keeps its memory.
+  void trim(bool always) const noexcept;
   void zero(const Buffer &buf) const { zero(buf.get(), buf.bytes()); }
   void zero(void *p, size_t bytes) const;
   void upload(void *dst, const void *host, size_t bytes) const;
@@ -66,6 +73,7 @@ class Backend {
  private:
   const moe_backend_ops *ops_;
   void *state_ = nullptr;
+  mutable bool replaced_ = false;  // ensure() freed a smaller buffer since the last trim
 };
 
 }  // namespace moe

@@ -99,6 +99,7 @@ const moe_backend_ops kOps = {
     check_pointer, find_nonfinite, convert, synchronize,
     gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
     shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, no_stream,
+    nullptr,  // reserved: the CPU backend keeps no memory of its own
 };
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "core/weight_sum.h"
 #include "cpu/cpu.h"
 
 namespace moe::cpu {
@@ -63,11 +64,8 @@ moe_status plan(void *st, const moe_plan_args *a) {
   return guarded(st, [&] {
     if (a->expert_choice) {
       plan_expert_choice(a);
-      for (int64_t e = 0; e < a->E; ++e) {
-        double acc = 0.0;
-        for (int64_t r = a->offsets[e]; r < a->offsets[e + 1]; ++r) acc += a->row_weight[r];
-        a->weight_sum[e] = acc;
-      }
+      for (int64_t e = 0; e < a->E; ++e)
+        a->weight_sum[e] = ordered_weight_sum(a->row_weight, a->offsets[e], a->offsets[e + 1]);
       return;
     }
     const int64_t T = a->T, E = a->E, k = a->k, n = checked_mul(T, k, "num_tokens * top_k");
@@ -116,11 +114,8 @@ moe_status plan(void *st, const moe_plan_args *a) {
       a->row_slot[r] = static_cast<int32_t>(s);
       a->row_weight[r] = a->topk_w[s];
     }
-    for (int64_t e = 0; e < E; ++e) {
-      double acc = 0.0;
-      for (int64_t r = a->offsets[e]; r < a->offsets[e + 1]; ++r) acc += a->row_weight[r];
-      a->weight_sum[e] = acc;
-    }
+    for (int64_t e = 0; e < E; ++e)
+      a->weight_sum[e] = ordered_weight_sum(a->row_weight, a->offsets[e], a->offsets[e + 1]);
   });
 }
 

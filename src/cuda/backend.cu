@@ -5,28 +5,30 @@
 #include <memory>
 
 #include "cuda/cuda.h"
+#include "cuda/status.h"
 
 namespace moe::cuda {
 
 void check(cudaError_t e, const char *what) {
   if (e == cudaSuccess) return;
   cudaGetLastError();  // clear a non-sticky error so the layer stays usable
-  fail(e == cudaErrorMemoryAllocation ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s (%s)", what,
-       cudaGetErrorString(e), cudaGetErrorName(e));
+  fail(status_of(e), "%s failed: %s (%s)", what, cudaGetErrorString(e), cudaGetErrorName(e));
 }
 
 void check(cublasStatus_t s, const char *what) {
   if (s == CUBLAS_STATUS_SUCCESS) return;
   cudaGetLastError();
-  fail(s == CUBLAS_STATUS_ALLOC_FAILED ? MOE_ERR_OUT_OF_MEMORY : MOE_ERR_DEVICE, "%s failed: %s", what,
-       cublasGetStatusString(s));
+  const moe_status st = status_of(s);
+  fail(st, "%s failed: %s%s", what, cublasGetStatusString(s),
+       st == MOE_ERR_INTERNAL ? " (the arguments libmoe passed were refused: a bug in libmoe)" : "");
 }
 
 void check_launch(const char *kernel) {
   const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess)
-    fail(MOE_ERR_DEVICE, "launching the %s kernel failed: %s (%s)", kernel, cudaGetErrorString(e),
-         cudaGetErrorName(e));
+  if (e == cudaSuccess) return;
+  const moe_status st = launch_status_of(e);
+  fail(st, "launching the %s kernel failed: %s (%s)%s", kernel, cudaGetErrorString(e), cudaGetErrorName(e),
+       st == MOE_ERR_INTERNAL ? ": a launch configuration the device refuses is a bug in libmoe" : "");
 }
 
 DeviceScope::DeviceScope(int device) {
@@ -46,20 +48,22 @@ void DeviceMemory::ensure(size_t bytes, State &st) {
   if (p_ && bytes_ >= bytes) return;
   void *p = nullptr;
   check(cudaMallocFromPoolAsync(&p, bytes, st.pool, st.stream), "cudaMallocFromPoolAsync");
-  DeviceMemory fresh;
-  fresh.p_ = p;
-  fresh.bytes_ = bytes;
-  fresh.stream_ = &st.stream;
-  swap(fresh);  // the old memory is freed on its stream, after the work queued on it
+  void *old = p_;
+  p_ = p;
+  bytes_ = bytes;
+  stream_ = &st.stream;
+  // On the stream, after the work queued on it; a failed free is reported by this call.
+  if (old) check(cudaFreeAsync(old, st.stream), "cudaFreeAsync");
 }
 
 void PinnedMemory::ensure(size_t bytes) {
   if (p_ && bytes_ >= bytes) return;
   void *p = nullptr;
   check(cudaMallocHost(&p, bytes), "cudaMallocHost");
-  if (p_) cudaFreeHost(p_);
+  void *old = p_;
   p_ = p;
   bytes_ = bytes;
+  if (old) check(cudaFreeHost(old), "cudaFreeHost");
 }
 
 State::~State() {
@@ -115,7 +119,9 @@ moe_status create(const moe_config *cfg, void **state) {
            s->device, major, minor);
     // A pool of the layer's own that keeps what it frees: the routing waits on the host every
     // forward, and the default pool would hand memory back to the driver at each wait. Its own,
-    // so the application's default pool keeps its settings.
+    // so the application's default pool keeps its settings, and so that what it keeps is given
+    // back when the core says memory was freed for good (`reserved` with trim: a context
+    // destroyed, a buffer replaced by a larger one), not held as each layer's peak for ever.
     cudaMemPoolProps props{};
     props.allocType = cudaMemAllocationTypePinned;
     props.location.type = cudaMemLocationTypeDevice;
@@ -233,11 +239,26 @@ moe_status synchronize(void *state) {
 
 void *stream_of(void *state) { return static_cast<State *>(state)->stream; }
 
+// Trimming gives back what no buffer holds: the layer's pool keeps freed memory for reuse
+// (cudaMemPoolAttrReleaseThreshold is UINT64_MAX, so that the routing's host wait each forward
+// does not hand it back), and the core asks for it when memory has been freed for good.
+moe_status reserved(void *state, int trim, size_t *bytes) {
+  return guarded(state, [&](State &st) {
+    if (trim) {
+      check(cudaStreamSynchronize(st.stream), "cudaStreamSynchronize");
+      check(cudaMemPoolTrimTo(st.pool, 0), "cudaMemPoolTrimTo");
+    }
+    uint64_t held = 0;
+    check(cudaMemPoolGetAttribute(st.pool, cudaMemPoolAttrReservedMemCurrent, &held), "cudaMemPoolGetAttribute");
+    *bytes = static_cast<size_t>(held);
+  });
+}
+
 const moe_backend_ops kOps = {
     MOE_BACKEND_ABI, "cuda", create, destroy, last_error, set_stream, alloc, release, memset_zero, upload, download,
     copy, check_pointer, find_nonfinite, convert, synchronize,
     gate, select, plan, dispatch, expert_ffn, combine, shared_combine,
-    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, stream_of,
+    shared_combine_bwd, combine_bwd, expert_ffn_bwd, dispatch_bwd, select_bwd, gate_bwd, stream_of, reserved,
 };
 
 }  // namespace

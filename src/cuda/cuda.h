@@ -30,8 +30,10 @@ class DeviceMemory {
   }
   DeviceMemory(const DeviceMemory &) = delete;
   DeviceMemory &operator=(const DeviceMemory &) = delete;
+  // A destructor cannot report: a failed free is cleared here, so that the next kernel launch
+  // does not find it and report it as its own. ensure() frees through check() and reports.
   ~DeviceMemory() {
-    if (p_) cudaFreeAsync(p_, *stream_);
+    if (p_ && cudaFreeAsync(p_, *stream_) != cudaSuccess) cudaGetLastError();
   }
   void swap(DeviceMemory &o) noexcept {
     std::swap(p_, o.p_);
@@ -57,7 +59,7 @@ class PinnedMemory {
   PinnedMemory(const PinnedMemory &) = delete;
   PinnedMemory &operator=(const PinnedMemory &) = delete;
   ~PinnedMemory() {
-    if (p_) cudaFreeHost(p_);
+    if (p_ && cudaFreeHost(p_) != cudaSuccess) cudaGetLastError();
   }
   void ensure(size_t bytes);
   template <class T>
@@ -88,8 +90,9 @@ struct State {
   ~State();
 };
 
-// Throws moe::Error for a failed runtime call, naming the call; allocation failures are
-// MOE_ERR_OUT_OF_MEMORY, everything else MOE_ERR_DEVICE.
+// Throws moe::Error for a failed runtime or cuBLAS call, naming the call, with the status of
+// cuda/status.h: allocation failures are MOE_ERR_OUT_OF_MEMORY, arguments cuBLAS refuses
+// MOE_ERR_INTERNAL (they are libmoe's), the rest MOE_ERR_DEVICE.
 void check(cudaError_t e, const char *what);
 void check(cublasStatus_t s, const char *what);
 // After a kernel launch: a bad configuration is reported here, faults at the next sync.

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 
+#include "core/weight_sum.h"
 #include "cuda/cuda.h"
 #include "cuda/scratch.h"
 
@@ -78,13 +79,28 @@ __global__ void fill_rows_kernel(const int32_t *order, int64_t n, const int64_t 
   }
 }
 
-// Per expert, the sum of its rows' weights in double, in row order (as the CPU backend): one
-// thread per expert. E is small and the plan waits on the host right after anyway.
-__global__ void weight_sum_kernel(const float *row_weight, const int64_t *offsets, int64_t E, double *out) {
-  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < E; e += int64_t{gridDim.x} * blockDim.x) {
+// Per expert, the sum of its rows' weights in double, in the order of core/weight_sum.h (the CPU
+// backend's): one block of kWeightSumLanes threads per expert, thread i the lane i, then the
+// pairwise steps in shared memory.
+__global__ void __launch_bounds__(kWeightSumLanes)
+    weight_sum_kernel(const float *row_weight, const int64_t *offsets, int64_t E, double *out) {
+  __shared__ double lane[kWeightSumLanes];
+  const int i = static_cast<int>(threadIdx.x);
+  for (int64_t e = blockIdx.x; e < E; e += gridDim.x) {
+    const int64_t begin = offsets[e], end = offsets[e + 1];
     double acc = 0.0;
-    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) acc += row_weight[r];
-    out[e] = acc;
+    for (int64_t c0 = begin + i * kWeightSumChunk; c0 < end; c0 += kWeightSumLanes * kWeightSumChunk) {
+      const int64_t c1 = c0 + kWeightSumChunk < end ? c0 + kWeightSumChunk : end;
+      for (int64_t r = c0; r < c1; ++r) acc += row_weight[r];
+    }
+    lane[i] = acc;
+    __syncthreads();
+    for (int step = kWeightSumLanes / 2; step > 0; step /= 2) {
+      if (i < step) lane[i] += lane[i + step];
+      __syncthreads();
+    }
+    if (i == 0) out[e] = lane[0];
+    __syncthreads();  // lane[] is written again for the next expert of this block
   }
 }
 
@@ -173,7 +189,8 @@ void finish(State &st, const moe_plan_args *a, const int64_t *offsets, int64_t *
   const int64_t E = a->E;
   kept_kernel<<<blocks_for(E, kThreads), kThreads, 0, st.stream>>>(offsets, E, kept);
   check_launch("kept");
-  weight_sum_kernel<<<blocks_for(E, 128), 128, 0, st.stream>>>(a->row_weight, offsets, E, wsum);
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(std::max<int64_t>(E, 1), 65535));
+  weight_sum_kernel<<<grid, kWeightSumLanes, 0, st.stream>>>(a->row_weight, offsets, E, wsum);
   check_launch("weight sums");
   const size_t bytes = sizeof(int64_t) * (2 * E + 1) + sizeof(double) * E;
   st.host.ensure(bytes);

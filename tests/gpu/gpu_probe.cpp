@@ -1,21 +1,25 @@
-// Exits 0 when this process sees a CUDA device, else prints why and exits 77 (ctest's skip code):
-// run before the compute-sanitizer entries so that they report SKIPPED on a machine without one.
+// Says which GPU the results come from and exits 0; or, by the rule of device_rules.h, prints why
+// there is none and exits 77 (ctest's skip code), or why the one there cannot be used (or that
+// MOE_REQUIRE_GPU wants one) and exits 1. Run before the compute-sanitizer entries so that they
+// report the same.
 #include <cuda_runtime_api.h>
 
 #include <cstdio>
 
+#include "device_rules.h"
+
 int main() {
-  int n = 0;
-  const cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) {
-    std::printf("SKIPPED: no CUDA device (cudaGetDeviceCount: %s: %s)\n", cudaGetErrorName(e), cudaGetErrorString(e));
+  const gpu_test::DeviceCheck &check = gpu_test::device_check();
+  if (check.verdict == gpu_test::Verdict::kSkip) {
+    std::printf("SKIPPED: %s\n", check.reason.c_str());
     return 77;
   }
-  if (n <= 0) {
-    std::printf("SKIPPED: no CUDA device (cudaGetDeviceCount reports 0 devices)\n");
-    return 77;
+  if (check.verdict == gpu_test::Verdict::kFail) {
+    std::printf("FAILED: %s\n", check.reason.c_str());
+    return 1;
   }
-  int runtime = 0, driver = 0;
+  int n = 0, runtime = 0, driver = 0;
+  cudaGetDeviceCount(&n);
   cudaRuntimeGetVersion(&runtime);
   cudaDriverGetVersion(&driver);
   cudaDeviceProp p{};

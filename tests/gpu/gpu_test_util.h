@@ -1,5 +1,6 @@
-// Shared pieces of the GPU test battery: the device check that turns every case into a visible
-// skip on a machine without a CUDA device, and CUDA runtime calls as assertions. The inputs,
+// Shared pieces of the GPU test battery: the device check (device_rules.h) that turns every case
+// into a visible skip on a machine without a CUDA device, or a failure where a device cannot be
+// used or MOE_REQUIRE_GPU is set; and CUDA runtime calls as assertions. The inputs,
 // host bfloat16 / float16 and the comparisons come from the test-support library (tests/support).
 #pragma once
 
@@ -8,6 +9,7 @@
 
 #include <string>
 
+#include "device_rules.h"
 #include "support/compare.h"
 #include "support/half.h"
 #include "support/random.h"
@@ -15,30 +17,6 @@
 namespace gpu_test {
 
 // ---- the device ---------------------------------------------------------------------------------
-
-// Whether this process sees a CUDA device; *why says why not. Asked once per process (the answer
-// cannot change), and never before a test case runs: listing the tests touches no CUDA API.
-inline bool device_available(std::string *why) {
-  struct Probe {
-    bool ok = false;
-    std::string why;
-    Probe() {
-      int n = 0;
-      const cudaError_t e = cudaGetDeviceCount(&n);
-      if (e != cudaSuccess) {
-        why = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(e) + ": " + cudaGetErrorString(e);
-        (void)cudaGetLastError();
-      } else if (n <= 0) {
-        why = "cudaGetDeviceCount reports 0 devices";
-      } else {
-        ok = true;
-      }
-    }
-  };
-  static const Probe probe;
-  if (why) *why = probe.why;
-  return probe.ok;
-}
 
 inline int device_count() {
   int n = 0;
@@ -48,13 +26,15 @@ inline int device_count() {
 
 }  // namespace gpu_test
 
-// In SetUp (or a test body): report the case as skipped, with the reason, when there is no device.
-// ctest sees gtest's "[  SKIPPED ]" line (SKIP_REGULAR_EXPRESSION) and counts the test as skipped.
-#define MOE_GPU_REQUIRE_DEVICE()                                                 \
-  do {                                                                           \
-    std::string moe_gpu_why_;                                                    \
-    if (!::gpu_test::device_available(&moe_gpu_why_))                            \
-      GTEST_SKIP() << "SKIPPED: no CUDA device (" << moe_gpu_why_ << ")";        \
+// In SetUp (or a test body): run the case, report it skipped with the reason, or fail it, by the
+// rule of device_rules.h (a skip fails too under MOE_REQUIRE_GPU). ctest sees gtest's
+// "[  SKIPPED ]" line (SKIP_REGULAR_EXPRESSION) and counts the test as skipped.
+#define MOE_GPU_REQUIRE_DEVICE()                                                         \
+  do {                                                                                   \
+    const ::gpu_test::DeviceCheck &moe_gpu_check_ = ::gpu_test::device_check();         \
+    if (moe_gpu_check_.verdict == ::gpu_test::Verdict::kSkip)                            \
+      GTEST_SKIP() << "SKIPPED: " << moe_gpu_check_.reason;                              \
+    if (moe_gpu_check_.verdict == ::gpu_test::Verdict::kFail) GTEST_FAIL() << moe_gpu_check_.reason; \
   } while (0)
 
 // A CUDA runtime call in a test body or a void helper: a fatal failure naming the error.

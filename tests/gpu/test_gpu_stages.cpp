@@ -1,12 +1,13 @@
 // Every stage of the CUDA backend's table against the CPU backend's, on the same random inputs
 // (never zeros): float32 to 1e-5 of each tensor's scale, routing decisions (top-k ids, the plan)
-// exactly. The activation stages run in every dtype: a tensor stored in bfloat16 / float16 to 1e-2
-// / 2e-3 of its scale, a float32 output of 16-bit inputs (combine, the backward row sums) to 1e-5,
-// conversions bit for bit. Both tables are driven the same way the core drives them
-// (src/core/pipeline.cpp): every buffer is allocated with the backend's alloc and filled with its
-// upload; outputs start as NaN (floats) or -7 (integers) so that an output a stage forgets to
-// write shows. Inputs that a stage reads from an earlier stage are produced once on the host by the
-// CPU stages and given to both backends, so each stage is compared on its own.
+// exactly, on inputs drawn without near-ties. The activation stages run in every dtype: a tensor
+// stored in bfloat16 / float16 to two units in its last place at its scale (tol_of), a float32
+// output of 16-bit inputs (combine, the backward row sums) to 1e-5, conversions bit for bit. Both
+// tables are driven the same way the core drives them (src/core/pipeline.cpp): every buffer is
+// allocated with the backend's alloc and filled with its upload; outputs start as NaN (floats) or
+// -7 (integers) so that an output a stage forgets to write shows. Inputs that a stage reads from
+// an earlier stage are produced once on the host by the CPU stages and given to both backends, so
+// each stage is compared on its own.
 //
 // Without a CUDA device every case reports SKIPPED (gtest skip; ctest counts it as skipped).
 #include <cuda_runtime_api.h>
@@ -30,6 +31,8 @@
 #include "core/error.h"
 #include "core/module.h"
 #include "gpu_test_util.h"
+#include "support/layer.h"
+#include "support/router.h"
 #include "support/stages.h"
 
 namespace {
@@ -45,11 +48,12 @@ using moe_test::skewed_ids;
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr double kDNaN = std::numeric_limits<double>::quiet_NaN();
 // float32 against float32, scale-aware (moe_test::close). TF32 is off: cfg.allow_tf32 = 0.
-constexpr double kTol = 1e-5;
-// A tensor stored in dtype: the two backends may round a float32 value that differs in its last
-// bits to neighbouring values, one unit in the last place (2^-8 bf16, 2^-11 f16) and what follows
-// from it downstream.
-double tol_of(int dtype) { return dtype == MOE_DTYPE_BF16 ? 1e-2 : dtype == MOE_DTYPE_F16 ? 2e-3 : kTol; }
+constexpr double kTol = moe_test::kFloat32Tol;
+// A tensor a stage stores in dtype, from the same inputs on both backends (moe.h's precision rule;
+// moe_test::stored_tol): two units in the last place at the tensor's scale, one for its own
+// rounding of float32 results that differ in their last bits, one for the values stored upstream
+// within the stage (h and a before y; dA and dh before dW1 and dx).
+double tol_of(int dtype) { return moe_test::stored_tol(dtype, 2); }
 const char *dtype_name(int dtype) { return dtype == MOE_DTYPE_F32 ? "f32" : dtype == MOE_DTYPE_BF16 ? "bf16" : "f16"; }
 constexpr int kDtypes[] = {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16};
 
@@ -308,7 +312,7 @@ TEST_F(GpuStages, TableIsComplete) {
       reinterpret_cast<const void *>(gpu_->shared_combine_bwd), reinterpret_cast<const void *>(gpu_->combine_bwd),
       reinterpret_cast<const void *>(gpu_->expert_ffn_bwd), reinterpret_cast<const void *>(gpu_->dispatch_bwd),
       reinterpret_cast<const void *>(gpu_->select_bwd),     reinterpret_cast<const void *>(gpu_->gate_bwd),
-      reinterpret_cast<const void *>(gpu_->stream),
+      reinterpret_cast<const void *>(gpu_->stream),         reinterpret_cast<const void *>(gpu_->reserved),
   };
   for (size_t i = 0; i < sizeof fns / sizeof fns[0]; ++i) EXPECT_NE(fns[i], nullptr) << "entry " << i;
   EXPECT_NE(gpu_->last_error(gs_), nullptr);
@@ -316,6 +320,24 @@ TEST_F(GpuStages, TableIsComplete) {
   if (gpu_->stream) {
     EXPECT_NE(gpu_->stream(gs_), nullptr);
   }
+}
+
+// The pool holds what is allocated from it, keeps what is freed, and gives that back when trimmed.
+TEST_F(GpuStages, ReservedAndTrim) {
+  ASSERT_NE(gpu_->reserved, nullptr);
+  size_t before = 0, held = 0, kept = 0, trimmed = 0;
+  ASSERT_EQ(gpu_->reserved(gs_, 1, &before), MOE_OK) << gpu_->last_error(gs_);
+  const size_t big = size_t{64} << 20;
+  void *p = nullptr;
+  ASSERT_EQ(gpu_->alloc(gs_, big, &p), MOE_OK) << gpu_->last_error(gs_);
+  ASSERT_EQ(gpu_->reserved(gs_, 0, &held), MOE_OK) << gpu_->last_error(gs_);
+  EXPECT_GE(held, before + big);
+  gpu_->free(gs_, p);
+  ASSERT_EQ(gpu_->synchronize(gs_), MOE_OK);
+  ASSERT_EQ(gpu_->reserved(gs_, 0, &kept), MOE_OK) << gpu_->last_error(gs_);
+  EXPECT_GE(kept, before + big) << "freed memory is kept for reuse until a trim";
+  ASSERT_EQ(gpu_->reserved(gs_, 1, &trimmed), MOE_OK) << gpu_->last_error(gs_);
+  EXPECT_LT(trimmed, before + big) << "a trim gives what no buffer holds back to the device";
 }
 
 TEST_F(GpuStages, CreateOnAMissingDeviceFails) {
@@ -856,12 +878,53 @@ TEST_F(GpuStages, PlanTokenChoice) {
     }
     EXPECT_TRUE(same("offsets (host)", rg.offsets, rc.offsets));
     EXPECT_TRUE(same("kept (host)", rg.kept, rc.kept));
-    EXPECT_TRUE(same("weight_sum (host, row order)", rg.weight_sum, rc.weight_sum));
+    EXPECT_TRUE(same("weight_sum (host, core/weight_sum.h order)", rg.weight_sum, rc.weight_sum));
     EXPECT_TRUE(same("row_of_slot", rg.row_of_slot, rc.row_of_slot));
     EXPECT_TRUE(same("row_token", rg.row_token, rc.row_token, static_cast<size_t>(R)));
     EXPECT_TRUE(same("row_slot", rg.row_slot, rc.row_slot, static_cast<size_t>(R)));
     EXPECT_TRUE(same("row_weight", rg.row_weight, rc.row_weight, static_cast<size_t>(R)));
   }
+}
+
+// The per-expert weight sums on experts large enough that every lane of core/weight_sum.h takes
+// several chunks (more than 2 * 128 * 32 rows), and on one with a single partial chunk: the same bits
+// as the CPU backend, whose order the unit test CpuPlan.WeightSumFollowsTheFixedOrder writes out.
+TEST_F(GpuStages, PlanWeightSumsOfLargeExperts) {
+  const int64_t T = 20000, E = 4, k = 2;
+  Rng rng(250);
+  std::vector<int32_t> ids(T * k);
+  for (int64_t t = 0; t < T; ++t) {
+    // Experts 0-2 share almost every slot; expert 3 takes every 1000th token's first choice.
+    ids[t * k] = static_cast<int32_t>(t % 1000 == 0 ? 3 : rng.below(3));
+    ids[t * k + 1] = static_cast<int32_t>((ids[t * k] + 1 + rng.below(2)) % 3);
+  }
+  std::vector<float> w(T * k);
+  for (float &v : w) v = rng.uniform(1e-4f, 1.0f) * (rng.chance(10) ? 1e-3f : 1.0f);
+  auto run = [&](Side &s, std::vector<int64_t> &offsets) {
+    std::vector<int64_t> kept(E, -7);
+    std::vector<double> sums(E, kDNaN);
+    offsets.assign(E + 1, -7);
+    moe_plan_args a = moe_test::plan_args(T, E, k, -1);
+    a.topk_ids = s.put(ids);
+    a.topk_w = s.put(w);
+    a.row_of_slot = s.out<int32_t>(T * k, -7);
+    a.row_token = s.out<int32_t>(T * k, -7);
+    a.row_slot = s.out<int32_t>(T * k, -7);
+    a.row_weight = s.out<float>(T * k, kNaN);
+    a.offsets = offsets.data();
+    a.kept = kept.data();
+    a.weight_sum = sums.data();
+    a.scores = s.out<float>(T * E, kNaN);
+    EXPECT_TRUE(s.ok(s.ops()->plan(s.st(), &a), "plan"));
+    return sums;
+  };
+  Side c(cpu_, cs_), g(gpu_, gs_);
+  std::vector<int64_t> oc, og;
+  const std::vector<double> rc = run(c, oc), rg = run(g, og);
+  EXPECT_TRUE(same("offsets (host)", og, oc));
+  for (int64_t e = 0; e < 3; ++e) EXPECT_GT(oc[e + 1] - oc[e], 2 * 128 * 32) << "expert " << e;
+  EXPECT_LE(oc[4] - oc[3], 32) << "expert 3 should fit one chunk";
+  EXPECT_TRUE(same("weight_sum (host, core/weight_sum.h order)", rg, rc));
 }
 
 TEST_F(GpuStages, PlanExpertChoice) {
@@ -915,7 +978,7 @@ TEST_F(GpuStages, PlanExpertChoice) {
       EXPECT_EQ(rc.offsets[E], rows);
       EXPECT_TRUE(same("offsets (host)", rg.offsets, rc.offsets));
       EXPECT_TRUE(same("kept (host)", rg.kept, rc.kept));
-      EXPECT_TRUE(same("weight_sum (host, row order)", rg.weight_sum, rc.weight_sum));
+      EXPECT_TRUE(same("weight_sum (host, core/weight_sum.h order)", rg.weight_sum, rc.weight_sum));
       EXPECT_TRUE(same("row_token", rg.row_token, rc.row_token));
       EXPECT_TRUE(same("row_slot", rg.row_slot, rc.row_slot));
       EXPECT_TRUE(same("row_weight", rg.row_weight, rc.row_weight));
@@ -1656,8 +1719,18 @@ TEST_F(GpuStages, SetStream) {
   // legacy default stream), results read back after synchronize, as the core does.
   const int64_t T = 300, d = 256, E = 16, k = 4;
   Rng rng(900);
-  const auto x = rng.nonzeros(T * d, 1.0f), w = rng.nonzeros(E * d, 1.0f / 16);
+  const auto w = rng.nonzeros(E * d, 1.0f / 16);
   const std::vector<float> bias(E, 0.0f);
+  // The logits come from cuBLAS on one side and the CPU GEMM on the other and differ in their last
+  // bits: x is drawn so that no token's top-k is at a near-tie, and the ids must then agree.
+  moe_test::RouterInputs router;
+  router.cfg = moe_test::config(d, 1, E, k);
+  router.T = T;
+  router.x = rng.nonzeros(T * d, 1.0f);
+  router.weight = w;
+  ASSERT_TRUE(moe_test::draw_without_near_ties(router, 0, rng, [&](Rng &g) { return g.nonzeros(d, 1.0f); }))
+      << "could not draw inputs without near-ties";
+  const std::vector<float> x = router.x;
   struct Out {
     std::vector<float> logits, scores, y;
     std::vector<int32_t> ids;

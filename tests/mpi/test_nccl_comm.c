@@ -2,8 +2,9 @@
  * communicator (ncclCommInitAll over device 0: NCCL refuses two ranks on one device) checks that
  * both hooks move exactly the bytes they are given — a one-rank all-to-all is a copy — with
  * rank-tagged data, odd row sizes and empty exchanges, and that bad hook arguments are refused.
- * Without a device it says so and exits 77 (ctest: skipped). */
+ * Without a device it says so and exits 77 (ctest: skipped; a failure under MOE_REQUIRE_GPU). */
 #include <cuda_runtime_api.h>
+#include <dlfcn.h>
 #include <nccl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -108,12 +109,29 @@ static void check_bad_hook_arguments(const moe_comm *c, cudaStream_t stream) {
 int main(void) {
   check_arguments_without_device();
 
+  /* The GPU battery's rule (tests/gpu/device_rules.h): skip only where there is no GPU (no device,
+   * or no NVIDIA driver at all), fail where one cannot be used, and fail every skip under
+   * MOE_REQUIRE_GPU. */
   int devices = 0;
   cudaError_t e = cudaGetDeviceCount(&devices);
-  if (e != cudaSuccess || devices == 0) {
-    printf("SKIPPED: no CUDA device (%s); %d host-side argument checks ran, %d failed\n",
-           e != cudaSuccess ? cudaGetErrorString(e) : "0 devices", checks, failures);
-    return failures ? 1 : 77;
+  int no_gpu = (e == cudaSuccess && devices == 0) || e == cudaErrorNoDevice;
+  if (e == cudaErrorInsufficientDriver) {
+    void *driver = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    if (driver) dlclose(driver);
+    no_gpu = driver == NULL;
+  }
+  if (e != cudaSuccess && !no_gpu) {
+    fprintf(stderr, "FAIL: cudaGetDeviceCount failed with %s: %s (a GPU may be there but cannot be used)\n",
+            cudaGetErrorName(e), cudaGetErrorString(e));
+    return 1;
+  }
+  if (no_gpu) {
+    const char *require = getenv("MOE_REQUIRE_GPU");
+    const int required = require && require[0] && strcmp(require, "0") != 0;
+    printf("%s: no CUDA device (%s); %d host-side argument checks ran, %d failed\n",
+           required ? "FAIL: MOE_REQUIRE_GPU is set" : "SKIPPED",
+           e != cudaSuccess ? cudaGetErrorName(e) : "0 devices", checks, failures);
+    return failures || required ? 1 : 77;
   }
 
   const int dev0 = 0;

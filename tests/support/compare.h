@@ -3,6 +3,7 @@
 #pragma once
 
 #include <gtest/gtest.h>
+#include <moe/moe.h>
 
 #include <algorithm>
 #include <cmath>
@@ -15,6 +16,26 @@
 #include <vector>
 
 namespace moe_test {
+
+// ---- tolerances between backends, from moe.h's precision rule ----------------------------------
+//
+// A value stored in bfloat16 or float16 is rounded once from a float32 result, and two backends
+// (or two groupings of the same work) give float32 results that differ in their last bits only:
+// rounded, they land on the same value or on neighbours, one unit in the last place apart, which
+// is at most 2^-7 (bfloat16's 8-bit significand) or 2^-10 (float16's 11 bits) of the tensor's
+// largest value. A stored neighbour read again (h feeding a, a feeding y) moves the next float32
+// sum by one of its terms, far less than a unit of that sum. So a tensor compared between two
+// backends that both follow the rule is allowed `units` units at its scale: one for its own
+// rounding and one for the stored values upstream (a stage), or a few more where the path is a
+// whole layer. Against float32 (the whole cost of 16-bit storage), every value stored on the path
+// is off by up to half a unit of its own, and those add up along the path.
+inline double unit_in_last_place(int dtype) {
+  return dtype == MOE_DTYPE_BF16 ? 0x1p-7 : dtype == MOE_DTYPE_F16 ? 0x1p-10 : 0x1p-23;
+}
+constexpr double kFloat32Tol = 1e-5;  // float32 results with their terms added in another order
+inline double stored_tol(int dtype, int units) {
+  return dtype == MOE_DTYPE_F32 ? kFloat32Tol : units * unit_in_last_place(dtype) + kFloat32Tol;
+}
 
 // Scale-aware closeness of a tensor: every |got - ref| <= rtol * scale, where scale is the largest
 // |ref| of the tensor (at least floor). Float rounding of a GEMM or a reduction grows with the sum

@@ -557,6 +557,47 @@ TEST_F(CpuPlan, CapacityZeroDropsEverything) {
   }
 }
 
+// weight_sum follows the order backend.h fixes (128 lanes of 32-row chunks, then the lanes
+// pairwise), so that the CUDA plan gives the same bits: here with weights whose sums round, on
+// experts with thousands of rows (every lane used, several chunks each) and with a few rows.
+TEST_F(CpuPlan, WeightSumFollowsTheFixedOrder) {
+  const int64_t T = 8000, E = 5, k = 2;
+  Rng rng(41);
+  std::vector<int32_t> ids(T * k);
+  for (int64_t t = 0; t < T; ++t) {
+    // Experts 0-2 get almost every token; 3 and 4 a handful (fewer than one chunk).
+    const bool rare = rng.below(1000) < 4;
+    ids[t * k] = static_cast<int32_t>(rare ? 3 + rng.below(2) : rng.below(3));
+    ids[t * k + 1] = static_cast<int32_t>((ids[t * k] + 1 + rng.below(2)) % 3);
+  }
+  std::vector<float> w(T * k);
+  for (float &v : w) v = rng.uniform(1e-4f, 1.0f) * (rng.chance(10) ? 1e-3f : 1.0f);
+  Plan o;
+  ASSERT_EQ(run(T, E, k, -1, MOE_DROP_POSITION, ids, w, o), MOE_OK) << err();
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t b = o.offsets[e], n = o.offsets[e + 1] - b;
+    ASSERT_GT(n, 0) << "expert " << e;
+    // The order, written out: row i of the expert goes to lane (i / 32) % 128.
+    std::vector<double> lanes(128, 0.0);
+    for (int64_t i = 0; i < n; ++i) lanes[(i / 32) % 128] += o.row_weight[b + i];
+    for (size_t s = 64; s > 0; s /= 2)
+      for (size_t i = 0; i < s; ++i) lanes[i] += lanes[i + s];
+    EXPECT_EQ(o.weight_sum[e], lanes[0]) << "expert " << e << " (" << n << " rows)";
+    long double exact = 0.0L;
+    double plain = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      exact += o.row_weight[b + i];
+      plain += o.row_weight[b + i];
+    }
+    EXPECT_NEAR(o.weight_sum[e], static_cast<double>(exact), 1e-13 * static_cast<double>(exact)) << "expert " << e;
+    if (n <= 32) {
+      EXPECT_EQ(o.weight_sum[e], plain) << "a single chunk is the plain row-order sum";
+    } else {
+      EXPECT_GT(n, 128 * 32) << "expert " << e << ": the test wants every lane and several chunks per lane";
+    }
+  }
+}
+
 // ---- dispatch / combine -------------------------------------------------------------------------
 
 struct Routed {
