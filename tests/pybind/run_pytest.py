@@ -3,8 +3,8 @@
     run_pytest.py --require numpy,pytest,torch [--package-dir DIR] -- [pytest args...]
 
 Exits 77 (ctest SKIP_RETURN_CODE) when a required module or the built package is missing, or when
-pytest ran and every test skipped; never reports a pass for tests that did not run. Otherwise it
-returns pytest's exit status (0 only when every collected test passed).
+pytest ran and every test (or every module, at collection) skipped; never reports a pass for tests
+that did not run. Otherwise it returns pytest's exit status (0 only when every collected test passed).
 """
 
 import importlib
@@ -59,9 +59,14 @@ def main(argv):
             elif report.failed:
                 self.failed += 1
 
+        def pytest_collectreport(self, report):
+            if report.skipped:  # a whole module skipped (pytest.skip(allow_module_level=True), importorskip)
+                self.skipped += 1
+
     outcomes = Outcomes()
     status = pytest.main(["-p", "no:cacheprovider", *pytest_args], plugins=[outcomes])
-    if status == 0 and outcomes.passed == 0:
+    # pytest exits 5 (no tests collected) when every module skipped itself at collection
+    if outcomes.passed == 0 and (status == 0 or status == 5 and outcomes.skipped > 0):
         print(f"SKIPPED: no test passed ({outcomes.skipped} skipped)")
         return SKIP
     return int(status)

@@ -14,7 +14,7 @@ Zero copy, both ways:
     libmoe parameter names. With dtype=torch.bfloat16 or torch.float16 the expert weights
     (``experts.*``, ``shared.w1/w3/w2``) are tensors of that dtype and the router (``router.*``,
     ``shared.gate``) stays float32, as libmoe stores them; each gradient has its parameter's dtype.
-  - Activations. The autograd Function hands x.data_ptr(), y.data_ptr(), dy.data_ptr() and
+  - Activations. The forward and backward hand x.data_ptr(), y.data_ptr(), dy.data_ptr() and
     dx.data_ptr() to moe_forward/moe_backward; only a non-contiguous x is made contiguous first.
 
 Gradients are COPIED into .grad (through autograd): backward zeroes the layer's own gradient
@@ -33,9 +33,38 @@ Auxiliary losses, like Megatron-Core's MoEAuxLossAutoScaler:
       ``moe.aux_loss`` (a detached tensor) for logging.
   aux_loss="return": forward returns (y, aux_loss); its gradient is whatever the loss gives it
       (loss = task + aux_loss adds it once, scaling the loss scales it, not using it drops it).
+
+How the layer is reached from autograd (one module, chosen by the torch version):
+  torch >= 2.4: two custom operators registered with torch.library.custom_op,
+      ``torch.ops.libmoe.moe_forward`` and ``torch.ops.libmoe.moe_backward``, the second
+      registered as the first's gradient (torch.library.register_autograd). Each has a fake
+      implementation (output shapes and dtypes only, no data touched), so torch.compile traces
+      through the module without a graph break (fullgraph=True works) and torch.export keeps the
+      call as one node. Everything the operators take is a tensor, a list of tensors, an int or a
+      bool: the module is named by an int id (a per-process table maps it to the module's layer
+      while the module lives; it is a constant of a compiled or exported graph, which therefore
+      runs in the process that holds the module), and the libmoe context that one forward fills
+      for its backward (a C object) crosses from the forward operator to the backward one as an
+      int64 scalar tensor, an output of the forward saved for backward like any activation,
+      holding the index of that context in the module's table of live contexts. The tensor's
+      storage owns the entry: when autograd (eager, compiled or retain_graph'ed) frees the graph,
+      the storage goes and the context returns to the module's pool, exactly when the
+      activations it stands for would be freed. The operators check that the parameter tensors
+      they are given are the layer's own storage (the only weights libmoe computes with), so
+      torch.func.functional_call or any other parameter substitution raises instead of silently
+      computing with the module's weights. The router-bias update of a training forward
+      (bias_update_rate > 0) is a side effect on the layer's storage, invisible to the graph.
+  torch < 2.4 (Debian's 1.13): a torch.autograd.Function with the same rules, holding the
+      context on its autograd node.
+  Either way a parameter changed in place between forward and backward, and a second backward
+  without retain_graph, raise as they do for any PyTorch op (the parameters are saved for
+  backward), before any gradient is written.
 """
 
+import itertools
 import threading
+import typing
+import weakref
 
 import numpy as np
 import torch
@@ -45,36 +74,46 @@ from torch.autograd.function import once_differentiable
 from ._layer import Layer
 from .errors import ArgumentTypeError, InvalidArgumentError, StateError, UnsupportedError
 
-__all__ = ["MoE"]
+__all__ = ["MoE", "CUSTOM_OPS"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _POOL_MAX = 4  # contexts kept for reuse per module (each holds one forward's activations)
 
 
-class _Saved:
-    """A libmoe Context held by one autograd graph; back to the pool when the graph is freed."""
+def _torch_version():
+    parts = []
+    for p in torch.__version__.split("+")[0].split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, p))
+        parts.append(int(digits or 0))
+    return tuple(parts)
 
-    __slots__ = ("ctx", "pool")
 
-    def __init__(self, ctx, pool):
-        self.ctx, self.pool = ctx, pool
+# True when the module runs through the torch.library custom operators (torch >= 2.4).
+CUSTOM_OPS = _torch_version() >= (2, 4) and hasattr(torch.library, "custom_op") and hasattr(torch.library,
+                                                                                            "register_autograd")
 
-    def __del__(self):
-        ctx, self.ctx = self.ctx, None
-        if ctx is not None and len(self.pool) < _POOL_MAX:
-            self.pool.append(ctx)
+# Module id -> its _Engine, while the module lives (an entry goes with its engine).
+_ENGINES = weakref.WeakValueDictionary()
+_ids = itertools.count(1)
+# Context slots, unique in the process: a handle saved before a module was rebuilt (.to()) never
+# names a context of the rebuilt one.
+_slots = itertools.count()
 
 
 class _Engine:
-    """What the autograd Function needs: the layer, its tensors, a context pool. Not a Module."""
+    """What the compute path needs: the layer, its tensors, the contexts. Not a Module."""
 
     def __init__(self, layer, device):
         self.layer = layer
         self.device = device
-        self.pool = []
+        self.pool = []  # idle contexts, reused by later forwards
+        self.live = {}  # slot -> context held by an autograd graph (custom-op path)
         self.grads = {}
+        self.trainable = []
+        self.addresses = []  # data pointers of the trainable parameters, in trainable order
         self.lock = threading.RLock()
         self.last_stats = None
+        self.last_aux = 0.0
         self.aux_loss_scale = 1.0  # the owning module's, read by backward
         self._stream = None
 
@@ -95,66 +134,184 @@ class _Engine:
                 self.layer.set_stream(stream)
                 self._stream = stream
 
+    def check_params(self, params, call):
+        if len(params) != len(self.addresses) or any(p.data_ptr() != a for p, a in zip(params, self.addresses)):
+            raise InvalidArgumentError(
+                f"{call}: the parameter tensors given are not this module's ({', '.join(self.trainable)} over the "
+                f"libmoe layer's storage); libmoe computes with its own weights, so parameters cannot be "
+                f"substituted (torch.func.functional_call, a copied state) - load them into the module instead")
+
+    def forward(self, x, need_ctx, need_grad):
+        """y, the aux-loss value and the context kept for backward (None unless need_grad)."""
+        T = x.shape[0]
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        with self.lock:
+            self.bind_stream()
+            mctx = self.acquire() if need_ctx else None
+            self.layer._forward_raw(x.data_ptr(), T, y.data_ptr(), mctx)
+            stats = mctx.stats() if mctx is not None else None
+        self.last_stats = stats
+        self.last_aux = stats["aux_loss_total"] if stats else 0.0
+        if mctx is not None and not need_grad:
+            self.release(mctx)
+            mctx = None
+        return y, self.last_aux, mctx
+
+    def backward(self, mctx, dy, scale, need_dx, need_params):
+        """dx (None unless need_dx) and one gradient per trainable parameter (None where not needed)."""
+        dy = dy.contiguous()
+        with self.lock:
+            self.bind_stream()
+            # The library scales the aux-loss gradient it adds (moe_context_set_aux_grad_scale):
+            # one backward whatever the scale, 0 included.
+            self.layer._set_aux_grad_scale(mctx, scale)
+            dx = torch.empty_like(dy) if need_dx else None
+            self.layer.zero_grad()
+            self.layer._backward_raw(mctx, dy.data_ptr(), None if dx is None else dx.data_ptr())
+            grads = [self.grads[n].clone() if w else None for n, w in zip(self.trainable, need_params)]
+        return dx, grads
+
+    # ---- contexts held by a graph (custom-op path) ---------------------------------------------------
+    def hold(self, mctx):
+        """An int64 scalar tensor naming mctx; mctx goes back to the pool when its storage is freed."""
+        slot = next(_slots)
+        self.live[slot] = mctx
+        cell = np.array(slot, dtype=np.int64)
+        weakref.finalize(cell, self._drop, slot)  # the tensor's storage keeps cell alive
+        return torch.from_numpy(cell)
+
+    def _drop(self, slot):
+        mctx = self.live.pop(slot, None)
+        if mctx is not None:
+            self.release(mctx)
+
+    def held(self, handle):
+        slot = int(handle)
+        mctx = self.live.get(slot) if slot >= 0 else None
+        if mctx is None:
+            raise StateError("libmoe.torch.MoE: backward without a saved training forward")
+        return mctx
+
+
+def _engine(moe_id):
+    engine = _ENGINES.get(moe_id)
+    if engine is None:
+        raise StateError(f"libmoe.torch.MoE: module {moe_id} no longer exists (a compiled or exported graph "
+                         f"outlived the libmoe.torch.MoE it was made from)")
+    return engine
+
+
+def _aux_scale(engine, aux_return, daux):
+    if aux_return:
+        return float(daux) if daux is not None else 0.0
+    return float(engine.aux_loss_scale)
+
+
+# ---- torch < 2.4: an autograd.Function -------------------------------------------------------------------
+class _Saved:
+    """A libmoe Context held by one autograd graph; back to the pool when the graph is freed."""
+
+    __slots__ = ("ctx", "engine")
+
+    def __init__(self, ctx, engine):
+        self.ctx, self.engine = ctx, engine
+
+    def __del__(self):
+        ctx, self.ctx = self.ctx, None
+        if ctx is not None:
+            self.engine.release(ctx)
+
 
 class _MoEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, engine, aux_mode, need_ctx, need_grad, *params):
-        layer = engine.layer
-        T = x.shape[0]
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        with engine.lock:
-            engine.bind_stream()
-            mctx = engine.acquire() if need_ctx else None
-            layer._forward_raw(x.data_ptr(), T, y.data_ptr(), mctx)
-            stats = mctx.stats() if mctx is not None else None
-        engine.last_stats = stats
-        aux = torch.tensor(stats["aux_loss_total"] if stats else 0.0, dtype=torch.float32, device=x.device)
-        ctx.engine, ctx.aux_mode = engine, aux_mode
+    def forward(ctx, x, engine, aux_return, need_ctx, need_grad, *params):
+        engine.check_params(params, "libmoe.torch.MoE")
+        y, aux_value, mctx = engine.forward(x, need_ctx, need_grad)
+        aux = torch.tensor(aux_value, dtype=torch.float32, device=x.device)
+        ctx.engine, ctx.aux_return = engine, aux_return
+        ctx.saved = _Saved(mctx, engine) if mctx is not None else None
         if need_grad:
-            ctx.saved = _Saved(mctx, engine.pool)
             # Saved so that autograd enforces its rules on them: a parameter changed in place
             # before backward (version counters) and a second backward without retain_graph both
             # raise, as for any other op, instead of giving wrong or doubled gradients.
             ctx.save_for_backward(*params)
-        else:
-            ctx.saved = None
-            if mctx is not None:
-                engine.release(mctx)
-        if aux_mode != "return":
+        if not aux_return:
             ctx.mark_non_differentiable(aux)
         return y, aux
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, daux):
-        engine = ctx.engine
         saved = ctx.saved
         if saved is None or saved.ctx is None:
             raise StateError("libmoe.torch.MoE: backward without a saved training forward")
         ctx.saved_tensors  # noqa: B018 - raises if a parameter changed in place or the graph was freed
-        mctx = saved.ctx
-        layer = engine.layer
-        need = ctx.needs_input_grad
-        need_x, need_params = need[0], need[5:]
-        names = engine.trainable
         if dy is None:
             raise StateError("libmoe.torch.MoE: no gradient for the output")
-        dy = dy.contiguous()
-        if ctx.aux_mode == "return":
-            scale = float(daux) if daux is not None else 0.0
-        else:
-            scale = float(engine.aux_loss_scale)
-
-        with engine.lock:
-            engine.bind_stream()
-            # The library scales the aux-loss gradient it adds (moe_context_set_aux_grad_scale):
-            # one backward whatever the scale, 0 included.
-            layer._set_aux_grad_scale(mctx, scale)
-            dx = torch.empty_like(dy) if need_x else None
-            layer.zero_grad()
-            layer._backward_raw(mctx, dy.data_ptr(), None if dx is None else dx.data_ptr())
-            grads = [engine.grads[n].clone() if w else None for n, w in zip(names, need_params)]
+        engine = ctx.engine
+        need = ctx.needs_input_grad
+        dx, grads = engine.backward(saved.ctx, dy, _aux_scale(engine, ctx.aux_return, daux), need[0], need[5:])
         return (dx, None, None, None, None, *grads)
+
+
+# ---- torch >= 2.4: custom operators ---------------------------------------------------------------------
+if CUSTOM_OPS:
+    _Tensors = typing.List[torch.Tensor]
+
+    @torch.library.custom_op("libmoe::moe_forward", mutates_args=())
+    def _forward_op(x: torch.Tensor, params: _Tensors, moe_id: int, aux_return: bool, need_ctx: bool,
+                    need_grad: bool) -> typing.Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """y = MoE(x) [T, d], the aux-loss total (float32 scalar) and the handle of the context kept
+        for backward (int64 scalar; -1 when need_grad is False)."""
+        engine = _engine(moe_id)
+        engine.check_params(params, "libmoe::moe_forward")
+        y, aux_value, mctx = engine.forward(x, need_ctx, need_grad)
+        aux = torch.tensor(aux_value, dtype=torch.float32, device=x.device)
+        handle = engine.hold(mctx) if mctx is not None else torch.tensor(-1, dtype=torch.int64)
+        return y, aux, handle
+
+    @_forward_op.register_fake
+    def _forward_fake(x, params, moe_id, aux_return, need_ctx, need_grad):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format),
+                x.new_empty((), dtype=torch.float32), torch.empty((), dtype=torch.int64, device="cpu"))
+
+    @torch.library.custom_op("libmoe::moe_backward", mutates_args=())
+    def _backward_op(dy: torch.Tensor, daux: torch.Tensor, handle: torch.Tensor, params: _Tensors, moe_id: int,
+                     aux_return: bool, need_dx: bool,
+                     need_params: typing.List[bool]) -> typing.Tuple[torch.Tensor, _Tensors]:
+        """dx (empty [0] unless need_dx) and one gradient per parameter (empty [0] where need_params
+        is False) of the forward whose context ``handle`` names."""
+        engine = _engine(moe_id)
+        engine.check_params(params, "libmoe::moe_backward")
+        mctx = engine.held(handle)
+        dx, grads = engine.backward(mctx, dy, _aux_scale(engine, aux_return, daux), need_dx, need_params)
+        empty = dy.new_empty((0,))
+        return (empty if dx is None else dx,
+                [p.new_empty((0,)) if g is None else g for p, g in zip(params, grads)])
+
+    @_backward_op.register_fake
+    def _backward_fake(dy, daux, handle, params, moe_id, aux_return, need_dx, need_params):
+        return (torch.empty_like(dy, memory_format=torch.contiguous_format) if need_dx else dy.new_empty((0,)),
+                [torch.empty_like(p) if w else p.new_empty((0,)) for p, w in zip(params, need_params)])
+
+    def _setup_context(ctx, inputs, output):
+        x, params, moe_id, aux_return, need_ctx, need_grad = inputs
+        ctx.moe_id, ctx.aux_return = moe_id, aux_return
+        # As for the Function path: autograd checks the version counters of saved tensors, so
+        # an in-place change of a parameter, or a second backward after the graph was freed,
+        # raises before any gradient is written.
+        ctx.save_for_backward(output[2], *params)
+
+    def _backward_formula(ctx, dy, daux, dhandle):
+        handle, *params = ctx.saved_tensors
+        need_dx = bool(ctx.needs_input_grad[0])
+        need_params = [bool(p.requires_grad) for p in params]
+        dx, grads = torch.ops.libmoe.moe_backward(dy, daux, handle, params, ctx.moe_id, ctx.aux_return, need_dx,
+                                                  need_params)
+        return (dx if need_dx else None, [g if w else None for g, w in zip(grads, need_params)], None, None, None,
+                None)
+
+    torch.library.register_autograd("libmoe::moe_forward", _backward_formula, setup_context=_setup_context)
 
 
 class _ParamGroup(nn.Module):
@@ -195,6 +352,9 @@ class MoE(nn.Module):
     Whenever autograd needs gradients, or the module is in training mode, the layer runs a training
     forward (router noise, bias update, stats in ``last_stats``); in eval mode under no_grad it
     runs inference. Up to 4 libmoe contexts are pooled per module and reused between steps.
+    torch.compile and torch.export see the module as one custom operator (torch >= 2.4, see the
+    module docstring); ``aux_loss`` and ``last_stats`` are those of the latest forward that ran,
+    compiled or not.
     .to(device) rebuilds the layer on the new device (parameter objects are kept). Converting to
     another floating dtype (.double(), .half() on a float32 module) is refused; converting to the
     module's own dtype (.bfloat16() on a bfloat16 module, as model.to(dtype) does) changes nothing.
@@ -218,6 +378,18 @@ class MoE(nn.Module):
             raise InvalidArgumentError(f"MoE.set_aux_loss_scale: scale is {scale}, must be finite")
         self._aux_scale = scale
         self._engine.aux_loss_scale = scale
+
+    @property
+    def aux_loss(self):
+        """The coefficient-weighted aux-loss total of the latest forward, a detached float32 scalar
+        tensor on the module's device (0 after an inference forward)."""
+        return torch.tensor(self._engine.last_aux, dtype=torch.float32, device=self._device)
+
+    @property
+    def last_stats(self):
+        """Routing statistics of the latest training forward (a dict, see libmoe.Context.stats);
+        None after an inference forward."""
+        return self._engine.last_stats
 
     def __init__(self, d_model=None, d_ff=None, num_experts=None, top_k=None, *, preset=None, device=None,
                  dtype=None, aux_loss="add", ep_group=None, **config):
@@ -247,9 +419,8 @@ class MoE(nn.Module):
         else:
             from . import distributed
             self._layer = distributed.Layer(ep_group, preset=preset, **config)
+        self._moe_id = next(_ids)
         self._bind()
-        self.aux_loss = torch.zeros((), dtype=torch.float32, device=dev)
-        self.last_stats = None
 
     # ---- the layer's storage as torch tensors -----------------------------------------------------
     def _tensor(self, name, which):
@@ -292,8 +463,19 @@ class MoE(nn.Module):
             else:
                 mod.register_buffer(attr, data)
         engine.trainable = trainable
+        self._param_keys = [tuple(n.split(".", 1)) for n in trainable]
+        engine.addresses = [p.data_ptr() for p in self._current_params()]
+        old = self.__dict__.get("_engine")
+        if old is not None:  # a rebind (.to()) keeps the statistics of the latest forward
+            engine.last_stats, engine.last_aux = old.last_stats, old.last_aux
         self._engine = engine
-        self._params = [self._modules[n.split(".", 1)[0]]._parameters[n.split(".", 1)[1]] for n in trainable]
+        self._d_model = layer.d_model
+        _ENGINES[self._moe_id] = engine
+
+    def _current_params(self):
+        # Read at every call, not cached: a parameter substituted from outside
+        # (torch.func.functional_call) is then seen, and refused by the compute path.
+        return [self._modules[group]._parameters[attr] for group, attr in self._param_keys]
 
     @property
     def layer(self):
@@ -327,7 +509,6 @@ class MoE(nn.Module):
             new.load_state_dict(self._layer.state_dict())
             self._layer = new
             self._bind()
-            self.aux_loss = self.aux_loss.to(dev)
         return self
 
     # ---- pickling / deepcopy: the Layer pickles itself (config + parameters), then rebind ----------
@@ -336,19 +517,22 @@ class MoE(nn.Module):
             raise TypeError("an expert-parallel libmoe.torch.MoE cannot be pickled or deep-copied: it holds this "
                             "rank's experts and a process group; save its state_dict() instead")
         state = self.__dict__.copy()
-        state.pop("_engine", None)
-        state.pop("_params", None)
+        for key in ("_engine", "_param_keys", "_moe_id"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state):
+        for key in ("aux_loss", "last_stats"):  # plain attributes in earlier versions, properties now
+            state.pop(key, None)
         super().__setstate__(state)
+        self._moe_id = next(_ids)  # a copy is another module: its own id and contexts
         self._bind()
 
     # ---- compute -----------------------------------------------------------------------------------
     def forward(self, x):
         if not isinstance(x, torch.Tensor):
             raise ArgumentTypeError(f"x must be a torch.Tensor, not {type(x).__name__}")
-        d = self._layer.d_model
+        d = self._d_model
         if x.dim() < 1 or x.shape[-1] != d:
             raise InvalidArgumentError(f"x has shape {tuple(x.shape)}, expected [..., {d}] (d_model {d})")
         if x.dtype != self._dtype:
@@ -359,14 +543,16 @@ class MoE(nn.Module):
         x2 = x.reshape(-1, d)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        params = self._params
+        params = self._current_params()
         need_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
         need_ctx = need_grad or self.training
-        y, aux = _MoEFunction.apply(x2, self._engine, self.aux_loss_mode, need_ctx, need_grad, *params)
-        self.aux_loss = aux.detach()
-        self.last_stats = self._engine.last_stats
+        aux_return = self.aux_loss_mode == "return"
+        if CUSTOM_OPS:
+            y, aux, _ = _forward_op(x2, params, self._moe_id, aux_return, need_ctx, need_grad)
+        else:
+            y, aux = _MoEFunction.apply(x2, self._engine, aux_return, need_ctx, need_grad, *params)
         y = y.view(shape)
-        return (y, aux) if self.aux_loss_mode == "return" else y
+        return (y, aux) if aux_return else y
 
     def extra_repr(self):
         c = self._layer.config
