@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
-# Runs moe-bench and the PyTorch per-expert loop on the same shape and thread count and prints
-# libmoe/PyTorch speed ratios for forward and forward+backward, and libmoe's fraction of sgemm.
+# libmoe against the PyTorch MoE blocks a user would otherwise run, on the same shapes, token
+# counts and threads, in each dtype: moe-bench's sweep (with each row's roofline bound) beside
+# bench/torch_moe_loop.py under PyTorch 2 from PyPI (the Hugging Face-style per-expert loop, and
+# torch._grouped_mm) and under Debian's PyTorch 1.13 (the loop).
 #
-#   bench/compare.sh [--d-model 512] [--d-ff 1024] [--experts 8] [--top-k 2] [--tokens 4096]
-#                    [--threads 2] [--iters 20] [--warmup 3] [--activation swiglu] [--ep-ranks 1]
+#   bench/compare.sh [--d-model 1024] [--d-ff 2048] [--experts 8] [--top-k 2] [--activation swiglu]
+#                    [--tokens 1,8,64,512,4096] [--dtypes f32,bf16] [--threads 2] [--iters 10]
+#                    [--warmup 2] [--torch-venv DIR] [--ep-ranks R]
 #
+# --torch-venv DIR: PyTorch 2 from PyPI in the virtual environment DIR, made there (from
+# tests/pypi/requirements.txt) when it does not exist yet; without it only Debian's PyTorch runs.
 # --ep-ranks R > 1 adds a run of moe-bench with R expert-parallel ranks in one process and prints
 # the bytes each rank sends per token (its times are of the in-process exchange, not compared).
 #
-# moe-bench is taken from $MOE_BENCH, else build/bench/moe-bench. Both programs inherit this
-# script's environment unchanged (OPENBLAS_CORETYPE, OMP_* ...); the torch script always runs
-# with /usr/bin/python3, the interpreter that has Debian's python3-torch.
+# moe-bench is taken from $MOE_BENCH, else build/bench/moe-bench. Every program inherits this
+# script's environment unchanged (OMP_*, ONEDNN_*).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
 bench=${MOE_BENCH:-$root/build/bench/moe-bench}
-python=/usr/bin/python3
+debian_python=/usr/bin/python3
 
-d_model=512 d_ff=1024 experts=8 top_k=2 tokens=4096 threads=2 iters=20 warmup=3 activation=swiglu ep_ranks=1
+d_model=1024 d_ff=2048 experts=8 top_k=2 tokens=1,8,64,512,4096 dtypes=f32,bf16 threads=2 iters=10 warmup=2
+activation=swiglu ep_ranks=1 venv=
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --d-model) d_model=$2 ;;
     --d-ff) d_ff=$2 ;;
     --experts) experts=$2 ;;
     --top-k) top_k=$2 ;;
+    --activation) activation=$2 ;;
     --tokens) tokens=$2 ;;
+    --dtypes) dtypes=$2 ;;
     --threads) threads=$2 ;;
     --iters) iters=$2 ;;
     --warmup) warmup=$2 ;;
-    --activation) activation=$2 ;;
+    --torch-venv) venv=$2 ;;
     --ep-ranks) ep_ranks=$2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option '$1'" >&2; exit 2 ;;
   esac
   shift 2
@@ -41,36 +48,85 @@ if [[ ! -x $bench ]]; then
   echo "compare.sh: $bench not found; build first (cmake -S . -B build && cmake --build build) or set MOE_BENCH" >&2
   exit 1
 fi
-
-common=(--d-model "$d_model" --d-ff "$d_ff" --experts "$experts" --top-k "$top_k" --activation "$activation"
-        --tokens "$tokens" --threads "$threads" --iters "$iters" --warmup "$warmup" --json)
-
-echo "shape: d_model $d_model  d_ff $d_ff  experts $experts  top-k $top_k  $activation  tokens $tokens  threads $threads" \
-     " OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-<unset>}"
-moe_json=$("$bench" "${common[@]}")
-torch_json=$("$python" "$here/torch_moe_loop.py" "${common[@]}")
-ep_json=null
-if ((ep_ranks > 1)); then
-  ep_json=$("$bench" "${common[@]}" --ep-ranks "$ep_ranks")
+if [[ -n $venv && ! -x $venv/bin/python ]]; then
+  echo "compare.sh: making $venv with PyTorch 2 from PyPI (tests/pypi/requirements.txt)"
+  "$debian_python" "$root/tests/pypi/venv.py" setup "$venv" "$root/tests/pypi/requirements.txt"
 fi
 
-"$python" - "$moe_json" "$torch_json" "$ep_json" <<'EOF'
-import json, sys
-m, t, ep = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
-print(f"libmoe {m['libmoe']} ({m['blas']}), sgemm 2048^3 {m['sgemm_gflops']:.1f} GFLOP/s;"
-      f" torch {t['torch']} per-expert loop")
-print(f"{'mode':<9} {'libmoe ms':>10} {'torch ms':>10} {'libmoe GF/s':>12} {'torch GF/s':>11}"
-      f" {'speedup':>8} {'libmoe/sgemm':>13}")
-for key, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
-    a, b = m[key], t[key]
-    speedup = b["ms_median"] / a["ms_median"]
-    frac = a["sgemm_fraction"]
-    print(f"{label:<9} {a['ms_median']:10.2f} {b['ms_median']:10.2f} {a['gflops']:12.1f} {b['gflops']:11.1f}"
-          f" {speedup:7.2f}x {100 * frac:12.1f}%")
-print("speedup = PyTorch time / libmoe time (libmoe/PyTorch throughput ratio; > 1: libmoe is faster)")
+shape=(--d-model "$d_model" --d-ff "$d_ff" --experts "$experts" --top-k "$top_k" --activation "$activation")
+run=(--tokens "$tokens" --threads "$threads" --iters "$iters" --warmup "$warmup" --json)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+for dtype in ${dtypes//,/ }; do
+  "$bench" "${shape[@]}" "${run[@]}" --dtype "$dtype" >"$tmp/moe-$dtype.json"
+  if [[ -n $venv ]]; then
+    "$venv/bin/python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl loop \
+      >"$tmp/torch2-loop-$dtype.json"
+    "$venv/bin/python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl grouped \
+      >"$tmp/torch2-grouped-$dtype.json"
+  fi
+  if "$debian_python" -c "import torch" 2>/dev/null; then
+    "$debian_python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl loop \
+      >"$tmp/torch1-loop-$dtype.json"
+  fi
+done
+ep_json=null
+if ((ep_ranks > 1)); then
+  ep_json=$("$bench" "${shape[@]}" --tokens "${tokens##*,}" --threads "$threads" --iters "$iters" --warmup "$warmup" \
+    --json --ep-ranks "$ep_ranks")
+fi
+
+"$debian_python" - "$tmp" "$dtypes" "$ep_json" <<'EOF'
+import json, os, sys
+tmp, dtypes, ep = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
+
+def load(name):
+    p = os.path.join(tmp, name)
+    if not os.path.exists(p):
+        return None
+    d = json.load(open(p))
+    return None if d.get("unavailable") else d
+
+def ms(doc, tokens, mode):
+    if not doc:
+        return None
+    for row in doc["rows"]:
+        if row["tokens"] == tokens and mode in row:
+            return row[mode]["ms_median"]
+    return None
+
+first = True
+for dtype in dtypes:
+    m = load(f"moe-{dtype}.json")
+    t2l, t2g, t1 = load(f"torch2-loop-{dtype}.json"), load(f"torch2-grouped-{dtype}.json"), load(f"torch1-loop-{dtype}.json")
+    if first:
+        c = m["config"]
+        print(f"cpu: {m['cpu']}; {m['threads']} threads; GEMM: {m['blas']}")
+        print(f"yardsticks: GEMM {m['gemm_gflops']['f32']:.0f} GFLOP/s float32, {m['gemm_gflops']['bf16']:.0f} bfloat16; "
+              f"copy {m['copy_gbs']:.1f} GB/s")
+        print(f"shape: d_model {c['d_model']}, d_ff {c['d_ff']}, {c['experts']} experts, top-{c['top_k']}, {c['activation']}")
+        peers = [("torch2 loop", t2l), ("torch2 grouped", t2g), ("torch1.13 loop", t1)]
+        print("peers: " + "; ".join(f"{n} = torch {d['torch']}" for n, d in peers if d))
+        first = False
+    print(f"\n{dtype}")
+    head = f"{'tokens':>7} {'mode':<8} {'libmoe ms':>10} {'of bound':>9} {'torch2 loop':>12} {'torch2 grp':>11} {'torch1.13':>10} {'vs best torch2':>15}"
+    print(head)
+    for row in m["rows"]:
+        T = row["tokens"]
+        for mode, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
+            if mode not in row:
+                continue
+            lib = row[mode]["ms_median"]
+            of = row[mode]["of_bound"]
+            a, b, c1 = ms(t2l, T, mode), ms(t2g, T, mode), ms(t1, T, mode)
+            best = min(v for v in (a, b) if v is not None) if (a or b) else None
+            fmt = lambda v: f"{v:.3f}" if v is not None else "-"
+            speed = f"{best / lib:.2f}x faster" if best and best >= lib else (f"{lib / best:.2f}x slower" if best else "-")
+            print(f"{T:7d} {label:<8} {lib:10.3f} {of:8.2f}x {fmt(a):>12} {fmt(b):>11} {fmt(c1):>10} {speed:>15}")
 if ep:
     e = ep["ep"]
-    print(f"expert parallel over {e['ranks']} in-process ranks: bytes each rank sends to the others per token"
+    print(f"\nexpert parallel over {e['ranks']} in-process ranks: bytes each rank sends to the others per token"
           f" (token rows of {e['row_bytes']} bytes)")
     for phase in ("fwd", "bwd"):
         b = e["bytes_per_token"][phase]

@@ -87,7 +87,8 @@ dnnl_cpu_isa_t effective_isa() { return dnnl_get_effective_cpu_isa(); }
 bool GemmShape::operator==(const GemmShape &o) const {
   return M == o.M && N == o.N && K == o.K && trans_a == o.trans_a && trans_b == o.trans_b && lda == o.lda &&
          ldb == o.ldb && ldc == o.ldc && a_dtype == o.a_dtype && b_dtype == o.b_dtype && c_dtype == o.c_dtype &&
-         accumulate == o.accumulate && runtime_m == o.runtime_m && runtime_k == o.runtime_k &&
+         accumulate == o.accumulate && runtime_m == o.runtime_m && runtime_n == o.runtime_n &&
+         runtime_k == o.runtime_k &&
          single_thread == o.single_thread;
 }
 
@@ -102,23 +103,24 @@ struct Gemm::Impl {
   Memory ma, mb, mc, ms;
 };
 
-void Gemm::run(const void *A, const void *B, void *C, std::vector<unsigned char> &scratch, int64_t M,
-               int64_t K) const {
+void Gemm::run(const void *A, const void *B, void *C, std::vector<unsigned char> &scratch, int64_t M, int64_t K,
+               int64_t N) const {
   const Impl &g = *impl_;
   const GemmShape &s = g.shape;
-  const int64_t rows = s.runtime_m ? M : s.M, inner = s.runtime_k ? K : s.K;
-  if (rows == 0 || s.N == 0) return;
+  const int64_t rows = s.runtime_m ? M : s.M, inner = s.runtime_k ? K : s.K, cols = s.runtime_n ? N : s.N;
+  if (rows == 0 || cols == 0) return;
   if (inner == 0) fail(MOE_ERR_INTERNAL, "gemm: K is 0");  // callers skip empty products
   if (scratch.size() < scratch_bytes_)
-    fail(MOE_ERR_INTERNAL, "gemm: scratchpad of %zu bytes, %zu needed", scratch.size(), scratch_bytes_);
+    fail(MOE_ERR_INTERNAL, "gemm %lldx%lldx%lld: scratchpad of %zu bytes, %zu needed", (long long)rows,
+         (long long)cols, (long long)inner, scratch.size(), scratch_bytes_);
   void *data[4] = {const_cast<void *>(A), const_cast<void *>(B), C, scratch.data()};
   const int keys[4] = {DNNL_ARG_SRC, DNNL_ARG_WEIGHTS, DNNL_ARG_DST, DNNL_ARG_SCRATCHPAD};
   dnnl_exec_arg_t args[4];
-  if (s.runtime_m || s.runtime_k) {
+  if (s.runtime_m || s.runtime_n || s.runtime_k) {
     // Sizes of this run: memory objects of its own (made, and any allocation, inside oneDNN).
     const Memory mems[4] = {make_memory(matrix(rows, inner, s.a_dtype, s.lda, s.trans_a, s), g.engine, data[0], s),
-                            make_memory(matrix(inner, s.N, s.b_dtype, s.ldb, s.trans_b, s), g.engine, data[1], s),
-                            make_memory(matrix(rows, s.N, s.c_dtype, s.ldc, false, s), g.engine, data[2], s),
+                            make_memory(matrix(inner, cols, s.b_dtype, s.ldb, s.trans_b, s), g.engine, data[1], s),
+                            make_memory(matrix(rows, cols, s.c_dtype, s.ldc, false, s), g.engine, data[2], s),
                             make_memory(g.scratch, g.engine, data[3], s)};
     for (int i = 0; i < 4; ++i) args[i] = {keys[i], mems[i].get()};
     ok(dnnl_primitive_execute(g.prim.get(), g.stream, 4, args), s, "execute");
@@ -158,9 +160,10 @@ Gemm Gemms::prepare(const GemmShape &s) {
   impl->engine = st_->engine.get();
   impl->stream = st_->stream.get();
   const int64_t M = s.runtime_m ? DNNL_RUNTIME_DIM_VAL : s.M, K = s.runtime_k ? DNNL_RUNTIME_DIM_VAL : s.K;
+  const int64_t N = s.runtime_n ? DNNL_RUNTIME_DIM_VAL : s.N;
   const dnnl_memory_desc_t a = matrix(M, K, s.a_dtype, s.lda, s.trans_a, s);
-  const dnnl_memory_desc_t b = matrix(K, s.N, s.b_dtype, s.ldb, s.trans_b, s);
-  const dnnl_memory_desc_t c = matrix(M, s.N, s.c_dtype, s.ldc, false, s);
+  const dnnl_memory_desc_t b = matrix(K, N, s.b_dtype, s.ldb, s.trans_b, s);
+  const dnnl_memory_desc_t c = matrix(M, N, s.c_dtype, s.ldc, false, s);
   dnnl_matmul_desc_t op;
   ok(dnnl_matmul_desc_init(&op, &a, &b, nullptr, &c), s, "descriptor");
   dnnl_primitive_attr_t attr_raw = nullptr;
@@ -181,7 +184,7 @@ Gemm Gemms::prepare(const GemmShape &s) {
   dnnl_primitive_t prim = nullptr;
   ok(dnnl_primitive_create(&prim, pd.get()), s, "primitive");
   impl->prim.reset(prim);
-  if (!s.runtime_m && !s.runtime_k) {
+  if (!s.runtime_m && !s.runtime_n && !s.runtime_k) {
     impl->ma = make_memory(a, st_->engine.get(), DNNL_MEMORY_NONE, s);
     impl->mb = make_memory(b, st_->engine.get(), DNNL_MEMORY_NONE, s);
     impl->mc = make_memory(c, st_->engine.get(), DNNL_MEMORY_NONE, s);

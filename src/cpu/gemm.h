@@ -25,7 +25,7 @@ struct GemmShape {
   int64_t lda = 0, ldb = 0, ldc = 0;
   int a_dtype = 0, b_dtype = 0, c_dtype = 0;  // moe_dtype; A and B the same, C float32 or theirs
   bool accumulate = false;                    // C += product (else C = product)
-  bool runtime_m = false, runtime_k = false;  // one primitive for any M or K (gemm:jit; the router's GEMMs)
+  bool runtime_m = false, runtime_n = false, runtime_k = false;  // one primitive for any M, N or K (gemm:jit)
   bool single_thread = false;                 // run inside a parallel region, on the calling thread
   bool operator==(const GemmShape &o) const;
 };
@@ -36,9 +36,10 @@ class Gemms;
 // caller's Scratch). Valid until its Gemms is destroyed or cleared.
 class Gemm {
  public:
-  // M, K: this call's sizes where the shape has runtime_m / runtime_k, ignored otherwise.
+  // M, K, N: this call's sizes where the shape has runtime_m / runtime_k / runtime_n, ignored
+  // otherwise.
   void run(const void *A, const void *B, void *C, std::vector<unsigned char> &scratch, int64_t M = -1,
-           int64_t K = -1) const;
+           int64_t K = -1, int64_t N = -1) const;
   size_t scratch_bytes() const { return scratch_bytes_; }
 
  private:

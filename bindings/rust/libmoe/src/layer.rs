@@ -291,8 +291,18 @@ impl Layer {
         // for its token count would report that instead of the real mistake.
         self.check_ctx(ctx)?;
         self.tokens_of("dy", dy.len())?;
-        // The token count of the forward held by ctx (MOE_ERR_STATE when it holds none).
-        let want = ctx.stats()?.num_tokens * self.d_model;
+        // The token count of the forward held by ctx; none held is the caller's mistake in calling
+        // backward, and the error says so (not the stats call used to ask).
+        let want = match ctx.stats() {
+            Ok(s) => s.num_tokens * self.d_model,
+            Err(e) if e.status() == Status::State => {
+                return Err(Error::new(
+                    Status::State,
+                    "Layer::backward: ctx holds no training forward: call forward_train with this context first",
+                ))
+            }
+            Err(e) => return Err(e),
+        };
         Self::same_len("dy", dy.len(), want)?;
         let dx_ptr = match dx {
             Some(dx) => {

@@ -522,7 +522,14 @@ public final class Layer implements AutoCloseable {
 
   /** Floats of the x of the forward held by ctx (STATE if it holds none). */
   private long forwardSize(Context ctx) {
-    return ctx.statsLocked().numTokens() * dModel;
+    try {
+      return ctx.statsLocked().numTokens() * dModel;
+    } catch (MoeException e) {
+      // None held is the caller's mistake in calling backward: say so, not the stats call used to ask.
+      if (e.getStatus() != Status.STATE) throw e;
+      throw new MoeException(
+          Status.STATE, "Layer.backward: ctx holds no training forward: call forward with this context first");
+    }
   }
 
   private long tokens(String what, long count) {
