@@ -154,13 +154,31 @@ typedef struct moe_config {
   uint64_t seed;                /* parameter initialisation and router noise; default 0 */
   int check_finite;             /* nonzero: refuse NaN/Inf in x and dy with MOE_ERR_NONFINITE; default 0 */
   const moe_comm *comm;         /* NULL (default): this process holds all experts; not owned */
+  /* Added after 0.2 (a program built against 0.1 or 0.2 passes a shorter struct and gets the default): */
+  int64_t min_capacity;         /* with capacity_factor > 0, the least number of slots per expert:
+                                   C = max(min_capacity, ceil(cf * T * k / E)), at most T*k (expert
+                                   choice: T), so that small batches drop nothing (DeepSpeed's
+                                   min_capacity); >= 0, default 0 */
 } moe_config;
+
+/** sizeof(moe_config) in the moe.h of 0.1 and 0.2, the shortest struct_size the library reads. */
+#define MOE_CONFIG_SIZE_0_1 offsetof(moe_config, min_capacity)
 
 /**
  * Fill *cfg with the defaults listed beside each field, struct_size = sizeof(moe_config), and
  * d_model = d_ff = 0 (the caller must set them). NULL is a no-op. Thread-safe.
+ * A macro below makes this call moe_config_init_size(cfg, sizeof(moe_config)), so that the
+ * library writes no more than the caller's struct holds; the function itself (what programs built
+ * against 0.1 or 0.2 call) writes MOE_CONFIG_SIZE_0_1 bytes.
  */
 MOE_API void moe_config_init(moe_config *cfg);
+
+/**
+ * moe_config_init for a struct of size bytes (sizeof(moe_config) in the caller's moe.h): writes
+ * min(size, sizeof(moe_config)) bytes, struct_size included. For bindings that cannot use the
+ * macro (bindgen, ctypes). NULL, or a size below MOE_CONFIG_SIZE_0_1, is a no-op. Thread-safe.
+ */
+MOE_API void moe_config_init_size(moe_config *cfg, size_t size);
 
 /**
  * Reset *cfg to the defaults, then apply the routing recipe of a published model:
@@ -181,6 +199,18 @@ MOE_API void moe_config_init(moe_config *cfg);
  * Thread-safe.
  */
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
+
+/**
+ * moe_config_preset for a struct of size bytes (as moe_config_init_size); the macro below makes
+ * moe_config_preset call it with sizeof(moe_config), and the function moe_config_preset writes
+ * MOE_CONFIG_SIZE_0_1 bytes. @return as moe_config_preset; MOE_ERR_INVALID_ARGUMENT also for a
+ * size below MOE_CONFIG_SIZE_0_1 (cfg untouched).
+ */
+MOE_API moe_status moe_config_preset_size(moe_config *cfg, size_t size, const char *name);
+
+/* Callers compiled with this header tell the library how large their moe_config is. */
+#define moe_config_init(cfg) moe_config_init_size((cfg), sizeof(moe_config))
+#define moe_config_preset(cfg, name) moe_config_preset_size((cfg), sizeof(moe_config), (name))
 
 /* ---------------------------------------------------------------------------------------------
  * Configuration by name. Every field of moe_config after struct_size is described by one row of

@@ -41,20 +41,34 @@ const moe::PresetRow &checked_preset(int index) {
 
 extern "C" {
 
-MOE_API void moe_config_init(moe_config *cfg) {
-  if (!cfg) return;
+// The parentheses keep moe.h's macros of the same names from expanding: these two are the
+// entry points of programs built against 0.1 and 0.2, whose struct is MOE_CONFIG_SIZE_0_1 bytes.
+MOE_API void(moe_config_init)(moe_config *cfg) { moe_config_init_size(cfg, MOE_CONFIG_SIZE_0_1); }
+
+MOE_API void moe_config_init_size(moe_config *cfg, size_t size) {
+  if (!cfg || size < MOE_CONFIG_SIZE_0_1) return;
   try {
-    moe::config_defaults(cfg);
+    moe_config c;
+    moe::config_defaults(&c);
+    c.struct_size = std::min(size, sizeof c);
+    std::memcpy(cfg, &c, c.struct_size);
   } catch (...) {  // the defaults are tested to parse; never let a bug unwind into C
     moe::report(MOE_ERR_INTERNAL, "moe_config_init", "internal error: a default did not parse");
   }
 }
 
-MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name) {
+MOE_API moe_status(moe_config_preset)(moe_config *cfg, const char *name) {
+  return moe_config_preset_size(cfg, MOE_CONFIG_SIZE_0_1, name);
+}
+
+MOE_API moe_status moe_config_preset_size(moe_config *cfg, size_t size, const char *name) {
   return moe::call("moe_config_preset", [&] {
     require(cfg != nullptr, "cfg is NULL");
     require(name != nullptr, "name is NULL");
-    moe::config_preset(cfg, name);
+    if (size < MOE_CONFIG_SIZE_0_1)
+      fail(MOE_ERR_INVALID_ARGUMENT, "size is %zu, less than sizeof(moe_config) of any release (%zu)", size,
+           static_cast<size_t>(MOE_CONFIG_SIZE_0_1));
+    moe::config_preset(cfg, size, name);
   });
 }
 

@@ -26,7 +26,7 @@ static const PresetRow *find_preset(const char *name) {
   return nullptr;
 }
 
-void config_preset(moe_config *cfg, const char *name) {
+void config_preset(moe_config *cfg, size_t size, const char *name) {
   const PresetRow *preset = find_preset(name);
   if (!preset) {
     std::string known;
@@ -49,7 +49,9 @@ void config_preset(moe_config *cfg, const char *name) {
            setting.data());
     set_field(&c, *row, setting.substr(eq + 1));
   }
-  *cfg = c;
+  // A caller built against an older moe.h holds only the first size bytes.
+  c.struct_size = std::min(size, sizeof c);
+  std::memcpy(cfg, &c, c.struct_size);
 }
 
 static void check_finite_field(float v, const char *name) {
@@ -57,9 +59,10 @@ static void check_finite_field(float v, const char *name) {
 }
 
 Config make_config(const moe_config *user) {
-  // 0.1 is the first release, so no shorter struct exists yet; a longer one comes from a newer
-  // header and is accepted when the fields this library does not know are all zero.
-  if (user->struct_size < sizeof(moe_config))
+  // A shorter struct comes from the moe.h of an older release (its missing fields take their
+  // defaults); a longer one from a newer header, accepted when the fields this library does not
+  // know are all zero.
+  if (user->struct_size < MOE_CONFIG_SIZE_0_1)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->struct_size is %zu, expected %zu (call moe_config_init first)",
          user->struct_size, sizeof(moe_config));
   if (user->struct_size > sizeof(moe_config)) {
@@ -76,7 +79,11 @@ Config make_config(const moe_config *user) {
 
   Config cf{};
   config_defaults(&cf.c);
-  std::memcpy(&cf.c, user, sizeof(moe_config));
+  // Whole fields only: a struct_size that ends inside a field leaves that field its default.
+  size_t n = std::min(user->struct_size, sizeof(moe_config));
+  for (int i = 0; i < num_fields(); ++i)
+    if (field_row(i).offset < n && n < field_row(i).offset + field_row(i).size) n = field_row(i).offset;
+  std::memcpy(&cf.c, user, n);
   cf.c.struct_size = sizeof(moe_config);
   const moe_config &c = cf.c;
 
@@ -132,6 +139,8 @@ Config make_config(const moe_config *user) {
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->num_shared_experts is %lld, must be >= 0", (long long)c.num_shared_experts);
   if (c.d_ff_shared < 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->d_ff_shared is %lld, must be >= 0", (long long)c.d_ff_shared);
+  if (c.min_capacity < 0)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->min_capacity is %lld, must be >= 0", (long long)c.min_capacity);
   if (c.shared_gate && c.num_shared_experts == 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->shared_gate is %d but num_shared_experts is 0", c.shared_gate);
 

@@ -144,6 +144,8 @@ constexpr FieldRow kFields[] = {
     MOE_FIELD(check_finite, MOE_CONFIG_BOOL, "false", "refuse NaN/Inf in x and dy with MOE_ERR_NONFINITE"),
     MOE_FIELD(comm, MOE_CONFIG_POINTER, "NULL",
               "expert-parallel communicator (not owned); NULL: this process holds every expert"),
+    MOE_FIELD(min_capacity, MOE_CONFIG_INT64, "0",
+              "with capacity_factor > 0, at least this many slots per expert (DeepSpeed's min_capacity), >= 0"),
 };
 #undef MOE_FIELD
 

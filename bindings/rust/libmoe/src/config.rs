@@ -344,9 +344,11 @@ pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", 
 
 fn raw_init() -> sys::moe_config {
     let mut raw = std::mem::MaybeUninit::<sys::moe_config>::zeroed();
-    // moe_config_init writes every field (and struct_size); zeroed memory is a valid moe_config.
+    // moe_config_init_size writes every field (and struct_size); zeroed memory is a valid
+    // moe_config. The sized call, because bindgen does not see moe.h's moe_config_init macro and
+    // the plain function fills only the fields of the 0.1 struct.
     unsafe {
-        sys::moe_config_init(raw.as_mut_ptr());
+        sys::moe_config_init_size(raw.as_mut_ptr(), std::mem::size_of::<sys::moe_config>());
         raw.assume_init()
     }
 }
@@ -369,7 +371,7 @@ impl Config {
     pub fn preset(name: &str, d_model: usize, d_ff: usize) -> Result<Config> {
         let cname = CString::new(name).map_err(|_| Error::invalid(format!("preset name {:?} contains a NUL byte", name)))?;
         let mut raw = raw_init();
-        check(unsafe { sys::moe_config_preset(&mut raw, cname.as_ptr()) })?;
+        check(unsafe { sys::moe_config_preset_size(&mut raw, std::mem::size_of::<sys::moe_config>(), cname.as_ptr()) })?;
         let mut cfg = Config::from_raw(&raw)?;
         cfg.d_model = d_model;
         cfg.d_ff = d_ff;
