@@ -30,6 +30,7 @@
 
 #include <moe/moe.h>
 
+#include "bench_config.h"
 #include "bench_device.h"
 #include "cpu/gemm.h"
 #include "core/half.h"
@@ -96,17 +97,13 @@ const char *dtype_name(moe_dtype d) { return d == MOE_DTYPE_BF16 ? "bf16" : d ==
 void usage(FILE *f) {
   std::fprintf(f,
                "usage: moe-bench [options]\n"
-               "layer (every moe_config field; --preset is applied first, other flags then override it):\n"
-               "  --preset NAME        mixtral|switch|shazeer|expert-choice|deepseek-v3|qwen2-moe\n"
-               "  --d-model N (512)    --d-ff N (1024)    --experts N (8)    --top-k N (2)\n"
-               "  --activation swiglu|geglu|relu|gelu|silu   --routing token-choice|expert-choice\n"
-               "  --score softmax|sigmoid   --normalize 0|1   --routed-scale F\n"
-               "  --groups G   --topk-groups N   --capacity F (<=0 dropless)   --drop-policy position|probs\n"
-               "  --noise none|gaussian|jitter   --noise-eps F\n"
-               "  --aux F   --z-loss F   --importance F   --load-loss F   --bias-update F\n"
-               "  --shared S   --d-ff-shared N   --shared-gate 0|1\n"
-               "  --device cpu|cuda   --device-index N   --dtype f32|bf16|f16   --tf32 0|1\n"
-               "  --seed N   --check-finite 0|1\n"
+               "layer: every moe_config field is a flag (--preset first, then --config files, then the\n"
+               "flags in order; the widths default to --d-model 512 --d-ff 1024 here):\n"
+               "  --preset NAME                      a published recipe (listed below)\n"
+               "  --config FILE                      one 'name = value' per line, as moe_config_set reads\n"
+               "                                     it ('#' starts a comment); may be given more than once\n");
+  print_field_help(f);
+  std::fprintf(f,
                "run:\n"
                "  --threads N          OpenMP threads, libmoe's and oneDNN's (default: OpenMP's default)\n"
                "  --tokens T[,T...] (4096)  token counts, one row each (e.g. 1,8,64,512,4096)\n"
@@ -124,17 +121,6 @@ int64_t to_i64(const std::string &flag, const std::string &v) {
   long long x = std::strtoll(v.c_str(), &end, 10);
   if (v.empty() || *end) die("%s expects an integer, got '%s'", flag.c_str(), v.c_str());
   return x;
-}
-float to_f32(const std::string &flag, const std::string &v) {
-  char *end = nullptr;
-  float x = std::strtof(v.c_str(), &end);
-  if (v.empty() || *end) die("%s expects a number, got '%s'", flag.c_str(), v.c_str());
-  return x;
-}
-int to_bool(const std::string &flag, const std::string &v) {
-  if (v == "1" || v == "true" || v == "on" || v == "yes") return 1;
-  if (v == "0" || v == "false" || v == "off" || v == "no") return 0;
-  die("%s expects 0 or 1, got '%s'", flag.c_str(), v.c_str());
 }
 template <class E>
 E to_enum(const std::string &flag, const std::string &v, std::initializer_list<std::pair<const char *, E>> names) {
@@ -173,71 +159,12 @@ Options parse(int argc, char **argv) {
   if (!o.preset.empty()) check(moe_config_preset(&o.cfg, o.preset.c_str()), "moe_config_preset");
   o.cfg.d_model = 512;
   o.cfg.d_ff = 1024;
+  for (auto &[f, v] : args)
+    if (f == "--config") read_config_file(o.cfg, v);
 
-  moe_config &c = o.cfg;
-  const std::map<std::string, std::function<void(const std::string &, const std::string &)>> handlers = {
+  const std::map<std::string, std::function<void(const std::string &, const std::string &)>> run_flags = {
       {"--preset", [](auto &, auto &) {}},
-      {"--d-model", [&](auto &f, auto &v) { c.d_model = to_i64(f, v); }},
-      {"--d-ff", [&](auto &f, auto &v) { c.d_ff = to_i64(f, v); }},
-      {"--experts", [&](auto &f, auto &v) { c.num_experts = to_i64(f, v); }},
-      {"--top-k", [&](auto &f, auto &v) { c.top_k = to_i64(f, v); }},
-      {"--activation",
-       [&](auto &f, auto &v) {
-         c.activation = to_enum<moe_activation>(f, v,
-                                                {{"swiglu", MOE_ACT_SWIGLU},
-                                                 {"geglu", MOE_ACT_GEGLU},
-                                                 {"relu", MOE_ACT_RELU},
-                                                 {"gelu", MOE_ACT_GELU},
-                                                 {"silu", MOE_ACT_SILU}});
-       }},
-      {"--routing",
-       [&](auto &f, auto &v) {
-         c.routing = to_enum<moe_routing>(f, v,
-                                          {{"token-choice", MOE_ROUTE_TOKEN_CHOICE},
-                                           {"token", MOE_ROUTE_TOKEN_CHOICE},
-                                           {"expert-choice", MOE_ROUTE_EXPERT_CHOICE},
-                                           {"expert", MOE_ROUTE_EXPERT_CHOICE}});
-       }},
-      {"--score",
-       [&](auto &f, auto &v) {
-         c.score = to_enum<moe_score>(f, v, {{"softmax", MOE_SCORE_SOFTMAX}, {"sigmoid", MOE_SCORE_SIGMOID}});
-       }},
-      {"--normalize", [&](auto &f, auto &v) { c.normalize_topk = to_bool(f, v); }},
-      {"--routed-scale", [&](auto &f, auto &v) { c.routed_scale = to_f32(f, v); }},
-      {"--groups", [&](auto &f, auto &v) { c.num_groups = to_i64(f, v); }},
-      {"--topk-groups", [&](auto &f, auto &v) { c.topk_groups = to_i64(f, v); }},
-      {"--capacity", [&](auto &f, auto &v) { c.capacity_factor = to_f32(f, v); }},
-      {"--drop-policy",
-       [&](auto &f, auto &v) {
-         c.drop_policy =
-             to_enum<moe_drop_policy>(f, v, {{"position", MOE_DROP_POSITION}, {"probs", MOE_DROP_PROBS}});
-       }},
-      {"--noise",
-       [&](auto &f, auto &v) {
-         c.noise = to_enum<moe_noise>(
-             f, v, {{"none", MOE_NOISE_NONE}, {"gaussian", MOE_NOISE_GAUSSIAN}, {"jitter", MOE_NOISE_JITTER}});
-       }},
-      {"--noise-eps", [&](auto &f, auto &v) { c.noise_eps = to_f32(f, v); }},
-      {"--aux", [&](auto &f, auto &v) { c.aux_loss_coef = to_f32(f, v); }},
-      {"--z-loss", [&](auto &f, auto &v) { c.z_loss_coef = to_f32(f, v); }},
-      {"--importance", [&](auto &f, auto &v) { c.importance_loss_coef = to_f32(f, v); }},
-      {"--load-loss", [&](auto &f, auto &v) { c.load_loss_coef = to_f32(f, v); }},
-      {"--bias-update", [&](auto &f, auto &v) { c.bias_update_rate = to_f32(f, v); }},
-      {"--shared", [&](auto &f, auto &v) { c.num_shared_experts = to_i64(f, v); }},
-      {"--d-ff-shared", [&](auto &f, auto &v) { c.d_ff_shared = to_i64(f, v); }},
-      {"--shared-gate", [&](auto &f, auto &v) { c.shared_gate = to_bool(f, v); }},
-      {"--device",
-       [&](auto &f, auto &v) {
-         c.device = to_enum<moe_device>(f, v, {{"cpu", MOE_DEVICE_CPU}, {"cuda", MOE_DEVICE_CUDA}});
-       }},
-      {"--device-index", [&](auto &f, auto &v) { c.device_index = static_cast<int>(to_i64(f, v)); }},
-      {"--dtype",
-       [&](auto &f, auto &v) {
-         c.dtype = to_enum<moe_dtype>(f, v, {{"f32", MOE_DTYPE_F32}, {"bf16", MOE_DTYPE_BF16}, {"f16", MOE_DTYPE_F16}});
-       }},
-      {"--tf32", [&](auto &f, auto &v) { c.allow_tf32 = to_bool(f, v); }},
-      {"--seed", [&](auto &f, auto &v) { c.seed = static_cast<uint64_t>(to_i64(f, v)); }},
-      {"--check-finite", [&](auto &f, auto &v) { c.check_finite = to_bool(f, v); }},
+      {"--config", [](auto &, auto &) {}},
       {"--threads", [&](auto &f, auto &v) { o.threads = static_cast<int>(to_i64(f, v)); }},
       {"--tokens",
        [&](auto &f, auto &v) {
@@ -262,9 +189,14 @@ Options parse(int argc, char **argv) {
       {"--json", [&](auto &, auto &) { o.json = true; }},
   };
   for (auto &[f, v] : args) {
-    auto it = handlers.find(f);
-    if (it == handlers.end()) die("unknown option '%s' (see --help)", f.c_str());
-    it->second(f, v);
+    auto it = run_flags.find(f);
+    if (it != run_flags.end()) {
+      it->second(f, v);
+      continue;
+    }
+    const std::string field = field_of_flag(f);
+    if (field.empty()) die("unknown option '%s' (see --help)", f.c_str());
+    set_field(o.cfg, field, v, f);
   }
   if (o.threads < 0) die("--threads must be >= 1");
   for (int64_t t : o.tokens)
@@ -502,6 +434,7 @@ int run(int argc, char **argv) {
         eff.capacity_factor, drop_name(eff.drop_policy), noise_name(eff.noise), eff.aux_loss_coef, eff.z_loss_coef,
         (long long)eff.num_shared_experts, (long long)eff.d_ff_shared, eff.shared_gate, dtype_name(eff.dtype),
         (unsigned long long)eff.seed);
+    std::printf("\"fields\": %s, ", fields_json(eff).c_str());
     std::printf("\"iters\": %d, \"warmup\": %d, \"gemm_size\": %lld, \"gemm_gflops\": {\"f32\": %.2f, \"bf16\": %.2f}, "
                 "\"copy_gbs\": %.2f, \"param_bytes\": %zu, \"rows\": [",
                 o.iters, o.warmup, (long long)o.sgemm_size, f32_gflops, bf16_gflops, copy_gbs,

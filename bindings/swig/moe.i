@@ -11,6 +11,7 @@
  * must implement:
  *   - %typemap(out) moe_status: MOE_OK returns nothing; anything else raises (status name + text);
  *   - moe_layer ** / moe_context ** out-parameters become return values (no caller allocation);
+ *   - moe_config_get's (char *buf, size_t size) gives the text back as the language's string;
  *   - tensor arguments (const void *x, void *y, const void *dy, void *dx, float *host, ...) are
  *     raw addresses, so a binding can pass the memory of its arrays/tensors with no copy.
  *
@@ -76,6 +77,29 @@
   ~moe_param_info() { free($self); }
   /* shape[i] for 0 <= i < ndim; 0 otherwise. */
   int64_t dim(int i) const { return (i >= 0 && i < $self->ndim && i < 3) ? $self->shape[i] : 0; }
+}
+
+/* The description of a config field is read-only, its strings static; the enum names are read
+   through value_name(i). */
+%immutable moe_config_field_info::name;
+%immutable moe_config_field_info::type;
+%immutable moe_config_field_info::offset;
+%immutable moe_config_field_info::size;
+%immutable moe_config_field_info::default_value;
+%immutable moe_config_field_info::num_values;
+%immutable moe_config_field_info::description;
+%ignore moe_config_field_info::value_names;
+%extend moe_config_field_info {
+  moe_config_field_info() {
+    moe_config_field_info *f = (moe_config_field_info *)calloc(1, sizeof(moe_config_field_info));
+    if (f) f->struct_size = sizeof(moe_config_field_info);
+    return f;
+  }
+  ~moe_config_field_info() { free($self); }
+  /* value_names[i] for 0 <= i < num_values; NULL otherwise. */
+  const char *value_name(int i) const {
+    return ($self->value_names && i >= 0 && i < $self->num_values) ? $self->value_names[i] : NULL;
+  }
 }
 
 /* The opaque handles are plain pointers: their owner (the language's Layer/Context object)

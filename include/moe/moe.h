@@ -154,13 +154,31 @@ typedef struct moe_config {
   uint64_t seed;                /* parameter initialisation and router noise; default 0 */
   int check_finite;             /* nonzero: refuse NaN/Inf in x and dy with MOE_ERR_NONFINITE; default 0 */
   const moe_comm *comm;         /* NULL (default): this process holds all experts; not owned */
+  /* Added after 0.2 (a program built against 0.1 or 0.2 passes a shorter struct and gets the default): */
+  int64_t min_capacity;         /* with capacity_factor > 0, the least number of slots per expert:
+                                   C = max(min_capacity, ceil(cf * T * k / E)), at most T*k (expert
+                                   choice: T), so that small batches drop nothing (DeepSpeed's
+                                   min_capacity); >= 0, default 0 */
 } moe_config;
+
+/** sizeof(moe_config) in the moe.h of 0.1 and 0.2, the shortest struct_size the library reads. */
+#define MOE_CONFIG_SIZE_0_1 offsetof(moe_config, min_capacity)
 
 /**
  * Fill *cfg with the defaults listed beside each field, struct_size = sizeof(moe_config), and
  * d_model = d_ff = 0 (the caller must set them). NULL is a no-op. Thread-safe.
+ * A macro below makes this call moe_config_init_size(cfg, sizeof(moe_config)), so that the
+ * library writes no more than the caller's struct holds; the function itself (what programs built
+ * against 0.1 or 0.2 call) writes MOE_CONFIG_SIZE_0_1 bytes.
  */
 MOE_API void moe_config_init(moe_config *cfg);
+
+/**
+ * moe_config_init for a struct of size bytes (sizeof(moe_config) in the caller's moe.h): writes
+ * min(size, sizeof(moe_config)) bytes, struct_size included. For bindings that cannot use the
+ * macro (bindgen, ctypes). NULL, or a size below MOE_CONFIG_SIZE_0_1, is a no-op. Thread-safe.
+ */
+MOE_API void moe_config_init_size(moe_config *cfg, size_t size);
 
 /**
  * Reset *cfg to the defaults, then apply the routing recipe of a published model:
@@ -175,11 +193,115 @@ MOE_API void moe_config_init(moe_config *cfg);
  *                    expert, bias-based balancing (u 0.001), aux 0.0001 (DeepSeek-AI 2024)
  *   "qwen2-moe"      E 60, k 4, softmax, not normalized, 4 shared experts behind a sigmoid gate
  * Widths (d_model, d_ff, d_ff_shared) are left 0 for the caller to set; E and k may be changed.
+ * moe_config_num_presets and moe_config_preset_name list them at run time.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT if cfg or name is NULL or name is unknown (cfg
  *         untouched); MOE_ERR_UNSUPPORTED for a known preset whose routing this build lacks.
  * Thread-safe.
  */
 MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name);
+
+/**
+ * moe_config_preset for a struct of size bytes (as moe_config_init_size); the macro below makes
+ * moe_config_preset call it with sizeof(moe_config), and the function moe_config_preset writes
+ * MOE_CONFIG_SIZE_0_1 bytes. @return as moe_config_preset; MOE_ERR_INVALID_ARGUMENT also for a
+ * size below MOE_CONFIG_SIZE_0_1 (cfg untouched).
+ */
+MOE_API moe_status moe_config_preset_size(moe_config *cfg, size_t size, const char *name);
+
+/* Callers compiled with this header tell the library how large their moe_config is. */
+#define moe_config_init(cfg) moe_config_init_size((cfg), sizeof(moe_config))
+#define moe_config_preset(cfg, name) moe_config_preset_size((cfg), sizeof(moe_config), (name))
+
+/* ---------------------------------------------------------------------------------------------
+ * Configuration by name. Every field of moe_config after struct_size is described by one row of
+ * a table inside the library (its name, type, place in the struct, default, allowed values and a
+ * one-line description), and can be read and written as text by its name, so that bindings,
+ * command-line flags and configuration files need no list of their own. Every value has one
+ * canonical text form, the one moe_config_get writes:
+ *   MOE_CONFIG_INT64, MOE_CONFIG_INT, MOE_CONFIG_UINT64  decimal ("8", "-1", "18446744073709551615")
+ *   MOE_CONFIG_BOOL     "true" or "false" (read also: 1/0, yes/no, on/off)
+ *   MOE_CONFIG_FLOAT    the shortest decimal that reads back as the same float32 ("0.01", "1e-05",
+ *                       "1.25", "-0"): get, then set, gives the same bits
+ *   MOE_CONFIG_ENUM     a lower-case name ("swiglu", "token_choice", "cuda", "bfloat16")
+ *   MOE_CONFIG_POINTER  "NULL" or "0x..." (read-only: a pointer cannot be set from text)
+ * moe_config_set also reads names in any case, '-' for '_', surrounding spaces, and the aliases
+ * of the dtype names (f32 fp32 bf16 f16 fp16 half) and of the routing names (token, expert).
+ * ------------------------------------------------------------------------------------------- */
+typedef enum moe_config_type {
+  MOE_CONFIG_INT64 = 0,   /* int64_t */
+  MOE_CONFIG_INT = 1,     /* int */
+  MOE_CONFIG_BOOL = 2,    /* int used as a flag: 0 or nonzero */
+  MOE_CONFIG_FLOAT = 3,   /* float */
+  MOE_CONFIG_UINT64 = 4,  /* uint64_t */
+  MOE_CONFIG_ENUM = 5,    /* one of the moe_* enums above (int-sized), values 0 .. num_values-1 */
+  MOE_CONFIG_POINTER = 6  /* a pointer (comm) */
+} moe_config_type;
+
+/** A buffer of this many bytes holds the canonical text of any field's value, NUL included. */
+#define MOE_CONFIG_VALUE_MAX 64
+
+/** The description of one moe_config field. Every string is static: never freed, never NULL. */
+typedef struct moe_config_field_info {
+  size_t struct_size;              /* sizeof(moe_config_field_info), set by the caller */
+  const char *name;                /* the field's name in moe_config, e.g. "top_k" */
+  moe_config_type type;            /* how its value is stored and written as text */
+  size_t offset;                   /* offsetof(moe_config, <name>) */
+  size_t size;                     /* sizeof the field, in bytes */
+  const char *default_value;       /* canonical text of the value moe_config_init gives it */
+  int num_values;                  /* MOE_CONFIG_ENUM: how many values it has; 0 otherwise */
+  const char *const *value_names;  /* MOE_CONFIG_ENUM: value_names[v] is the canonical name of the
+                                      C value v, 0 <= v < num_values; NULL otherwise */
+  const char *description;         /* one line: meaning, units, range */
+} moe_config_field_info;
+
+/** @return the number of described fields: every field of moe_config but struct_size. Thread-safe. */
+MOE_API int moe_config_num_fields(void);
+
+/**
+ * Describe field number index (0 <= index < moe_config_num_fields(), in the struct's order).
+ * out->struct_size must be set; min(out->struct_size, sizeof) bytes are written.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL out, an out->struct_size too small, or an
+ *         index out of range (out untouched). Thread-safe.
+ */
+MOE_API moe_status moe_config_field(int index, moe_config_field_info *out);
+
+/**
+ * Set field name of *cfg from its text value (canonical form above, or an accepted alias).
+ * Only the text's form and range are checked here (an int64 in range, a finite float32, a known
+ * enum name); how fields fit together (top_k <= num_experts, ...) is checked by moe_layer_create.
+ * cfg must hold a struct_size set by moe_config_init; a field past it (cfg from an older, shorter
+ * moe.h) is refused.
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT, with a message naming the field, the value and what is
+ *         allowed (the known fields, the enum names, the range), for a NULL argument, a bad
+ *         cfg->struct_size, an unknown name, a pointer field, or a value that does not parse or
+ *         is out of range. On failure *cfg is unchanged. Thread-safe for different cfg.
+ */
+MOE_API moe_status moe_config_set(moe_config *cfg, const char *name, const char *value);
+
+/**
+ * Write the canonical text of field name of *cfg into buf (size bytes, NUL-terminated).
+ * MOE_CONFIG_VALUE_MAX bytes always suffice. An enum holding a value outside its names is written
+ * as that decimal value (which moe_config_set refuses).
+ * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL argument, a bad cfg->struct_size, an unknown
+ *         name, a field past cfg->struct_size, or a size too small for the text (buf untouched).
+ *         Thread-safe.
+ */
+MOE_API moe_status moe_config_get(const moe_config *cfg, const char *name, char *buf, size_t size);
+
+/** @return the number of presets moe_config_preset knows. Thread-safe. */
+MOE_API int moe_config_num_presets(void);
+
+/**
+ * The name of preset number index (0 <= index < moe_config_num_presets()), e.g. "mixtral".
+ * @return a static string; NULL (and an error message) for an index out of range. Thread-safe.
+ */
+MOE_API const char *moe_config_preset_name(int index);
+
+/**
+ * One line on preset number index: the model it follows, its source, and the fields it sets.
+ * @return a static string; NULL (and an error message) for an index out of range. Thread-safe.
+ */
+MOE_API const char *moe_config_preset_description(int index);
 
 /* ---------------------------------------------------------------------------------------------
  * Layer

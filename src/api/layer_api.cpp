@@ -1,4 +1,4 @@
-// extern "C" entry points for configuration, layers and parameters: argument checks first,
+// extern "C" entry points for layers and parameters: argument checks first,
 // then the core. Nothing is changed before every check has passed.
 #include <algorithm>
 #include <cmath>
@@ -45,18 +45,6 @@ void check_count(const moe::Param &p, const void *host, int64_t count) {
 }  // namespace
 
 extern "C" {
-
-MOE_API void moe_config_init(moe_config *cfg) {
-  if (cfg) moe::config_defaults(cfg);
-}
-
-MOE_API moe_status moe_config_preset(moe_config *cfg, const char *name) {
-  return moe::call("moe_config_preset", [&] {
-    require(cfg != nullptr, "cfg is NULL");
-    require(name != nullptr, "name is NULL");
-    moe::config_preset(cfg, name);
-  });
-}
 
 MOE_API moe_status moe_layer_create(const moe_config *cfg, moe_layer **out) {
   return moe::call("moe_layer_create", [&] {

@@ -1,9 +1,13 @@
 #include "core/config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
+#include <string_view>
 
 #include "core/checked.h"
+#include "core/config_table.h"
 #include "core/error.h"
 
 namespace moe {
@@ -13,93 +17,41 @@ bool is_glu(moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU
 void config_defaults(moe_config *cfg) {
   std::memset(cfg, 0, sizeof(*cfg));
   cfg->struct_size = sizeof(moe_config);
-  cfg->num_experts = 8;
-  cfg->top_k = 2;
-  cfg->activation = MOE_ACT_SWIGLU;
-  cfg->routing = MOE_ROUTE_TOKEN_CHOICE;
-  cfg->score = MOE_SCORE_SOFTMAX;
-  cfg->normalize_topk = 1;
-  cfg->routed_scale = 1.0f;
-  cfg->num_groups = 1;
-  cfg->topk_groups = 1;
-  cfg->capacity_factor = 0.0f;
-  cfg->drop_policy = MOE_DROP_POSITION;
-  cfg->noise = MOE_NOISE_NONE;
-  cfg->noise_eps = 0.01f;
-  cfg->aux_loss_coef = 0.01f;
-  cfg->device = MOE_DEVICE_CPU;
-  cfg->dtype = MOE_DTYPE_F32;
+  apply_field_defaults(cfg);
 }
 
-void config_preset(moe_config *cfg, const char *name) {
+static const PresetRow *find_preset(const char *name) {
+  for (int i = 0; i < num_presets(); ++i)
+    if (std::strcmp(name, preset_row(i).name) == 0) return &preset_row(i);
+  return nullptr;
+}
+
+void config_preset(moe_config *cfg, size_t size, const char *name) {
+  const PresetRow *preset = find_preset(name);
+  if (!preset) {
+    std::string known;
+    for (int i = 0; i < num_presets(); ++i) known += (i ? ", " : "") + std::string(preset_row(i).name);
+    fail(MOE_ERR_INVALID_ARGUMENT, "name: unknown preset \"%s\" (known: %s)", name, known.c_str());
+  }
   moe_config c;
   config_defaults(&c);
-  if (std::strcmp(name, "mixtral") == 0) {
-    c.num_experts = 8;
-    c.top_k = 2;
-    c.aux_loss_coef = 0.02f;  // router_aux_loss_coef of Mixtral-8x7B's config
-  } else if (std::strcmp(name, "switch") == 0) {
-    // Switch Transformer: top-1, ReLU FFN, capacity factor 1.25 (training), dropped tokens pass
-    // through the residual, multiplicative jitter 1e-2, aux alpha 1e-2, router z-loss 1e-3 (ST-MoE).
-    c.num_experts = 8;
-    c.top_k = 1;
-    c.activation = MOE_ACT_RELU;
-    c.normalize_topk = 0;  // the top-1 gate value is the router probability itself
-    c.capacity_factor = 1.25f;
-    c.drop_policy = MOE_DROP_POSITION;
-    c.noise = MOE_NOISE_JITTER;
-    c.noise_eps = 0.01f;
-    c.aux_loss_coef = 0.01f;
-    c.z_loss_coef = 0.001f;
-  } else if (std::strcmp(name, "shazeer") == 0) {
-    c.num_experts = 8;
-    c.top_k = 2;
-    c.activation = MOE_ACT_RELU;
-    c.noise = MOE_NOISE_GAUSSIAN;
-    c.aux_loss_coef = 0.0f;
-    c.importance_loss_coef = 0.01f;
-    c.load_loss_coef = 0.01f;
-  } else if (std::strcmp(name, "expert-choice") == 0) {
-    c.num_experts = 8;
-    c.top_k = 2;
-    c.routing = MOE_ROUTE_EXPERT_CHOICE;
-    c.capacity_factor = 1.0f;  // C = T*k/E: on average k experts per token
-    c.normalize_topk = 0;
-    c.aux_loss_coef = 0.0f;  // balanced by construction
-  } else if (std::strcmp(name, "deepseek-v3") == 0) {
-    c.num_experts = 256;
-    c.top_k = 8;
-    c.score = MOE_SCORE_SIGMOID;
-    c.normalize_topk = 1;
-    c.routed_scale = 2.5f;
-    c.num_groups = 8;
-    c.topk_groups = 4;
-    c.num_shared_experts = 1;
-    c.bias_update_rate = 0.001f;
-    c.aux_loss_coef = 0.0001f;  // the complementary sequence-wise loss's alpha
-  } else if (std::strcmp(name, "qwen2-moe") == 0) {
-    c.num_experts = 60;
-    c.top_k = 4;
-    c.normalize_topk = 0;
-    c.num_shared_experts = 4;
-    c.shared_gate = 1;
-    c.aux_loss_coef = 0.001f;
-  } else {
-    fail(MOE_ERR_INVALID_ARGUMENT,
-         "name: unknown preset \"%s\" (known: mixtral, switch, shazeer, expert-choice, deepseek-v3, qwen2-moe)",
-         name);
+  // "name=value name=value ...": each setting through the same parser as moe_config_set.
+  std::string_view rest = preset->settings;
+  while (!rest.empty()) {
+    const size_t space = std::min(rest.find(' '), rest.size());
+    const std::string_view setting = rest.substr(0, space);
+    rest.remove_prefix(std::min(space + 1, rest.size()));
+    if (setting.empty()) continue;
+    const size_t eq = setting.find('=');
+    const FieldRow *row = eq == std::string_view::npos ? nullptr : find_field(setting.substr(0, eq));
+    if (!row)
+      fail(MOE_ERR_INTERNAL, "preset %s: bad setting \"%.*s\"", name, static_cast<int>(setting.size()),
+           setting.data());
+    set_field(&c, *row, setting.substr(eq + 1));
   }
-  *cfg = c;
-}
-
-// Enum fields come from C callers and may hold any int: read them as ints, never as the enum type
-// (a value outside the enumeration is undefined behaviour in C++).
-template <class Enum>
-static int raw(const Enum &e) {
-  int v;
-  static_assert(sizeof(Enum) == sizeof(int), "C enums are int-sized");
-  std::memcpy(&v, &e, sizeof v);
-  return v;
+  // A caller built against an older moe.h holds only the first size bytes.
+  c.struct_size = std::min(size, sizeof c);
+  std::memcpy(cfg, &c, c.struct_size);
 }
 
 static void check_finite_field(float v, const char *name) {
@@ -107,9 +59,10 @@ static void check_finite_field(float v, const char *name) {
 }
 
 Config make_config(const moe_config *user) {
-  // 0.1 is the first release, so no shorter struct exists yet; a longer one comes from a newer
-  // header and is accepted when the fields this library does not know are all zero.
-  if (user->struct_size < sizeof(moe_config))
+  // A shorter struct comes from the moe.h of an older release (its missing fields take their
+  // defaults); a longer one from a newer header, accepted when the fields this library does not
+  // know are all zero.
+  if (user->struct_size < MOE_CONFIG_SIZE_0_1)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->struct_size is %zu, expected %zu (call moe_config_init first)",
          user->struct_size, sizeof(moe_config));
   if (user->struct_size > sizeof(moe_config)) {
@@ -126,7 +79,11 @@ Config make_config(const moe_config *user) {
 
   Config cf{};
   config_defaults(&cf.c);
-  std::memcpy(&cf.c, user, sizeof(moe_config));
+  // Whole fields only: a struct_size that ends inside a field leaves that field its default.
+  size_t n = std::min(user->struct_size, sizeof(moe_config));
+  for (int i = 0; i < num_fields(); ++i)
+    if (field_row(i).offset < n && n < field_row(i).offset + field_row(i).size) n = field_row(i).offset;
+  std::memcpy(&cf.c, user, n);
   cf.c.struct_size = sizeof(moe_config);
   const moe_config &c = cf.c;
 
@@ -140,28 +97,21 @@ Config make_config(const moe_config *user) {
   if (c.top_k > c.num_experts)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->top_k is %lld, larger than num_experts %lld", (long long)c.top_k,
          (long long)c.num_experts);
-  if (raw(c.activation) < 0 || raw(c.activation) > MOE_ACT_SILU)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->activation is %d, not a moe_activation", raw(c.activation));
-  if (raw(c.routing) < 0 || raw(c.routing) > MOE_ROUTE_EXPERT_CHOICE)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->routing is %d, not a moe_routing", raw(c.routing));
-  if (raw(c.score) < 0 || raw(c.score) > MOE_SCORE_SIGMOID)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->score is %d, not a moe_score", raw(c.score));
-  if (raw(c.noise) < 0 || raw(c.noise) > MOE_NOISE_JITTER)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->noise is %d, not a moe_noise", raw(c.noise));
-  if (raw(c.drop_policy) < 0 || raw(c.drop_policy) > MOE_DROP_PROBS)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->drop_policy is %d, not a moe_drop_policy", raw(c.drop_policy));
-  if (raw(c.device) < 0 || raw(c.device) > MOE_DEVICE_CUDA)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->device is %d, not a moe_device", raw(c.device));
-  if (raw(c.dtype) < 0 || raw(c.dtype) > MOE_DTYPE_F16)
-    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->dtype is %d, not a moe_dtype", raw(c.dtype));
-  check_finite_field(c.routed_scale, "routed_scale");
-  check_finite_field(c.capacity_factor, "capacity_factor");
-  check_finite_field(c.noise_eps, "noise_eps");
-  check_finite_field(c.aux_loss_coef, "aux_loss_coef");
-  check_finite_field(c.z_loss_coef, "z_loss_coef");
-  check_finite_field(c.importance_loss_coef, "importance_loss_coef");
-  check_finite_field(c.load_loss_coef, "load_loss_coef");
-  check_finite_field(c.bias_update_rate, "bias_update_rate");
+  // Every enum holds one of its values and every float is finite (the table knows which fields).
+  for (int i = 0; i < num_fields(); ++i) {
+    const FieldRow &row = field_row(i);
+    const unsigned char *at = reinterpret_cast<const unsigned char *>(&c) + row.offset;
+    if (row.type == MOE_CONFIG_ENUM) {
+      int v;
+      std::memcpy(&v, at, sizeof v);
+      if (v < 0 || v >= row.values->count)
+        fail(MOE_ERR_INVALID_ARGUMENT, "cfg->%s is %d, not a %s", row.name, v, row.values->c_type);
+    } else if (row.type == MOE_CONFIG_FLOAT) {
+      float v;
+      std::memcpy(&v, at, sizeof v);
+      check_finite_field(v, row.name);
+    }
+  }
   if (c.bias_update_rate < 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->bias_update_rate is %g, must be >= 0", (double)c.bias_update_rate);
   if (c.noise == MOE_NOISE_JITTER && !(c.noise_eps >= 0 && c.noise_eps < 1))
@@ -189,6 +139,8 @@ Config make_config(const moe_config *user) {
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->num_shared_experts is %lld, must be >= 0", (long long)c.num_shared_experts);
   if (c.d_ff_shared < 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->d_ff_shared is %lld, must be >= 0", (long long)c.d_ff_shared);
+  if (c.min_capacity < 0)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->min_capacity is %lld, must be >= 0", (long long)c.min_capacity);
   if (c.shared_gate && c.num_shared_experts == 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->shared_gate is %d but num_shared_experts is 0", c.shared_gate);
 

@@ -30,7 +30,8 @@ Config make_config(const moe_config *user);
 // Writes the default configuration.
 void config_defaults(moe_config *cfg);
 
-// Applies a named preset over the defaults; throws moe::Error for an unknown name.
-void config_preset(moe_config *cfg, const char *name);
+// Applies a named preset over the defaults into the first size bytes of *cfg (struct_size =
+// min(size, sizeof)); throws moe::Error for an unknown name.
+void config_preset(moe_config *cfg, size_t size, const char *name);
 
 }  // namespace moe

@@ -146,7 +146,8 @@ void shared_forward(moe_layer &l, Workspace &w, const void *x, int64_t T, float 
 // Slots per expert for T tokens, or -1 when dropless.
 int64_t capacity_of(const Config &c, int64_t Tk) {
   if (!(c.c.capacity_factor > 0)) return -1;
-  const double cap = std::ceil(static_cast<double>(c.c.capacity_factor) * static_cast<double>(Tk) / c.E);
+  const double cap = std::max(std::ceil(static_cast<double>(c.c.capacity_factor) * static_cast<double>(Tk) / c.E),
+                              static_cast<double>(c.c.min_capacity));
   return cap > static_cast<double>(Tk) ? Tk : static_cast<int64_t>(cap);
 }
 

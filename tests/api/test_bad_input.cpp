@@ -218,10 +218,45 @@ TEST_F(BadInput, ConfigPreset) {
   }
 }
 
+TEST_F(BadInput, ConfigByName) {
+  moe_config c = small_config();
+  const moe_config before = c;
+  char buf[MOE_CONFIG_VALUE_MAX] = "keep";
+  BAD(moe_config_set(nullptr, "top_k", "1"), MOE_ERR_INVALID_ARGUMENT, "cfg");
+  BAD(moe_config_set(&c, nullptr, "1"), MOE_ERR_INVALID_ARGUMENT, "name");
+  BAD(moe_config_set(&c, "top_k", nullptr), MOE_ERR_INVALID_ARGUMENT, "value");
+  BAD(moe_config_set(&c, "no_such_field", "1"), MOE_ERR_INVALID_ARGUMENT, "no_such_field");
+  BAD(moe_config_set(&c, "top_k", "1x"), MOE_ERR_INVALID_ARGUMENT, "top_k");
+  BAD(moe_config_set(&c, "noise", "loud"), MOE_ERR_INVALID_ARGUMENT, "noise");
+  BAD(moe_config_set(&c, "comm", "NULL"), MOE_ERR_INVALID_ARGUMENT, "comm");
+  EXPECT_EQ(std::memcmp(&c, &before, sizeof c), 0) << "cfg changed by a failed moe_config_set";
+  BAD(moe_config_get(nullptr, "top_k", buf, sizeof buf), MOE_ERR_INVALID_ARGUMENT, "cfg");
+  BAD(moe_config_get(&c, nullptr, buf, sizeof buf), MOE_ERR_INVALID_ARGUMENT, "name");
+  BAD(moe_config_get(&c, "top_k", nullptr, sizeof buf), MOE_ERR_INVALID_ARGUMENT, "buf");
+  BAD(moe_config_get(&c, "top_k", buf, 1), MOE_ERR_INVALID_ARGUMENT, "size");
+  BAD(moe_config_get(&c, "topk", buf, sizeof buf), MOE_ERR_INVALID_ARGUMENT, "topk");
+  EXPECT_STREQ(buf, "keep") << "buf changed by a failed moe_config_get";
+  moe_config_field_info f{};
+  f.struct_size = sizeof f;
+  BAD(moe_config_field(-1, &f), MOE_ERR_INVALID_ARGUMENT, "index");
+  BAD(moe_config_field(moe_config_num_fields(), &f), MOE_ERR_INVALID_ARGUMENT, "index");
+  BAD(moe_config_field(0, nullptr), MOE_ERR_INVALID_ARGUMENT, "out");
+  EXPECT_EQ(f.name, nullptr) << "out changed by a failed moe_config_field";
+  mark_last_error();
+  EXPECT_EQ(moe_config_preset_name(moe_config_num_presets()), nullptr);
+  EXPECT_TRUE(names(moe_last_error(), "index")) << moe_last_error();
+  mark_last_error();
+  EXPECT_EQ(moe_config_preset_description(-1), nullptr);
+  EXPECT_TRUE(names(moe_last_error(), "index")) << moe_last_error();
+}
+
 // A preset that returns MOE_OK is one this build provides: with its widths set, a layer must be
 // created from it (moe.h: MOE_ERR_UNSUPPORTED for a known preset whose routing this build lacks).
 TEST(Preset, EveryAcceptedPresetMakesALayer) {
-  for (const char *name : {"mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe"}) {
+  ASSERT_GE(moe_config_num_presets(), 6);
+  for (int i = 0; i < moe_config_num_presets(); ++i) {
+    const char *name = moe_config_preset_name(i);
+    ASSERT_NE(name, nullptr);
     SCOPED_TRACE(name);
     moe_config c;
     moe_config_init(&c);

@@ -327,6 +327,37 @@ int main(void) {
   cfg.d_ff = 8;
   run_config("qwen2-moe preset (4 gated shared experts, d_ff_shared from d_ff)", &cfg);
 
+  /* The same configuration by name, from C: every field the table lists, and a layer from text. */
+  {
+    moe_config named;
+    char text[MOE_CONFIG_VALUE_MAX];
+    int i, n = moe_config_num_fields();
+    moe_config_init(&named);
+    CHECK(n > 20);
+    for (i = 0; i < n; ++i) {
+      moe_config_field_info f;
+      memset(&f, 0, sizeof f);
+      f.struct_size = sizeof f;
+      CHECK_OK(moe_config_field(i, &f));
+      CHECK_OK(moe_config_get(&named, f.name, text, sizeof text));
+      CHECK(strcmp(text, f.default_value) == 0);
+    }
+    CHECK_OK(moe_config_set(&named, "d_model", "16"));
+    CHECK_OK(moe_config_set(&named, "d_ff", "32"));
+    CHECK_OK(moe_config_set(&named, "activation", "geglu"));
+    CHECK_OK(moe_config_set(&named, "dtype", "bf16"));
+    CHECK(named.dtype == MOE_DTYPE_BF16);
+    CHECK_OK(moe_config_set(&named, "dtype", "FP32")); /* run_config passes float32 activations */
+    CHECK_OK(moe_config_set(&named, "capacity_factor", "1.25"));
+    CHECK(named.activation == MOE_ACT_GEGLU && named.dtype == MOE_DTYPE_F32 && named.capacity_factor == 1.25f);
+    CHECK(moe_config_set(&named, "activation", "swish") == MOE_ERR_INVALID_ARGUMENT);
+    CHECK(strstr(moe_last_error(), "'swiglu'") != NULL);
+    CHECK(named.activation == MOE_ACT_GEGLU);
+    CHECK(moe_config_num_presets() >= 6 && strcmp(moe_config_preset_name(0), "mixtral") == 0);
+    CHECK(moe_config_preset_description(0) != NULL && moe_config_preset_name(-1) == NULL);
+    run_config("set by name: geglu, capacity 1.25", &named);
+  }
+
   if (g_failures) {
     fprintf(stderr, "%d check(s) failed\n", g_failures);
     return 1;

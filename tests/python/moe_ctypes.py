@@ -28,7 +28,10 @@ DROP_POSITION, DROP_PROBS = 0, 1
 
 
 class moe_config(C.Structure):
-    # Field by field as in include/moe/moe.h; enums are C ints.
+    # Field by field as in the moe.h of 0.1 and 0.2 (enums are C ints), written out by hand as an
+    # oracle independent of the library's table. It is what a program built against that header
+    # passes: moe_config_init and moe_config_preset, the functions (ctypes sees no macro), fill
+    # these MOE_CONFIG_SIZE_0_1 bytes, and fields added since take their defaults.
     _fields_ = [
         ("struct_size", C.c_size_t),
         ("d_model", C.c_int64),

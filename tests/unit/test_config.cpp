@@ -307,7 +307,7 @@ TEST(Config, BadCommIsNamed) {
 moe_config preset(const char *name) {
   moe_config c;
   std::memset(&c, 0x5A, sizeof c);  // garbage: the preset must reset everything to the defaults first
-  moe::config_preset(&c, name);
+  moe::config_preset(&c, sizeof c, name);
   return c;
 }
 
@@ -417,7 +417,7 @@ TEST(Preset, UnknownNameIsRefusedAndLeavesCfgUntouched) {
   moe_config before = c;
   for (const char *name : {"", "Mixtral", "gpt-4", "mixtral "}) {
     try {
-      moe::config_preset(&c, name);
+      moe::config_preset(&c, sizeof c, name);
       ADD_FAILURE() << "preset \"" << name << "\" accepted";
     } catch (const moe::Error &e) {
       EXPECT_EQ(e.status(), MOE_ERR_INVALID_ARGUMENT);

@@ -20,6 +20,7 @@ import importlib as _importlib
 from . import capi
 from .errors import (ArgumentTypeError, ClosedError, CommError, DeviceError, InternalError, InvalidArgumentError,
                      MoeError, NonFiniteError, OutOfMemoryError, StateError, UnsupportedError)
+from ._config import ConfigField, config_fields, presets
 from ._layer import (CONFIG_FIELDS, PRESETS, Context, Layer, ParamInfo, default_config, from_bfloat16_bits,
                      preset_config, to_bfloat16_bits)
 
@@ -28,7 +29,8 @@ __version__ = f"{capi.MOE_VERSION_MAJOR}.{capi.MOE_VERSION_MINOR}.{capi.MOE_VERS
 __all__ = ["Layer", "Context", "ParamInfo", "MoeError", "InvalidArgumentError", "OutOfMemoryError",
            "UnsupportedError", "DeviceError", "CommError", "StateError", "NonFiniteError", "InternalError",
            "ArgumentTypeError", "ClosedError",
-           "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config", "to_bfloat16_bits",
+           "CONFIG_FIELDS", "PRESETS", "ConfigField", "config_fields", "presets", "default_config", "preset_config",
+           "to_bfloat16_bits",
            "from_bfloat16_bits", "library_version", "status_name", "last_error", "capi"]
 
 

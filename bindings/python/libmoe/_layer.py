@@ -7,49 +7,17 @@ from collections import namedtuple
 import numpy as np
 
 from . import capi
+from ._config import CONFIG_FIELDS, PRESETS, config_dict, default_config, enum_name, make_config, preset_config
 from .errors import ArgumentTypeError, ClosedError, InvalidArgumentError, StateError
 
 __all__ = ["Layer", "Context", "ParamInfo", "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config",
            "to_bfloat16_bits", "from_bfloat16_bits"]
-
-PRESETS = ("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe")
-
-# Enum fields: the names Python callers write, mapped to the pinned C values.
-_ENUMS = {
-    "activation": {"swiglu": capi.MOE_ACT_SWIGLU, "geglu": capi.MOE_ACT_GEGLU, "relu": capi.MOE_ACT_RELU,
-                   "gelu": capi.MOE_ACT_GELU, "silu": capi.MOE_ACT_SILU},
-    "routing": {"token_choice": capi.MOE_ROUTE_TOKEN_CHOICE, "expert_choice": capi.MOE_ROUTE_EXPERT_CHOICE},
-    "score": {"softmax": capi.MOE_SCORE_SOFTMAX, "sigmoid": capi.MOE_SCORE_SIGMOID},
-    "drop_policy": {"position": capi.MOE_DROP_POSITION, "probs": capi.MOE_DROP_PROBS},
-    "noise": {"none": capi.MOE_NOISE_NONE, "gaussian": capi.MOE_NOISE_GAUSSIAN, "jitter": capi.MOE_NOISE_JITTER},
-    "device": {"cpu": capi.MOE_DEVICE_CPU, "cuda": capi.MOE_DEVICE_CUDA},
-    "dtype": {"float32": capi.MOE_DTYPE_F32, "bfloat16": capi.MOE_DTYPE_BF16, "float16": capi.MOE_DTYPE_F16},
-}
-_ENUM_ALIASES = {
-    "dtype": {"f32": "float32", "fp32": "float32", "bf16": "bfloat16", "f16": "float16", "fp16": "float16",
-              "half": "float16"},
-}
-_ENUM_NAMES = {field: {v: k for k, v in table.items()} for field, table in _ENUMS.items()}
-_INTS = ("d_model", "d_ff", "num_experts", "top_k", "num_groups", "topk_groups", "num_shared_experts",
-         "d_ff_shared", "device_index")
-_FLOATS = ("routed_scale", "capacity_factor", "noise_eps", "aux_loss_coef", "z_loss_coef", "importance_loss_coef",
-           "load_loss_coef", "bias_update_rate")
-_BOOLS = ("normalize_topk", "shared_gate", "allow_tf32", "check_finite")
-
-# The fields of moe_config in header order (struct_size and comm are not configurable from Python).
-CONFIG_FIELDS = ("d_model", "d_ff", "num_experts", "top_k", "activation", "routing", "score", "normalize_topk",
-                 "routed_scale", "num_groups", "topk_groups", "capacity_factor", "drop_policy", "noise",
-                 "noise_eps", "aux_loss_coef", "z_loss_coef", "importance_loss_coef", "load_loss_coef",
-                 "bias_update_rate", "num_shared_experts", "d_ff_shared", "shared_gate", "device",
-                 "device_index", "dtype", "allow_tf32", "seed", "check_finite")
 
 _STATS_FIELDS = ("num_tokens", "num_slots", "dropped_slots", "load_balance_loss", "z_loss", "importance_loss",
                  "load_loss", "aux_loss_total", "load_cv", "max_load_ratio")
 
 ParamInfo = namedtuple("ParamInfo", "name shape trainable")
 ParamInfo.__doc__ = "A named parameter: shape in PyTorch nn.Linear layout; trainable is False for router.bias."
-
-_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 _F32, _F16, _U16 = np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.uint16)
 # How each libmoe dtype is stored in numpy: numpy has no bfloat16, so its raw bits are uint16.
@@ -96,91 +64,6 @@ def _from_storage(a, dtype, out=None):
         return f
     np.copyto(out, f)
     return out
-
-
-def _enum_value(field, value):
-    table = _ENUMS[field]
-    if isinstance(value, str):
-        key = value.strip().lower().replace("-", "_")
-        if field == "device" and ":" in key:  # "cuda:1" is handled by _set_field
-            key = key.split(":", 1)[0]
-        key = _ENUM_ALIASES.get(field, {}).get(key, key)
-        if key not in table:
-            raise InvalidArgumentError(f"{field}={value!r} is not one of {', '.join(repr(k) for k in table)}")
-        return table[key]
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)  # the pinned C value; the library validates the range
-    raise ArgumentTypeError(f"{field} must be a str ({', '.join(repr(k) for k in table)}) or an int, "
-                    f"not {type(value).__name__}")
-
-
-def _set_field(cfg, field, value):
-    if field in _ENUMS:
-        if field == "device" and not isinstance(value, (str, numbers.Integral)) and hasattr(value, "type"):
-            value = str(value)  # a torch.device
-        v = _enum_value(field, value)
-        if field == "device" and isinstance(value, str) and ":" in value:
-            index = value.split(":", 1)[1]
-            if not index.isdigit():
-                raise InvalidArgumentError(f"device={value!r}: expected 'cpu', 'cuda' or 'cuda:N'")
-            cfg.device_index = int(index)
-        setattr(cfg, field, v)
-    elif field in _INTS or field == "seed":
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-            raise ArgumentTypeError(f"{field} must be an int, not {type(value).__name__}")
-        lo, hi = (0, (1 << 64) - 1) if field == "seed" else _INT64
-        if field == "device_index":
-            lo, hi = -(1 << 31), (1 << 31) - 1
-        if not lo <= int(value) <= hi:
-            raise InvalidArgumentError(f"{field}={int(value)} is out of range [{lo}, {hi}]")
-        setattr(cfg, field, int(value))
-    elif field in _FLOATS:
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise ArgumentTypeError(f"{field} must be a float, not {type(value).__name__}")
-        setattr(cfg, field, float(value))
-    elif field in _BOOLS:
-        if not isinstance(value, (bool, numbers.Integral)):
-            raise ArgumentTypeError(f"{field} must be a bool, not {type(value).__name__}")
-        setattr(cfg, field, 1 if value else 0)
-    elif field == "comm":
-        raise ArgumentTypeError("comm: expert-parallel communicators are not available from Python")
-    else:
-        raise ArgumentTypeError(f"unknown config field {field!r}; the fields are: {', '.join(CONFIG_FIELDS)}")
-
-
-def _make_config(preset, fields):
-    cfg = capi.moe_config()  # moe_config_init defaults
-    if preset is not None:
-        if not isinstance(preset, str):
-            raise ArgumentTypeError(f"preset must be a str, not {type(preset).__name__}")
-        capi.moe_config_preset(cfg, preset)
-    for field, value in fields.items():
-        _set_field(cfg, field, value)
-    return cfg
-
-
-def _config_dict(cfg):
-    out = {}
-    for field in CONFIG_FIELDS:
-        v = getattr(cfg, field)
-        if field in _ENUMS:
-            v = _ENUM_NAMES[field].get(v, v)
-        elif field in _BOOLS:
-            v = bool(v)
-        elif field in _FLOATS:
-            v = float(str(np.float32(v)))  # 0.01, not 0.009999999776482582: the same float32 (str, not repr: numpy 2 writes repr as "np.float32(0.01)")
-        out[field] = v
-    return out
-
-
-def default_config():
-    """The library's defaults (moe_config_init) as a dict; d_model and d_ff are 0 (required)."""
-    return _config_dict(capi.moe_config())
-
-
-def preset_config(name):
-    """The fields of preset ``name`` (see PRESETS) as a dict; widths are left 0 for the caller."""
-    return _config_dict(_make_config(name, {}))
 
 
 class _HostBuffer:
@@ -263,7 +146,7 @@ class Layer:
     """
 
     def __init__(self, preset=None, **config):
-        cfg = _make_config(preset, config)
+        cfg = make_config(preset, config)
         ptr = capi.moe_layer_create(cfg)
         self._h = _LayerHandle(ptr)
         self._init_info()
@@ -276,7 +159,7 @@ class Layer:
     def _init_info(self):
         cfg = capi.moe_config()
         capi.moe_layer_get_config(self._h.ptr, cfg)
-        self._config = _config_dict(cfg)
+        self._config = config_dict(cfg)
         self._d = self._config["d_model"]
         self._params = {}
         self._param_dtypes = {}
@@ -286,7 +169,7 @@ class Layer:
             shape = tuple(int(info.dim(j)) for j in range(info.ndim))
             self._params[info.name] = ParamInfo(info.name, shape, bool(info.trainable))
             dt = capi.moe_layer_param_dtype(self._h.ptr, info.name)
-            self._param_dtypes[info.name] = _ENUM_NAMES["dtype"].get(dt, dt)
+            self._param_dtypes[info.name] = enum_name("dtype", dt)
 
     # ---- lifetime -------------------------------------------------------------------------------
     def _handle(self):

@@ -11,7 +11,7 @@
  *     (long): org.libmoe passes the address of a direct buffer (MoeNative.moe_java_buffer_address)
  *     plus its position, so no copy is made here; 0 is NULL;
  *   - out-parameters (moe_layer **, moe_context **, void **data/grad, int64_t *count) are long[]
- *     (moe_dtype *out is an int[])
+ *     (moe_dtype *out is an int[]; moe_config_get's text buffer a byte[])
  *     of at least one element that receive the value;
  *   - uint64_t (the seed) is a Java long holding the same 64 bits;
  *   - enums are int constants (org.libmoe has the Java enums);
@@ -169,6 +169,26 @@ MOE_JAVA_OUT(void **, data, void *)
 MOE_JAVA_OUT(void **, grad, void *)
 MOE_JAVA_OUT(int64_t *, count, int64_t)
 
+/* moe_config_get: a byte[] that receives the NUL-terminated UTF-8 text (MOE_CONFIG_VALUE_MAX bytes
+   always suffice). The text goes through a C buffer, so an early return on error leaks nothing. */
+%typemap(jni) (char *buf, size_t size) "jbyteArray"
+%typemap(jtype) (char *buf, size_t size) "byte[]"
+%typemap(jstype) (char *buf, size_t size) "byte[]"
+%typemap(javain) (char *buf, size_t size) "$javainput"
+%typemap(in) (char *buf, size_t size) (char tmp[MOE_CONFIG_VALUE_MAX]) %{
+  if ($input == NULL) {
+    SWIG_JavaThrowException(jenv, SWIG_JavaIllegalArgumentException, "buf is null");
+    return $null;
+  }
+  tmp[0] = 0;
+  $1 = tmp;
+  $2 = (size_t)(*jenv)->GetArrayLength(jenv, $input);
+  if ($2 > sizeof tmp) $2 = sizeof tmp;
+%}
+%typemap(argout) (char *buf, size_t size) %{
+  (*jenv)->SetByteArrayRegion(jenv, $input, 0, (jsize)(strlen($1) + 1), (const jbyte *)$1);
+%}
+
 /* ---- the address of a direct java.nio buffer ------------------------------------------------- */
 %typemap(jni) void *direct_buffer "jobject"
 %typemap(jtype) void *direct_buffer "java.nio.Buffer"
@@ -221,4 +241,5 @@ moe_java_view moe_java_direct_buffer(JNIEnv *jenv_, int64_t address, int64_t byt
 MOE_JAVA_CLOSEABLE(struct moe_config)
 MOE_JAVA_CLOSEABLE(struct moe_stats)
 MOE_JAVA_CLOSEABLE(struct moe_param_info)
+MOE_JAVA_CLOSEABLE(struct moe_config_field_info)
 MOE_JAVA_CLOSEABLE(struct moe_comm)

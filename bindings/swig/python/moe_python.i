@@ -10,7 +10,8 @@
  *   - tensor arguments are addresses: a Python int (numpy's arr.ctypes.data, torch's
  *     t.data_ptr()) or None for NULL. No copy is ever made here; the caller keeps the memory
  *     alive and correctly sized (libmoe.Layer checks shapes and dtypes before it passes them);
- *   - moe_layer ** / moe_context ** / void ** / moe_dtype * / int64_t *count out-parameters are returned;
+ *   - moe_layer ** / moe_context ** / void ** / moe_dtype * / int64_t *count out-parameters are returned,
+ *     and moe_config_get returns the text as a str;
  *   - the GIL is released around every call (swig -threads), and re-taken before any exception
  *     is raised; moe_last_error() is per OS thread, which the GIL release does not change.
  */
@@ -132,4 +133,14 @@ static PyObject *moe_python_from_address(void *p) {
    from this config (libmoe.distributed's Layer keeps it alive with the layer's handle). */
 %extend moe_config {
   void set_comm_address(unsigned long long address) { $self->comm = (const moe_comm *)(uintptr_t)address; }
+}
+
+/* moe_config_get: returns the value's text as a str. */
+%typemap(in, numinputs=0) (char *buf, size_t size) (char tmp[MOE_CONFIG_VALUE_MAX]) {
+  tmp[0] = 0;
+  $1 = tmp;
+  $2 = sizeof tmp;
+}
+%typemap(argout) (char *buf, size_t size) {
+  $result = SWIG_Python_AppendOutput($result, PyUnicode_DecodeUTF8($1, (Py_ssize_t)strlen($1), "replace"));
 }

@@ -48,13 +48,24 @@ mod tests {
     fn config_init_sets_struct_size_and_defaults() {
         let mut cfg = std::mem::MaybeUninit::<moe_config>::zeroed();
         let cfg = unsafe {
-            moe_config_init(cfg.as_mut_ptr());
+            moe_config_init_size(cfg.as_mut_ptr(), std::mem::size_of::<moe_config>());
             cfg.assume_init()
         };
         assert_eq!(cfg.struct_size, std::mem::size_of::<moe_config>());
         assert_eq!(cfg.num_experts, 8);
         assert_eq!(cfg.top_k, 2);
         assert!(cfg.comm.is_null());
+        // The plain function is the entry point of programs built against the 0.1 header: it fills
+        // only the fields that struct has, and leaves the rest alone.
+        let mut old = std::mem::MaybeUninit::<moe_config>::zeroed();
+        let old = unsafe {
+            (*old.as_mut_ptr()).min_capacity = 77;
+            moe_config_init(old.as_mut_ptr());
+            old.assume_init()
+        };
+        assert_eq!(old.struct_size, std::mem::offset_of!(moe_config, min_capacity));
+        assert_eq!(old.num_experts, 8);
+        assert_eq!(old.min_capacity, 77);
     }
 
     /// A scratch tree: `lib/` with or without libmoe.so, `include/` with or without moe/moe.h.

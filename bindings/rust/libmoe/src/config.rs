@@ -1,9 +1,11 @@
 //! The layer configuration (`moe_config`): a plain struct with public fields, chainable setters
-//! of the same names, and the published presets.
+//! of the same names, the published presets, and every field by its name and text through
+//! libmoe's own table of the struct (`moe_config_field`, `moe_config_set`, `moe_config_get`).
 use crate::error::{check, Error, Result};
 use crate::layer::Layer;
 use libmoe_sys as sys;
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
+use std::os::raw::c_char;
 
 macro_rules! c_enum {
     ($(#[$m:meta])* $name:ident : $what:literal { $($(#[$vm:meta])* $v:ident = $c:ident),+ $(,)? }) => {
@@ -11,6 +13,18 @@ macro_rules! c_enum {
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
         #[non_exhaustive]
         pub enum $name { $($(#[$vm])* $v),+ }
+        impl FromC<u32> for $name {
+            fn from_c(v: u32, _: &str) -> Result<$name> { $name::from_raw(v) }
+        }
+        impl FromC<i32> for $name {
+            fn from_c(v: i32, _: &str) -> Result<$name> { $name::from_raw(v as u32) }
+        }
+        impl ToC<u32> for $name {
+            fn to_c(self, _: &str) -> Result<u32> { Ok(self.to_raw()) }
+        }
+        impl ToC<i32> for $name {
+            fn to_c(self, _: &str) -> Result<i32> { Ok(self.to_raw() as i32) }
+        }
         impl $name {
             /// The C enum value (pinned by moe.h).
             pub fn to_raw(self) -> u32 {
@@ -85,83 +99,258 @@ c_enum!(
     /// Which slots an over-full expert keeps.
     DropPolicy: "moe_drop_policy" { Position = MOE_DROP_POSITION, Probs = MOE_DROP_PROBS });
 
-/// Everything that defines a layer (`moe_config` without its `struct_size` and `comm`).
-///
-/// Start from [`Config::new`] (library defaults) or [`Config::preset`], then change fields,
-/// either directly or with the chainable setters of the same names:
-///
-/// ```no_run
-/// use libmoe::{Activation, Config};
-/// let layer = Config::new(512, 1024).num_experts(16).top_k(2).activation(Activation::GeGlu).seed(7).build()?;
-/// # Ok::<(), libmoe::Error>(())
-/// ```
-/// The meaning and default of each field is documented in moe.h.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Config {
-    pub d_model: usize,
-    pub d_ff: usize,
-    pub num_experts: usize,
-    pub top_k: usize,
-    pub activation: Activation,
-    pub routing: Routing,
-    pub score: Score,
-    pub normalize_topk: bool,
-    pub routed_scale: f32,
-    pub num_groups: usize,
-    pub topk_groups: usize,
-    /// > 0: C = ceil(cf * T * k / E) slots per expert; <= 0: dropless.
-    pub capacity_factor: f32,
-    pub drop_policy: DropPolicy,
-    pub noise: Noise,
-    pub noise_eps: f32,
-    pub aux_loss_coef: f32,
-    pub z_loss_coef: f32,
-    pub importance_loss_coef: f32,
-    pub load_loss_coef: f32,
-    pub bias_update_rate: f32,
-    pub num_shared_experts: usize,
-    /// 0: d_ff.
-    pub d_ff_shared: usize,
-    pub shared_gate: bool,
-    pub device: Device,
-    pub device_index: i32,
-    pub dtype: DType,
-    pub allow_tf32: bool,
-    pub seed: u64,
-    pub check_finite: bool,
+/// How a field is stored (`moe_config_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FieldType {
+    Int64,
+    Int,
+    /// An int used as a flag.
+    Bool,
+    Float,
+    Uint64,
+    /// One of the moe_* enums; [`FieldInfo::values`] names its values.
+    Enum,
+    /// A pointer (the expert-parallel comm): not settable by name.
+    Pointer,
+    /// A type this crate does not know (from a newer libmoe): set it by its text.
+    Other(u32),
 }
 
-macro_rules! setters {
+/// One field of `moe_config` as the loaded libmoe describes it (`moe_config_field`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldInfo {
+    /// Its name in moe.h, e.g. `"top_k"`.
+    pub name: String,
+    pub field_type: FieldType,
+    /// The canonical text of its default (`moe_config_init`).
+    pub default: String,
+    /// For [`FieldType::Enum`], the names of its values in the order of their C values.
+    pub values: Vec<String>,
+    /// One line: meaning, units, range.
+    pub description: String,
+}
+
+fn owned(p: *const c_char) -> String {
+    if p.is_null() {
+        String::new()
+    } else {
+        unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+    }
+}
+
+/// Every field of `moe_config` the loaded libmoe describes, in the struct's order.
+pub fn config_fields() -> Result<Vec<FieldInfo>> {
+    let n = unsafe { sys::moe_config_num_fields() };
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for i in 0..n {
+        let mut info = unsafe { std::mem::zeroed::<sys::moe_config_field_info>() };
+        info.struct_size = std::mem::size_of::<sys::moe_config_field_info>();
+        check(unsafe { sys::moe_config_field(i, &mut info) })?;
+        let t = info.type_ as u32;
+        let field_type = [
+            (sys::MOE_CONFIG_INT64 as u32, FieldType::Int64),
+            (sys::MOE_CONFIG_INT as u32, FieldType::Int),
+            (sys::MOE_CONFIG_BOOL as u32, FieldType::Bool),
+            (sys::MOE_CONFIG_FLOAT as u32, FieldType::Float),
+            (sys::MOE_CONFIG_UINT64 as u32, FieldType::Uint64),
+            (sys::MOE_CONFIG_ENUM as u32, FieldType::Enum),
+            (sys::MOE_CONFIG_POINTER as u32, FieldType::Pointer),
+        ]
+        .iter()
+        .find(|(c, _)| *c == t)
+        .map_or(FieldType::Other(t), |(_, f)| *f);
+        let values = (0..info.num_values.max(0) as usize).map(|v| owned(unsafe { *info.value_names.add(v) })).collect();
+        out.push(FieldInfo {
+            name: owned(info.name),
+            field_type,
+            default: owned(info.default_value),
+            values,
+            description: owned(info.description),
+        });
+    }
+    Ok(out)
+}
+
+/// Every preset the loaded libmoe knows: (name, one-line description), in its order.
+pub fn presets() -> Vec<(String, String)> {
+    let n = unsafe { sys::moe_config_num_presets() };
+    (0..n)
+        .map(|i| unsafe { (owned(sys::moe_config_preset_name(i)), owned(sys::moe_config_preset_description(i))) })
+        .collect()
+}
+
+fn c_string(what: &str, s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::invalid(format!("{} {:?} contains a NUL byte", what, s)))
+}
+
+fn set_text(raw: &mut sys::moe_config, name: &str, value: &str) -> Result<()> {
+    let (n, v) = (c_string("name", name)?, c_string("value", value)?);
+    check(unsafe { sys::moe_config_set(raw, n.as_ptr(), v.as_ptr()) })
+}
+
+fn get_text(raw: &sys::moe_config, name: &str) -> Result<String> {
+    let n = c_string("name", name)?;
+    let mut buf = [0 as c_char; sys::MOE_CONFIG_VALUE_MAX as usize];
+    check(unsafe { sys::moe_config_get(raw, n.as_ptr(), buf.as_mut_ptr(), buf.len()) })?;
+    Ok(owned(buf.as_ptr()))
+}
+
+// A typed field's value to and from its C storage (the C type is inferred from the struct).
+trait FromC<C>: Sized {
+    fn from_c(v: C, what: &str) -> Result<Self>;
+}
+trait ToC<C> {
+    fn to_c(self, what: &str) -> Result<C>;
+}
+impl FromC<i64> for usize {
+    fn from_c(v: i64, what: &str) -> Result<usize> {
+        usize::try_from(v).map_err(|_| Error::new(crate::Status::Internal, format!("{} is negative: {}", what, v)))
+    }
+}
+impl ToC<i64> for usize {
+    fn to_c(self, what: &str) -> Result<i64> {
+        i64::try_from(self).map_err(|_| Error::invalid(format!("{} = {} does not fit in int64", what, self)))
+    }
+}
+macro_rules! same_in_c {
+    ($($t:ty),+) => {$(
+        impl FromC<$t> for $t { fn from_c(v: $t, _: &str) -> Result<$t> { Ok(v) } }
+        impl ToC<$t> for $t { fn to_c(self, _: &str) -> Result<$t> { Ok(self) } }
+    )+};
+}
+same_in_c!(f32, i32, u64);
+impl FromC<i32> for bool {
+    fn from_c(v: i32, _: &str) -> Result<bool> {
+        Ok(v != 0)
+    }
+}
+impl ToC<i32> for bool {
+    fn to_c(self, _: &str) -> Result<i32> {
+        Ok(self as i32)
+    }
+}
+
+/// The fields of a newer libmoe that [`Config`] has no typed field for, by name and canonical
+/// text; read and written with [`Config::get`] and [`Config::set`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OtherFields(Vec<(String, String)>);
+
+// The typed fields, each once: the struct's public fields, their chainable setters, and the
+// conversions to and from moe_config come from this list.
+macro_rules! config_struct {
     ($($(#[$m:meta])* $field:ident : $ty:ty),+ $(,)?) => {
-        $(
-            $(#[$m])*
-            #[must_use]
-            pub fn $field(mut self, value: $ty) -> Config {
-                self.$field = value;
-                self
+        /// Everything that defines a layer (`moe_config` without its `struct_size` and `comm`).
+        ///
+        /// Start from [`Config::new`] (library defaults) or [`Config::preset`], then change fields,
+        /// either directly, with the chainable setters of the same names, or by name and text
+        /// with [`Config::set`] (every field of the loaded libmoe, see [`config_fields`]):
+        ///
+        /// ```no_run
+        /// use libmoe::{Activation, Config};
+        /// let layer = Config::new(512, 1024).num_experts(16).top_k(2).activation(Activation::GeGlu).seed(7).build()?;
+        /// let mut cfg = Config::new(512, 1024);
+        /// cfg.set("dtype", "bf16")?;
+        /// cfg.set("capacity_factor", 1.25)?;
+        /// assert_eq!(cfg.get("dtype")?, "bfloat16");
+        /// # Ok::<(), libmoe::Error>(())
+        /// ```
+        /// The meaning and default of each field is documented in moe.h.
+        #[derive(Debug, Clone, PartialEq)]
+        pub struct Config {
+            $($(#[$m])* pub $field: $ty,)+
+            /// Fields of the loaded libmoe without a typed field above (see [`Config::set`]).
+            #[doc(hidden)]
+            pub other_fields: OtherFields,
+        }
+
+        const TYPED_FIELDS: &[&str] = &[$(stringify!($field)),+];
+
+        impl Config {
+            $(
+                $(#[$m])*
+                #[must_use]
+                pub fn $field(mut self, value: $ty) -> Config {
+                    self.$field = value;
+                    self
+                }
+            )+
+
+            pub(crate) fn from_raw(r: &sys::moe_config) -> Result<Config> {
+                let mut other = Vec::new();
+                for f in config_fields()? {
+                    if f.field_type != FieldType::Pointer && !TYPED_FIELDS.contains(&f.name.as_str()) {
+                        let text = get_text(r, &f.name)?;
+                        other.push((f.name, text));
+                    }
+                }
+                Ok(Config { $($field: FromC::from_c(r.$field, stringify!($field))?,)+ other_fields: OtherFields(other) })
             }
-        )+
+
+            /// The C struct: moe_config_init, then every field (comm NULL).
+            pub fn to_raw(&self) -> Result<sys::moe_config> {
+                let mut r = raw_init();
+                for (name, text) in &self.other_fields.0 {
+                    set_text(&mut r, name, text)?;
+                }
+                $(r.$field = ToC::to_c(self.$field, stringify!($field))?;)+
+                Ok(r)
+            }
+        }
     };
 }
 
-/// The names accepted by [`Config::preset`].
+config_struct! {
+    /// Model (token) width.
+    d_model: usize,
+    /// Hidden width of each routed expert.
+    d_ff: usize,
+    /// E, the number of routed experts.
+    num_experts: usize,
+    /// k, the experts per token.
+    top_k: usize,
+    activation: Activation,
+    routing: Routing,
+    score: Score,
+    normalize_topk: bool,
+    routed_scale: f32,
+    num_groups: usize,
+    topk_groups: usize,
+    /// > 0: C = ceil(cf * T * k / E) slots per expert; <= 0: dropless.
+    capacity_factor: f32,
+    drop_policy: DropPolicy,
+    noise: Noise,
+    noise_eps: f32,
+    aux_loss_coef: f32,
+    z_loss_coef: f32,
+    importance_loss_coef: f32,
+    load_loss_coef: f32,
+    bias_update_rate: f32,
+    num_shared_experts: usize,
+    /// 0: d_ff.
+    d_ff_shared: usize,
+    shared_gate: bool,
+    device: Device,
+    device_index: i32,
+    dtype: DType,
+    allow_tf32: bool,
+    seed: u64,
+    check_finite: bool,
+}
+
+/// The names accepted by [`Config::preset`] when this crate was written; [`presets`] asks the
+/// loaded libmoe, which may know more.
 pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe"];
 
 fn raw_init() -> sys::moe_config {
     let mut raw = std::mem::MaybeUninit::<sys::moe_config>::zeroed();
-    // moe_config_init writes every field (and struct_size); zeroed memory is a valid moe_config.
+    // moe_config_init_size writes every field (and struct_size); zeroed memory is a valid
+    // moe_config. The sized call, because bindgen does not see moe.h's moe_config_init macro and
+    // the plain function fills only the fields of the 0.1 struct.
     unsafe {
-        sys::moe_config_init(raw.as_mut_ptr());
+        sys::moe_config_init_size(raw.as_mut_ptr(), std::mem::size_of::<sys::moe_config>());
         raw.assume_init()
     }
-}
-
-fn dim(what: &str, v: i64) -> Result<usize> {
-    usize::try_from(v).map_err(|_| Error::new(crate::Status::Internal, format!("{} is negative: {}", what, v)))
-}
-
-fn to_i64(what: &str, v: usize) -> Result<i64> {
-    i64::try_from(v).map_err(|_| Error::invalid(format!("{} = {} does not fit in int64", what, v)))
 }
 
 impl Default for Config {
@@ -177,125 +366,36 @@ impl Config {
         Config { d_model, d_ff, ..Config::default() }
     }
 
-    /// The routing recipe of a published model (see [`PRESETS`] and moe.h), widths set.
+    /// The routing recipe of a published model (see [`presets`] and moe.h), widths set.
     /// `num_experts` and `top_k` may be changed afterwards.
     pub fn preset(name: &str, d_model: usize, d_ff: usize) -> Result<Config> {
         let cname = CString::new(name).map_err(|_| Error::invalid(format!("preset name {:?} contains a NUL byte", name)))?;
         let mut raw = raw_init();
-        check(unsafe { sys::moe_config_preset(&mut raw, cname.as_ptr()) })?;
+        check(unsafe { sys::moe_config_preset_size(&mut raw, std::mem::size_of::<sys::moe_config>(), cname.as_ptr()) })?;
         let mut cfg = Config::from_raw(&raw)?;
         cfg.d_model = d_model;
         cfg.d_ff = d_ff;
         Ok(cfg)
     }
 
+    /// Set field `name` (its moe.h name) from `value`'s text, as `moe_config_set` reads it:
+    /// `"bf16"`, `"expert-choice"`, `0.01`, `true`, `8`. The value's form and range are checked at
+    /// once (an [`Error`] with status InvalidArgument naming the field and what it accepts; the
+    /// config is then unchanged); how fields fit together is checked by [`Config::build`].
+    pub fn set(&mut self, name: &str, value: impl std::fmt::Display) -> Result<()> {
+        let mut r = self.to_raw()?;
+        set_text(&mut r, name, &value.to_string())?;
+        *self = Config::from_raw(&r)?;
+        Ok(())
+    }
+
+    /// The canonical text of field `name` (`"swiglu"`, `"0.01"`, `"true"`), as `moe_config_get` writes it.
+    pub fn get(&self, name: &str) -> Result<String> {
+        get_text(&self.to_raw()?, name)
+    }
+
     /// Create the layer (same as [`Layer::new`]).
     pub fn build(&self) -> Result<Layer> {
         Layer::new(self)
-    }
-
-    setters! {
-        /// Model (token) width.
-        d_model: usize,
-        /// Hidden width of each routed expert.
-        d_ff: usize,
-        /// E, the number of routed experts.
-        num_experts: usize,
-        /// k, the experts per token.
-        top_k: usize,
-        activation: Activation,
-        routing: Routing,
-        score: Score,
-        normalize_topk: bool,
-        routed_scale: f32,
-        num_groups: usize,
-        topk_groups: usize,
-        capacity_factor: f32,
-        drop_policy: DropPolicy,
-        noise: Noise,
-        noise_eps: f32,
-        aux_loss_coef: f32,
-        z_loss_coef: f32,
-        importance_loss_coef: f32,
-        load_loss_coef: f32,
-        bias_update_rate: f32,
-        num_shared_experts: usize,
-        d_ff_shared: usize,
-        shared_gate: bool,
-        device: Device,
-        device_index: i32,
-        dtype: DType,
-        allow_tf32: bool,
-        seed: u64,
-        check_finite: bool,
-    }
-
-    pub(crate) fn from_raw(r: &sys::moe_config) -> Result<Config> {
-        Ok(Config {
-            d_model: dim("d_model", r.d_model)?,
-            d_ff: dim("d_ff", r.d_ff)?,
-            num_experts: dim("num_experts", r.num_experts)?,
-            top_k: dim("top_k", r.top_k)?,
-            activation: Activation::from_raw(r.activation as u32)?,
-            routing: Routing::from_raw(r.routing as u32)?,
-            score: Score::from_raw(r.score as u32)?,
-            normalize_topk: r.normalize_topk != 0,
-            routed_scale: r.routed_scale,
-            num_groups: dim("num_groups", r.num_groups)?,
-            topk_groups: dim("topk_groups", r.topk_groups)?,
-            capacity_factor: r.capacity_factor,
-            drop_policy: DropPolicy::from_raw(r.drop_policy as u32)?,
-            noise: Noise::from_raw(r.noise as u32)?,
-            noise_eps: r.noise_eps,
-            aux_loss_coef: r.aux_loss_coef,
-            z_loss_coef: r.z_loss_coef,
-            importance_loss_coef: r.importance_loss_coef,
-            load_loss_coef: r.load_loss_coef,
-            bias_update_rate: r.bias_update_rate,
-            num_shared_experts: dim("num_shared_experts", r.num_shared_experts)?,
-            d_ff_shared: dim("d_ff_shared", r.d_ff_shared)?,
-            shared_gate: r.shared_gate != 0,
-            device: Device::from_raw(r.device as u32)?,
-            device_index: r.device_index,
-            dtype: DType::from_raw(r.dtype as u32)?,
-            allow_tf32: r.allow_tf32 != 0,
-            seed: r.seed,
-            check_finite: r.check_finite != 0,
-        })
-    }
-
-    /// The C struct: moe_config_init, then every field (comm NULL).
-    pub fn to_raw(&self) -> Result<sys::moe_config> {
-        let mut r = raw_init();
-        r.d_model = to_i64("d_model", self.d_model)?;
-        r.d_ff = to_i64("d_ff", self.d_ff)?;
-        r.num_experts = to_i64("num_experts", self.num_experts)?;
-        r.top_k = to_i64("top_k", self.top_k)?;
-        r.activation = self.activation.to_raw() as _;
-        r.routing = self.routing.to_raw() as _;
-        r.score = self.score.to_raw() as _;
-        r.normalize_topk = self.normalize_topk as i32;
-        r.routed_scale = self.routed_scale;
-        r.num_groups = to_i64("num_groups", self.num_groups)?;
-        r.topk_groups = to_i64("topk_groups", self.topk_groups)?;
-        r.capacity_factor = self.capacity_factor;
-        r.drop_policy = self.drop_policy.to_raw() as _;
-        r.noise = self.noise.to_raw() as _;
-        r.noise_eps = self.noise_eps;
-        r.aux_loss_coef = self.aux_loss_coef;
-        r.z_loss_coef = self.z_loss_coef;
-        r.importance_loss_coef = self.importance_loss_coef;
-        r.load_loss_coef = self.load_loss_coef;
-        r.bias_update_rate = self.bias_update_rate;
-        r.num_shared_experts = to_i64("num_shared_experts", self.num_shared_experts)?;
-        r.d_ff_shared = to_i64("d_ff_shared", self.d_ff_shared)?;
-        r.shared_gate = self.shared_gate as i32;
-        r.device = self.device.to_raw() as _;
-        r.device_index = self.device_index;
-        r.dtype = self.dtype.to_raw() as _;
-        r.allow_tf32 = self.allow_tf32 as i32;
-        r.seed = self.seed;
-        r.check_finite = self.check_finite as i32;
-        Ok(r)
     }
 }

@@ -43,7 +43,9 @@ mod context;
 mod error;
 mod layer;
 
-pub use config::{Activation, Config, DType, Device, DropPolicy, Noise, Routing, Score, PRESETS};
+pub use config::{
+    config_fields, presets, Activation, Config, DType, Device, DropPolicy, FieldInfo, FieldType, Noise, Routing, Score, PRESETS,
+};
 pub use context::{Assignment, Context, Stats, TopK};
 pub use error::{Error, Result, Status};
 pub use layer::{Layer, ParamInfo, ParamMut};

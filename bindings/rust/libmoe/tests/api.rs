@@ -506,3 +506,85 @@ fn drop_frees_the_layer() {
     let grown = rss_bytes().saturating_sub(before);
     assert!(grown < 150 << 20, "RSS grew by {} MB over 40 dropped layers", grown >> 20);
 }
+
+/// A valid text for field `f` other than its default.
+fn other_value(f: &libmoe::FieldInfo) -> String {
+    match f.field_type {
+        libmoe::FieldType::Enum => {
+            if f.values[0] == f.default { f.values.last().unwrap().clone() } else { f.values[0].clone() }
+        }
+        libmoe::FieldType::Bool => if f.default == "true" { "false" } else { "true" }.to_string(),
+        libmoe::FieldType::Float => (f.default.parse::<f32>().unwrap() + 0.375).to_string(),
+        _ => (f.default.parse::<i64>().unwrap() + 3).to_string(),
+    }
+}
+
+#[test]
+fn every_field_of_the_c_table_is_settable_by_name() {
+    let fields = libmoe::config_fields().unwrap();
+    assert_eq!(fields.len() as i32, unsafe { libmoe::sys::moe_config_num_fields() });
+    let defaults = Config::default();
+    let mut settable = 0;
+    for f in &fields {
+        if f.field_type == libmoe::FieldType::Pointer {
+            let mut c = Config::default();
+            assert_eq!(c.set(&f.name, "0x10").unwrap_err().status(), Status::InvalidArgument);
+            continue;
+        }
+        assert_eq!(defaults.get(&f.name).unwrap(), f.default, "{}", f.name);
+        let value = other_value(f);
+        let mut c = Config::default();
+        c.set(&f.name, &value).unwrap_or_else(|e| panic!("{} = {}: {}", f.name, value, e));
+        assert_eq!(c.get(&f.name).unwrap(), value, "{}", f.name);
+        assert_ne!(c, defaults, "{}", f.name);
+        for g in fields.iter().filter(|g| g.name != f.name && g.field_type != libmoe::FieldType::Pointer) {
+            assert_eq!(c.get(&g.name).unwrap(), g.default, "setting {} changed {}", f.name, g.name);
+        }
+        settable += 1;
+    }
+    assert!(settable >= 29, "{} settable fields", settable);
+    // The typed fields and the names are the same storage.
+    let mut c = Config::new(8, 16);
+    c.set("dtype", "bf16").unwrap();
+    c.set("capacity_factor", 1.25).unwrap();
+    c.set("activation", "GeGLU").unwrap();
+    c.set("seed", u64::MAX).unwrap();
+    c.set("normalize_topk", false).unwrap();
+    assert_eq!((c.dtype, c.capacity_factor, c.activation, c.seed), (DType::Bf16, 1.25, Activation::GeGlu, u64::MAX));
+    assert!(!c.normalize_topk);
+    assert_eq!(c.get("dtype").unwrap(), "bfloat16");
+    let c = c.top_k(1);
+    assert_eq!(c.get("top_k").unwrap(), "1");
+    assert_eq!(c.build().unwrap().config().unwrap(), c);
+}
+
+#[test]
+fn bad_names_and_values_name_the_field_and_change_nothing() {
+    let mut c = Config::new(8, 16);
+    let before = c.clone();
+    let e = c.set("d_modle", 8).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
+    assert!(e.message().contains("d_modle") && e.message().contains("the fields are: d_model"), "{}", e);
+    let e = c.set("activation", "swish").unwrap_err();
+    assert!(e.message().contains("activation='swish' is not one of 'swiglu', 'geglu'"), "{}", e);
+    let e = c.set("top_k", -1.5).unwrap_err();
+    assert!(e.message().contains("top_k='-1.5'"), "{}", e);
+    let e = c.set("seed", -1).unwrap_err();
+    assert!(e.message().contains("out of range [0, 18446744073709551615]"), "{}", e);
+    assert_eq!(c.set("dtype", "bf\016").unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(c.get("nope").unwrap_err().status(), Status::InvalidArgument);
+    assert_eq!(c, before);
+}
+
+#[test]
+fn presets_are_the_librarys() {
+    let presets = libmoe::presets();
+    let names: Vec<&str> = presets.iter().map(|(n, _)| n.as_str()).collect();
+    for name in PRESETS {
+        assert!(names.contains(name), "{} not in {:?}", name, names);
+    }
+    assert!(presets.iter().all(|(_, d)| d.len() > 20));
+    for (name, _) in &presets {
+        Config::preset(name, 8, 16).unwrap_or_else(|e| panic!("{}: {}", name, e));
+    }
+}

@@ -2,7 +2,12 @@ package org.libmoe;
 
 import static org.junit.jupiter.api.Assertions.*;
 
+import java.util.ArrayList;
+import java.util.List;
 import org.junit.jupiter.api.Test;
+import org.libmoe.jni.MoeNative;
+import org.libmoe.jni.moe_config_field_info;
+import org.libmoe.jni.moe_config_type;
 
 class ConfigTest {
   @Test
@@ -99,5 +104,114 @@ class ConfigTest {
       assertEquals(s, Status.fromCode(s.code()));
     }
     assertEquals(Status.UNKNOWN, Status.fromCode(99));
+  }
+
+  /** A valid text for field f other than its default. */
+  private static String otherValue(Config.Field f) {
+    switch (f.type()) {
+      case ENUM:
+        return f.values().get(f.values().get(0).equals(f.defaultValue()) ? f.values().size() - 1 : 0);
+      case BOOL:
+        return f.defaultValue().equals("true") ? "false" : "true";
+      case FLOAT:
+        return Float.toString(Float.parseFloat(f.defaultValue()) + 0.375f);
+      default:
+        return Long.toString(Long.parseLong(f.defaultValue()) + 3);
+    }
+  }
+
+  @Test
+  void fieldsAreTheLibrarysTable() {
+    List<String> fromC = new ArrayList<>();
+    try (moe_config_field_info info = new moe_config_field_info()) {
+      for (int i = 0; i < MoeNative.moe_config_num_fields(); i++) {
+        MoeNative.moe_config_field(i, info);
+        if (info.getType() != moe_config_type.MOE_CONFIG_POINTER) fromC.add(info.getName());
+      }
+    }
+    List<String> names = new ArrayList<>();
+    for (Config.Field f : Config.FIELDS) names.add(f.name());
+    assertEquals(fromC, names);
+    assertTrue(names.contains("capacity_factor") && !names.contains("comm"), names.toString());
+    Config defaults = Config.builder().build();
+    for (Config.Field f : Config.FIELDS) {
+      assertEquals(f.defaultValue(), defaults.get(f.name()), f.name());
+      assertFalse(f.description().isEmpty(), f.name());
+      assertEquals(f.type() == Config.Type.ENUM, !f.values().isEmpty(), f.name());
+    }
+    assertEquals(List.of("float32", "bfloat16", "float16"), Config.FIELDS.get(indexOf("dtype")).values());
+    assertEquals(Config.PRESETS, List.copyOf(Config.presetDescriptions().keySet()));
+  }
+
+  private static int indexOf(String name) {
+    for (int i = 0; i < Config.FIELDS.size(); i++) if (Config.FIELDS.get(i).name().equals(name)) return i;
+    return -1;
+  }
+
+  @Test
+  void everyFieldIsSettableByName() {
+    Config defaults = Config.builder().build();
+    for (Config.Field f : Config.FIELDS) {
+      String value = otherValue(f);
+      Config c = Config.builder().set(f.name(), value).build();
+      assertNotEquals(f.defaultValue(), c.get(f.name()), f.name());
+      if (f.type() == Config.Type.FLOAT)
+        assertEquals(Float.parseFloat(value), Float.parseFloat(c.get(f.name())), f.name());
+      else
+        assertEquals(value, c.get(f.name()), f.name());
+      for (Config.Field g : Config.FIELDS)
+        if (g != f) assertEquals(defaults.get(g.name()), c.get(g.name()), f.name() + " changed " + g.name());
+      // The same through a typed Java value, and through the C struct and back.
+      Object typed;
+      switch (f.type()) {
+        case BOOL: typed = Boolean.parseBoolean(value); break;
+        case FLOAT: typed = Float.parseFloat(value); break;
+        case ENUM: typed = value; break;
+        default: typed = Long.parseLong(value);
+      }
+      Config t = Config.builder().set(f.name(), typed).build();
+      assertEquals(c, t, f.name());
+    }
+  }
+
+  @Test
+  void setByNameTakesTheLibrarysSpellings() {
+    Config c = Config.builder(8, 16).set("dtype", "bf16").set("activation", Activation.GEGLU)
+        .set("routing", "expert-choice").set("capacity_factor", 1.25).set("seed", -1L)
+        .set("normalize_topk", false).build();
+    assertEquals(DType.BF16, c.dtype());
+    assertEquals("bfloat16", c.get("dtype"));
+    assertEquals(Activation.GEGLU, c.activation());
+    assertEquals(Routing.EXPERT_CHOICE, c.routing());
+    assertEquals(1.25f, c.capacityFactor());
+    assertEquals("18446744073709551615", c.get("seed"));
+    assertFalse(c.normalizeTopK());
+    assertEquals(0.01f, Config.builder().set("aux_loss_coef", 0.01).build().auxLossCoef());
+    assertEquals("0.01", Config.builder().auxLossCoef(0.01f).build().get("aux_loss_coef"));
+    try (Layer l = c.createLayer()) {
+      assertEquals(c, l.config());
+    }
+  }
+
+  @Test
+  void badNamesAndValuesNameTheFieldAndLeaveTheBuilderUnchanged() {
+    Config.Builder b = Config.builder(8, 16);
+    Config before = b.build();
+    MoeException e = assertThrows(MoeException.class, () -> b.set("d_modle", 8));
+    assertEquals(Status.INVALID_ARGUMENT, e.getStatus());
+    assertTrue(e.getLibraryMessage().contains("d_modle") && e.getLibraryMessage().contains("d_model"), e.getMessage());
+    e = assertThrows(MoeException.class, () -> b.set("activation", "swish"));
+    assertEquals(Status.INVALID_ARGUMENT, e.getStatus());
+    assertTrue(e.getLibraryMessage().contains("activation='swish' is not one of 'swiglu', 'geglu'"), e.getMessage());
+    e = assertThrows(MoeException.class, () -> b.set("top_k", "two"));
+    assertTrue(e.getLibraryMessage().contains("top_k='two'"), e.getMessage());
+    e = assertThrows(MoeException.class, () -> b.set("top_k", null));
+    assertEquals(Status.INVALID_ARGUMENT, e.getStatus());
+    e = assertThrows(MoeException.class, () -> b.set("capacity_factor", Float.NaN));
+    assertTrue(e.getLibraryMessage().contains("capacity_factor"), e.getMessage());
+    e = assertThrows(MoeException.class, () -> b.set("dtype", DType.BF16.toString() + "x"));
+    assertTrue(e.getLibraryMessage().contains("'float32', 'bfloat16', 'float16'"), e.getMessage());
+    assertThrows(MoeException.class, () -> Config.builder().build().get("nope"));
+    assertEquals(before, b.build(), "a refused set changes nothing");
   }
 }
