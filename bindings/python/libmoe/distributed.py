@@ -178,7 +178,7 @@ class Layer(_layer.Layer):
 
     def __init__(self, ep_group=None, preset=None, **config):
         comm = ProcessGroupComm(ep_group)
-        cfg = _layer._make_config(preset, config)
+        cfg = _layer.make_config(preset, config)
         if cfg.device != capi.MOE_DEVICE_CPU:
             raise UnsupportedError("ep_group: expert parallelism over a torch.distributed group is implemented "
                                    "for CPU layers only (device='cpu'); for CUDA use libmoe_nccl from C")
