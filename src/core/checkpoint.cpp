@@ -21,6 +21,8 @@ namespace {
 
 constexpr const char *kSingleName = "model.safetensors";
 constexpr const char *kIndexName = "model.safetensors.index.json";
+// An index names each tensor once; the largest published ones are a few MB.
+constexpr size_t kMaxIndexBytes = 100'000'000;
 
 bool ends_with(const std::string &s, const char *suffix) {
   const size_t n = std::strlen(suffix);
@@ -103,6 +105,9 @@ class Checkpoint : public KeyLookup {
     const size_t slash = path.find_last_of('/');
     dir_ = slash == std::string::npos ? "" : path.substr(0, slash + 1);
     MappedFile f(path);
+    if (f.size() > kMaxIndexBytes)
+      fail(MOE_ERR_INVALID_ARGUMENT, "file \"%s\": %zu bytes, over the limit of %zu for an index", path.c_str(),
+           f.size(), kMaxIndexBytes);
     const char *b = reinterpret_cast<const char *>(f.data());
     nlohmann::json j = parse_json_strictly(b, b + f.size(), format("file \"%s\"", path.c_str()), 3);
     auto wm = j.is_object() ? j.find("weight_map") : j.end();
@@ -248,7 +253,7 @@ void save_checkpoint(const moe_layer &layer, const std::string &path, const std:
   std::vector<TensorOut> out;
   for (size_t i = 0; i < layer.params.size(); ++i) {
     const Param &p = layer.params[i];
-    host[i].resize(p.data.bytes());
+    host[i].resize(static_cast<size_t>(p.numel) * dtype_size(p.dtype));  // a device pool may round p.data up
     layer.backend->download(host[i].data(), p.data.get(), host[i].size());
     TensorOut t;
     t.name = prefix.empty() ? p.name : prefix + "." + p.name;

@@ -75,7 +75,8 @@ std::string dims_text(const std::vector<int64_t> &s) {
 }  // namespace
 
 MappedFile::MappedFile(const std::string &path) {
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  // O_NONBLOCK: a FIFO at path must not block the open (it is refused below as not a regular file).
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
   if (fd.get() < 0) fail(MOE_ERR_INVALID_ARGUMENT, "file \"%s\": cannot open: %s", path.c_str(), std::strerror(errno));
   struct stat st;
   if (::fstat(fd.get(), &st) != 0)

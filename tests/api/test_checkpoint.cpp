@@ -6,6 +6,7 @@
 #include <moe/moe.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cmath>
@@ -354,6 +355,12 @@ TEST(CheckpointArgs, NullsAndStateRules) {
   EXPECT_NE(std::strstr(moe_last_error(), "absent.safetensors"), nullptr);
   EXPECT_EQ(moe_layer_load(a.get(), dir.path().c_str(), nullptr, nullptr), MOE_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::strstr(moe_last_error(), "model.safetensors"), nullptr);
+  // A FIFO is refused without blocking on its open.
+  const std::string fifo = dir.file("fifo.safetensors");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(moe_layer_load(a.get(), fifo.c_str(), nullptr, nullptr), MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::strstr(moe_last_error(), "not a regular file"), nullptr) << moe_last_error();
+  fs::remove(fifo);
 
   // A load between a training forward and its backward: that backward is refused.
   MOE_EXPECT_OK(moe_layer_save(a.get(), path.c_str(), nullptr));
