@@ -97,7 +97,7 @@ void usage(FILE *f) {
   std::fprintf(f,
                "usage: moe-bench [options]\n"
                "layer (every moe_config field; --preset is applied first, other flags then override it):\n"
-               "  --preset NAME        mixtral|switch|shazeer|expert-choice|deepseek-v3|qwen2-moe\n"
+               "  --preset NAME        mixtral|switch|shazeer|expert-choice|deepseek-v3|qwen2-moe|qwen3-moe|olmoe\n"
                "  --d-model N (512)    --d-ff N (1024)    --experts N (8)    --top-k N (2)\n"
                "  --activation swiglu|geglu|relu|gelu|silu   --routing token-choice|expert-choice\n"
                "  --score softmax|sigmoid   --normalize 0|1   --routed-scale F\n"

@@ -174,6 +174,9 @@ MOE_API void moe_config_init(moe_config *cfg);
  *   "deepseek-v3"    E 256, k 8, sigmoid scores, 8 groups keep 4, routed_scale 2.5, one shared
  *                    expert, bias-based balancing (u 0.001), aux 0.0001 (DeepSeek-AI 2024)
  *   "qwen2-moe"      E 60, k 4, softmax, not normalized, 4 shared experts behind a sigmoid gate
+ *   "qwen3-moe"      E 128, k 8, softmax, normalized, no shared experts, aux 0.001 (Qwen3-30B-A3B)
+ *   "olmoe"          E 64, k 8, softmax, not normalized, aux 0.01, router z-loss 0.001
+ *                    (OLMoE-1B-7B, Muennighoff et al. 2024)
  * Widths (d_model, d_ff, d_ff_shared) are left 0 for the caller to set; E and k may be changed.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT if cfg or name is NULL or name is unknown (cfg
  *         untouched); MOE_ERR_UNSUPPORTED for a known preset whose routing this build lacks.

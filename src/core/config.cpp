@@ -84,9 +84,25 @@ void config_preset(moe_config *cfg, const char *name) {
     c.num_shared_experts = 4;
     c.shared_gate = 1;
     c.aux_loss_coef = 0.001f;
+  } else if (std::strcmp(name, "qwen3-moe") == 0) {
+    // Qwen3-30B-A3B's config.json: 128 experts, 8 per token, norm_topk_prob true, no shared
+    // expert, router_aux_loss_coef 0.001.
+    c.num_experts = 128;
+    c.top_k = 8;
+    c.normalize_topk = 1;
+    c.aux_loss_coef = 0.001f;
+  } else if (std::strcmp(name, "olmoe") == 0) {
+    // OLMoE-1B-7B's config.json: 64 experts, 8 per token, norm_topk_prob false, router_aux_loss_coef
+    // 0.01; router z-loss 0.001 as in its training (Muennighoff et al. 2024).
+    c.num_experts = 64;
+    c.top_k = 8;
+    c.normalize_topk = 0;
+    c.aux_loss_coef = 0.01f;
+    c.z_loss_coef = 0.001f;
   } else {
     fail(MOE_ERR_INVALID_ARGUMENT,
-         "name: unknown preset \"%s\" (known: mixtral, switch, shazeer, expert-choice, deepseek-v3, qwen2-moe)",
+         "name: unknown preset \"%s\" (known: mixtral, switch, shazeer, expert-choice, deepseek-v3, qwen2-moe, "
+         "qwen3-moe, olmoe)",
          name);
   }
   *cfg = c;

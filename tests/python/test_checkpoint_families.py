@@ -3,6 +3,7 @@ the names and shapes of transformers' modelling code (4.x per-expert nn.Linear m
 experts), against a PyTorch oracle of that family's block computed from the checkpoint tensors as
 the family computes them (routing from reference.py; experts, fused halves and the one wide shared
 expert taken straight from the checkpoint tensors)."""
+import ctypes as C
 import zlib
 
 import numpy as np
@@ -13,27 +14,32 @@ import torch.nn.functional as F
 import moe_ctypes as M
 import reference as R
 import safetensors_np as ST
-from oracle_util import assert_close, draw_x, make_layer, ref_config
+from oracle_util import assert_close, draw_x, make_layer
 
 D, FF = 16, 12
 
 
 # name -> layer config (the family's routing, cut to test size), the block's prefix, and its keys.
 FAMILIES = {
-    "mixtral": dict(cfg=dict(num_experts=8, top_k=2), prefix="model.layers.1.block_sparse_moe",
+    "mixtral": dict(cfg=dict(num_experts=8, top_k=2), preset="mixtral", over={}, prefix="model.layers.1.block_sparse_moe",
                     router="gate.weight", proj=("w1", "w3", "w2"), expert="experts.%d."),
     "qwen2-moe": dict(cfg=dict(num_experts=8, top_k=2, normalize_topk=0, num_shared_experts=4, shared_gate=1),
+                      preset="qwen2-moe", over=dict(num_experts=8, top_k=2),
                       prefix="model.layers.0.mlp", router="gate.weight", proj=("gate_proj", "up_proj", "down_proj"),
                       expert="experts.%d.", shared="shared_expert", shared_gate="shared_expert_gate.weight"),
-    "qwen3-moe": dict(cfg=dict(num_experts=8, top_k=2, normalize_topk=1), prefix="model.layers.2.mlp",
+    "qwen3-moe": dict(cfg=dict(num_experts=8, top_k=2, normalize_topk=1), preset="qwen3-moe",
+                      over=dict(num_experts=8, top_k=2), prefix="model.layers.2.mlp",
                       router="gate.weight", proj=("gate_proj", "up_proj", "down_proj"), expert="experts.%d."),
-    "olmoe": dict(cfg=dict(num_experts=8, top_k=2, normalize_topk=0), prefix="model.layers.3.mlp",
+    "olmoe": dict(cfg=dict(num_experts=8, top_k=2, normalize_topk=0), preset="olmoe", over=dict(num_experts=8, top_k=2), prefix="model.layers.3.mlp",
                   router="gate.weight", proj=("gate_proj", "up_proj", "down_proj"), expert="experts.%d."),
     "deepseek-v3": dict(cfg=dict(num_experts=16, top_k=4, score=M.SCORE_SIGMOID, num_groups=4, topk_groups=2,
-                                 routed_scale=2.5, num_shared_experts=2),
+                                 routed_scale=2.5, num_shared_experts=2, normalize_topk=1),
+                        preset="deepseek-v3", over=dict(num_experts=16, top_k=4, num_groups=4, topk_groups=2,
+                                                        num_shared_experts=2),
                         prefix="model.layers.4.mlp", router="gate.weight", bias="gate.e_score_correction_bias",
                         proj=("gate_proj", "up_proj", "down_proj"), expert="experts.%d.", shared="shared_experts"),
     "switch": dict(cfg=dict(num_experts=8, top_k=1, activation=M.ACT_RELU, normalize_topk=0),
+                   preset="switch", over=dict(capacity_factor=0.0, noise=M.NOISE_NONE),  # dropless; jitter is training-only
                    prefix="encoder.block.1.layer.1.mlp", router="router.classifier.weight",
                    proj=("wi", None, "wo"), expert="experts.expert_%d."),
 }
@@ -104,7 +110,26 @@ def oracle(fam, spec, cfg, t, x):
 
 
 def make_family_layer(spec, seed=3):
-    return make_layer(d_model=D, d_ff=FF, seed=seed, **spec["cfg"])
+    """The family's preset with the test's sizes: preset + load must reproduce the block, so the
+    layer's routing fields must be the family's (spec["cfg"], from its published config)."""
+    cfg = M.default_config()
+    M._call("moe_config_preset", C.byref(cfg), spec["preset"].encode())
+    cfg.d_model, cfg.d_ff, cfg.seed = D, FF, seed
+    for k, v in spec["over"].items():
+        setattr(cfg, k, v)
+    layer = M.Layer(cfg)
+    for k, v in spec["cfg"].items():
+        assert getattr(layer.cfg, k) == v, "preset %s: %s is %r, the family has %r" % (
+            spec["preset"], k, getattr(layer.cfg, k), v)
+    return layer
+
+
+def family_ref_config(spec):
+    """The reference's configuration from the family's own description, not from the layer."""
+    ref = R.RefConfig(d_model=D, d_ff=FF)
+    for k, v in spec["cfg"].items():
+        setattr(ref, k, v)
+    return ref
 
 
 CASES = [(fam, dt, fused) for fam in FAMILIES for dt in ("F32", "BF16") for fused in (False, True)
@@ -127,10 +152,10 @@ def test_family_matches_its_block(tmp_path, fam, dtype, fused):
 
     layer = make_family_layer(spec)
     layer.load(str(tmp_path), prefix, fam)  # the directory: model.safetensors in it
-    cfg = ref_config(layer)
     x = draw_x(layer, 23, 5)
     y = layer.forward(x)
-    assert_close(y, oracle(fam, spec, cfg, t, x.astype(np.float64)), "%s y" % fam, rtol=1e-4, atol=1e-5)
+    assert_close(y, oracle(fam, spec, family_ref_config(spec), t, x.astype(np.float64)), "%s y" % fam, rtol=1e-4,
+                 atol=1e-5)
 
     # Saved in libmoe's names and loaded back, the layer is the same to the bit.
     layer.save(str(tmp_path / "libmoe.safetensors"), "blk")
@@ -151,7 +176,7 @@ def test_sharded_family_checkpoint(tmp_path):
     layer = make_family_layer(spec)
     layer.load(str(tmp_path / "model.safetensors.index.json"), spec["prefix"], fam)
     x = draw_x(layer, 17, 8)
-    assert_close(layer.forward(x), oracle(fam, spec, ref_config(layer), t, x.astype(np.float64)), "sharded y",
+    assert_close(layer.forward(x), oracle(fam, spec, family_ref_config(spec), t, x.astype(np.float64)), "sharded y",
                  rtol=1e-4, atol=1e-5)
 
 

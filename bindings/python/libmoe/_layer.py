@@ -13,7 +13,7 @@ from .errors import ArgumentTypeError, ClosedError, InvalidArgumentError, StateE
 __all__ = ["Layer", "Context", "ParamInfo", "CONFIG_FIELDS", "PRESETS", "default_config", "preset_config",
            "to_bfloat16_bits", "from_bfloat16_bits"]
 
-PRESETS = ("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe")
+PRESETS = ("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe")
 
 # Enum fields: the names Python callers write, mapped to the pinned C values.
 _ENUMS = {

@@ -145,7 +145,8 @@ macro_rules! setters {
 }
 
 /// The names accepted by [`Config::preset`].
-pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe"];
+pub const PRESETS: &[&str] =
+    &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe"];
 
 fn raw_init() -> sys::moe_config {
     let mut raw = std::mem::MaybeUninit::<sys::moe_config>::zeroed();

@@ -21,7 +21,7 @@ import org.libmoe.jni.moe_config;
 public final class Config {
   /** The names accepted by {@link #preset(String)}. */
   public static final List<String> PRESETS =
-      List.of("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe");
+      List.of("mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe");
 
   private final long dModel;
   private final long dFF;
