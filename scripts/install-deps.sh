@@ -8,6 +8,8 @@ packages=(
   # compilers, build tools, BLAS for the CPU backend
   build-essential cmake pkg-config
   libdnnl-dev
+  # safetensors checkpoint headers (header-only JSON parser; no runtime dependency)
+  nlohmann-json3-dev
   # tests: GoogleTest, the PyTorch oracle, sanitizers/fuzzing, valgrind
   libgtest-dev python3-dev python3-numpy python3-pytest python3-torch python3-matplotlib
   clang libclang-rt-14-dev libomp-dev valgrind

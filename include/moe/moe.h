@@ -192,6 +192,9 @@ MOE_API void moe_config_init_size(moe_config *cfg, size_t size);
  *   "deepseek-v3"    E 256, k 8, sigmoid scores, 8 groups keep 4, routed_scale 2.5, one shared
  *                    expert, bias-based balancing (u 0.001), aux 0.0001 (DeepSeek-AI 2024)
  *   "qwen2-moe"      E 60, k 4, softmax, not normalized, 4 shared experts behind a sigmoid gate
+ *   "qwen3-moe"      E 128, k 8, softmax, normalized, no shared experts, aux 0.001 (Qwen3-30B-A3B)
+ *   "olmoe"          E 64, k 8, softmax, not normalized, aux 0.01, router z-loss 0.001
+ *                    (OLMoE-1B-7B, Muennighoff et al. 2024)
  * Widths (d_model, d_ff, d_ff_shared) are left 0 for the caller to set; E and k may be changed.
  * moe_config_num_presets and moe_config_preset_name list them at run time.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT if cfg or name is NULL or name is unknown (cfg
@@ -445,6 +448,79 @@ MOE_API moe_status moe_layer_zero_grad(moe_layer *layer);
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT for a NULL layer or name, or an unknown name.
  */
 MOE_API moe_status moe_layer_param_buffers(moe_layer *layer, const char *name, void **data, void **grad);
+
+/* ---------------------------------------------------------------------------------------------
+ * Checkpoints: safetensors files (https://huggingface.co/docs/safetensors), read through a memory
+ * mapping. What a file holds is untrusted: every offset, size, dtype, shape and name is checked
+ * before it is used, and nothing is read outside the file.
+ * ------------------------------------------------------------------------------------------- */
+
+/**
+ * Set the layer's parameters from a checkpoint.
+ * @param path   a .safetensors file; a model.safetensors.index.json (a sharded checkpoint: its
+ *               "weight_map" names, for each tensor, a shard file in the same directory; only the
+ *               shards holding this layer's tensors are opened); or a directory holding either
+ *               (the index is preferred).
+ * @param prefix the block's name in the checkpoint, e.g. "model.layers.3.mlp": tensor "router.weight"
+ *               is looked up as "model.layers.3.mlp.router.weight". NULL or "": no prefix.
+ * @param family how the checkpoint names and lays out the block. NULL or "libmoe": libmoe's own
+ *               parameter names and shapes (what moe_layer_save writes). A model family, with the
+ *               key names of its transformers modelling code:
+ *     "mixtral"      gate.weight; experts.N.w1/w3/w2.weight (w1 gate, w3 up, w2 down)
+ *     "qwen2-moe"    gate.weight; experts.N.{gate,up,down}_proj.weight; shared_expert.{gate,up,down}_proj
+ *                    .weight (width S*d_ff_shared, split into the layer's S shared experts);
+ *                    shared_expert_gate.weight [1, d]
+ *     "qwen3-moe", "olmoe"  gate.weight; experts.N.{gate,up,down}_proj.weight
+ *     "deepseek-v3"  gate.weight; gate.e_score_correction_bias -> router.bias;
+ *                    experts.N.{gate,up,down}_proj.weight; shared_experts.{gate,up,down}_proj.weight
+ *                    (width S*d_ff_shared)
+ *     "switch"       router.classifier.weight; experts.expert_N.wi/wo.weight (ReLU or other plain FFN)
+ *   Every gated family also accepts transformers 5's fused experts, experts.gate_up_proj
+ *   [E, 2*d_ff, d] (gate rows first) and experts.down_proj [E, d, d_ff]: the layout is picked by
+ *   whether experts.gate_up_proj exists. Parameters a family has no tensor for (router.bias but in
+ *   deepseek-v3, router.noise_weight) are set to zero, as the model has them.
+ * The layer's configuration must match the checkpoint: every tensor the layer needs must exist with
+ * exactly the layer's shape (global E experts; a gated family needs a GLU activation, "switch" a
+ * plain one), and every tensor whose name starts with prefix + "." (every tensor, with no prefix)
+ * must have a place in the layer. Tensors may be F32, BF16 or F16, whatever the layer's dtype:
+ * each value is converted to the parameter's storage, rounded once to nearest even (exact when
+ * the dtypes agree). With a comm of size R, a rank reads only its own experts' slices of the
+ * global tensors, so one checkpoint serves any R.
+ * Loading reads every tensor into staging memory before anything is changed: on failure the layer
+ * is unchanged. Like moe_layer_set_param, a load between a training forward and its backward makes
+ * that backward fail with MOE_ERR_STATE. Thread-safety: as moe_layer_set_param (one thread per
+ * layer); the files may be read by other threads and processes at the same time, but must not be
+ * changed while the call runs.
+ * @return MOE_OK;
+ *   MOE_ERR_INVALID_ARGUMENT  layer or path NULL; an unknown family; a path that cannot be opened;
+ *                             a malformed file (truncated, a header length past the end or over
+ *                             100 MB, JSON that is not valid or not UTF-8, a key twice, offsets
+ *                             outside the data or not matching dtype and shape, overlapping
+ *                             tensors); a missing tensor, a wrong dtype or shape, a tensor under
+ *                             prefix with no place in the layer, a configuration the family
+ *                             cannot describe. The message names the file, the tensor and the fault.
+ *   MOE_ERR_UNSUPPORTED       family "gpt-oss" (its routing and activation are not built yet);
+ *   MOE_ERR_NONFINITE         check_finite is on and a value is not finite once stored;
+ *   MOE_ERR_OUT_OF_MEMORY     the staging copies could not be allocated.
+ */
+MOE_API moe_status moe_layer_load(moe_layer *layer, const char *path, const char *prefix, const char *family);
+
+/**
+ * Write every parameter to one safetensors file in libmoe's names (prefix + "." + name; NULL or ""
+ * prefix: the bare names), each in its storage dtype (moe_layer_param_dtype: F32, BF16 or F16) and
+ * shape, with __metadata__ {"format": "pt", "producer": "libmoe"}, so that moe_layer_load(path,
+ * prefix, "libmoe") into a layer of the same configuration restores it bit for bit. path is the
+ * file, or a directory to write model.safetensors in. The write is atomic: a temporary file beside
+ * the target, flushed and fsync'ed, renamed over it, the directory fsync'ed; on failure the
+ * temporary file is removed and a previous file at path is left intact. Gradients are not saved.
+ * Thread-safety: as moe_layer_get_param.
+ * @return MOE_OK;
+ *   MOE_ERR_INVALID_ARGUMENT  layer or path NULL; the file cannot be created or written (the message
+ *                             gives the system's reason: no such directory, permission, disk full);
+ *   MOE_ERR_UNSUPPORTED       a layer with a comm of size > 1 (it holds only its rank's experts);
+ *   MOE_ERR_OUT_OF_MEMORY     the host copies could not be allocated.
+ */
+MOE_API moe_status moe_layer_save(const moe_layer *layer, const char *path, const char *prefix);
 
 /* ---------------------------------------------------------------------------------------------
  * Contexts and compute

@@ -127,7 +127,7 @@ MOE_API moe_status moe_backward(moe_layer *layer, moe_context *ctx, const void *
            ctx->state == State::kEmpty ? "it is empty" : "it was filled by moe_route");
     if (ctx->param_version != layer->param_version)
       fail(MOE_ERR_STATE,
-           "moe_layer_set_param changed the layer's parameters (last: %s) after the training forward held by ctx; "
+           "moe_layer_set_param or moe_layer_load changed the layer's parameters (last: %s) after the training forward held by ctx; "
            "its saved activations no longer match them: run moe_forward again",
            layer->last_set ? layer->last_set->name.c_str() : "?");
     const int64_t T = ctx->route.T;

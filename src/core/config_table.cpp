@@ -180,6 +180,13 @@ constexpr PresetRow kPresets[] = {
      "Qwen2-MoE (Qwen team 2024): E 60, k 4, softmax, not normalized, 4 shared experts behind a sigmoid gate, "
      "aux 0.001",
      "num_experts=60 top_k=4 normalize_topk=false num_shared_experts=4 shared_gate=true aux_loss_coef=0.001"},
+    {"qwen3-moe",
+     "Qwen3-MoE (Qwen3-30B-A3B's config.json): E 128, k 8, softmax, normalized top-k, no shared expert, aux 0.001",
+     "num_experts=128 top_k=8 normalize_topk=true aux_loss_coef=0.001"},
+    {"olmoe",
+     "OLMoE-1B-7B (Muennighoff et al. 2024): E 64, k 8, softmax, not normalized, aux 0.01, router z-loss 0.001",
+     // z-loss 0.001 as in its training; its config.json carries router_aux_loss_coef 0.01.
+     "num_experts=64 top_k=8 normalize_topk=false aux_loss_coef=0.01 z_loss_coef=0.001"},
 };
 
 // ---- text -----------------------------------------------------------------------------------------

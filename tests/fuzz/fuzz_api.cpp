@@ -4,7 +4,9 @@
 // layers and four contexts, with arguments that are valid, NULL, of the wrong layer, overlapping,
 // out of range, or buffers of exactly the size the call is told (so that AddressSanitizer sees any
 // read or write past what the caller declared). Layers may get a fake two-rank comm whose "other
-// rank" answers with bytes from the input, as a broken or hostile peer would.
+// rank" answers with bytes from the input, as a broken or hostile peer would. Checkpoints: files made
+// from a layer's own save with bytes overwritten or cut, from JSON tokens, or from raw bytes, loaded
+// with moe_layer_load (op bytes 252-255).
 //
 // Oracles, besides the sanitizers: every status is a moe_status other than MOE_ERR_INTERNAL; a
 // failed call leaves a message that starts with its own name; calls that must fail (NULL handles,
@@ -15,12 +17,16 @@
 // ubsan, -fsanitize=fuzzer,undefined -D_GLIBCXX_ASSERTIONS); the same file with
 // replay_main.cpp replays the committed corpus and regression inputs in every build (fuzz.replay).
 #include <moe/moe.h>
+#include <stdlib.h>
 
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <string>
 #include <vector>
@@ -660,6 +666,119 @@ void op_layer_destroy(World &w, Reader &in) {
   w.L[li].l = nullptr;
 }
 
+// ---- checkpoints -----------------------------------------------------------------------------
+
+// One scratch folder per process for checkpoint files, made on first use and removed at exit. A
+// plain array, not a std::string: an atexit handler must not read a static destroyed before it runs.
+char g_scratch[4096];
+
+const char *scratch_dir() {
+  if (!g_scratch[0]) {
+    const std::string t = (std::filesystem::temp_directory_path() / "moe_fuzz_XXXXXX").string();
+    if (t.size() >= sizeof g_scratch) bug("scratch_dir", "temporary directory path too long");
+    std::memcpy(g_scratch, t.c_str(), t.size() + 1);
+    if (!::mkdtemp(g_scratch)) bug("scratch_dir", "mkdtemp failed");
+  }
+  return g_scratch;
+}
+
+void remove_scratch() {
+  if (!g_scratch[0]) return;
+  std::error_code ec;
+  std::filesystem::remove_all(g_scratch, ec);
+}
+
+// Pieces of safetensors headers, so that short inputs reach the checks behind the JSON parser.
+const char *const kJsonTokens[] = {
+    "{", "}", "[", "]", ",", ":", "\"router.weight\"", "\"router.bias\"", "\"experts.w1\"", "\"experts.w2\"",
+    "\"experts.w3\"", "\"blk.router.weight\"", "\"dtype\"", "\"F32\"", "\"BF16\"", "\"F16\"", "\"I8\"",
+    "\"shape\"", "\"data_offsets\"", "\"__metadata__\"", "0", "1", "2", "4", "8", "16", "32", "64",
+    "18446744073709551615", "-1", "1e3", "2.0", "\"\xff\"", "\"a\"", " ", "null", "true", "\"weight_map\""};
+
+// moe_layer_load of a file the input makes: a layer's own save with bytes overwritten, cut short
+// or its header length changed; or a header put together from JSON tokens; or raw bytes. Oracles:
+// a failed load leaves every parameter as it was; a NULL layer or path fails.
+void op_checkpoint(World &w, Reader &in) {
+  int li = pick_layer(w, in);
+  moe_layer *own = nullptr;  // a small layer of the op's own when the input has none yet
+  if (li < 0 && in.flag()) {
+    moe_config cfg;
+    moe_config_init(&cfg);
+    cfg.d_model = 4;
+    cfg.d_ff = 6;
+    cfg.num_experts = 2;
+    cfg.top_k = 1;
+    cfg.num_shared_experts = in.range(0, 1);
+    cfg.dtype = static_cast<moe_dtype>(in.range(0, 2));
+    if (seen(moe_layer_create(&cfg, &own), "moe_layer_create") != MOE_OK) bug("op_checkpoint", "create");
+  }
+  moe_layer *l = li >= 0 ? w.L[li].l : own;
+  static const char *const families[] = {"libmoe", "mixtral", "qwen2-moe", "qwen3-moe", "olmoe",
+                                         "deepseek-v3", "switch", "gpt-oss", "llama"};
+  const uint8_t f = in.u8();
+  const char *family = f < 128 ? nullptr : families[f % 9];
+  const char *prefix = in.flag() ? "blk" : nullptr;
+  const std::string path = std::string(scratch_dir()) + "/ckpt.safetensors";
+  std::vector<unsigned char> file;
+  const uint8_t how = in.u8() % 4;
+  if (how <= 1) {
+    if (l && seen(moe_layer_save(l, path.c_str(), prefix), "moe_layer_save") == MOE_OK) {
+      std::ifstream is(path, std::ios::binary);
+      file.assign(std::istreambuf_iterator<char>(is), {});
+    }
+    for (int j = in.range(0, 3); j > 0 && !file.empty(); --j) {
+      const uint8_t kind = in.u8() % 4;
+      const uint32_t at = in.u32();
+      if (kind == 0) {
+        file.resize(at % file.size());
+      } else if (kind == 1 && file.size() >= 8) {
+        const uint64_t len = in.size(0, 4096);
+        for (int b = 0; b < 8; ++b) file[b] = static_cast<unsigned char>(len >> (8 * b));
+      } else {
+        const uint8_t v = in.u8();
+        file[at % file.size()] = v;
+      }
+    }
+  } else if (how == 2) {
+    std::string h;
+    for (int j = in.range(1, 40); j > 0; --j) h += kJsonTokens[in.u8() % (sizeof kJsonTokens / sizeof kJsonTokens[0])];
+    const uint64_t len = in.flag() ? h.size() : static_cast<uint64_t>(in.size(0, 512));
+    for (int b = 0; b < 8; ++b) file.push_back(static_cast<unsigned char>(len >> (8 * b)));
+    file.insert(file.end(), h.begin(), h.end());
+    for (int j = in.range(0, 64); j > 0; --j) file.push_back(in.u8());
+  } else {
+    for (int j = in.range(0, 255); j > 0; --j) file.push_back(in.u8());
+  }
+  {
+    std::ofstream os(path, std::ios::binary | std::ios::trunc);
+    os.write(reinterpret_cast<const char *>(file.data()), static_cast<std::streamsize>(file.size()));
+  }
+  // Every parameter's bytes before the load, to check that a failed load changed nothing.
+  std::vector<std::vector<float>> before;
+  const int np = l ? moe_layer_num_params(l) : 0;
+  for (int i = 0; i < np; ++i) {
+    moe_param_info pi{};
+    seen(moe_layer_param_info(l, i, &pi), "moe_layer_param_info");
+    int64_t n = 1;
+    for (int j = 0; j < pi.ndim; ++j) n *= pi.shape[j];
+    before.emplace_back(static_cast<size_t>(n));
+    seen(moe_layer_get_param(l, pi.name, before.back().data(), n), "moe_layer_get_param");
+  }
+  const bool null_path = in.u8() == 255;
+  const moe_status s = seen(moe_layer_load(l, null_path ? nullptr : path.c_str(), prefix, family), "moe_layer_load");
+  if (!l || null_path) must_fail(s, "moe_layer_load(NULL)");
+  if (s != MOE_OK)
+    for (int i = 0; i < np; ++i) {
+      moe_param_info pi{};
+      seen(moe_layer_param_info(l, i, &pi), "moe_layer_param_info");
+      std::vector<float> now(before[i].size());
+      seen(moe_layer_get_param(l, pi.name, now.data(), static_cast<int64_t>(now.size())), "moe_layer_get_param");
+      if (std::memcmp(now.data(), before[i].data(), now.size() * sizeof(float)) != 0)
+        bug("moe_layer_load", "a failed load changed a parameter");
+    }
+  moe_layer_destroy(own);
+}
+
 // A clean training step must still work on every layer the input left (without a comm: the fake
 // peer may keep failing by design).
 void final_check(World &w) {
@@ -684,7 +803,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   Reader in{data, size};
   World w;
   for (int step = 0; step < 48 && !in.empty(); ++step) {
-    switch (in.u8() % 12) {
+    const uint8_t op = in.u8();
+    if (op >= 252) {  // the four highest op bytes (create, context, forward before)
+      op_checkpoint(w, in);
+      continue;
+    }
+    switch (op % 12) {
       case 0: case 1: op_create(w, in); break;
       case 2: op_ctx_create(w, in); break;
       case 3: case 4: op_forward(w, in, false); break;
@@ -724,5 +848,6 @@ extern "C" void moe_fuzz_print_totals(void) {
 
 extern "C" int LLVMFuzzerInitialize(int *, char ***) {
   std::atexit(moe_fuzz_print_totals);
+  std::atexit(remove_scratch);
   return 0;
 }

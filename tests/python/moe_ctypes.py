@@ -127,6 +127,8 @@ def lib():
         "moe_context_expert_counts": ([vp, vp], st),
         "moe_context_topk": ([vp, vp, vp], st),
         "moe_context_assignments": ([vp, i64, vp, vp, vp, C.POINTER(C.c_int64)], st),
+        "moe_layer_load": ([vp, C.c_char_p, C.c_char_p, C.c_char_p], st),
+        "moe_layer_save": ([vp, C.c_char_p, C.c_char_p], st),
     }
     for name, (args, res) in sig.items():
         fn = getattr(L, name)
@@ -296,6 +298,14 @@ class Layer:
 
     def zero_grad(self):
         _call("moe_layer_zero_grad", self._h)
+
+    def load(self, path, prefix=None, family=None):
+        """moe_layer_load: parameters from a safetensors checkpoint (file, index or directory)."""
+        enc = lambda s: None if s is None else str(s).encode()
+        _call("moe_layer_load", self._h, enc(path), enc(prefix), enc(family))
+
+    def save(self, path, prefix=None):
+        _call("moe_layer_save", self._h, str(path).encode(), None if prefix is None else prefix.encode())
 
     # -- compute
     def context(self):

@@ -137,6 +137,25 @@ def test_qwen2_moe_preset():
     assert close(c.aux_loss_coef, 1e-3) and c.capacity_factor <= 0 and c.activation == M.ACT_SWIGLU
 
 
+def test_qwen3_moe_preset():
+    """Qwen3-30B-A3B: 128 experts, 8 per token, softmax, norm_topk_prob true, no shared expert,
+    router aux coef 1e-3."""
+    c = preset("qwen3-moe")
+    assert (c.num_experts, c.top_k, c.score, c.normalize_topk) == (128, 8, M.SCORE_SOFTMAX, 1)
+    assert (c.num_shared_experts, c.shared_gate, c.num_groups) == (0, 0, 1)
+    assert close(c.aux_loss_coef, 1e-3) and c.z_loss_coef == 0 and c.capacity_factor <= 0
+    assert c.activation == M.ACT_SWIGLU and c.noise == M.NOISE_NONE
+
+
+def test_olmoe_preset():
+    """OLMoE-1B-7B: 64 experts, 8 per token, softmax, norm_topk_prob false, aux 0.01, z-loss 0.001."""
+    c = preset("olmoe")
+    assert (c.num_experts, c.top_k, c.score, c.normalize_topk) == (64, 8, M.SCORE_SOFTMAX, 0)
+    assert (c.num_shared_experts, c.num_groups) == (0, 1)
+    assert close(c.aux_loss_coef, 1e-2) and close(c.z_loss_coef, 1e-3) and c.capacity_factor <= 0
+    assert c.activation == M.ACT_SWIGLU and c.noise == M.NOISE_NONE
+
+
 # ---- each preset against the reference at small widths ---------------------------------------------
 
 def _against_reference(layer, x, dy, name):
@@ -225,6 +244,15 @@ def test_qwen2_moe_against_reference():
     assert not np.allclose(lib["w"].sum(1), 1.0)  # not normalised
 
 
+@pytest.mark.parametrize("name", ["qwen3-moe", "olmoe"])
+def test_qwen3_olmoe_against_reference(name):
+    layer = make_layer(**fields(preset(name, d_model=16, d_ff=8, num_experts=16, seed=5)))
+    x = RR.draw_x(layer, 40, 73, scale=1.5)
+    dy = np.random.default_rng(74).standard_normal(x.shape).astype(np.float32)
+    out, lib = _against_reference(layer, x, dy, name)
+    assert np.allclose(lib["w"].sum(1), 1.0, atol=1e-5) == (name == "qwen3-moe")  # normalised or not
+
+
 def test_qwen2_moe_shared_experts_equal_one_wide_shared_expert():
     """4 shared SwiGLU experts of width f under one gate compute what Qwen2-MoE's single shared
     expert of width 4f does (hidden units concatenated)."""
@@ -276,6 +304,8 @@ METHODS = {
     "expert-choice": preset("expert-choice"),
     "deepseek-v3": preset("deepseek-v3", num_experts=32, num_groups=8, topk_groups=4),
     "qwen2-moe": preset("qwen2-moe", num_experts=16),
+    "qwen3-moe": preset("qwen3-moe", num_experts=16),
+    "olmoe": preset("olmoe", num_experts=16),
     "dense": preset("mixtral", top_k=8),
 }
 

@@ -1,6 +1,7 @@
 """libmoe.Layer and libmoe.Context: the checked numpy API over the SWIG module libmoe.capi."""
 
 import numbers
+import os
 import threading
 from collections import namedtuple
 
@@ -303,6 +304,50 @@ class Layer:
         for name, value in state.items():
             if name in self._params:
                 self.set_param(name, np.asarray(value))
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def load(self, path, prefix=None, family=None):
+        """Set every parameter from a safetensors checkpoint (moe_layer_load): ``path`` is a
+        .safetensors file, a model.safetensors.index.json (sharded) or a directory holding either;
+        ``prefix`` names the block (e.g. "model.layers.3.mlp"); ``family`` its naming and layout:
+        None/"libmoe" (what :meth:`save` writes), "mixtral", "qwen2-moe", "qwen3-moe", "olmoe",
+        "deepseek-v3", "switch". The layer's configuration must match the checkpoint; on any error
+        (InvalidArgumentError naming the file, the tensor and the fault) nothing is changed."""
+        path = self._path(path, "load")
+        for what, v in (("prefix", prefix), ("family", family)):
+            if v is not None and not isinstance(v, str):
+                raise ArgumentTypeError(f"Layer.load: {what} must be a str or None, not {type(v).__name__}")
+        h = self._handle()
+        with h.lock:
+            capi.moe_layer_load(h.ptr, path, prefix, family)
+
+    def save(self, path, prefix=None):
+        """Write every parameter to one safetensors file in libmoe's names (moe_layer_save), each in
+        its storage dtype, atomically; ``path`` is the file or a directory (model.safetensors in it).
+        :meth:`load` of the file into a layer of the same configuration restores it bit for bit."""
+        path = self._path(path, "save")
+        if prefix is not None and not isinstance(prefix, str):
+            raise ArgumentTypeError(f"Layer.save: prefix must be a str or None, not {type(prefix).__name__}")
+        h = self._handle()
+        with h.lock:
+            capi.moe_layer_save(h.ptr, path, prefix)
+
+    @classmethod
+    def from_checkpoint(cls, path, prefix=None, family=None, preset=None, **config):
+        """A layer from ``preset`` and ``config`` (which must describe the checkpoint's block), its
+        parameters loaded from ``path`` (see :meth:`load`)."""
+        layer = cls(preset=preset, **config)
+        layer.load(path, prefix, family)
+        return layer
+
+    @staticmethod
+    def _path(path, call):
+        if not isinstance(path, (str, os.PathLike)):
+            raise ArgumentTypeError(f"Layer.{call}: path must be a str or os.PathLike, not {type(path).__name__}")
+        path = os.fspath(path)
+        if isinstance(path, bytes):
+            path = os.fsdecode(path)
+        return path
 
     def buffer_addresses(self, name):
         """(data, grad) addresses of the layer's own storage of ``name`` on its device, in

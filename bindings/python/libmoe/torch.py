@@ -477,6 +477,27 @@ class MoE(nn.Module):
         # (torch.func.functional_call) is then seen, and refused by the compute path.
         return [self._modules[group]._parameters[attr] for group, attr in self._param_keys]
 
+    @classmethod
+    def from_pretrained_block(cls, path, prefix=None, family=None, **kwargs):
+        """The MoE block of a checkpoint: ``cls(**kwargs)`` (widths, preset, device, dtype: they must
+        describe the checkpoint's block), then its parameters loaded from ``path`` (a .safetensors
+        file, a model.safetensors.index.json or a directory) by ``family``'s names under ``prefix``,
+        e.g. ``MoE.from_pretrained_block("Mixtral-8x7B", "model.layers.0.block_sparse_moe",
+        "mixtral", preset="mixtral", d_model=4096, d_ff=14336, dtype=torch.bfloat16)``.
+        See libmoe.Layer.load."""
+        module = cls(**kwargs)
+        module.load_block(path, prefix, family)
+        return module
+
+    def load_block(self, path, prefix=None, family=None):
+        """Load this module's parameters from a checkpoint in place (libmoe.Layer.load); the
+        module's parameter tensors share the layer's storage, so they see the new values."""
+        self._layer.load(path, prefix, family)
+
+    def save_block(self, path, prefix=None):
+        """Save this module's parameters in libmoe's names (libmoe.Layer.save)."""
+        self._layer.save(path, prefix)
+
     @property
     def layer(self):
         """The underlying libmoe.Layer (config, stats; shares storage with this module)."""

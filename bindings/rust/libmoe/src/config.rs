@@ -340,7 +340,7 @@ config_struct! {
 
 /// The names accepted by [`Config::preset`] when this crate was written; [`presets`] asks the
 /// loaded libmoe, which may know more.
-pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe"];
+pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe"];
 
 fn raw_init() -> sys::moe_config {
     let mut raw = std::mem::MaybeUninit::<sys::moe_config>::zeroed();

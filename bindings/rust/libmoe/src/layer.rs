@@ -4,6 +4,8 @@ use crate::context::Context;
 use crate::error::{check, Error, Result, Status};
 use libmoe_sys as sys;
 use std::ffi::{c_void, CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::ptr::{self, NonNull};
 
 /// One named parameter tensor (PyTorch nn.Linear layout, row-major).
@@ -61,6 +63,16 @@ unsafe impl Send for Layer {}
 
 fn c_name(name: &str) -> Result<CString> {
     CString::new(name).map_err(|_| Error::invalid(format!("parameter name {:?} contains a NUL byte", name)))
+}
+
+fn c_path(path: &Path) -> Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::invalid(format!("path {:?} contains a NUL byte", path)))
+}
+
+fn c_opt(s: Option<&str>, what: &str) -> Result<Option<CString>> {
+    s.map(|v| CString::new(v).map_err(|_| Error::invalid(format!("{} {:?} contains a NUL byte", what, v))))
+        .transpose()
 }
 
 impl Layer {
@@ -162,6 +174,37 @@ impl Layer {
     pub fn set_param(&self, name: &str, values: &[f32]) -> Result<()> {
         let c = c_name(name)?;
         check(unsafe { sys::moe_layer_set_param(self.ptr.as_ptr(), c.as_ptr(), values.as_ptr(), values.len() as i64) })
+    }
+
+    /// Set every parameter from a safetensors checkpoint (`moe_layer_load`): `path` is a
+    /// `.safetensors` file, a `model.safetensors.index.json` (sharded) or a directory holding
+    /// either; `prefix` names the block (e.g. `Some("model.layers.3.mlp")`); `family` its naming
+    /// and layout (`None` or `"libmoe"`, `"mixtral"`, `"qwen2-moe"`, `"qwen3-moe"`, `"olmoe"`,
+    /// `"deepseek-v3"`, `"switch"`). The layer's configuration must match the checkpoint; on any
+    /// error (naming the file, the tensor and the fault) the layer is unchanged.
+    pub fn load<P: AsRef<Path>>(&self, path: P, prefix: Option<&str>, family: Option<&str>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        let pre = c_opt(prefix, "prefix")?;
+        let fam = c_opt(family, "family")?;
+        check(unsafe {
+            sys::moe_layer_load(
+                self.ptr.as_ptr(),
+                p.as_ptr(),
+                pre.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+                fam.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+            )
+        })
+    }
+
+    /// Write every parameter to one safetensors file in libmoe's names (`prefix.name`, or the bare
+    /// names with `None`), each in its storage dtype, atomically (`moe_layer_save`); [`Layer::load`]
+    /// of it into a layer of the same configuration restores it bit for bit.
+    pub fn save<P: AsRef<Path>>(&self, path: P, prefix: Option<&str>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        let pre = c_opt(prefix, "prefix")?;
+        check(unsafe {
+            sys::moe_layer_save(self.ptr.as_ptr(), p.as_ptr(), pre.as_ref().map_or(ptr::null(), |c| c.as_ptr()))
+        })
     }
 
     /// A copy of the accumulated gradient of trainable parameter `name`.

@@ -588,3 +588,31 @@ fn presets_are_the_librarys() {
         Config::preset(name, 8, 16).unwrap_or_else(|e| panic!("{}: {}", name, e));
     }
 }
+
+#[test]
+fn checkpoints_round_trip_and_refuse_bad_files() {
+    let dir = std::env::temp_dir().join(format!("libmoe-rust-checkpoint-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = small().build().unwrap();
+    a.set_param("experts.w1", &data(4 * 32 * 16, 5)).unwrap();
+    let path = dir.join("m.safetensors");
+    a.save(&path, Some("model.layers.0.mlp")).unwrap();
+    let b = small().seed(11).build().unwrap();
+    assert_ne!(a.param("experts.w1").unwrap(), b.param("experts.w1").unwrap());
+    b.load(&path, Some("model.layers.0.mlp"), None).unwrap();
+    for p in a.params().unwrap() {
+        assert_eq!(a.param(&p.name).unwrap(), b.param(&p.name).unwrap(), "{}", p.name);
+    }
+
+    // A file cut short is refused, naming the file; the layer keeps its values.
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() - 7]).unwrap();
+    let e = b.load(&cut, Some("model.layers.0.mlp"), Some("libmoe")).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
+    assert!(e.message().contains("cut.safetensors"), "{}", e.message());
+    assert_eq!(a.param("experts.w1").unwrap(), b.param("experts.w1").unwrap());
+    assert_eq!(b.load(&path, Some("model.layers.0.mlp"), Some("gpt-oss")).unwrap_err().status(), Status::Unsupported);
+    assert_eq!(b.load(&path, Some("a\0b"), None).unwrap_err().status(), Status::InvalidArgument);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -51,6 +51,33 @@ class LayerTest {
   }
 
   @Test
+  void checkpointsRoundTripAndBadFilesAreRefused(@org.junit.jupiter.api.io.TempDir java.nio.file.Path dir)
+      throws java.io.IOException {
+    try (Layer a = small().createLayer(); Layer b = small().seed(11).createLayer()) {
+      float[] w = data(4 * 32 * 16, 5);
+      a.setParam("experts.w1", w);
+      String path = dir.resolve("m.safetensors").toString();
+      a.save(path, "model.layers.0.mlp");
+      assertFalse(java.util.Arrays.equals(w, b.getParam("experts.w1")));
+      b.load(path, "model.layers.0.mlp", "libmoe");
+      for (ParamInfo p : a.params()) assertArrayEquals(a.getParam(p.name()), b.getParam(p.name()), p.name());
+      float[] x = data(5 * 16, 6);
+      assertArrayEquals(a.forward(x), b.forward(x));
+
+      // A file cut short: refused, naming the file, and the layer keeps its values.
+      byte[] bytes = java.nio.file.Files.readAllBytes(java.nio.file.Path.of(path));
+      String cut = dir.resolve("cut.safetensors").toString();
+      java.nio.file.Files.write(java.nio.file.Path.of(cut), java.util.Arrays.copyOf(bytes, bytes.length - 7));
+      MoeException e = assertThrows(MoeException.class, () -> b.load(cut, "model.layers.0.mlp", null));
+      assertEquals(Status.INVALID_ARGUMENT, e.getStatus());
+      assertTrue(e.getMessage().contains("cut.safetensors"), e.getMessage());
+      assertArrayEquals(a.forward(x), b.forward(x));
+      assertEquals(Status.INVALID_ARGUMENT, status(() -> b.load(null)));
+      assertEquals(Status.UNSUPPORTED, status(() -> b.load(path, "model.layers.0.mlp", "gpt-oss")));
+    }
+  }
+
+  @Test
   void badBuffersAreRefusedBeforeLibmoeIsCalled() {
     try (Layer layer = small().createLayer()) {
       float[] x = data(3 * 16, 2);

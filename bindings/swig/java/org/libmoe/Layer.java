@@ -284,6 +284,40 @@ public final class Layer implements AutoCloseable {
     Reference.reachabilityFence(values);
   }
 
+  /**
+   * Sets every parameter from a safetensors checkpoint (moe_layer_load): {@code path} is a
+   * .safetensors file, a model.safetensors.index.json (sharded) or a directory holding either;
+   * {@code prefix} names the block (e.g. "model.layers.3.mlp", or null); {@code family} its naming
+   * and layout (null or "libmoe", "mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "deepseek-v3",
+   * "switch"). The layer's configuration must match the checkpoint; on any error (a MoeException
+   * naming the file, the tensor and the fault) nothing is changed.
+   */
+  public synchronized void load(String path, String prefix, String family) {
+    if (path == null) throw invalid("path is null");
+    MoeNative.moe_layer_load(live(), path, prefix, family);
+  }
+
+  /** {@link #load(String, String, String)} of a file in libmoe's own names, with no prefix. */
+  public void load(String path) {
+    load(path, null, null);
+  }
+
+  /**
+   * Writes every parameter to one safetensors file in libmoe's names (prefix + "." + name, or the
+   * bare names with a null prefix), each in its storage dtype, atomically (moe_layer_save).
+   * {@link #load(String, String, String)} of it into a layer of the same configuration restores
+   * it bit for bit.
+   */
+  public synchronized void save(String path, String prefix) {
+    if (path == null) throw invalid("path is null");
+    MoeNative.moe_layer_save(live(), path, prefix);
+  }
+
+  /** {@link #save(String, String)} with no prefix. */
+  public void save(String path) {
+    save(path, null);
+  }
+
   /** A copy of the accumulated gradient of trainable parameter {@code name}. */
   public synchronized float[] getGrad(String name) {
     float[] out = new float[checkedCount(paramInfo(name).numel())];

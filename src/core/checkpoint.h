@@ -1,0 +1,50 @@
+// Loading a layer's parameters from safetensors checkpoints (libmoe's names or a model family's)
+// and saving them in libmoe's names (src/core/checkpoint.cpp, checkpoint_map.cpp).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/layer.h"
+
+namespace moe {
+
+// One block of a checkpoint tensor that fills part of a parameter. The tensor, viewed as
+// [A, R, C] (a 1-D tensor as [1, 1, n], 2-D as [1, R, C]), gives rows [row0, row0+rows) and
+// columns [col0, col0+cols) of slice `outer`; they land at element dst of the parameter, rows
+// dst_ld elements apart.
+struct Piece {
+  std::string key;
+  std::vector<int64_t> shape;  // the shape the tensor must have
+  int64_t outer = 0, row0 = 0, col0 = 0, rows = 0, cols = 0;
+  int64_t dst = 0, dst_ld = 0;
+  bool read = true;  // false: another rank's expert, known to the checkpoint but not read here
+};
+
+// What fills one parameter: pieces, or zeros when the family has no such tensor.
+struct Target {
+  Param *param = nullptr;
+  std::vector<Piece> pieces;
+  const char *zero_reason = nullptr;  // non-NULL: no pieces, the parameter becomes zero
+};
+
+// Answers whether the checkpoint holds a key (the mapping picks a family's layout by it).
+struct KeyLookup {
+  virtual ~KeyLookup() = default;
+  virtual bool has(const std::string &key) const = 0;
+};
+
+// The families moe_layer_load knows, for messages.
+extern const char *const kFamilyNames;
+
+// Where each of the layer's parameters comes from in a checkpoint of `family` whose block is
+// named `prefix`. Throws moe::Error for an unknown family or a layer the family cannot describe.
+std::vector<Target> map_checkpoint(moe_layer &layer, const std::string &family, const std::string &prefix,
+                                   const KeyLookup &keys);
+
+// moe_layer_load and moe_layer_save.
+void load_checkpoint(moe_layer &layer, const std::string &path, const std::string &prefix, const std::string &family);
+void save_checkpoint(const moe_layer &layer, const std::string &path, const std::string &prefix);
+
+}  // namespace moe

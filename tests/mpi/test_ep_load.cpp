@@ -1,0 +1,169 @@
+// moe_layer_load under expert parallelism: R in-process ranks each load the same checkpoint (libmoe's
+// fused names, and DeepSeek-V3's per-expert modules), keep only their own experts' slices, and
+// together compute what one layer holding all experts computes. A checkpoint never depends on R.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
+
+#include "ep_world.h"
+#include "moe/moe.h"
+#include "support/half.h"
+#include "support/random.h"
+#include "support/safetensors.h"
+
+namespace {
+
+const int64_t d = 12, ff = 10, E = 8, S = 1;
+
+std::vector<std::string> errors;
+std::mutex errors_mu;
+void check(bool ok, const std::string &what) {
+  if (ok) return;
+  std::lock_guard<std::mutex> lock(errors_mu);
+  errors.push_back(what);
+}
+
+void configure(moe_config &cfg, int dtype, uint64_t seed) {
+  moe_config_init(&cfg);
+  cfg.dtype = static_cast<moe_dtype>(dtype);
+  cfg.d_model = d;
+  cfg.d_ff = ff;
+  cfg.num_experts = E;
+  cfg.top_k = 3;
+  cfg.score = MOE_SCORE_SIGMOID;
+  cfg.num_groups = 4;
+  cfg.topk_groups = 2;
+  cfg.routed_scale = 2.5f;
+  cfg.num_shared_experts = S;
+  cfg.seed = seed;
+}
+
+std::vector<float> param(moe_layer *l, const char *name, int64_t n) {
+  std::vector<float> v(n);
+  check(moe_layer_get_param(l, name, v.data(), n) == MOE_OK, std::string("get_param: ") + moe_last_error());
+  return v;
+}
+
+std::vector<float> slice(const std::vector<float> &v, int64_t first, int64_t n) {
+  return std::vector<float>(v.begin() + first, v.begin() + first + n);
+}
+
+double rel(const std::vector<float> &a, const std::vector<float> &b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num) / (std::sqrt(den) + 1e-30);
+}
+
+}  // namespace
+
+int main() {
+  std::string dir = (std::filesystem::temp_directory_path() / "moe_ep_load_XXXXXX").string();
+  if (!::mkdtemp(dir.data())) return 2;
+  for (int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16}) {
+    const size_t es = moe_test::dtype_size(dt);
+    const double tol = dt == MOE_DTYPE_F32 ? 1e-5 : 1e-2;
+    // The single-rank layer, with random values (not any seed's), saved both ways.
+    moe_config cfg;
+    configure(cfg, dt, 5);
+    moe_layer *ref = nullptr;
+    if (moe_layer_create(&cfg, &ref) != MOE_OK) return 2;
+    moe_test::Rng rng(17);
+    const int np = moe_layer_num_params(ref);
+    for (int i = 0; i < np; ++i) {
+      moe_param_info pi;
+      moe_layer_param_info(ref, i, &pi);
+      int64_t n = 1;
+      for (int j = 0; j < pi.ndim; ++j) n *= pi.shape[j];
+      const std::vector<float> v = rng.uniforms(n, -0.5f, 0.5f);
+      check(moe_layer_set_param(ref, pi.name, v.data(), n) == MOE_OK, moe_last_error());
+    }
+    const std::string own = dir + "/libmoe.safetensors", ds = dir + "/deepseek.safetensors";
+    check(moe_layer_save(ref, own.c_str(), "blk") == MOE_OK, std::string("save: ") + moe_last_error());
+    {
+      const std::vector<float> w1 = param(ref, "experts.w1", E * ff * d), w3 = param(ref, "experts.w3", E * ff * d),
+                               w2 = param(ref, "experts.w2", E * d * ff);
+      moe_test::SafetensorsWriter w;
+      const int sdt = dt;  // the experts as the layer stores them: the file holds the same values
+      w.add("model.layers.3.mlp.gate.weight", {E, d}, param(ref, "router.weight", E * d));
+      w.add("model.layers.3.mlp.gate.e_score_correction_bias", {E}, param(ref, "router.bias", E));
+      for (int64_t e = 0; e < E; ++e) {
+        const std::string p = "model.layers.3.mlp.experts." + std::to_string(e) + ".";
+        w.add(p + "gate_proj.weight", {ff, d}, slice(w1, e * ff * d, ff * d), sdt);
+        w.add(p + "up_proj.weight", {ff, d}, slice(w3, e * ff * d, ff * d), sdt);
+        w.add(p + "down_proj.weight", {d, ff}, slice(w2, e * d * ff, d * ff), sdt);
+      }
+      w.add("model.layers.3.mlp.shared_experts.gate_proj.weight", {S * ff, d}, param(ref, "shared.w1", S * ff * d), sdt);
+      w.add("model.layers.3.mlp.shared_experts.up_proj.weight", {S * ff, d}, param(ref, "shared.w3", S * ff * d), sdt);
+      w.add("model.layers.3.mlp.shared_experts.down_proj.weight", {d, S * ff}, param(ref, "shared.w2", S * d * ff),
+            sdt);
+      w.write(ds);
+    }
+    for (int R : {2, 4}) {
+      std::vector<int64_t> T(R), first(R);
+      int64_t Tg = 0;
+      for (int r = 0; r < R; ++r) {
+        T[r] = 3 + 2 * r;
+        first[r] = Tg;
+        Tg += T[r];
+      }
+      const std::vector<unsigned char> x = moe_test::encode(dt, moe_test::inputs(Tg * d, 3, 1.0f));
+      std::vector<unsigned char> yrb(Tg * d * es);
+      check(moe_forward(ref, x.data(), Tg, yrb.data(), nullptr) == MOE_OK, moe_last_error());
+      const std::vector<float> yr = moe_test::decode(dt, yrb);
+      const std::vector<float> w2r = param(ref, "experts.w2", E * d * ff);
+
+      ep_world::World world(R);
+      std::vector<std::thread> threads;
+      for (int r = 0; r < R; ++r)
+        threads.emplace_back([&, r] {
+          ep_world::Rank me{&world, r};
+          moe_comm comm{sizeof(moe_comm), R, r, &me, ep_world::counts_hook, ep_world::rows_hook, nullptr};
+          moe_config c;
+          configure(c, dt, 99);  // another seed: nothing agrees before the load
+          c.comm = &comm;
+          moe_layer *ep = nullptr;
+          if (moe_layer_create(&c, &ep) != MOE_OK) std::abort();
+          const int64_t El = E / R;
+          const std::vector<float> want_w2 = slice(w2r, r * El * d * ff, El * d * ff);
+          check(param(ep, "experts.w2", El * d * ff) != want_w2, "the layers agree before any load");
+          for (const auto &[path, prefix, family] :
+               {std::tuple{own, "blk", "libmoe"}, std::tuple{ds, "model.layers.3.mlp", "deepseek-v3"}}) {
+            const std::string tag = std::string(family) + " R=" + std::to_string(R) + " rank " + std::to_string(r) +
+                                    (dt == MOE_DTYPE_F32 ? " float32" : " bfloat16");
+            check(moe_layer_load(ep, path.c_str(), prefix, family) == MOE_OK,
+                  tag + ": load: " + moe_last_error());
+            check(param(ep, "experts.w2", El * d * ff) == want_w2, tag + ": experts.w2 is not this rank's slice");
+            check(param(ep, "router.bias", E) == param(ref, "router.bias", E), tag + ": router.bias differs");
+            std::vector<unsigned char> yb(T[r] * d * es);
+            check(moe_forward(ep, x.data() + first[r] * d * es, T[r], yb.data(), nullptr) == MOE_OK,
+                  tag + ": forward: " + moe_last_error());
+            const std::vector<float> y = moe_test::decode(dt, yb);
+            check(rel(y, slice(yr, first[r] * d, T[r] * d)) < tol, tag + ": y differs from the single-rank layer");
+          }
+          // Saving an expert-parallel layer is refused, not written half.
+          check(moe_layer_save(ep, (dir + "/ep" + std::to_string(r)).c_str(), nullptr) == MOE_ERR_UNSUPPORTED,
+                "saving an expert-parallel layer was not refused");
+          moe_layer_destroy(ep);
+        });
+      for (auto &t : threads) t.join();
+      std::printf("load under %d in-process ranks, %s: %zu failed checks so far\n", R,
+                  dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", errors.size());
+    }
+    moe_layer_destroy(ref);
+  }
+  std::filesystem::remove_all(dir);
+  for (const auto &e : errors) std::fprintf(stderr, "FAIL: %s\n", e.c_str());
+  return errors.empty() ? 0 : 1;
+}
