@@ -489,7 +489,8 @@ fn rss_bytes() -> usize {
 #[test]
 fn drop_frees_the_layer() {
     // Each layer holds 3 * 8 * 512 * 128 floats of parameters and as many of gradients (~12 MB)
-    // plus what its context saves; 40 of them leaked would be ~500 MB.
+    // plus what its context saves; 60 of them leaked would be ~750 MB. The bound leaves room for
+    // the tests cargo runs beside this one in the same process (RSS is the process's).
     let cfg = Config::new(128, 512).num_experts(8);
     let x = data(8 * 128, 13);
     let mut y = vec![0f32; x.len()];
@@ -498,13 +499,13 @@ fn drop_frees_the_layer() {
         l.context().unwrap().forward(&x, &mut y).unwrap();
     }
     let before = rss_bytes();
-    for _ in 0..40 {
+    for _ in 0..60 {
         let l = cfg.build().unwrap();
         let mut ctx = l.context().unwrap();
         ctx.forward(&x, &mut y).unwrap();
     }
     let grown = rss_bytes().saturating_sub(before);
-    assert!(grown < 150 << 20, "RSS grew by {} MB over 40 dropped layers", grown >> 20);
+    assert!(grown < 300 << 20, "RSS grew by {} MB over 60 dropped layers", grown >> 20);
 }
 
 /// A valid text for field `f` other than its default.
