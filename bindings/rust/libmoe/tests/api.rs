@@ -408,8 +408,8 @@ fn the_names_of_0_1_still_compile() {
 
 #[test]
 fn param_buffers_are_in_the_param_dtype() {
-    let layer = small().dtype(DType::BF16).build().unwrap();
-    assert_eq!(layer.param_dtype("experts.w2").unwrap(), DType::BF16);
+    let layer = small().dtype(DType::Bf16).build().unwrap();
+    assert_eq!(layer.param_dtype("experts.w2").unwrap(), DType::Bf16);
     assert_eq!(layer.param_dtype("router.weight").unwrap(), DType::F32);
     assert_eq!(layer.param_dtype("experts.w9").unwrap_err().status(), Status::InvalidArgument);
     // The last element of a bf16 parameter is 2 bytes at index numel - 1: written there, it is
