@@ -30,10 +30,17 @@ NS=(${id}h0 ${id}h1)
 SW=${id}sw
 work=$(mktemp -d)
 children=()  # what runs on the test hosts: stopped before the namespaces go
+# `ip netns add` makes /run/netns a mount point and leaves it so; when this script made it one and
+# no namespace is left in it, the mount goes too (a chroot cannot be removed under it).
+netns_was_mounted=0
+mountpoint -q /run/netns 2>/dev/null && netns_was_mounted=1
 cleanup() {
   for p in "${children[@]}"; do kill -TERM "$p" 2>/dev/null; done
   for p in "${children[@]}"; do wait "$p" 2>/dev/null; done
   for n in "${NS[@]}" "$SW"; do ip netns del "$n" 2>/dev/null; done
+  if [[ $netns_was_mounted == 0 && -z $(ls -A /run/netns 2>/dev/null) ]]; then
+    for _ in 1 2 3; do mountpoint -q /run/netns 2>/dev/null && umount /run/netns 2>/dev/null; done
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
