@@ -56,9 +56,12 @@ std::string cpu_description() {
   }
   while (!model.empty() && (model.back() == '\n' || model.back() == ' ')) model.pop_back();
   std::string isa;
-  for (const char *fl : {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"})
-    if (flags.find(std::string(" ") + fl + " ") != std::string::npos || flags.find(std::string(" ") + fl + "\n") != std::string::npos)
-      isa += (isa.empty() ? "" : " ") + std::string(fl);
+  for (const char *fl : {"avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16"}) {
+    const std::string word = std::string(" ") + fl;
+    if (flags.find(word + " ") == std::string::npos && flags.find(word + "\n") == std::string::npos) continue;
+    if (!isa.empty()) isa.push_back(' ');
+    isa.append(fl);
+  }
   return model + " [" + (isa.empty() ? "no AVX-512" : isa) + "]";
 }
 

@@ -9,6 +9,13 @@
 #include "cpu/convert.h"
 #include "moe/moe.h"
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+// GCC 12's AVX-512 headers initialise the pass-through operand of several intrinsics from itself
+// (_mm512_undefined_*), which warns at every inlined call (GCC bug 105593, fixed in GCC 13).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace moe::cpu {
 namespace {
 
