@@ -160,7 +160,8 @@ constexpr PresetRow kPresets[] = {
      "num_experts=8 top_k=2 aux_loss_coef=0.02"},
     {"switch",
      "Switch Transformer (Fedus et al. 2021): E 8, k 1, ReLU FFN, capacity 1.25 with position dropping, "
-     "jitter 0.01, aux 0.01, router z-loss 0.001 (Zoph et al. 2022)",
+     "jitter 0.01, aux 0.01, router z-loss 0.001 (Zoph et al. 2022); set capacity_group_size to the sequence "
+     "length for its capacity per sequence",
      // The top-1 gate value is the router probability itself (not normalized); dropped tokens pass
      // through the residual.
      "num_experts=8 top_k=1 activation=relu normalize_topk=false capacity_factor=1.25 drop_policy=position "
