@@ -107,7 +107,8 @@ typedef enum moe_activation {
   MOE_ACT_SILU = 4    /* silu(x W1^T) W2^T */
 } moe_activation;
 /* Expert choice: each expert takes its C = ceil(capacity_factor*T*top_k/E) best tokens by softmax
-   score, weight = the score; normalize_topk, routed_scale, score and groups do not apply. */
+   score (per group of capacity_group_size tokens when set), weight = the score; normalize_topk,
+   routed_scale, score and groups do not apply. */
 typedef enum moe_routing { MOE_ROUTE_TOKEN_CHOICE = 0, MOE_ROUTE_EXPERT_CHOICE = 1 } moe_routing;
 typedef enum moe_score { MOE_SCORE_SOFTMAX = 0, MOE_SCORE_SIGMOID = 1 } moe_score;
 typedef enum moe_noise { MOE_NOISE_NONE = 0, MOE_NOISE_GAUSSIAN = 1, MOE_NOISE_JITTER = 2 } moe_noise;
@@ -134,7 +135,8 @@ typedef struct moe_config {
   float routed_scale;           /* multiplies every routed weight; default 1 */
   int64_t num_groups;           /* G: group-limited routing, G divides E; 1 = off (default) */
   int64_t topk_groups;          /* groups kept per token, 1 <= topk_groups <= G; default 1 */
-  float capacity_factor;        /* > 0: C = ceil(cf * T * k / E) slots per expert; <= 0: dropless (default 0) */
+  float capacity_factor;        /* > 0: C = ceil(cf * T * k / E) slots per expert (T: the call's tokens, or
+                                   a group's: capacity_group_size); <= 0: dropless (default 0) */
   moe_drop_policy drop_policy;  /* which slots an over-full expert keeps; default MOE_DROP_POSITION */
   moe_noise noise;              /* router noise in training; default MOE_NOISE_NONE */
   float noise_eps;              /* jitter half-width eps for MOE_NOISE_JITTER; default 0.01 */
@@ -159,6 +161,18 @@ typedef struct moe_config {
                                    C = max(min_capacity, ceil(cf * T * k / E)), at most T*k (expert
                                    choice: T), so that small batches drop nothing (DeepSpeed's
                                    min_capacity); >= 0, default 0 */
+  int64_t capacity_group_size;  /* with capacity_factor > 0, the capacity applies per group of tokens:
+                                   the call's T tokens are consecutive groups of this many (the last
+                                   group is shorter when it does not divide T), and each group gets its
+                                   own C = max(min_capacity, ceil(cf * n * k / E)) for its n tokens, at
+                                   most n*k (expert choice: n); slots are ranked, and dropped, within
+                                   their group (position: choice, then token, in the group; probs: by
+                                   weight in the group; expert choice: each expert's best C of the
+                                   group). 0 (or >= T) is one group of the whole call, the rule above.
+                                   Set it to the sequence length for a capacity per sequence (Switch
+                                   Transformer, Mesh TensorFlow's groups, GShard) on a batch laid out
+                                   sequence after sequence. Under a comm each rank groups its own
+                                   tokens. >= 0, default 0 */
 } moe_config;
 
 /** sizeof(moe_config) in the moe.h of 0.1 and 0.2, the shortest struct_size the library reads. */
@@ -185,7 +199,15 @@ MOE_API void moe_config_init_size(moe_config *cfg, size_t size);
  *   "mixtral"        E 8, k 2, SwiGLU, softmax, normalized top-k, dropless, aux 0.02
  *   "switch"         E 8, k 1, ReLU FFN, softmax, capacity 1.25 with position dropping, jitter 0.01,
  *                    aux 0.01 (Fedus et al. 2021), router z-loss 0.001 (Zoph et al. 2022); the
- *                    capacity applies to inference too: raise capacity_factor for evaluation
+ *                    capacity applies to inference too: raise capacity_factor for evaluation.
+ *                    Switch computes C per sequence: set capacity_group_size to the sequence
+ *                    length (the preset cannot know it; 0 keeps one C for the whole call).
+ *                    Hugging Face's SwitchTransformersSparseMLP (an absolute expert_capacity per
+ *                    sequence, position dropping by cumulative count) is, exactly, this preset
+ *                    with capacity_group_size = sequence length, min_capacity = expert_capacity,
+ *                    capacity_factor a tiny positive number such as 1e-6 (so that C is
+ *                    max(expert_capacity, 1)), noise none (its jitter draws differ), and its
+ *                    router_bias False (a bias inside the logits is not expressed here)
  *   "shazeer"        E 8, k 2, ReLU FFN, softmax over the k noisy logits, Gaussian noise,
  *                    importance and load losses 0.01, no load-balance loss (Shazeer et al. 2017)
  *   "expert-choice"  E 8, k 2, capacity factor 1 (C = 2T/E), each expert picks its tokens (Zhou et al. 2022)
@@ -650,7 +672,9 @@ MOE_API moe_status moe_context_assignments(const moe_context *ctx, int64_t capac
  *  - router.* and shared.* are replicated: their gradients hold this rank's share; sum them over
  *    ranks (as data parallelism does) to get the gradient of the global batch. experts.* are the
  *    local experts and their gradients are complete.
- *  - Capacity is applied per rank over its own tokens (as in Megatron-Core).
+ *  - Capacity is applied per rank over its own tokens (as in Megatron-Core); with
+ *    capacity_group_size each rank groups its own tokens, so a rank whose num_tokens is a multiple
+ *    of the group size (whole sequences) routes them as one process would.
  *  - Expert-choice routing with a comm is refused (MOE_ERR_UNSUPPORTED).
  * A hook returns MOE_OK or an error status; the call then fails with MOE_ERR_COMM naming the hook
  * (and giving the comm's reason, when last_error has one), the context is left empty, and the

@@ -48,7 +48,7 @@ void compute_aux_losses(const Config &cfg, RoutingSummary &r) {
   s.num_tokens = r.T;
   const bool ec = cfg.c.routing == MOE_ROUTE_EXPERT_CHOICE;
   // An expert-choice expert cannot take more tokens than there are.
-  s.num_slots = ec ? E * std::clamp<int64_t>(r.capacity, 0, r.T) : r.T * cfg.k;
+  s.num_slots = ec ? E * r.groups.taken() : r.T * cfg.k;
   s.dropped_slots = s.num_slots - r.R;
   r.lb_coef.assign(E, 0.0f);
   r.gate_coef.assign(E, 0.0f);

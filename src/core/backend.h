@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define MOE_BACKEND_ABI 4
+#define MOE_BACKEND_ABI 5
 
 /* Stages that run after an output was first written (the shared experts' expert_ffn after y; in
  * backward, expert_ffn_bwd, shared_combine_bwd and gate_bwd, which add to gradients) are first
@@ -77,8 +77,14 @@ typedef struct moe_select_args {
 
 typedef struct moe_plan_args {
   int64_t T, E, k;
-  int64_t capacity;          /* slots per expert, < 0: dropless */
+  int64_t capacity;          /* slots per expert in each capacity group, < 0: dropless */
   int drop_policy;           /* moe_drop_policy */
+  /* Capacity groups (moe_config.capacity_group_size): tokens [g*group_size, (g+1)*group_size) are
+     group g, whose slots are ranked and capped on their own (expert choice: each expert takes its
+     best tokens of each group). The last group is shorter when group_size does not divide T and
+     then has last_capacity. group_size <= 0 or >= T: one group of all T tokens with `capacity`. */
+  int64_t group_size;
+  int64_t last_capacity;
   const int32_t *topk_ids;   /* [T,k] */
   const float *topk_w;       /* [T,k] */
   int32_t *row_of_slot;      /* [T*k] out: row of slot t*k+j, -1 when dropped */
@@ -92,7 +98,7 @@ typedef struct moe_plan_args {
   int expert_choice;
   const float *scores;       /* [T,E] */
   int64_t *token_offsets;    /* [T+1] out: rows of token t are token_rows[token_offsets[t]..] */
-  int32_t *token_rows;       /* [E*capacity] out, each token's rows in expert order */
+  int32_t *token_rows;       /* [E * the capacities of the groups] out, each token's rows in expert order */
 } moe_plan_args;
 
 typedef struct moe_select_bwd_args {

@@ -141,6 +141,9 @@ Config make_config(const moe_config *user) {
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->d_ff_shared is %lld, must be >= 0", (long long)c.d_ff_shared);
   if (c.min_capacity < 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->min_capacity is %lld, must be >= 0", (long long)c.min_capacity);
+  if (c.capacity_group_size < 0)
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->capacity_group_size is %lld, must be >= 0 (0: the whole call)",
+         (long long)c.capacity_group_size);
   if (c.shared_gate && c.num_shared_experts == 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->shared_gate is %d but num_shared_experts is 0", c.shared_gate);
 

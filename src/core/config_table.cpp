@@ -121,7 +121,8 @@ constexpr FieldRow kFields[] = {
     MOE_FIELD(num_groups, MOE_CONFIG_INT64, "1", "G, expert groups for group-limited routing, divides E; 1 = off"),
     MOE_FIELD(topk_groups, MOE_CONFIG_INT64, "1", "groups kept per token, 1 <= topk_groups <= num_groups"),
     MOE_FIELD(capacity_factor, MOE_CONFIG_FLOAT, "0",
-              "> 0: C = ceil(capacity_factor * T * k / E) slots per expert; <= 0: dropless"),
+              "> 0: C = ceil(capacity_factor * T * k / E) slots per expert (T: the call's or a capacity group's "
+              "tokens); <= 0: dropless"),
     MOE_FIELD(drop_policy, MOE_CONFIG_ENUM, "position",
               "which slots an over-full expert keeps: position (first come) or probs (largest weight)"),
     MOE_FIELD(noise, MOE_CONFIG_ENUM, "none", "router noise in training: none, gaussian (Shazeer) or jitter (Switch)"),
@@ -146,6 +147,9 @@ constexpr FieldRow kFields[] = {
               "expert-parallel communicator (not owned); NULL: this process holds every expert"),
     MOE_FIELD(min_capacity, MOE_CONFIG_INT64, "0",
               "with capacity_factor > 0, at least this many slots per expert (DeepSpeed's min_capacity), >= 0"),
+    MOE_FIELD(capacity_group_size, MOE_CONFIG_INT64, "0",
+              "with capacity_factor > 0, tokens per capacity group (e.g. the sequence length: Switch's capacity "
+              "per sequence), each group with its own C; 0 = the whole call, >= 0"),
 };
 #undef MOE_FIELD
 
@@ -156,7 +160,8 @@ constexpr PresetRow kPresets[] = {
      "num_experts=8 top_k=2 aux_loss_coef=0.02"},
     {"switch",
      "Switch Transformer (Fedus et al. 2021): E 8, k 1, ReLU FFN, capacity 1.25 with position dropping, "
-     "jitter 0.01, aux 0.01, router z-loss 0.001 (Zoph et al. 2022)",
+     "jitter 0.01, aux 0.01, router z-loss 0.001 (Zoph et al. 2022); set capacity_group_size to the sequence "
+     "length for its capacity per sequence",
      // The top-1 gate value is the router probability itself (not normalized); dropped tokens pass
      // through the residual.
      "num_experts=8 top_k=1 activation=relu normalize_topk=false capacity_factor=1.25 drop_policy=position "

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "core/buffer.h"
+#include "core/capacity_groups.h"
 #include "core/config.h"
 
 namespace moe {
@@ -62,7 +63,7 @@ struct RoutingSummary {
   int64_t global_T = 0;   // tokens over all ranks (T without a comm)
   std::vector<int64_t> global_kept;  // kept rows per expert over all ranks
   ExchangePlan ep;        // expert parallelism only
-  int64_t capacity = -1;  // slots per expert, -1 dropless
+  CapacityGroups groups;  // slots per expert in each group of tokens; capacity -1: dropless
   bool noisy = false;     // Gaussian noise was applied (training)
   uint64_t step = 0;      // the training step that drew the noise
   std::vector<int64_t> counts, kept, offsets;

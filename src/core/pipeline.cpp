@@ -143,12 +143,22 @@ void shared_forward(moe_layer &l, Workspace &w, const void *x, int64_t T, float 
   run(be, be.ops()->shared_combine, s, "shared_combine");
 }
 
-// Slots per expert for T tokens, or -1 when dropless.
-int64_t capacity_of(const Config &c, int64_t Tk) {
+// Slots per expert for n tokens, or -1 when dropless.
+int64_t capacity_of(const Config &c, int64_t n) {
   if (!(c.c.capacity_factor > 0)) return -1;
-  const double cap = std::max(std::ceil(static_cast<double>(c.c.capacity_factor) * static_cast<double>(Tk) / c.E),
+  const int64_t nk = n * c.k;  // n <= T, and T * k was checked
+  const double cap = std::max(std::ceil(static_cast<double>(c.c.capacity_factor) * static_cast<double>(nk) / c.E),
                               static_cast<double>(c.c.min_capacity));
-  return cap > static_cast<double>(Tk) ? Tk : static_cast<int64_t>(cap);
+  return cap > static_cast<double>(nk) ? nk : static_cast<int64_t>(cap);
+}
+
+// The capacity groups of T tokens: one group of the call, or capacity_group_size tokens each
+// with a shorter last group, each with the capacity of its own token count.
+CapacityGroups groups_of(const Config &c, int64_t T) {
+  const int64_t size = c.c.capacity_group_size;
+  if (size <= 0 || size >= T) return capacity_groups(T, 0, capacity_of(c, T), capacity_of(c, T));
+  const int64_t last = T % size == 0 ? size : T % size;
+  return capacity_groups(T, size, capacity_of(c, size), capacity_of(c, last));
 }
 
 }  // namespace
@@ -171,11 +181,11 @@ void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context
   RoutingSummary r;
   r.T = T;
   r.step = l.step;
-  r.capacity = capacity_of(c, Tk);
+  r.groups = groups_of(c, T);
   const int noise = training ? c.c.noise : MOE_NOISE_NONE;
   r.noisy = noise == MOE_NOISE_GAUSSIAN;
   // Expert choice fills at most E*C rows; token choice at most T*k.
-  const int64_t max_rows = ec ? checked_mul(E, std::min(r.capacity, T), "num_experts * capacity") : Tk;
+  const int64_t max_rows = ec ? checked_mul(E, r.groups.taken(), "num_experts * capacity") : Tk;
 
   const bool lowp = low_precision(c);
   const void *x = x_in;
@@ -260,7 +270,9 @@ void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context
   pa.T = T;
   pa.E = E;
   pa.k = k;
-  pa.capacity = r.capacity;
+  pa.capacity = r.groups.capacity;
+  pa.group_size = r.groups.count > 1 ? r.groups.size : 0;
+  pa.last_capacity = r.groups.last_capacity;
   pa.drop_policy = c.c.drop_policy;
   pa.topk_ids = w.topk_ids.as<int32_t>();
   pa.topk_w = f(w.topk_w);

@@ -3,13 +3,15 @@
 // bit for bit: position policy ranks all first choices before any second choice (token order
 // within a choice); probs policy ranks by weight, ties in that position order; kept rows keep
 // slot order. Expert choice: each expert takes its `capacity` best tokens (ties to the lower
-// token), its rows in token order.
+// token), its rows in token order. With capacity groups (core/capacity_groups.h) the group is the
+// most significant part of every sort key, so that each group is ranked and capped on its own.
 #include <cub/device/device_histogram.cuh>
 #include <cub/device/device_radix_sort.cuh>
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 
+#include "core/capacity_groups.h"
 #include "core/weight_sum.h"
 #include "cuda/cuda.h"
 #include "cuda/scratch.h"
@@ -34,26 +36,36 @@ __device__ inline uint32_t descending_key(float v) {
   return ~u;
 }
 
-// Keys in priority order p = j * T + t (position policy), or (expert, weight) (probs policy).
-__global__ void priority_keys_kernel(const int32_t *ids, const float *w, int64_t T, int64_t k, bool by_weight,
-                                     uint64_t *keys, int32_t *slots) {
+// Keys (group, expert) in priority order p = j * T + t (position policy), or (group, expert,
+// weight) (probs policy). group * E + expert < T * E < 2^31.
+__global__ void priority_keys_kernel(const int32_t *ids, const float *w, int64_t T, int64_t k, int64_t E,
+                                     int64_t group_size, bool by_weight, uint64_t *keys, int32_t *slots) {
   const int64_t n = T * k;
   for (int64_t p = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; p < n; p += int64_t{gridDim.x} * blockDim.x) {
     const int64_t j = p / T, t = p % T, s = t * k + j;
-    uint64_t key = static_cast<uint64_t>(ids[s]) << 32;
+    uint64_t key = static_cast<uint64_t>(t / group_size * E + ids[s]) << 32;
     if (by_weight) key |= descending_key(w[s]);
     keys[p] = key;
     slots[p] = static_cast<int32_t>(s);
   }
 }
 
-// After the priority sort: a slot is kept when its rank within its expert is below capacity.
-__global__ void keep_kernel(const uint64_t *sorted_keys, const int32_t *sorted_slots, const int64_t *expert_start,
-                            int64_t n, int64_t capacity, int32_t *bucket, const int32_t *ids, int64_t E) {
+// After the priority sort: a slot is kept when its rank within its (group, expert) segment is
+// below that group's capacity. The segment starts at the first key with the same upper half.
+__global__ void keep_kernel(const uint64_t *sorted_keys, const int32_t *sorted_slots, int64_t n, int64_t E,
+                            int64_t groups, int64_t capacity, int64_t last_capacity, int32_t *bucket,
+                            const int32_t *ids) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
-    const int64_t e = static_cast<int64_t>(sorted_keys[i] >> 32);
+    const uint64_t segment = sorted_keys[i] >> 32;
+    int64_t lo = 0, hi = i;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if ((sorted_keys[mid] >> 32) < segment) lo = mid + 1;
+      else hi = mid;
+    }
+    const int64_t cap = static_cast<int64_t>(segment) / E == groups - 1 ? last_capacity : capacity;
     const int32_t s = sorted_slots[i];
-    bucket[s] = i - expert_start[e] < capacity ? ids[s] : static_cast<int32_t>(E);
+    bucket[s] = i - lo < cap ? ids[s] : static_cast<int32_t>(E);
   }
 }
 
@@ -109,25 +121,31 @@ __global__ void kept_kernel(const int64_t *offsets, int64_t E, int64_t *kept) {
     kept[e] = offsets[e + 1] - offsets[e];
 }
 
-// Expert choice: one key per (expert, token), expert-major, so one stable sort ranks every
-// expert's tokens best first with ties in token order.
-__global__ void choice_keys_kernel(const float *scores, int64_t T, int64_t E, uint64_t *keys, int32_t *tokens) {
+// Expert choice: one key per (expert, token), expert-major then group, so one stable sort ranks
+// every expert's tokens of each group best first with ties in token order. The (expert, group)
+// segment keeps its place: it starts at e*T + the group's first token.
+__global__ void choice_keys_kernel(const float *scores, int64_t T, int64_t E, int64_t group_size, int64_t groups,
+                                   uint64_t *keys, int32_t *tokens) {
   const int64_t n = T * E;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e = i / T, t = i % T;
-    keys[i] = (static_cast<uint64_t>(e) << 32) | descending_key(scores[t * E + e]);
+    keys[i] = (static_cast<uint64_t>(e * groups + t / group_size) << 32) | descending_key(scores[t * E + e]);
     tokens[i] = static_cast<int32_t>(t);
   }
 }
 
-// The first C tokens of each expert (its segment starts at e*T), keyed (expert, token) for the
-// sort into token order.
-__global__ void choice_take_kernel(const int32_t *sorted_tokens, int64_t T, int64_t C, int64_t E, int token_bits,
-                                   uint64_t *taken) {
+// The first C_g tokens of each (expert, group) segment, keyed (expert, token) for the sort into
+// token order. An expert takes C tokens in all: take_full from each full group, then the rest
+// from the last group.
+__global__ void choice_take_kernel(const int32_t *sorted_tokens, int64_t T, int64_t C, int64_t E, int64_t group_size,
+                                   int64_t take_full, int64_t full_groups, int token_bits, uint64_t *taken) {
   const int64_t n = E * C;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t e = i / C, c = i % C;
-    taken[i] = (static_cast<uint64_t>(e) << token_bits) | static_cast<uint64_t>(sorted_tokens[e * T + c]);
+    const int64_t q = take_full > 0 ? c / take_full : full_groups;
+    const int64_t g = q < full_groups ? q : full_groups;
+    const int64_t at = e * T + g * group_size + (c - g * take_full);
+    taken[i] = (static_cast<uint64_t>(e) << token_bits) | static_cast<uint64_t>(sorted_tokens[at]);
   }
 }
 
@@ -211,7 +229,7 @@ void finish(State &st, const moe_plan_args *a, const int64_t *offsets, int64_t *
   std::copy(hw, hw + E, a->weight_sum);
 }
 
-void plan_token_choice(State &st, const moe_plan_args *a) {
+void plan_token_choice(State &st, const moe_plan_args *a, const CapacityGroups &groups) {
   const int64_t T = a->T, E = a->E, k = a->k, n = checked_mul(T, k, "num_tokens * top_k");
   const bool capped = a->capacity >= 0;
   ScratchPlan sp;
@@ -222,7 +240,6 @@ void plan_token_choice(State &st, const moe_plan_args *a) {
   const size_t h_bucket = sp.add<int32_t>(n, "plan scratch");
   const size_t h_bucket_out = sp.add<int32_t>(n, "plan scratch");
   const size_t h_counts = sp.add<int32_t>(E + 1, "plan scratch");
-  const size_t h_start = sp.add<int64_t>(E + 1, "plan scratch");
   const size_t h_offsets = sp.add<int64_t>(E + 2, "plan scratch");
   const size_t h_kept = sp.add<int64_t>(E, "plan scratch");
   const size_t h_wsum = sp.add<double>(E, "plan scratch");
@@ -236,15 +253,15 @@ void plan_token_choice(State &st, const moe_plan_args *a) {
   if (n > 0 && capped) {
     const bool by_weight = a->drop_policy == MOE_DROP_PROBS;
     auto *keys = sp.get<uint64_t>(h_keys), *keys_out = sp.get<uint64_t>(h_keys_out);
-    auto *start = sp.get<int64_t>(h_start);
-    priority_keys_kernel<<<g, kThreads, 0, st.stream>>>(a->topk_ids, a->topk_w, T, k, by_weight, keys, slots);
+    priority_keys_kernel<<<g, kThreads, 0, st.stream>>>(a->topk_ids, a->topk_w, T, k, E, groups.size, by_weight,
+                                                        keys, slots);
     check_launch("priority keys");
-    const int begin = by_weight ? 0 : 32, end = 32 + bits_for(E);
+    const int begin = by_weight ? 0 : 32, end = 32 + bits_for(groups.count * E);
     cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
       return cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, keys_out, slots, slots_out, n, begin, end, st.stream);
     });
-    histogram_offsets(st, a->topk_ids, n, E, counts, start);
-    keep_kernel<<<g, kThreads, 0, st.stream>>>(keys_out, slots_out, start, n, a->capacity, bucket, a->topk_ids, E);
+    keep_kernel<<<g, kThreads, 0, st.stream>>>(keys_out, slots_out, n, E, groups.count, groups.capacity,
+                                               groups.last_capacity, bucket, a->topk_ids);
     check_launch("keep");
   } else if (n > 0) {
     check(cudaMemcpyAsync(bucket, a->topk_ids, sizeof(int32_t) * n, cudaMemcpyDeviceToDevice, st.stream),
@@ -268,10 +285,10 @@ void plan_token_choice(State &st, const moe_plan_args *a) {
   finish(st, a, offsets, sp.get<int64_t>(h_kept), sp.get<double>(h_wsum));
 }
 
-void plan_expert_choice(State &st, const moe_plan_args *a) {
-  const int64_t T = a->T, E = a->E, C = std::max<int64_t>(0, std::min(a->capacity, T));
+void plan_expert_choice(State &st, const moe_plan_args *a, const CapacityGroups &groups) {
+  const int64_t T = a->T, E = a->E, C = groups.taken();
   const int64_t n = checked_mul(T, E, "num_tokens * num_experts"), R = E * C;
-  const int token_bits = bits_for(T), expert_bits = bits_for(E);
+  const int token_bits = bits_for(T), expert_bits = bits_for(E), segment_bits = bits_for(E * groups.count);
   ScratchPlan sp;
   const size_t h_keys = sp.add<uint64_t>(n, "plan scratch");
   const size_t h_keys_out = sp.add<uint64_t>(n, "plan scratch");
@@ -290,16 +307,18 @@ void plan_expert_choice(State &st, const moe_plan_args *a) {
   segment_offsets_kernel<<<blocks_for(E + 1, kThreads), kThreads, 0, st.stream>>>(offsets, E, C);
   check_launch("expert offsets");
   if (R > 0) {
-    choice_keys_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(a->scores, T, E, keys, tok);
+    choice_keys_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(a->scores, T, E, groups.size,
+                                                                                  groups.count, keys, tok);
     check_launch("choice keys");
-    // Best first within each expert; the sort is stable and its input in token order, so equal
-    // scores keep the lower token first.
+    // Best first within each expert and group; the sort is stable and its input in token order,
+    // so equal scores keep the lower token first.
     cub_call(st, "cub::DeviceRadixSort::SortPairs", [&](void *tmp, size_t &bytes) {
-      return cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, keys_out, tok, tok_out, n, 0, 32 + expert_bits,
+      return cub::DeviceRadixSort::SortPairs(tmp, bytes, keys, keys_out, tok, tok_out, n, 0, 32 + segment_bits,
                                              st.stream);
     });
     // The C chosen tokens of each expert, into token order.
-    choice_take_kernel<<<stride_blocks(st, R, kThreads), kThreads, 0, st.stream>>>(tok_out, T, C, E, token_bits, keys);
+    choice_take_kernel<<<stride_blocks(st, R, kThreads), kThreads, 0, st.stream>>>(
+        tok_out, T, C, E, groups.size, groups.taken_from(0), groups.count - 1, token_bits, keys);
     check_launch("choice take");
     cub_call(st, "cub::DeviceRadixSort::SortKeys", [&](void *tmp, size_t &bytes) {
       return cub::DeviceRadixSort::SortKeys(tmp, bytes, keys, keys_out, R, 0, token_bits + expert_bits, st.stream);
@@ -324,8 +343,9 @@ void plan_expert_choice(State &st, const moe_plan_args *a) {
 
 moe_status plan(void *state, const moe_plan_args *a) {
   return guarded(state, [&](State &st) {
-    if (a->expert_choice) plan_expert_choice(st, a);
-    else plan_token_choice(st, a);
+    const CapacityGroups groups = capacity_groups(a->T, a->group_size, a->capacity, a->last_capacity);
+    if (a->expert_choice) plan_expert_choice(st, a, groups);
+    else plan_token_choice(st, a, groups);
   });
 }
 

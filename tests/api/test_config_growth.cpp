@@ -126,7 +126,7 @@ struct OldStruct {
 };
 
 TEST(OlderHeader, InitAndPresetWriteOnlyTheOldStruct) {
-  static_assert(kOld == sizeof(moe_config) - sizeof(int64_t), "0.1's moe_config ended with comm");
+  static_assert(kOld == offsetof(moe_config, comm) + sizeof(const moe_comm *), "0.1's moe_config ended with comm");
   OldStruct old;
   (moe_config_init)(old.cfg());
   EXPECT_EQ(old.cfg()->struct_size, kOld);
@@ -155,6 +155,7 @@ TEST(OlderHeader, AnOldStructMakesALayerWithTheNewFieldsDefaults) {
   got.struct_size = sizeof got;
   ASSERT_EQ(moe_layer_get_config(l, &got), MOE_OK);
   EXPECT_EQ(got.min_capacity, 0);
+  EXPECT_EQ(got.capacity_group_size, 0);
   EXPECT_EQ(got.capacity_factor, 0.25f);
   // get_config writes back no more than the old struct holds.
   OldStruct back;

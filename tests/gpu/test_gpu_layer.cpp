@@ -1,6 +1,7 @@
 // The CUDA layer against the CPU layer through the public C API only (moe.h): every routing method
-// (each preset of moe_config_preset shrunk to small sizes, capacity with both drop policies, Gaussian
-// noise and jitter in training), each in float32, bfloat16 and float16. Both layers get the same
+// (each preset of moe_config_preset shrunk to small sizes, capacity with both drop policies, capacity
+// per group of tokens (capacity_group_size) for both routings, Gaussian noise and jitter in
+// training), each in float32, bfloat16 and float16. Both layers get the same
 // parameters (random, never zero), the same x and dy; y, dx, every gradient, the statistics, the
 // expert counts and the routing decisions are compared, against a CPU layer of the same dtype and,
 // for bfloat16 and float16, loosely against a float32 CPU layer too. Then determinism, streams, bad
@@ -122,6 +123,34 @@ const Case kCases[] = {
        c.drop_policy = MOE_DROP_PROBS;
        c.activation = MOE_ACT_GELU;
        c.importance_loss_coef = 1e-2f;
+     }},
+    {"switch_per_sequence",
+     [](moe_config &c) {
+       // Switch's capacity per sequence of 24 tokens (4 sequences), at least 2 slots per expert
+       c = moe_test::preset("switch", 96, 192);
+       c.capacity_group_size = 24;
+       c.min_capacity = 2;
+       c.capacity_factor = 0.5f;
+     }},
+    {"capacity_groups_probs",
+     [](moe_config &c) {
+       // groups of 20 tokens and a last group of 16 with its own capacity
+       moe_config_init(&c);
+       c.d_model = 64;
+       c.d_ff = 96;
+       c.num_experts = 8;
+       c.top_k = 2;
+       c.capacity_factor = 0.75f;
+       c.capacity_group_size = 20;
+       c.drop_policy = MOE_DROP_PROBS;
+       c.importance_loss_coef = 1e-2f;
+     }},
+    {"expert_choice_groups",
+     [](moe_config &c) {
+       // each expert picks its best tokens of each group: 40, 40 and a last group of 16
+       c = moe_test::preset("expert-choice", 64, 128);
+       c.capacity_group_size = 40;
+       c.z_loss_coef = 1e-3f;
      }},
     {"gaussian",
      [](moe_config &c) {

@@ -817,6 +817,8 @@ struct PlanSpec {
   int64_t capacity;  // -1: dropless
   int policy;
   bool tied_weights;
+  int64_t group_size = 0;      // capacity per group of tokens; 0: the whole call
+  int64_t last_capacity = -1;  // of a shorter last group
 };
 
 TEST_F(GpuStages, PlanTokenChoice) {
@@ -832,6 +834,13 @@ TEST_F(GpuStages, PlanTokenChoice) {
       {"capacity 0, probs", 0, MOE_DROP_PROBS, false},
       {"capacity T*k (the largest the core passes)", T * k, MOE_DROP_PROBS, true},
       {"capacity 1", 1, MOE_DROP_PROBS, true},
+      // capacity groups: 4 groups of 64 and a last one of 44 with its own capacity, groups that
+      // divide T (last_capacity unused), and many small groups
+      {"groups of 64, position", C * 64 / T, MOE_DROP_POSITION, false, 64, 11},
+      {"groups of 64, probs, tied weights", C * 64 / T, MOE_DROP_PROBS, true, 64, 11},
+      {"groups of 50, position", 8, MOE_DROP_POSITION, true, 50, 1000},
+      {"groups of 7, probs", 1, MOE_DROP_PROBS, false, 7, 3},
+      {"groups of 7, position, last capacity 0", 2, MOE_DROP_POSITION, false, 7, 0},
   };
   int variant = 0;
   for (const PlanSpec &sp : specs) {
@@ -852,6 +861,8 @@ TEST_F(GpuStages, PlanTokenChoice) {
       o.kept.assign(E, -7);
       o.weight_sum.assign(E, kDNaN);
       moe_plan_args a = moe_test::plan_args(T, E, k, sp.capacity, sp.policy);
+      a.group_size = sp.group_size;
+      a.last_capacity = sp.last_capacity;
       a.topk_ids = s.put(ids);
       a.topk_w = s.put(w);
       a.row_of_slot = s.out<int32_t>(T * k, -7);
@@ -930,15 +941,37 @@ TEST_F(GpuStages, PlanWeightSumsOfLargeExperts) {
 TEST_F(GpuStages, PlanExpertChoice) {
   const int64_t T = 300, E = 16, k = 4;
   const int64_t C = (T * k + E - 1) / E;
+  struct Capacity {
+    int64_t capacity, group_size, last_capacity;  // group_size 0: one group of T tokens
+  };
+  std::vector<Capacity> capacities;
+  for (int64_t capacity : {C, int64_t{50}, int64_t{1}, T, T + 40})  // above T: each expert takes every token
+    capacities.push_back({capacity, 0, -1});
+  // Capacity groups: 64 tokens (a last group of 44), 7 (of 6), 100 (dividing T), and capacities
+  // above a group's size.
+  for (Capacity g : {Capacity{16, 64, 11}, Capacity{2, 7, 1}, Capacity{25, 100, 0}, Capacity{70, 64, 50},
+                     Capacity{3, 7, 0}})
+    capacities.push_back(g);
   int variant = 0;
-  for (int64_t capacity : {C, int64_t{50}, int64_t{1}, T, T + 40}) {  // above T: each expert takes every token
+  for (const Capacity &cap : capacities) {
+    const int64_t capacity = cap.capacity;
     for (bool ties : {true, false}) {
-      SCOPED_TRACE("capacity " + std::to_string(capacity) + (ties ? ", tied scores" : ""));
+      SCOPED_TRACE("capacity " + std::to_string(capacity) + ", groups of " + std::to_string(cap.group_size) +
+                   " (last " + std::to_string(cap.last_capacity) + ")" + (ties ? ", tied scores" : ""));
       Rng rng(300 + variant++);
       // Tied scores check the tie rule (the lower token wins); distinct ones the ordering itself.
       std::vector<float> scores(T * E);
       for (float &v : scores) v = ties ? static_cast<float>(1 + rng.below(40)) / 64.0f : rng.uniform(0.001f, 1.0f);
-      const int64_t rows = E * std::max<int64_t>(0, std::min(capacity, T));
+      // Each expert takes min(C, group size) tokens of each group.
+      int64_t per_expert = std::max<int64_t>(0, std::min(capacity, T));
+      if (cap.group_size > 0) {
+        per_expert = 0;
+        for (int64_t t0 = 0; t0 < T; t0 += cap.group_size) {
+          const int64_t n = std::min(cap.group_size, T - t0);
+          per_expert += std::min(n < cap.group_size ? cap.last_capacity : capacity, n);
+        }
+      }
+      const int64_t rows = E * per_expert;
       struct Out {
         std::vector<int32_t> row_token, row_slot, token_rows;
         std::vector<float> row_weight;
@@ -951,6 +984,8 @@ TEST_F(GpuStages, PlanExpertChoice) {
         o.kept.assign(E, -7);
         o.weight_sum.assign(E, kDNaN);
         moe_plan_args a = moe_test::plan_args(T, E, k, capacity);
+        a.group_size = cap.group_size;
+        a.last_capacity = cap.last_capacity;
         a.topk_ids = s.out<int32_t>(T * k, 0);  // not read by expert choice; the core passes them
         a.topk_w = s.out<float>(T * k, 0.0f);
         a.row_of_slot = s.out<int32_t>(T * k, -7);

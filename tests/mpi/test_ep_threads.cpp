@@ -2,7 +2,8 @@
 // in-process all-to-all. Checks that (1) the expert-parallel layers together equal one layer holding
 // all experts on the global batch, and (2) a failing hook gives MOE_ERR_COMM naming the hook and
 // leaves every layer usable. Runs in float32 and in bfloat16 (activations and experts' weights on
-// the wire are 2-byte elements).
+// the wire are 2-byte elements). (3) With a capacity per sequence (capacity_group_size) and ranks
+// holding whole sequences, the ranks drop what one layer on the global batch drops.
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -53,6 +54,96 @@ void configure(moe_config &cfg, int dtype) {
   cfg.importance_loss_coef = 0.01f;
   cfg.num_shared_experts = 1;
   cfg.seed = 5;
+}
+
+// (3): each rank routes its own sequences of kSeq tokens with the capacity of a sequence, as one
+// layer does on the global batch grouped the same way; one capacity per call would not agree.
+constexpr int64_t kSeq = 6;
+
+void configure_groups(moe_config &cfg, int64_t group_size) {
+  configure(cfg, MOE_DTYPE_F32);
+  cfg.capacity_factor = 0.5f;  // C = ceil(0.5 * 6 * 3 / 8) = 2 per sequence
+  cfg.capacity_group_size = group_size;
+}
+
+void capacity_per_sequence(int R) {
+  const int64_t d = 12;
+  std::vector<int64_t> T(R), first(R);
+  int64_t Tg = 0;
+  for (int r = 0; r < R; ++r) {
+    T[r] = r == 1 ? 0 : kSeq * (r + 2);  // whole sequences, uneven, one rank empty
+    first[r] = Tg;
+    Tg += T[r];
+  }
+  const std::vector<float> x = moe_test::inputs(Tg * d, 3, 0.8f), dy = moe_test::inputs(Tg * d, 4, 0.8f);
+  auto single = [&](int64_t group_size, std::vector<float> &y, std::vector<float> &dx, std::vector<float> &g2,
+                    moe_stats &st) {
+    moe_config cfg;
+    configure_groups(cfg, group_size);
+    moe_layer *l = nullptr;
+    moe_context *ctx = nullptr;
+    y.assign(Tg * d, 0.0f);
+    dx.assign(Tg * d, 0.0f);
+    g2.assign(8 * d * 20, 0.0f);
+    check(moe_layer_create(&cfg, &l) == MOE_OK, std::string("create: ") + moe_last_error());
+    moe_context_create(l, &ctx);
+    check(moe_forward(l, x.data(), Tg, y.data(), ctx) == MOE_OK, std::string("forward: ") + moe_last_error());
+    check(moe_backward(l, ctx, dy.data(), dx.data()) == MOE_OK, std::string("backward: ") + moe_last_error());
+    moe_layer_get_grad(l, "experts.w2", g2.data(), g2.size());
+    st = moe_stats{sizeof(moe_stats)};
+    moe_context_stats(ctx, &st);
+    moe_context_destroy(ctx);
+    moe_layer_destroy(l);
+  };
+  std::vector<float> yr, dxr, g2r, yc, dxc, g2c;
+  moe_stats sr, sc;
+  single(kSeq, yr, dxr, g2r, sr);
+  single(0, yc, dxc, g2c, sc);
+  check(sr.dropped_slots > 0, "the capacity per sequence should drop slots");
+  check(rel(yc.data(), yr.data(), Tg * d) > 1e-3, "one capacity per call should route otherwise than per sequence");
+
+  World world(R);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < R; ++r)
+    threads.emplace_back([&, r] {
+      Rank me{&world, r};
+      moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook, nullptr};
+      moe_config c;
+      configure_groups(c, kSeq);
+      c.comm = &comm;
+      moe_layer *ep = nullptr;
+      if (moe_layer_create(&c, &ep) != MOE_OK) {
+        check(false, std::string("create: ") + moe_last_error());
+        std::abort();  // the other ranks would wait for this one
+      }
+      moe_context *ctx;
+      moe_context_create(ep, &ctx);
+      std::vector<float> y(T[r] * d + 1), dx(T[r] * d + 1);
+      check(moe_forward(ep, x.data() + first[r] * d, T[r], y.data(), ctx) == MOE_OK,
+            std::string("forward: ") + moe_last_error());
+      check(moe_backward(ep, ctx, dy.data() + first[r] * d, dx.data()) == MOE_OK,
+            std::string("backward: ") + moe_last_error());
+      if (T[r] > 0) {
+        check(rel(y.data(), yr.data() + first[r] * d, T[r] * d) < 1e-5, "grouped y differs from the single-rank layer");
+        check(rel(dx.data(), dxr.data() + first[r] * d, T[r] * d) < 1e-5,
+              "grouped dx differs from the single-rank layer");
+      }
+      moe_stats st{sizeof(moe_stats)};
+      moe_context_stats(ctx, &st);
+      check(std::fabs(st.load_balance_loss - sr.load_balance_loss) <= 1e-5f * sr.load_balance_loss,
+            "grouped LB differs");
+      check(std::fabs(st.importance_loss - sr.importance_loss) <= 1e-5f * sr.importance_loss,
+            "grouped importance loss differs");
+      const int64_t El = 8 / R;
+      std::vector<float> g2(El * d * 20);
+      moe_layer_get_grad(ep, "experts.w2", g2.data(), g2.size());
+      check(rel(g2.data(), g2r.data() + r * El * d * 20, g2.size()) < 1e-5, "grouped experts.w2 gradient differs");
+      moe_context_destroy(ctx);
+      moe_layer_destroy(ep);
+    });
+  for (auto &t : threads) t.join();
+  std::printf("expert parallel over %d in-process ranks, capacity per sequence: %zu failed checks\n", R,
+              errors.size());
 }
 
 }  // namespace
@@ -150,6 +241,7 @@ int main() {
       std::printf("expert parallel over %d in-process ranks, %s: %zu failed checks\n", R,
                   dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", errors.size());
     }
+  for (int R : {2, 4}) capacity_per_sequence(R);
   for (const auto &e : errors) std::fprintf(stderr, "FAIL: %s\n", e.c_str());
   return errors.empty() ? 0 : 1;
 }

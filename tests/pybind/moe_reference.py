@@ -4,7 +4,8 @@ libmoe's code), in float64 with autograd: the oracle for libmoe's forward and gr
 Noise is not modelled (inference, or noise "none"); everything else is: softmax/sigmoid scores,
 selection bias, group-limited routing, top-k with normalisation and routed_scale, capacity with
 position or probability dropping, expert choice, GLU and plain experts, shared experts with their
-gate, and the load-balance, z, and importance losses.
+gate, and the load-balance, z, and importance losses. Capacity is per group of tokens when
+capacity_group_size is set (consecutive groups, a shorter last group with its own capacity).
 """
 
 import math
@@ -31,24 +32,70 @@ def cv_squared(v):
     return var / torch.clamp(mean * mean, min=1e-10)  # mean^2 floored: no gradient through it there
 
 
+def capacity_groups(cfg, T):
+    """(first token, end token, C) of each capacity group: C = max(min_capacity, ceil(cf * n * k / E)),
+    at most n * k, for a group of n tokens; groups of capacity_group_size tokens (0: one group)."""
+    E, k, cf = cfg["num_experts"], cfg["top_k"], cfg["capacity_factor"]
+    size = cfg.get("capacity_group_size", 0) or T
+    out = []
+    for t0 in range(0, T, max(size, 1)):
+        n = min(size, T - t0)
+        out.append((t0, t0 + n, min(max(cfg.get("min_capacity", 0), math.ceil(cf * (n * k) / E)), n * k)))
+    return out
+
+
+def expert_choice_mask(S, cfg):
+    """[T, E] bool: in each capacity group, expert e takes its C best tokens by S[:, e] (ties to the
+    lower token)."""
+    T, E = S.shape
+    chosen = torch.zeros(T, E, dtype=torch.bool)
+    for t0, t1, C in capacity_groups(cfg, T):
+        for e in range(E):
+            s = S[:, e].detach()
+            order = sorted(range(t0, t1), key=lambda t: (-s[t].item(), t))[:C]
+            chosen[order, e] = True
+    return chosen
+
+
+def kept_slots(idx, w, cfg):
+    """[T, k] bool: the slots each capacity group keeps. POSITION: per expert the first C in the order
+    (choice, then token) of the group; PROBS: the C largest weights of the group, ties in that order."""
+    T, k = idx.shape
+    kept = torch.ones(T, k, dtype=torch.bool)
+    if cfg["capacity_factor"] <= 0:
+        return kept
+    E = cfg["num_experts"]
+    for t0, t1, C in capacity_groups(cfg, T):
+        if cfg["drop_policy"] == "position":
+            used = [0] * E
+            for j in range(k):
+                for t in range(t0, t1):
+                    e = int(idx[t, j])
+                    if used[e] < C:
+                        used[e] += 1
+                    else:
+                        kept[t, j] = False
+        else:
+            for e in range(E):
+                slots = [(t, j) for j in range(k) for t in range(t0, t1) if int(idx[t, j]) == e]
+                slots.sort(key=lambda s: -w[s].item())  # stable: position order among equals
+                for t, j in slots[C:]:
+                    kept[t, j] = False
+    return kept
+
+
 def forward(p, x, cfg):
     """p: {name: float64 tensor}; x: float64 [T, d]; cfg: libmoe.Layer.config. Returns (y, aux dict)."""
     E, k, T = cfg["num_experts"], cfg["top_k"], x.shape[0]
     L = x @ p["router.weight"].T
     S = torch.softmax(L, -1) if cfg["score"] == "softmax" else torch.sigmoid(L)
-    cf = cfg["capacity_factor"]
     expert_choice = cfg["routing"] == "expert_choice"
     y = torch.zeros_like(x)
 
     if expert_choice:
-        C = min(math.ceil(cf * T * k / E), T)
-        chosen = torch.zeros(T, E, dtype=torch.bool)
-        for e in range(E):
-            s = S[:, e].detach()
-            order = sorted(range(T), key=lambda t: (-s[t].item(), t))[:C]  # ties to the lower token
-            chosen[order, e] = True
+        chosen = expert_choice_mask(S, cfg)
         gates = S * chosen  # final gate weights, 0 off the kept slots
-        counts = torch.full((E,), float(C), dtype=x.dtype)  # each expert is routed its C slots
+        counts = chosen.sum(0).to(x.dtype)  # each expert is routed its C slots
     else:
         sel = (S + p["router.bias"]).detach()
         G = cfg["num_groups"]
@@ -64,24 +111,7 @@ def forward(p, x, cfg):
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         w = w * cfg["routed_scale"]
         counts = torch.bincount(idx.flatten(), minlength=E).to(x.dtype)
-        kept = torch.ones(T, k, dtype=torch.bool)
-        if cf > 0:
-            C = math.ceil(cf * T * k / E)
-            if cfg["drop_policy"] == "position":
-                used = [0] * E
-                for j in range(k):
-                    for t in range(T):
-                        e = int(idx[t, j])
-                        if used[e] < C:
-                            used[e] += 1
-                        else:
-                            kept[t, j] = False
-            else:
-                for e in range(E):
-                    slots = [(t, j) for j in range(k) for t in range(T) if int(idx[t, j]) == e]
-                    slots.sort(key=lambda s: -w[s].item())  # stable: position order among equals
-                    for t, j in slots[C:]:
-                        kept[t, j] = False
+        kept = kept_slots(idx, w, cfg)
         gates = torch.zeros(T, E, dtype=x.dtype).scatter_add(1, idx, w * kept)
         chosen = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, kept)
 

@@ -54,6 +54,39 @@ def test_forward_and_gradients_match_reference(case, rng):
         assert stats["dropped_slots"] > 0  # the case really drops
 
 
+# Capacity per group of tokens (capacity_group_size 10): T 40 is four whole groups, T 43 adds a
+# last group of 3 tokens with its own, smaller capacity.
+GROUP_CASES = {
+    "position": dict(capacity_factor=0.75),
+    "probs": dict(capacity_factor=0.75, drop_policy="probs", top_k=1, normalize_topk=False),
+    "position_min_capacity": dict(capacity_factor=0.5, min_capacity=2, routed_scale=1.5),
+    "expert_choice": dict(routing="expert_choice", capacity_factor=1.0, aux_loss_coef=0.01, z_loss_coef=0.01),
+}
+
+
+@pytest.mark.parametrize("T", [40, 43])
+@pytest.mark.parametrize("case", sorted(GROUP_CASES))
+def test_capacity_per_group_matches_reference(case, T, rng):
+    cfg = dict(d_model=16, d_ff=32, num_experts=6, top_k=2, seed=11, capacity_group_size=10)
+    cfg.update(GROUP_CASES[case])
+    layer = libmoe.Layer(**cfg)
+    layer.set_param("router.weight", randn(rng, cfg["num_experts"], 16))
+    x = randn(rng, T, 16)
+    stats = check_against_reference(layer, x, randn(rng, T, 16))
+    groups = ref.capacity_groups(layer.config, T)
+    assert [t1 - t0 for t0, t1, _ in groups] == [10] * (T // 10) + ([T % 10] if T % 10 else [])
+    # The groups decide: the same layer over the whole call keeps other slots.
+    whole = libmoe.Layer(**dict(cfg, capacity_group_size=0))
+    whole.load_state_dict(layer.state_dict())
+    def pairs(lay):
+        token, expert, _ = lay.route(x).assignments()
+        return set(zip(token.tolist(), expert.tolist()))
+
+    assert pairs(whole) != pairs(layer)
+    if layer.config["routing"] == "token_choice":
+        assert stats["dropped_slots"] > 0
+
+
 def test_selection_bias_changes_choice_not_weights(rng):
     layer = libmoe.Layer(d_model=16, d_ff=16, num_experts=4, top_k=1, normalize_topk=False, seed=5)
     bias = np.array([0.0, 0.0, 0.0, 5.0], np.float32)  # everyone selects expert 3 ...

@@ -2,15 +2,18 @@
 // the core drives): select -> plan -> dispatch -> combine. Cases mix NaN rows, partly NaN rows,
 // +-Inf logits, huge magnitudes, ties, NaN/Inf selection bias, T = 0, E = 1, k = E, group-limited
 // routing, softmax and sigmoid scores, capacities 0, 1, 2, tiny and dropless, both drop policies,
-// and expert choice. For every case:
+// capacity per group of tokens (moe_plan_args.group_size, a shorter last group with its own
+// capacity), and expert choice. For every case:
 //  - every token gets k distinct expert ids in [0, E), equal to a reference top-k over the stage's
 //    own scores (NaN counts as -inf, ties go to the lower index, groups per shared/DESIGN.md 4);
 //  - counts are the histogram of the ids; kept + dropped = T*k; per-expert kept <= capacity and
-//    = min(routed, capacity), the kept slots being the reference's for the drop policy;
+//    = min(routed, capacity) in each token group, the kept slots being the reference's for the
+//    drop policy;
 //  - rows and slots are inverse maps; dispatch gathers the token's row; combine with unit weights
 //    gives back the input exactly (one unit weight per token) or kept-count times it (all ones).
-// Expert choice: every expert takes min(C, T) distinct tokens, the top-C by score (ties to the
-// lower token), and the token-side index (token_offsets / token_rows) is consistent.
+// Expert choice: every expert takes min(C, T) distinct tokens of each token group, the top-C by
+// score (ties to the lower token), and the token-side index (token_offsets / token_rows) is
+// consistent.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -43,15 +46,26 @@ struct Case {
   int score = MOE_SCORE_SOFTMAX, normalize = 1;
   float routed_scale = 1.0f;
   int64_t capacity = -1;
+  int64_t group_size = 0, last_capacity = -1;  // capacity per group of tokens; 0: the whole call
   int policy = MOE_DROP_POSITION;
   bool expert_choice = false;
   std::vector<float> logits, bias;
   std::string describe() const {
     char buf[256];
-    std::snprintf(buf, sizeof buf, "T %lld E %lld k %lld G %lld/%lld score %d norm %d C %lld policy %d ec %d",
+    std::snprintf(buf, sizeof buf,
+                  "T %lld E %lld k %lld G %lld/%lld score %d norm %d C %lld groups of %lld (last C %lld) policy %d "
+                  "ec %d",
                   (long long)T, (long long)E, (long long)k, (long long)G, (long long)TG, score, normalize,
-                  (long long)capacity, policy, (int)expert_choice);
+                  (long long)capacity, (long long)group_size, (long long)last_capacity, policy, (int)expert_choice);
     return buf;
+  }
+  // Token groups as moe_plan_args defines them: group_size tokens each, the last one shorter when
+  // group_size does not divide T and then capped at last_capacity.
+  int64_t groups() const { return group_size > 0 && group_size < T ? (T + group_size - 1) / group_size : 1; }
+  int64_t group_begin(int64_t g) const { return groups() == 1 ? 0 : g * group_size; }
+  int64_t group_end(int64_t g) const { return groups() == 1 ? T : std::min(T, (g + 1) * group_size); }
+  int64_t group_capacity(int64_t g) const {
+    return groups() > 1 && g == groups() - 1 && T % group_size != 0 ? last_capacity : capacity;
   }
 };
 
@@ -110,6 +124,11 @@ Case make_case(Rng &rng) {
     default: c.capacity = Tk + rng.range(0, 3); break;
   }
   if (c.expert_choice && c.capacity < 0) c.capacity = rng.range(0, c.T + 2);
+  if (c.capacity >= 0 && c.T > 1 && rng.chance(30)) {
+    c.group_size = rng.range(1, c.T + 1);  // T or more: one group
+    c.capacity = rng.range(0, std::min<int64_t>(c.capacity, c.group_size * c.k) + 1);
+    c.last_capacity = rng.range(0, (c.T % c.group_size) * c.k + 1);
+  }
   c.policy = rng.chance(50) ? MOE_DROP_POSITION : MOE_DROP_PROBS;
   c.logits.resize(static_cast<size_t>(c.T * c.E));
   for (int64_t t = 0; t < c.T; ++t) fill_row(rng, c.logits.data() + t * c.E, c.E);
@@ -172,6 +191,7 @@ std::vector<int32_t> reference_topk(const Case &c, const float *S) {
 
 struct Totals {
   int64_t cases = 0, expert_choice = 0, nan_rows = 0, t0 = 0, e1 = 0, k_eq_e = 0, cap0 = 0, cap1 = 0, grouped = 0;
+  int64_t token_groups = 0;
   int64_t slots = 0, dropped = 0;
 } g_totals;
 
@@ -228,23 +248,32 @@ void RoutingProperty::run_case(const Case &c, Rng &rng) {
 
   // Plan.
   Plan p;
-  ASSERT_EQ(moe_test::run_plan(ops, state, T, E, k, c.capacity, c.policy, ids, topk_w, p), MOE_OK) << err();
+  ASSERT_EQ(moe_test::run_plan(ops, state, T, E, k, c.capacity, c.policy, ids, topk_w, p, c.group_size,
+                               c.last_capacity),
+            MOE_OK)
+      << err();
   const std::vector<int32_t> &row_of_slot = p.row_of_slot, &row_token = p.row_token, &row_slot = p.row_slot;
   const std::vector<float> &row_weight = p.row_weight;
   const std::vector<int64_t> &offsets = p.offsets, &kept = p.kept;
 
-  // The reference's kept slots: POSITION keeps the first C in (choice, token) order; PROBS the C
-  // largest weights (NaN as -inf), equal weights in that same order.
+  // The reference's kept slots, in each token group: POSITION keeps the first C in (choice, token)
+  // order; PROBS the C largest weights (NaN as -inf), equal weights in that same order.
   std::vector<char> keep(n, 1);
+  std::vector<int64_t> want_kept(hist);
   if (c.capacity >= 0) {
-    std::vector<std::vector<int64_t>> slots(E);
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t t = 0; t < T; ++t) slots[ids[t * k + j]].push_back(t * k + j);
-    for (int64_t e = 0; e < E; ++e) {
-      auto &v = slots[e];
-      if (c.policy == MOE_DROP_PROBS)
-        std::stable_sort(v.begin(), v.end(), [&](int64_t x, int64_t y) { return key(topk_w[x]) > key(topk_w[y]); });
-      for (size_t i = static_cast<size_t>(c.capacity); i < v.size(); ++i) keep[v[i]] = 0;
+    std::fill(want_kept.begin(), want_kept.end(), 0);
+    for (int64_t g = 0; g < c.groups(); ++g) {
+      const size_t cap = static_cast<size_t>(c.group_capacity(g));
+      std::vector<std::vector<int64_t>> slots(E);
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t t = c.group_begin(g); t < c.group_end(g); ++t) slots[ids[t * k + j]].push_back(t * k + j);
+      for (int64_t e = 0; e < E; ++e) {
+        auto &v = slots[e];
+        if (c.policy == MOE_DROP_PROBS)
+          std::stable_sort(v.begin(), v.end(), [&](int64_t x, int64_t y) { return key(topk_w[x]) > key(topk_w[y]); });
+        for (size_t i = cap; i < v.size(); ++i) keep[v[i]] = 0;
+        want_kept[e] += static_cast<int64_t>(std::min(cap, v.size()));
+      }
     }
   }
   ASSERT_EQ(offsets[0], 0);
@@ -257,8 +286,8 @@ void RoutingProperty::run_case(const Case &c, Rng &rng) {
   ASSERT_EQ(R + dropped, n) << "kept + dropped must be T*k";
   for (int64_t e = 0; e < E; ++e) {
     ASSERT_EQ(offsets[e + 1] - offsets[e], kept[e]);
-    ASSERT_EQ(kept[e], c.capacity < 0 ? hist[e] : std::min(hist[e], c.capacity)) << "expert " << e;
-    if (c.capacity >= 0) {
+    ASSERT_EQ(kept[e], want_kept[e]) << "expert " << e;
+    if (c.capacity >= 0 && c.groups() == 1) {
       ASSERT_LE(kept[e], c.capacity);
     }
     for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
@@ -301,9 +330,15 @@ void RoutingProperty::run_case(const Case &c, Rng &rng) {
 }
 
 void RoutingProperty::run_expert_choice(const Case &c, const std::vector<float> &S, Rng &rng) {
-  const int64_t T = c.T, E = c.E, C = std::min(c.capacity, T), rows = E * C;
+  const int64_t T = c.T, E = c.E;
+  // Each expert takes min(C, group length) tokens of each token group.
+  int64_t C = 0;
+  for (int64_t g = 0; g < c.groups() && T > 0; ++g)
+    C += std::min(c.group_capacity(g), c.group_end(g) - c.group_begin(g));
+  const int64_t rows = E * C;
   Plan p;
-  ASSERT_EQ(moe_test::run_plan_ec(ops, state, T, E, c.k, c.capacity, S, p), MOE_OK) << err();
+  ASSERT_EQ(moe_test::run_plan_ec(ops, state, T, E, c.k, c.capacity, S, p, c.group_size, c.last_capacity), MOE_OK)
+      << err();
   const std::vector<int32_t> &row_token = p.row_token, &row_slot = p.row_slot, &token_rows = p.token_rows;
   const std::vector<float> &row_weight = p.row_weight;
   const std::vector<int64_t> &offsets = p.offsets, &kept = p.kept, &token_offsets = p.token_offsets;
@@ -325,13 +360,20 @@ void RoutingProperty::run_expert_choice(const Case &c, const std::vector<float> 
       chosen[t] = 1;
       ++per_token[t];
     }
-    // Top-C: every chosen token beats every other (key, then lower token).
-    for (int64_t a = 0; a < T; ++a)
-      for (int64_t b = 0; b < T; ++b)
-        if (chosen[a] && !chosen[b]) {
-          const float ka = key(S[a * E + e]), kb = key(S[b * E + e]);
-          ASSERT_TRUE(ka > kb || (ka == kb && a < b)) << "expert " << e << " took token " << a << " over " << b;
-        }
+    // Top-C of each group: every chosen token beats every other of its group (key, then lower
+    // token), and the group gave its share.
+    for (int64_t g = 0; g < c.groups() && T > 0; ++g) {
+      const int64_t t0 = c.group_begin(g), t1 = c.group_end(g);
+      ASSERT_EQ(std::count(chosen.begin() + t0, chosen.begin() + t1, 1),
+                std::min(c.group_capacity(g), t1 - t0))
+          << "expert " << e << ", token group " << g;
+      for (int64_t a = t0; a < t1; ++a)
+        for (int64_t b = t0; b < t1; ++b)
+          if (chosen[a] && !chosen[b]) {
+            const float ka = key(S[a * E + e]), kb = key(S[b * E + e]);
+            ASSERT_TRUE(ka > kb || (ka == kb && a < b)) << "expert " << e << " took token " << a << " over " << b;
+          }
+    }
   }
   ASSERT_EQ(token_offsets[0], 0);
   for (int64_t t = 0; t < T; ++t) {
@@ -366,6 +408,7 @@ TEST_F(RoutingProperty, TenThousandRandomCases) {
     g_totals.cap0 += c.capacity == 0;
     g_totals.cap1 += c.capacity == 1;
     g_totals.grouped += c.G > 1;
+    g_totals.token_groups += c.groups() > 1;
     for (int64_t t = 0; t < c.T; ++t) {
       bool bad = false;
       for (int64_t e = 0; e < c.E; ++e) bad |= !std::isfinite(c.logits[t * c.E + e]);
@@ -373,13 +416,14 @@ TEST_F(RoutingProperty, TenThousandRandomCases) {
     }
   }
   std::printf("[ property ] %lld routing cases: %lld expert choice, %lld grouped, %lld with T = 0, %lld with E = 1, "
-              "%lld with k = E, %lld with capacity 0, %lld with capacity 1; %lld token rows with NaN/Inf logits; "
-              "%lld slots, %lld dropped\n",
+              "%lld with k = E, %lld with capacity 0, %lld with capacity 1, %lld with capacity per token group; "
+              "%lld token rows with NaN/Inf logits; %lld slots, %lld dropped\n",
               (long long)g_totals.cases, (long long)g_totals.expert_choice, (long long)g_totals.grouped,
               (long long)g_totals.t0, (long long)g_totals.e1, (long long)g_totals.k_eq_e, (long long)g_totals.cap0,
-              (long long)g_totals.cap1, (long long)g_totals.nan_rows, (long long)g_totals.slots,
+              (long long)g_totals.cap1, (long long)g_totals.token_groups, (long long)g_totals.nan_rows, (long long)g_totals.slots,
               (long long)g_totals.dropped);
   EXPECT_EQ(g_totals.cases, kCases);
+  EXPECT_GT(g_totals.token_groups, kCases / 20) << "capacity groups are part of the population";
 }
 
 }  // namespace

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "core/capacity_groups.h"
+
 namespace moe_test {
 
 namespace {
@@ -85,17 +87,22 @@ moe_status run_select(const moe_backend_ops *ops, void *state, int64_t T, int64_
   return ops->select(state, &a);
 }
 
-int64_t Plan::rows_cap() const { return ec ? E * std::max<int64_t>(0, std::min(capacity, T)) : T * k; }
+int64_t Plan::rows_cap() const {
+  return ec ? E * moe::capacity_groups(T, group_size, capacity, last_capacity).taken() : T * k;
+}
 
 namespace {
 
 // A plan of T tokens (ec: expert choice) with its outputs sized and set to -7 / NaN, and the
 // arguments of the stage that write them.
-moe_plan_args new_plan(Plan &p, int64_t T, int64_t E, int64_t k, int64_t capacity, bool ec, int policy) {
+moe_plan_args new_plan(Plan &p, int64_t T, int64_t E, int64_t k, int64_t capacity, bool ec, int policy,
+                       int64_t group_size, int64_t last_capacity) {
   p.T = T;
   p.E = E;
   p.k = k;
   p.capacity = capacity;
+  p.group_size = group_size;
+  p.last_capacity = last_capacity;
   p.ec = ec;
   const size_t rows = static_cast<size_t>(p.rows_cap());
   p.row_of_slot.assign(T * k, -7);
@@ -106,6 +113,8 @@ moe_plan_args new_plan(Plan &p, int64_t T, int64_t E, int64_t k, int64_t capacit
   p.kept.assign(E, -7);
   p.weight_sum.assign(E, kDNaN);
   moe_plan_args a = plan_args(T, E, k, capacity, policy);
+  a.group_size = group_size;
+  a.last_capacity = last_capacity;
   a.row_of_slot = p.row_of_slot.data();
   a.row_token = p.row_token.data();
   a.row_slot = p.row_slot.data();
@@ -119,11 +128,12 @@ moe_plan_args new_plan(Plan &p, int64_t T, int64_t E, int64_t k, int64_t capacit
 }  // namespace
 
 moe_status run_plan(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, int64_t k, int64_t capacity,
-                    int policy, const std::vector<int32_t> &ids, const std::vector<float> &w, Plan &p) {
+                    int policy, const std::vector<int32_t> &ids, const std::vector<float> &w, Plan &p,
+                    int64_t group_size, int64_t last_capacity) {
   Plan q;  // ids and w may be p's own
   q.ids = ids;
   q.topk_w = w;
-  moe_plan_args a = new_plan(q, T, E, k, capacity, false, policy);
+  moe_plan_args a = new_plan(q, T, E, k, capacity, false, policy, group_size, last_capacity);
   a.topk_ids = q.ids.data();
   a.topk_w = q.topk_w.data();
   const moe_status s = ops->plan(state, &a);
@@ -133,10 +143,10 @@ moe_status run_plan(const moe_backend_ops *ops, void *state, int64_t T, int64_t 
 }
 
 moe_status run_plan_ec(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, int64_t k, int64_t capacity,
-                       const std::vector<float> &scores, Plan &p) {
+                       const std::vector<float> &scores, Plan &p, int64_t group_size, int64_t last_capacity) {
   Plan q;  // scores may be p's own
   q.scores = scores;
-  moe_plan_args a = new_plan(q, T, E, k, capacity, true, MOE_DROP_POSITION);
+  moe_plan_args a = new_plan(q, T, E, k, capacity, true, MOE_DROP_POSITION, group_size, last_capacity);
   q.token_offsets.assign(T + 1, -7);
   q.token_rows.assign(q.row_token.size(), -7);
   // Not read by expert choice; the core passes them.

@@ -74,6 +74,7 @@ moe_status run_select(const moe_backend_ops *ops, void *state, int64_t T, int64_
 // A plan and what it was made from.
 struct Plan {
   int64_t T = 0, E = 0, k = 0, capacity = -1, R = 0;
+  int64_t group_size = 0, last_capacity = -1;  // capacity groups (moe_plan_args)
   bool ec = false;
   std::vector<int32_t> ids;                               // token choice: the plan's input
   std::vector<float> topk_w;                              // token choice: the plan's input
@@ -86,12 +87,15 @@ struct Plan {
   int64_t rows_cap() const;
 };
 
-// Token choice: the plan of ids and weights w ([T,k]) with capacity (< 0: dropless) and policy.
+// Token choice: the plan of ids and weights w ([T,k]) with capacity (< 0: dropless) and policy;
+// group_size > 0: capacity per group of that many tokens, last_capacity for a shorter last group.
 moe_status run_plan(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, int64_t k, int64_t capacity,
-                    int policy, const std::vector<int32_t> &ids, const std::vector<float> &w, Plan &p);
-// Expert choice: each expert takes its capacity best tokens by scores [T,E].
+                    int policy, const std::vector<int32_t> &ids, const std::vector<float> &w, Plan &p,
+                    int64_t group_size = 0, int64_t last_capacity = -1);
+// Expert choice: each expert takes its capacity best tokens by scores [T,E] (of each group).
 moe_status run_plan_ec(const moe_backend_ops *ops, void *state, int64_t T, int64_t E, int64_t k, int64_t capacity,
-                       const std::vector<float> &scores, Plan &p);
+                       const std::vector<float> &scores, Plan &p, int64_t group_size = 0,
+                       int64_t last_capacity = -1);
 
 // The routing arguments of dispatch / combine and their backward, on the plan's host vectors.
 moe_rows_args rows_args(const Plan &p, int64_t d, int dtype = MOE_DTYPE_F32);

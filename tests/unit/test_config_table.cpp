@@ -45,7 +45,7 @@ const std::vector<Expected> kExpected = {
     F(device_index, MOE_CONFIG_INT),        F(dtype, MOE_CONFIG_ENUM),
     F(allow_tf32, MOE_CONFIG_BOOL),         F(seed, MOE_CONFIG_UINT64),
     F(check_finite, MOE_CONFIG_BOOL),       F(comm, MOE_CONFIG_POINTER),
-    F(min_capacity, MOE_CONFIG_INT64),
+    F(min_capacity, MOE_CONFIG_INT64),      F(capacity_group_size, MOE_CONFIG_INT64),
 };
 #undef F
 
