@@ -16,6 +16,13 @@ The router's and shared experts' gradients hold each rank's share: sum them over
 gradients are complete and must not be reduced. The aux losses and statistics are the global
 batch's on every rank.
 
+Checkpoints at any EP size: a module's ``state_dict()`` holds this rank's experts and says which
+(``experts._extra_state``: num_experts, experts (first, end), ep_size); ``load_state_dict`` takes a
+state dict of any EP size whose experts include this rank's (e.g. the file of the save-time rank
+that held them) or of all the experts, and keeps its own rows. ``MoE.full_state_dict()``
+(collective) gathers every expert; ``libmoe.torch.merge_expert_shards([sd0, sd1, ...])`` merges
+the ranks' files offline. Both load into a module of any EP size, or into one without ep_group.
+
 No hangs: an exchange waits as long as the process group's own timeout (``timeout=`` of
 init_process_group/new_group), which gloo enforces. When an exchange fails (the timeout passed,
 a peer died, the group broke) the forward or backward raises libmoe.CommError naming the exchange,
