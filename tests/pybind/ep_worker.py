@@ -13,10 +13,11 @@ deadline: the last rank skips a training forward; the others must raise libmoe.C
 the process group's timeout, naming the exchange and the rank, with parameters unchanged, and fail
 at once afterwards.
 save: a training step (replicated gradients summed over the ranks, then SGD), then this rank's
-state_dict() to DIR/shard{RANK}.pt, MoE.full_state_dict() (rank 0) to DIR/full.pt, and this rank's
+state_dict() to DIR/shard{RANK}.pt, MoE.full_state_dict() (rank 0) to DIR/full.pt, save_block
+(collective) to DIR/block.safetensors, and this rank's
 inference outputs of the global batch GLOBAL_X (split in equal parts) to DIR/y{RANK}.pt.
 load: modules made with another seed load those files at this EP size: the shard of the save-time
-rank that holds this rank's experts, and full.pt; their parameters equal the full state's slice and
+rank that holds this rank's experts, full.pt, and block.safetensors through load_block; their parameters equal the full state's slice and
 their outputs the saved ones. Exit status 0 when every check held on this rank.
 """
 
@@ -202,6 +203,7 @@ def run_save(size, folder):
     check(not torch.equal(full["router.bias"], torch.zeros(8)), "the bias update did nothing")
     if RANK == 0:
         torch.save(full, os.path.join(folder, "full.pt"))
+    ep.save_block(os.path.join(folder, "block.safetensors"), "mlp")  # collective: one file of every expert
     ep.eval()
     part = GLOBAL_T // size
     with torch.no_grad():
@@ -220,10 +222,13 @@ def run_load(size, folder):
     shard = torch.load(os.path.join(folder, f"shard{RANK * local // (RESHARD['num_experts'] // saved_size)}.pt"))
     part = GLOBAL_T // size
     x = global_x()[RANK * part:(RANK + 1) * part]
-    for what, state in (("its save-time rank's shard", shard), ("full.pt", full)):
+    for what, state in (("its save-time rank's shard", shard), ("full.pt", full), ("block.safetensors", None)):
         ep = lt.MoE(**RESHARD, seed=99, ep_group=dist.group.WORLD)  # another seed: other values until loaded
         check(not torch.equal(ep.experts.w1.detach(), full["experts.w1"][mine]), "the fresh module equals the saved one")
-        ep.load_state_dict(state)
+        if state is None:
+            ep.load_block(os.path.join(folder, "block.safetensors"), "mlp")  # moe_layer_load: this rank's slice
+        else:
+            ep.load_state_dict(state)
         for key, want in full.items():
             got = ep.state_dict()[key]
             want = want[mine] if key.startswith("experts.") else want

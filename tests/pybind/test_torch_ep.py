@@ -57,8 +57,8 @@ def test_a_missing_rank_raises_comm_error_within_the_group_timeout(tmp_path):
 
 
 def test_state_dict_written_at_one_ep_size_loads_at_another(tmp_path):
-    """Saved at EP 2 (a shard per rank, and full_state_dict), loaded at EP 4 and at EP 1: the same
-    parameters, the same outputs."""
+    """Saved at EP 2 (a shard per rank, full_state_dict, and save_block's safetensors file), loaded
+    at EP 4 and at EP 1: the same parameters, the same outputs."""
     import torch
 
     import libmoe.torch as lt
@@ -77,9 +77,13 @@ def test_state_dict_written_at_one_ep_size_loads_at_another(tmp_path):
     y_saved = torch.cat([torch.load(folder / f"y{r}.pt") for r in range(2)])
     merged = lt.merge_expert_shards(reversed(shards))
     assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full)
-    for state in (merged, full):
+    for state in (merged, full, None):
         one = lt.MoE(**RESHARD, seed=99).eval()
-        one.load_state_dict(state)
+        if state is None:
+            one.load_block(folder / "block.safetensors", "mlp")
+            assert all(torch.equal(one.state_dict()[k], full[k]) for k in full)
+        else:
+            one.load_state_dict(state)
         with torch.no_grad():
             y = one(global_x())
         assert y.shape == (GLOBAL_T, RESHARD["d_model"])

@@ -22,6 +22,8 @@ state dict of any EP size whose experts include this rank's (e.g. the file of th
 that held them) or of all the experts, and keeps its own rows. ``MoE.full_state_dict()``
 (collective) gathers every expert; ``libmoe.torch.merge_expert_shards([sd0, sd1, ...])`` merges
 the ranks' files offline. Both load into a module of any EP size, or into one without ep_group.
+``MoE.save_block(path)`` (collective) writes one safetensors file of every expert (moe_layer_save
+through the first rank); ``load_block`` (moe_layer_load) reads each rank's slice of it at any EP size.
 
 No hangs: an exchange waits as long as the process group's own timeout (``timeout=`` of
 init_process_group/new_group), which gloo enforces. When an exchange fails (the timeout passed,

@@ -655,8 +655,30 @@ class MoE(nn.Module):
         self._layer.load(path, prefix, family)
 
     def save_block(self, path, prefix=None):
-        """Save this module's parameters in libmoe's names (libmoe.Layer.save)."""
-        self._layer.save(path, prefix)
+        """Save this module's parameters in libmoe's names (libmoe.Layer.save). With ep_group it is
+        collective: every expert is gathered (full_state_dict) and the group's first rank writes the
+        file through a layer holding all of them, so that load_block (moe_layer_load, which reads each
+        rank's slice) loads it at any EP size; every rank raises if the write failed."""
+        if self.__dict__.get("_ep_group") is None:
+            self._layer.save(path, prefix)
+            return
+        import torch.distributed as dist
+        full = self.full_state_dict()
+        group = self._layer.comm.group
+        error = None
+        if dist.get_rank(group) == 0:
+            try:
+                one = Layer(**self._layer.config)  # the same config without the comm: every expert
+                one.load_state_dict({k: np.ascontiguousarray(v.float().numpy()) for k, v in full.items()})
+                one.save(path, prefix)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others hear of it
+                error = e
+        failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        dist.all_reduce(failed, group=group)
+        if error is not None:
+            raise error
+        if int(failed.item()):
+            raise StateError(f"save_block({path!r}): the ep_group's first rank failed to write the file")
 
     @property
     def layer(self):
