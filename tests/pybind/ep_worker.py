@@ -238,6 +238,12 @@ def run_load(size, folder):
             y = ep(x)
         err = rel(y, y_saved[RANK * part:(RANK + 1) * part])
         check(err < 1e-5, f"{what}: outputs at EP {size} differ from those at EP {saved_size}: rel err {err:.3g}")
+    # The numpy Layer over the group loads the same shard and says which experts it holds.
+    lay = libmoe.distributed.Layer(dist.group.WORLD, **RESHARD, seed=99)
+    lay.load_state_dict(shard)
+    check(np.array_equal(lay.get_param("experts.w2"), full["experts.w2"][mine].numpy()), "Layer: experts.w2 after loading")
+    check(lay.state_dict()["experts._extra_state"]["experts"] == (RANK * local, (RANK + 1) * local),
+          f"Layer: experts._extra_state {lay.state_dict()['experts._extra_state']}")
     # A shard that lacks this rank's experts is refused, naming both ranges.
     other = (RANK * local // (RESHARD["num_experts"] // saved_size) + 1) % saved_size
     bad = torch.load(os.path.join(folder, f"shard{other}.pt"))

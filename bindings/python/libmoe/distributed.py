@@ -202,6 +202,49 @@ class Layer(_layer.Layer):
         """The ProcessGroupComm (rank, size, group, broken)."""
         return self._handle().comm
 
+    @property
+    def expert_range(self):
+        """(first, end): the global experts this rank holds."""
+        local = self.num_experts // self.comm.size
+        return self.comm.rank * local, (self.comm.rank + 1) * local
+
+    def state_dict(self):
+        """This rank's parameters, plus ``experts._extra_state``: which of the global experts they
+        are (num_experts, experts (first, end), ep_size), as libmoe.torch.MoE's state dict says."""
+        state = super().state_dict()
+        state["experts._extra_state"] = dict(num_experts=self.num_experts, experts=self.expert_range,
+                                             ep_size=self.comm.size)
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Like libmoe.Layer.load_state_dict, from a state dict of any EP size whose experts include
+        this rank's (its ``experts._extra_state`` says which it holds) or of all the experts: this rank
+        keeps its own rows. InvalidArgumentError when the experts it needs are not there."""
+        state = dict(state)
+        meta = state.pop("experts._extra_state", None)
+        first, end = self.expert_range
+        E = self.num_experts
+        for name in [k for k in state if k.startswith("experts.")]:
+            value = np.asarray(state[name])
+            rows = value.shape[0] if value.ndim else 0
+            if isinstance(meta, dict) and "experts" in meta:
+                if meta.get("num_experts") != E:
+                    raise InvalidArgumentError(f"load_state_dict: a state dict of {meta.get('num_experts')} experts, "
+                                               f"this layer has {E}")
+                lo, hi = (int(v) for v in meta["experts"])
+            elif rows == E:
+                lo, hi = 0, E
+            elif rows == end - first:
+                lo, hi = first, end  # no range recorded: taken to be this rank's own
+            else:
+                raise InvalidArgumentError(f"load_state_dict: {name} has {rows} experts and no experts._extra_state; "
+                                           f"this rank holds experts [{first}, {end}) of {E}")
+            if rows != hi - lo or not (lo <= first and end <= hi):
+                raise InvalidArgumentError(f"load_state_dict: {name} holds experts [{lo}, {hi}) of {E} ({rows} rows), "
+                                           f"this rank needs [{first}, {end})")
+            state[name] = value[first - lo:end - lo]
+        super().load_state_dict(state, strict)
+
     def __reduce__(self):
         raise TypeError("an expert-parallel libmoe Layer cannot be pickled or copied: it holds this rank's "
                         "experts and a process group; save state_dict() instead")
