@@ -20,9 +20,11 @@
 #include <string>
 #include <vector>
 
+#include "comm/timeout_env.h"
+
 namespace {
 
-constexpr double kDefaultTimeout = 300.0;  // seconds: generous, a step never takes that long
+using moe_comm_support::kDefaultTimeout;
 
 struct MpiComm {
   moe_comm base;  // first: libmoe sees only this part
@@ -58,19 +60,6 @@ std::string mpi_text(int code) {
   int len = 0;
   if (MPI_Error_string(code, text, &len) != MPI_SUCCESS) std::snprintf(text, sizeof text, "MPI error code %d", code);
   return text;
-}
-
-// The timeout from MOE_MPI_TIMEOUT (seconds; 0 or "inf": none), the default where it is unset.
-// false for a value that is not a number >= 0.
-bool timeout_from_env(double &out) {
-  const char *v = std::getenv("MOE_MPI_TIMEOUT");
-  out = kDefaultTimeout;
-  if (!v || !*v) return true;
-  char *end = nullptr;
-  const double t = std::strtod(v, &end);
-  if (end == v || *end != '\0' || std::isnan(t) || t < 0) return false;
-  out = std::isinf(t) ? 0.0 : t;
-  return true;
 }
 
 // One row as an MPI datatype, freed however the exchange ends.
@@ -274,7 +263,7 @@ const char *last_error(void *user) { return static_cast<MpiComm *>(user)->error;
 moe_status create(MPI_Comm comm, moe_comm **out) {
   if (!out || comm == MPI_COMM_NULL) return MOE_ERR_INVALID_ARGUMENT;
   double timeout = 0;
-  if (!timeout_from_env(timeout)) return MOE_ERR_INVALID_ARGUMENT;
+  if (!moe_comm_support::timeout_from_env("MOE_MPI_TIMEOUT", timeout)) return MOE_ERR_INVALID_ARGUMENT;
   auto m = std::unique_ptr<MpiComm>(new (std::nothrow) MpiComm());
   if (!m) return MOE_ERR_OUT_OF_MEMORY;
   m->timeout = timeout;

@@ -14,11 +14,12 @@
 #include <vector>
 
 #include "comm/nccl_support.h"
+#include "comm/timeout_env.h"
 
 namespace moe_nccl {
 namespace {
 
-constexpr double kDefaultTimeout = 300.0;
+using moe_comm_support::kDefaultTimeout;
 
 struct NcclComm {
   moe_comm base;  // what libmoe sees
@@ -37,18 +38,6 @@ struct NcclComm {
   // frees it) and every later hook fails at once with this reason.
   std::string aborted;
 };
-
-// MOE_NCCL_TIMEOUT in seconds (0 or "inf": none); the default where unset. false if malformed.
-bool timeout_from_env(double &out) {
-  const char *v = std::getenv("MOE_NCCL_TIMEOUT");
-  out = kDefaultTimeout;
-  if (!v || !*v) return true;
-  char *end = nullptr;
-  const double t = std::strtod(v, &end);
-  if (end == v || *end != '\0' || std::isnan(t) || t < 0) return false;
-  out = std::isinf(t) ? 0.0 : t;
-  return true;
-}
 
 // Records why fn failed: in the thread's text and, for a hook, in its comm (NULL: none).
 moe_status failed(const char *fn, std::string *comm_error, moe_status status, const std::string &message) noexcept {
@@ -216,7 +205,7 @@ MOE_API moe_status moe_nccl_comm_create(struct ncclComm *nccl_comm, void *cuda_s
       fail(MOE_ERR_UNSUPPORTED, "the loaded NCCL (version code " + str(version) +
                                     ") is older than 2.7 and lacks ncclSend/ncclRecv");
     auto m = std::make_unique<NcclComm>();
-    if (!timeout_from_env(m->timeout))
+    if (!moe_comm_support::timeout_from_env("MOE_NCCL_TIMEOUT", m->timeout))
       fail(MOE_ERR_INVALID_ARGUMENT, std::string("MOE_NCCL_TIMEOUT = '") + std::getenv("MOE_NCCL_TIMEOUT") +
                                          "': expected seconds >= 0 (0 or inf: no deadline)");
     m->comm = nccl_comm;

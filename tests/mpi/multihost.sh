@@ -7,6 +7,8 @@
 #
 #   multihost.sh mpi   MPIEXEC TEST_EP_MPI           Open MPI across the hosts (rsh agent: ip netns exec)
 #   multihost.sh torch PYTHON EP_WORKER PACKAGE_DIR  torch.distributed (gloo) across the hosts
+#   multihost.sh bench MPIEXEC PROGRAM ARGS...       PROGRAM on 2 hosts x 2 ranks (bench/ep_multihost.sh);
+#                                                    its stdout passes through, everything else on stderr
 #
 # Each run checks that the ranks really ran on both hosts, then runs the expert-parallel checks
 # (one layer on the global batch; a missing rank hits the deadline). The namespaces are removed
@@ -18,7 +20,10 @@ skip() { echo "SKIPPED: $*"; exit $SKIP; }
 fail() { echo "FAIL: $*"; exit 1; }
 
 mode=${1:-}
-[ "$mode" = mpi ] || [ "$mode" = torch ] || { echo "usage: $0 mpi MPIEXEC TEST | torch PYTHON WORKER PKGDIR"; exit 2; }
+[ "$mode" = mpi ] || [ "$mode" = torch ] || [ "$mode" = bench ] ||
+  { echo "usage: $0 mpi MPIEXEC TEST | torch PYTHON WORKER PKGDIR | bench MPIEXEC PROGRAM ARGS..."; exit 2; }
+# bench: stdout is the program's alone (JSON); this script's own lines go to stderr.
+if [ "$mode" = bench ]; then exec 3>&1 1>&2; else exec 3>&1; fi
 shift
 [ "$(id -u)" = 0 ] || skip "network namespaces need root (this is uid $(id -u))"
 for tool in ip unshare hostname; do command -v $tool >/dev/null || skip "$tool is not installed"; done
@@ -73,8 +78,9 @@ if command -v ping >/dev/null; then
   "${AT[@]}" ping -c 1 -W 5 "$NET.2" >"$work/ping" 2>&1 || fail "h0 cannot reach h1 over the bridge: $(cat "$work/ping")"
 fi
 
-if [ "$mode" = mpi ]; then
+if [ "$mode" = mpi ] || [ "$mode" = bench ]; then
   mpiexec=$1 test=$2
+  shift 2
   # What Open MPI runs instead of ssh: "agent [options] HOST COMMAND..."; COMMAND is for a shell.
   cat >"$work/agent" <<EOF
 #!/bin/sh
@@ -106,8 +112,13 @@ EOF
   echo "ranks ran on: $(echo "$where" | sort | tr '\n' ' ')"
   [ "$(echo "$where" | sort | tr '\n' ' ')" = "h0 h0 h1 h1 " ] || fail "expected two ranks on each of h0 and h1, got: $where"
   SECONDS=0
-  run "$test" || fail "test_ep_mpi across two hosts failed"
-  echo "test_ep_mpi over 2 hosts x 2 ranks: ok in ${SECONDS} s"
+  if [ "$mode" = bench ]; then
+    run "$test" "$@" >&3 || fail "$test across two hosts failed"
+    echo "$(basename "$test") over 2 hosts x 2 ranks: ran in ${SECONDS} s"
+  else
+    run "$test" || fail "test_ep_mpi across two hosts failed"
+    echo "test_ep_mpi over 2 hosts x 2 ranks: ok in ${SECONDS} s"
+  fi
 else
   python=$1 worker=$2 pkgdir=$3
   export PYTHONPATH=$pkgdir${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 GLOO_SOCKET_IFNAME=eth0 PYTHONDONTWRITEBYTECODE=1

@@ -2,6 +2,8 @@
 
     ep_worker.py equal    RANK SIZE INIT_METHOD
     ep_worker.py deadline RANK SIZE INIT_METHOD TIMEOUT_S FLAG_FILE
+    ep_worker.py save     RANK SIZE INIT_METHOD DIR
+    ep_worker.py load     RANK SIZE INIT_METHOD DIR
 
 equal: libmoe.torch.MoE(ep_group=WORLD) on this rank's tokens against one libmoe.torch.MoE holding
 every expert on the global batch (the concatenation of every rank's tokens), two configurations:
@@ -9,7 +11,14 @@ outputs, dx, aux loss and statistics, the router bias after its update, the repl
 summed over the ranks and the local experts' gradients; and libmoe.distributed.Layer (numpy) the same.
 deadline: the last rank skips a training forward; the others must raise libmoe.CommError within
 the process group's timeout, naming the exchange and the rank, with parameters unchanged, and fail
-at once afterwards. Exit status 0 when every check held on this rank.
+at once afterwards.
+save: a training step (replicated gradients summed over the ranks, then SGD), then this rank's
+state_dict() to DIR/shard{RANK}.pt, MoE.full_state_dict() (rank 0) to DIR/full.pt, save_block
+(collective) to DIR/block.safetensors, and this rank's
+inference outputs of the global batch GLOBAL_X (split in equal parts) to DIR/y{RANK}.pt.
+load: modules made with another seed load those files at this EP size: the shard of the save-time
+rank that holds this rank's experts, full.pt, and block.safetensors through load_block; their parameters equal the full state's slice and
+their outputs the saved ones. Exit status 0 when every check held on this rank.
 """
 
 import datetime
@@ -71,6 +80,9 @@ def run_equal(variant, size):
     experts = slice(RANK * local, (RANK + 1) * local)
     ref_bias = ref.router.bias.detach().clone()
     for name, p in ep.state_dict().items():
+        if name == "experts._extra_state":  # which experts this rank holds: for loading at another EP size
+            check(p == dict(num_experts=E, experts=(RANK * local, (RANK + 1) * local), ep_size=size), f"{name} is {p}")
+            continue
         want = ref.state_dict()[name]
         if name.startswith("experts."):
             check(p.shape[0] == local and want.shape[0] == E, f"{name}: shape {tuple(p.shape)} of {tuple(want.shape)}")
@@ -132,7 +144,7 @@ def run_deadline(size, timeout, flag):
             time.sleep(0.05)
         check(os.path.exists(flag), "the other ranks never finished")
         return
-    before = {k: v.clone() for k, v in ep.state_dict().items()}
+    before = {k: v.clone() for k, v in ep.state_dict().items() if isinstance(v, torch.Tensor)}
     t0 = time.monotonic()
     try:
         ep(x)
@@ -161,10 +173,94 @@ def run_deadline(size, timeout, flag):
         open(flag, "w").close()
 
 
+RESHARD = dict(d_model=16, d_ff=24, num_experts=8, top_k=2, aux_loss_coef=0.01, num_shared_experts=1,
+               bias_update_rate=0.05)
+GLOBAL_T = 24
+
+
+def global_x():
+    return torch.randn(GLOBAL_T, RESHARD["d_model"], generator=torch.Generator().manual_seed(77))
+
+
+def run_save(size, folder):
+    ep = lt.MoE(**RESHARD, seed=3, ep_group=dist.group.WORLD)
+    x = torch.randn(7 + RANK, RESHARD["d_model"], generator=torch.Generator().manual_seed(500 + RANK))
+    ep(x).square().mean().backward()
+    with torch.no_grad():
+        for name, p in ep.named_parameters():
+            if not name.startswith("experts."):
+                dist.all_reduce(p.grad)  # replicated parameters: the same step on every rank
+            p -= 0.5 * p.grad
+    state = ep.state_dict()
+    meta = state.get("experts._extra_state")
+    local = RESHARD["num_experts"] // size
+    check(meta == dict(num_experts=8, experts=(RANK * local, (RANK + 1) * local), ep_size=size),
+          f"experts._extra_state is {meta}")
+    torch.save(state, os.path.join(folder, f"shard{RANK}.pt"))
+    full = ep.full_state_dict()
+    check(full["experts.w1"].shape[0] == 8 and torch.equal(full["experts.w1"][RANK * local:(RANK + 1) * local],
+                                                           ep.experts.w1.detach()), "full_state_dict's experts.w1")
+    check(not torch.equal(full["router.bias"], torch.zeros(8)), "the bias update did nothing")
+    if RANK == 0:
+        torch.save(full, os.path.join(folder, "full.pt"))
+    ep.save_block(os.path.join(folder, "block.safetensors"), "mlp")  # collective: one file of every expert
+    ep.eval()
+    part = GLOBAL_T // size
+    with torch.no_grad():
+        y = ep(global_x()[RANK * part:(RANK + 1) * part])
+    torch.save(y, os.path.join(folder, f"y{RANK}.pt"))
+    dist.barrier()
+
+
+def run_load(size, folder):
+    saved_size = len([f for f in os.listdir(folder) if f.startswith("shard")])
+    full = torch.load(os.path.join(folder, "full.pt"))
+    y_saved = torch.cat([torch.load(os.path.join(folder, f"y{r}.pt")) for r in range(saved_size)])
+    local = RESHARD["num_experts"] // size
+    mine = slice(RANK * local, (RANK + 1) * local)
+    # the save-time rank whose experts include this rank's
+    shard = torch.load(os.path.join(folder, f"shard{RANK * local // (RESHARD['num_experts'] // saved_size)}.pt"))
+    part = GLOBAL_T // size
+    x = global_x()[RANK * part:(RANK + 1) * part]
+    for what, state in (("its save-time rank's shard", shard), ("full.pt", full), ("block.safetensors", None)):
+        ep = lt.MoE(**RESHARD, seed=99, ep_group=dist.group.WORLD)  # another seed: other values until loaded
+        check(not torch.equal(ep.experts.w1.detach(), full["experts.w1"][mine]), "the fresh module equals the saved one")
+        if state is None:
+            ep.load_block(os.path.join(folder, "block.safetensors"), "mlp")  # moe_layer_load: this rank's slice
+        else:
+            ep.load_state_dict(state)
+        for key, want in full.items():
+            got = ep.state_dict()[key]
+            want = want[mine] if key.startswith("experts.") else want
+            check(torch.equal(got, want), f"{what}: {key} differs from the saved state's")
+        ep.eval()
+        with torch.no_grad():
+            y = ep(x)
+        err = rel(y, y_saved[RANK * part:(RANK + 1) * part])
+        check(err < 1e-5, f"{what}: outputs at EP {size} differ from those at EP {saved_size}: rel err {err:.3g}")
+    # The numpy Layer over the group loads the same shard and says which experts it holds.
+    lay = libmoe.distributed.Layer(dist.group.WORLD, **RESHARD, seed=99)
+    lay.load_state_dict(shard)
+    check(np.array_equal(lay.get_param("experts.w2"), full["experts.w2"][mine].numpy()), "Layer: experts.w2 after loading")
+    check(lay.state_dict()["experts._extra_state"]["experts"] == (RANK * local, (RANK + 1) * local),
+          f"Layer: experts._extra_state {lay.state_dict()['experts._extra_state']}")
+    # A shard that lacks this rank's experts is refused, naming both ranges.
+    other = (RANK * local // (RESHARD["num_experts"] // saved_size) + 1) % saved_size
+    bad = torch.load(os.path.join(folder, f"shard{other}.pt"))
+    try:
+        lt.MoE(**RESHARD, seed=99, ep_group=dist.group.WORLD).load_state_dict(bad)
+        check(False, "a shard without this rank's experts loaded")
+    except RuntimeError as e:
+        check("this module needs" in str(e), f"the refusal does not name the ranges: {e}")
+    dist.barrier()
+
+
 def main(argv):
     global RANK
     mode, RANK, size, init = argv[0], int(argv[1]), int(argv[2]), argv[3]
     timeout = float(argv[4]) if mode == "deadline" else 60.0
+    if mode in ("save", "load"):
+        torch.set_num_threads(1)
     torch.manual_seed(1 + RANK)
     dist.init_process_group("gloo", init_method=init, rank=RANK, world_size=size,
                             timeout=datetime.timedelta(seconds=60))
@@ -172,6 +268,9 @@ def main(argv):
         for variant in range(len(CONFIGS)):
             run_equal(variant, size)
         dist.barrier()
+        dist.destroy_process_group()
+    elif mode in ("save", "load"):
+        (run_save if mode == "save" else run_load)(size, argv[4])
         dist.destroy_process_group()
     else:
         run_deadline(size, timeout, argv[5])

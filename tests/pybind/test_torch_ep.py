@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 def launch(tmp_path, mode, size, *extra, limit=120):
     """Run size ranks of ep_worker.py; returns (exit codes, outputs, seconds)."""
-    init = f"file://{tmp_path}/rendezvous"
+    init = f"file://{tmp_path}/rendezvous-{mode}-{size}"
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, WORKER, mode, str(r), str(size), init, *map(str, extra)], env=env,
@@ -54,6 +54,44 @@ def test_a_missing_rank_raises_comm_error_within_the_group_timeout(tmp_path):
     print(report)
     assert codes == [0, 0], report
     assert "a missing rank reads:" in outs[0] and "rank 0 of 2: deadline: ok" in outs[0], report
+
+
+def test_state_dict_written_at_one_ep_size_loads_at_another(tmp_path):
+    """Saved at EP 2 (a shard per rank, full_state_dict, and save_block's safetensors file), loaded
+    at EP 4 and at EP 1: the same parameters, the same outputs."""
+    import torch
+
+    import libmoe.torch as lt
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for mode, size in (("save", 2), ("load", 4)):
+        codes, outs, _ = launch(tmp_path, mode, size, folder)
+        report = "\n".join(f"--- {mode}: rank {r} (exit {c}) ---\n{o}" for r, (c, o) in enumerate(zip(codes, outs)))
+        assert codes == [0] * size, report
+        for r, o in enumerate(outs):
+            assert f"rank {r} of {size}: {mode}: ok (0 failed checks)" in o, report
+    # EP 1: the shards merged, or full.pt; one shard alone lacks experts and is refused.
+    from ep_worker import GLOBAL_T, RESHARD, global_x  # noqa: E402 - the worker's shapes and batch
+    shards = [torch.load(folder / f"shard{r}.pt") for r in range(2)]
+    full = torch.load(folder / "full.pt")
+    y_saved = torch.cat([torch.load(folder / f"y{r}.pt") for r in range(2)])
+    merged = lt.merge_expert_shards(reversed(shards))
+    assert set(merged) == set(full) and all(torch.equal(merged[k], full[k]) for k in full)
+    for state in (merged, full, None):
+        one = lt.MoE(**RESHARD, seed=99).eval()
+        if state is None:
+            one.load_block(folder / "block.safetensors", "mlp")
+            assert all(torch.equal(one.state_dict()[k], full[k]) for k in full)
+        else:
+            one.load_state_dict(state)
+        with torch.no_grad():
+            y = one(global_x())
+        assert y.shape == (GLOBAL_T, RESHARD["d_model"])
+        assert torch.allclose(y, y_saved, rtol=1e-5, atol=1e-6), (y - y_saved).abs().max()
+    with pytest.raises(RuntimeError, match=r"holds experts \[4, 8\) of 8, this module needs \[0, 8\)"):
+        lt.MoE(**RESHARD, seed=99).load_state_dict(shards[1])
+    with pytest.raises(libmoe.InvalidArgumentError, match="cover"):
+        lt.merge_expert_shards(shards[:1] + shards[:1])
 
 
 def test_refuses_a_group_before_torch_distributed_is_initialised():

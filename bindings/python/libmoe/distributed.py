@@ -16,6 +16,15 @@ The router's and shared experts' gradients hold each rank's share: sum them over
 gradients are complete and must not be reduced. The aux losses and statistics are the global
 batch's on every rank.
 
+Checkpoints at any EP size: a module's ``state_dict()`` holds this rank's experts and says which
+(``experts._extra_state``: num_experts, experts (first, end), ep_size); ``load_state_dict`` takes a
+state dict of any EP size whose experts include this rank's (e.g. the file of the save-time rank
+that held them) or of all the experts, and keeps its own rows. ``MoE.full_state_dict()``
+(collective) gathers every expert; ``libmoe.torch.merge_expert_shards([sd0, sd1, ...])`` merges
+the ranks' files offline. Both load into a module of any EP size, or into one without ep_group.
+``MoE.save_block(path)`` (collective) writes one safetensors file of every expert (moe_layer_save
+through the first rank); ``load_block`` (moe_layer_load) reads each rank's slice of it at any EP size.
+
 No hangs: an exchange waits as long as the process group's own timeout (``timeout=`` of
 init_process_group/new_group), which gloo enforces. When an exchange fails (the timeout passed,
 a peer died, the group broke) the forward or backward raises libmoe.CommError naming the exchange,
@@ -192,6 +201,49 @@ class Layer(_layer.Layer):
     def comm(self):
         """The ProcessGroupComm (rank, size, group, broken)."""
         return self._handle().comm
+
+    @property
+    def expert_range(self):
+        """(first, end): the global experts this rank holds."""
+        local = self.num_experts // self.comm.size
+        return self.comm.rank * local, (self.comm.rank + 1) * local
+
+    def state_dict(self):
+        """This rank's parameters, plus ``experts._extra_state``: which of the global experts they
+        are (num_experts, experts (first, end), ep_size), as libmoe.torch.MoE's state dict says."""
+        state = super().state_dict()
+        state["experts._extra_state"] = dict(num_experts=self.num_experts, experts=self.expert_range,
+                                             ep_size=self.comm.size)
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Like libmoe.Layer.load_state_dict, from a state dict of any EP size whose experts include
+        this rank's (its ``experts._extra_state`` says which it holds) or of all the experts: this rank
+        keeps its own rows. InvalidArgumentError when the experts it needs are not there."""
+        state = dict(state)
+        meta = state.pop("experts._extra_state", None)
+        first, end = self.expert_range
+        E = self.num_experts
+        for name in [k for k in state if k.startswith("experts.")]:
+            value = np.asarray(state[name])
+            rows = value.shape[0] if value.ndim else 0
+            if isinstance(meta, dict) and "experts" in meta:
+                if meta.get("num_experts") != E:
+                    raise InvalidArgumentError(f"load_state_dict: a state dict of {meta.get('num_experts')} experts, "
+                                               f"this layer has {E}")
+                lo, hi = (int(v) for v in meta["experts"])
+            elif rows == E:
+                lo, hi = 0, E
+            elif rows == end - first:
+                lo, hi = first, end  # no range recorded: taken to be this rank's own
+            else:
+                raise InvalidArgumentError(f"load_state_dict: {name} has {rows} experts and no experts._extra_state; "
+                                           f"this rank holds experts [{first}, {end}) of {E}")
+            if rows != hi - lo or not (lo <= first and end <= hi):
+                raise InvalidArgumentError(f"load_state_dict: {name} holds experts [{lo}, {hi}) of {E} ({rows} rows), "
+                                           f"this rank needs [{first}, {end})")
+            state[name] = value[first - lo:end - lo]
+        super().load_state_dict(state, strict)
 
     def __reduce__(self):
         raise TypeError("an expert-parallel libmoe Layer cannot be pickled or copied: it holds this rank's "

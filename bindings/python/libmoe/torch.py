@@ -74,7 +74,7 @@ from torch.autograd.function import once_differentiable
 from ._layer import Layer
 from .errors import ArgumentTypeError, InvalidArgumentError, StateError, UnsupportedError
 
-__all__ = ["MoE", "CUSTOM_OPS"]
+__all__ = ["MoE", "CUSTOM_OPS", "merge_expert_shards"]
 
 _DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _POOL_MAX = 4  # contexts kept for reuse per module (each holds one forward's activations)
@@ -325,6 +325,81 @@ class _ParamGroup(nn.Module):
         raise RuntimeError("a libmoe parameter group is not callable; call the MoE module")
 
 
+_EXTRA = "experts._extra_state"  # the expert range of an expert-parallel module's state_dict
+
+
+class _ExpertGroup(_ParamGroup):
+    """The ``experts`` group of an expert-parallel module: its state_dict carries which of the
+    global experts it holds (``experts._extra_state``: num_experts, experts [first, end), ep_size),
+    so that a state dict written at one EP size can be loaded at another (see MoE.load_state_dict)."""
+
+    def __init__(self, num_experts, first, end, ep_size):
+        super().__init__()
+        self._range = dict(num_experts=num_experts, experts=(first, end), ep_size=ep_size)
+
+    def get_extra_state(self):
+        return dict(self._range)
+
+    def set_extra_state(self, state):
+        # MoE's load pre-hook has already sliced the tensors to this rank's range and put this
+        # rank's range here; anything else is a state dict that did not pass through it.
+        if not isinstance(state, dict) or tuple(state.get("experts", ())) != tuple(self._range["experts"]):
+            raise InvalidArgumentError(f"experts._extra_state {state!r}: this module holds experts "
+                                       f"{self._range['experts']} of {self._range['num_experts']}")
+
+
+def _expert_range(state, prefix, num_experts, rows):
+    """(first, end) of the global experts a state dict's expert tensors hold: its extra state when
+    present, else all of them when they have num_experts rows, else None."""
+    meta = state.get(prefix + _EXTRA)
+    if isinstance(meta, dict) and "experts" in meta:
+        if meta.get("num_experts") != num_experts:
+            raise InvalidArgumentError(f"{prefix}{_EXTRA}: a state dict of {meta.get('num_experts')} experts, this module "
+                                       f"has {num_experts}")
+        first, end = (int(v) for v in meta["experts"])
+        return first, end
+    return (0, num_experts) if rows == num_experts else None
+
+
+def merge_expert_shards(state_dicts):
+    """One state dict with every expert from the state dicts of the ranks of an expert-parallel
+    module (each with its ``experts._extra_state``, e.g. the files each rank saved), in any order:
+    expert tensors concatenated in expert order, everything else from the first (the replicated
+    parameters are the same on every rank when their gradients are summed over the ranks). Loads
+    into a module of any EP size, or none. Raises InvalidArgumentError when the shards do not cover
+    every expert exactly once."""
+    shards = list(state_dicts)
+    if not shards:
+        raise InvalidArgumentError("merge_expert_shards: no state dicts")
+    ranges = []
+    for i, sd in enumerate(shards):
+        meta = sd.get(_EXTRA)
+        if not isinstance(meta, dict) or "experts" not in meta or "num_experts" not in meta:
+            raise InvalidArgumentError(f"merge_expert_shards: state dict {i} has no {_EXTRA} (not from an expert-parallel "
+                                       "libmoe.torch.MoE)")
+        ranges.append((tuple(int(v) for v in meta["experts"]), int(meta["num_experts"]), i))
+    ranges.sort()
+    num_experts = ranges[0][1]
+    expect = 0
+    for (first, end), e, i in ranges:
+        if e != num_experts or first != expect:
+            got = ", ".join(f"{r} of {n}" for r, n, _ in ranges)
+            raise InvalidArgumentError(f"merge_expert_shards: the shards hold experts {got}: they must cover "
+                                       f"[0, {num_experts}) once, in pieces")
+        expect = end
+    if expect != num_experts:
+        raise InvalidArgumentError(f"merge_expert_shards: the shards end at expert {expect} of {num_experts}")
+    order = [i for _, _, i in ranges]
+    merged = {}
+    for key, value in shards[0].items():
+        if key == _EXTRA:
+            continue
+        if key.startswith("experts."):
+            value = torch.cat([shards[i][key] for i in order], dim=0)
+        merged[key] = value
+    return merged
+
+
 def _torch_device(device):
     device = torch.device("cpu" if device is None else device)
     if device.type == "cuda" and device.index is None:
@@ -446,7 +521,13 @@ class MoE(nn.Module):
         for name, info in layer.param_info().items():
             group, attr = name.split(".", 1)
             if group not in self._modules:
-                self.add_module(group, _ParamGroup())
+                if group == "experts" and self.__dict__.get("_ep_group") is not None:
+                    comm = layer.comm
+                    local = layer.num_experts // comm.size
+                    self.add_module(group, _ExpertGroup(layer.num_experts, comm.rank * local, (comm.rank + 1) * local,
+                                                        comm.size))
+                else:
+                    self.add_module(group, _ParamGroup())
             mod = self._modules[group]
             data = self._tensor(name, "data")
             if info.trainable:
@@ -477,6 +558,85 @@ class MoE(nn.Module):
         # (torch.func.functional_call) is then seen, and refused by the compute path.
         return [self._modules[group]._parameters[attr] for group, attr in self._param_keys]
 
+    # ---- state dicts across expert-parallel sizes ---------------------------------------------------
+    @property
+    def expert_range(self):
+        """(first, end): the global experts this module holds, (0, num_experts) without ep_group."""
+        comm = getattr(self._layer, "comm", None)
+        if self.__dict__.get("_ep_group") is None or comm is None:
+            return 0, self._layer.num_experts
+        local = self._layer.num_experts // comm.size
+        return comm.rank * local, (comm.rank + 1) * local
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Runs before the parameter groups load theirs, from the same dict (a hook would work too,
+        # but a bound method in the module's hook table is a reference cycle that keeps the module,
+        # and with it a process group, alive until the interpreter's teardown).
+        self._take_expert_slice(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _take_expert_slice(self, state_dict, prefix, error_msgs):
+        """A state dict of any expert-parallel size (its experts._extra_state says which experts it
+        holds) or of all the experts loads into this module, which takes its own experts' rows; one
+        that lacks some of them is an error naming both ranges."""
+        num_experts = self._layer.num_experts
+        first, end = self.expert_range
+        rows = None
+        for key, value in state_dict.items():
+            if key.startswith(prefix + "experts.") and key != prefix + _EXTRA and isinstance(value, torch.Tensor):
+                rows = value.shape[0] if value.dim() else None
+                break
+        try:
+            held = None if rows is None else _expert_range(state_dict, prefix, num_experts, rows)
+        except InvalidArgumentError as e:
+            error_msgs.append(str(e))
+            return
+        if rows is not None and held is None:
+            if rows == end - first:  # no range recorded (an older state dict): taken to be this rank's own
+                held = (first, end)
+            else:
+                error_msgs.append(f"{prefix}experts.*: {rows} experts and no {_EXTRA} to say which; this module holds "
+                                  f"experts [{first}, {end}) of {num_experts}")
+                return
+        state_dict.pop(prefix + _EXTRA, None)
+        if held is not None and held != (first, end):
+            lo, hi = held
+            if not (lo <= first and end <= hi):
+                error_msgs.append(f"{prefix}experts.*: the state dict holds experts [{lo}, {hi}) of {num_experts}, this "
+                                  f"module needs [{first}, {end}): load the state dict of a rank that has them, or one "
+                                  "with every expert (MoE.full_state_dict, libmoe.torch.merge_expert_shards)")
+                return
+            for key in list(state_dict):
+                value = state_dict[key]
+                if key.startswith(prefix + "experts.") and isinstance(value, torch.Tensor):
+                    if value.dim() == 0 or value.shape[0] != hi - lo:
+                        error_msgs.append(f"{key}: {tuple(value.shape)} rows, expected {hi - lo} (experts [{lo}, {hi}))")
+                        return
+                    state_dict[key] = value[first - lo:end - lo]
+        if isinstance(self._modules.get("experts"), _ExpertGroup):
+            state_dict[prefix + _EXTRA] = self._modules["experts"].get_extra_state()
+
+    def full_state_dict(self):
+        """The state dict with every expert (as a module without ep_group holds them): collective
+        over ep_group, each rank's experts gathered with all_gather; without ep_group, a copy of
+        state_dict(). Loads into a module of any EP size."""
+        state = {k: v.detach().clone() for k, v in self.state_dict().items() if k != _EXTRA}
+        if self.__dict__.get("_ep_group") is None:
+            return state
+        import torch.distributed as dist
+        group = self._layer.comm.group
+        size = dist.get_world_size(group)
+        for key, value in state.items():
+            if key.startswith("experts."):
+                # float32 through the collective (gloo may lack 16-bit types); exact for bf16/f16.
+                local = value.float().contiguous()
+                parts = [torch.empty_like(local) for _ in range(size)]
+                dist.all_gather(parts, local, group=group)
+                state[key] = torch.cat(parts, dim=0).to(value.dtype)
+        return state
+
     @classmethod
     def from_pretrained_block(cls, path, prefix=None, family=None, **kwargs):
         """The MoE block of a checkpoint: ``cls(**kwargs)`` (widths, preset, device, dtype: they must
@@ -495,8 +655,30 @@ class MoE(nn.Module):
         self._layer.load(path, prefix, family)
 
     def save_block(self, path, prefix=None):
-        """Save this module's parameters in libmoe's names (libmoe.Layer.save)."""
-        self._layer.save(path, prefix)
+        """Save this module's parameters in libmoe's names (libmoe.Layer.save). With ep_group it is
+        collective: every expert is gathered (full_state_dict) and the group's first rank writes the
+        file through a layer holding all of them, so that load_block (moe_layer_load, which reads each
+        rank's slice) loads it at any EP size; every rank raises if the write failed."""
+        if self.__dict__.get("_ep_group") is None:
+            self._layer.save(path, prefix)
+            return
+        import torch.distributed as dist
+        full = self.full_state_dict()
+        group = self._layer.comm.group
+        error = None
+        if dist.get_rank(group) == 0:
+            try:
+                one = Layer(**self._layer.config)  # the same config without the comm: every expert
+                one.load_state_dict({k: np.ascontiguousarray(v.float().numpy()) for k, v in full.items()})
+                one.save(path, prefix)
+            except Exception as e:  # noqa: BLE001 - re-raised below, after the others hear of it
+                error = e
+        failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        dist.all_reduce(failed, group=group)
+        if error is not None:
+            raise error
+        if int(failed.item()):
+            raise StateError(f"save_block({path!r}): the ep_group's first rank failed to write the file")
 
     @property
     def layer(self):

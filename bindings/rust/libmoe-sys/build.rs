@@ -120,4 +120,83 @@ fn main() {
     bindings
         .write_to_file(&out)
         .unwrap_or_else(|e| panic!("libmoe-sys: cannot write {}: {}", out.display(), e));
+
+    if env::var_os("CARGO_FEATURE_MPI").is_some() {
+        if let Err(message) = mpi_bindings(&include_dir, found.lib_dir.as_deref()) {
+            eprintln!("{}", message);
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The include directories of MPI's C header: `MPI_INCLUDE_DIRS` (separated by ':'), else
+/// `pkg-config --cflags-only-I mpi-c` (Open MPI, Debian's libopenmpi-dev), else `mpicc -showme:incdirs`.
+fn mpi_include_dirs() -> Result<Vec<PathBuf>, String> {
+    println!("cargo:rerun-if-env-changed=MPI_INCLUDE_DIRS");
+    if let Some(v) = env::var_os("MPI_INCLUDE_DIRS").filter(|v| !v.is_empty()) {
+        return Ok(env::split_paths(&v).collect());
+    }
+    let pc = env::var("PKG_CONFIG").unwrap_or_else(|_| "pkg-config".to_string());
+    let mut tried = Vec::new();
+    for (prog, args) in [(pc.as_str(), vec!["--cflags-only-I", "mpi-c"]), ("mpicc", vec!["-showme:incdirs"])] {
+        tried.push(format!("{} {}", prog, args.join(" ")));
+        if let Ok(out) = Command::new(prog).args(&args).output() {
+            if out.status.success() {
+                let text = String::from_utf8_lossy(&out.stdout).to_string();
+                let dirs: Vec<PathBuf> =
+                    text.split_whitespace().map(|w| PathBuf::from(w.trim_start_matches("-I"))).filter(|d| d.join("mpi.h").is_file()).collect();
+                if !dirs.is_empty() {
+                    return Ok(dirs);
+                }
+            }
+        }
+    }
+    Err(format!(
+        "libmoe-sys (feature \"mpi\"): MPI's mpi.h was not found (tried MPI_INCLUDE_DIRS, {}). Install MPI's \
+         development files (Debian: apt-get install libopenmpi-dev) or set MPI_INCLUDE_DIRS.",
+        tried.join(", ")
+    ))
+}
+
+/// Feature "mpi": links libmoe_mpi and generates its functions (moe/moe_mpi.h) into the module
+/// `mpi`. The library is looked for in `LIBMOE_MPI_LIB_DIR`, else beside libmoe.
+fn mpi_bindings(include_dir: &std::path::Path, libmoe_dir: Option<&std::path::Path>) -> Result<(), String> {
+    let header = include_dir.join("moe").join("moe_mpi.h");
+    if !header.is_file() {
+        return Err(format!("libmoe-sys (feature \"mpi\"): {} is missing (Debian: libmoe-dev with libmoe-mpi0)", header.display()));
+    }
+    println!("cargo:rerun-if-changed={}", header.display());
+    match env_path("LIBMOE_MPI_LIB_DIR").or_else(|| libmoe_dir.map(|d| d.to_path_buf())) {
+        Some(dir) => {
+            if !dir.join("libmoe_mpi.so").exists() {
+                return Err(format!(
+                    "libmoe-sys (feature \"mpi\"): no libmoe_mpi.so in {} (set LIBMOE_MPI_LIB_DIR to the directory that has it)",
+                    dir.display()
+                ));
+            }
+            println!("cargo:rustc-link-search=native={}", dir.display());
+        }
+        None => {}
+    }
+    println!("cargo:rustc-link-lib=dylib=moe_mpi");
+    let mut builder = bindgen::Builder::default()
+        .header(header.to_string_lossy())
+        .clang_arg(format!("-I{}", include_dir.display()))
+        // moe.h's types come from the main bindings (the module `mpi` uses them); MPI_Comm is the
+        // one type of MPI's that the header needs, opaque (a pointer with Open MPI, an int with MPICH).
+        .allowlist_recursively(false)
+        .allowlist_function("moe_mpi_.*")
+        .allowlist_type("MPI_Comm")
+        .allowlist_type("ompi_communicator_t")
+        .opaque_type("ompi_communicator_t")
+        .size_t_is_usize(true)
+        .generate_comments(true)
+        .layout_tests(false)
+        .rustfmt_bindings(false);
+    for dir in mpi_include_dirs()? {
+        builder = builder.clang_arg(format!("-I{}", dir.display()));
+    }
+    let bindings = builder.generate().map_err(|e| format!("libmoe-sys: bindgen failed on {}: {:?}", header.display(), e))?;
+    let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("mpi_bindings.rs");
+    bindings.write_to_file(&out).map_err(|e| format!("libmoe-sys: cannot write {}: {}", out.display(), e))
 }

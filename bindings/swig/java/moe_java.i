@@ -32,11 +32,10 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Throw org.libmoe.MoeException(code, name, messageUtf8) for status s with this thread's
-   moe_last_error(). The message goes as UTF-8 bytes (NewStringUTF expects modified UTF-8). */
-static void moe_java_throw(JNIEnv *jenv, moe_status s) {
+/* Throw org.libmoe.MoeException(code, name, messageUtf8) for status s with the text given. The
+   message goes as UTF-8 bytes (NewStringUTF expects modified UTF-8). */
+static void moe_java_throw_text(JNIEnv *jenv, moe_status s, const char *text) {
   const char *name = moe_status_name(s);
-  const char *text = moe_last_error();
   jclass cls;
   jmethodID ctor;
   jstring jname;
@@ -56,6 +55,9 @@ static void moe_java_throw(JNIEnv *jenv, moe_status s) {
   exc = (*jenv)->NewObject(jenv, cls, ctor, (jint)s, jname, jtext);
   if (exc != NULL) (*jenv)->Throw(jenv, (jthrowable)exc);
 }
+
+/* The same with this thread's moe_last_error(). */
+static void moe_java_throw(JNIEnv *jenv, moe_status s) { moe_java_throw_text(jenv, s, moe_last_error()); }
 
 /* Fetch the one-element long[] of an out-parameter; throws and returns 0 when it is unusable. */
 static int moe_java_out_array(JNIEnv *jenv, jlongArray a, const char *argname) {
@@ -243,3 +245,151 @@ MOE_JAVA_CLOSEABLE(struct moe_stats)
 MOE_JAVA_CLOSEABLE(struct moe_param_info)
 MOE_JAVA_CLOSEABLE(struct moe_config_field_info)
 MOE_JAVA_CLOSEABLE(struct moe_comm)
+
+/* ---- expert parallelism: libmoe_mpi, opened at run time ---------------------------------------
+ * Java has no MPI binding, so org.libmoe.Comm reaches libmoe_mpi through these helpers. The
+ * library is opened with dlopen (RTLD_GLOBAL: Open MPI's own plugins resolve MPI's symbols from
+ * the global scope), not linked, so that libmoe_java.so and the libmoe-java package need no MPI;
+ * only a program that asks for a comm does. Every moe_mpi_* function used takes no MPI type. */
+%{
+#include <dlfcn.h>
+
+/* The function `name` of the library opened by moe_java_mpi_open; throws UNSUPPORTED if absent. */
+static void *moe_java_mpi_symbol(JNIEnv *jenv, int64_t library, const char *name) {
+  void *f = library ? dlsym((void *)(intptr_t)library, name) : NULL;
+  if (f == NULL) {
+    char msg[512];
+    snprintf(msg, sizeof msg, "libmoe_mpi: %s not found (%s)", name, library ? "no such symbol" : "library handle is 0");
+    moe_java_throw_text(jenv, MOE_ERR_UNSUPPORTED, msg);
+  }
+  return f;
+}
+
+/* Throws MoeException(s) naming fn and what the status means for it; MOE_OK: nothing. */
+static void moe_java_mpi_status(JNIEnv *jenv, moe_status s, const char *fn, const char *detail) {
+  char msg[512];
+  if (s == MOE_OK) return;
+  snprintf(msg, sizeof msg, "%s returned %s%s%s", fn, moe_status_name(s), detail[0] ? ": " : "", detail);
+  moe_java_throw_text(jenv, s, msg);
+}
+%}
+
+%typemap(in, numinputs=0) JNIEnv *jenv_mpi %{ $1 = jenv; %}
+%inline %{
+/* dlopen(path, RTLD_NOW | RTLD_GLOBAL): the library's handle, never closed (MPI's state lives in
+   it until the process ends). Opening it again returns the same handle. */
+int64_t moe_java_mpi_open(JNIEnv *jenv_mpi, const char *path) {
+  void *h;
+  if (path == NULL || !path[0]) {
+    moe_java_throw_text(jenv_mpi, MOE_ERR_INVALID_ARGUMENT, "libmoe_mpi: the library path is empty");
+    return 0;
+  }
+  h = dlopen(path, RTLD_NOW | RTLD_GLOBAL);
+  if (h == NULL) {
+    char msg[1024];
+    const char *why = dlerror();
+    snprintf(msg, sizeof msg, "cannot load libmoe_mpi '%s' (install libmoe-mpi0, or set -Dorg.libmoe.mpi.library): %s", path,
+             why ? why : "unknown error");
+    moe_java_throw_text(jenv_mpi, MOE_ERR_UNSUPPORTED, msg);
+    return 0;
+  }
+  return (int64_t)(intptr_t)h;
+}
+
+void moe_java_mpi_init(JNIEnv *jenv_mpi, int64_t library) {
+  moe_status (*f)(void) = (moe_status(*)(void))moe_java_mpi_symbol(jenv_mpi, library, "moe_mpi_init");
+  if (f) moe_java_mpi_status(jenv_mpi, f(), "moe_mpi_init", "MPI was finalised, or MPI_Init_thread failed");
+}
+
+void moe_java_mpi_finalize(JNIEnv *jenv_mpi, int64_t library) {
+  moe_status (*f)(void) = (moe_status(*)(void))moe_java_mpi_symbol(jenv_mpi, library, "moe_mpi_finalize");
+  if (f) moe_java_mpi_status(jenv_mpi, f(), "moe_mpi_finalize", "MPI_Finalize failed");
+}
+
+/* A comm over MPI_COMM_WORLD (fortran_comm < 0) or over the communicator with that Fortran
+   handle: its address. */
+int64_t moe_java_mpi_comm_create(JNIEnv *jenv_mpi, int64_t library, int64_t fortran_comm) {
+  moe_comm *c = NULL;
+  moe_status s;
+  const char *detail = "";
+  if (fortran_comm < 0) {
+    moe_status (*f)(moe_comm **) = (moe_status(*)(moe_comm **))moe_java_mpi_symbol(jenv_mpi, library, "moe_mpi_comm_create_world");
+    if (!f) return 0;
+    s = f(&c);
+    if (s == MOE_ERR_STATE) detail = "MPI is not initialised (Comm.mpiInit) or already finalised";
+    if (s == MOE_ERR_INVALID_ARGUMENT) detail = "MOE_MPI_TIMEOUT is not a number of seconds >= 0";
+    moe_java_mpi_status(jenv_mpi, s, "moe_mpi_comm_create_world", detail);
+  } else {
+    moe_status (*f)(int64_t, moe_comm **) =
+        (moe_status(*)(int64_t, moe_comm **))moe_java_mpi_symbol(jenv_mpi, library, "moe_mpi_comm_create_f");
+    if (!f) return 0;
+    s = f(fortran_comm, &c);
+    if (s == MOE_ERR_STATE) detail = "MPI is not initialised (Comm.mpiInit) or already finalised";
+    if (s == MOE_ERR_INVALID_ARGUMENT) detail = "a Fortran handle outside MPI_Fint, MPI_COMM_NULL, or a bad MOE_MPI_TIMEOUT";
+    moe_java_mpi_status(jenv_mpi, s, "moe_mpi_comm_create_f", detail);
+  }
+  return s == MOE_OK ? (int64_t)(intptr_t)c : 0;
+}
+
+void moe_java_mpi_comm_destroy(JNIEnv *jenv_mpi, int64_t library, int64_t comm) {
+  void (*f)(moe_comm *) = (void (*)(moe_comm *))moe_java_mpi_symbol(jenv_mpi, library, "moe_mpi_comm_destroy");
+  if (f) f((moe_comm *)(intptr_t)comm);
+}
+
+void moe_java_mpi_comm_set_timeout(JNIEnv *jenv_mpi, int64_t library, int64_t comm, double seconds) {
+  moe_status (*f)(moe_comm *, double) =
+      (moe_status(*)(moe_comm *, double))moe_java_mpi_symbol(jenv_mpi, library, "moe_mpi_comm_set_timeout");
+  if (f) moe_java_mpi_status(jenv_mpi, f((moe_comm *)(intptr_t)comm, seconds), "moe_mpi_comm_set_timeout",
+                             "seconds must be > 0, or 0 or infinity for no deadline");
+}
+
+int moe_java_comm_size(int64_t comm) { return comm ? ((const moe_comm *)(intptr_t)comm)->size : 0; }
+int moe_java_comm_rank(int64_t comm) { return comm ? ((const moe_comm *)(intptr_t)comm)->rank : 0; }
+
+/* Make cfg's layer spread its experts over comm (an address; 0: none). */
+void moe_java_config_set_comm(moe_config *cfg, int64_t comm) {
+  if (cfg) cfg->comm = (const moe_comm *)(intptr_t)comm;
+}
+
+/* Sum n floats at host over the comm's ranks, in place, through the comm's own all-to-all of rows:
+   each rank sends its n values to every rank and adds what it receives in rank order, so every
+   rank gets the same bits. Collective: every rank calls it with the same n. */
+void moe_java_comm_all_reduce_sum(JNIEnv *jenv_mpi, int64_t comm, float *host, int64_t n) {
+  const moe_comm *c = (const moe_comm *)(intptr_t)comm;
+  int64_t *counts;
+  float *send, *recv;
+  moe_status s;
+  int q;
+  int64_t i;
+  if (c == NULL || host == NULL || n <= 0) {
+    moe_java_throw_text(jenv_mpi, MOE_ERR_INVALID_ARGUMENT, "allReduceSum: no comm, no data or n <= 0");
+    return;
+  }
+  counts = (int64_t *)malloc(sizeof(int64_t) * (size_t)c->size);
+  send = (float *)malloc(sizeof(float) * (size_t)n * (size_t)c->size);
+  recv = (float *)malloc(sizeof(float) * (size_t)n * (size_t)c->size);
+  if (counts == NULL || send == NULL || recv == NULL) {
+    free(counts), free(send), free(recv);
+    moe_java_throw_text(jenv_mpi, MOE_ERR_OUT_OF_MEMORY, "allReduceSum: no memory for the exchange");
+    return;
+  }
+  for (q = 0; q < c->size; ++q) {
+    counts[q] = 1;
+    memcpy(send + (size_t)q * (size_t)n, host, sizeof(float) * (size_t)n);
+  }
+  s = c->exchange_rows(c->user, send, counts, recv, counts, sizeof(float) * (size_t)n, NULL);
+  if (s == MOE_OK) {
+    for (i = 0; i < n; ++i) {
+      float sum = 0.0f;
+      for (q = 0; q < c->size; ++q) sum += recv[(size_t)q * (size_t)n + (size_t)i];
+      host[i] = sum;
+    }
+  } else {
+    char msg[1024];
+    snprintf(msg, sizeof msg, "allReduceSum: the comm's exchange_rows returned %s: %s", moe_status_name(s),
+             c->last_error ? c->last_error(c->user) : "");
+    moe_java_throw_text(jenv_mpi, s, msg);
+  }
+  free(counts), free(send), free(recv);
+}
+%}

@@ -21,6 +21,16 @@
 
 include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
 
+/// libmoe_mpi (`moe/moe_mpi.h`), with the feature `mpi`: a `moe_comm` over an MPI communicator,
+/// and MPI's start and end for programs without an MPI binding. Links `libmoe_mpi`, found in
+/// `LIBMOE_MPI_LIB_DIR` or beside libmoe; MPI's header through `MPI_INCLUDE_DIRS`,
+/// `pkg-config mpi-c` or `mpicc -showme:incdirs`.
+#[cfg(feature = "mpi")]
+pub mod mpi {
+    use super::*;
+    include!(concat!(env!("OUT_DIR"), "/mpi_bindings.rs"));
+}
+
 // build.rs's decision of where libmoe is, tested below without running cargo.
 #[cfg(test)]
 #[path = "../build/find.rs"]

@@ -50,6 +50,9 @@ pub struct ParamMut<'a> {
 /// To share one layer between threads, wrap it in a `Mutex`.
 pub struct Layer {
     ptr: NonNull<sys::moe_layer>,
+    // The communicator of an expert-parallel layer, dropped after the C layer (Drop below runs
+    // before the fields are dropped).
+    comm: Option<Box<dyn ExpertComm>>,
     d_model: usize,
     num_experts: usize,
     top_k: usize,
@@ -60,6 +63,75 @@ pub struct Layer {
 // SAFETY: see "Threads" above: libmoe layers have no thread affinity; only concurrent use is
 // forbidden, which !Sync (NonNull is !Sync) and the borrow of contexts prevent.
 unsafe impl Send for Layer {}
+
+/// A communicator a layer can spread its experts over: a `moe_comm` (moe.h) that lives as long as
+/// the value, e.g. [`crate::mpi::Comm`] (feature `mpi`).
+///
+/// # Safety
+/// `as_ptr` must return a valid `moe_comm` whose hooks stay usable until the value is dropped,
+/// and the value must not be used by anything else while a layer owns it.
+pub unsafe trait ExpertComm: Send {
+    /// The `moe_comm` for `moe_config::comm`.
+    fn as_ptr(&self) -> *const sys::moe_comm;
+
+    /// Number of ranks.
+    fn size(&self) -> usize {
+        unsafe { (*self.as_ptr()).size as usize }
+    }
+
+    /// This process's rank: it holds experts `rank*E/size .. (rank+1)*E/size`.
+    fn rank(&self) -> usize {
+        unsafe { (*self.as_ptr()).rank as usize }
+    }
+
+    /// Sum `values` over the ranks, in place, through the comm's own all-to-all of rows: each rank
+    /// sends its values to every rank and adds what it receives in rank order, so every rank gets
+    /// the same bits. For the gradients of the replicated parameters (router, shared experts), of
+    /// which each rank holds its own tokens' share. Collective: every rank calls it with the same
+    /// length, between the same layer calls.
+    fn all_reduce_sum(&self, values: &mut [f32]) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let comm = unsafe { &*self.as_ptr() };
+        let size = comm.size as usize;
+        let exchange = comm
+            .exchange_rows
+            .ok_or_else(|| Error::invalid("all_reduce_sum: the comm has no exchange_rows hook".to_string()))?;
+        let counts = vec![1i64; size];
+        let send: Vec<f32> = values.iter().copied().cycle().take(values.len() * size).collect();
+        let mut recv = vec![0f32; values.len() * size];
+        let row_bytes = values.len() * std::mem::size_of::<f32>();
+        let status = unsafe {
+            exchange(
+                comm.user,
+                send.as_ptr() as *const c_void,
+                counts.as_ptr(),
+                recv.as_mut_ptr() as *mut c_void,
+                counts.as_ptr(),
+                row_bytes,
+                ptr::null_mut(),
+            )
+        };
+        if status != sys::MOE_OK {
+            let why = match comm.last_error {
+                Some(f) => unsafe { CStr::from_ptr(f(comm.user)) }.to_string_lossy().into_owned(),
+                None => String::new(),
+            };
+            let name = unsafe { CStr::from_ptr(sys::moe_status_name(status)) }.to_string_lossy().into_owned();
+            return Err(Error::new(Status::from_raw(status), format!("all_reduce_sum: exchange_rows returned {}: {}", name, why)));
+        }
+        let n = values.len();
+        for (i, v) in values.iter_mut().enumerate() {
+            let mut sum = 0f32;
+            for q in 0..size {
+                sum += recv[q * n + i];
+            }
+            *v = sum;
+        }
+        Ok(())
+    }
+}
 
 fn c_name(name: &str) -> Result<CString> {
     CString::new(name).map_err(|_| Error::invalid(format!("parameter name {:?} contains a NUL byte", name)))
@@ -83,7 +155,7 @@ impl Layer {
         check(unsafe { sys::moe_layer_create(&raw, &mut out) })?;
         let ptr = NonNull::new(out).ok_or_else(|| Error::new(Status::Internal, "moe_layer_create returned NULL"))?;
         // From here on the layer is freed by Drop, also if the lines below fail.
-        let mut layer = Layer { ptr, d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
+        let mut layer = Layer { ptr, comm: None, d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
         let eff = layer.config()?;
         layer.d_model = eff.d_model;
         layer.num_experts = eff.num_experts;
@@ -91,6 +163,34 @@ impl Layer {
         layer.host = eff.device == Device::Cpu;
         layer.host_f32 = layer.host && eff.dtype == DType::F32;
         Ok(layer)
+    }
+
+    /// Create a layer whose experts are spread over the ranks of `comm` (expert parallelism): this
+    /// rank holds `num_experts / comm.size()` of them (rank order), reports their local shapes and
+    /// gradients, and exchanges tokens with the other ranks inside every forward and backward.
+    /// Every rank creates its layer with the same config (collective). The layer owns the comm
+    /// and frees it after itself; [`Layer::comm`] lends it back (e.g. to sum the replicated
+    /// parameters' gradients with [`ExpertComm::all_reduce_sum`]). A comm serves one layer: give
+    /// each layer its own (e.g. one [`crate::mpi::Comm::world`] each).
+    pub fn with_comm<C: ExpertComm + 'static>(cfg: &Config, comm: C) -> Result<Layer> {
+        let mut raw = cfg.to_raw()?;
+        raw.comm = comm.as_ptr();
+        let mut out: *mut sys::moe_layer = ptr::null_mut();
+        check(unsafe { sys::moe_layer_create(&raw, &mut out) })?;
+        let ptr = NonNull::new(out).ok_or_else(|| Error::new(Status::Internal, "moe_layer_create returned NULL"))?;
+        let mut layer = Layer { ptr, comm: Some(Box::new(comm)), d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
+        let eff = layer.config()?;
+        layer.d_model = eff.d_model;
+        layer.num_experts = eff.num_experts;
+        layer.top_k = eff.top_k;
+        layer.host = eff.device == Device::Cpu;
+        layer.host_f32 = layer.host && eff.dtype == DType::F32;
+        Ok(layer)
+    }
+
+    /// The communicator of a layer made by [`Layer::with_comm`]; `None` otherwise.
+    pub fn comm(&self) -> Option<&dyn ExpertComm> {
+        self.comm.as_deref()
     }
 
     /// The effective configuration (defaults filled in, d_ff_shared resolved).

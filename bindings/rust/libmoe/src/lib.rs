@@ -42,13 +42,15 @@ mod config;
 mod context;
 mod error;
 mod layer;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 pub use config::{
     config_fields, presets, Activation, Config, DType, Device, DropPolicy, FieldInfo, FieldType, Noise, Routing, Score, PRESETS,
 };
 pub use context::{Assignment, Context, Stats, TopK};
 pub use error::{Error, Result, Status};
-pub use layer::{Layer, ParamInfo, ParamMut};
+pub use layer::{ExpertComm, Layer, ParamInfo, ParamMut};
 /// The raw FFI, for what the safe layer does not cover (e.g. expert-parallel communicators).
 pub use libmoe_sys as sys;
 

@@ -82,6 +82,7 @@ public final class Layer implements AutoCloseable {
   }
 
   private long handle;
+  private final Comm comm;
   private final Owner owner;
   private final Map<String, ParamView> views = new HashMap<>();
   private final long dModel;
@@ -100,11 +101,31 @@ public final class Layer implements AutoCloseable {
    *     not available), DEVICE, OUT_OF_MEMORY
    */
   public Layer(Config config) {
+    this(config, null);
+  }
+
+  /**
+   * Creates a layer whose experts are spread over the ranks of comm (expert parallelism): this
+   * rank holds {@code numExperts / comm.size()} of them, and every rank creates its layer with
+   * the same config (collective). Parameter shapes and gradients are this rank's (see {@link
+   * Comm}); close the layer before the comm. A null comm: an ordinary layer.
+   *
+   * @throws MoeException as {@link #Layer(Config)}; INVALID_ARGUMENT when numExperts is not a
+   *     multiple of the comm's size; STATE when the comm is closed
+   */
+  public Layer(Config config, Comm comm) {
     if (config == null) throw invalid("config is null");
     long[] out = new long[1];
     try (moe_config raw = config.toRaw()) {
-      MoeNative.moe_layer_create(raw, out);
+      if (comm != null) MoeNative.moe_java_config_set_comm(raw, comm.attach());
+      try {
+        MoeNative.moe_layer_create(raw, out);
+      } catch (RuntimeException e) {
+        if (comm != null) comm.detach();
+        throw e;
+      }
     }
+    this.comm = comm;
     handle = out[0];
     owner = new Owner(handle);
     OPEN.incrementAndGet();
@@ -150,6 +171,7 @@ public final class Layer implements AutoCloseable {
     views.clear();
     handle = 0;
     owner.release();
+    if (comm != null) comm.detach();
     scratchIn = null;
     scratchOut = null;
     OPEN.decrementAndGet();
