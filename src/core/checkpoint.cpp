@@ -163,6 +163,21 @@ void copy_piece(const Piece &pc, const TensorInfo &t, int src_dt, unsigned char 
   const int64_t R = t.shape.size() == 1 ? 1 : t.shape[t.shape.size() - 2];
   const int64_t C = t.shape.back();
   const size_t ss = dtype_size(src_dt), ds = dtype_size(dst_dt);
+  if (pc.transpose || pc.row_step != 1 || pc.col_step != 1) {
+    // The map built these views inside the tensor's checked shape.
+    for (int64_t r = 0; r < pc.rows; ++r)
+      for (int64_t c = 0; c < pc.cols; ++c) {
+        const int64_t i = pc.transpose ? c : r, j = pc.transpose ? r : c;
+        const unsigned char *src =
+            t.data + ((pc.outer * R + pc.row0 + i * pc.row_step) * C + pc.col0 + j * pc.col_step) * static_cast<int64_t>(ss);
+        unsigned char *dst = staging + (pc.dst + r * pc.dst_ld + c) * static_cast<int64_t>(ds);
+        if (src_dt == dst_dt)
+          std::memcpy(dst, src, ss);
+        else
+          store_elem(dst, dst_dt, load_elem(src, src_dt));
+      }
+    return;
+  }
   for (int64_t r = 0; r < pc.rows; ++r) {
     const unsigned char *src = t.data + ((pc.outer * R + pc.row0 + r) * C + pc.col0) * static_cast<int64_t>(ss);
     unsigned char *dst = staging + (pc.dst + r * pc.dst_ld) * static_cast<int64_t>(ds);

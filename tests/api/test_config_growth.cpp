@@ -126,7 +126,7 @@ struct OldStruct {
 };
 
 TEST(OlderHeader, InitAndPresetWriteOnlyTheOldStruct) {
-  static_assert(kOld == sizeof(moe_config) - sizeof(int64_t), "0.1's moe_config ended with comm");
+  static_assert(kOld == offsetof(moe_config, comm) + sizeof(const moe_comm *), "0.1's moe_config ended with comm");
   OldStruct old;
   (moe_config_init)(old.cfg());
   EXPECT_EQ(old.cfg()->struct_size, kOld);

@@ -386,7 +386,7 @@ TEST(ConfigTable, FieldInfoChecksItsArguments) {
 
 TEST(ConfigTable, PresetsEnumerateAndApply) {
   const std::vector<std::string> expected = {"mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3",
-                                             "qwen2-moe", "qwen3-moe", "olmoe"};
+                                             "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss"};
   ASSERT_EQ(moe_config_num_presets(), static_cast<int>(expected.size()));
   for (int i = 0; i < moe_config_num_presets(); ++i) {
     SCOPED_TRACE(expected[i]);
