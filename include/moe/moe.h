@@ -504,9 +504,13 @@ MOE_API moe_status moe_layer_param_buffers(moe_layer *layer, const char *name, v
  *                    with gate and up interleaved along the last axis (gate = [..., 0::2], up =
  *                    [..., 1::2]), transposed into experts.w1/w3; experts.gate_up_proj_bias [E, 2*d_ff]
  *                    likewise into experts.b1/b3; experts.down_proj [E, d_ff, d] (transposed into
- *                    experts.w2) and experts.down_proj_bias [E, d] (transformers 5's GptOssMLP, bf16 or
- *                    f32 as dequantised; the MXFP4 tensors of the published files, *_blocks and *_scales, are
- *                    not read). The layer needs activation MOE_ACT_SWIGLU_CLAMPED (preset "gpt-oss").
+ *                    experts.w2) and experts.down_proj_bias [E, d] (transformers 5's GptOssMLP). Or, as
+ *                    openai/gpt-oss-20b and -120b are published, MXFP4: experts.gate_up_proj_blocks
+ *                    [E, 2*d_ff, d/32, 16] and experts.gate_up_proj_scales [E, 2*d_ff, d/32] (U8:
+ *                    e2m1 pairs, low nibble first, and e8m0 exponents of blocks of 32; gate and up
+ *                    rows interleaved), experts.down_proj_blocks/_scales [E, d, d_ff/32, 16] /
+ *                    [E, d, d_ff/32], dequantised on load (d_model and d_ff multiples of 32). The
+ *                    layer needs activation MOE_ACT_SWIGLU_CLAMPED (preset "gpt-oss").
  *   Every gated family also accepts transformers 5's fused experts, experts.gate_up_proj
  *   [E, 2*d_ff, d] (gate rows first) and experts.down_proj [E, d, d_ff]: the layout is picked by
  *   whether experts.gate_up_proj exists. Parameters a family has no tensor for (router.bias but in

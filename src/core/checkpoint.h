@@ -25,6 +25,10 @@ struct Piece {
   // with (i, j) = (r, c), or (c, r) when transpose is set.
   int64_t row_step = 1, col_step = 1;
   bool transpose = false;
+  // MXFP4 (gpt-oss's published checkpoints): key is a U8 "*_blocks" tensor [A, R, G, 16] of 4-bit
+  // e2m1 values, two per byte (the low nibble first), and scales_key a U8 "*_scales" tensor
+  // [A, R, G] of e8m0 exponents, one per block of 32; the piece reads the dequantised [A, R, G*32].
+  std::string scales_key;
 };
 
 // What fills one parameter: pieces, or zeros when the family has no such tensor.

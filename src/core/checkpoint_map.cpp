@@ -143,6 +143,27 @@ class Mapper {
     }
   }
 
+  // Expert e's [rows, cols] parameter from rows row0, row0 + step, ... of its slice of the MXFP4
+  // tensor name + "_blocks" (shape: [E, R, G, 16]) with its name + "_scales".
+  void mxfp4(Target &t, const std::string &name, std::vector<int64_t> shape, int64_t row0, int64_t step, int64_t rows,
+             int64_t cols) {
+    for (int64_t e = 0; e < c_.E; ++e) {
+      Piece pc;
+      pc.key = key(name + "_blocks");
+      pc.scales_key = key(name + "_scales");
+      pc.shape = shape;
+      pc.outer = e;
+      pc.row0 = row0;
+      pc.row_step = step;
+      pc.rows = rows;
+      pc.cols = cols;
+      pc.dst = (e - c_.expert_begin) * rows * cols;
+      pc.dst_ld = cols;
+      pc.read = local(e);
+      t.pieces.push_back(std::move(pc));
+    }
+  }
+
   // Parameters the family has no tensor for are zero, as the model has them.
   void zero_biases(const char *fam_has_none) {
     zero(l_.b1, fam_has_none);
@@ -154,7 +175,7 @@ class Mapper {
   // logits); experts.gate_up_proj [E, d, 2*ff] with gate and up interleaved along the last axis
   // (gate = [..., ::2], up = [..., 1::2]), experts.gate_up_proj_bias [E, 2*ff] likewise,
   // experts.down_proj [E, ff, d], experts.down_proj_bias [E, d].
-  std::vector<Target> gpt_oss() {
+  std::vector<Target> gpt_oss(const KeyLookup &keys) {
     if (c_.c.activation != MOE_ACT_SWIGLU_CLAMPED)
       fail(MOE_ERR_INVALID_ARGUMENT,
            "family: gpt-oss's experts compute the clamped SwiGLU, but the layer's activation is %d: create the layer "
@@ -168,9 +189,22 @@ class Mapper {
     zero(l_.noise_w, "the family has no noise router");
     zero(l_.router_bias, "the family has no selection bias");
     const int64_t E = c_.E, d = c_.d, ff = c_.ff;
-    fused_transposed(target(l_.w1), key("experts.gate_up_proj"), {E, d, 2 * ff}, 0, 2, ff, d);
-    fused_transposed(target(l_.w3), key("experts.gate_up_proj"), {E, d, 2 * ff}, 1, 2, ff, d);
-    fused_transposed(target(l_.w2), key("experts.down_proj"), {E, ff, d}, 0, 1, d, ff);
+    if (keys.has(key("experts.gate_up_proj_blocks"))) {
+      // The published files: MXFP4 weights in nn.Linear layout, [E, 2ff, d] (gate and up rows
+      // interleaved) and [E, d, ff], dequantised on load.
+      if (d % 32 != 0 || ff % 32 != 0)
+        fail(MOE_ERR_INVALID_ARGUMENT,
+             "family: gpt-oss's MXFP4 tensors hold blocks of 32 values, but the layer's d_model %lld or d_ff %lld "
+             "is not a multiple of 32",
+             (long long)d, (long long)ff);
+      mxfp4(target(l_.w1), "experts.gate_up_proj", {E, 2 * ff, d / 32, 16}, 0, 2, ff, d);
+      mxfp4(target(l_.w3), "experts.gate_up_proj", {E, 2 * ff, d / 32, 16}, 1, 2, ff, d);
+      mxfp4(target(l_.w2), "experts.down_proj", {E, d, ff / 32, 16}, 0, 1, d, ff);
+    } else {
+      fused_transposed(target(l_.w1), key("experts.gate_up_proj"), {E, d, 2 * ff}, 0, 2, ff, d);
+      fused_transposed(target(l_.w3), key("experts.gate_up_proj"), {E, d, 2 * ff}, 1, 2, ff, d);
+      fused_transposed(target(l_.w2), key("experts.down_proj"), {E, ff, d}, 0, 1, d, ff);
+    }
     if (l_.b1) {
       expert_rows(l_.b1, key("experts.gate_up_proj_bias"), 2 * ff, 0, 2, ff);
       expert_rows(l_.b3, key("experts.gate_up_proj_bias"), 2 * ff, 1, 2, ff);
@@ -291,7 +325,7 @@ std::vector<Target> map_checkpoint(moe_layer &layer, const std::string &family, 
   if (family.empty() || family == "libmoe") return m.libmoe();
   for (const Family &f : kFamilies)
     if (family == f.name) return m.hf(f, keys);
-  if (family == "gpt-oss") return m.gpt_oss();
+  if (family == "gpt-oss") return m.gpt_oss(keys);
   fail(MOE_ERR_INVALID_ARGUMENT, "family: unknown family \"%s\" (known: %s)", family.c_str(), kFamilyNames);
 }
 

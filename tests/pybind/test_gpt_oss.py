@@ -213,6 +213,48 @@ def test_gpt_oss_checkpoint_layout(tmp_path, file_dtype):
         np.testing.assert_array_equal(again.get_param(name), layer.get_param(name), err_msg=name)
 
 
+E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def mxfp4(rng, *rows_shape, cols):
+    """Random MXFP4 blocks [..., cols/32, 16] and scales [..., cols/32] (e8m0 near 2^0), and their
+    values [..., cols] by the OCP Microscaling spec: e2m1 codes, the low nibble first."""
+    blocks = rng.integers(0, 256, size=(*rows_shape, cols // 32, 16), dtype=np.uint8)
+    scales = rng.integers(124, 130, size=(*rows_shape, cols // 32), dtype=np.uint8)
+    codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*rows_shape, cols // 32, 32)
+    values = E2M1[codes] * np.exp2(scales.astype(np.float32) - 127)[..., None]
+    return blocks, scales, values.reshape(*rows_shape, cols).astype(np.float32)
+
+
+def test_gpt_oss_mxfp4_checkpoint(tmp_path):
+    # As openai/gpt-oss-20b is published: MXFP4 expert weights in nn.Linear layout, bf16 biases.
+    rng = np.random.default_rng(17)
+    E, d, ff = 4, 64, 32
+    gu_b, gu_s, gu = mxfp4(rng, E, 2 * ff, cols=d)
+    dn_b, dn_s, dn = mxfp4(rng, E, d, cols=ff)
+    p = "model.layers.5.mlp."
+    t = {p + "router.weight": ("BF16", randn(rng, E, d)), p + "router.bias": ("BF16", randn(rng, E)),
+         p + "experts.gate_up_proj_blocks": ("U8", gu_b), p + "experts.gate_up_proj_scales": ("U8", gu_s),
+         p + "experts.gate_up_proj_bias": ("BF16", randn(rng, E, 2 * ff)),
+         p + "experts.down_proj_blocks": ("U8", dn_b), p + "experts.down_proj_scales": ("U8", dn_s),
+         p + "experts.down_proj_bias": ("BF16", randn(rng, E, d))}
+    ST.write(str(tmp_path / "model.safetensors"), t)
+    for dtype in ("float32", "bfloat16"):
+        layer = libmoe.Layer.from_preset("gpt-oss", d_model=d, d_ff=ff, num_experts=E, top_k=2, dtype=dtype)
+        layer.load(tmp_path, "model.layers.5.mlp", "gpt-oss")
+        # e2m1 times a power of two: exact in bfloat16 as in float32.
+        np.testing.assert_array_equal(layer.get_param("experts.w1"), gu[:, 0::2, :])
+        np.testing.assert_array_equal(layer.get_param("experts.w3"), gu[:, 1::2, :])
+        np.testing.assert_array_equal(layer.get_param("experts.w2"), dn)
+        np.testing.assert_array_equal(layer.get_param("experts.b3"), ST.bf16_round(t[p + "experts.gate_up_proj_bias"][1])[:, 1::2])
+        np.testing.assert_array_equal(layer.get_param("router.logit_bias"), ST.bf16_round(t[p + "router.bias"][1]))
+    # A scale tensor of the wrong shape is refused, naming it.
+    t[p + "experts.down_proj_scales"] = ("U8", dn_s[:, :, :0])
+    ST.write(str(tmp_path / "bad.safetensors"), t)
+    with pytest.raises(libmoe.InvalidArgumentError, match="down_proj_scales"):
+        layer.load(tmp_path / "bad.safetensors", "model.layers.5.mlp", "gpt-oss")
+
+
 def test_switch_router_bias_maps_to_logit_bias(tmp_path):
     rng = np.random.default_rng(4)
     E, d, ff = 4, 8, 6
@@ -227,3 +269,25 @@ def test_switch_router_bias_maps_to_logit_bias(tmp_path):
     with pytest.raises(libmoe.InvalidArgumentError, match="router.classifier.bias"):  # no place without the field
         libmoe.Layer.from_preset("switch", d_model=d, d_ff=ff, num_experts=E).load(tmp_path, None, "switch")
     assert math.isfinite(float(layer.forward(randn(rng, 5, d)).sum()))
+
+
+def test_torch_module_trains_the_new_parameters(rng):
+    import libmoe.torch as lt
+    m = lt.MoE(d_model=16, d_ff=32, preset="gpt-oss", num_experts=4, top_k=2, swiglu_limit=0.6)
+    names = {n for n, _ in m.named_parameters()}
+    assert {"router.logit_bias", "experts.b1", "experts.b3", "experts.b2"} <= names
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "b" in n.split(".")[1]:
+                p.copy_(torch.from_numpy(randn(rng, *p.shape)) * 0.5)
+    x = torch.from_numpy(randn(rng, 20, 16)).requires_grad_(True)
+    dy = torch.from_numpy(randn(rng, 20, 16))
+    (m(x) * dy).sum().backward()
+    layer = m._layer
+    ry, _, rdx, rgrads = ref.forward_backward(layer, x.detach().numpy(), dy.numpy())
+    # aux_loss="add" (the default): the objective is sum(y * dy) + aux_loss_total, as the reference's.
+    np.testing.assert_allclose(x.grad.numpy(), rdx.numpy(), rtol=2e-5, atol=2e-6)
+    params = dict(m.named_parameters())
+    assert set(rgrads) == set(params)
+    for n, g in rgrads.items():
+        np.testing.assert_allclose(params[n].grad.numpy(), g.numpy(), rtol=2e-5, atol=2e-6, err_msg=n)

@@ -118,3 +118,45 @@ def test_matches_transformers_gpt_oss_block(tmp_path, file_dtype, layer_dtype):
     for name, g in grads.items():
         assert_close(layer.get_grad(name), g.numpy(), tol if layer_dtype == "float32" or "router" in name else 3e-2,
                      name)
+
+
+def test_mxfp4_checkpoint_matches_transformers_dequantisation(tmp_path):
+    # The published files' MXFP4 tensors, dequantised by transformers' own convert_moe_packed_tensors
+    # into the block that libmoe's load is compared with.
+    try:
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+    except ImportError as e:
+        pytest.skip(f"transformers {transformers.__version__} has no MXFP4 integration ({e})")
+    d, ff, e, k, t = 64, 32, 4, 2, 24
+    cfg = transformers.GptOssConfig(hidden_size=d, intermediate_size=ff, num_local_experts=e, num_experts_per_tok=k,
+                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                    vocab_size=32)
+    cfg._experts_implementation = "eager"
+    mlp = GptOssMLP(cfg).float()
+    g = torch.Generator().manual_seed(3)
+    blocks = {"gate_up_proj": torch.randint(0, 256, (e, 2 * ff, d // 32, 16), generator=g, dtype=torch.uint8),
+              "down_proj": torch.randint(0, 256, (e, d, ff // 32, 16), generator=g, dtype=torch.uint8)}
+    scales = {n: torch.randint(122, 127, b.shape[:-1], generator=g, dtype=torch.uint8) for n, b in blocks.items()}
+    with torch.no_grad():
+        for n in blocks:
+            getattr(mlp.experts, n).copy_(convert_moe_packed_tensors(blocks[n], scales[n], dtype=torch.float32))
+        for n in ("gate_up_proj_bias", "down_proj_bias"):
+            getattr(mlp.experts, n).copy_(torch.randn(getattr(mlp.experts, n).shape, generator=g).bfloat16().float())
+        mlp.router.weight.copy_(torch.randn(e, d, generator=g).bfloat16().float())
+        mlp.router.bias.copy_(torch.randn(e, generator=g).bfloat16().float())
+    tensors = {f"{PREFIX}.router.weight": ("BF16", mlp.router.weight.numpy()),
+               f"{PREFIX}.router.bias": ("BF16", mlp.router.bias.numpy())}
+    for n in blocks:
+        tensors[f"{PREFIX}.experts.{n}_blocks"] = ("U8", blocks[n].numpy())
+        tensors[f"{PREFIX}.experts.{n}_scales"] = ("U8", scales[n].numpy())
+        tensors[f"{PREFIX}.experts.{n}_bias"] = ("BF16", getattr(mlp.experts, n + "_bias").detach().numpy())
+    ST.write(str(tmp_path / "model.safetensors"), tensors)
+    layer = libmoe.Layer.from_preset("gpt-oss", d_model=d, d_ff=ff, num_experts=e, top_k=k)
+    layer.load(tmp_path, PREFIX, "gpt-oss")
+    gu = mlp.experts.gate_up_proj.detach()
+    np.testing.assert_array_equal(layer.get_param("experts.w1"), gu[:, :, 0::2].transpose(1, 2).numpy())
+    np.testing.assert_array_equal(layer.get_param("experts.w2"), mlp.experts.down_proj.detach().transpose(1, 2).numpy())
+    x = torch.from_numpy(np.random.default_rng(5).standard_normal((t, d)).astype(np.float32))
+    with torch.no_grad():
+        want, _ = mlp(x.reshape(1, t, d))
+    assert_close(layer.forward(x.numpy()), want.numpy().reshape(t, d), 2e-5, "y")
