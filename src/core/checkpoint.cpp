@@ -170,8 +170,8 @@ void copy_piece(const Piece &pc, const TensorInfo &t, int src_dt, unsigned char 
     for (int64_t r = 0; r < pc.rows; ++r)
       for (int64_t c = 0; c < pc.cols; ++c) {
         const int64_t i = pc.transpose ? c : r, j = pc.transpose ? r : c;
-        const unsigned char *src =
-            t.data + ((pc.outer * R + pc.row0 + i * pc.row_step) * C + pc.col0 + j * pc.col_step) * static_cast<int64_t>(ss);
+        const int64_t at = (pc.outer * R + pc.row0 + i * pc.row_step) * C + pc.col0 + j * pc.col_step;
+        const unsigned char *src = t.data + at * static_cast<int64_t>(ss);
         unsigned char *dst = staging + (pc.dst + r * pc.dst_ld + c) * static_cast<int64_t>(ds);
         if (src_dt == dst_dt)
           std::memcpy(dst, src, ss);
@@ -238,10 +238,12 @@ void load_checkpoint(moe_layer &layer, const std::string &path, const std::strin
         const SafetensorsFile *sfile = nullptr;
         const TensorInfo &ts = ck.get(pc.scales_key, why, &sfile);
         const std::vector<int64_t> sshape(pc.shape.begin(), pc.shape.end() - 1);
-        for (const auto &[t, f, k, want] : {std::tuple{&ti, file, &pc.key, &pc.shape}, std::tuple{&ts, sfile, &pc.scales_key, &sshape}}) {
+        for (const auto &[t, f, k, want] :
+             {std::tuple{&ti, file, &pc.key, &pc.shape}, std::tuple{&ts, sfile, &pc.scales_key, &sshape}}) {
           if (t->dtype != "U8")
-            fail(MOE_ERR_INVALID_ARGUMENT, "file \"%s\": tensor \"%s\": dtype %s, but an MXFP4 tensor for %s must be U8",
-                 f->path().c_str(), k->c_str(), t->dtype.c_str(), p.name.c_str());
+            fail(MOE_ERR_INVALID_ARGUMENT,
+                 "file \"%s\": tensor \"%s\": dtype %s, but an MXFP4 tensor for %s must be U8", f->path().c_str(),
+                 k->c_str(), t->dtype.c_str(), p.name.c_str());
           if (t->shape != *want)
             fail(MOE_ERR_INVALID_ARGUMENT,
                  "file \"%s\": tensor \"%s\": shape %s, but %s of this layer (d_model %lld, d_ff %lld, %lld experts) "

@@ -19,7 +19,7 @@ struct Family {
   const char *up, *gate, *down;  // per-expert projection names; gate NULL: plain (non-GLU) experts
   const char *shared;       // the shared expert module, or NULL
   const char *shared_gate;  // [1, d], or NULL
-  bool router_linear_bias;  // the router may be an nn.Linear with bias ("<router>.bias")
+  const char *router_linear_bias;  // [E] of an nn.Linear router with bias (-> router.logit_bias), or NULL
 };
 
 // transformers' modelling code of each family (per-expert nn.Linear layout of 4.x; 5.x stores the
@@ -33,14 +33,15 @@ struct Family {
 //                shared_experts.* (width n_shared_experts * moe_intermediate_size)
 //   switch       SwitchTransformersSparseMLP: router.classifier, experts.expert_N.wi / wo (ReLU)
 const Family kFamilies[] = {
-    {"mixtral", "gate.weight", nullptr, "", "w3", "w1", "w2", nullptr, nullptr, false},
+    {"mixtral", "gate.weight", nullptr, "", "w3", "w1", "w2", nullptr, nullptr, nullptr},
     {"qwen2-moe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", "shared_expert",
-     "shared_expert_gate.weight", false},
-    {"qwen3-moe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr, false},
-    {"olmoe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr, false},
+     "shared_expert_gate.weight", nullptr},
+    {"qwen3-moe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr, nullptr},
+    {"olmoe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr, nullptr},
     {"deepseek-v3", "gate.weight", "gate.e_score_correction_bias", "", "up_proj", "gate_proj", "down_proj",
-     "shared_experts", nullptr, false},
-    {"switch", "router.classifier.weight", nullptr, "expert_", "wi", nullptr, "wo", nullptr, nullptr, true},
+     "shared_experts", nullptr, nullptr},
+    {"switch", "router.classifier.weight", nullptr, "expert_", "wi", nullptr, "wo", nullptr, nullptr,
+     "router.classifier.bias"},
 };
 
 class Mapper {
@@ -247,9 +248,8 @@ class Mapper {
 
     whole(l_.router_w, key(f.router), {c_.E, c_.d});
     // An nn.Linear router with bias (Switch's router_bias=True) gives its bias to router.logit_bias.
-    const std::string logit_bias = key(std::string(f.router).substr(0, std::strlen(f.router) - 6) + "bias");
-    if (l_.logit_bias && f.router_linear_bias && keys.has(logit_bias))
-      whole(l_.logit_bias, logit_bias, {c_.E});
+    if (l_.logit_bias && f.router_linear_bias && keys.has(key(f.router_linear_bias)))
+      whole(l_.logit_bias, key(f.router_linear_bias), {c_.E});
     else
       zero(l_.logit_bias, "the family's router has no bias");
     zero_biases("the family's experts have no biases");

@@ -246,7 +246,8 @@ def test_gpt_oss_mxfp4_checkpoint(tmp_path):
         np.testing.assert_array_equal(layer.get_param("experts.w1"), gu[:, 0::2, :])
         np.testing.assert_array_equal(layer.get_param("experts.w3"), gu[:, 1::2, :])
         np.testing.assert_array_equal(layer.get_param("experts.w2"), dn)
-        np.testing.assert_array_equal(layer.get_param("experts.b3"), ST.bf16_round(t[p + "experts.gate_up_proj_bias"][1])[:, 1::2])
+        b3 = ST.bf16_round(t[p + "experts.gate_up_proj_bias"][1])[:, 1::2]
+        np.testing.assert_array_equal(layer.get_param("experts.b3"), b3)
         np.testing.assert_array_equal(layer.get_param("router.logit_bias"), ST.bf16_round(t[p + "router.bias"][1]))
     # A scale tensor of the wrong shape is refused, naming it.
     t[p + "experts.down_proj_scales"] = ("U8", dn_s[:, :, :0])

@@ -144,8 +144,8 @@ def test_mxfp4_checkpoint_matches_transformers_dequantisation(tmp_path):
             getattr(mlp.experts, n).copy_(torch.randn(getattr(mlp.experts, n).shape, generator=g).bfloat16().float())
         mlp.router.weight.copy_(torch.randn(e, d, generator=g).bfloat16().float())
         mlp.router.bias.copy_(torch.randn(e, generator=g).bfloat16().float())
-    tensors = {f"{PREFIX}.router.weight": ("BF16", mlp.router.weight.numpy()),
-               f"{PREFIX}.router.bias": ("BF16", mlp.router.bias.numpy())}
+    tensors = {f"{PREFIX}.router.weight": ("BF16", mlp.router.weight.detach().numpy()),
+               f"{PREFIX}.router.bias": ("BF16", mlp.router.bias.detach().numpy())}
     for n in blocks:
         tensors[f"{PREFIX}.experts.{n}_blocks"] = ("U8", blocks[n].numpy())
         tensors[f"{PREFIX}.experts.{n}_scales"] = ("U8", scales[n].numpy())

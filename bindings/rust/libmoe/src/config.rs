@@ -342,7 +342,8 @@ config_struct! {
 
 /// The names accepted by [`Config::preset`] when this crate was written; [`presets`] asks the
 /// loaded libmoe, which may know more.
-pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss"];
+pub const PRESETS: &[&str] =
+    &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss"];
 
 fn raw_init() -> sys::moe_config {
     let mut raw = std::mem::MaybeUninit::<sys::moe_config>::zeroed();

@@ -614,7 +614,8 @@ fn checkpoints_round_trip_and_refuse_bad_files() {
     assert!(e.message().contains("cut.safetensors"), "{}", e.message());
     assert_eq!(a.param("experts.w1").unwrap(), b.param("experts.w1").unwrap());
     // gpt-oss's naming needs a gpt-oss layer (clamped SwiGLU): refused for this one.
-    assert_eq!(b.load(&path, Some("model.layers.0.mlp"), Some("gpt-oss")).unwrap_err().status(), Status::InvalidArgument);
+    let e = b.load(&path, Some("model.layers.0.mlp"), Some("gpt-oss")).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
     assert_eq!(b.load(&path, Some("a\0b"), None).unwrap_err().status(), Status::InvalidArgument);
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -669,7 +670,9 @@ fn gpt_oss_checkpoint_loads() {
     assert_eq!(layer.param("router.weight").unwrap(), router);
     assert_eq!(layer.param("router.logit_bias").unwrap(), rbias);
     assert_eq!(layer.param("experts.b2").unwrap(), down_bias);
-    let (w1, w3, w2) = (layer.param("experts.w1").unwrap(), layer.param("experts.w3").unwrap(), layer.param("experts.w2").unwrap());
+    let w1 = layer.param("experts.w1").unwrap();
+    let w3 = layer.param("experts.w3").unwrap();
+    let w2 = layer.param("experts.w2").unwrap();
     let (b1, b3) = (layer.param("experts.b1").unwrap(), layer.param("experts.b3").unwrap());
     for x in 0..e {
         for f in 0..ff {
