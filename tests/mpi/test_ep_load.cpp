@@ -96,6 +96,7 @@ void gpt_oss_ep_load(const std::string &dir, int dt) {
     moe_layer_param_info(ref, i, &pi);
     int64_t n = 1;
     for (int j = 0; j < pi.ndim; ++j) n *= pi.shape[j];
+    if (std::strcmp(pi.name, "router.bias") == 0) continue;  // gpt-oss has no selection bias: it stays 0
     const std::vector<float> v = rng.uniforms(n, -0.5f, 0.5f);
     check(moe_layer_set_param(ref, pi.name, v.data(), n) == MOE_OK, moe_last_error());
   }
