@@ -86,6 +86,7 @@ const char *activation_name(moe_activation a) {
     case MOE_ACT_RELU: return "relu";
     case MOE_ACT_GELU: return "gelu";
     case MOE_ACT_SILU: return "silu";
+    case MOE_ACT_SWIGLU_CLAMPED: return "swiglu_clamped";
   }
   return "?";
 }
@@ -346,7 +347,9 @@ struct Work {
 Work work_of(const moe_config &eff, int64_t tokens, int64_t experts_touched) {
   const double T = static_cast<double>(tokens), d = static_cast<double>(eff.d_model);
   const double E = static_cast<double>(eff.num_experts), k = static_cast<double>(eff.top_k);
-  const double glu = eff.activation == MOE_ACT_SWIGLU || eff.activation == MOE_ACT_GEGLU ? 3.0 : 2.0;
+  const bool gated = eff.activation == MOE_ACT_SWIGLU || eff.activation == MOE_ACT_GEGLU ||
+                     eff.activation == MOE_ACT_SWIGLU_CLAMPED;
+  const double glu = gated ? 3.0 : 2.0;
   double slots = T * k;
   if (eff.routing == MOE_ROUTE_EXPERT_CHOICE)
     slots = E * std::min(T, std::ceil(static_cast<double>(eff.capacity_factor) * T * k / E));

@@ -7,7 +7,7 @@
  *
  * DIR_OR_FILE is a safetensors file, a model.safetensors.index.json, or a directory holding either.
  * --family names the checkpoint's layout (libmoe, mixtral, qwen2-moe, qwen3-moe, olmoe, deepseek-v3,
- * switch) and --prefix the block (e.g. model.layers.0.block_sparse_moe). The layer's shape comes
+ * switch, gpt-oss) and --prefix the block (e.g. model.layers.0.block_sparse_moe). The layer's shape comes
  * from --preset (the routing recipe of the family) and the widths, which must match the checkpoint's
  * config.json (hidden_size, intermediate_size or moe_intermediate_size, num_local_experts, ...).
  *

@@ -104,7 +104,12 @@ typedef enum moe_activation {
   MOE_ACT_GEGLU = 1,  /* (gelu(x W1^T) * (x W3^T)) W2^T, exact (erf) GELU */
   MOE_ACT_RELU = 2,   /* relu(x W1^T) W2^T */
   MOE_ACT_GELU = 3,   /* gelu(x W1^T) W2^T, exact (erf) GELU */
-  MOE_ACT_SILU = 4    /* silu(x W1^T) W2^T */
+  MOE_ACT_SILU = 4,   /* silu(x W1^T) W2^T */
+  /* gpt-oss's clamped SwiGLU, with h = x W1^T (+ b1), u = x W3^T (+ b3), alpha = swiglu_alpha,
+     l = swiglu_limit: hc = min(h, l), uc = clamp(u, -l, l),
+     a = (uc + 1) * hc * sigmoid(alpha * hc), out = a W2^T (+ b2). The clamps pass the gradient
+     where h <= l and -l <= u <= l (as torch.clamp) and give zero elsewhere. */
+  MOE_ACT_SWIGLU_CLAMPED = 5
 } moe_activation;
 /* Expert choice: each expert takes its C = ceil(capacity_factor*T*top_k/E) best tokens by softmax
    score (per group of capacity_group_size tokens when set), weight = the score; normalize_topk,
@@ -173,6 +178,19 @@ typedef struct moe_config {
                                    Transformer, Mesh TensorFlow's groups, GShard) on a batch laid out
                                    sequence after sequence. Under a comm each rank groups its own
                                    tokens. >= 0, default 0 */
+  int router_logit_bias;        /* nonzero: a trainable parameter router.logit_bias [E] is added to
+                                   the logits before scoring and selection, L = X Wr^T + b (an
+                                   nn.Linear router with bias: gpt-oss, Switch with router_bias);
+                                   its gradient is the sum over tokens of dLoss/dL. Distinct from
+                                   router.bias, which only steers selection. Default 0 */
+  int expert_bias;              /* nonzero: the routed experts have biases experts.b1 [E, d_ff],
+                                   experts.b3 [E, d_ff] (GLU activations) and experts.b2 [E, d]:
+                                   h = x W1^T + b1, g = x W3^T + b3, y_e = a W2^T + b2; the whole
+                                   y_e, b2 included, is scaled by the routing weight (as gpt-oss
+                                   does). Trainable, stored like experts.w*. Shared experts have
+                                   none. Default 0 */
+  float swiglu_alpha;           /* MOE_ACT_SWIGLU_CLAMPED: alpha of sigmoid(alpha * h), > 0; default 1.702 */
+  float swiglu_limit;           /* MOE_ACT_SWIGLU_CLAMPED: the clamp limit l, > 0; default 7 */
 } moe_config;
 
 /** sizeof(moe_config) in the moe.h of 0.1 and 0.2, the shortest struct_size the library reads. */
@@ -217,6 +235,10 @@ MOE_API void moe_config_init_size(moe_config *cfg, size_t size);
  *   "qwen3-moe"      E 128, k 8, softmax, normalized, no shared experts, aux 0.001 (Qwen3-30B-A3B)
  *   "olmoe"          E 64, k 8, softmax, not normalized, aux 0.01, router z-loss 0.001
  *                    (OLMoE-1B-7B, Muennighoff et al. 2024)
+ *   "gpt-oss"        E 32, k 4 (gpt-oss-20b; set E 128 for gpt-oss-120b), router logit bias, softmax
+ *                    over the k largest logits (= softmax, top-k, normalized), expert biases, clamped
+ *                    SwiGLU alpha 1.702 limit 7, dropless, aux 0.9 (router_aux_loss_coef of both
+ *                    models' config.json; transformers' GptOssConfig, OpenAI 2025)
  * Widths (d_model, d_ff, d_ff_shared) are left 0 for the caller to set; E and k may be changed.
  * moe_config_num_presets and moe_config_preset_name list them at run time.
  * @return MOE_OK; MOE_ERR_INVALID_ARGUMENT if cfg or name is NULL or name is unknown (cfg
@@ -406,9 +428,11 @@ MOE_API moe_status moe_layer_memory(const moe_layer *layer, moe_memory *out);
  * Parameters: named tensors in PyTorch nn.Linear layout ([out, in], row-major).
  *   router.weight [E, d]        router.noise_weight [E, d] (noise GAUSSIAN only)
  *   router.bias [E]             selection bias (not trainable; changed by bias_update_rate)
+ *   router.logit_bias [E]       added to the logits (router_logit_bias only; trainable)
  *   experts.w1 [E, d_ff, d]     gate projection of GLU experts, up projection otherwise
  *   experts.w3 [E, d_ff, d]     up projection (GLU activations only)
  *   experts.w2 [E, d, d_ff]     down projection
+ *   experts.b1, b3 [E, d_ff], experts.b2 [E, d]   biases of w1, w3 (GLU), w2 (expert_bias only)
  *   shared.w1/w3/w2 [S, ...]    the same for the S shared experts (width d_ff_shared)
  *   shared.gate [1, d]          (shared_gate only)
  * With a comm of size R, E above is this rank's E/R experts.
@@ -496,11 +520,24 @@ MOE_API moe_status moe_layer_param_buffers(moe_layer *layer, const char *name, v
  *     "deepseek-v3"  gate.weight; gate.e_score_correction_bias -> router.bias;
  *                    experts.N.{gate,up,down}_proj.weight; shared_experts.{gate,up,down}_proj.weight
  *                    (width S*d_ff_shared)
- *     "switch"       router.classifier.weight; experts.expert_N.wi/wo.weight (ReLU or other plain FFN)
+ *     "switch"       router.classifier.weight (and router.classifier.bias -> router.logit_bias, for a
+ *                    layer with router_logit_bias); experts.expert_N.wi/wo.weight (ReLU or other plain FFN)
+ *     "gpt-oss"      router.weight; router.bias -> router.logit_bias; experts.gate_up_proj [E, d, 2*d_ff]
+ *                    with gate and up interleaved along the last axis (gate = [..., 0::2], up =
+ *                    [..., 1::2]), transposed into experts.w1/w3; experts.gate_up_proj_bias [E, 2*d_ff]
+ *                    likewise into experts.b1/b3; experts.down_proj [E, d_ff, d] (transposed into
+ *                    experts.w2) and experts.down_proj_bias [E, d] (transformers 5's GptOssMLP). Or, as
+ *                    openai/gpt-oss-20b and -120b are published, MXFP4: experts.gate_up_proj_blocks
+ *                    [E, 2*d_ff, d/32, 16] and experts.gate_up_proj_scales [E, 2*d_ff, d/32] (U8:
+ *                    e2m1 pairs, low nibble first, and e8m0 exponents of blocks of 32; gate and up
+ *                    rows interleaved), experts.down_proj_blocks/_scales [E, d, d_ff/32, 16] /
+ *                    [E, d, d_ff/32], dequantised on load (d_model and d_ff multiples of 32). The
+ *                    layer needs activation MOE_ACT_SWIGLU_CLAMPED (preset "gpt-oss").
  *   Every gated family also accepts transformers 5's fused experts, experts.gate_up_proj
  *   [E, 2*d_ff, d] (gate rows first) and experts.down_proj [E, d, d_ff]: the layout is picked by
  *   whether experts.gate_up_proj exists. Parameters a family has no tensor for (router.bias but in
- *   deepseek-v3, router.noise_weight) are set to zero, as the model has them.
+ *   deepseek-v3, router.noise_weight, router.logit_bias and experts.b1/b3/b2 where the family has none) are
+ *   set to zero, as the model has them.
  * The layer's configuration must match the checkpoint: every tensor the layer needs must exist with
  * exactly the layer's shape (global E experts; a gated family needs a GLU activation, "switch" a
  * plain one), and every tensor whose name starts with prefix + "." (every tensor, with no prefix)
@@ -521,7 +558,6 @@ MOE_API moe_status moe_layer_param_buffers(moe_layer *layer, const char *name, v
  *                             tensors); a missing tensor, a wrong dtype or shape, a tensor under
  *                             prefix with no place in the layer, a configuration the family
  *                             cannot describe. The message names the file, the tensor and the fault.
- *   MOE_ERR_UNSUPPORTED       family "gpt-oss" (its routing and activation are not built yet);
  *   MOE_ERR_NONFINITE         check_finite is on and a value is not finite once stored;
  *   MOE_ERR_OUT_OF_MEMORY     the staging copies could not be allocated.
  */

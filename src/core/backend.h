@@ -52,6 +52,11 @@ typedef struct moe_gate_args {
   float *dw;            /* [E,d] accumulated (+=) */
   float *dwn;           /* [E,d] accumulated (+=) (GAUSSIAN) */
   int prepare;          /* gate_bwd: make ready only (see above) */
+  /* router_logit_bias: b [E] added to every row of the logits (to the clean logits, before noise,
+     with GAUSSIAN); NULL: none. Backward: db += sum over tokens of the gradient of the (clean)
+     logits, in token order. */
+  const float *logit_bias;
+  float *dlogit_bias;
 } moe_gate_args;
 
 typedef struct moe_select_args {
@@ -159,6 +164,12 @@ typedef struct moe_ffn_args {
   void *dw1, *dw3, *dw2;     /* accumulated (+=) */
   void *dh, *dg;             /* [R,ff] scratch */
   int prepare;               /* expert_ffn, expert_ffn_bwd: make ready only (see above) */
+  /* expert_bias: [E,ff], [E,ff] (GLU), [E,d] in dtype, added before h, g and y are stored (each
+     rounded once with its sum); NULL: none. Backward: db1 += column sums of dh, db3 of dg, db2
+     of dy over the expert's rows, rounded once when added. */
+  const void *b1, *b3, *b2;
+  void *db1, *db3, *db2;
+  float swiglu_alpha, swiglu_limit; /* MOE_ACT_SWIGLU_CLAMPED */
 } moe_ffn_args;
 
 typedef struct moe_shared_args {

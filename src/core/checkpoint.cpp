@@ -6,8 +6,10 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <set>
+#include <tuple>
 
 #include <nlohmann/json.hpp>
 
@@ -163,6 +165,21 @@ void copy_piece(const Piece &pc, const TensorInfo &t, int src_dt, unsigned char 
   const int64_t R = t.shape.size() == 1 ? 1 : t.shape[t.shape.size() - 2];
   const int64_t C = t.shape.back();
   const size_t ss = dtype_size(src_dt), ds = dtype_size(dst_dt);
+  if (pc.transpose || pc.row_step != 1 || pc.col_step != 1) {
+    // The map built these views inside the tensor's checked shape.
+    for (int64_t r = 0; r < pc.rows; ++r)
+      for (int64_t c = 0; c < pc.cols; ++c) {
+        const int64_t i = pc.transpose ? c : r, j = pc.transpose ? r : c;
+        const int64_t at = (pc.outer * R + pc.row0 + i * pc.row_step) * C + pc.col0 + j * pc.col_step;
+        const unsigned char *src = t.data + at * static_cast<int64_t>(ss);
+        unsigned char *dst = staging + (pc.dst + r * pc.dst_ld + c) * static_cast<int64_t>(ds);
+        if (src_dt == dst_dt)
+          std::memcpy(dst, src, ss);
+        else
+          store_elem(dst, dst_dt, load_elem(src, src_dt));
+      }
+    return;
+  }
   for (int64_t r = 0; r < pc.rows; ++r) {
     const unsigned char *src = t.data + ((pc.outer * R + pc.row0 + r) * C + pc.col0) * static_cast<int64_t>(ss);
     unsigned char *dst = staging + (pc.dst + r * pc.dst_ld) * static_cast<int64_t>(ds);
@@ -172,6 +189,30 @@ void copy_piece(const Piece &pc, const TensorInfo &t, int src_dt, unsigned char 
       for (int64_t c = 0; c < pc.cols; ++c) store_elem(dst + c * ds, dst_dt, load_elem(src + c * ss, src_dt));
     }
   }
+}
+
+// The 16 values of a 4-bit e2m1 code (OCP Microscaling Formats v1.0): sign, 2 exponent bits, 1
+// mantissa bit.
+constexpr float kE2m1[16] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f,
+                             -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f};
+
+// Copies one MXFP4 piece into staging, dequantised: value = e2m1 * 2^(scale - 127) (scale 255 is
+// NaN, as e8m0 defines it). blocks and scales have the shapes the caller checked.
+void copy_mxfp4_piece(const Piece &pc, const TensorInfo &blocks, const TensorInfo &scales, unsigned char *staging,
+                      int dst_dt) {
+  const int64_t R = blocks.shape[1], G = blocks.shape[2];
+  const size_t ds = dtype_size(dst_dt);
+  for (int64_t r = 0; r < pc.rows; ++r)
+    for (int64_t c = 0; c < pc.cols; ++c) {
+      const int64_t i = pc.transpose ? c : r, j = pc.transpose ? r : c;
+      const int64_t row = pc.outer * R + pc.row0 + i * pc.row_step, col = pc.col0 + j * pc.col_step;
+      const int64_t block = row * G + col / 32, within = col % 32;
+      const unsigned char byte = blocks.data[block * 16 + within / 2];
+      const int code = within % 2 == 0 ? byte & 0x0F : byte >> 4;
+      const int e8m0 = scales.data[block];
+      const float v = e8m0 == 255 ? std::numeric_limits<float>::quiet_NaN() : std::ldexp(kE2m1[code], e8m0 - 127);
+      store_elem(staging + (pc.dst + r * pc.dst_ld + c) * static_cast<int64_t>(ds), dst_dt, v);
+    }
 }
 
 }  // namespace
@@ -193,6 +234,26 @@ void load_checkpoint(moe_layer &layer, const std::string &path, const std::strin
       const std::string why = format("family %s, for %s", fam.c_str(), p.name.c_str());
       const TensorInfo &ti = ck.get(pc.key, why, &file);
       const char *fp = file->path().c_str();
+      if (!pc.scales_key.empty()) {
+        const SafetensorsFile *sfile = nullptr;
+        const TensorInfo &ts = ck.get(pc.scales_key, why, &sfile);
+        const std::vector<int64_t> sshape(pc.shape.begin(), pc.shape.end() - 1);
+        for (const auto &[t, f, k, want] :
+             {std::tuple{&ti, file, &pc.key, &pc.shape}, std::tuple{&ts, sfile, &pc.scales_key, &sshape}}) {
+          if (t->dtype != "U8")
+            fail(MOE_ERR_INVALID_ARGUMENT,
+                 "file \"%s\": tensor \"%s\": dtype %s, but an MXFP4 tensor for %s must be U8", f->path().c_str(),
+                 k->c_str(), t->dtype.c_str(), p.name.c_str());
+          if (t->shape != *want)
+            fail(MOE_ERR_INVALID_ARGUMENT,
+                 "file \"%s\": tensor \"%s\": shape %s, but %s of this layer (d_model %lld, d_ff %lld, %lld experts) "
+                 "needs %s",
+                 f->path().c_str(), k->c_str(), dims(t->shape).c_str(), p.name.c_str(), (long long)layer.cfg.d,
+                 (long long)layer.cfg.ff, (long long)layer.cfg.E, dims(*want).c_str());
+        }
+        copy_mxfp4_piece(pc, ti, ts, staging[i].data(), p.dtype);
+        continue;
+      }
       const int src_dt = safetensors_dtype(ti.dtype);
       if (src_dt < 0)
         fail(MOE_ERR_INVALID_ARGUMENT, "file \"%s\": tensor \"%s\": dtype %s, but %s must be F32, BF16 or F16", fp,
@@ -219,7 +280,10 @@ void load_checkpoint(moe_layer &layer, const std::string &path, const std::strin
   // Checked after reading, so that a wrong family is reported as the tensor it lacks.
   std::set<std::string> known;
   for (const Target &t : targets)
-    for (const Piece &pc : t.pieces) known.insert(pc.key);
+    for (const Piece &pc : t.pieces) {
+      known.insert(pc.key);
+      if (!pc.scales_key.empty()) known.insert(pc.scales_key);
+    }
   const std::string under = prefix.empty() ? "" : prefix + ".";
   for (const std::string &k : ck.keys())
     if (k.compare(0, under.size(), under) == 0 && !known.count(k))

@@ -20,6 +20,15 @@ struct Piece {
   int64_t outer = 0, row0 = 0, col0 = 0, rows = 0, cols = 0;
   int64_t dst = 0, dst_ld = 0;
   bool read = true;  // false: another rank's expert, known to the checkpoint but not read here
+  // Strided and transposed views (gpt-oss's interleaved gate/up columns, its [in, out] layout):
+  // destination element (r, c) reads source row row0 + i*row_step, column col0 + j*col_step,
+  // with (i, j) = (r, c), or (c, r) when transpose is set.
+  int64_t row_step = 1, col_step = 1;
+  bool transpose = false;
+  // MXFP4 (gpt-oss's published checkpoints): key is a U8 "*_blocks" tensor [A, R, G, 16] of 4-bit
+  // e2m1 values, two per byte (the low nibble first), and scales_key a U8 "*_scales" tensor
+  // [A, R, G] of e8m0 exponents, one per block of 32; the piece reads the dequantised [A, R, G*32].
+  std::string scales_key;
 };
 
 // What fills one parameter: pieces, or zeros when the family has no such tensor.

@@ -7,7 +7,7 @@
 
 namespace moe {
 
-const char *const kFamilyNames = "libmoe, mixtral, qwen2-moe, qwen3-moe, olmoe, deepseek-v3, switch";
+const char *const kFamilyNames = "libmoe, mixtral, qwen2-moe, qwen3-moe, olmoe, deepseek-v3, switch, gpt-oss";
 
 namespace {
 
@@ -19,6 +19,7 @@ struct Family {
   const char *up, *gate, *down;  // per-expert projection names; gate NULL: plain (non-GLU) experts
   const char *shared;       // the shared expert module, or NULL
   const char *shared_gate;  // [1, d], or NULL
+  const char *router_linear_bias;  // [E] of an nn.Linear router with bias (-> router.logit_bias), or NULL
 };
 
 // transformers' modelling code of each family (per-expert nn.Linear layout of 4.x; 5.x stores the
@@ -32,14 +33,15 @@ struct Family {
 //                shared_experts.* (width n_shared_experts * moe_intermediate_size)
 //   switch       SwitchTransformersSparseMLP: router.classifier, experts.expert_N.wi / wo (ReLU)
 const Family kFamilies[] = {
-    {"mixtral", "gate.weight", nullptr, "", "w3", "w1", "w2", nullptr, nullptr},
+    {"mixtral", "gate.weight", nullptr, "", "w3", "w1", "w2", nullptr, nullptr, nullptr},
     {"qwen2-moe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", "shared_expert",
-     "shared_expert_gate.weight"},
-    {"qwen3-moe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr},
-    {"olmoe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr},
+     "shared_expert_gate.weight", nullptr},
+    {"qwen3-moe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr, nullptr},
+    {"olmoe", "gate.weight", nullptr, "", "up_proj", "gate_proj", "down_proj", nullptr, nullptr, nullptr},
     {"deepseek-v3", "gate.weight", "gate.e_score_correction_bias", "", "up_proj", "gate_proj", "down_proj",
-     "shared_experts", nullptr},
-    {"switch", "router.classifier.weight", nullptr, "expert_", "wi", nullptr, "wo", nullptr, nullptr},
+     "shared_experts", nullptr, nullptr},
+    {"switch", "router.classifier.weight", nullptr, "expert_", "wi", nullptr, "wo", nullptr, nullptr,
+     "router.classifier.bias"},
 };
 
 class Mapper {
@@ -106,13 +108,123 @@ class Mapper {
 
   bool local(int64_t e) const { return e >= c_.expert_begin && e < c_.expert_begin + c_.E_local; }
 
+  // This rank's rows of a [E, n] tensor of per-expert vectors: columns col0, col0 + step, ... (cols
+  // of them) of each row.
+  void expert_rows(Param *p, const std::string &k, int64_t n, int64_t col0, int64_t step, int64_t cols) {
+    Piece pc;
+    pc.key = k;
+    pc.shape = {c_.E, n};
+    pc.row0 = c_.expert_begin;
+    pc.rows = c_.E_local;
+    pc.col0 = col0;
+    pc.col_step = step;
+    pc.cols = cols;
+    pc.dst_ld = cols;
+    target(p).pieces.push_back(std::move(pc));
+  }
+
+  // Expert e's [rows, cols] parameter from the transpose of columns col0, col0 + step, ... of its
+  // [cols, rows*step] slice of a [E, cols, N] tensor (gpt-oss's [in, out] layout).
+  void fused_transposed(Target &t, const std::string &k, std::vector<int64_t> shape, int64_t col0, int64_t step,
+                        int64_t rows, int64_t cols) {
+    for (int64_t e = 0; e < c_.E; ++e) {
+      Piece pc;
+      pc.key = k;
+      pc.shape = shape;
+      pc.outer = e;
+      pc.transpose = true;
+      pc.col0 = col0;
+      pc.col_step = step;
+      pc.rows = rows;
+      pc.cols = cols;
+      pc.dst = (e - c_.expert_begin) * rows * cols;
+      pc.dst_ld = cols;
+      pc.read = local(e);
+      t.pieces.push_back(std::move(pc));
+    }
+  }
+
+  // Expert e's [rows, cols] parameter from rows row0, row0 + step, ... of its slice of the MXFP4
+  // tensor name + "_blocks" (shape: [E, R, G, 16]) with its name + "_scales".
+  void mxfp4(Target &t, const std::string &name, std::vector<int64_t> shape, int64_t row0, int64_t step, int64_t rows,
+             int64_t cols) {
+    for (int64_t e = 0; e < c_.E; ++e) {
+      Piece pc;
+      pc.key = key(name + "_blocks");
+      pc.scales_key = key(name + "_scales");
+      pc.shape = shape;
+      pc.outer = e;
+      pc.row0 = row0;
+      pc.row_step = step;
+      pc.rows = rows;
+      pc.cols = cols;
+      pc.dst = (e - c_.expert_begin) * rows * cols;
+      pc.dst_ld = cols;
+      pc.read = local(e);
+      t.pieces.push_back(std::move(pc));
+    }
+  }
+
+  // Parameters the family has no tensor for are zero, as the model has them.
+  void zero_biases(const char *fam_has_none) {
+    zero(l_.b1, fam_has_none);
+    zero(l_.b3, fam_has_none);
+    zero(l_.b2, fam_has_none);
+  }
+
+  // gpt-oss (transformers' GptOssMLP): router.weight [E, d] and router.bias [E] (inside the
+  // logits); experts.gate_up_proj [E, d, 2*ff] with gate and up interleaved along the last axis
+  // (gate = [..., ::2], up = [..., 1::2]), experts.gate_up_proj_bias [E, 2*ff] likewise,
+  // experts.down_proj [E, ff, d], experts.down_proj_bias [E, d].
+  std::vector<Target> gpt_oss(const KeyLookup &keys) {
+    if (c_.c.activation != MOE_ACT_SWIGLU_CLAMPED)
+      fail(MOE_ERR_INVALID_ARGUMENT,
+           "family: gpt-oss's experts compute the clamped SwiGLU, but the layer's activation is %d: create the layer "
+           "with MOE_ACT_SWIGLU_CLAMPED (preset \"gpt-oss\")",
+           (int)c_.c.activation);
+    if (c_.S > 0)
+      fail(MOE_ERR_INVALID_ARGUMENT, "family: gpt-oss has no shared experts, but the layer has num_shared_experts %lld",
+           (long long)c_.S);
+    whole(l_.router_w, key("router.weight"), {c_.E, c_.d});
+    if (l_.logit_bias) whole(l_.logit_bias, key("router.bias"), {c_.E});
+    zero(l_.noise_w, "the family has no noise router");
+    zero(l_.router_bias, "the family has no selection bias");
+    const int64_t E = c_.E, d = c_.d, ff = c_.ff;
+    if (keys.has(key("experts.gate_up_proj_blocks"))) {
+      // The published files: MXFP4 weights in nn.Linear layout, [E, 2ff, d] (gate and up rows
+      // interleaved) and [E, d, ff], dequantised on load.
+      if (d % 32 != 0 || ff % 32 != 0)
+        fail(MOE_ERR_INVALID_ARGUMENT,
+             "family: gpt-oss's MXFP4 tensors hold blocks of 32 values, but the layer's d_model %lld or d_ff %lld "
+             "is not a multiple of 32",
+             (long long)d, (long long)ff);
+      mxfp4(target(l_.w1), "experts.gate_up_proj", {E, 2 * ff, d / 32, 16}, 0, 2, ff, d);
+      mxfp4(target(l_.w3), "experts.gate_up_proj", {E, 2 * ff, d / 32, 16}, 1, 2, ff, d);
+      mxfp4(target(l_.w2), "experts.down_proj", {E, d, ff / 32, 16}, 0, 1, d, ff);
+    } else {
+      fused_transposed(target(l_.w1), key("experts.gate_up_proj"), {E, d, 2 * ff}, 0, 2, ff, d);
+      fused_transposed(target(l_.w3), key("experts.gate_up_proj"), {E, d, 2 * ff}, 1, 2, ff, d);
+      fused_transposed(target(l_.w2), key("experts.down_proj"), {E, ff, d}, 0, 1, d, ff);
+    }
+    if (l_.b1) {
+      expert_rows(l_.b1, key("experts.gate_up_proj_bias"), 2 * ff, 0, 2, ff);
+      expert_rows(l_.b3, key("experts.gate_up_proj_bias"), 2 * ff, 1, 2, ff);
+      expert_rows(l_.b2, key("experts.down_proj_bias"), d, 0, 1, d);
+    }
+    return std::move(out_);
+  }
+
   std::vector<Target> libmoe() {
     whole(l_.router_w, key("router.weight"), {c_.E, c_.d});
     if (l_.noise_w) whole(l_.noise_w, key("router.noise_weight"), {c_.E, c_.d});
     whole(l_.router_bias, key("router.bias"), {c_.E});
+    if (l_.logit_bias) whole(l_.logit_bias, key("router.logit_bias"), {c_.E});
     fused(target(l_.w1), key("experts.w1"), {c_.E, c_.ff, c_.d}, 0, c_.ff);
     if (l_.w3) fused(target(l_.w3), key("experts.w3"), {c_.E, c_.ff, c_.d}, 0, c_.ff);
     fused(target(l_.w2), key("experts.w2"), {c_.E, c_.d, c_.ff}, 0, c_.d);
+    if (l_.b1) expert_rows(l_.b1, key("experts.b1"), c_.ff, 0, 1, c_.ff);
+    if (l_.b3) expert_rows(l_.b3, key("experts.b3"), c_.ff, 0, 1, c_.ff);
+    if (l_.b2) expert_rows(l_.b2, key("experts.b2"), c_.d, 0, 1, c_.d);
     if (l_.sw1) whole(l_.sw1, key("shared.w1"), {c_.S, c_.ffs, c_.d});
     if (l_.sw3) whole(l_.sw3, key("shared.w3"), {c_.S, c_.ffs, c_.d});
     if (l_.sw2) whole(l_.sw2, key("shared.w2"), {c_.S, c_.d, c_.ffs});
@@ -135,6 +247,12 @@ class Mapper {
       fail(MOE_ERR_INVALID_ARGUMENT, "family: %s has no shared-expert gate, but the layer has shared_gate on", fam);
 
     whole(l_.router_w, key(f.router), {c_.E, c_.d});
+    // An nn.Linear router with bias (Switch's router_bias=True) gives its bias to router.logit_bias.
+    if (l_.logit_bias && f.router_linear_bias && keys.has(key(f.router_linear_bias)))
+      whole(l_.logit_bias, key(f.router_linear_bias), {c_.E});
+    else
+      zero(l_.logit_bias, "the family's router has no bias");
+    zero_biases("the family's experts have no biases");
     zero(l_.noise_w, "the family has no noise router");
     if (f.router_bias)
       whole(l_.router_bias, key(f.router_bias), {c_.E});
@@ -207,9 +325,7 @@ std::vector<Target> map_checkpoint(moe_layer &layer, const std::string &family, 
   if (family.empty() || family == "libmoe") return m.libmoe();
   for (const Family &f : kFamilies)
     if (family == f.name) return m.hf(f, keys);
-  if (family == "gpt-oss")
-    fail(MOE_ERR_UNSUPPORTED,
-         "family: gpt-oss needs routing, expert biases and a clamped SwiGLU that this version does not have");
+  if (family == "gpt-oss") return m.gpt_oss(keys);
   fail(MOE_ERR_INVALID_ARGUMENT, "family: unknown family \"%s\" (known: %s)", family.c_str(), kFamilyNames);
 }
 

@@ -12,7 +12,7 @@
 
 namespace moe {
 
-bool is_glu(moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU; }
+bool is_glu(moe_activation a) { return a == MOE_ACT_SWIGLU || a == MOE_ACT_GEGLU || a == MOE_ACT_SWIGLU_CLAMPED; }
 
 void config_defaults(moe_config *cfg) {
   std::memset(cfg, 0, sizeof(*cfg));
@@ -144,6 +144,10 @@ Config make_config(const moe_config *user) {
   if (c.capacity_group_size < 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->capacity_group_size is %lld, must be >= 0 (0: the whole call)",
          (long long)c.capacity_group_size);
+  if (!(c.swiglu_alpha > 0))
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->swiglu_alpha is %g, must be > 0", (double)c.swiglu_alpha);
+  if (!(c.swiglu_limit > 0))
+    fail(MOE_ERR_INVALID_ARGUMENT, "cfg->swiglu_limit is %g, must be > 0", (double)c.swiglu_limit);
   if (c.shared_gate && c.num_shared_experts == 0)
     fail(MOE_ERR_INVALID_ARGUMENT, "cfg->shared_gate is %d but num_shared_experts is 0", c.shared_gate);
 

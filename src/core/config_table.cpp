@@ -19,7 +19,7 @@ namespace moe {
 namespace {
 
 // ---- enum names: names[v] is C value v (the values are pinned by moe.h) --------------------------
-constexpr const char *kActivation[] = {"swiglu", "geglu", "relu", "gelu", "silu"};
+constexpr const char *kActivation[] = {"swiglu", "geglu", "relu", "gelu", "silu", "swiglu_clamped"};
 constexpr const char *kRouting[] = {"token_choice", "expert_choice"};
 constexpr EnumAlias kRoutingAliases[] = {{"token", MOE_ROUTE_TOKEN_CHOICE}, {"expert", MOE_ROUTE_EXPERT_CHOICE}};
 constexpr const char *kScore[] = {"softmax", "sigmoid"};
@@ -112,7 +112,8 @@ constexpr FieldRow kFields[] = {
     MOE_FIELD(d_ff, MOE_CONFIG_INT64, "0", "hidden width of each routed expert, > 0; no default"),
     MOE_FIELD(num_experts, MOE_CONFIG_INT64, "8", "E, routed experts over all ranks, >= 1"),
     MOE_FIELD(top_k, MOE_CONFIG_INT64, "2", "k, experts per token, 1 <= k <= num_experts"),
-    MOE_FIELD(activation, MOE_CONFIG_ENUM, "swiglu", "expert FFN: swiglu, geglu (gated, with w3), relu, gelu or silu"),
+    MOE_FIELD(activation, MOE_CONFIG_ENUM, "swiglu",
+              "expert FFN: swiglu, geglu, swiglu_clamped (gated, with w3), relu, gelu or silu"),
     MOE_FIELD(routing, MOE_CONFIG_ENUM, "token_choice",
               "token_choice (each token picks k experts) or expert_choice (each expert picks its C tokens)"),
     MOE_FIELD(score, MOE_CONFIG_ENUM, "softmax", "router score of the logits: softmax or sigmoid"),
@@ -150,6 +151,14 @@ constexpr FieldRow kFields[] = {
     MOE_FIELD(capacity_group_size, MOE_CONFIG_INT64, "0",
               "with capacity_factor > 0, tokens per capacity group (e.g. the sequence length: Switch's capacity "
               "per sequence), each group with its own C; 0 = the whole call, >= 0"),
+    MOE_FIELD(router_logit_bias, MOE_CONFIG_BOOL, "false",
+              "a trainable router.logit_bias [E] added to the logits before scoring (nn.Linear router with bias)"),
+    MOE_FIELD(expert_bias, MOE_CONFIG_BOOL, "false",
+              "routed experts have trainable biases experts.b1, b3 (GLU) [E, d_ff] and b2 [E, d]; b2 is scaled by "
+              "the routing weight"),
+    MOE_FIELD(swiglu_alpha, MOE_CONFIG_FLOAT, "1.702",
+              "swiglu_clamped: a = (clamp(u, -l, l) + 1) * hc * sigmoid(alpha * hc), hc = min(h, l); alpha > 0"),
+    MOE_FIELD(swiglu_limit, MOE_CONFIG_FLOAT, "7", "swiglu_clamped: the clamp limit l > 0"),
 };
 #undef MOE_FIELD
 
@@ -192,6 +201,14 @@ constexpr PresetRow kPresets[] = {
      "OLMoE-1B-7B (Muennighoff et al. 2024): E 64, k 8, softmax, not normalized, aux 0.01, router z-loss 0.001",
      // z-loss 0.001 as in its training; its config.json carries router_aux_loss_coef 0.01.
      "num_experts=64 top_k=8 normalize_topk=false aux_loss_coef=0.01 z_loss_coef=0.001"},
+    {"gpt-oss",
+     "gpt-oss-20b (OpenAI 2025; transformers' GptOssConfig and the model's config.json): E 32, k 4, router "
+     "logit bias, softmax over the k largest logits, expert biases, clamped SwiGLU (alpha 1.702, limit 7), "
+     "dropless, aux 0.9; gpt-oss-120b: set num_experts 128",
+     // Softmax over the k largest logits equals softmax, top-k, then normalisation over the k (in
+     // value and gradient). router_aux_loss_coef 0.9 is in both models' config.json.
+     "num_experts=32 top_k=4 normalize_topk=true router_logit_bias=true expert_bias=true "
+     "activation=swiglu_clamped swiglu_alpha=1.702 swiglu_limit=7 aux_loss_coef=0.9"},
 };
 
 // ---- text -----------------------------------------------------------------------------------------

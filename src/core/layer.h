@@ -79,8 +79,9 @@ struct moe_layer {
   moe::Config cfg;
   std::unique_ptr<moe::Backend> backend; // outlives every buffer below
   std::vector<moe::Param> params;
-  moe::Param *router_w = nullptr, *router_bias = nullptr, *noise_w = nullptr;
+  moe::Param *router_w = nullptr, *router_bias = nullptr, *noise_w = nullptr, *logit_bias = nullptr;
   moe::Param *w1 = nullptr, *w3 = nullptr, *w2 = nullptr;
+  moe::Param *b1 = nullptr, *b3 = nullptr, *b2 = nullptr;  // expert_bias
   moe::Param *sw1 = nullptr, *sw3 = nullptr, *sw2 = nullptr, *sgate = nullptr;
   uint64_t step = 0;  // training forwards so far: keys the router noise
   // Bumped by every moe_layer_set_param: a training forward records it, and its backward refuses

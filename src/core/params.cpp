@@ -83,7 +83,7 @@ void download_param(const moe_layer &l, const Param &p, const Buffer &src, float
 void create_params(moe_layer &l) {
   const Config &c = l.cfg;
   // Pointers into the vector must stay valid: reserve the most it can hold.
-  l.params.reserve(10);
+  l.params.reserve(14);
   const int64_t El = c.E_local;
   const float bd = 1.0f / std::sqrt(static_cast<float>(c.d));
   const float bff = 1.0f / std::sqrt(static_cast<float>(c.ff));
@@ -96,6 +96,11 @@ void create_params(moe_layer &l) {
   }
   l.router_bias = &add(l, "router.bias", {c.E}, false);
   l.backend->zero(l.router_bias->data);
+  // Biases start at zero, as transformers initialises gpt-oss's: a layer with them starts as one without.
+  if (c.c.router_logit_bias) {
+    l.logit_bias = &add(l, "router.logit_bias", {c.E}, true);
+    l.backend->zero(l.logit_bias->data);
+  }
 
   const int64_t off1 = c.expert_begin * c.ff * c.d;
   const int dt = c.c.dtype;
@@ -107,6 +112,16 @@ void create_params(moe_layer &l) {
   }
   l.w2 = &add(l, "experts.w2", {El, c.d, c.ff}, true, dt);
   init_uniform(l, *l.w2, bff, c.expert_begin * c.d * c.ff);
+  if (c.c.expert_bias) {
+    l.b1 = &add(l, "experts.b1", {El, c.ff}, true, dt);
+    l.backend->zero(l.b1->data);
+    if (c.glu) {
+      l.b3 = &add(l, "experts.b3", {El, c.ff}, true, dt);
+      l.backend->zero(l.b3->data);
+    }
+    l.b2 = &add(l, "experts.b2", {El, c.d}, true, dt);
+    l.backend->zero(l.b2->data);
+  }
 
   if (c.S > 0) {
     const float bffs = 1.0f / std::sqrt(static_cast<float>(c.ffs));

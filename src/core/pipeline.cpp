@@ -47,6 +47,7 @@ moe_gate_args gate_args(const moe_layer &l, const Workspace &w, const RoutingSum
   a.noise_eps = c.c.noise_eps;
   a.seed = c.c.seed;
   a.step = r.step;
+  a.logit_bias = f(l.logit_bias);
   if (noise == MOE_NOISE_JITTER) a.xr = w.xr.as<float>();
   if (noise == MOE_NOISE_GAUSSIAN) {
     a.wn = f(l.noise_w);
@@ -99,6 +100,16 @@ moe_ffn_args ffn_args(const moe_layer &l, const Workspace &w, bool shared, const
   a.dw1 = grad(w1);
   a.dw3 = grad(w3);
   a.dw2 = grad(w2);
+  a.swiglu_alpha = c.c.swiglu_alpha;
+  a.swiglu_limit = c.c.swiglu_limit;
+  if (!shared) {  // shared experts have no biases
+    a.b1 = data(l.b1);
+    a.b3 = data(l.b3);
+    a.b2 = data(l.b2);
+    a.db1 = grad(l.b1);
+    a.db3 = grad(l.b3);
+    a.db2 = grad(l.b2);
+  }
   a.dh = (shared ? w.dhs : w.dh).get();
   a.dg = c.glu ? (shared ? w.dgs : w.dg).get() : nullptr;
   return a;
@@ -439,6 +450,7 @@ void backward(moe_layer &l, moe_context &ctx, const void *dy, void *dx_out) {
   ga.dlogits = f(w.dlogits);
   ga.dx = dx;
   ga.dw = g(l.router_w);
+  ga.dlogit_bias = g(l.logit_bias);
   if (noise == MOE_NOISE_JITTER && dx) ga.scratch = w.gate_scratch.as<float>();
   if (noise == MOE_NOISE_GAUSSIAN) {
     ga.dwn = g(l.noise_w);

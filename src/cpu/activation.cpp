@@ -80,10 +80,37 @@ MOE_CLONES void relu_bwd(const float *h, float *d, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = h[i] > 0.0f ? d[i] : 0.0f;
 }
 
+// gpt-oss's clamped SwiGLU (moe.h, MOE_ACT_SWIGLU_CLAMPED). The clamps pass the gradient on
+// their closed interval, as torch.clamp does.
+MOE_CLONES void swiglu_clamped_fwd(const float *h, const float *g, float *o, int64_t n, float alpha, float limit) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float hc = h[i] < limit ? h[i] : limit;
+    const float uc = g[i] < -limit ? -limit : (g[i] > limit ? limit : g[i]);
+    o[i] = (uc + 1.0f) * (hc / (1.0f + std::exp(-alpha * hc)));
+  }
+}
+
+MOE_CLONES void swiglu_clamped_bwd(const float *h, const float *g, float *d, float *dg, int64_t n, float alpha,
+                                   float limit) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float hc = h[i] < limit ? h[i] : limit;
+    const float uc = g[i] < -limit ? -limit : (g[i] > limit ? limit : g[i]);
+    const float s = 1.0f / (1.0f + std::exp(-alpha * hc));
+    const float glu = hc * s, dglu = s * (1.0f + alpha * hc * (1.0f - s));
+    const float up_pass = (g[i] >= -limit && g[i] <= limit) ? 1.0f : 0.0f;
+    const float gate_pass = h[i] <= limit ? 1.0f : 0.0f;
+    dg[i] = d[i] * glu * up_pass;
+    d[i] = d[i] * (uc + 1.0f) * dglu * gate_pass;
+  }
+}
+
 }  // namespace
 
-void activation_forward(int kind, const float *h, const float *g, float *out, int64_t n) {
+void activation_forward(int kind, const float *h, const float *g, float *out, int64_t n, float alpha, float limit) {
   switch (kind) {
+    case MOE_ACT_SWIGLU_CLAMPED: swiglu_clamped_fwd(h, g, out, n, alpha, limit); break;
     case MOE_ACT_SWIGLU:
     case MOE_ACT_SILU: silu_fwd(h, g, out, n); break;
     case MOE_ACT_GEGLU:
@@ -92,8 +119,10 @@ void activation_forward(int kind, const float *h, const float *g, float *out, in
   }
 }
 
-void activation_backward(int kind, const float *h, const float *g, float *da_dh, float *dg, int64_t n) {
+void activation_backward(int kind, const float *h, const float *g, float *da_dh, float *dg, int64_t n, float alpha,
+                         float limit) {
   switch (kind) {
+    case MOE_ACT_SWIGLU_CLAMPED: swiglu_clamped_bwd(h, g, da_dh, dg, n, alpha, limit); break;
     case MOE_ACT_SWIGLU:
     case MOE_ACT_SILU: silu_bwd(h, g, da_dh, dg, n); break;
     case MOE_ACT_GEGLU:

@@ -46,7 +46,14 @@ void chunked(int64_t n, F &&f) {
   for (int64_t c = 0; c < chunks; ++c) f(c * kChunk, std::min(n, (c + 1) * kChunk) - c * kChunk);
 }
 
-bool glu(int kind) { return kind == MOE_ACT_SWIGLU || kind == MOE_ACT_GEGLU; }
+bool glu(int kind) { return kind == MOE_ACT_SWIGLU || kind == MOE_ACT_GEGLU || kind == MOE_ACT_SWIGLU_CLAMPED; }
+
+// The activation and its parameters (MOE_ACT_SWIGLU_CLAMPED's alpha and limit).
+struct Act {
+  int kind;
+  float alpha, limit;
+};
+Act act_of(const moe_ffn_args *a) { return {a->activation, a->swiglu_alpha, a->swiglu_limit}; }
 
 struct Rows {
   int64_t begin, n;  // output rows [begin, begin + n)
@@ -161,12 +168,12 @@ class Arena {
 
 // Elementwise passes on rows of dtype storage: float32 computes in place, 16-bit storage through
 // float32 pieces (rounded where stored).
-void act_forward(const Exec &x, int kind, int dt, const void *h, const void *g, void *out, int64_t n) {
+void act_forward(const Exec &x, const Act &k, int dt, const void *h, const void *g, void *out, int64_t n) {
   if (x.dry() || n == 0) return;
   if (dt == MOE_DTYPE_F32) {
     chunked(n, [&](int64_t at0, int64_t len) {
-      activation_forward(kind, static_cast<const float *>(h) + at0, g ? static_cast<const float *>(g) + at0 : nullptr,
-                         static_cast<float *>(out) + at0, len);
+      activation_forward(k.kind, static_cast<const float *>(h) + at0, g ? static_cast<const float *>(g) + at0 : nullptr,
+                         static_cast<float *>(out) + at0, len, k.alpha, k.limit);
     });
     return;
   }
@@ -177,14 +184,14 @@ void act_forward(const Exec &x, int kind, int dt, const void *h, const void *g, 
       const int64_t m = std::min(kPiece, len - i);
       widen(hf, at(h, dt, at0 + i), dt, m);
       if (g) widen(gf, at(g, dt, at0 + i), dt, m);
-      activation_forward(kind, hf, g ? gf : nullptr, of, m);
+      activation_forward(k.kind, hf, g ? gf : nullptr, of, m, k.alpha, k.limit);
       narrow(at(out, dt, at0 + i), dt, of, m);
     }
   });
 }
 
 // a = act(h, g) (a may be NULL: not wanted), then (dh, dg) from da = dh: dh = da g act'(h), dg = da act(h).
-void act_backward(const Exec &x, int kind, int dt, const void *h, const void *g, void *a, void *dh, void *dg,
+void act_backward(const Exec &x, const Act &k, int dt, const void *h, const void *g, void *a, void *dh, void *dg,
                   int64_t n) {
   if (x.dry() || n == 0) return;
   chunked(n, [&](int64_t at0, int64_t len) {
@@ -206,10 +213,10 @@ void act_backward(const Exec &x, int kind, int dt, const void *h, const void *g,
       }
       if (a) {
         float *ap = dt == MOE_DTYPE_F32 ? static_cast<float *>(a) + at0 + i : af;
-        activation_forward(kind, hp, gp, ap, m);
+        activation_forward(k.kind, hp, gp, ap, m, k.alpha, k.limit);
         if (dt != MOE_DTYPE_F32) narrow(at(a, dt, at0 + i), dt, af, m);
       }
-      activation_backward(kind, hp, gp, dp, dgp, m);
+      activation_backward(k.kind, hp, gp, dp, dgp, m, k.alpha, k.limit);
       if (dt != MOE_DTYPE_F32) {
         narrow(at(dh, dt, at0 + i), dt, df, m);
         if (dg) narrow(at(dg, dt, at0 + i), dt, dgf, m);
@@ -253,7 +260,46 @@ void widen_rows(const Exec &x, float *dst, const void *src, int dt, int64_t ld, 
   for (int64_t i = 0; i < rows; ++i) widen(dst + i * cols, at(src, dt, i * ld), dt, cols);
 }
 
+// Rows of float32 values (row stride ldv) += bias row b (cols elements of dt); b NULL: nothing.
+void add_bias_rows(const Exec &x, float *v, int64_t rows, int64_t cols, int64_t ldv, const void *b, int dt) {
+  if (x.dry() || rows == 0 || !b) return;
+#pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
+  for (int64_t i = 0; i < rows; ++i) {
+    float buf[kPanel];
+    for (int64_t c = 0; c < cols; c += kPanel) {
+      const int64_t m = std::min(kPanel, cols - c);
+      widen(buf, at(b, dt, c), dt, m);
+      float *r = v + i * ldv + c;
+      for (int64_t j = 0; j < m; ++j) r[j] += buf[j];
+    }
+  }
+}
+
+// db[cols] (dt) += column sums of src (rows x cols of sdt, row stride ld), each summed in row
+// order in double and rounded once when added; db NULL: nothing.
+void add_column_sums(const Exec &x, void *db, int dt, const void *src, int sdt, int64_t rows, int64_t cols,
+                     int64_t ld) {
+  if (x.dry() || rows == 0 || !db) return;
+  const int64_t panels = (cols + kPanel - 1) / kPanel;
+#pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
+  for (int64_t p = 0; p < panels; ++p) {
+    const int64_t c0 = p * kPanel, m = std::min(kPanel, cols - c0);
+    double sum[kPanel] = {};
+    float buf[kPanel];
+    for (int64_t i = 0; i < rows; ++i) {
+      widen(buf, at(src, sdt, i * ld + c0), sdt, m);
+      for (int64_t j = 0; j < m; ++j) sum[j] += buf[j];
+    }
+    widen(buf, at(db, dt, c0), dt, m);
+    for (int64_t j = 0; j < m; ++j) buf[j] += static_cast<float>(sum[j]);
+    narrow(at(db, dt, c0), dt, buf, m);
+  }
+}
+
 // ---- the two ways to run a call -------------------------------------------------------------------
+
+// Expert e's bias rows (NULL when the layer has none).
+const void *bias_of(const void *b, int dt, int64_t e, int64_t n) { return b ? at(b, dt, e * n) : nullptr; }
 
 struct Call {
   const moe_ffn_args *a;
@@ -282,13 +328,16 @@ void forward_few_rows(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   float *act = static_cast<float *>(a->a) + r.begin * ff;
   x.gemm_few_rows(n, ff, d, Mat{at(a->w1, dt, e * ff * d), dt, d}, X, ct);
   transpose_into(x, h, ff, ct, n, ff);
+  add_bias_rows(x, h, n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
   if (g) {
     x.gemm_few_rows(n, ff, d, Mat{at(a->w3, dt, e * ff * d), dt, d}, X, ct);
     transpose_into(x, g, ff, ct, n, ff);
+    add_bias_rows(x, g, n, ff, ff, bias_of(a->b3, dt, e, ff), dt);
   }
-  act_forward(x, a->activation, dt, h, g, act, n * ff);
+  act_forward(x, act_of(a), dt, h, g, act, n * ff);
   x.gemm_few_rows(n, d, ff, Mat{at(a->w2, dt, e * d * ff), dt, ff}, Mat{act, dt, ff}, ct);
   transpose_into(x, static_cast<float *>(a->y) + r.begin * d, d, ct, n, d);
+  add_bias_rows(x, static_cast<float *>(a->y) + r.begin * d, n, d, d, bias_of(a->b2, dt, e, d), dt);
 }
 
 // Forward of an expert with few rows (decoding: kFewRowsF32, kFewRows16), any dtype: each product on the
@@ -307,14 +356,17 @@ void forward_few(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r)
   void *h = at(a->h, dt, r.begin * ff), *g = c.is_glu ? at(a->g, dt, r.begin * ff) : nullptr;
   void *act = at(a->a, dt, r.begin * ff);
   few_rows_xwt(xe, d, at(a->w1, dt, e * ff * d), d, dt, n, ff, d, hf, ff);
+  add_bias_rows(x, hf, n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
   round_rows(x, hf, n, ff, ff, dt, wide ? nullptr : h, ff);
   if (c.is_glu) {
     few_rows_xwt(xe, d, at(a->w3, dt, e * ff * d), d, dt, n, ff, d, gf, ff);
+    add_bias_rows(x, gf, n, ff, ff, bias_of(a->b3, dt, e, ff), dt);
     round_rows(x, gf, n, ff, ff, dt, wide ? nullptr : g, ff);
   }
-  act_forward(x, a->activation, MOE_DTYPE_F32, hf, gf, af, n * ff);
+  act_forward(x, act_of(a), MOE_DTYPE_F32, hf, gf, af, n * ff);
   round_rows(x, af, n, ff, ff, dt, wide ? nullptr : act, ff);  // the W2 product reads a as stored
   few_rows_xwt(act, ff, at(a->w2, dt, e * d * ff), ff, dt, n, d, ff, yf, d);
+  add_bias_rows(x, yf, n, d, d, bias_of(a->b2, dt, e, d), dt);
   round_rows(x, yf, n, d, d, dt, wide ? nullptr : at(a->y, dt, r.begin * d), d);
 }
 
@@ -328,9 +380,17 @@ void forward_direct(Exec &x, const Call &c, int64_t e, const Rows &r) {
   void *act = at(a->a, dt, r.begin * ff);
   x.gemm(r.n, ff, d, X, Mat{at(a->w1, dt, e * ff * d), dt, d, true}, h, dt, ff, false);
   if (g) x.gemm(r.n, ff, d, X, Mat{at(a->w3, dt, e * ff * d), dt, d, true}, g, dt, ff, false);
-  act_forward(x, a->activation, dt, h, g, act, r.n * ff);
+  // Biases: float32 only here (a 16-bit call with biases is widened, so that h = x W1^T + b1 is
+  // rounded once).
+  if (dt == MOE_DTYPE_F32) {
+    add_bias_rows(x, static_cast<float *>(h), r.n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
+    if (g) add_bias_rows(x, static_cast<float *>(g), r.n, ff, ff, bias_of(a->b3, dt, e, ff), dt);
+  }
+  act_forward(x, act_of(a), dt, h, g, act, r.n * ff);
   x.gemm(r.n, d, ff, Mat{act, dt, ff}, Mat{at(a->w2, dt, e * d * ff), dt, ff, true}, at(a->y, dt, r.begin * d), dt,
          d, false);
+  if (dt == MOE_DTYPE_F32)
+    add_bias_rows(x, static_cast<float *>(a->y) + r.begin * d, r.n, d, d, bias_of(a->b2, dt, e, d), dt);
 }
 
 // out[:, panel] = X (float32, [rows, K]) times a panel of W^T, for panels of kPanel rows of the
@@ -363,14 +423,17 @@ void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   float *hf = arena.take(n * ff), *gf = c.is_glu ? arena.take(n * ff) : nullptr, *af = arena.take(n * ff);
   float *yf = arena.take(n * d), *wbuf = arena.take(kPanel * std::max(d, ff));
   gemm_widened_nt(x, n, ff, d, xf, at(a->w1, dt, e * ff * d), dt, wbuf, hf, ff);
+  add_bias_rows(x, hf, n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
   round_rows(x, hf, n, ff, ff, dt, at(a->h, dt, r.begin * ff), ff);
   if (c.is_glu) {
     gemm_widened_nt(x, n, ff, d, xf, at(a->w3, dt, e * ff * d), dt, wbuf, gf, ff);
+    add_bias_rows(x, gf, n, ff, ff, bias_of(a->b3, dt, e, ff), dt);
     round_rows(x, gf, n, ff, ff, dt, at(a->g, dt, r.begin * ff), ff);
   }
-  act_forward(x, a->activation, MOE_DTYPE_F32, hf, gf, af, n * ff);
+  act_forward(x, act_of(a), MOE_DTYPE_F32, hf, gf, af, n * ff);
   round_rows(x, af, n, ff, ff, dt, nullptr, 0);
   gemm_widened_nt(x, n, d, ff, af, at(a->w2, dt, e * d * ff), dt, wbuf, yf, d);
+  add_bias_rows(x, yf, n, d, d, bias_of(a->b2, dt, e, d), dt);
   round_rows(x, yf, n, d, d, dt, at(a->y, dt, r.begin * d), d);
 }
 
@@ -387,7 +450,10 @@ void backward_direct(Exec &x, const Call &c, int64_t e, const Rows &r, float *dx
   // dA = dY W2 (into dh), then a = act(h, g) recomputed (one pass over h and g rather than n*ff
   // more memory kept from forward) and dh, dg from dA.
   x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{at(a->w2, dt, e * d * ff), dt, ff}, dh, dt, ff, false);
-  act_backward(x, a->activation, dt, h, g, act, dh, dg, n * ff);
+  act_backward(x, act_of(a), dt, h, g, act, dh, dg, n * ff);
+  add_column_sums(x, a->db2 ? at(a->db2, dt, e * d) : nullptr, dt, dy, dt, n, d, d);
+  add_column_sums(x, a->db1 ? at(a->db1, dt, e * ff) : nullptr, dt, dh, dt, n, ff, ff);
+  if (dg) add_column_sums(x, a->db3 ? at(a->db3, dt, e * ff) : nullptr, dt, dg, dt, n, ff, ff);
   // dW2 += dY^T a ; dW1 += dH^T X ; dW3 += dG^T X
   x.gemm(d, ff, n, Mat{dy, dt, d, true}, Mat{act, dt, ff}, at(a->dw2, dt, e * d * ff), dt, ff, true);
   x.gemm(ff, d, n, Mat{dh, dt, ff, true}, Mat{xe, dt, d}, at(a->dw1, dt, e * ff * d), dt, d, true);
@@ -417,10 +483,13 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   // dA = dY W2 (W2 is [d, ff]: column panels), rounded as stored
   gemm_widened_nn(x, n, ff, d, dyf, at(a->w2, dt, e * d * ff), dt, wbuf, dhf, ff, false);
   round_rows(x, dhf, n, ff, ff, dt, nullptr, 0);
-  act_backward(x, a->activation, MOE_DTYPE_F32, hf, gf, af, dhf, dgf, n * ff);
+  act_backward(x, act_of(a), MOE_DTYPE_F32, hf, gf, af, dhf, dgf, n * ff);
   round_rows(x, af, n, ff, ff, dt, nullptr, 0);
   round_rows(x, dhf, n, ff, ff, dt, nullptr, 0);
   if (c.is_glu) round_rows(x, dgf, n, ff, ff, dt, nullptr, 0);
+  add_column_sums(x, a->db2 ? at(a->db2, dt, e * d) : nullptr, dt, dyf, MOE_DTYPE_F32, n, d, d);
+  add_column_sums(x, a->db1 ? at(a->db1, dt, e * ff) : nullptr, dt, dhf, MOE_DTYPE_F32, n, ff, ff);
+  if (c.is_glu) add_column_sums(x, a->db3 ? at(a->db3, dt, e * ff) : nullptr, dt, dgf, MOE_DTYPE_F32, n, ff, ff);
   // Weight gradients a panel at a time into cbuf, each added to its gradient and rounded once.
   void *dw2 = at(a->dw2, dt, e * d * ff);
   for (int64_t p = 0; p < ff; p += kPanel) {  // dW2[:, p] += dY^T a[:, p]
@@ -466,6 +535,7 @@ void prepared(State &st, bool only_prepare, Body &&body) {
 
 bool widened_call(State &st, const moe_ffn_args *a) {
   if (a->dtype == MOE_DTYPE_F32) return false;
+  if (a->b1) return true;  // biases are added in float32 before h, g, y are rounded
   if (a->dtype == MOE_DTYPE_F16 || !st.gemms.supports(MOE_DTYPE_BF16)) return true;
   return max_rows(a) > bf16_native_max_rows();
 }

@@ -16,6 +16,23 @@ inline float jitter(const moe_gate_args *a, int64_t i) {
   return 1.0f - a->noise_eps + 2.0f * a->noise_eps * rng_uniform(a->seed, kStreamJitter + a->step, static_cast<uint64_t>(i));
 }
 
+// m[T,E] rows += b[E].
+void add_bias(float *m, const float *b, int64_t T, int64_t E) {
+#pragma omp parallel for schedule(static) if (worth_threads(T * E))
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t e = 0; e < E; ++e) m[t * E + e] += b[e];
+}
+
+// db[E] += column sums of g[T,E], each summed in token order (the same bits for any thread count).
+void add_column_sums(float *db, const float *g, int64_t T, int64_t E) {
+#pragma omp parallel for schedule(static) if (worth_threads(T * E))
+  for (int64_t e = 0; e < E; ++e) {
+    double s = 0.0;
+    for (int64_t t = 0; t < T; ++t) s += g[t * E + e];
+    db[e] += static_cast<float>(s);
+  }
+}
+
 }  // namespace
 
 moe_status gate(void *state, const moe_gate_args *a) {
@@ -28,9 +45,11 @@ moe_status gate(void *state, const moe_gate_args *a) {
 #pragma omp parallel for schedule(static) if (worth_threads(T * d))
       for (int64_t i = 0; i < T * d; ++i) a->xr[i] = a->x[i] * jitter(a, i);
       router_gemm(st, false, true, T, E, d, a->xr, d, a->w, d, 0.0f, a->logits, E);
+      if (a->logit_bias) add_bias(a->logits, a->logit_bias, T, E);
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
       router_gemm(st, false, true, T, E, d, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
       router_gemm(st, false, true, T, E, d, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
+      if (a->logit_bias) add_bias(a->clean_logits, a->logit_bias, T, E);
 #pragma omp parallel for schedule(static) if (worth_threads(T * E))
       for (int64_t i = 0; i < T * E; ++i) {
         const float n = rng_normal(a->seed, kStreamNoise + a->step, static_cast<uint64_t>(i));
@@ -41,6 +60,7 @@ moe_status gate(void *state, const moe_gate_args *a) {
       }
     } else {
       router_gemm(st, false, true, T, E, d, a->x, d, a->w, d, 0.0f, a->logits, E);
+      if (a->logit_bias) add_bias(a->logits, a->logit_bias, T, E);
     }
   });
 }
@@ -59,6 +79,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
       if (a->noise == MOE_NOISE_JITTER) {
         float *dxr = a->scratch ? a->scratch : own.data();
         router_gemm(st, true, false, E, d, T, a->dlogits, E, a->xr, d, 1.0f, a->dw, d, dry);
+        if (!dry && a->dlogit_bias) add_column_sums(a->dlogit_bias, a->dlogits, T, E);
         if (a->dx) {
           router_gemm(st, false, false, T, d, E, a->dlogits, E, a->w, d, 0.0f, dxr, d, dry);
           if (!dry) {
@@ -82,6 +103,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
           }
         }
         router_gemm(st, true, false, E, d, T, dclean, E, a->x, d, 1.0f, a->dw, d, dry);
+        if (!dry && a->dlogit_bias) add_column_sums(a->dlogit_bias, dclean, T, E);
         router_gemm(st, true, false, E, d, T, dpre, E, a->x, d, 1.0f, a->dwn, d, dry);
         if (a->dx) {
           router_gemm(st, false, false, T, d, E, dclean, E, a->w, d, 1.0f, a->dx, d, dry);
@@ -90,6 +112,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
       } else {
         if (a->dx) router_gemm(st, false, false, T, d, E, a->dlogits, E, a->w, d, 1.0f, a->dx, d, dry);
         router_gemm(st, true, false, E, d, T, a->dlogits, E, a->x, d, 1.0f, a->dw, d, dry);
+        if (!dry && a->dlogit_bias) add_column_sums(a->dlogit_bias, a->dlogits, T, E);
       }
     }
   });

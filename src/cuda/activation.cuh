@@ -25,4 +25,19 @@ __device__ inline Act activation(int kind, float h) {
   }
 }
 
+// gpt-oss's clamped SwiGLU (moe.h, MOE_ACT_SWIGLU_CLAMPED) of gate h and up u: the output, and
+// its derivatives in h and u (the clamps pass the gradient on their closed interval, as
+// torch.clamp does).
+struct Clamped {
+  float a, dh, du;
+};
+
+__device__ inline Clamped swiglu_clamped(float h, float u, float alpha, float limit) {
+  const float hc = h < limit ? h : limit;
+  const float uc = u < -limit ? -limit : (u > limit ? limit : u);
+  const float s = 1.0f / (1.0f + expf(-alpha * hc));
+  const float glu = hc * s, dglu = s * (1.0f + alpha * hc * (1.0f - s));
+  return {(uc + 1.0f) * glu, h <= limit ? (uc + 1.0f) * dglu : 0.0f, (u >= -limit && u <= limit) ? glu : 0.0f};
+}
+
 }  // namespace moe::cuda

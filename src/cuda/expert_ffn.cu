@@ -12,7 +12,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-bool glu(int kind) { return kind == MOE_ACT_SWIGLU || kind == MOE_ACT_GEGLU; }
+bool glu(int kind) { return kind == MOE_ACT_SWIGLU || kind == MOE_ACT_GEGLU || kind == MOE_ACT_SWIGLU_CLAMPED; }
 
 struct Rows {
   int64_t begin, n;
@@ -31,11 +31,25 @@ int64_t total_rows(const moe_ffn_args *a) {
   return a->shared_input ? a->num_experts * a->offsets[1] : a->offsets[a->num_experts];
 }
 
+// The activation and its parameters (MOE_ACT_SWIGLU_CLAMPED's alpha and limit).
+struct ActK {
+  int kind;
+  float alpha, limit;
+};
+
 // out = act(h) (* g) for the W elements of pack i.
 template <int W, class T>
-__device__ __forceinline__ void act_fwd_at(int kind, const T *h, const T *g, T *out, int64_t i) {
+__device__ __forceinline__ void act_fwd_at(ActK k, const T *h, const T *g, T *out, int64_t i) {
+  const int kind = k.kind;
   const Frag<W> hv = load<W>(h, i);
   Frag<W> o;
+  if (kind == MOE_ACT_SWIGLU_CLAMPED) {
+    const Frag<W> gv = load<W>(g, i);
+#pragma unroll
+    for (int j = 0; j < W; ++j) o.v[j] = swiglu_clamped(hv.v[j], gv.v[j], k.alpha, k.limit).a;
+    store<W>(out, i, o);
+    return;
+  }
 #pragma unroll
   for (int j = 0; j < W; ++j) o.v[j] = activation(kind, hv.v[j]).a;
   if (g) {
@@ -48,10 +62,20 @@ __device__ __forceinline__ void act_fwd_at(int kind, const T *h, const T *g, T *
 
 // From d = dLoss/d(out): dh = d * g * act'(h), dg = d * act(h) (GLU); dh overwrites d.
 template <int W, class T>
-__device__ __forceinline__ void act_bwd_at(int kind, const T *h, const T *g, T *d_dh, T *dg, int64_t i) {
+__device__ __forceinline__ void act_bwd_at(ActK k, const T *h, const T *g, T *d_dh, T *dg, int64_t i) {
+  const int kind = k.kind;
   const Frag<W> hv = load<W>(h, i), dv = load<W>(d_dh, i);
   Frag<W> dh, dgv;
-  if (kind == MOE_ACT_RELU) {
+  if (kind == MOE_ACT_SWIGLU_CLAMPED) {
+    const Frag<W> gv = load<W>(g, i);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const Clamped v = swiglu_clamped(hv.v[j], gv.v[j], k.alpha, k.limit);
+      dgv.v[j] = dv.v[j] * v.du;
+      dh.v[j] = dv.v[j] * v.dh;
+    }
+    store<W>(dg, i, dgv);
+  } else if (kind == MOE_ACT_RELU) {
     // A select, as on the CPU: an inf or NaN gradient stays out.
 #pragma unroll
     for (int j = 0; j < W; ++j) dh.v[j] = hv.v[j] > 0.0f ? dv.v[j] : 0.0f;
@@ -73,7 +97,7 @@ __device__ __forceinline__ void act_bwd_at(int kind, const T *h, const T *g, T *
 
 // Elementwise kernels: W-wide packs, then the n % W elements past the last pack one at a time.
 template <class T, int W>
-__global__ void act_fwd_kernel(int kind, const T *h, const T *g, T *out, int64_t n) {
+__global__ void act_fwd_kernel(ActK kind, const T *h, const T *g, T *out, int64_t n) {
   const int64_t first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x, stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t packs = n / W;
   for (int64_t i = first; i < packs; i += stride) act_fwd_at<W>(kind, h, g, out, i);
@@ -81,11 +105,46 @@ __global__ void act_fwd_kernel(int kind, const T *h, const T *g, T *out, int64_t
 }
 
 template <class T, int W>
-__global__ void act_bwd_kernel(int kind, const T *h, const T *g, T *d_dh, T *dg, int64_t n) {
+__global__ void act_bwd_kernel(ActK kind, const T *h, const T *g, T *d_dh, T *dg, int64_t n) {
   const int64_t first = blockIdx.x * int64_t{blockDim.x} + threadIdx.x, stride = int64_t{gridDim.x} * blockDim.x;
   const int64_t packs = n / W;
   for (int64_t i = first; i < packs; i += stride) act_bwd_at<W>(kind, h, g, d_dh, dg, i);
   for (int64_t i = packs * W + first; i < n; i += stride) act_bwd_at<1>(kind, h, g, d_dh, dg, i);
+}
+
+ActK act_of(const moe_ffn_args *a) { return {a->activation, a->swiglu_alpha, a->swiglu_limit}; }
+
+// Every row of m [rows, n] (type T) = b [n] (type T): the bias that a GEMM with beta 1 then adds
+// to, so that the sum is rounded once.
+template <class T>
+__global__ void broadcast_rows_kernel(T *m, const T *b, int64_t rows, int64_t n) {
+  const int64_t total = rows * n;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x)
+    m[i] = b[i % n];
+}
+
+// db [n] += column sums of src [rows, n] (type T), each summed in row order in float32 and
+// rounded once when added.
+template <class T>
+__global__ void column_sums_kernel(T *db, const T *src, int64_t rows, int64_t n) {
+  for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < n; c += int64_t{gridDim.x} * blockDim.x) {
+    float s = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) s += to_float(src[r * n + c]);
+    db[c] = from_float<T>(to_float(db[c]) + s);
+  }
+}
+
+template <class T>
+void broadcast_rows(State &st, T *m, const T *b, int64_t rows, int64_t n) {
+  const int64_t total = checked_mul(rows, n, "rows * bias width");
+  broadcast_rows_kernel<T><<<stride_blocks(st, total, kThreads), kThreads, 0, st.stream>>>(m, b, rows, n);
+  check_launch("expert bias");
+}
+
+template <class T>
+void column_sums(State &st, T *db, const T *src, int64_t rows, int64_t n) {
+  column_sums_kernel<T><<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(db, src, rows, n);
+  check_launch("expert bias backward");
 }
 
 template <class T>
@@ -97,7 +156,7 @@ void act_forward(State &st, const moe_ffn_args *a, int64_t n) {
   with_width<T>(aligned16({h, g, out}), [&](auto width) {
     constexpr int W = decltype(width)::value;
     act_fwd_kernel<T, W>
-        <<<stride_blocks(st, n / W + 1, kThreads), kThreads, 0, st.stream>>>(a->activation, h, g, out, n);
+        <<<stride_blocks(st, n / W + 1, kThreads), kThreads, 0, st.stream>>>(act_of(a), h, g, out, n);
   });
   check_launch("activation");
 }
@@ -111,7 +170,7 @@ void act_backward(State &st, const moe_ffn_args *a, int64_t n) {
   with_width<T>(aligned16({h, g, dh, dg}), [&](auto width) {
     constexpr int W = decltype(width)::value;
     act_bwd_kernel<T, W>
-        <<<stride_blocks(st, n / W + 1, kThreads), kThreads, 0, st.stream>>>(a->activation, h, g, dh, dg, n);
+        <<<stride_blocks(st, n / W + 1, kThreads), kThreads, 0, st.stream>>>(act_of(a), h, g, dh, dg, n);
   });
   check_launch("activation backward");
 }
@@ -124,18 +183,25 @@ void forward(State &st, const moe_ffn_args *a) {
           *w2 = static_cast<const T *>(a->w2);
   T *h = static_cast<T *>(a->h), *g = static_cast<T *>(a->g), *act = static_cast<T *>(a->a),
     *y = static_cast<T *>(a->y);
+  const T *b1 = static_cast<const T *>(a->b1), *b3 = static_cast<const T *>(a->b3), *b2 = static_cast<const T *>(a->b2);
   for (int64_t e = 0; e < a->num_experts; ++e) {
     const Rows r = rows_of(a, e);
     if (r.n == 0) continue;
     const T *xr = a->shared_input ? x : x + r.begin * d;
-    gemm(st, false, true, r.n, ff, d, 1.0f, xr, d, w1 + e * ff * d, d, 0.0f, h + r.begin * ff, ff);
-    if (is_glu) gemm(st, false, true, r.n, ff, d, 1.0f, xr, d, w3 + e * ff * d, d, 0.0f, g + r.begin * ff, ff);
+    // With biases the rows start as the bias and the GEMM adds to them (beta 1).
+    if (b1) broadcast_rows(st, h + r.begin * ff, b1 + e * ff, r.n, ff);
+    if (b3 && is_glu) broadcast_rows(st, g + r.begin * ff, b3 + e * ff, r.n, ff);
+    gemm(st, false, true, r.n, ff, d, 1.0f, xr, d, w1 + e * ff * d, d, b1 ? 1.0f : 0.0f, h + r.begin * ff, ff);
+    if (is_glu)
+      gemm(st, false, true, r.n, ff, d, 1.0f, xr, d, w3 + e * ff * d, d, b3 ? 1.0f : 0.0f, g + r.begin * ff, ff);
   }
   act_forward<T>(st, a, checked_mul(total_rows(a), ff, "rows * d_ff"));
   for (int64_t e = 0; e < a->num_experts; ++e) {
     const Rows r = rows_of(a, e);
     if (r.n == 0) continue;
-    gemm(st, false, true, r.n, d, ff, 1.0f, act + r.begin * ff, ff, w2 + e * d * ff, ff, 0.0f, y + r.begin * d, d);
+    if (b2) broadcast_rows(st, y + r.begin * d, b2 + e * d, r.n, d);
+    gemm(st, false, true, r.n, d, ff, 1.0f, act + r.begin * ff, ff, w2 + e * d * ff, ff, b2 ? 1.0f : 0.0f,
+         y + r.begin * d, d);
   }
 }
 
@@ -164,6 +230,7 @@ void backward(State &st, const moe_ffn_args *a) {
     const Rows r = rows_of(a, e);
     if (r.n == 0) continue;
     const T *dy = dy_all + r.begin * d;
+    if (a->db2) column_sums(st, static_cast<T *>(a->db2) + e * d, dy, r.n, d);
     // dW2 += dY^T A ; dA = dY W2 (into dh)
     gemm(st, true, false, d, ff, r.n, 1.0f, dy, d, act + r.begin * ff, ff, 1.0f, dw2 + e * d * ff, ff);
     gemm(st, false, false, r.n, ff, d, 1.0f, dy, d, w2 + e * d * ff, ff, 0.0f, dh_all + r.begin * ff, ff);
@@ -174,6 +241,8 @@ void backward(State &st, const moe_ffn_args *a) {
     if (r.n == 0) continue;
     const T *xr = a->shared_input ? x : x + r.begin * d;
     const T *dh = dh_all + r.begin * ff, *dg = is_glu ? dg_all + r.begin * ff : nullptr;
+    if (a->db1) column_sums(st, static_cast<T *>(a->db1) + e * ff, dh, r.n, ff);
+    if (a->db3 && dg) column_sums(st, static_cast<T *>(a->db3) + e * ff, dg, r.n, ff);
     gemm(st, true, false, ff, d, r.n, 1.0f, dh, ff, xr, d, 1.0f, dw1 + e * ff * d, d);
     if (is_glu) gemm(st, true, false, ff, d, r.n, 1.0f, dg, ff, xr, d, 1.0f, dw3 + e * ff * d, d);
     if (!a->dx) continue;

@@ -53,6 +53,34 @@ __global__ void gaussian_bwd_kernel(const float *dlogits, const float *draws, co
 
 constexpr int kThreads = 256;
 
+// m [T,E] rows += b [E] (router_logit_bias).
+__global__ void add_bias_kernel(float *m, const float *b, int64_t n, int64_t E) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    m[i] += b[i % E];
+}
+
+// db [E] += column sums of g [T,E], each in token order (deterministic).
+__global__ void column_sums_kernel(float *db, const float *g, int64_t T, int64_t E) {
+  for (int64_t e = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; e < E; e += int64_t{gridDim.x} * blockDim.x) {
+    float s = 0.0f;
+    for (int64_t t = 0; t < T; ++t) s += g[t * E + e];
+    db[e] += s;
+  }
+}
+
+void add_bias(State &st, float *m, const float *b, int64_t T, int64_t E) {
+  if (!b) return;
+  const int64_t n = T * E;
+  add_bias_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(m, b, n, E);
+  check_launch("router logit bias");
+}
+
+void add_column_sums(State &st, float *db, const float *g, int64_t T, int64_t E) {
+  if (!db) return;
+  column_sums_kernel<<<stride_blocks(st, E, kThreads), kThreads, 0, st.stream>>>(db, g, T, E);
+  check_launch("router logit bias backward");
+}
+
 }  // namespace
 
 moe_status gate(void *state, const moe_gate_args *a) {
@@ -65,15 +93,18 @@ moe_status gate(void *state, const moe_gate_args *a) {
                                                                                 a->step);
       check_launch("jitter");
       sgemm(st, false, true, T, E, d, 1.0f, a->xr, d, a->w, d, 0.0f, a->logits, E);
+      add_bias(st, a->logits, a->logit_bias, T, E);
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
       sgemm(st, false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
       sgemm(st, false, true, T, E, d, 1.0f, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
+      add_bias(st, a->clean_logits, a->logit_bias, T, E);
       const int64_t n = T * E;
       gaussian_kernel<<<stride_blocks(st, n, kThreads), kThreads, 0, st.stream>>>(
           a->clean_logits, a->noise_std, a->noise_draws, a->logits, n, a->seed, a->step);
       check_launch("gaussian noise");
     } else {
       sgemm(st, false, true, T, E, d, 1.0f, a->x, d, a->w, d, 0.0f, a->logits, E);
+      add_bias(st, a->logits, a->logit_bias, T, E);
     }
   });
 }
@@ -91,6 +122,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
       }
       if (a->prepare) return;
       sgemm(st, true, false, E, d, T, 1.0f, a->dlogits, E, a->xr, d, 1.0f, a->dw, d);
+      add_column_sums(st, a->dlogit_bias, a->dlogits, T, E);
       if (a->dx) {
         sgemm(st, false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 0.0f, dxr, d);
         const int64_t n = T * d;
@@ -105,6 +137,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
           a->dlogits, a->noise_draws, a->noise_std, a->dclean_extra, a->dstd_extra, dclean, dpre, n);
       check_launch("gaussian noise backward");
       sgemm(st, true, false, E, d, T, 1.0f, dclean, E, a->x, d, 1.0f, a->dw, d);
+      add_column_sums(st, a->dlogit_bias, dclean, T, E);
       sgemm(st, true, false, E, d, T, 1.0f, dpre, E, a->x, d, 1.0f, a->dwn, d);
       if (a->dx) {
         sgemm(st, false, false, T, d, E, 1.0f, dclean, E, a->w, d, 1.0f, a->dx, d);
@@ -113,6 +146,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
     } else {
       if (a->dx) sgemm(st, false, false, T, d, E, 1.0f, a->dlogits, E, a->w, d, 1.0f, a->dx, d);
       sgemm(st, true, false, E, d, T, 1.0f, a->dlogits, E, a->x, d, 1.0f, a->dw, d);
+      add_column_sums(st, a->dlogit_bias, a->dlogits, T, E);
     }
   });
 }

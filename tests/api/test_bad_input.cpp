@@ -401,6 +401,17 @@ TEST_F(BadInput, LayerCreateBadFields) {
        MOE_ERR_INVALID_ARGUMENT, {"d_ff_shared"}},
       {"shared_gate without shared experts", [](moe_config &c) { c.shared_gate = 1; }, MOE_ERR_INVALID_ARGUMENT,
        {"shared_gate"}},
+      {"swiglu_limit 0", [](moe_config &c) { c.activation = MOE_ACT_SWIGLU_CLAMPED, c.swiglu_limit = 0.0f; },
+       MOE_ERR_INVALID_ARGUMENT, {"swiglu_limit", "0"}},
+      {"swiglu_limit -7", [](moe_config &c) { c.swiglu_limit = -7.0f; }, MOE_ERR_INVALID_ARGUMENT,
+       {"swiglu_limit", "-7"}},
+      {"swiglu_limit NaN", [](moe_config &c) { c.swiglu_limit = kNaN; }, MOE_ERR_INVALID_ARGUMENT, {"swiglu_limit"}},
+      {"swiglu_alpha 0", [](moe_config &c) { c.activation = MOE_ACT_SWIGLU_CLAMPED, c.swiglu_alpha = 0.0f; },
+       MOE_ERR_INVALID_ARGUMENT, {"swiglu_alpha", "0"}},
+      {"swiglu_alpha -1.5", [](moe_config &c) { c.swiglu_alpha = -1.5f; }, MOE_ERR_INVALID_ARGUMENT,
+       {"swiglu_alpha", "-1.5"}},
+      {"activation 6", [](moe_config &c) { c.activation = static_cast<moe_activation>(6); }, MOE_ERR_INVALID_ARGUMENT,
+       {"activation", "6"}},
   };
   for (const BadCfg &b : cases) {
     moe_config c = small_config();

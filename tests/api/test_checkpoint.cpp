@@ -245,9 +245,69 @@ TEST(CheckpointFamilies, PerExpertAndFusedLayoutsAgreeWithLibmoeNames) {
   EXPECT_EQ(moe_layer_load(r.get(), dir.file("qwen3.safetensors").c_str(), "model.layers.0.mlp", "llama"),
             MOE_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::strstr(moe_last_error(), "llama"), nullptr) << moe_last_error();
+  // gpt-oss into a plain SwiGLU layer: its experts compute the clamped SwiGLU.
   EXPECT_EQ(moe_layer_load(r.get(), dir.file("qwen3.safetensors").c_str(), "model.layers.0.mlp", "gpt-oss"),
-            MOE_ERR_UNSUPPORTED);
+            MOE_ERR_INVALID_ARGUMENT);
+  EXPECT_NE(std::strstr(moe_last_error(), "MOE_ACT_SWIGLU_CLAMPED"), nullptr) << moe_last_error();
   EXPECT_TRUE(bitwise_equal(before, snapshot(r.get())));
+}
+
+// gpt-oss (transformers 5's GptOssMLP): router.weight and router.bias (the logit bias),
+// experts.gate_up_proj [E, d, 2ff] with gate and up interleaved along the last axis, its bias
+// [E, 2ff] likewise, experts.down_proj [E, ff, d] and its bias [E, d]; in f32 and bf16.
+TEST(CheckpointFamilies, GptOssInterleavedTransposedLayout) {
+  TempDir dir;
+  const int64_t d = 6, ff = 5, E = 4;
+  moe_config cfg = moe_test::config(d, ff, E, 2, 1);
+  MOE_EXPECT_OK(moe_config_preset(&cfg, "gpt-oss"));
+  cfg.d_model = d;
+  cfg.d_ff = ff;
+  cfg.num_experts = E;
+  cfg.top_k = 2;
+  LayerPtr a = moe_test::make_layer(cfg);
+  randomize(a.get(), 21);
+  auto w = by_name(a.get());
+  ASSERT_EQ(w.count("router.logit_bias") + w.count("experts.b1") + w.count("experts.b3") + w.count("experts.b2"), 4u);
+  std::vector<float> gate_up(E * d * 2 * ff), gate_up_bias(E * 2 * ff), down(E * ff * d);
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t f = 0; f < ff; ++f) {
+      for (int64_t i = 0; i < d; ++i) {
+        gate_up[(e * d + i) * 2 * ff + 2 * f] = w["experts.w1"][(e * ff + f) * d + i];
+        gate_up[(e * d + i) * 2 * ff + 2 * f + 1] = w["experts.w3"][(e * ff + f) * d + i];
+        down[(e * ff + f) * d + i] = w["experts.w2"][(e * d + i) * ff + f];
+      }
+      gate_up_bias[e * 2 * ff + 2 * f] = w["experts.b1"][e * ff + f];
+      gate_up_bias[e * 2 * ff + 2 * f + 1] = w["experts.b3"][e * ff + f];
+    }
+  }
+  for (int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16}) {
+    Tensors g;
+    const std::string p = "model.layers.2.mlp.";
+    g.add(p + "router.weight", {E, d}, w["router.weight"], dt);
+    g.add(p + "router.bias", {E}, w["router.logit_bias"], dt);
+    g.add(p + "experts.gate_up_proj", {E, d, 2 * ff}, gate_up, dt);
+    g.add(p + "experts.gate_up_proj_bias", {E, 2 * ff}, gate_up_bias, dt);
+    g.add(p + "experts.down_proj", {E, ff, d}, down, dt);
+    g.add(p + "experts.down_proj_bias", {E, d}, w["experts.b2"], dt);
+    const std::string file = dir.file("gpt-oss-" + std::to_string(dt) + ".safetensors");
+    write_file(file, g.bytes());
+    cfg.seed = 7;
+    LayerPtr b = moe_test::make_layer(cfg);
+    MOE_EXPECT_OK(moe_layer_load(b.get(), file.c_str(), "model.layers.2.mlp", "gpt-oss"));
+    auto wb = by_name(b.get());
+    for (const auto &[name, v] : w) {
+      const std::vector<float> want = name == "router.bias" ? std::vector<float>(v.size(), 0.0f) : v;
+      EXPECT_EQ(wb[name], dt == MOE_DTYPE_F32 ? want : moe_test::rounded(MOE_DTYPE_BF16, want)) << name << " " << dt;
+    }
+    // Without expert biases the checkpoint's biases have no place: refused, the layer unchanged.
+    moe_config nb = cfg;
+    nb.expert_bias = 0;
+    LayerPtr c = moe_test::make_layer(nb);
+    const auto before = snapshot(c.get());
+    EXPECT_EQ(moe_layer_load(c.get(), file.c_str(), "model.layers.2.mlp", "gpt-oss"), MOE_ERR_INVALID_ARGUMENT);
+    EXPECT_NE(std::strstr(moe_last_error(), "_bias"), nullptr) << moe_last_error();
+    EXPECT_TRUE(bitwise_equal(before, snapshot(c.get())));
+  }
 }
 
 TEST(CheckpointSharded, IndexSpreadsTensorsOverShards) {

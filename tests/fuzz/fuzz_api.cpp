@@ -286,7 +286,16 @@ void op_create(World &w, Reader &in) {
       case 1: cfg.d_ff = in.size(1, kMaxFF); break;
       case 2: cfg.num_experts = in.size(1, kMaxE); break;
       case 3: cfg.top_k = in.size(1, 4); break;
-      case 4: { int v = in.range(-2, 6); std::memcpy(&cfg.activation, &v, sizeof v); } break;
+      case 4: {
+        int v = in.range(-2, 6);
+        std::memcpy(&cfg.activation, &v, sizeof v);
+        if (v == MOE_ACT_SWIGLU_CLAMPED) {  // gpt-oss's pieces: the clamp's parameters (any, bad ones too), biases
+          cfg.swiglu_alpha = in.real();
+          cfg.swiglu_limit = in.real();
+          cfg.router_logit_bias = in.range(0, 1);
+          cfg.expert_bias = in.range(0, 1);
+        }
+      } break;
       case 5: { int v = in.range(-1, 2); std::memcpy(&cfg.routing, &v, sizeof v); } break;
       case 6: { int v = in.range(-1, 2); std::memcpy(&cfg.score, &v, sizeof v); } break;
       case 7: cfg.normalize_topk = in.range(-1, 1); break;

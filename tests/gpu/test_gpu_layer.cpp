@@ -178,6 +178,13 @@ const Case kCases[] = {
        c.score = MOE_SCORE_SIGMOID;
        c.z_loss_coef = 1e-3f;
      }},
+    {"gpt_oss",
+     [](moe_config &c) {
+       // router logit bias, softmax over the top-k logits, expert biases, clamped SwiGLU
+       c = moe_test::preset("gpt-oss", 64, 96);
+       c.num_experts = 8;
+       c.top_k = 2;
+     }},
     {"dense",
      [](moe_config &c) {
        moe_config_init(&c);
@@ -255,6 +262,7 @@ std::vector<float> x_without_near_ties(const moe_config &cfg, moe_layer *layer, 
   in.weight = get_param(layer, "router.weight");
   in.bias = get_param(layer, "router.bias");
   if (cfg.noise == MOE_NOISE_GAUSSIAN) in.noise_weight = get_param(layer, "router.noise_weight");
+  if (cfg.router_logit_bias) in.logit_bias = get_param(layer, "router.logit_bias");
   ties->drawn = moe_test::draw_without_near_ties(in, 0, rng, [&](Rng &g) { return random_x(cfg, g, 1, dtype); });
   ties->inference = moe_test::near_ties(in, false);
   ties->training = cfg.noise == MOE_NOISE_NONE ? ties->inference : moe_test::near_ties(in, true, 0);

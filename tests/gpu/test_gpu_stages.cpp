@@ -603,8 +603,10 @@ constexpr uint64_t kSeed = 0x5eedULL, kStep = 3;
 constexpr float kEps = 0.05f;
 
 moe_gate_args gate_fwd_args(Side &s, int noise, int64_t T, int64_t d, int64_t E, const std::vector<float> &x,
-                            const std::vector<float> &w, const std::vector<float> &wn) {
+                            const std::vector<float> &w, const std::vector<float> &wn,
+                            const std::vector<float> *logit_bias) {
   moe_gate_args a{};
+  if (logit_bias) a.logit_bias = s.put(*logit_bias);
   a.T = T;
   a.d = d;
   a.E = E;
@@ -626,8 +628,9 @@ moe_gate_args gate_fwd_args(Side &s, int noise, int64_t T, int64_t d, int64_t E,
 }
 
 GateOut run_gate(Side &s, int noise, int64_t T, int64_t d, int64_t E, const std::vector<float> &x,
-                 const std::vector<float> &w, const std::vector<float> &wn) {
-  moe_gate_args a = gate_fwd_args(s, noise, T, d, E, x, w, wn);
+                 const std::vector<float> &w, const std::vector<float> &wn,
+                 const std::vector<float> *logit_bias = nullptr) {
+  moe_gate_args a = gate_fwd_args(s, noise, T, d, E, x, w, wn, logit_bias);
   EXPECT_TRUE(s.ok(s.ops()->gate(s.st(), &a), "gate"));
   GateOut o;
   o.logits = s.get(a.logits, T * E);
@@ -644,10 +647,12 @@ TEST_F(GpuStages, Gate) {
   const int64_t T = 300, d = 256, E = 16;
   Rng rng(3);
   const auto x = rng.nonzeros(T * d, 1.0f), w = rng.nonzeros(E * d, 1.0f / 16), wn = rng.nonzeros(E * d, 1.0f / 16);
-  for (int noise : {MOE_NOISE_NONE, MOE_NOISE_GAUSSIAN, MOE_NOISE_JITTER}) {
-    SCOPED_TRACE(noise_name(noise));
+  const auto lb = rng.nonzeros(E, 0.5f);  // router_logit_bias
+  for (int noise : {MOE_NOISE_NONE, MOE_NOISE_GAUSSIAN, MOE_NOISE_JITTER})
+  for (const std::vector<float> *bias : {static_cast<const std::vector<float> *>(nullptr), &lb}) {
+    SCOPED_TRACE(std::string(noise_name(noise)) + (bias ? ", logit bias" : ""));
     Side c(cpu_, cs_), g(gpu_, gs_);
-    const GateOut rc = run_gate(c, noise, T, d, E, x, w, wn), rg = run_gate(g, noise, T, d, E, x, w, wn);
+    const GateOut rc = run_gate(c, noise, T, d, E, x, w, wn, bias), rg = run_gate(g, noise, T, d, E, x, w, wn, bias);
     EXPECT_TRUE(close("logits", rg.logits, rc.logits, kTol));
     if (noise == MOE_NOISE_JITTER) { EXPECT_TRUE(close("xr (jittered input)", rg.xr, rc.xr, kTol)); }
     if (noise == MOE_NOISE_GAUSSIAN) {
@@ -665,6 +670,7 @@ TEST_F(GpuStages, GateBackward) {
   const auto x = rng.nonzeros(T * d, 1.0f), w = rng.nonzeros(E * d, 1.0f / 16), wn = rng.nonzeros(E * d, 1.0f / 16);
   const auto dl = rng.nonzeros(T * E, 0.1f), dclean = rng.nonzeros(T * E, 0.05f), dstd = rng.nonzeros(T * E, 0.05f);
   const auto dx0 = rng.nonzeros(T * d, 0.5f), dw0 = rng.nonzeros(E * d, 0.5f), dwn0 = rng.nonzeros(E * d, 0.5f);
+  const auto db0 = rng.nonzeros(E, 0.5f);  // router_logit_bias's gradient, accumulated (variant 1)
   for (int noise : {MOE_NOISE_NONE, MOE_NOISE_GAUSSIAN, MOE_NOISE_JITTER}) {
     // What the forward saved, from the CPU gate.
     GateOut saved;
@@ -674,12 +680,12 @@ TEST_F(GpuStages, GateBackward) {
     }
     for (int with_dx : {1, 0})
       for (int variant : {0, 1}) {  // GAUSSIAN: load-loss extras; JITTER: caller's scratch
-        if (noise == MOE_NOISE_NONE && variant) continue;
+        // NONE's variant 1: the logit bias's gradient (every noise adds it; GAUSSIAN's from dclean).
         if (noise == MOE_NOISE_JITTER && variant && !with_dx) continue;
         SCOPED_TRACE(std::string(noise_name(noise)) + (with_dx ? " with dx" : " without dx") +
                      (variant ? " variant 1" : " variant 0"));
         struct Out {
-          std::vector<float> dx, dw, dwn;
+          std::vector<float> dx, dw, dwn, db;
         };
         auto run = [&](Side &s) {
           moe_gate_args a{};
@@ -695,6 +701,7 @@ TEST_F(GpuStages, GateBackward) {
           a.dlogits = s.put(dl);
           a.dx = with_dx ? s.put(dx0) : nullptr;
           a.dw = s.put(dw0);
+          if (variant) a.dlogit_bias = s.put(db0);
           if (noise == MOE_NOISE_JITTER) {
             a.xr = s.put(saved.xr);
             if (with_dx && variant) a.scratch = s.out<float>(T * d, kNaN);
@@ -716,6 +723,7 @@ TEST_F(GpuStages, GateBackward) {
           if (with_dx) o.dx = s.get(a.dx, T * d);
           o.dw = s.get(a.dw, E * d);
           if (noise == MOE_NOISE_GAUSSIAN) o.dwn = s.get(a.dwn, E * d);
+          if (variant) o.db = s.get(a.dlogit_bias, E);
           return o;
         };
         Side c(cpu_, cs_), g(gpu_, gs_);
@@ -723,6 +731,7 @@ TEST_F(GpuStages, GateBackward) {
         if (with_dx) { EXPECT_TRUE(close("dx (accumulated)", rg.dx, rc.dx, kTol)); }
         EXPECT_TRUE(close("dw (accumulated)", rg.dw, rc.dw, kTol));
         if (noise == MOE_NOISE_GAUSSIAN) { EXPECT_TRUE(close("dwn (accumulated)", rg.dwn, rc.dwn, kTol)); }
+        if (variant) { EXPECT_TRUE(close("dlogit_bias (accumulated)", rg.db, rc.db, kTol)); }
       }
   }
 }
@@ -1151,7 +1160,7 @@ TEST_F(GpuRows, DispatchBackward) {
 
 // ---- expert FFN -----------------------------------------------------------------------------------
 
-bool is_glu(int act) { return act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU; }
+bool is_glu(int act) { return act == MOE_ACT_SWIGLU || act == MOE_ACT_GEGLU || act == MOE_ACT_SWIGLU_CLAMPED; }
 
 const char *act_name(int act) {
   switch (act) {
@@ -1159,6 +1168,7 @@ const char *act_name(int act) {
     case MOE_ACT_GEGLU: return "GeGLU";
     case MOE_ACT_RELU: return "ReLU";
     case MOE_ACT_GELU: return "GELU";
+    case MOE_ACT_SWIGLU_CLAMPED: return "SwiGLUClamped";
     default: return "SiLU";
   }
 }
@@ -1176,7 +1186,11 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
     int64_t E, R_in, R_out;  // experts; rows of x; rows of h / y
     std::vector<int64_t> offsets;
     std::vector<float> x, w1, w3, w2;
+    std::vector<float> b1, b3, b2;  // expert biases: the clamped SwiGLU's routed experts (gpt-oss)
   };
+  // The clamped SwiGLU's limit: off the grid of the pre-activations below, so none equals it.
+  static constexpr float kLimit = 0.3f;
+  bool biased(const Problem &p) const { return act() == MOE_ACT_SWIGLU_CLAMPED && !p.shared; }
   Problem problem(bool shared, uint64_t seed) const {
     Problem p;
     p.shared = shared;
@@ -1195,15 +1209,24 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
     Rng rng(seed);
     // ReLU has a kink at 0: x and w1 on an exact grid (exact in bf16 and f16 too) make x W1^T exact
     // in float32 on both backends, so no pre-activation can land on different sides of 0 by rounding.
-    if (act() == MOE_ACT_RELU) {
+    // The clamped SwiGLU's kinks likewise (gate and up on the grid, biases too).
+    if (act() == MOE_ACT_RELU || act() == MOE_ACT_SWIGLU_CLAMPED) {
       p.x = rng.odd_grids(p.R_in * kD, 4, 0.125f);
       p.w1 = rng.odd_grids(p.E * kFF * kD, 4, 1.0f / 128);
     } else {
       p.x = rng.nonzeros(p.R_in * kD, 1.0f);
       p.w1 = rng.nonzeros(p.E * kFF * kD, 1.0f / 16);
     }
-    if (is_glu(act())) p.w3 = rng.nonzeros(p.E * kFF * kD, 1.0f / 16);
+    if (act() == MOE_ACT_SWIGLU_CLAMPED)
+      p.w3 = rng.odd_grids(p.E * kFF * kD, 4, 1.0f / 128);
+    else if (is_glu(act()))
+      p.w3 = rng.nonzeros(p.E * kFF * kD, 1.0f / 16);
     p.w2 = rng.nonzeros(p.E * kD * kFF, 1.0f / 14);
+    if (biased(p)) {
+      p.b1 = rng.odd_grids(p.E * kFF, 4, 1.0f / 64);
+      p.b3 = rng.odd_grids(p.E * kFF, 4, 1.0f / 64);
+      p.b2 = rng.nonzeros(p.E * kD, 0.25f);
+    }
     return p;
   }
   moe_ffn_args args(Side &s, const Problem &p) const {
@@ -1214,6 +1237,13 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
     a.w1 = s.put_as(dt, p.w1);
     a.w3 = is_glu(act()) ? s.put_as(dt, p.w3) : nullptr;
     a.w2 = s.put_as(dt, p.w2);
+    a.swiglu_alpha = 1.702f;
+    a.swiglu_limit = kLimit;
+    if (biased(p)) {
+      a.b1 = s.put_as(dt, p.b1);
+      a.b3 = s.put_as(dt, p.b3);
+      a.b2 = s.put_as(dt, p.b2);
+    }
     a.h = s.out_as(dt, p.R_out * kFF);
     a.g = is_glu(act()) ? s.out_as(dt, p.R_out * kFF) : nullptr;
     a.a = s.out_as(dt, p.R_out * kFF);
@@ -1255,8 +1285,10 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
     const auto dx0 = rng.nonzeros(p.R_in * kD, 1.0f);  // shared input: dx is float32 and accumulated
     const auto dw1_0 = rng.nonzeros(p.E * kFF * kD, 1.0f), dw3_0 = rng.nonzeros(p.E * kFF * kD, 1.0f),
                dw2_0 = rng.nonzeros(p.E * kD * kFF, 1.0f);
+    const auto db1_0 = rng.nonzeros(p.E * kFF, 1.0f), db3_0 = rng.nonzeros(p.E * kFF, 1.0f),
+               db2_0 = rng.nonzeros(p.E * kD, 1.0f);
     struct Bwd {
-      std::vector<float> dx, dw1, dw3, dw2;
+      std::vector<float> dx, dw1, dw3, dw2, db1, db3, db2;
     };
     for (bool want_dx : {true, false}) {
       SCOPED_TRACE(want_dx ? "with dx" : "dx NULL");
@@ -1271,6 +1303,11 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
         a.dw2 = s.put_as(dt, dw2_0);
         a.dh = s.out_as(dt, p.R_out * kFF);
         a.dg = is_glu(act()) ? s.out_as(dt, p.R_out * kFF) : nullptr;
+        if (biased(p)) {
+          a.db1 = s.put_as(dt, db1_0);
+          a.db3 = s.put_as(dt, db3_0);
+          a.db2 = s.put_as(dt, db2_0);
+        }
         EXPECT_TRUE(s.ok(s.ops()->expert_ffn_bwd(s.st(), &a), "expert_ffn_bwd"));
         Bwd b;
         if (want_dx)
@@ -1278,6 +1315,11 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
         b.dw1 = s.get_as(dt, a.dw1, p.E * kFF * kD);
         if (is_glu(act())) b.dw3 = s.get_as(dt, a.dw3, p.E * kFF * kD);
         b.dw2 = s.get_as(dt, a.dw2, p.E * kD * kFF);
+        if (biased(p)) {
+          b.db1 = s.get_as(dt, a.db1, p.E * kFF);
+          b.db3 = s.get_as(dt, a.db3, p.E * kFF);
+          b.db2 = s.get_as(dt, a.db2, p.E * kD);
+        }
         return b;
       };
       Side c(cpu_, cs_), g(gpu_, gs_);
@@ -1286,6 +1328,11 @@ class GpuFfn : public GpuStages, public ::testing::WithParamInterface<std::tuple
       EXPECT_TRUE(close("dw1 (accumulated)", rg.dw1, rc.dw1, tol));
       if (is_glu(act())) { EXPECT_TRUE(close("dw3 (accumulated)", rg.dw3, rc.dw3, tol)); }
       EXPECT_TRUE(close("dw2 (accumulated)", rg.dw2, rc.dw2, tol));
+      if (biased(p)) {
+        EXPECT_TRUE(close("db1 (accumulated)", rg.db1, rc.db1, tol));
+        EXPECT_TRUE(close("db3 (accumulated)", rg.db3, rc.db3, tol));
+        EXPECT_TRUE(close("db2 (accumulated)", rg.db2, rc.db2, tol));
+      }
     }
   }
 };
@@ -1297,7 +1344,7 @@ TEST_P(GpuFfn, SharedInputBackward) { check_backward(true); }
 
 INSTANTIATE_TEST_SUITE_P(Activations, GpuFfn,
                          ::testing::Combine(::testing::Values(MOE_ACT_SWIGLU, MOE_ACT_GEGLU, MOE_ACT_RELU,
-                                                              MOE_ACT_GELU, MOE_ACT_SILU),
+                                                              MOE_ACT_GELU, MOE_ACT_SILU, MOE_ACT_SWIGLU_CLAMPED),
                                             ::testing::ValuesIn(kDtypes)),
                          [](const ::testing::TestParamInfo<std::tuple<int, int>> &info) {
                            return std::string(act_name(std::get<0>(info.param))) + "_" +

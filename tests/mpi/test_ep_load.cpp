@@ -1,6 +1,7 @@
 // moe_layer_load under expert parallelism: R in-process ranks each load the same checkpoint (libmoe's
-// fused names, and DeepSeek-V3's per-expert modules), keep only their own experts' slices, and
-// together compute what one layer holding all experts computes. A checkpoint never depends on R.
+// fused names, DeepSeek-V3's per-expert modules, gpt-oss's interleaved experts), keep only their
+// own experts' slices, and together compute what one layer holding all experts computes. A
+// checkpoint never depends on R.
 #include <unistd.h>
 
 #include <cmath>
@@ -64,6 +65,100 @@ double rel(const std::vector<float> &a, const std::vector<float> &b) {
     den += double(b[i]) * b[i];
   }
   return std::sqrt(num) / (std::sqrt(den) + 1e-30);
+}
+
+// gpt-oss's layout (the interleaved, transposed gate_up_proj and the biases, sliced per expert in
+// other ways than the fused [E, R, C] tensors above): each rank keeps its experts' weights and
+// biases, and the ranks together compute the single-rank layer's output.
+void gpt_oss_ep_load(const std::string &dir, int dt) {
+  const size_t es = moe_test::dtype_size(dt);
+  const double tol = dt == MOE_DTYPE_F32 ? 1e-5 : 1e-2;
+  auto make = [&](uint64_t seed, const moe_comm *comm) {
+    moe_config c;
+    moe_config_init(&c);
+    check(moe_config_preset(&c, "gpt-oss") == MOE_OK, moe_last_error());
+    c.d_model = d;
+    c.d_ff = ff;
+    c.num_experts = E;
+    c.top_k = 2;
+    c.dtype = static_cast<moe_dtype>(dt);
+    c.seed = seed;
+    c.comm = comm;
+    moe_layer *l = nullptr;
+    if (moe_layer_create(&c, &l) != MOE_OK) std::abort();
+    return l;
+  };
+  moe_layer *ref = make(5, nullptr);
+  moe_test::Rng rng(23);
+  const int np = moe_layer_num_params(ref);
+  for (int i = 0; i < np; ++i) {
+    moe_param_info pi;
+    moe_layer_param_info(ref, i, &pi);
+    int64_t n = 1;
+    for (int j = 0; j < pi.ndim; ++j) n *= pi.shape[j];
+    if (std::strcmp(pi.name, "router.bias") == 0) continue;  // gpt-oss has no selection bias: it stays 0
+    const std::vector<float> v = rng.uniforms(n, -0.5f, 0.5f);
+    check(moe_layer_set_param(ref, pi.name, v.data(), n) == MOE_OK, moe_last_error());
+  }
+  const std::vector<float> w1 = param(ref, "experts.w1", E * ff * d), w3 = param(ref, "experts.w3", E * ff * d),
+                           w2 = param(ref, "experts.w2", E * d * ff), b1 = param(ref, "experts.b1", E * ff),
+                           b3 = param(ref, "experts.b3", E * ff), b2 = param(ref, "experts.b2", E * d);
+  std::vector<float> gate_up(E * d * 2 * ff), gate_up_bias(E * 2 * ff), down(E * ff * d);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t f = 0; f < ff; ++f) {
+      for (int64_t i = 0; i < d; ++i) {
+        gate_up[(e * d + i) * 2 * ff + 2 * f] = w1[(e * ff + f) * d + i];
+        gate_up[(e * d + i) * 2 * ff + 2 * f + 1] = w3[(e * ff + f) * d + i];
+        down[(e * ff + f) * d + i] = w2[(e * d + i) * ff + f];
+      }
+      gate_up_bias[e * 2 * ff + 2 * f] = b1[e * ff + f];
+      gate_up_bias[e * 2 * ff + 2 * f + 1] = b3[e * ff + f];
+    }
+  const std::string path = dir + "/gpt-oss.safetensors";
+  {
+    moe_test::SafetensorsWriter w;
+    w.add("model.layers.0.mlp.router.weight", {E, d}, param(ref, "router.weight", E * d));
+    w.add("model.layers.0.mlp.router.bias", {E}, param(ref, "router.logit_bias", E));
+    w.add("model.layers.0.mlp.experts.gate_up_proj", {E, d, 2 * ff}, gate_up, dt);
+    w.add("model.layers.0.mlp.experts.gate_up_proj_bias", {E, 2 * ff}, gate_up_bias, dt);
+    w.add("model.layers.0.mlp.experts.down_proj", {E, ff, d}, down, dt);
+    w.add("model.layers.0.mlp.experts.down_proj_bias", {E, d}, b2, dt);
+    w.write(path);
+  }
+  for (int R : {2, 4}) {
+    const int64_t Tg = 9 * R;
+    const std::vector<unsigned char> x = moe_test::encode(dt, moe_test::inputs(Tg * d, 7, 1.0f));
+    std::vector<unsigned char> yrb(Tg * d * es);
+    check(moe_forward(ref, x.data(), Tg, yrb.data(), nullptr) == MOE_OK, moe_last_error());
+    const std::vector<float> yr = moe_test::decode(dt, yrb);
+    ep_world::World world(R);
+    std::vector<std::thread> threads;
+    for (int r = 0; r < R; ++r)
+      threads.emplace_back([&, r] {
+        ep_world::Rank me{&world, r};
+        moe_comm comm{sizeof(moe_comm), R, r, &me, ep_world::counts_hook, ep_world::rows_hook, nullptr};
+        moe_layer *ep = make(99, &comm);
+        const int64_t El = E / R, T = 9;
+        const std::string tag = "gpt-oss R=" + std::to_string(R) + " rank " + std::to_string(r) +
+                                (dt == MOE_DTYPE_F32 ? " float32" : " bfloat16");
+        check(moe_layer_load(ep, path.c_str(), "model.layers.0.mlp", "gpt-oss") == MOE_OK,
+              tag + ": load: " + moe_last_error());
+        check(param(ep, "experts.w1", El * ff * d) == slice(w1, r * El * ff * d, El * ff * d), tag + ": experts.w1");
+        check(param(ep, "experts.w2", El * d * ff) == slice(w2, r * El * d * ff, El * d * ff), tag + ": experts.w2");
+        check(param(ep, "experts.b3", El * ff) == slice(b3, r * El * ff, El * ff), tag + ": experts.b3");
+        check(param(ep, "experts.b2", El * d) == slice(b2, r * El * d, El * d), tag + ": experts.b2");
+        std::vector<unsigned char> yb(T * d * es);
+        check(moe_forward(ep, x.data() + r * T * d * es, T, yb.data(), nullptr) == MOE_OK,
+              tag + ": forward: " + moe_last_error());
+        check(rel(moe_test::decode(dt, yb), slice(yr, r * T * d, T * d)) < tol,
+              tag + ": y differs from the single-rank layer");
+        moe_layer_destroy(ep);
+      });
+    for (auto &t : threads) t.join();
+    std::printf("gpt-oss load under %d in-process ranks, %s: %zu failed checks so far\n", R,
+                dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", errors.size());
+  }
+  moe_layer_destroy(ref);
 }
 
 }  // namespace
@@ -162,6 +257,7 @@ int main() {
                   dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", errors.size());
     }
     moe_layer_destroy(ref);
+    gpt_oss_ep_load(dir, dt);
   }
   std::filesystem::remove_all(dir);
   for (const auto &e : errors) std::fprintf(stderr, "FAIL: %s\n", e.c_str());

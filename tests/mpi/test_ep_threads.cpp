@@ -43,7 +43,9 @@ void check(bool ok, const std::string &what) {
   errors.push_back(what);
 }
 
-void configure(moe_config &cfg, int dtype) {
+// gpt: gpt-oss's pieces (router logit bias, expert biases, the clamped SwiGLU with a limit that
+// random rows reach).
+void configure(moe_config &cfg, int dtype, bool gpt) {
   moe_config_init(&cfg);
   cfg.dtype = static_cast<moe_dtype>(dtype);
   cfg.d_model = 12;
@@ -54,6 +56,23 @@ void configure(moe_config &cfg, int dtype) {
   cfg.importance_loss_coef = 0.01f;
   cfg.num_shared_experts = 1;
   cfg.seed = 5;
+  if (gpt) {
+    cfg.activation = MOE_ACT_SWIGLU_CLAMPED;
+    cfg.swiglu_limit = 0.3f;
+    cfg.router_logit_bias = 1;
+    cfg.expert_bias = 1;
+  }
+}
+
+// The biases of a gpt layer (they start at zero): global values, each rank given its experts' rows.
+void set_biases(moe_layer *l, int64_t first_expert, int64_t experts) {
+  const int64_t d = 12, ff = 20, E = 8;
+  const std::vector<float> lb = moe_test::inputs(E, 11, 0.5f), b1 = moe_test::inputs(E * ff, 12, 0.5f),
+                           b3 = moe_test::inputs(E * ff, 13, 0.5f), b2 = moe_test::inputs(E * d, 14, 0.5f);
+  check(moe_layer_set_param(l, "router.logit_bias", lb.data(), E) == MOE_OK, moe_last_error());
+  check(moe_layer_set_param(l, "experts.b1", b1.data() + first_expert * ff, experts * ff) == MOE_OK, moe_last_error());
+  check(moe_layer_set_param(l, "experts.b3", b3.data() + first_expert * ff, experts * ff) == MOE_OK, moe_last_error());
+  check(moe_layer_set_param(l, "experts.b2", b2.data() + first_expert * d, experts * d) == MOE_OK, moe_last_error());
 }
 
 // (3): each rank routes its own sequences of kSeq tokens with the capacity of a sequence, as one
@@ -61,7 +80,7 @@ void configure(moe_config &cfg, int dtype) {
 constexpr int64_t kSeq = 6;
 
 void configure_groups(moe_config &cfg, int64_t group_size) {
-  configure(cfg, MOE_DTYPE_F32);
+  configure(cfg, MOE_DTYPE_F32, false);
   cfg.capacity_factor = 0.5f;  // C = ceil(0.5 * 6 * 3 / 8) = 2 per sequence
   cfg.capacity_group_size = group_size;
 }
@@ -150,6 +169,7 @@ void capacity_per_sequence(int R) {
 
 int main() {
   const int64_t d = 12;
+  for (bool gpt : {false, true})
   for (int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16})
     for (int R : {2, 4}) {
       const size_t es = moe_test::dtype_size(dt);
@@ -167,10 +187,11 @@ int main() {
                                        dy = moe_test::encode(dt, moe_test::inputs(Tg * d, 2, 0.8f));
       std::vector<unsigned char> yrb(Tg * d * es), dxrb(Tg * d * es);
       moe_config cfg;
-      configure(cfg, dt);
+      configure(cfg, dt, gpt);
       moe_layer *ref;
       moe_context *rctx;
       moe_layer_create(&cfg, &ref);
+      if (gpt) set_biases(ref, 0, 8);
       moe_context_create(ref, &rctx);
       moe_forward(ref, x.data(), Tg, yrb.data(), rctx);
       moe_backward(ref, rctx, dy.data(), dxrb.data());
@@ -179,6 +200,8 @@ int main() {
       moe_context_stats(rctx, &sr);
       std::vector<float> w2r(8 * d * 20), g2r(8 * d * 20);
       moe_layer_get_grad(ref, "experts.w2", g2r.data(), g2r.size());
+      std::vector<float> gb2r(8 * d);
+      if (gpt) moe_layer_get_grad(ref, "experts.b2", gb2r.data(), gb2r.size());
 
       World world(R);
       std::vector<std::thread> threads;
@@ -187,12 +210,13 @@ int main() {
           Rank me{&world, r};
           moe_comm comm{sizeof(moe_comm), R, r, &me, counts_hook, rows_hook, nullptr};
           moe_config c;
-          configure(c, dt);
+          configure(c, dt, gpt);
           c.comm = &comm;
           moe_layer *ep = nullptr;
           moe_status s = moe_layer_create(&c, &ep);
           check(s == MOE_OK, std::string("create: ") + moe_last_error());
           if (s != MOE_OK) std::abort();
+          if (gpt) set_biases(ep, r * (8 / R), 8 / R);
           moe_context *ctx;
           moe_context_create(ep, &ctx);
           std::vector<unsigned char> yb(T[r] * d * es + 4), dxb(T[r] * d * es + 4), y2(T[r] * d * es + 4);
@@ -232,14 +256,19 @@ int main() {
           std::vector<float> g2(El * d * 20);
           moe_layer_get_grad(ep, "experts.w2", g2.data(), g2.size());
           check(rel(g2.data(), g2r.data() + r * El * d * 20, g2.size()) < tol, "experts.w2 gradient differs");
+          if (gpt) {
+            std::vector<float> gb2(El * d);
+            moe_layer_get_grad(ep, "experts.b2", gb2.data(), gb2.size());
+            check(rel(gb2.data(), gb2r.data() + r * El * d, gb2.size()) < tol, "experts.b2 gradient differs");
+          }
           moe_context_destroy(ctx);
           moe_layer_destroy(ep);
         });
       for (auto &t : threads) t.join();
       moe_context_destroy(rctx);
       moe_layer_destroy(ref);
-      std::printf("expert parallel over %d in-process ranks, %s: %zu failed checks\n", R,
-                  dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", errors.size());
+      std::printf("expert parallel over %d in-process ranks, %s%s: %zu failed checks\n", R,
+                  dt == MOE_DTYPE_F32 ? "float32" : "bfloat16", gpt ? ", gpt-oss pieces" : "", errors.size());
     }
   for (int R : {2, 4}) capacity_per_sequence(R);
   for (const auto &e : errors) std::fprintf(stderr, "FAIL: %s\n", e.c_str());

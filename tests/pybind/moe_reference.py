@@ -6,6 +6,8 @@ selection bias, group-limited routing, top-k with normalisation and routed_scale
 position or probability dropping, expert choice, GLU and plain experts, shared experts with their
 gate, and the load-balance, z, and importance losses. Capacity is per group of tokens when
 capacity_group_size is set (consecutive groups, a shorter last group with its own capacity).
+Also gpt-oss's pieces: the router's logit bias, expert biases and the clamped SwiGLU
+(router_logits, swiglu_clamped, expert_out).
 """
 
 import math
@@ -17,13 +19,41 @@ GLU = {"swiglu": F.silu, "geglu": lambda h: F.gelu(h)}
 PLAIN = {"relu": F.relu, "gelu": lambda h: F.gelu(h), "silu": F.silu}
 
 
-def ffn(x, w1, w3, w2, activation):
-    h = x @ w1.T
-    if activation in GLU:
-        a = GLU[activation](h) * (x @ w3.T)
+def ffn(x, w1, w3, w2, activation, bias=None, clamp=None):
+    """bias: (b1, b3, b2) of expert_bias, or None; clamp: (alpha, limit) of swiglu_clamped."""
+    b1, b3, b2 = bias if bias is not None else (None, None, None)
+    h = x @ w1.T if b1 is None else x @ w1.T + b1
+    if activation == "swiglu_clamped":
+        a = swiglu_clamped(h, x @ w3.T if b3 is None else x @ w3.T + b3, *clamp)
+    elif activation in GLU:
+        a = GLU[activation](h) * (x @ w3.T if b3 is None else x @ w3.T + b3)
     else:
         a = PLAIN[activation](h)
-    return a @ w2.T
+    return a @ w2.T if b2 is None else a @ w2.T + b2
+
+
+def swiglu_clamped(h, u, alpha, limit):
+    """gpt-oss's activation (transformers' GptOssExperts._apply_gate) of gate h and up u; torch.clamp
+    passes the gradient on the closed interval."""
+    h = h.clamp(max=limit)
+    u = u.clamp(min=-limit, max=limit)
+    return (u + 1) * h * torch.sigmoid(alpha * h)
+
+
+def router_logits(p, x):
+    """x Wr^T, plus router.logit_bias when the layer has one (router_logit_bias)."""
+    L = x @ p["router.weight"].T
+    return L + p["router.logit_bias"] if "router.logit_bias" in p else L
+
+
+def expert_out(p, e, x, cfg):
+    """Routed expert e on rows x, with its biases (expert_bias) and the clamp's parameters."""
+    bias = None
+    if "experts.b1" in p:
+        bias = (p["experts.b1"][e], p["experts.b3"][e] if "experts.b3" in p else None, p["experts.b2"][e])
+    clamp = (cfg.get("swiglu_alpha"), cfg.get("swiglu_limit"))
+    return ffn(x, p["experts.w1"][e], p["experts.w3"][e] if "experts.w3" in p else None, p["experts.w2"][e],
+               cfg["activation"], bias=bias, clamp=clamp)
 
 
 def cv_squared(v):
@@ -87,7 +117,7 @@ def kept_slots(idx, w, cfg):
 def forward(p, x, cfg):
     """p: {name: float64 tensor}; x: float64 [T, d]; cfg: libmoe.Layer.config. Returns (y, aux dict)."""
     E, k, T = cfg["num_experts"], cfg["top_k"], x.shape[0]
-    L = x @ p["router.weight"].T
+    L = router_logits(p, x)
     S = torch.softmax(L, -1) if cfg["score"] == "softmax" else torch.sigmoid(L)
     expert_choice = cfg["routing"] == "expert_choice"
     y = torch.zeros_like(x)
@@ -119,8 +149,7 @@ def forward(p, x, cfg):
         sel_rows = chosen[:, e].nonzero().flatten()
         if len(sel_rows) == 0:
             continue
-        out = ffn(x[sel_rows], p["experts.w1"][e], p["experts.w3"][e] if "experts.w3" in p else None,
-                  p["experts.w2"][e], cfg["activation"])
+        out = expert_out(p, e, x[sel_rows], cfg)
         y = y.index_add(0, sel_rows, gates[sel_rows, e:e + 1] * out)
 
     S_n = cfg["num_shared_experts"]
@@ -128,7 +157,8 @@ def forward(p, x, cfg):
         shared = torch.zeros_like(x)
         for s in range(S_n):
             shared = shared + ffn(x, p["shared.w1"][s], p["shared.w3"][s] if "shared.w3" in p else None,
-                                  p["shared.w2"][s], cfg["activation"])
+                                  p["shared.w2"][s], cfg["activation"],
+                                  clamp=(cfg.get("swiglu_alpha"), cfg.get("swiglu_limit")))
         if cfg["shared_gate"]:
             shared = shared * torch.sigmoid(x @ p["shared.gate"].T)
         y = y + shared

@@ -33,7 +33,7 @@ def test_the_fields_are_the_c_tables():
     assert libmoe.CONFIG_FIELDS == tuple(name for name, f in fields.items() if f.type != "pointer")
     assert "comm" in fields and "comm" not in libmoe.CONFIG_FIELDS
     assert fields["dtype"].values == ("float32", "bfloat16", "float16")
-    assert fields["activation"].values == ("swiglu", "geglu", "relu", "gelu", "silu")
+    assert fields["activation"].values == ("swiglu", "geglu", "relu", "gelu", "silu", "swiglu_clamped")
     assert {f.type for f in fields.values()} == {"int64", "int", "bool", "float", "uint64", "enum", "pointer"}
 
 

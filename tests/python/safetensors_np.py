@@ -19,11 +19,14 @@ def bf16_round(a):
 
 
 def write(path, tensors, metadata=None):
-    """tensors: {name: (dtype, float array)} with dtype "F32", "BF16" or "F16"."""
+    """tensors: {name: (dtype, array)} with dtype "F32", "BF16" or "F16" (float values), or "U8"
+    (bytes, e.g. MXFP4 blocks and scales)."""
     header, blobs, offset = {}, [], 0
     for name, (dtype, a) in tensors.items():
-        a = np.asarray(a, dtype=np.float32)
-        if dtype == "F32":
+        a = np.asarray(a, dtype=np.uint8 if dtype == "U8" else np.float32)
+        if dtype == "U8":
+            raw = a.tobytes()
+        elif dtype == "F32":
             raw = a.astype("<f4").tobytes()
         elif dtype == "BF16":
             raw = bf16_bits(a).astype("<u2").tobytes()

@@ -68,6 +68,7 @@ Routing route(const RouterInputs &in, bool training, uint64_t step) {
     for (int64_t e = 0; e < E; ++e) {
       double acc = 0.0, pre = 0.0;
       for (int64_t i = 0; i < d; ++i) acc += static_cast<double>(row[i]) * in.weight[e * d + i];
+      if (!in.logit_bias.empty()) acc += in.logit_bias[e];  // router_logit_bias, before the noise
       if (noise == MOE_NOISE_GAUSSIAN) {
         for (int64_t i = 0; i < d; ++i) pre += static_cast<double>(row[i]) * in.noise_weight[e * d + i];
         const double z = moe::rng_normal(c.seed, moe::kStreamNoise + step, static_cast<uint64_t>(t * E + e));

@@ -25,6 +25,7 @@ struct RouterInputs {
   moe_config cfg{};
   int64_t T = 0;
   std::vector<float> x, weight, bias, noise_weight;
+  std::vector<float> logit_bias;  // router.logit_bias (router_logit_bias), or empty
 };
 
 // The routing of the replica. training: with the noise of the training forward at `step` (none

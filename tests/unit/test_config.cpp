@@ -111,6 +111,7 @@ TEST(Config, ValidConfigDerivesSizes) {
   EXPECT_FALSE(moe::is_glu(MOE_ACT_RELU));
   EXPECT_FALSE(moe::is_glu(MOE_ACT_GELU));
   EXPECT_FALSE(moe::is_glu(MOE_ACT_SILU));
+  EXPECT_TRUE(moe::is_glu(MOE_ACT_SWIGLU_CLAMPED));
 }
 
 TEST(Config, BoundaryValuesAreAccepted) {
@@ -150,7 +151,9 @@ TEST(Config, EachBadFieldIsNamed) {
       {"top_k 0", "top_k", [](moe_config &c) { c.top_k = 0; }},
       {"top_k -1", "top_k", [](moe_config &c) { c.top_k = -1; }},
       {"top_k > E", "top_k", [](moe_config &c) { c.top_k = 9; }},
-      {"activation 5", "activation", [](moe_config &c) { c.activation = static_cast<moe_activation>(5); }},
+      {"activation 6", "activation", [](moe_config &c) { c.activation = static_cast<moe_activation>(6); }},
+      {"swiglu_limit 0", "swiglu_limit", [](moe_config &c) { c.swiglu_limit = 0.0f; }},
+      {"swiglu_alpha -1", "swiglu_alpha", [](moe_config &c) { c.swiglu_alpha = -1.0f; }},
       {"activation -1", "activation", [](moe_config &c) { c.activation = static_cast<moe_activation>(-1); }},
       {"routing 2", "routing", [](moe_config &c) { c.routing = static_cast<moe_routing>(2); }},
       {"score 2", "score", [](moe_config &c) { c.score = static_cast<moe_score>(2); }},

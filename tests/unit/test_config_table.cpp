@@ -46,6 +46,8 @@ const std::vector<Expected> kExpected = {
     F(allow_tf32, MOE_CONFIG_BOOL),         F(seed, MOE_CONFIG_UINT64),
     F(check_finite, MOE_CONFIG_BOOL),       F(comm, MOE_CONFIG_POINTER),
     F(min_capacity, MOE_CONFIG_INT64),      F(capacity_group_size, MOE_CONFIG_INT64),
+    F(router_logit_bias, MOE_CONFIG_BOOL),  F(expert_bias, MOE_CONFIG_BOOL),
+    F(swiglu_alpha, MOE_CONFIG_FLOAT),      F(swiglu_limit, MOE_CONFIG_FLOAT),
 };
 #undef F
 
@@ -169,7 +171,8 @@ TEST(ConfigTable, EnumNamesAreThePinnedValues) {
   const Name names[] = {
       {"activation", "swiglu", MOE_ACT_SWIGLU},     {"activation", "geglu", MOE_ACT_GEGLU},
       {"activation", "relu", MOE_ACT_RELU},         {"activation", "gelu", MOE_ACT_GELU},
-      {"activation", "silu", MOE_ACT_SILU},         {"routing", "token_choice", MOE_ROUTE_TOKEN_CHOICE},
+      {"activation", "silu", MOE_ACT_SILU},         {"activation", "swiglu_clamped", MOE_ACT_SWIGLU_CLAMPED},
+      {"routing", "token_choice", MOE_ROUTE_TOKEN_CHOICE},
       {"routing", "expert_choice", MOE_ROUTE_EXPERT_CHOICE}, {"score", "softmax", MOE_SCORE_SOFTMAX},
       {"score", "sigmoid", MOE_SCORE_SIGMOID},      {"noise", "none", MOE_NOISE_NONE},
       {"noise", "gaussian", MOE_NOISE_GAUSSIAN},    {"noise", "jitter", MOE_NOISE_JITTER},
@@ -297,7 +300,8 @@ TEST(ConfigTable, FloatsRoundTripExactlyWithTheShortestText) {
 TEST(ConfigTable, BadNamesAndValuesAreRefusedNamingWhatIsAllowed) {
   expect_refused("d_modle", "8", {"d_modle", "the fields are: d_model, d_ff,", "check_finite"});
   expect_refused("", "8", {"no field ''"});
-  expect_refused("activation", "swish", {"activation='swish'", "'swiglu', 'geglu', 'relu', 'gelu', 'silu'"});
+  expect_refused("activation", "swish",
+                 {"activation='swish'", "'swiglu', 'geglu', 'relu', 'gelu', 'silu', 'swiglu_clamped'"});
   expect_refused("dtype", "f64", {"dtype='f64'", "'float32', 'bfloat16', 'float16'", "bf16"});
   expect_refused("routing", "", {"routing=''", "'token_choice', 'expert_choice'"});
   expect_refused("shared_gate", "maybe", {"shared_gate='maybe'", "'true', 'false'"});
@@ -386,7 +390,7 @@ TEST(ConfigTable, FieldInfoChecksItsArguments) {
 
 TEST(ConfigTable, PresetsEnumerateAndApply) {
   const std::vector<std::string> expected = {"mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3",
-                                             "qwen2-moe", "qwen3-moe", "olmoe"};
+                                             "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss"};
   ASSERT_EQ(moe_config_num_presets(), static_cast<int>(expected.size()));
   for (int i = 0; i < moe_config_num_presets(); ++i) {
     SCOPED_TRACE(expected[i]);

@@ -948,3 +948,130 @@ TEST_F(CpuStages, SharedCombineAddsSharedOutputs) {
 }
 
 }  // namespace
+
+// ---- gpt-oss: clamped SwiGLU with expert biases, against float64 finite differences -------------
+
+namespace {
+
+// The expert FFN of moe.h (MOE_ACT_SWIGLU_CLAMPED with expert biases) in float64: the objective
+// sum(y * dy) over the rows of one expert.
+struct ClampedFfn {
+  int64_t d, ff;
+  double alpha, limit;
+  double objective(const std::vector<double> &x, const std::vector<double> &w1, const std::vector<double> &w3,
+                   const std::vector<double> &w2, const std::vector<double> &b1, const std::vector<double> &b3,
+                   const std::vector<double> &b2, const std::vector<double> &dy, int64_t rows) const {
+    double total = 0.0;
+    for (int64_t r = 0; r < rows; ++r) {
+      std::vector<double> a(ff);
+      for (int64_t f = 0; f < ff; ++f) {
+        double h = b1[f], u = b3[f];
+        for (int64_t i = 0; i < d; ++i) {
+          h += x[r * d + i] * w1[f * d + i];
+          u += x[r * d + i] * w3[f * d + i];
+        }
+        const double hc = std::min(h, limit), uc = std::clamp(u, -limit, limit);
+        a[f] = (uc + 1.0) * hc / (1.0 + std::exp(-alpha * hc));
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        double y = b2[c];
+        for (int64_t f = 0; f < ff; ++f) y += a[f] * w2[c * ff + f];
+        total += y * dy[r * d + c];
+      }
+    }
+    return total;
+  }
+};
+
+std::vector<double> wide(const std::vector<float> &v) { return std::vector<double>(v.begin(), v.end()); }
+
+}  // namespace
+
+TEST_F(CpuStages, SwigluClampedWithBiasesMatchesFiniteDifferences) {
+  const int64_t d = 5, ff = 6, R = 7;
+  const float alpha = 1.702f, limit = 0.9f;  // a small limit: random rows reach both clamps
+  std::vector<int64_t> offsets = {0, R};
+  Rng rng(31);
+  std::vector<float> x = rng.uniforms(R * d, -1.5f, 1.5f), w1 = rng.uniforms(ff * d, -1.0f, 1.0f),
+                     w3 = rng.uniforms(ff * d, -1.0f, 1.0f), w2 = rng.uniforms(d * ff, -1.0f, 1.0f),
+                     b1 = rng.uniforms(ff, -0.5f, 0.5f), b3 = rng.uniforms(ff, -0.5f, 0.5f),
+                     b2 = rng.uniforms(d, -0.5f, 0.5f), dy = rng.uniforms(R * d, -1.0f, 1.0f);
+  const ClampedFfn ref{d, ff, alpha, limit};
+  // The case reaches every branch of both clamps, and no pre-activation sits near a kink (where a
+  // central difference straddles it).
+  int above = 0, below = 0, up_above = 0, inside = 0;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t f = 0; f < ff; ++f) {
+      double h = b1[f], u = b3[f];
+      for (int64_t i = 0; i < d; ++i) {
+        h += double(x[r * d + i]) * w1[f * d + i];
+        u += double(x[r * d + i]) * w3[f * d + i];
+      }
+      above += h > limit;
+      up_above += u > limit;
+      below += u < -limit;
+      inside += std::fabs(u) < limit && h < limit;
+      ASSERT_GT(std::fabs(std::fabs(u) - limit), 1e-3);
+      ASSERT_GT(std::fabs(h - limit), 1e-3);
+    }
+  ASSERT_TRUE(above > 0 && below > 0 && up_above > 0 && inside > 0) << above << below << up_above << inside;
+
+  std::vector<float> h(R * ff), g(R * ff), a_(R * ff), y(R * d, kNaN);
+  moe_ffn_args a = moe_test::ffn_args(1, d, ff, MOE_ACT_SWIGLU_CLAMPED, offsets);
+  a.swiglu_alpha = alpha;
+  a.swiglu_limit = limit;
+  a.x = x.data();
+  a.w1 = w1.data();
+  a.w3 = w3.data();
+  a.w2 = w2.data();
+  a.b1 = b1.data();
+  a.b3 = b3.data();
+  a.b2 = b2.data();
+  a.h = h.data();
+  a.g = g.data();
+  a.a = a_.data();
+  a.y = y.data();
+  ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << err();
+  // Forward: the objective of the float64 reference, from libmoe's y.
+  double obj = 0.0;
+  for (int64_t i = 0; i < R * d; ++i) obj += double(y[i]) * dy[i];
+  auto X = wide(x), W1 = wide(w1), W3 = wide(w3), W2 = wide(w2), B1 = wide(b1), B3 = wide(b3), B2 = wide(b2);
+  const auto DY = wide(dy);
+  EXPECT_NEAR(obj, ref.objective(X, W1, W3, W2, B1, B3, B2, DY, R), 1e-4);
+
+  std::vector<float> dx(R * d, kNaN), dw1(ff * d, 0.25f), dw3(ff * d, 0.25f), dw2(d * ff, 0.25f), db1(ff, 0.25f),
+      db3(ff, 0.25f), db2(d, 0.25f), dh(R * ff), dg(R * ff);  // gradients accumulate onto 0.25
+  a.dy = dy.data();
+  a.dx = dx.data();
+  a.dw1 = dw1.data();
+  a.dw3 = dw3.data();
+  a.dw2 = dw2.data();
+  a.db1 = db1.data();
+  a.db3 = db3.data();
+  a.db2 = db2.data();
+  a.dh = dh.data();
+  a.dg = dg.data();
+  ASSERT_EQ(ops->expert_ffn_bwd(state, &a), MOE_OK) << err();
+
+  // Central differences in float64 of every input and parameter element.
+  const double step = 1e-6;
+  auto check = [&](const char *name, std::vector<double> *v, const std::vector<float> &got, float base) {
+    for (size_t i = 0; i < v->size(); ++i) {
+      const double keep = (*v)[i];
+      (*v)[i] = keep + step;
+      const double plus = ref.objective(X, W1, W3, W2, B1, B3, B2, DY, R);
+      (*v)[i] = keep - step;
+      const double minus = ref.objective(X, W1, W3, W2, B1, B3, B2, DY, R);
+      (*v)[i] = keep;
+      const double fd = (plus - minus) / (2 * step);
+      EXPECT_NEAR(got[i] - base, fd, 2e-5 * (1.0 + std::fabs(fd))) << name << "[" << i << "]";
+    }
+  };
+  check("dx", &X, dx, 0.0f);
+  check("dw1", &W1, dw1, 0.25f);
+  check("dw3", &W3, dw3, 0.25f);
+  check("dw2", &W2, dw2, 0.25f);
+  check("db1", &B1, db1, 0.25f);
+  check("db3", &B3, db3, 0.25f);
+  check("db2", &B2, db2, 0.25f);
+}

@@ -311,7 +311,7 @@ class Layer:
         .safetensors file, a model.safetensors.index.json (sharded) or a directory holding either;
         ``prefix`` names the block (e.g. "model.layers.3.mlp"); ``family`` its naming and layout:
         None/"libmoe" (what :meth:`save` writes), "mixtral", "qwen2-moe", "qwen3-moe", "olmoe",
-        "deepseek-v3", "switch". The layer's configuration must match the checkpoint; on any error
+        "deepseek-v3", "switch", "gpt-oss". The layer's configuration must match the checkpoint; on any error
         (InvalidArgumentError naming the file, the tensor and the fault) nothing is changed."""
         path = self._path(path, "load")
         for what, v in (("prefix", prefix), ("family", family)):

@@ -65,6 +65,8 @@ c_enum!(
         Gelu = MOE_ACT_GELU,
         /// silu(x W1ᵀ) W2ᵀ
         Silu = MOE_ACT_SILU,
+        /// gpt-oss: ((clamp(x W3ᵀ, -l, l) + 1) · hc · σ(α hc)) W2ᵀ, hc = min(x W1ᵀ, l)
+        SwiGluClamped = MOE_ACT_SWIGLU_CLAMPED,
     });
 c_enum!(
     /// Token choice (each token picks k experts) or expert choice (each expert picks its tokens).
@@ -340,7 +342,8 @@ config_struct! {
 
 /// The names accepted by [`Config::preset`] when this crate was written; [`presets`] asks the
 /// loaded libmoe, which may know more.
-pub const PRESETS: &[&str] = &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe"];
+pub const PRESETS: &[&str] =
+    &["mixtral", "switch", "shazeer", "expert-choice", "deepseek-v3", "qwen2-moe", "qwen3-moe", "olmoe", "gpt-oss"];
 
 fn raw_init() -> sys::moe_config {
     let mut raw = std::mem::MaybeUninit::<sys::moe_config>::zeroed();

@@ -280,7 +280,7 @@ impl Layer {
     /// `.safetensors` file, a `model.safetensors.index.json` (sharded) or a directory holding
     /// either; `prefix` names the block (e.g. `Some("model.layers.3.mlp")`); `family` its naming
     /// and layout (`None` or `"libmoe"`, `"mixtral"`, `"qwen2-moe"`, `"qwen3-moe"`, `"olmoe"`,
-    /// `"deepseek-v3"`, `"switch"`). The layer's configuration must match the checkpoint; on any
+    /// `"deepseek-v3"`, `"switch"`, `"gpt-oss"`). The layer's configuration must match the checkpoint; on any
     /// error (naming the file, the tensor and the fault) the layer is unchanged.
     pub fn load<P: AsRef<Path>>(&self, path: P, prefix: Option<&str>, family: Option<&str>) -> Result<()> {
         let p = c_path(path.as_ref())?;

@@ -613,7 +613,80 @@ fn checkpoints_round_trip_and_refuse_bad_files() {
     assert_eq!(e.status(), Status::InvalidArgument);
     assert!(e.message().contains("cut.safetensors"), "{}", e.message());
     assert_eq!(a.param("experts.w1").unwrap(), b.param("experts.w1").unwrap());
-    assert_eq!(b.load(&path, Some("model.layers.0.mlp"), Some("gpt-oss")).unwrap_err().status(), Status::Unsupported);
+    // gpt-oss's naming needs a gpt-oss layer (clamped SwiGLU): refused for this one.
+    let e = b.load(&path, Some("model.layers.0.mlp"), Some("gpt-oss")).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
     assert_eq!(b.load(&path, Some("a\0b"), None).unwrap_err().status(), Status::InvalidArgument);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A safetensors file of f32 tensors, written by hand (header length, JSON, little-endian data).
+fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<usize>, &[f32])]) {
+    let (mut header, mut data) = (String::from("{"), Vec::new());
+    for (i, (name, shape, v)) in tensors.iter().enumerate() {
+        let shape: Vec<String> = shape.iter().map(|s| s.to_string()).collect();
+        let begin = data.len();
+        for x in v.iter() {
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        header += &format!(
+            "{}\"{}\":{{\"dtype\":\"F32\",\"shape\":[{}],\"data_offsets\":[{},{}]}}",
+            if i == 0 { "" } else { "," },
+            name,
+            shape.join(","),
+            begin,
+            data.len()
+        );
+    }
+    header += "}";
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend_from_slice(header.as_bytes());
+    bytes.extend_from_slice(&data);
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn gpt_oss_checkpoint_loads() {
+    let dir = std::env::temp_dir().join(format!("libmoe-rust-gpt-oss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (d, ff, e) = (6usize, 4usize, 4usize);
+    // transformers' GptOssMLP: gate_up_proj [E, d, 2ff], gate and up interleaved on the last axis.
+    let (router, rbias, gate_up) = (data(e * d, 1), data(e, 2), data(e * d * 2 * ff, 3));
+    let (gate_up_bias, down, down_bias) = (data(e * 2 * ff, 4), data(e * ff * d, 5), data(e * d, 6));
+    let path = dir.join("model.safetensors");
+    write_safetensors(
+        &path,
+        &[
+            ("model.layers.0.mlp.router.weight", vec![e, d], &router),
+            ("model.layers.0.mlp.router.bias", vec![e], &rbias),
+            ("model.layers.0.mlp.experts.gate_up_proj", vec![e, d, 2 * ff], &gate_up),
+            ("model.layers.0.mlp.experts.gate_up_proj_bias", vec![e, 2 * ff], &gate_up_bias),
+            ("model.layers.0.mlp.experts.down_proj", vec![e, ff, d], &down),
+            ("model.layers.0.mlp.experts.down_proj_bias", vec![e, d], &down_bias),
+        ],
+    );
+    let layer = Config::preset("gpt-oss", d, ff).unwrap().num_experts(e).top_k(2).build().unwrap();
+    layer.load(&path, Some("model.layers.0.mlp"), Some("gpt-oss")).unwrap();
+    assert_eq!(layer.param("router.weight").unwrap(), router);
+    assert_eq!(layer.param("router.logit_bias").unwrap(), rbias);
+    assert_eq!(layer.param("experts.b2").unwrap(), down_bias);
+    let w1 = layer.param("experts.w1").unwrap();
+    let w3 = layer.param("experts.w3").unwrap();
+    let w2 = layer.param("experts.w2").unwrap();
+    let (b1, b3) = (layer.param("experts.b1").unwrap(), layer.param("experts.b3").unwrap());
+    for x in 0..e {
+        for f in 0..ff {
+            assert_eq!(b1[x * ff + f], gate_up_bias[x * 2 * ff + 2 * f]);
+            assert_eq!(b3[x * ff + f], gate_up_bias[x * 2 * ff + 2 * f + 1]);
+            for i in 0..d {
+                assert_eq!(w1[(x * ff + f) * d + i], gate_up[(x * d + i) * 2 * ff + 2 * f]);
+                assert_eq!(w3[(x * ff + f) * d + i], gate_up[(x * d + i) * 2 * ff + 2 * f + 1]);
+                assert_eq!(w2[(x * d + i) * ff + f], down[(x * ff + f) * d + i]);
+            }
+        }
+    }
+    let mut y = vec![0.0f32; 3 * d];
+    layer.forward(&data(3 * d, 7), &mut y).unwrap();
+    assert!(y.iter().all(|v| v.is_finite()));
     std::fs::remove_dir_all(&dir).unwrap();
 }

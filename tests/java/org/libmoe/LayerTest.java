@@ -73,7 +73,65 @@ class LayerTest {
       assertTrue(e.getMessage().contains("cut.safetensors"), e.getMessage());
       assertArrayEquals(a.forward(x), b.forward(x));
       assertEquals(Status.INVALID_ARGUMENT, status(() -> b.load(null)));
-      assertEquals(Status.UNSUPPORTED, status(() -> b.load(path, "model.layers.0.mlp", "gpt-oss")));
+      // gpt-oss's naming needs a gpt-oss layer (clamped SwiGLU): refused for this one.
+      assertEquals(Status.INVALID_ARGUMENT, status(() -> b.load(path, "model.layers.0.mlp", "gpt-oss")));
+    }
+  }
+
+  /** A safetensors file of float32 tensors, written by hand (header length, JSON, data). */
+  private static void writeSafetensors(java.nio.file.Path file, String[] names, long[][] shapes, float[][] values)
+      throws java.io.IOException {
+    StringBuilder h = new StringBuilder("{");
+    long offset = 0;
+    for (int i = 0; i < names.length; ++i) {
+      StringBuilder shape = new StringBuilder();
+      for (long s : shapes[i]) shape.append(shape.length() == 0 ? "" : ",").append(s);
+      long end = offset + 4L * values[i].length;
+      h.append(i == 0 ? "" : ",").append('"').append(names[i]).append("\":{\"dtype\":\"F32\",\"shape\":[")
+          .append(shape).append("],\"data_offsets\":[").append(offset).append(',').append(end).append("]}");
+      offset = end;
+    }
+    h.append('}');
+    byte[] header = h.toString().getBytes(java.nio.charset.StandardCharsets.UTF_8);
+    ByteBuffer b = ByteBuffer.allocate(8 + header.length + (int) offset).order(ByteOrder.LITTLE_ENDIAN);
+    b.putLong(header.length).put(header);
+    for (float[] v : values) for (float f : v) b.putFloat(f);
+    java.nio.file.Files.write(file, b.array());
+  }
+
+  @Test
+  void gptOssCheckpointLoads(@org.junit.jupiter.api.io.TempDir java.nio.file.Path dir) throws java.io.IOException {
+    final int d = 6, ff = 4, e = 4;
+    // transformers' GptOssMLP: gate_up_proj [E, d, 2ff], gate and up interleaved on the last axis.
+    float[] router = data(e * d, 1), rbias = data(e, 2), gateUp = data(e * d * 2 * ff, 3);
+    float[] gateUpBias = data(e * 2 * ff, 4), down = data(e * ff * d, 5), downBias = data(e * d, 6);
+    java.nio.file.Path file = dir.resolve("model.safetensors");
+    String p = "model.layers.0.mlp.";
+    writeSafetensors(file,
+        new String[] {p + "router.weight", p + "router.bias", p + "experts.gate_up_proj",
+          p + "experts.gate_up_proj_bias", p + "experts.down_proj", p + "experts.down_proj_bias"},
+        new long[][] {{e, d}, {e}, {e, d, 2 * ff}, {e, 2 * ff}, {e, ff, d}, {e, d}},
+        new float[][] {router, rbias, gateUp, gateUpBias, down, downBias});
+    try (Layer layer = Config.preset("gpt-oss").dModel(d).dFF(ff).numExperts(e).topK(2).createLayer()) {
+      layer.load(dir.toString(), "model.layers.0.mlp", "gpt-oss");
+      assertArrayEquals(router, layer.getParam("router.weight"));
+      assertArrayEquals(rbias, layer.getParam("router.logit_bias"));
+      assertArrayEquals(downBias, layer.getParam("experts.b2"));
+      float[] w1 = layer.getParam("experts.w1"), w3 = layer.getParam("experts.w3"), w2 = layer.getParam("experts.w2");
+      float[] b1 = layer.getParam("experts.b1"), b3 = layer.getParam("experts.b3");
+      for (int x = 0; x < e; ++x) {
+        for (int f = 0; f < ff; ++f) {
+          assertEquals(gateUpBias[x * 2 * ff + 2 * f], b1[x * ff + f]);
+          assertEquals(gateUpBias[x * 2 * ff + 2 * f + 1], b3[x * ff + f]);
+          for (int i = 0; i < d; ++i) {
+            assertEquals(gateUp[(x * d + i) * 2 * ff + 2 * f], w1[(x * ff + f) * d + i]);
+            assertEquals(gateUp[(x * d + i) * 2 * ff + 2 * f + 1], w3[(x * ff + f) * d + i]);
+            assertEquals(down[(x * ff + f) * d + i], w2[(x * d + i) * ff + f]);
+          }
+        }
+      }
+      float[] y = layer.forward(data(3 * d, 7));
+      for (float v : y) assertTrue(Float.isFinite(v));
     }
   }
 

@@ -11,7 +11,9 @@ public enum Activation {
   /** gelu(x W1^T) W2^T, exact GELU */
   GELU(3),
   /** silu(x W1^T) W2^T */
-  SILU(4);
+  SILU(4),
+  /** gpt-oss: ((clamp(x W3^T, -l, l) + 1) * hc * sigmoid(alpha hc)) W2^T, hc = min(x W1^T, l) */
+  SWIGLU_CLAMPED(5);
 
   private final int code;
 

@@ -311,7 +311,7 @@ public final class Layer implements AutoCloseable {
    * .safetensors file, a model.safetensors.index.json (sharded) or a directory holding either;
    * {@code prefix} names the block (e.g. "model.layers.3.mlp", or null); {@code family} its naming
    * and layout (null or "libmoe", "mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "deepseek-v3",
-   * "switch"). The layer's configuration must match the checkpoint; on any error (a MoeException
+   * "switch", "gpt-oss"). The layer's configuration must match the checkpoint; on any error (a MoeException
    * naming the file, the tensor and the fault) nothing is changed.
    */
   public synchronized void load(String path, String prefix, String family) {
