@@ -360,7 +360,7 @@ if(NOT _moe_libdir)
   get_target_property(_moe_libdir moe BINARY_DIR)
 endif()
 set(CPACK_DEBIAN_PACKAGE_SHLIBDEPS_PRIVATE_DIRS ${_moe_libdir})
-# DEBIAN/shlibs ("libmoe 0 libmoe0 (>= 0.2.0)") and the ldconfig trigger for libmoe0
+# DEBIAN/shlibs ("libmoe 0 libmoe0 (>= <version>)") and the ldconfig trigger for libmoe0
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS ON)
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS_POLICY ">=")
 

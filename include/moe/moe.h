@@ -59,7 +59,7 @@ extern "C" {
  * Version
  * ------------------------------------------------------------------------------------------- */
 #define MOE_VERSION_MAJOR 0
-#define MOE_VERSION_MINOR 2
+#define MOE_VERSION_MINOR 3
 #define MOE_VERSION_PATCH 0
 #define MOE_VERSION_NUMBER (MOE_VERSION_MAJOR * 10000 + MOE_VERSION_MINOR * 100 + MOE_VERSION_PATCH)
 
