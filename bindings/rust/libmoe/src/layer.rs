@@ -150,12 +150,20 @@ fn c_opt(s: Option<&str>, what: &str) -> Result<Option<CString>> {
 impl Layer {
     /// Create a layer; parameters are initialised deterministically from `cfg.seed`.
     pub fn new(cfg: &Config) -> Result<Layer> {
-        let raw = cfg.to_raw()?;
+        Layer::create(cfg.to_raw()?, None)
+    }
+
+    // The comm is boxed before its pointer is taken, so that the moe_comm stays where the C
+    // layer saw it even when an implementation holds the struct inline.
+    fn create(mut raw: sys::moe_config, comm: Option<Box<dyn ExpertComm>>) -> Result<Layer> {
+        if let Some(c) = &comm {
+            raw.comm = c.as_ptr();
+        }
         let mut out: *mut sys::moe_layer = ptr::null_mut();
         check(unsafe { sys::moe_layer_create(&raw, &mut out) })?;
         let ptr = NonNull::new(out).ok_or_else(|| Error::new(Status::Internal, "moe_layer_create returned NULL"))?;
         // From here on the layer is freed by Drop, also if the lines below fail.
-        let mut layer = Layer { ptr, comm: None, d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
+        let mut layer = Layer { ptr, comm, d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
         let eff = layer.config()?;
         layer.d_model = eff.d_model;
         layer.num_experts = eff.num_experts;
@@ -173,19 +181,7 @@ impl Layer {
     /// parameters' gradients with [`ExpertComm::all_reduce_sum`]). A comm serves one layer: give
     /// each layer its own (e.g. one [`crate::mpi::Comm::world`] each).
     pub fn with_comm<C: ExpertComm + 'static>(cfg: &Config, comm: C) -> Result<Layer> {
-        let mut raw = cfg.to_raw()?;
-        raw.comm = comm.as_ptr();
-        let mut out: *mut sys::moe_layer = ptr::null_mut();
-        check(unsafe { sys::moe_layer_create(&raw, &mut out) })?;
-        let ptr = NonNull::new(out).ok_or_else(|| Error::new(Status::Internal, "moe_layer_create returned NULL"))?;
-        let mut layer = Layer { ptr, comm: Some(Box::new(comm)), d_model: 0, num_experts: 0, top_k: 0, host: false, host_f32: false };
-        let eff = layer.config()?;
-        layer.d_model = eff.d_model;
-        layer.num_experts = eff.num_experts;
-        layer.top_k = eff.top_k;
-        layer.host = eff.device == Device::Cpu;
-        layer.host_f32 = layer.host && eff.dtype == DType::F32;
-        Ok(layer)
+        Layer::create(cfg.to_raw()?, Some(Box::new(comm)))
     }
 
     /// The communicator of a layer made by [`Layer::with_comm`]; `None` otherwise.
