@@ -580,6 +580,40 @@ MOE_API moe_status moe_layer_load(moe_layer *layer, const char *path, const char
  */
 MOE_API moe_status moe_layer_save(const moe_layer *layer, const char *path, const char *prefix);
 
+/**
+ * moe_layer_save in the key names and layout of a model family, so that moe_layer_load(path,
+ * prefix, family) into a layer of the same configuration restores it bit for bit (and the family's
+ * own code reads the file). family: NULL or "libmoe" is moe_layer_save; otherwise one of the
+ * families of moe_layer_load, each written in one layout:
+ *   "mixtral", "qwen2-moe", "qwen3-moe", "olmoe", "deepseek-v3": transformers 5's fused experts,
+ *       experts.gate_up_proj [E, 2*d_ff, d] (gate rows first) and experts.down_proj [E, d, d_ff],
+ *       with the family's router (gate.weight; deepseek-v3's gate.e_score_correction_bias from
+ *       router.bias) and shared-expert tensors (one module of width S*d_ff_shared);
+ *   "switch": one module per expert, experts.expert_N.wi/wo.weight, router.classifier.weight (and
+ *       router.classifier.bias from router.logit_bias, for a layer with router_logit_bias);
+ *   "gpt-oss": the plain tensors of transformers 5's GptOssMLP (experts.gate_up_proj [E, d, 2*d_ff]
+ *       interleaved, experts.down_proj [E, d_ff, d], their biases, router.weight, router.bias),
+ *       never MXFP4.
+ * Each tensor is in the storage dtype of the parameters it holds (the router's F32, the experts'
+ * the layer's dtype). The write is atomic as moe_layer_save's; on any failure nothing is written
+ * and a previous file at path is left intact. Thread-safety: as moe_layer_get_param.
+ * @return MOE_OK;
+ *   MOE_ERR_INVALID_ARGUMENT  layer or path NULL; an unknown family; a configuration the family
+ *                             cannot describe (as moe_layer_load refuses it: a gated family for a
+ *                             plain FFN, shared experts or a shared gate the family lacks, gpt-oss
+ *                             without MOE_ACT_SWIGLU_CLAMPED); a parameter the family has no tensor
+ *                             for (router.bias but in deepseek-v3, router.noise_weight,
+ *                             router.logit_bias and experts.b1/b3/b2 where the family has none)
+ *                             holding a value other than zero, which a load would lose (the message
+ *                             names the family, the parameter and the first such element; -0.0
+ *                             counts as zero and loads as +0.0); the file cannot be created or
+ *                             written (the message gives the system's reason);
+ *   MOE_ERR_UNSUPPORTED       a layer with a comm of size > 1;
+ *   MOE_ERR_OUT_OF_MEMORY     the host copies could not be allocated.
+ */
+MOE_API moe_status moe_layer_save_as(const moe_layer *layer, const char *path, const char *prefix,
+                                     const char *family);
+
 /* ---------------------------------------------------------------------------------------------
  * Contexts and compute
  * ------------------------------------------------------------------------------------------- */

@@ -1,4 +1,4 @@
-// extern "C" entry points for checkpoints: moe_layer_load and moe_layer_save.
+// extern "C" entry points for checkpoints: moe_layer_load, moe_layer_save and moe_layer_save_as.
 #include "api/guard.h"
 #include "core/checkpoint.h"
 
@@ -19,6 +19,15 @@ MOE_API moe_status moe_layer_save(const moe_layer *layer, const char *path, cons
     require(layer != nullptr, "layer is NULL");
     require(path != nullptr, "path is NULL");
     moe::save_checkpoint(*layer, path, prefix ? prefix : "");
+  });
+}
+
+MOE_API moe_status moe_layer_save_as(const moe_layer *layer, const char *path, const char *prefix,
+                                     const char *family) {
+  return moe::call("moe_layer_save_as", [&] {
+    require(layer != nullptr, "layer is NULL");
+    require(path != nullptr, "path is NULL");
+    moe::save_checkpoint(*layer, path, prefix ? prefix : "", family ? family : "");
   });
 }
 

@@ -1,5 +1,5 @@
 // moe_layer_load: checkpoint files (one safetensors file, or the shards of an index) read into
-// staging copies of every parameter, then committed; moe_layer_save: libmoe's names, one file.
+// staging copies of every parameter, then committed (saving: checkpoint_save.cpp).
 #include "core/checkpoint.h"
 
 #include <sys/stat.h>
@@ -303,31 +303,6 @@ void load_checkpoint(moe_layer &layer, const std::string &path, const std::strin
     }
   }
   if (trainable_changed) ++layer.param_version;
-}
-
-void save_checkpoint(const moe_layer &layer, const std::string &path, const std::string &prefix) {
-  if (layer.cfg.ranks > 1)
-    fail(MOE_ERR_UNSUPPORTED,
-         "layer: it holds %lld of %lld experts (a comm of %d ranks); saving an expert-parallel layer is not built "
-         "yet: gather the experts into one layer",
-         (long long)layer.cfg.E_local, (long long)layer.cfg.E, layer.cfg.ranks);
-  std::string target = path;
-  if (is_dir(target)) target += std::string(ends_with(target, "/") ? "" : "/") + kSingleName;
-  std::vector<std::vector<unsigned char>> host(layer.params.size());
-  std::vector<TensorOut> out;
-  for (size_t i = 0; i < layer.params.size(); ++i) {
-    const Param &p = layer.params[i];
-    host[i].resize(static_cast<size_t>(p.numel) * dtype_size(p.dtype));  // a device pool may round p.data up
-    layer.backend->download(host[i].data(), p.data.get(), host[i].size());
-    TensorOut t;
-    t.name = prefix.empty() ? p.name : prefix + "." + p.name;
-    t.dtype = p.dtype;
-    t.shape.assign(p.shape, p.shape + p.ndim);
-    t.data = host[i].data();
-    t.nbytes = host[i].size();
-    out.push_back(std::move(t));
-  }
-  write_safetensors(target, out, {{"format", "pt"}, {"producer", "libmoe"}});
 }
 
 }  // namespace moe

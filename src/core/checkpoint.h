@@ -1,5 +1,5 @@
 // Loading a layer's parameters from safetensors checkpoints (libmoe's names or a model family's)
-// and saving them in libmoe's names (src/core/checkpoint.cpp, checkpoint_map.cpp).
+// and saving them in either (src/core/checkpoint.cpp, checkpoint_save.cpp, checkpoint_map.cpp).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -49,11 +49,13 @@ extern const char *const kFamilyNames;
 
 // Where each of the layer's parameters comes from in a checkpoint of `family` whose block is
 // named `prefix`. Throws moe::Error for an unknown family or a layer the family cannot describe.
-std::vector<Target> map_checkpoint(moe_layer &layer, const std::string &family, const std::string &prefix,
+// A save reverses it: every piece is written back where the load would read it.
+std::vector<Target> map_checkpoint(const moe_layer &layer, const std::string &family, const std::string &prefix,
                                    const KeyLookup &keys);
 
-// moe_layer_load and moe_layer_save.
+// moe_layer_load, and moe_layer_save / moe_layer_save_as (family "" or "libmoe": libmoe's names).
 void load_checkpoint(moe_layer &layer, const std::string &path, const std::string &prefix, const std::string &family);
-void save_checkpoint(const moe_layer &layer, const std::string &path, const std::string &prefix);
+void save_checkpoint(const moe_layer &layer, const std::string &path, const std::string &prefix,
+                     const std::string &family = "");
 
 }  // namespace moe

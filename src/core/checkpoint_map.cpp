@@ -46,7 +46,7 @@ const Family kFamilies[] = {
 
 class Mapper {
  public:
-  Mapper(moe_layer &l, const std::string &family, const std::string &prefix)
+  Mapper(const moe_layer &l, const std::string &family, const std::string &prefix)
       : l_(l), c_(l.cfg), family_(family), prefix_(prefix) {}
 
   std::string key(const std::string &s) const { return prefix_.empty() ? s : prefix_ + "." + s; }
@@ -311,7 +311,7 @@ class Mapper {
   }
 
  private:
-  moe_layer &l_;
+  const moe_layer &l_;
   const Config &c_;
   std::string family_, prefix_;
   std::vector<Target> out_;
@@ -319,7 +319,7 @@ class Mapper {
 
 }  // namespace
 
-std::vector<Target> map_checkpoint(moe_layer &layer, const std::string &family, const std::string &prefix,
+std::vector<Target> map_checkpoint(const moe_layer &layer, const std::string &family, const std::string &prefix,
                                    const KeyLookup &keys) {
   Mapper m(layer, family, prefix);
   if (family.empty() || family == "libmoe") return m.libmoe();

@@ -731,7 +731,12 @@ void op_checkpoint(World &w, Reader &in) {
   std::vector<unsigned char> file;
   const uint8_t how = in.u8() % 4;
   if (how <= 1) {
-    if (l && seen(moe_layer_save(l, path.c_str(), prefix), "moe_layer_save") == MOE_OK) {
+    // Saved in the family's names where one is drawn (refused for a layer the family cannot hold),
+    // so that the load below reads that family's layout.
+    const moe_status saved = !l ? MOE_ERR_INVALID_ARGUMENT
+                             : family ? seen(moe_layer_save_as(l, path.c_str(), prefix, family), "moe_layer_save_as")
+                                      : seen(moe_layer_save(l, path.c_str(), prefix), "moe_layer_save");
+    if (saved == MOE_OK) {
       std::ifstream is(path, std::ios::binary);
       file.assign(std::istreambuf_iterator<char>(is), {});
     }

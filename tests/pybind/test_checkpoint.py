@@ -71,3 +71,36 @@ def test_family_checkpoint_and_errors(tmp_path):
         layer.load(tmp_path, prefix=5)
     for name, v in before.items():
         np.testing.assert_array_equal(layer.get_param(name), v, err_msg=name)
+
+
+def test_save_in_a_familys_names(tmp_path):
+    """Layer.save(path, prefix, family): the family's names and fused layout, loaded back bit for
+    bit; a selection bias mixtral cannot hold is refused and nothing is written."""
+    cfg = dict(d_model=16, d_ff=24, num_experts=4, top_k=2)
+    a = libmoe.Layer(seed=1, **cfg)
+    _randomize(a, 4)
+    a.set_param("router.bias", np.zeros(4, np.float32))
+    path = tmp_path / "mixtral.safetensors"
+    a.save(path, "model.layers.0.mlp", family="mixtral")
+    tensors, meta = ST.read(str(path))
+    assert meta["producer"] == "libmoe"
+    assert {k: v.shape for k, (_, v) in tensors.items()} == {
+        "model.layers.0.mlp.gate.weight": (4, 16), "model.layers.0.mlp.experts.gate_up_proj": (4, 48, 16),
+        "model.layers.0.mlp.experts.down_proj": (4, 16, 24)}
+    np.testing.assert_array_equal(tensors["model.layers.0.mlp.experts.gate_up_proj"][1][:, 24:],
+                                  a.get_param("experts.w3"))
+    b = libmoe.Layer(seed=2, **cfg)
+    b.load(path, "model.layers.0.mlp", "mixtral")
+    for name in a.param_names:
+        np.testing.assert_array_equal(b.get_param(name), a.get_param(name), err_msg=name)
+
+    before = path.read_bytes()
+    a.set_param("router.bias", np.array([0, 0, 0.5, 0], np.float32))
+    with pytest.raises(libmoe.InvalidArgumentError, match=r"mixtral.*router\.bias"):
+        a.save(path, "model.layers.0.mlp", "mixtral")
+    assert path.read_bytes() == before
+    with pytest.raises(libmoe.ArgumentTypeError):
+        a.save(path, family=3)
+    a.save(path, family="libmoe")  # libmoe's names hold it
+    b.load(path)
+    np.testing.assert_array_equal(b.get_param("router.bias"), a.get_param("router.bias"))

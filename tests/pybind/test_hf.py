@@ -10,6 +10,8 @@ rtol 1e-4 / atol 1e-6 (libmoe sums each token's experts in another order than tr
 index_add_, and its GEMMs are oneDNN's, not torch's)."""
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,9 @@ if not lt.CUSTOM_OPS:
     pytest.skip(f"torch {torch.__version__} is older than 2.4 (no torch.library.custom_op)", allow_module_level=True)
 
 import libmoe.hf as hf  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import safetensors_np as ST  # noqa: E402  (numpy reader of safetensors files, shared with tests/python)
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
@@ -297,6 +302,35 @@ def test_overrides():
         hf.replace_moe_blocks(tiny_model("olmoe"), topk=1)
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         hf.replace_moe_blocks("model")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_saved_family_file_loads_into_the_transformers_block(tmp_path, family):
+    """Layer.save(..., family=...) writes what the family's transformers 5 block holds: its
+    state_dict loads the file strictly (every key, every shape) and then computes the libmoe
+    layer's output. The layer's values are drawn anew, so nothing is inherited from the block."""
+    original = tiny_model(family).eval()
+    swapped = copy.deepcopy(original)
+    report = hf.replace_moe_blocks(swapped)
+    path = report.replaced[0].path
+    layer = swapped.get_submodule(path).moe.layer
+    rng = torch.Generator().manual_seed(7)
+    for name, info in layer.param_info().items():
+        if name == "router.bias" and family != "deepseek_v3":
+            continue  # the family has no selection bias: it stays zero
+        v = torch.rand(info.shape, generator=rng) * 0.1 if name == "router.bias" else \
+            torch.randn(info.shape, generator=rng) * 0.3
+        layer.set_param(name, v.numpy())
+    file = tmp_path / "block.safetensors"
+    layer.save(file, None, family.replace("_", "-"))
+    tensors, _ = ST.read(str(file))
+    block = original.get_submodule(path)
+    block.load_state_dict({k: torch.from_numpy(v.copy()) for k, (_, v) in tensors.items()}, strict=True)
+    x = torch.randn(1, 9, 32, generator=rng)
+    with torch.no_grad():
+        want = block(x)
+    want = want[0] if isinstance(want, tuple) else want
+    torch.testing.assert_close(torch.from_numpy(layer.forward(x[0].numpy())), want[0], rtol=1e-4, atol=1e-5)
 
 
 # ---- the per-expert layout of transformers < 5 ----------------------------------------------------------

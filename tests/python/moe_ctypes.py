@@ -129,6 +129,7 @@ def lib():
         "moe_context_assignments": ([vp, i64, vp, vp, vp, C.POINTER(C.c_int64)], st),
         "moe_layer_load": ([vp, C.c_char_p, C.c_char_p, C.c_char_p], st),
         "moe_layer_save": ([vp, C.c_char_p, C.c_char_p], st),
+        "moe_layer_save_as": ([vp, C.c_char_p, C.c_char_p, C.c_char_p], st),
     }
     for name, (args, res) in sig.items():
         fn = getattr(L, name)
@@ -304,8 +305,13 @@ class Layer:
         enc = lambda s: None if s is None else str(s).encode()
         _call("moe_layer_load", self._h, enc(path), enc(prefix), enc(family))
 
-    def save(self, path, prefix=None):
-        _call("moe_layer_save", self._h, str(path).encode(), None if prefix is None else prefix.encode())
+    def save(self, path, prefix=None, family=None):
+        """moe_layer_save, or moe_layer_save_as with a family."""
+        enc = lambda s: None if s is None else str(s).encode()
+        if family is None:
+            _call("moe_layer_save", self._h, enc(path), enc(prefix))
+        else:
+            _call("moe_layer_save_as", self._h, enc(path), enc(prefix), enc(family))
 
     # -- compute
     def context(self):

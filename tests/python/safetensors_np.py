@@ -1,4 +1,4 @@
-"""Writes safetensors files with numpy alone (the format: an 8-byte little-endian header length, a
+"""Writes (and reads back) safetensors files with numpy alone (the format: an 8-byte little-endian header length, a
 JSON header, the tensors' bytes), so that the checkpoint tests need no package beyond numpy."""
 import json
 import struct
@@ -57,3 +57,26 @@ def write_sharded(directory, tensors, shards):
         write("%s/%s" % (directory, f), {n: tensors[n] for n in names if weight_map[n] == f})
     with open("%s/model.safetensors.index.json" % directory, "w") as f:
         json.dump({"metadata": {"total_size": 0}, "weight_map": weight_map}, f)
+
+
+def read(path):
+    """{name: (dtype, float32 array)} of a file of F32/BF16/F16 tensors, and its __metadata__."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    out = {}
+    for name, h in header.items():
+        b0, b1 = h["data_offsets"]
+        buf = raw[8 + n + b0 : 8 + n + b1]
+        if h["dtype"] == "F32":
+            a = np.frombuffer(buf, "<f4").astype(np.float32)
+        elif h["dtype"] == "BF16":
+            a = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif h["dtype"] == "F16":
+            a = np.frombuffer(buf, "<f2").astype(np.float32)
+        else:
+            raise ValueError(h["dtype"])
+        out[name] = (h["dtype"], a.reshape(h["shape"]))
+    return out, meta

@@ -165,6 +165,30 @@ def test_family_matches_its_block(tmp_path, fam, dtype, fused):
         np.testing.assert_array_equal(again.get_param(n), v, err_msg=n)
     np.testing.assert_array_equal(again.forward(x), y)
 
+    # Saved in the family's names (moe_layer_save_as), the file is the one written above, in the
+    # layout a save picks (transformers 5's fused experts for a gated family), and loads back.
+    layer.save(str(tmp_path / "family.safetensors"), prefix, fam)
+    saved, meta = ST.read(str(tmp_path / "family.safetensors"))
+    assert meta == {"format": "pt", "producer": "libmoe"}
+    want = dict(t)
+    if not fused and spec["proj"][1]:
+        gate, up, down = spec["proj"]
+        E = spec["cfg"]["num_experts"]
+        ex = [spec["expert"] % e for e in range(E)]
+        want = {k: v for k, v in t.items() if not k.startswith("experts.")}
+        want["experts.gate_up_proj"] = np.stack(
+            [np.concatenate([t[p + gate + ".weight"], t[p + up + ".weight"]]) for p in ex])
+        want["experts.down_proj"] = np.stack([t[p + down + ".weight"] for p in ex])
+    assert sorted(saved) == sorted(prefix + "." + k for k in want)
+    for k, v in want.items():
+        dt, a = saved[prefix + "." + k]
+        assert dt == "F32", k  # the layer stores float32
+        np.testing.assert_array_equal(a, v, err_msg=k)
+    back = make_family_layer(spec, seed=11)
+    back.load(str(tmp_path / "family.safetensors"), prefix, fam)
+    for n, v in layer.params().items():
+        np.testing.assert_array_equal(back.get_param(n), v, err_msg=n)
+
 
 def test_sharded_family_checkpoint(tmp_path):
     fam, spec = "qwen2-moe", FAMILIES["qwen2-moe"]

@@ -321,16 +321,24 @@ class Layer:
         with h.lock:
             capi.moe_layer_load(h.ptr, path, prefix, family)
 
-    def save(self, path, prefix=None):
-        """Write every parameter to one safetensors file in libmoe's names (moe_layer_save), each in
-        its storage dtype, atomically; ``path`` is the file or a directory (model.safetensors in it).
-        :meth:`load` of the file into a layer of the same configuration restores it bit for bit."""
+    def save(self, path, prefix=None, family=None):
+        """Write every parameter to one safetensors file, each in its storage dtype, atomically;
+        ``path`` is the file or a directory (model.safetensors in it). ``family`` None or "libmoe":
+        libmoe's names (moe_layer_save); a family :meth:`load` knows: that family's names and layout
+        (moe_layer_save_as: transformers 5's fused experts for the gated families, Switch's
+        per-expert modules, gpt-oss's plain tensors), refused (InvalidArgumentError) while a
+        parameter the family has no tensor for is not zero. :meth:`load` of the file with the same
+        ``prefix`` and ``family`` into a layer of the same configuration restores it bit for bit."""
         path = self._path(path, "save")
-        if prefix is not None and not isinstance(prefix, str):
-            raise ArgumentTypeError(f"Layer.save: prefix must be a str or None, not {type(prefix).__name__}")
+        for what, v in (("prefix", prefix), ("family", family)):
+            if v is not None and not isinstance(v, str):
+                raise ArgumentTypeError(f"Layer.save: {what} must be a str or None, not {type(v).__name__}")
         h = self._handle()
         with h.lock:
-            capi.moe_layer_save(h.ptr, path, prefix)
+            if family is None:
+                capi.moe_layer_save(h.ptr, path, prefix)
+            else:
+                capi.moe_layer_save_as(h.ptr, path, prefix, family)
 
     @classmethod
     def from_checkpoint(cls, path, prefix=None, family=None, preset=None, **config):

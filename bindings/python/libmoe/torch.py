@@ -654,13 +654,13 @@ class MoE(nn.Module):
         module's parameter tensors share the layer's storage, so they see the new values."""
         self._layer.load(path, prefix, family)
 
-    def save_block(self, path, prefix=None):
-        """Save this module's parameters in libmoe's names (libmoe.Layer.save). With ep_group it is
+    def save_block(self, path, prefix=None, family=None):
+        """Save this module's parameters in libmoe's names, or in ``family``'s (libmoe.Layer.save). With ep_group it is
         collective: every expert is gathered (full_state_dict) and the group's first rank writes the
         file through a layer holding all of them, so that load_block (moe_layer_load, which reads each
         rank's slice) loads it at any EP size; every rank raises if the write failed."""
         if self.__dict__.get("_ep_group") is None:
-            self._layer.save(path, prefix)
+            self._layer.save(path, prefix, family)
             return
         import torch.distributed as dist
         full = self.full_state_dict()
@@ -670,7 +670,7 @@ class MoE(nn.Module):
             try:
                 one = Layer(**self._layer.config)  # the same config without the comm: every expert
                 one.load_state_dict({k: np.ascontiguousarray(v.float().numpy()) for k, v in full.items()})
-                one.save(path, prefix)
+                one.save(path, prefix, family)
             except Exception as e:  # noqa: BLE001 - re-raised below, after the others hear of it
                 error = e
         failed = torch.tensor([0 if error is None else 1], dtype=torch.int64)

@@ -303,6 +303,25 @@ impl Layer {
         })
     }
 
+    /// [`Layer::save`] in the key names and layout of `family` (`moe_layer_save_as`): a family
+    /// [`Layer::load`] knows, written as transformers 5's fused experts for the gated families,
+    /// Switch's per-expert modules and gpt-oss's plain tensors; `None` or `"libmoe"` is
+    /// [`Layer::save`]. Refused (nothing written) while a parameter the family has no tensor for is
+    /// not zero. [`Layer::load`] with the same `prefix` and `family` restores the layer bit for bit.
+    pub fn save_as<P: AsRef<Path>>(&self, path: P, prefix: Option<&str>, family: Option<&str>) -> Result<()> {
+        let p = c_path(path.as_ref())?;
+        let pre = c_opt(prefix, "prefix")?;
+        let fam = c_opt(family, "family")?;
+        check(unsafe {
+            sys::moe_layer_save_as(
+                self.ptr.as_ptr(),
+                p.as_ptr(),
+                pre.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+                fam.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
+            )
+        })
+    }
+
     /// A copy of the accumulated gradient of trainable parameter `name`.
     pub fn grad(&self, name: &str) -> Result<Vec<f32>> {
         let mut v = vec![0f32; self.param_info(name)?.numel()];

@@ -620,6 +620,39 @@ fn checkpoints_round_trip_and_refuse_bad_files() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn saves_in_a_familys_names_and_loads_back_bit_for_bit() {
+    let dir = std::env::temp_dir().join(format!("libmoe-rust-save-as-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = small().build().unwrap();
+    a.set_param("experts.w1", &data(4 * 32 * 16, 5)).unwrap();
+    a.set_param("experts.w3", &data(4 * 32 * 16, 6)).unwrap();
+    a.set_param("router.bias", &[0.0; 4]).unwrap(); // qwen3-moe has no selection bias
+    let path = dir.join("qwen3.safetensors");
+    a.save_as(&path, Some("model.layers.1.mlp"), Some("qwen3-moe")).unwrap();
+    let text = String::from_utf8_lossy(&std::fs::read(&path).unwrap()).into_owned();
+    assert!(text.contains("\"model.layers.1.mlp.experts.gate_up_proj\""), "{}", &text[..200]);
+    let b = small().seed(11).build().unwrap();
+    assert_ne!(a.param("experts.w3").unwrap(), b.param("experts.w3").unwrap());
+    b.load(&path, Some("model.layers.1.mlp"), Some("qwen3-moe")).unwrap();
+    for p in a.params().unwrap() {
+        assert_eq!(a.param(&p.name).unwrap(), b.param(&p.name).unwrap(), "{}", p.name);
+    }
+
+    // A selection bias qwen3-moe cannot hold: refused, naming it; the file is left as it was.
+    let before = std::fs::read(&path).unwrap();
+    a.set_param("router.bias", &[0.0, 0.0, 0.25, 0.0]).unwrap();
+    let e = a.save_as(&path, Some("model.layers.1.mlp"), Some("qwen3-moe")).unwrap_err();
+    assert_eq!(e.status(), Status::InvalidArgument);
+    assert!(e.message().contains("router.bias") && e.message().contains("qwen3-moe"), "{}", e.message());
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    // `None` is libmoe's names, which hold it.
+    a.save_as(&path, None, None).unwrap();
+    b.load(&path, None, None).unwrap();
+    assert_eq!(a.param("router.bias").unwrap(), b.param("router.bias").unwrap());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// A safetensors file of f32 tensors, written by hand (header length, JSON, little-endian data).
 fn write_safetensors(path: &std::path::Path, tensors: &[(&str, Vec<usize>, &[f32])]) {
     let (mut header, mut data) = (String::from("{"), Vec::new());

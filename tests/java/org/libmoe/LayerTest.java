@@ -78,6 +78,37 @@ class LayerTest {
     }
   }
 
+  @Test
+  void savesInAFamilysNamesAndLoadsBackBitForBit(@org.junit.jupiter.api.io.TempDir java.nio.file.Path dir)
+      throws java.io.IOException {
+    try (Layer a = small().createLayer(); Layer b = small().seed(11).createLayer()) {
+      a.setParam("experts.w1", data(4 * 32 * 16, 5));
+      a.setParam("experts.w2", data(4 * 16 * 32, 6));
+      a.setParam("router.bias", new float[4]);  // mixtral has no selection bias
+      String path = dir.resolve("mixtral.safetensors").toString();
+      a.save(path, "model.layers.0.block_sparse_moe", "mixtral");
+      // The file holds transformers 5's fused expert tensor under the family's prefix.
+      String head = new String(java.nio.file.Files.readAllBytes(java.nio.file.Path.of(path)),
+          java.nio.charset.StandardCharsets.ISO_8859_1);
+      assertTrue(head.contains("\"model.layers.0.block_sparse_moe.experts.gate_up_proj\""), head.substring(0, 200));
+      assertFalse(java.util.Arrays.equals(a.getParam("experts.w1"), b.getParam("experts.w1")));
+      b.load(path, "model.layers.0.block_sparse_moe", "mixtral");
+      for (ParamInfo p : a.params()) assertArrayEquals(a.getParam(p.name()), b.getParam(p.name()), p.name());
+
+      // A selection bias mixtral cannot hold: refused, naming it, and the file is left as it was.
+      byte[] before = java.nio.file.Files.readAllBytes(java.nio.file.Path.of(path));
+      a.setParam("router.bias", new float[] {0f, 0.5f, 0f, 0f});
+      MoeException e = assertThrows(MoeException.class, () -> a.save(path, "model.layers.0.block_sparse_moe", "mixtral"));
+      assertEquals(Status.INVALID_ARGUMENT, e.getStatus());
+      assertTrue(e.getMessage().contains("router.bias"), e.getMessage());
+      assertArrayEquals(before, java.nio.file.Files.readAllBytes(java.nio.file.Path.of(path)));
+      // libmoe's names hold it; a null family is libmoe's.
+      a.save(path, null, null);
+      b.load(path);
+      assertArrayEquals(a.getParam("router.bias"), b.getParam("router.bias"));
+    }
+  }
+
   /** A safetensors file of float32 tensors, written by hand (header length, JSON, data). */
   private static void writeSafetensors(java.nio.file.Path file, String[] names, long[][] shapes, float[][] values)
       throws java.io.IOException {

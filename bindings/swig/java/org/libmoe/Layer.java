@@ -335,6 +335,19 @@ public final class Layer implements AutoCloseable {
     MoeNative.moe_layer_save(live(), path, prefix);
   }
 
+  /**
+   * Writes every parameter to one safetensors file in the key names and layout of {@code family}
+   * (moe_layer_save_as): a family {@link #load(String, String, String)} knows, written as
+   * transformers 5's fused experts for the gated families, Switch's per-expert modules and
+   * gpt-oss's plain tensors; null or "libmoe" is {@link #save(String, String)}. Refused (nothing
+   * written) while a parameter the family has no tensor for is not zero. Loading the file with the
+   * same prefix and family into a layer of the same configuration restores it bit for bit.
+   */
+  public synchronized void save(String path, String prefix, String family) {
+    if (path == null) throw invalid("path is null");
+    MoeNative.moe_layer_save_as(live(), path, prefix, family);
+  }
+
   /** {@link #save(String, String)} with no prefix. */
   public void save(String path) {
     save(path, null);
