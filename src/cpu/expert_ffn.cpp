@@ -33,10 +33,6 @@ namespace {
 constexpr int64_t kPanel = 512;  // weight rows (or columns) widened at a time
 constexpr int64_t kChunk = 1 << 14;
 constexpr int64_t kSmallWeights = 1 << 16;  // weight elements below which row counts share a GEMM
-constexpr int64_t kFewRows = 64;  // float32 experts with at most this many rows: W X^T (forward_few_rows)
-// Rows up to which forward_few (the few-rows kernel) beats oneDNN, measured on 2 cores of an
-// Emerald Rapids Xeon at d 1024, d_ff 2048 (16-bit weights are half the bytes to read).
-constexpr int64_t kFewRowsF32 = 4, kFewRows16 = 8;
 
 // Elementwise work split into contiguous chunks, one per thread, each a vectorised call.
 template <class F>
@@ -340,7 +336,7 @@ void forward_few_rows(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   add_bias_rows(x, static_cast<float *>(a->y) + r.begin * d, n, d, d, bias_of(a->b2, dt, e, d), dt);
 }
 
-// Forward of an expert with few rows (decoding: kFewRowsF32, kFewRows16), any dtype: each product on the
+// Forward of an expert with few rows (decoding; small_rows().few_*), any dtype: each product on the
 // few-rows kernel (cpu/few_rows.h), which reads each weight once, in its storage dtype.
 void forward_few(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r) {
   const moe_ffn_args *a = c.a;
@@ -576,11 +572,12 @@ moe_status expert_ffn(void *state, const moe_ffn_args *a) {
     const Call c{a, a->d, a->ff, a->dtype, glu(a->activation)};
     const bool widened = widened_call(st, a);
     each_expert(st, a, widened, [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {
-      if (r.n <= (c.dt == MOE_DTYPE_F32 ? kFewRowsF32 : kFewRows16))
+      const SmallRows &small = small_rows();
+      if (r.n <= (c.dt == MOE_DTYPE_F32 ? small.few_f32 : small.few_16))
         forward_few(x, c, arena, e, r);
       else if (widened)
         forward_widened(x, c, arena, e, r, xf);
-      else if (c.dt == MOE_DTYPE_F32 && r.n <= kFewRows)
+      else if (c.dt == MOE_DTYPE_F32 && r.n <= small.wxt_f32)
         forward_few_rows(x, c, arena, e, r);
       else
         forward_direct(x, c, e, r);

@@ -20,11 +20,15 @@ namespace moe::cpu {
 namespace {
 
 constexpr int64_t kRowsPerChunk = 64;  // weight rows per OpenMP work item
-constexpr int64_t kGroup = 8;          // input rows per pass over a chunk
+constexpr int64_t kGroup = 6;          // input rows per pass over a chunk
+constexpr int kBlockRows = 4;          // weight rows per register block
 
 // ---- AVX-512: 16 elements per step, every dtype widened exactly to float32 in registers ---------
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
 #define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+#define MOE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+constexpr int kBf16Dot = -1;  // the avx512_rows tag of bfloat16 on VDPBF16PS
 
 template <int D>
 MOE_AVX512 inline __m512 load16(const void *p, int64_t k) {
@@ -62,6 +66,34 @@ MOE_AVX512 inline float reduce(__m512 v) {
   return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
 }
 
+// reduce() of four vectors at once, each sum in reduce()'s order (so the same bits), into
+// out[0..3]: the halves of two vectors added in one register, then quarters, then pairs.
+MOE_AVX512 inline void reduce4(const __m512 *v, float *out) {
+  const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x44), _mm512_shuffle_f32x4(v[0], v[1], 0xEE));
+  const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], 0x44), _mm512_shuffle_f32x4(v[2], v[3], 0xEE));
+  // quarter r: lane i + lane i + 8, then + 4, of v[r]
+  const __m512 q = _mm512_add_ps(_mm512_shuffle_f32x4(s01, s23, 0x88), _mm512_shuffle_f32x4(s01, s23, 0xDD));
+  const __m512 p = _mm512_add_ps(q, _mm512_permute_ps(q, 0x4E));  // lanes (0 + 2, 1 + 3) of each quarter
+  const __m512 t = _mm512_add_ps(p, _mm512_permute_ps(p, 0xB1));  // lane 0 of quarter r: v[r]'s sum
+  const __m512 sums = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), t);
+  _mm_storeu_ps(out, _mm512_castps512_ps128(sums));
+}
+
+// C[m, n + r] for r < R from the accumulators acc[r][m].
+template <int M, int R>
+MOE_AVX512 inline void store_sums(__m512 (&acc)[R][M], float *C, int64_t ldc, int64_t n) {
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    if constexpr (R == 4) {
+      const __m512 v[4] = {acc[0][m], acc[1][m], acc[2][m], acc[3][m]};
+      reduce4(v, C + m * ldc + n);
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) C[m * ldc + n + r] = reduce(acc[r][m]);
+    }
+  }
+}
+
 template <int D, int M, int R>
 MOE_AVX512 inline void avx512_block(const void *const *x, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
                                     int64_t ldc) {
@@ -69,40 +101,87 @@ MOE_AVX512 inline void avx512_block(const void *const *x, const void *W, int64_t
   const __mmask16 tail = static_cast<__mmask16>((1u << (K - full)) - 1u);
   const void *w[R];
   for (int r = 0; r < R; ++r) w[r] = row<D>(W, n + r, ldw);
+  // The accumulators live in registers only when these loops are unrolled, at -O2 as at -O3
+  // (rolled, they go to the stack and the kernel runs at a third of the speed).
   __m512 acc[R][M];
+#pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < full; k += 16) {
     __m512 wv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = load16<D>(w[r], k);
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m512 xv = load16<D>(x[m], k);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
   if (tail) {
     __m512 wv[R];
+#pragma GCC unroll 8
     for (int r = 0; r < R; ++r) wv[r] = load_tail<D>(w[r], full, tail);
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m512 xv = load_tail<D>(x[m], full, tail);
+#pragma GCC unroll 8
       for (int r = 0; r < R; ++r) acc[r][m] = _mm512_fmadd_ps(wv[r], xv, acc[r][m]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) C[m * ldc + n + r] = reduce(acc[r][m]);
+  store_sums<M, R>(acc, C, ldc, n);
 }
 
-// Two weight rows at a time (one where M is large, for the registers): each input piece loaded
-// once serves both, and the two streams keep more of memory's bandwidth busy.
+// bfloat16 on CPUs with AVX512-BF16: VDPBF16PS multiplies 32 pairs per step and adds each two
+// neighbours' products into a float32 lane (denormal inputs read as zero), at twice the rate of
+// widening and FMA. Lane j sums the elements k with k / 2 = j modulo 16, then reduce().
+template <int M, int R>
+MOE_AVX512_BF16 inline void avx512_block_dot(const void *const *x, const void *W, int64_t ldw, int64_t n, int64_t K,
+                                             float *C, int64_t ldc) {
+  const int64_t full = K / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t{1} << (K - full)) - 1u);
+  const uint16_t *w[R];
+  for (int r = 0; r < R; ++r) w[r] = static_cast<const uint16_t *>(row<MOE_DTYPE_BF16>(W, n + r, ldw));
+  __m512 acc[R][M];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    // The last step reads the remaining k through a mask (the rest as zeros).
+    const __mmask32 mask = k < full ? ~__mmask32{0} : tail;
+    __m512i wv[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w[r] + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t *>(x[m]) + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], (__m512bh)wv[r], (__m512bh)xv);
+    }
+  }
+  store_sums<M, R>(acc, C, ldc, n);
+}
+
+// Four weight rows at a time against up to six input rows (24 accumulators, 4 weight pieces and
+// an input piece: 29 of the 32 registers): each input piece loaded once serves four weight rows,
+// each weight piece six input rows, and four streams keep more of memory's bandwidth busy.
+// Each output's sum is the same (lane-wise over k, then reduce()) whatever the blocking.
 template <int D, int M>
 MOE_AVX512 void avx512_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
                             float *C, int64_t ldc) {
   const void *x[M];
-  for (int m = 0; m < M; ++m) x[m] = row<D>(X, m, ldx);
-  constexpr int R = M <= 4 ? 2 : 1;
+  for (int m = 0; m < M; ++m) x[m] = row<D == kBf16Dot ? MOE_DTYPE_BF16 : D>(X, m, ldx);
+  constexpr int R = kBlockRows;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) avx512_block<D, M, R>(x, W, ldw, n, K, C, ldc);
-  for (; n < n1; ++n) avx512_block<D, M, 1>(x, W, ldw, n, K, C, ldc);
+  if constexpr (D == kBf16Dot) {
+    for (; n + R <= n1; n += R) avx512_block_dot<M, R>(x, W, ldw, n, K, C, ldc);
+    for (; n < n1; ++n) avx512_block_dot<M, 1>(x, W, ldw, n, K, C, ldc);
+  } else {
+    for (; n + R <= n1; n += R) avx512_block<D, M, R>(x, W, ldw, n, K, C, ldc);
+    for (; n < n1; ++n) avx512_block<D, M, 1>(x, W, ldw, n, K, C, ldc);
+  }
 }
 
 template <int D>
@@ -114,9 +193,7 @@ void avx512_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int
     case 3: return avx512_rows<D, 3>(X, ldx, W, ldw, n0, n1, K, C, ldc);
     case 4: return avx512_rows<D, 4>(X, ldx, W, ldw, n0, n1, K, C, ldc);
     case 5: return avx512_rows<D, 5>(X, ldx, W, ldw, n0, n1, K, C, ldc);
-    case 6: return avx512_rows<D, 6>(X, ldx, W, ldw, n0, n1, K, C, ldc);
-    case 7: return avx512_rows<D, 7>(X, ldx, W, ldw, n0, n1, K, C, ldc);
-    default: return avx512_rows<D, 8>(X, ldx, W, ldw, n0, n1, K, C, ldc);
+    default: return avx512_rows<D, kGroup>(X, ldx, W, ldw, n0, n1, K, C, ldc);
   }
 }
 
@@ -125,14 +202,19 @@ bool have_avx512() {
                           __builtin_cpu_supports("avx512vl");
   return yes;
 }
+bool have_avx512_bf16() {
+  static const bool yes = have_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
 #else
 bool have_avx512() { return false; }
+bool have_avx512_bf16() { return false; }
 template <int D>
 void avx512_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
                      int64_t) {}
 #endif
 
-// ---- any CPU: float32 pieces, the same sums in 16 lanes, so both paths give the same bits --------
+// ---- any CPU: float32 pieces, the same sums in 16 lanes as avx512_block, so both give the same bits
 void generic_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
                   int64_t K, float *C, int64_t ldc) {
   constexpr int64_t kPiece = 256;  // a multiple of 16
@@ -159,11 +241,11 @@ void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dt
                   float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   const int64_t chunks = (N + kRowsPerChunk - 1) / kRowsPerChunk;
-  const bool avx512 = have_avx512();
+  const bool avx512 = have_avx512(), dot = have_avx512_bf16();
 #pragma omp parallel for schedule(static) if (chunks > 1 && N * K >= (int64_t{1} << 16))
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * kRowsPerChunk, n1 = std::min(N, n0 + kRowsPerChunk);
-    // Eight input rows at a time (the accumulators a pass keeps in registers); the chunk of
+    // kGroup input rows at a time (the accumulators a pass keeps in registers); the chunk of
     // weight rows stays in cache between passes, so memory sees it once.
     for (int64_t m0 = 0; m0 < M; m0 += kGroup) {
       const int64_t m = std::min(kGroup, M - m0);
@@ -171,6 +253,8 @@ void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dt
       float *Cg = C + m0 * ldc;
       if (!avx512) {
         generic_rows(Xg, ldx, W, ldw, dtype, m, n0, n1, K, Cg, ldc);
+      } else if (dtype == MOE_DTYPE_BF16 && dot) {
+        avx512_dispatch<kBf16Dot>(Xg, ldx, W, ldw, m, n0, n1, K, Cg, ldc);
       } else if (dtype == MOE_DTYPE_BF16) {
         avx512_dispatch<MOE_DTYPE_BF16>(Xg, ldx, W, ldw, m, n0, n1, K, Cg, ldc);
       } else if (dtype == MOE_DTYPE_F16) {

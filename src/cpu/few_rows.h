@@ -10,8 +10,11 @@ namespace moe::cpu {
 
 // C[m, n] = sum_k X[m, k] W[n, k] for m < M, n < N: X [M, K] (row stride ldx)
 // and W [N, K] (row stride ldw) in dtype (a moe_dtype: both the same), products and sums in
-// float32, C float32 (row stride ldc). Threads over N with OpenMP; each output is one thread's
-// sum in a fixed order, so the result does not depend on the thread count.
+// float32, C float32 (row stride ldc). bfloat16 on a CPU with AVX512-BF16 runs on VDPBF16PS,
+// whose pairs are summed in its own order and whose denormal inputs count as zero (as oneDNN's
+// bfloat16 kernels); everything else gives the same bits with or without AVX-512. Threads over
+// N with OpenMP; each output is one thread's sum in a fixed order, so the result does not depend
+// on the thread count.
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                   float *C, int64_t ldc);
 

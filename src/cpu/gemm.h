@@ -80,6 +80,15 @@ class Gemms {
 // only the halved weight traffic of small M pays). INT64_MAX: always bfloat16.
 int64_t bf16_native_max_rows();
 
+// Which kernel a forward product over an expert's few rows runs on, by row count: the few-rows
+// kernel (cpu/few_rows.h) up to few_f32 (float32) or few_16 (16-bit) rows, then float32 experts
+// as W X^T up to wxt_f32 rows, then oneDNN's X W^T. Measured per CPU family (see gemm.cpp);
+// fixed for a process, so that the same rows always take the same kernel (bitwise repeatable).
+struct SmallRows {
+  int64_t few_f32, few_16, wxt_f32;
+};
+const SmallRows &small_rows();
+
 // Name of the GEMM library and the ISA oneDNN uses on this CPU (moe-bench, error messages).
 const char *gemm_library();
 

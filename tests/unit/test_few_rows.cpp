@@ -1,0 +1,126 @@
+// The few-rows kernel (cpu/few_rows.h), which runs the forward products of experts with few rows:
+// its sums against float64 ones over every tail of its blocking (rows of weights in fours, input
+// rows in sixes, k in steps of 16 or 32), with strided operands; and, because each output is one
+// fixed sum whatever the blocking, the same bits for a row computed alone or among others, for a
+// weight row inside a block of four or on its own, and for any thread count.
+#include <gtest/gtest.h>
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "cpu/few_rows.h"
+#include "support/half.h"
+#include "support/random.h"
+
+namespace {
+
+using moe_test::Rng;
+
+struct Shape {
+  int64_t M, N, K;
+};
+
+// Shapes that end in every tail: M past a group of six, N past a block of four, K past a step.
+const Shape kShapes[] = {{1, 1, 1},    {1, 5, 17},    {2, 4, 32},     {3, 67, 33},  {5, 130, 100}, {6, 64, 1024},
+                         {7, 9, 31},   {13, 70, 64},  {24, 131, 257}, {25, 8, 16},  {4, 3, 48},    {12, 257, 95}};
+
+// Operands of one shape in dtype, with row strides past their widths.
+struct Operands {
+  int dtype;
+  Shape s;
+  int64_t ldx, ldw, ldc;
+  std::vector<float> x, w;  // the values as stored (rounded to dtype), for the reference
+  std::vector<unsigned char> xb, wb;
+
+  Operands(int dt, Shape sh, uint64_t seed) : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2) {
+    Rng rng(seed);
+    x = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f));
+    w = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.N * ldw), 0.5f));
+    xb = moe_test::encode(dt, x);
+    wb = moe_test::encode(dt, w);
+  }
+  // C of the kernel over rows [m0, m0 + rows) of X and weight rows [n0, n0 + cols), into a
+  // buffer of sentinels (NaN) with row stride ldc.
+  std::vector<float> run(int64_t m0, int64_t rows, int64_t n0, int64_t cols) const {
+    std::vector<float> c(static_cast<size_t>(s.M * ldc), std::nanf(""));
+    const size_t es = moe_test::dtype_size(dtype);
+    moe::cpu::few_rows_xwt(xb.data() + m0 * ldx * es, ldx, wb.data() + n0 * ldw * es, ldw, dtype, rows, cols, s.K,
+                           c.data() + m0 * ldc + n0, ldc);
+    return c;
+  }
+  std::vector<float> run() const { return run(0, s.M, 0, s.N); }
+};
+
+std::string name(int dtype) { return dtype == MOE_DTYPE_F32 ? "float32" : dtype == MOE_DTYPE_BF16 ? "bfloat16" : "float16"; }
+
+class FewRows : public ::testing::TestWithParam<int> {};
+
+TEST_P(FewRows, SumsMatchFloat64WithinFloat32Rounding) {
+  const int dt = GetParam();
+  uint64_t seed = 1;
+  for (const Shape &s : kShapes) {
+    const Operands op(dt, s, seed++);
+    const std::vector<float> c = op.run();
+    for (int64_t m = 0; m < s.M; ++m) {
+      for (int64_t n = 0; n < s.N; ++n) {
+        double ref = 0, mag = 0;
+        for (int64_t k = 0; k < s.K; ++k) {
+          const double p = static_cast<double>(op.x[m * op.ldx + k]) * op.w[n * op.ldw + k];
+          ref += p;
+          mag += std::fabs(p);
+        }
+        // float32 sums of K products (exact products: 16-bit inputs, or float32 with an FMA):
+        // at most about K roundings of 2^-24 of the magnitude.
+        const double tol = (static_cast<double>(s.K) + 4) * std::ldexp(mag, -24);
+        ASSERT_NEAR(c[m * op.ldc + n], ref, tol) << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K
+                                                 << " at (" << m << ", " << n << ")";
+      }
+      for (int64_t n = s.N; n < op.ldc; ++n)
+        ASSERT_TRUE(std::isnan(c[m * op.ldc + n])) << "wrote past N at (" << m << ", " << n << ")";
+    }
+  }
+}
+
+TEST_P(FewRows, EachOutputIsTheSameSumAloneOrAmongOthers) {
+  const int dt = GetParam();
+  uint64_t seed = 100;
+  for (const Shape &s : kShapes) {
+    const Operands op(dt, s, seed++);
+    const std::vector<float> all = op.run();
+    // Every input row alone (a group of one) and every weight row alone (no block of four).
+    for (int64_t m = 0; m < s.M; ++m) {
+      const std::vector<float> row = op.run(m, 1, 0, s.N);
+      ASSERT_EQ(0, std::memcmp(&row[m * op.ldc], &all[m * op.ldc], s.N * sizeof(float)))
+          << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K << ": input row " << m;
+    }
+    for (int64_t n = 0; n < s.N; n += 3) {
+      const std::vector<float> col = op.run(0, s.M, n, 1);
+      for (int64_t m = 0; m < s.M; ++m)
+        ASSERT_EQ(0, std::memcmp(&col[m * op.ldc + n], &all[m * op.ldc + n], sizeof(float)))
+            << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K << ": weight row " << n << ", input row "
+            << m;
+    }
+  }
+}
+
+TEST_P(FewRows, SameBitsForAnyThreadCount) {
+  const int dt = GetParam();
+  const Operands op(dt, {9, 1000, 300}, 7);  // 16 chunks of 64 weight rows: several per thread
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const std::vector<float> one = op.run();
+  omp_set_num_threads(3);
+  const std::vector<float> three = op.run();
+  omp_set_num_threads(before);
+  ASSERT_EQ(one.size(), three.size());
+  EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float))) << name(dt);
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FewRows, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
+                         [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+
+}  // namespace
