@@ -74,36 +74,36 @@ class Mapper {
     if (p) target(p).zero_reason = why;
   }
 
-  // Expert e's [rows, cols] block of a [E, R, C] tensor (rows from row0) into expert e - begin of p.
-  void fused(Target &t, const std::string &k, std::vector<int64_t> shape, int64_t row0, int64_t rows) {
+  // One piece per expert e of the model (a rank reads only its own: read) holding a [rows, cols]
+  // block, into expert e - begin of t; at(pc, e) says where the block lies in the tensor.
+  template <class At>
+  void expert_pieces(Target &t, const std::string &k, std::vector<int64_t> shape, int64_t rows, int64_t cols, At &&at) {
     for (int64_t e = 0; e < c_.E; ++e) {
       Piece pc;
       pc.key = k;
       pc.shape = shape;
-      pc.outer = e;
-      pc.row0 = row0;
-      pc.rows = rows;
-      pc.cols = shape[2];
-      pc.dst = (e - c_.expert_begin) * rows * pc.cols;
-      pc.dst_ld = pc.cols;
-      pc.read = local(e);
-      t.pieces.push_back(std::move(pc));
-    }
-  }
-
-  // Expert e's own [rows, cols] tensor into expert e - begin of p.
-  void per_expert(Target &t, const std::string &dir, const char *proj, int64_t rows, int64_t cols) {
-    for (int64_t e = 0; e < c_.E; ++e) {
-      Piece pc;
-      pc.key = key(dir + std::to_string(e) + "." + proj + ".weight");
-      pc.shape = {rows, cols};
       pc.rows = rows;
       pc.cols = cols;
       pc.dst = (e - c_.expert_begin) * rows * cols;
       pc.dst_ld = cols;
       pc.read = local(e);
+      at(pc, e);
       t.pieces.push_back(std::move(pc));
     }
+  }
+
+  // Expert e's [rows, cols] block of a [E, R, C] tensor (rows from row0) into expert e - begin of p.
+  void fused(Target &t, const std::string &k, std::vector<int64_t> shape, int64_t row0, int64_t rows) {
+    expert_pieces(t, k, shape, rows, shape[2], [&](Piece &pc, int64_t e) {
+      pc.outer = e;
+      pc.row0 = row0;
+    });
+  }
+
+  // Expert e's own [rows, cols] tensor into expert e - begin of p.
+  void per_expert(Target &t, const std::string &dir, const char *proj, int64_t rows, int64_t cols) {
+    expert_pieces(t, "", {rows, cols}, rows, cols,
+                  [&](Piece &pc, int64_t e) { pc.key = key(dir + std::to_string(e) + "." + proj + ".weight"); });
   }
 
   bool local(int64_t e) const { return e >= c_.expert_begin && e < c_.expert_begin + c_.E_local; }
@@ -127,42 +127,24 @@ class Mapper {
   // [cols, rows*step] slice of a [E, cols, N] tensor (gpt-oss's [in, out] layout).
   void fused_transposed(Target &t, const std::string &k, std::vector<int64_t> shape, int64_t col0, int64_t step,
                         int64_t rows, int64_t cols) {
-    for (int64_t e = 0; e < c_.E; ++e) {
-      Piece pc;
-      pc.key = k;
-      pc.shape = shape;
+    expert_pieces(t, k, shape, rows, cols, [&](Piece &pc, int64_t e) {
       pc.outer = e;
       pc.transpose = true;
       pc.col0 = col0;
       pc.col_step = step;
-      pc.rows = rows;
-      pc.cols = cols;
-      pc.dst = (e - c_.expert_begin) * rows * cols;
-      pc.dst_ld = cols;
-      pc.read = local(e);
-      t.pieces.push_back(std::move(pc));
-    }
+    });
   }
 
   // Expert e's [rows, cols] parameter from rows row0, row0 + step, ... of its slice of the MXFP4
   // tensor name + "_blocks" (shape: [E, R, G, 16]) with its name + "_scales".
   void mxfp4(Target &t, const std::string &name, std::vector<int64_t> shape, int64_t row0, int64_t step, int64_t rows,
              int64_t cols) {
-    for (int64_t e = 0; e < c_.E; ++e) {
-      Piece pc;
-      pc.key = key(name + "_blocks");
+    expert_pieces(t, key(name + "_blocks"), shape, rows, cols, [&](Piece &pc, int64_t e) {
       pc.scales_key = key(name + "_scales");
-      pc.shape = shape;
       pc.outer = e;
       pc.row0 = row0;
       pc.row_step = step;
-      pc.rows = rows;
-      pc.cols = cols;
-      pc.dst = (e - c_.expert_begin) * rows * cols;
-      pc.dst_ld = cols;
-      pc.read = local(e);
-      t.pieces.push_back(std::move(pc));
-    }
+    });
   }
 
   // Parameters the family has no tensor for are zero, as the model has them.
