@@ -6,10 +6,14 @@
 #
 #   bench/compare.sh [--d-model 1024] [--d-ff 2048] [--experts 8] [--top-k 2] [--activation swiglu]
 #                    [--tokens 1,8,64,512,4096] [--dtypes f32,bf16] [--threads 2] [--iters 10]
-#                    [--warmup 2] [--torch-venv DIR] [--ep-ranks R]
+#                    [--warmup 2] [--torch-venv DIR] [--repeats 1] [--no-debian-torch] [--ep-ranks R]
 #
 # --torch-venv DIR: PyTorch 2 from PyPI in the virtual environment DIR, made there (from
 # tests/pypi/requirements.txt) when it does not exist yet; without it only Debian's PyTorch runs.
+# --repeats N runs every program N times, in turn (libmoe, then each peer, then libmoe again...),
+# and reports the median of the N medians: on a machine shared with others, one run's times can
+# drift by 10-20 % from the next one's.
+# --no-debian-torch leaves out Debian's PyTorch 1.13 (slow: it runs the large counts for minutes).
 # --ep-ranks R > 1 adds a run of moe-bench with R expert-parallel ranks in one process and prints
 # the bytes each rank sends per token (its times are of the in-process exchange, not compared).
 #
@@ -23,7 +27,7 @@ bench=${MOE_BENCH:-$root/build/bench/moe-bench}
 debian_python=/usr/bin/python3
 
 d_model=1024 d_ff=2048 experts=8 top_k=2 tokens=1,8,64,512,4096 dtypes=f32,bf16 threads=2 iters=10 warmup=2
-activation=swiglu ep_ranks=1 venv=
+activation=swiglu ep_ranks=1 venv= repeats=1 debian_torch=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --d-model) d_model=$2 ;;
@@ -38,7 +42,9 @@ while [[ $# -gt 0 ]]; do
     --warmup) warmup=$2 ;;
     --torch-venv) venv=$2 ;;
     --ep-ranks) ep_ranks=$2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --repeats) repeats=$2 ;;
+    --no-debian-torch) debian_torch=0; shift; continue ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option '$1'" >&2; exit 2 ;;
   esac
   shift 2
@@ -58,18 +64,20 @@ run=(--tokens "$tokens" --threads "$threads" --iters "$iters" --warmup "$warmup"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
-for dtype in ${dtypes//,/ }; do
-  "$bench" "${shape[@]}" "${run[@]}" --dtype "$dtype" >"$tmp/moe-$dtype.json"
-  if [[ -n $venv ]]; then
-    "$venv/bin/python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl loop \
-      >"$tmp/torch2-loop-$dtype.json"
-    "$venv/bin/python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl grouped \
-      >"$tmp/torch2-grouped-$dtype.json"
-  fi
-  if "$debian_python" -c "import torch" 2>/dev/null; then
-    "$debian_python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl loop \
-      >"$tmp/torch1-loop-$dtype.json"
-  fi
+for ((rep = 1; rep <= repeats; ++rep)); do
+  for dtype in ${dtypes//,/ }; do
+    "$bench" "${shape[@]}" "${run[@]}" --dtype "$dtype" >"$tmp/moe-$dtype-$rep.json"
+    if [[ -n $venv ]]; then
+      "$venv/bin/python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl loop \
+        >"$tmp/torch2-loop-$dtype-$rep.json"
+      "$venv/bin/python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl grouped \
+        >"$tmp/torch2-grouped-$dtype-$rep.json"
+    fi
+    if ((debian_torch)) && "$debian_python" -c "import torch" 2>/dev/null; then
+      "$debian_python" "$here/torch_moe_loop.py" "${shape[@]}" "${run[@]}" --dtype "$dtype" --impl loop \
+        >"$tmp/torch1-loop-$dtype-$rep.json"
+    fi
+  done
 done
 ep_json=null
 if ((ep_ranks > 1)); then
@@ -77,37 +85,42 @@ if ((ep_ranks > 1)); then
     --json --ep-ranks "$ep_ranks")
 fi
 
-"$debian_python" - "$tmp" "$dtypes" "$ep_json" <<'EOF'
-import json, os, sys
-tmp, dtypes, ep = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3])
+"$debian_python" - "$tmp" "$dtypes" "$ep_json" "$repeats" <<'EOF'
+import json, os, statistics, sys
+tmp, dtypes, ep, repeats = sys.argv[1], sys.argv[2].split(","), json.loads(sys.argv[3]), int(sys.argv[4])
 
 def load(name):
-    p = os.path.join(tmp, name)
-    if not os.path.exists(p):
-        return None
-    d = json.load(open(p))
-    return None if d.get("unavailable") else d
+    """The documents of every repeat of a program (None where it did not run or was unavailable)."""
+    docs = []
+    for rep in range(1, repeats + 1):
+        p = os.path.join(tmp, f"{name}-{rep}.json")
+        if os.path.exists(p):
+            d = json.load(open(p))
+            if not d.get("unavailable"):
+                docs.append(d)
+    return docs or None
 
-def ms(doc, tokens, mode):
-    if not doc:
+def ms(docs, tokens, mode):
+    """Median over the repeats of each run's median time."""
+    if not docs:
         return None
-    for row in doc["rows"]:
-        if row["tokens"] == tokens and mode in row:
-            return row[mode]["ms_median"]
-    return None
+    v = [row[mode]["ms_median"] for d in docs for row in d["rows"] if row["tokens"] == tokens and mode in row]
+    return statistics.median(v) if v else None
 
 first = True
 for dtype in dtypes:
-    m = load(f"moe-{dtype}.json")
-    t2l, t2g, t1 = load(f"torch2-loop-{dtype}.json"), load(f"torch2-grouped-{dtype}.json"), load(f"torch1-loop-{dtype}.json")
+    ms_docs = load(f"moe-{dtype}")
+    m = ms_docs[0]
+    t2l, t2g, t1 = load(f"torch2-loop-{dtype}"), load(f"torch2-grouped-{dtype}"), load(f"torch1-loop-{dtype}")
     if first:
         c = m["config"]
         print(f"cpu: {m['cpu']}; {m['threads']} threads; GEMM: {m['blas']}")
         print(f"yardsticks: GEMM {m['gemm_gflops']['f32']:.0f} GFLOP/s float32, {m['gemm_gflops']['bf16']:.0f} bfloat16; "
-              f"copy {m['copy_gbs']:.1f} GB/s")
+              f"read {m['read_gbs']:.1f} GB/s (of the first run)")
+        print(f"times: median over {repeats} run(s) of each run's median")
         print(f"shape: d_model {c['d_model']}, d_ff {c['d_ff']}, {c['experts']} experts, top-{c['top_k']}, {c['activation']}")
         peers = [("torch2 loop", t2l), ("torch2 grouped", t2g), ("torch1.13 loop", t1)]
-        print("peers: " + "; ".join(f"{n} = torch {d['torch']}" for n, d in peers if d))
+        print("peers: " + "; ".join(f"{n} = torch {d[0]['torch']}" for n, d in peers if d))
         first = False
     print(f"\n{dtype}")
     head = f"{'tokens':>7} {'mode':<8} {'libmoe ms':>10} {'of bound':>9} {'torch2 loop':>12} {'torch2 grp':>11} {'torch1.13':>10} {'vs best torch2':>15}"
@@ -117,8 +130,8 @@ for dtype in dtypes:
         for mode, label in (("fwd", "fwd"), ("fwdbwd", "fwd+bwd")):
             if mode not in row:
                 continue
-            lib = row[mode]["ms_median"]
-            of = row[mode]["of_bound"]
+            lib = ms(ms_docs, T, mode)
+            of = lib / row[mode]["bound_ms"]
             a, b, c1 = ms(t2l, T, mode), ms(t2g, T, mode), ms(t1, T, mode)
             best = min(v for v in (a, b) if v is not None) if (a or b) else None
             fmt = lambda v: f"{v:.3f}" if v is not None else "-"

@@ -1,6 +1,6 @@
 // moe-bench: times libmoe's forward and forward+backward over a sweep of token counts and relates
 // each time to its roofline bound on this machine (DESIGN section 8): max(FLOPs / the GEMM rate
-// measured here in the layer's dtype, bytes of the expert weights the batch touches / the copy
+// measured here in the layer's dtype, bytes of the expert weights the batch touches / the read
 // bandwidth measured here). The GEMM rate is taken with the very primitives libmoe's CPU backend
 // calls (src/cpu/gemm.cpp is compiled into this program) at the same thread count.
 //
@@ -267,6 +267,30 @@ double measure_copy_gbs(int reps) {
   return 2.0 * static_cast<double>(n) / best / 1e9;
 }
 
+// Best-of-several read bandwidth over 512 MB, every thread summing its share: the rate at which
+// weights stream from memory. They are only read, and reading alone goes faster than a copy,
+// whose writes cost a read of their own lines too; so this, not the copy rate, bounds the time.
+double measure_read_gbs(int reps) {
+  const size_t n = size_t{128} << 20;  // floats
+  std::vector<float> a(n, 1.0f);
+  double best = 1e30, total = 0;
+  for (int r = 0; r < reps + 1; ++r) {
+    auto t0 = Clock::now();
+#pragma omp parallel reduction(+ : total)
+    {
+      const size_t t = static_cast<size_t>(omp_get_thread_num()), nt = static_cast<size_t>(omp_get_num_threads());
+      const size_t begin = n / nt * t / 64 * 64, end = t + 1 == nt ? n : n / nt * (t + 1) / 64 * 64;
+      float acc[64] = {};  // independent sums, so that the adds keep up with memory
+      for (size_t i = begin; i < end; i += 64)
+        for (size_t j = 0; j < 64; ++j) acc[j] += a[i + j];
+      for (float v : acc) total += v;
+    }
+    if (r > 0) best = std::min(best, seconds_since(t0));
+  }
+  if (total < 0) std::puts("");  // keeps the sums
+  return static_cast<double>(n * sizeof(float)) / best / 1e9;
+}
+
 Timing time_it(int warmup, int iters, Cuda *cuda, const std::function<void()> &step) {
   for (int i = 0; i < warmup; ++i) step();
   if (cuda) cuda->ok(cuda->sync(), "cudaDeviceSynchronize");
@@ -372,10 +396,11 @@ int run(int argc, char **argv) {
   const int threads = omp_get_max_threads();
   const bool on_cuda = o.cfg.device == MOE_DEVICE_CUDA;
 
-  // The machine's GEMM rates and copy bandwidth with the same library and thread count (CPU).
+  // The machine's GEMM rates and memory bandwidths with the same library and thread count (CPU).
   const double f32_gflops = on_cuda ? 0.0 : measure_gemm(o.sgemm_size, MOE_DTYPE_F32, 5);
   const double bf16_gflops = on_cuda ? 0.0 : measure_gemm(o.sgemm_size, MOE_DTYPE_BF16, 5);
   const double copy_gbs = on_cuda ? 0.0 : measure_copy_gbs(3);
+  const double read_gbs = on_cuda ? 0.0 : measure_read_gbs(3);
   // A bfloat16 layer runs on bfloat16 kernels where they are faster, else on float32 copies
   // (src/cpu/expert_ffn.cpp): its yardstick is the faster of the two rates. float16: float32.
   const double gemm_gflops = o.cfg.dtype == MOE_DTYPE_BF16 ? std::max(f32_gflops, bf16_gflops) : f32_gflops;
@@ -420,8 +445,8 @@ int run(int argc, char **argv) {
   const std::string cpu = on_cuda ? std::string("n/a (cuda)") : cpu_description();
   const std::string blas = on_cuda ? std::string("n/a (cuda)") : moe::cpu::gemm_library();
   auto bound_ms = [&](double flops, double bytes) {
-    if (gemm_gflops <= 0 || copy_gbs <= 0) return 0.0;
-    return std::max(flops / (gemm_gflops * 1e9), bytes / (copy_gbs * 1e9)) * 1e3;
+    if (gemm_gflops <= 0 || read_gbs <= 0) return 0.0;
+    return std::max(flops / (gemm_gflops * 1e9), bytes / (read_gbs * 1e9)) * 1e3;
   };
   const unsigned v = moe_version();
 
@@ -442,8 +467,8 @@ int run(int argc, char **argv) {
         (unsigned long long)eff.seed);
     std::printf("\"fields\": %s, ", fields_json(eff).c_str());
     std::printf("\"iters\": %d, \"warmup\": %d, \"gemm_size\": %lld, \"gemm_gflops\": {\"f32\": %.2f, \"bf16\": %.2f}, "
-                "\"copy_gbs\": %.2f, \"param_bytes\": %zu, \"rows\": [",
-                o.iters, o.warmup, (long long)o.sgemm_size, f32_gflops, bf16_gflops, copy_gbs,
+                "\"copy_gbs\": %.2f, \"read_gbs\": %.2f, \"param_bytes\": %zu, \"rows\": [",
+                o.iters, o.warmup, (long long)o.sgemm_size, f32_gflops, bf16_gflops, copy_gbs, read_gbs,
                 rows.front().mem.parameters);
     for (size_t i = 0; i < rows.size(); ++i) {
       const Measured &m = rows[i];
@@ -498,8 +523,8 @@ int run(int argc, char **argv) {
                 o.ep_ranks);
   if (!on_cuda)
     std::printf("yardsticks GEMM %lld^3: float32 %.1f GFLOP/s, bfloat16 %.1f GFLOP/s (best of 5, same library and "
-                "threads); copy %.1f GB/s\n",
-                (long long)o.sgemm_size, f32_gflops, bf16_gflops, copy_gbs);
+                "threads); read %.1f GB/s (copy %.1f)\n",
+                (long long)o.sgemm_size, f32_gflops, bf16_gflops, read_gbs, copy_gbs);
   std::printf("\n%7s %-8s %10s %9s %10s %9s %8s %12s\n", "tokens", "mode", "ms", "GFLOP/s", "bound ms", "of bound",
               "experts", "saved B/tok");
   for (const Measured &m : rows) {

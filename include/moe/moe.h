@@ -25,8 +25,10 @@
  *    a W2^T. In backward: dA = dy_e W2; dh and dg (computed in float32 from the stored h, g, dA);
  *    each weight gradient, rounded once when this call's sum is added to it; dx once. (As on
  *    tensor cores, which take the second GEMM's input in 16 bits.) Both backends follow this
- *    rule; they may add the terms of a sum in different orders. The router (router.*,
- *    shared.gate, logits, scores, weights, aux losses) is float32 whatever the dtype.
+ *    rule; they may add the terms of a sum in different orders, and bfloat16 products on the
+ *    CPU's bfloat16 instructions (AVX512-BF16, AMX) read denormal inputs (magnitude below
+ *    2^-126) as zero. The router (router.*, shared.gate, logits, scores, weights, aux losses) is
+ *    float32 whatever the dtype.
  *  - Thread-safety: a layer, and the contexts created from it, may be used by one thread at a
  *    time (callers that share one layer between threads must hold their own lock). Different
  *    layers may be used from different threads concurrently. Functions that take no layer are
