@@ -52,6 +52,15 @@ MOE_AVX512 inline __m512 load_tail(const void *p, int64_t k, __mmask16 m) {
   }
 }
 
+// Each weight row is a stream of its own, four per block and two threads: the hardware's
+// prefetchers fall behind on so many, so each load asks for the bytes kAhead further on too.
+// (One 2048 x 1024 weight against 16 rows, 2 cores of an AMD EPYC Zen 4: float32 0.68 -> 0.54 ms,
+// bfloat16 0.30 -> 0.27; 1 KB ahead did no better.) A prefetch past the row's end never faults.
+constexpr int64_t kAhead = 512;  // bytes
+MOE_AVX512 inline void prefetch_ahead(const void *row, int64_t byte) {
+  _mm_prefetch(static_cast<const char *>(row) + byte + kAhead, _MM_HINT_T0);
+}
+
 template <int D>
 inline const void *row(const void *p, int64_t r, int64_t ld) {
   return static_cast<const unsigned char *>(p) + static_cast<size_t>(r * ld) * dtype_size(D);
@@ -111,7 +120,10 @@ MOE_AVX512 inline void avx512_block(const void *const *x, const void *W, int64_t
   for (int64_t k = 0; k < full; k += 16) {
     __m512 wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = load16<D>(w[r], k);
+    for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w[r], k * static_cast<int64_t>(dtype_size(D)));
+      wv[r] = load16<D>(w[r], k);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m512 xv = load16<D>(x[m], k);
@@ -153,7 +165,10 @@ MOE_AVX512_BF16 inline void avx512_block_dot(const void *const *x, const void *W
     const __mmask32 mask = k < full ? ~__mmask32{0} : tail;
     __m512i wv[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mask, w[r] + k);
+    for (int r = 0; r < R; ++r) {
+      prefetch_ahead(w[r], 2 * k);
+      wv[r] = _mm512_maskz_loadu_epi16(mask, w[r] + k);
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       const __m512i xv = _mm512_maskz_loadu_epi16(mask, static_cast<const uint16_t *>(x[m]) + k);

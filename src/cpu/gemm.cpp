@@ -244,10 +244,10 @@ int64_t bf16_native_max_rows() {
 const SmallRows &small_rows() {
   // Times of one 2048 x 1024 weight against M rows, 2 cores, weights from memory (8 of them in
   // turn), the few-rows kernel / oneDNN X W^T / oneDNN W X^T:
-  //  - AMD EPYC (Zen 4, AVX512-BF16): float32 M 16 0.66 / 0.83 / 0.71 ms, M 24 0.79 / 0.96 / 1.35,
-  //    M 32 1.00 / 1.04 / 0.79, M 40 1.21 / 1.09 / 1.32 (W X^T is quick only where M is a
-  //    multiple of 16); bfloat16 M 1 0.09 / 0.24 / 0.37, M 16 0.35 / 0.46 / 0.38, M 24
-  //    0.41 / 0.51 / 0.74, M 32 0.57 / 0.59 / 0.45.
+  //  - AMD EPYC (Zen 4, AVX512-BF16): float32 M 8 0.40 / 0.49 / 0.67 ms, M 16 0.54 / 0.65 / 0.67,
+  //    M 24 0.76 / 0.79 / 1.30, M 32 0.98 / 0.95 / 0.80, M 40 1.10 / 1.07 / 1.27 (W X^T is quick
+  //    only where M is a multiple of 16); bfloat16 M 1 0.10 / 0.17 / 0.36, M 16 0.26 / 0.29 / 0.35,
+  //    M 24 0.35 / 0.37 / 0.69, M 32 0.46 / 0.45 / 0.37.
   //  - Intel Xeon (Emerald Rapids, AMX hidden), measured with the kernel's earlier blocking (two
   //    weight rows, no VDPBF16PS): float32 M 16 W X^T 0.32 against X W^T 0.47; the few-rows
   //    kernel ahead up to 4 rows (8 for 16-bit weights, half the bytes).
