@@ -251,7 +251,12 @@ const SmallRows &small_rows() {
   //  - Intel Xeon (Emerald Rapids, AMX hidden), measured with the kernel's earlier blocking (two
   //    weight rows, no VDPBF16PS): float32 M 16 W X^T 0.32 against X W^T 0.47; the few-rows
   //    kernel ahead up to 4 rows (8 for 16-bit weights, half the bytes).
-  static const SmallRows rows = is_amd() ? SmallRows{24, 24, 0} : SmallRows{4, 8, 64};
+  //  Elsewhere (AMD CPUs without AVX-512 among them, where the kernel has only its portable
+  //  loop) the Intel choice.
+  static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                        __builtin_cpu_supports("avx512vl")
+                                    ? SmallRows{24, 24, 0}
+                                    : SmallRows{4, 8, 64};
   return rows;
 }
 
