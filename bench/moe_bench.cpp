@@ -400,7 +400,7 @@ int run(int argc, char **argv) {
   const double f32_gflops = on_cuda ? 0.0 : measure_gemm(o.sgemm_size, MOE_DTYPE_F32, 5);
   const double bf16_gflops = on_cuda ? 0.0 : measure_gemm(o.sgemm_size, MOE_DTYPE_BF16, 5);
   const double copy_gbs = on_cuda ? 0.0 : measure_copy_gbs(3);
-  const double read_gbs = on_cuda ? 0.0 : measure_read_gbs(3);
+  const double read_gbs = on_cuda ? 0.0 : measure_read_gbs(7);
   // A bfloat16 layer runs on bfloat16 kernels where they are faster, else on float32 copies
   // (src/cpu/expert_ffn.cpp): its yardstick is the faster of the two rates. float16: float32.
   const double gemm_gflops = o.cfg.dtype == MOE_DTYPE_BF16 ? std::max(f32_gflops, bf16_gflops) : f32_gflops;

@@ -23,30 +23,14 @@
 #include "support/layer.h"
 #include "support/random.h"
 #include "support/safetensors.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
+using moe_test::bitwise_equal;
 using moe_test::LayerPtr;
+using moe_test::TempDir;
 
 namespace {
-
-// A fresh directory per test, removed afterwards.
-class TempDir {
- public:
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "moe_ckpt_XXXXXX").string();
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string &name) const { return (path_ / name).string(); }
-  const fs::path &path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 moe_config small_config(int dtype, uint64_t seed) {
   moe_config c = moe_test::config(8, 12, 4, 2, seed);
@@ -66,24 +50,11 @@ void randomize(moe_layer *l, uint64_t seed) {
 
 std::vector<std::vector<float>> snapshot(const moe_layer *l) { return moe_test::all_params(l); }
 
-bool bitwise_equal(const std::vector<std::vector<float>> &a, const std::vector<std::vector<float>> &b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i].size() != b[i].size() || std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(float)) != 0)
-      return false;
-  return true;
-}
-
 std::vector<unsigned char> forward_bytes(moe_layer *l, int dtype, int64_t T, int64_t d) {
   const std::vector<unsigned char> x = moe_test::encode(dtype, moe_test::inputs(T * d, 99, 1.0f));
   std::vector<unsigned char> y(x.size());
   MOE_EXPECT_OK(moe_forward(l, x.data(), T, y.data(), nullptr));
   return y;
-}
-
-std::vector<unsigned char> read_file(const std::string &p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
 }
 
 void write_file(const std::string &p, const std::vector<unsigned char> &b) { moe_test::write_bytes(p, b); }
@@ -162,35 +133,22 @@ INSTANTIATE_TEST_SUITE_P(Dtypes, Checkpoint, ::testing::Values(MOE_DTYPE_F32, MO
                                                                              : "f16");
                          });
 
-// The libmoe-named tensors of a layer, as float32 values by name.
-std::map<std::string, std::vector<float>> by_name(const moe_layer *l) {
-  std::map<std::string, std::vector<float>> out;
-  for (const auto &p : moe_test::params(l)) out[p.name] = moe_test::get_param(l, p.name);
-  return out;
-}
-
-// Rows [r0, r0+n) of expert e of a [E, R, C] tensor.
-std::vector<float> block(const std::vector<float> &v, int64_t e, int64_t R, int64_t C, int64_t r0, int64_t n) {
-  auto first = v.begin() + (e * R + r0) * C;
-  return std::vector<float>(first, first + n * C);
-}
-
 TEST(CheckpointFamilies, PerExpertAndFusedLayoutsAgreeWithLibmoeNames) {
   TempDir dir;
   const int64_t d = 8, ff = 12, E = 4;
   moe_config cfg = moe_test::config(d, ff, E, 2, 1);
   LayerPtr a = moe_test::make_layer(cfg);
   randomize(a.get(), 11);
-  auto w = by_name(a.get());
+  auto w = moe_test::params_by_name(a.get());
 
   // Mixtral, transformers 4: one Linear per expert (w1 gate, w3 up, w2 down), bf16 as published.
   Tensors mix;
   mix.add("model.layers.1.block_sparse_moe.gate.weight", {E, d}, w["router.weight"], MOE_DTYPE_BF16);
   for (int64_t e = 0; e < E; ++e) {
     const std::string p = "model.layers.1.block_sparse_moe.experts." + std::to_string(e) + ".";
-    mix.add(p + "w1.weight", {ff, d}, block(w["experts.w1"], e, ff, d, 0, ff), MOE_DTYPE_BF16);
-    mix.add(p + "w3.weight", {ff, d}, block(w["experts.w3"], e, ff, d, 0, ff), MOE_DTYPE_BF16);
-    mix.add(p + "w2.weight", {d, ff}, block(w["experts.w2"], e, d, ff, 0, d), MOE_DTYPE_BF16);
+    mix.add(p + "w1.weight", {ff, d}, moe_test::expert_block(w["experts.w1"], e, ff, d, 0, ff), MOE_DTYPE_BF16);
+    mix.add(p + "w3.weight", {ff, d}, moe_test::expert_block(w["experts.w3"], e, ff, d, 0, ff), MOE_DTYPE_BF16);
+    mix.add(p + "w2.weight", {d, ff}, moe_test::expert_block(w["experts.w2"], e, d, ff, 0, d), MOE_DTYPE_BF16);
   }
   mix.add("model.layers.1.self_attn.q_proj.weight", {d, d}, moe_test::inputs(d * d, 3));  // not the block's
   write_file(dir.file("mixtral.safetensors"), mix.bytes());
@@ -199,7 +157,7 @@ TEST(CheckpointFamilies, PerExpertAndFusedLayoutsAgreeWithLibmoeNames) {
   Tensors q3;
   std::vector<float> gate_up, down = w["experts.w2"];
   for (int64_t e = 0; e < E; ++e) {
-    auto g = block(w["experts.w1"], e, ff, d, 0, ff), u = block(w["experts.w3"], e, ff, d, 0, ff);
+    auto g = moe_test::expert_block(w["experts.w1"], e, ff, d, 0, ff), u = moe_test::expert_block(w["experts.w3"], e, ff, d, 0, ff);
     gate_up.insert(gate_up.end(), g.begin(), g.end());
     gate_up.insert(gate_up.end(), u.begin(), u.end());
   }
@@ -213,7 +171,7 @@ TEST(CheckpointFamilies, PerExpertAndFusedLayoutsAgreeWithLibmoeNames) {
                                "mixtral"));
   LayerPtr q = moe_test::make_layer(moe_test::config(d, ff, E, 2, 6));
   MOE_EXPECT_OK(moe_layer_load(q.get(), dir.file("qwen3.safetensors").c_str(), "model.layers.0.mlp", "qwen3-moe"));
-  auto wm = by_name(m.get()), wq = by_name(q.get());
+  auto wm = moe_test::params_by_name(m.get()), wq = moe_test::params_by_name(q.get());
   for (const auto &[name, v] : w) {
     const bool router = name.rfind("router.", 0) == 0;
     // router.bias is absent in both families: zero.
@@ -266,7 +224,7 @@ TEST(CheckpointFamilies, GptOssInterleavedTransposedLayout) {
   cfg.top_k = 2;
   LayerPtr a = moe_test::make_layer(cfg);
   randomize(a.get(), 21);
-  auto w = by_name(a.get());
+  auto w = moe_test::params_by_name(a.get());
   ASSERT_EQ(w.count("router.logit_bias") + w.count("experts.b1") + w.count("experts.b3") + w.count("experts.b2"), 4u);
   std::vector<float> gate_up(E * d * 2 * ff), gate_up_bias(E * 2 * ff), down(E * ff * d);
   for (int64_t e = 0; e < E; ++e) {
@@ -294,7 +252,7 @@ TEST(CheckpointFamilies, GptOssInterleavedTransposedLayout) {
     cfg.seed = 7;
     LayerPtr b = moe_test::make_layer(cfg);
     MOE_EXPECT_OK(moe_layer_load(b.get(), file.c_str(), "model.layers.2.mlp", "gpt-oss"));
-    auto wb = by_name(b.get());
+    auto wb = moe_test::params_by_name(b.get());
     for (const auto &[name, v] : w) {
       const std::vector<float> want = name == "router.bias" ? std::vector<float>(v.size(), 0.0f) : v;
       EXPECT_EQ(wb[name], dt == MOE_DTYPE_F32 ? want : moe_test::rounded(MOE_DTYPE_BF16, want)) << name << " " << dt;
@@ -366,7 +324,7 @@ TEST(CheckpointSave, FailedWriteLeavesThePreviousFile) {
   randomize(a.get(), 13);
   const std::string path = dir.file("model.safetensors");
   MOE_EXPECT_OK(moe_layer_save(a.get(), path.c_str(), nullptr));
-  const std::vector<unsigned char> good = read_file(path);
+  const std::vector<unsigned char> good = moe_test::read_bytes(path);
 
   LayerPtr b = moe_test::make_layer(small_config(MOE_DTYPE_F32, 2));
   randomize(b.get(), 14);
@@ -386,7 +344,7 @@ TEST(CheckpointSave, FailedWriteLeavesThePreviousFile) {
   ASSERT_GT(good.size(), 1000u);  // so the limit did cut the save short
   EXPECT_EQ(s, MOE_ERR_INVALID_ARGUMENT);
   EXPECT_NE(msg.find(path), std::string::npos) << msg;
-  EXPECT_EQ(read_file(path), good);
+  EXPECT_EQ(moe_test::read_bytes(path), good);
   int files = 0;
   for (const auto &e : fs::directory_iterator(dir.path())) files += e.is_regular_file();
   EXPECT_EQ(files, 1) << "the temporary file was left behind";

@@ -19,33 +19,15 @@
 #include "support/half.h"
 #include "support/layer.h"
 #include "support/random.h"
+#include "support/safetensors.h"
+#include "support/temp_dir.h"
 
 namespace fs = std::filesystem;
+using moe_test::bitwise_equal;
 using moe_test::LayerPtr;
+using moe_test::TempDir;
 
 namespace {
-
-class TempDir {
- public:
-  TempDir() {
-    std::string t = (fs::temp_directory_path() / "moe_save_as_XXXXXX").string();
-    if (!::mkdtemp(t.data())) throw std::runtime_error("mkdtemp failed");
-    path_ = t;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  std::string file(const std::string &name) const { return (path_ / name).string(); }
-
- private:
-  fs::path path_;
-};
-
-std::vector<unsigned char> read_file(const std::string &p) {
-  std::ifstream f(p, std::ios::binary);
-  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
-}
 
 // One tensor of a safetensors file as the test reads it (its own reader, not the library's).
 struct FileTensor {
@@ -55,7 +37,7 @@ struct FileTensor {
 };
 
 std::map<std::string, FileTensor> read_safetensors(const std::string &path) {
-  const std::vector<unsigned char> b = read_file(path);
+  const std::vector<unsigned char> b = moe_test::read_bytes(path);
   if (b.size() < 8) throw std::runtime_error("short file " + path);
   uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = n << 8 | b[i];
@@ -114,12 +96,6 @@ Case make_case(const char *family, int dtype) {
   return Case{family, c, absent};
 }
 
-// Rows [r0, r0+n) of expert e of a [E, R, C] tensor.
-std::vector<float> block(const std::vector<float> &v, int64_t e, int64_t R, int64_t C, int64_t r0, int64_t n) {
-  auto first = v.begin() + (e * R + r0) * C;
-  return std::vector<float>(first, first + n * C);
-}
-
 void append(std::vector<float> &to, const std::vector<float> &v) { to.insert(to.end(), v.begin(), v.end()); }
 
 // The family's tensors (without prefix) from the layer's parameters, written from the families'
@@ -151,16 +127,16 @@ std::map<std::string, Want> family_file(const std::string &f, std::map<std::stri
     out["router.classifier.bias"] = {{E}, "router.logit_bias", w["router.logit_bias"]};
     for (int64_t e = 0; e < E; ++e) {
       const std::string p = "experts.expert_" + std::to_string(e) + ".";
-      out[p + "wi.weight"] = {{FF, D}, "experts.w1", block(w["experts.w1"], e, FF, D, 0, FF)};
-      out[p + "wo.weight"] = {{D, FF}, "experts.w2", block(w["experts.w2"], e, D, FF, 0, D)};
+      out[p + "wi.weight"] = {{FF, D}, "experts.w1", moe_test::expert_block(w["experts.w1"], e, FF, D, 0, FF)};
+      out[p + "wo.weight"] = {{D, FF}, "experts.w2", moe_test::expert_block(w["experts.w2"], e, D, FF, 0, D)};
     }
     return out;
   }
   // transformers 5's fused experts: gate rows, then up rows, of each expert.
   std::vector<float> gu;
   for (int64_t e = 0; e < E; ++e) {
-    append(gu, block(w["experts.w1"], e, FF, D, 0, FF));
-    append(gu, block(w["experts.w3"], e, FF, D, 0, FF));
+    append(gu, moe_test::expert_block(w["experts.w1"], e, FF, D, 0, FF));
+    append(gu, moe_test::expert_block(w["experts.w3"], e, FF, D, 0, FF));
   }
   out["gate.weight"] = {{E, D}, "router.weight", w["router.weight"]};
   out["experts.gate_up_proj"] = {{E, 2 * FF, D}, "experts.w1", gu};
@@ -179,20 +155,6 @@ std::map<std::string, Want> family_file(const std::string &f, std::map<std::stri
     if (f == "qwen2-moe") out["shared_expert_gate.weight"] = {{1, D}, "shared.gate", w["shared.gate"]};
   }
   return out;
-}
-
-std::map<std::string, std::vector<float>> by_name(const moe_layer *l) {
-  std::map<std::string, std::vector<float>> out;
-  for (const auto &p : moe_test::params(l)) out[p.name] = moe_test::get_param(l, p.name);
-  return out;
-}
-
-bool bitwise_equal(const std::vector<std::vector<float>> &a, const std::vector<std::vector<float>> &b) {
-  if (a.size() != b.size()) return false;
-  for (size_t i = 0; i < a.size(); ++i)
-    if (a[i].size() != b[i].size() || std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(float)) != 0)
-      return false;
-  return true;
 }
 
 // Random values everywhere but in the parameters the family cannot hold.
@@ -230,7 +192,7 @@ TEST_P(SaveAs, FamilyNamesRoundTripBitForBit) {
 
   // The file holds exactly the family's tensors, in the storage dtype of their parameters.
   const auto file = read_safetensors(path);
-  const auto want = family_file(family, by_name(a.get()));
+  const auto want = family_file(family, moe_test::params_by_name(a.get()));
   std::vector<std::string> got_keys, want_keys;
   for (const auto &kv : file) got_keys.push_back(kv.first);
   for (const auto &kv : want) want_keys.push_back(prefix + "." + kv.first);
@@ -264,7 +226,7 @@ TEST(SaveAsRefused, WhatTheFamilyCannotHoldWritesNothing) {
   ASSERT_TRUE(a);
   const std::string path = dir.file("model.safetensors");
   MOE_EXPECT_OK(moe_layer_save_as(a.get(), path.c_str(), nullptr, "mixtral"));
-  const std::vector<unsigned char> before = read_file(path);
+  const std::vector<unsigned char> before = moe_test::read_bytes(path);
 
   // A selection bias mixtral has no tensor for: refused, naming the family and the parameter.
   std::vector<float> bias(E, 0.0f);
@@ -274,7 +236,7 @@ TEST(SaveAsRefused, WhatTheFamilyCannotHoldWritesNothing) {
   const std::string msg = moe_last_error();
   EXPECT_NE(msg.find("mixtral"), std::string::npos) << msg;
   EXPECT_NE(msg.find("router.bias[2]"), std::string::npos) << msg;
-  EXPECT_EQ(read_file(path), before);
+  EXPECT_EQ(moe_test::read_bytes(path), before);
   int files = 0;
   for (const auto &e : fs::directory_iterator(dir.file(""))) files += e.is_regular_file();
   EXPECT_EQ(files, 1);
@@ -284,7 +246,7 @@ TEST(SaveAsRefused, WhatTheFamilyCannotHoldWritesNothing) {
   MOE_EXPECT_OK(moe_layer_save_as(ds.get(), dir.file("ds.safetensors").c_str(), nullptr, "deepseek-v3"));
   MOE_EXPECT_OK(moe_layer_save_as(a.get(), dir.file("own.safetensors").c_str(), nullptr, nullptr));
   MOE_EXPECT_OK(moe_layer_save_as(a.get(), dir.file("own2.safetensors").c_str(), nullptr, "libmoe"));
-  EXPECT_EQ(read_file(dir.file("own.safetensors")), read_file(dir.file("own2.safetensors")));
+  EXPECT_EQ(moe_test::read_bytes(dir.file("own.safetensors")), moe_test::read_bytes(dir.file("own2.safetensors")));
 
   // Expert biases in a family without them; a logit bias in a family whose router has none.
   moe_config cb = k.cfg;
@@ -300,7 +262,7 @@ TEST(SaveAsRefused, WhatTheFamilyCannotHoldWritesNothing) {
   moe_test::set_param(eb.get(), "router.logit_bias", moe_test::inputs(E, 9));
   EXPECT_EQ(moe_layer_save_as(eb.get(), path.c_str(), nullptr, "olmoe"), MOE_ERR_INVALID_ARGUMENT);
   EXPECT_NE(std::strstr(moe_last_error(), "router.logit_bias"), nullptr) << moe_last_error();
-  EXPECT_EQ(read_file(path), before);
+  EXPECT_EQ(moe_test::read_bytes(path), before);
 
   // What the load refuses, the save refuses: a gated layer as Switch, an unknown family, and the
   // NULL arguments.
@@ -310,7 +272,7 @@ TEST(SaveAsRefused, WhatTheFamilyCannotHoldWritesNothing) {
   EXPECT_NE(std::strstr(moe_last_error(), "llama"), nullptr) << moe_last_error();
   EXPECT_EQ(moe_layer_save_as(nullptr, path.c_str(), nullptr, "mixtral"), MOE_ERR_INVALID_ARGUMENT);
   EXPECT_EQ(moe_layer_save_as(a.get(), nullptr, nullptr, "mixtral"), MOE_ERR_INVALID_ARGUMENT);
-  EXPECT_EQ(read_file(path), before);
+  EXPECT_EQ(moe_test::read_bytes(path), before);
   // The layer is still usable.
   const auto x = moe_test::inputs(3 * D, 10);
   std::vector<float> y(x.size());

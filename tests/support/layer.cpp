@@ -137,6 +137,25 @@ std::vector<std::vector<float>> all_params(const moe_layer *layer) {
   return out;
 }
 
+std::map<std::string, std::vector<float>> params_by_name(const moe_layer *layer) {
+  std::map<std::string, std::vector<float>> out;
+  for (const Param &p : params(layer)) out[p.name] = get_param(layer, p);
+  return out;
+}
+
+bool bitwise_equal(const std::vector<std::vector<float>> &a, const std::vector<std::vector<float>> &b) {
+  if (a.size() != b.size()) return false;
+  for (size_t i = 0; i < a.size(); ++i)
+    if (a[i].size() != b[i].size() || std::memcmp(a[i].data(), b[i].data(), a[i].size() * sizeof(float)) != 0)
+      return false;
+  return true;
+}
+
+std::vector<float> expert_block(const std::vector<float> &v, int64_t e, int64_t R, int64_t C, int64_t r0, int64_t n) {
+  auto first = v.begin() + (e * R + r0) * C;
+  return std::vector<float>(first, first + n * C);
+}
+
 int param_dtype(const moe_layer *layer, const std::string &name) {
   moe_dtype d = MOE_DTYPE_F32;
   const moe_status s = moe_layer_param_dtype(layer, name.c_str(), &d);

@@ -7,6 +7,7 @@
 #include <moe/moe.h>
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -60,6 +61,12 @@ std::vector<float> get_grad(const moe_layer *layer, const std::string &name);
 void set_param(moe_layer *layer, const std::string &name, const std::vector<float> &v);
 // Every parameter's values, in index order.
 std::vector<std::vector<float>> all_params(const moe_layer *layer);
+// Every parameter's values by its libmoe name.
+std::map<std::string, std::vector<float>> params_by_name(const moe_layer *layer);
+// Whether two all_params() snapshots hold the same bits.
+bool bitwise_equal(const std::vector<std::vector<float>> &a, const std::vector<std::vector<float>> &b);
+// Rows [r0, r0 + n) of expert e of a [E, R, C] tensor (row-major values).
+std::vector<float> expert_block(const std::vector<float> &v, int64_t e, int64_t R, int64_t C, int64_t r0, int64_t n);
 // moe_layer_param_dtype: the dtype the layer stores the parameter in.
 int param_dtype(const moe_layer *layer, const std::string &name);
 // The dtype moe.h says a parameter of a layer of layer_dtype is stored in: experts.* and shared.w*

@@ -1,6 +1,7 @@
 #include "safetensors.h"
 
 #include <fstream>
+#include <iterator>
 
 #include "half.h"
 
@@ -41,6 +42,11 @@ std::vector<unsigned char> SafetensorsWriter::bytes() const {
 void write_bytes(const std::string &path, const std::vector<unsigned char> &bytes) {
   std::ofstream f(path, std::ios::binary | std::ios::trunc);
   f.write(reinterpret_cast<const char *>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+}
+
+std::vector<unsigned char> read_bytes(const std::string &path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
 }
 
 void SafetensorsWriter::write(const std::string &path) const { write_bytes(path, bytes()); }

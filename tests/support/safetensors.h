@@ -29,5 +29,7 @@ struct SafetensorsWriter {
 };
 
 void write_bytes(const std::string &path, const std::vector<unsigned char> &bytes);
+// A whole file's bytes (empty when it cannot be read).
+std::vector<unsigned char> read_bytes(const std::string &path);
 
 }  // namespace moe_test
