@@ -22,13 +22,12 @@ namespace {
 constexpr int64_t kRowsPerChunk = 64;  // weight rows per OpenMP work item
 constexpr int64_t kGroup = 6;          // input rows per pass over a chunk
 constexpr int kBlockRows = 4;          // weight rows per register block
+constexpr int kBf16Dot = -1;           // the avx512_dispatch tag of bfloat16 on VDPBF16PS
 
 // ---- AVX-512: 16 elements per step, every dtype widened exactly to float32 in registers ---------
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
 #define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 #define MOE_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-constexpr int kBf16Dot = -1;  // the avx512_rows tag of bfloat16 on VDPBF16PS
 
 template <int D>
 MOE_AVX512 inline __m512 load16(const void *p, int64_t k) {
