@@ -226,26 +226,15 @@ TEST(CheckpointFamilies, GptOssInterleavedTransposedLayout) {
   randomize(a.get(), 21);
   auto w = moe_test::params_by_name(a.get());
   ASSERT_EQ(w.count("router.logit_bias") + w.count("experts.b1") + w.count("experts.b3") + w.count("experts.b2"), 4u);
-  std::vector<float> gate_up(E * d * 2 * ff), gate_up_bias(E * 2 * ff), down(E * ff * d);
-  for (int64_t e = 0; e < E; ++e) {
-    for (int64_t f = 0; f < ff; ++f) {
-      for (int64_t i = 0; i < d; ++i) {
-        gate_up[(e * d + i) * 2 * ff + 2 * f] = w["experts.w1"][(e * ff + f) * d + i];
-        gate_up[(e * d + i) * 2 * ff + 2 * f + 1] = w["experts.w3"][(e * ff + f) * d + i];
-        down[(e * ff + f) * d + i] = w["experts.w2"][(e * d + i) * ff + f];
-      }
-      gate_up_bias[e * 2 * ff + 2 * f] = w["experts.b1"][e * ff + f];
-      gate_up_bias[e * 2 * ff + 2 * f + 1] = w["experts.b3"][e * ff + f];
-    }
-  }
+  const moe_test::GptOssExperts gx = moe_test::gpt_oss_experts(w, E, d, ff);
   for (int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16}) {
     Tensors g;
     const std::string p = "model.layers.2.mlp.";
     g.add(p + "router.weight", {E, d}, w["router.weight"], dt);
     g.add(p + "router.bias", {E}, w["router.logit_bias"], dt);
-    g.add(p + "experts.gate_up_proj", {E, d, 2 * ff}, gate_up, dt);
-    g.add(p + "experts.gate_up_proj_bias", {E, 2 * ff}, gate_up_bias, dt);
-    g.add(p + "experts.down_proj", {E, ff, d}, down, dt);
+    g.add(p + "experts.gate_up_proj", {E, d, 2 * ff}, gx.gate_up, dt);
+    g.add(p + "experts.gate_up_proj_bias", {E, 2 * ff}, gx.gate_up_bias, dt);
+    g.add(p + "experts.down_proj", {E, ff, d}, gx.down, dt);
     g.add(p + "experts.down_proj_bias", {E, d}, w["experts.b2"], dt);
     const std::string file = dir.file("gpt-oss-" + std::to_string(dt) + ".safetensors");
     write_file(file, g.bytes());

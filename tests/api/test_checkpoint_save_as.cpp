@@ -103,22 +103,12 @@ void append(std::vector<float> &to, const std::vector<float> &v) { to.insert(to.
 std::map<std::string, Want> family_file(const std::string &f, std::map<std::string, std::vector<float>> w) {
   std::map<std::string, Want> out;
   if (f == "gpt-oss") {
-    std::vector<float> gu(E * D * 2 * FF), gub(E * 2 * FF), down(E * FF * D);
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t j = 0; j < FF; ++j) {
-        for (int64_t i = 0; i < D; ++i) {
-          gu[(e * D + i) * 2 * FF + 2 * j] = w["experts.w1"][(e * FF + j) * D + i];
-          gu[(e * D + i) * 2 * FF + 2 * j + 1] = w["experts.w3"][(e * FF + j) * D + i];
-          down[(e * FF + j) * D + i] = w["experts.w2"][(e * D + i) * FF + j];
-        }
-        gub[e * 2 * FF + 2 * j] = w["experts.b1"][e * FF + j];
-        gub[e * 2 * FF + 2 * j + 1] = w["experts.b3"][e * FF + j];
-      }
+    const moe_test::GptOssExperts g = moe_test::gpt_oss_experts(w, E, D, FF);
     out["router.weight"] = {{E, D}, "router.weight", w["router.weight"]};
     out["router.bias"] = {{E}, "router.logit_bias", w["router.logit_bias"]};
-    out["experts.gate_up_proj"] = {{E, D, 2 * FF}, "experts.w1", gu};
-    out["experts.gate_up_proj_bias"] = {{E, 2 * FF}, "experts.b1", gub};
-    out["experts.down_proj"] = {{E, FF, D}, "experts.w2", down};
+    out["experts.gate_up_proj"] = {{E, D, 2 * FF}, "experts.w1", g.gate_up};
+    out["experts.gate_up_proj_bias"] = {{E, 2 * FF}, "experts.b1", g.gate_up_bias};
+    out["experts.down_proj"] = {{E, FF, D}, "experts.w2", g.down};
     out["experts.down_proj_bias"] = {{E, D}, "experts.b2", w["experts.b2"]};
     return out;
   }

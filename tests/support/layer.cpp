@@ -156,6 +156,23 @@ std::vector<float> expert_block(const std::vector<float> &v, int64_t e, int64_t 
   return std::vector<float>(first, first + n * C);
 }
 
+GptOssExperts gpt_oss_experts(const std::map<std::string, std::vector<float>> &w, int64_t E, int64_t d, int64_t ff) {
+  const std::vector<float> &w1 = w.at("experts.w1"), &w3 = w.at("experts.w3"), &w2 = w.at("experts.w2");
+  const std::vector<float> &b1 = w.at("experts.b1"), &b3 = w.at("experts.b3");
+  GptOssExperts g{std::vector<float>(E * d * 2 * ff), std::vector<float>(E * 2 * ff), std::vector<float>(E * ff * d)};
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t j = 0; j < ff; ++j) {
+      for (int64_t i = 0; i < d; ++i) {
+        g.gate_up[(e * d + i) * 2 * ff + 2 * j] = w1[(e * ff + j) * d + i];
+        g.gate_up[(e * d + i) * 2 * ff + 2 * j + 1] = w3[(e * ff + j) * d + i];
+        g.down[(e * ff + j) * d + i] = w2[(e * d + i) * ff + j];
+      }
+      g.gate_up_bias[e * 2 * ff + 2 * j] = b1[e * ff + j];
+      g.gate_up_bias[e * 2 * ff + 2 * j + 1] = b3[e * ff + j];
+    }
+  return g;
+}
+
 int param_dtype(const moe_layer *layer, const std::string &name) {
   moe_dtype d = MOE_DTYPE_F32;
   const moe_status s = moe_layer_param_dtype(layer, name.c_str(), &d);

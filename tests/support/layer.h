@@ -67,6 +67,13 @@ std::map<std::string, std::vector<float>> params_by_name(const moe_layer *layer)
 bool bitwise_equal(const std::vector<std::vector<float>> &a, const std::vector<std::vector<float>> &b);
 // Rows [r0, r0 + n) of expert e of a [E, R, C] tensor (row-major values).
 std::vector<float> expert_block(const std::vector<float> &v, int64_t e, int64_t R, int64_t C, int64_t r0, int64_t n);
+// gpt-oss's expert tensors (transformers' GptOssMLP) from a layer's parameters by name (experts.w1,
+// w3, w2, b1, b3): gate_up_proj [E, d, 2 d_ff] (gate and up columns interleaved, [in, out]), its
+// bias [E, 2 d_ff], down_proj [E, d_ff, d].
+struct GptOssExperts {
+  std::vector<float> gate_up, gate_up_bias, down;
+};
+GptOssExperts gpt_oss_experts(const std::map<std::string, std::vector<float>> &w, int64_t E, int64_t d, int64_t ff);
 // moe_layer_param_dtype: the dtype the layer stores the parameter in.
 int param_dtype(const moe_layer *layer, const std::string &name);
 // The dtype moe.h says a parameter of a layer of layer_dtype is stored in: experts.* and shared.w*
