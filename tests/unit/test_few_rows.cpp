@@ -24,9 +24,12 @@ struct Shape {
   int64_t M, N, K;
 };
 
-// Shapes that end in every tail: M past a group of six, N past a block of four, K past a step.
+// Shapes that end in every tail: M past a group of six, N past a block of four, K past a step; and
+// rows long enough (K 9000) that a chunk holds only four of them, so each thread runs many chunks,
+// each fetched ahead while the one before computes.
 const Shape kShapes[] = {{1, 1, 1},    {1, 5, 17},    {2, 4, 32},     {3, 67, 33},  {5, 130, 100}, {6, 64, 1024},
-                         {7, 9, 31},   {13, 70, 64},  {24, 131, 257}, {25, 8, 16},  {4, 3, 48},    {12, 257, 95}};
+                         {7, 9, 31},   {13, 70, 64},  {24, 131, 257}, {25, 8, 16},  {4, 3, 48},    {12, 257, 95},
+                         {14, 61, 9000}};
 
 // Operands of one shape in dtype, with row strides past their widths.
 struct Operands {
@@ -109,15 +112,19 @@ TEST_P(FewRows, EachOutputIsTheSameSumAloneOrAmongOthers) {
 
 TEST_P(FewRows, SameBitsForAnyThreadCount) {
   const int dt = GetParam();
-  const Operands op(dt, {9, 1000, 300}, 7);  // 16 chunks of 64 weight rows: several per thread
-  const int before = omp_get_max_threads();
-  omp_set_num_threads(1);
-  const std::vector<float> one = op.run();
-  omp_set_num_threads(3);
-  const std::vector<float> three = op.run();
-  omp_set_num_threads(before);
-  ASSERT_EQ(one.size(), three.size());
-  EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float))) << name(dt);
+  // 16 chunks of 64 weight rows, and 25 of 4 (long rows): several per thread.
+  for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
+    const Operands op(dt, s, 7);
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const std::vector<float> one = op.run();
+    omp_set_num_threads(3);
+    const std::vector<float> three = op.run();
+    omp_set_num_threads(before);
+    ASSERT_EQ(one.size(), three.size());
+    EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float)))
+        << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K;
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FewRows, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
