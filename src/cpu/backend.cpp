@@ -1,5 +1,6 @@
 // The CPU backend's table: host memory plus the stage files of this folder.
 #include <dlfcn.h>
+#include <sys/mman.h>
 
 #include <cmath>
 #include <cstdint>
@@ -14,6 +15,13 @@ namespace moe::cpu {
 namespace {
 
 constexpr size_t kAlign = 64;
+// Buffers from kHugeFrom bytes on (expert weights, their gradients, a context's activations) are
+// aligned to and rounded up to 2 MB pages, and asked to be backed by transparent huge pages
+// (Linux's default, "madvise", gives them only on request). The forward streams every weight
+// once; on 4 KB pages each 4 KB row of a weight costs a TLB miss: one 2048 x 1024 float32 weight
+// against 8 to 16 rows, 2 cores of an AMD EPYC Zen 4, 0.35 -> 0.29 ms and 0.52 -> 0.43-0.48 ms.
+// Where huge pages are off, madvise fails and nothing else changes.
+constexpr size_t kHugePage = size_t{2} << 20, kHugeFrom = size_t{8} << 20;
 
 moe_status create(const moe_config *, void **state) {
   try {
@@ -41,9 +49,13 @@ moe_status set_stream(void *state, void *stream) {
 moe_status alloc(void *state, size_t bytes, void **out) {
   // Rounded up to the alignment (aligned_alloc's rule); a size that would wrap is refused.
   void *p = nullptr;
-  if (bytes <= SIZE_MAX - kAlign) {
-    const size_t rounded = (bytes + kAlign - 1) / kAlign * kAlign;
-    p = std::aligned_alloc(kAlign, rounded == 0 ? kAlign : rounded);
+  const size_t align = bytes >= kHugeFrom ? kHugePage : kAlign;
+  if (bytes <= SIZE_MAX - align) {
+    const size_t rounded = (bytes + align - 1) / align * align;
+    p = std::aligned_alloc(align, rounded == 0 ? align : rounded);
+#ifdef MADV_HUGEPAGE
+    if (p && align == kHugePage) madvise(p, rounded, MADV_HUGEPAGE);
+#endif
   }
   if (!p) {
     // A C table entry: nothing may propagate, not even bad_alloc from formatting the message.

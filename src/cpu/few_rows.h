@@ -13,8 +13,8 @@ namespace moe::cpu {
 // float32, C float32 (row stride ldc). bfloat16 on a CPU with AVX512-BF16 runs on VDPBF16PS,
 // whose pairs are summed in its own order and whose denormal inputs count as zero (as oneDNN's
 // bfloat16 kernels); everything else gives the same bits with or without AVX-512. Threads over
-// N with OpenMP; each output is one thread's sum in a fixed order, so the result does not depend
-// on the thread count.
+// N with OpenMP, in chunks handed out first come first served; each output is one thread's sum in
+// a fixed order, so the result does not depend on the thread count or on which thread ran it.
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                   float *C, int64_t ldc);
 
