@@ -404,7 +404,10 @@ MOE_API moe_status moe_layer_set_stream(moe_layer *layer, void *cuda_stream);
 /**
  * Bytes of memory a layer holds on its device (host memory for a CPU layer), as allocated. The
  * workspace grows to the largest call seen and is reused; contexts hold their own (see
- * moe_context_memory).
+ * moe_context_memory). A CPU layer's buffers of 8 MB or more start on a 2 MB boundary and are
+ * rounded up to whole 2 MB pages, which it asks Linux to back with transparent huge pages
+ * (madvise(MADV_HUGEPAGE): the weights are streamed once per forward, and on 4 KB pages each
+ * weight row costs a TLB miss); each such buffer may take up to 2 MB more than counted here.
  */
 typedef struct moe_memory {
   size_t struct_size; /* sizeof(moe_memory), set by the caller */

@@ -242,20 +242,21 @@ int64_t bf16_native_max_rows() {
 }
 
 const SmallRows &small_rows() {
-  // Times of one 2048 x 1024 weight against M rows, 2 cores, weights from memory (8 of them in
-  // turn), the few-rows kernel / oneDNN X W^T / oneDNN W X^T:
-  //  - AMD EPYC (Zen 4, AVX512-BF16): float32 M 8 0.40 / 0.49 / 0.67 ms, M 16 0.54 / 0.65 / 0.67,
-  //    M 24 0.76 / 0.79 / 1.30, M 32 0.98 / 0.95 / 0.80, M 40 1.10 / 1.07 / 1.27 (W X^T is quick
-  //    only where M is a multiple of 16); bfloat16 M 1 0.10 / 0.17 / 0.36, M 16 0.26 / 0.29 / 0.35,
-  //    M 24 0.35 / 0.37 / 0.69, M 32 0.46 / 0.45 / 0.37.
+  // Times of one 2048 x 1024 weight against M rows, 2 cores, weights from memory (24 of them in
+  // turn, on 2 MB pages as the layer's), the few-rows kernel / oneDNN X W^T / oneDNN W X^T:
+  //  - AMD EPYC (Zen 4, AVX512-BF16): float32 M 16 0.42 / 0.58 / 0.67 ms, M 24 0.61 / 0.71 / 1.28,
+  //    M 32 0.75 / 0.86 / 0.78, M 48 1.12-1.15 / 1.14-1.24 / 1.01-1.04, M 64 1.48 / 1.43-1.53 /
+  //    1.29-1.33, M 96 2.25 / 2.03 / 2.01 (W X^T is quick only where M is a multiple of 16);
+  //    bfloat16 M 16 0.21 / 0.42 / 0.37, M 32 0.39 / 0.62 / 0.44, M 48 0.55 / 0.62 / 0.53, M 64
+  //    0.70 / 0.76 / 0.66, M 96 1.03 / 1.05 / 0.99, M 128 1.38 / 1.35 / 1.29.
   //  - Intel Xeon (Emerald Rapids, AMX hidden), measured with the kernel's earlier blocking (two
-  //    weight rows, no VDPBF16PS): float32 M 16 W X^T 0.32 against X W^T 0.47; the few-rows
-  //    kernel ahead up to 4 rows (8 for 16-bit weights, half the bytes).
+  //    weight rows, no VDPBF16PS, no fetching ahead): float32 M 16 W X^T 0.32 against X W^T 0.47;
+  //    the few-rows kernel ahead up to 4 rows (8 for 16-bit weights, half the bytes).
   //  Elsewhere (AMD CPUs without AVX-512 among them, where the kernel has only its portable
   //  loop) the Intel choice.
   static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                         __builtin_cpu_supports("avx512vl")
-                                    ? SmallRows{24, 24, 0}
+                                    ? SmallRows{48, 64, 0}
                                     : SmallRows{4, 8, 64};
   return rows;
 }
