@@ -12,7 +12,8 @@
 # tests/pypi/requirements.txt) when it does not exist yet; without it only Debian's PyTorch runs.
 # --repeats N runs every program N times, in turn (libmoe, then each peer, then libmoe again...),
 # and reports the median of the N medians: on a machine shared with others, one run's times can
-# drift by 10-20 % from the next one's.
+# drift by 10-20 % from the next one's. The yardsticks and each row's bound are medians over the
+# runs too.
 # --no-debian-torch leaves out Debian's PyTorch 1.13 (slow: it runs the large counts for minutes).
 # --ep-ranks R > 1 adds a run of moe-bench with R expert-parallel ranks in one process and prints
 # the bytes each rank sends per token (its times are of the in-process exchange, not compared).
@@ -100,12 +101,15 @@ def load(name):
                 docs.append(d)
     return docs or None
 
-def ms(docs, tokens, mode):
-    """Median over the repeats of each run's median time."""
+def ms(docs, tokens, mode, key="ms_median"):
+    """Median over the repeats of each run's median time (or of another field of the row)."""
     if not docs:
         return None
-    v = [row[mode]["ms_median"] for d in docs for row in d["rows"] if row["tokens"] == tokens and mode in row]
+    v = [row[mode][key] for d in docs for row in d["rows"] if row["tokens"] == tokens and mode in row]
     return statistics.median(v) if v else None
+
+def yardstick(docs, get):
+    return statistics.median(get(d) for d in docs)
 
 first = True
 for dtype in dtypes:
@@ -115,8 +119,12 @@ for dtype in dtypes:
     if first:
         c = m["config"]
         print(f"cpu: {m['cpu']}; {m['threads']} threads; GEMM: {m['blas']}")
-        print(f"yardsticks: GEMM {m['gemm_gflops']['f32']:.0f} GFLOP/s float32, {m['gemm_gflops']['bf16']:.0f} bfloat16; "
-              f"read {m['read_gbs']:.1f} GB/s (of the first run)")
+        # Every run measures its own yardsticks and bounds; like the times, the medians over the
+        # runs (one run's low GEMM rate would otherwise inflate every bound of its dtype).
+        every = [d for dt in dtypes for d in (load(f"moe-{dt}") or [])]
+        print(f"yardsticks: GEMM {yardstick(every, lambda d: d['gemm_gflops']['f32']):.0f} GFLOP/s float32, "
+              f"{yardstick(every, lambda d: d['gemm_gflops']['bf16']):.0f} bfloat16; "
+              f"read {yardstick(every, lambda d: d['read_gbs']):.1f} GB/s (medians over {len(every)} runs)")
         print(f"times: median over {repeats} run(s) of each run's median")
         print(f"shape: d_model {c['d_model']}, d_ff {c['d_ff']}, {c['experts']} experts, top-{c['top_k']}, {c['activation']}")
         peers = [("torch2 loop", t2l), ("torch2 grouped", t2g), ("torch1.13 loop", t1)]
@@ -131,7 +139,7 @@ for dtype in dtypes:
             if mode not in row:
                 continue
             lib = ms(ms_docs, T, mode)
-            of = lib / row[mode]["bound_ms"]
+            of = lib / ms(ms_docs, T, mode, "bound_ms")
             a, b, c1 = ms(t2l, T, mode), ms(t2g, T, mode), ms(t1, T, mode)
             best = min(v for v in (a, b) if v is not None) if (a or b) else None
             fmt = lambda v: f"{v:.3f}" if v is not None else "-"
