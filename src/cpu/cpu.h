@@ -7,6 +7,7 @@
 #include "core/checked.h"
 #include "core/error.h"
 #include "core/stage_status.h"
+#include "cpu/few_rows.h"
 #include "cpu/gemm.h"
 
 namespace moe::cpu {
@@ -27,6 +28,8 @@ struct State {
   std::vector<unsigned char> gemm_scratch;  // their scratchpad: grow-only, reused across calls
   // float32 copies for the bf16/f16 expert FFN (expert_ffn.cpp): grow-only, reused across calls.
   std::vector<float> widened;
+  // The products of the few-rows experts of a forward (expert_ffn.cpp): grow-only.
+  std::vector<XwtProduct> xwt;
 };
 
 inline void set_error(State *st, const char *message) noexcept { keep_message(st->error, message); }

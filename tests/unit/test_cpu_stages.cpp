@@ -2,6 +2,7 @@
 // same table the core drives), on small integer-valued inputs where float results are exact:
 // a naive loop in this file is the reference, compared bit for bit.
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -823,6 +824,54 @@ TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
   EXPECT_EQ(dw1, rdw1);
   EXPECT_EQ(dw2, rdw2);
   EXPECT_EQ(dx, rdx);
+}
+
+// Experts with one, a few, tens and hundreds of rows in one call: the CPU backend runs the experts
+// with few rows together (one stream of products over all of them, then their rows) and the others
+// one by one, on either side of the few-rows threshold of every CPU (4 to 64 rows). Weights large
+// enough for a team of threads. Integer values keep every sum exact, so each row, its expert's
+// biases and where it lands are checked bit for bit, at one thread and at two.
+TEST_F(CpuStages, ExpertFfnFewAndManyRowsInOneCall) {
+  const int64_t E = 6, d = 256, ff = 256;
+  std::vector<int64_t> offsets = {0, 1, 1, 61, 68, 268, 271};  // 1, 0, 60, 7, 200 and 3 rows
+  const int64_t R = offsets[E];
+  Rng rng(22);
+  const std::vector<float> x = rng.ints(R * d, -3, 3), w1 = rng.ints(E * ff * d, -2, 2),
+                           w2 = rng.ints(E * d * ff, -2, 2), b1 = rng.ints(E * ff, -4, 4), b2 = rng.ints(E * d, -4, 4);
+  std::vector<float> href(R * ff), aref(R * ff), yref(R * d);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+      for (int64_t f = 0; f < ff; ++f) {
+        float s = b1[e * ff + f];
+        for (int64_t c = 0; c < d; ++c) s += x[r * d + c] * w1[(e * ff + f) * d + c];
+        href[r * ff + f] = s;
+        aref[r * ff + f] = s > 0.0f ? s : 0.0f;
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        float s = b2[e * d + c];
+        for (int64_t f = 0; f < ff; ++f) s += aref[r * ff + f] * w2[(e * d + c) * ff + f];
+        yref[r * d + c] = s;
+      }
+    }
+  const int threads = omp_get_max_threads();
+  for (int t : {1, 2}) {
+    omp_set_num_threads(t);
+    std::vector<float> h(R * ff, kNaN), a_(R * ff, kNaN), y(R * d, kNaN);
+    moe_ffn_args a = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
+    a.x = x.data();
+    a.w1 = w1.data();
+    a.w2 = w2.data();
+    a.b1 = b1.data();
+    a.b2 = b2.data();
+    a.h = h.data();
+    a.a = a_.data();
+    a.y = y.data();
+    ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << err();
+    EXPECT_EQ(h, href) << t << " threads";
+    EXPECT_EQ(a_, aref) << t << " threads";
+    EXPECT_EQ(y, yref) << t << " threads";
+  }
+  omp_set_num_threads(threads);
 }
 
 TEST_F(CpuStages, ExpertFfnGluMatchesNaiveLoops) {
