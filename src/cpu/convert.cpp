@@ -37,6 +37,16 @@ MOE_CLONES void f32_to_bf16(uint16_t *dst, const float *src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits(s[i]);
 }
 
+MOE_CLONES void f32_store_bf16(uint16_t *dst, float *v, int64_t n) {
+  uint32_t *u = reinterpret_cast<uint32_t *>(v);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const uint16_t b = bf16_bits(u[i]);
+    dst[i] = b;
+    u[i] = static_cast<uint32_t>(b) << 16;
+  }
+}
+
 MOE_CLONES void f32_round_bf16(float *v, int64_t n) {
   uint32_t *u = reinterpret_cast<uint32_t *>(v);
 #pragma omp simd
@@ -65,6 +75,16 @@ void narrow(void *dst, int dtype, const float *src, int64_t n) {
   }
   uint16_t *d = static_cast<uint16_t *>(dst);
   for (int64_t i = 0; i < n; ++i) d[i] = float_to_f16(src[i]);
+}
+
+void narrow_rounded(void *dst, int dtype, float *v, int64_t n) {
+  if (n <= 0 || dtype == MOE_DTYPE_F32) return;
+  if (dtype == MOE_DTYPE_BF16) return f32_store_bf16(static_cast<uint16_t *>(dst), v, n);
+  uint16_t *d = static_cast<uint16_t *>(dst);
+  for (int64_t i = 0; i < n; ++i) {
+    d[i] = float_to_f16(v[i]);
+    v[i] = f16_to_float(d[i]);
+  }
 }
 
 void round_in_place(float *v, int dtype, int64_t n) {

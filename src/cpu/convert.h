@@ -9,6 +9,9 @@ namespace moe::cpu {
 void widen(float *dst, const void *src, int dtype, int64_t n);
 // dst[i] = src[i] rounded to dtype.
 void narrow(void *dst, int dtype, const float *src, int64_t n);
+// dst[i] = v[i] rounded to 16-bit dtype, and v[i] = that value as float32, in one pass (as narrow
+// then round_in_place); nothing for float32.
+void narrow_rounded(void *dst, int dtype, float *v, int64_t n);
 // v[i] = v[i] rounded to dtype and back (what storing in dtype keeps); no-op for float32.
 void round_in_place(float *v, int dtype, int64_t n);
 

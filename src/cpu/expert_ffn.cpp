@@ -459,8 +459,7 @@ class FewExperts {
   // The kernel's sums plus bias, rounded to the layer's dtype (what storing keeps) and stored.
   void finish(float *v, const void *b, void *dst, int64_t n) const {
     add_bias(v, b, c_.dt, n);
-    round_in_place(v, c_.dt, n);
-    if (!wide_) narrow(dst, c_.dt, v, n);
+    narrow_rounded(dst, c_.dt, v, n);
   }
 
   void hidden_row(const Row &w) const {
