@@ -350,10 +350,11 @@ void add_bias(float *v, const void *b, int dt, int64_t n) {
 // The experts of a call with few rows each (decoding: small_rows().few_*), any dtype: every
 // product on the few-rows kernel (cpu/few_rows.h), which reads each weight once, in its storage
 // dtype. All of them together, in one parallel region: the W1 and W3 products of every expert as
-// one stream of chunks, h, g and a row by row, the W2 products, y row by row. (Expert by expert,
+// one stream of chunks, h, g and a row by row, the W2 products, y row by row. Expert by expert,
 // each product began on a cold fetch and ended with a thread waiting for the last chunk, and
-// every elementwise pass woke the team: forward of 64 tokens, 8 experts of 1024 x 2048,
-// bfloat16, 2 cores of an AMD EPYC Zen 4: 24 products and 40 passes per call.)
+// every elementwise pass woke the team (d 1024, d_ff 2048, 8 experts, top-2, SwiGLU: 24
+// products and 40 passes per forward of 64 tokens); together, on 2 cores of an AMD EPYC Zen 4,
+// forward of 8 and 64 tokens 0.90 and 0.94 of the time in bfloat16, 0.95 and 0.98 in float32.
 class FewExperts {
  public:
   FewExperts(const Call &c, int64_t max_rows) : c_(c), max_(max_rows) {}
