@@ -555,7 +555,19 @@ void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
 }
 
 // Backward of expert e, operands in storage. dxf: float32 [n, d] scratch for a 16-bit dx.
-void backward_direct(Exec &x, const Call &c, int64_t e, const Rows &r, float *dxf) {
+// Float32 rows for few_rows_xw's input: rows x cols of dt (row stride ld) as they are (float32)
+// or widened into the arena.
+const float *as_f32(Exec &x, Arena &arena, const void *p, int dt, int64_t ld, int64_t rows, int64_t cols) {
+  if (dt == MOE_DTYPE_F32) return static_cast<const float *>(p);
+  float *f = arena.take(rows * cols);
+  widen_rows(x, f, p, dt, ld, rows, cols);
+  return f;
+}
+
+// The backward of expert e, operands in storage. With few rows (small_rows().bwd_*), the products
+// read along a weight's rows run on few_rows_xw (float32 inputs: 16-bit ones widened into the
+// arena, their sums there, rounded once as oneDNN's); the weight gradients stay on oneDNN.
+void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, float *dxf) {
   const moe_ffn_args *a = c.a;
   const int64_t d = c.d, ff = c.ff, n = r.n;
   const int dt = c.dt;
@@ -564,9 +576,21 @@ void backward_direct(Exec &x, const Call &c, int64_t e, const Rows &r, float *dx
   void *act = at(a->a, dt, r.begin * ff), *dh = at(a->dh, dt, r.begin * ff);
   void *dg = c.is_glu ? at(a->dg, dt, r.begin * ff) : nullptr;
   const void *w1 = at(a->w1, dt, e * ff * d), *w3 = c.is_glu ? at(a->w3, dt, e * ff * d) : nullptr;
+  const void *w2 = at(a->w2, dt, e * d * ff);
+  const SmallRows &small = small_rows();
+  const bool few = n <= (dt == MOE_DTYPE_F32 ? small.bwd_f32 : small.bwd_16);
   // dA = dY W2 (into dh), then a = act(h, g) recomputed (one pass over h and g rather than n*ff
   // more memory kept from forward) and dh, dg from dA.
-  x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{at(a->w2, dt, e * d * ff), dt, ff}, dh, dt, ff, false);
+  if (few) {
+    const float *dyf = as_f32(x, arena, dy, dt, d, n, d);
+    float *da = dt == MOE_DTYPE_F32 ? static_cast<float *>(dh) : arena.take(n * ff);
+    if (!x.dry()) {
+      few_rows_xw(dyf, d, w2, ff, dt, n, ff, d, da, ff, false);
+      if (dt != MOE_DTYPE_F32) narrow(dh, dt, da, n * ff);
+    }
+  } else {
+    x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{w2, dt, ff}, dh, dt, ff, false);
+  }
   act_backward(x, act_of(a), dt, h, g, act, dh, dg, n * ff);
   add_column_sums(x, a->db2 ? at(a->db2, dt, e * d) : nullptr, dt, dy, dt, n, d, d);
   add_column_sums(x, a->db1 ? at(a->db1, dt, e * ff) : nullptr, dt, dh, dt, n, ff, ff);
@@ -581,8 +605,16 @@ void backward_direct(Exec &x, const Call &c, int64_t e, const Rows &r, float *dx
   const bool direct = a->shared_input || dt == MOE_DTYPE_F32;
   void *out = a->shared_input ? a->dx : (dt == MOE_DTYPE_F32 ? at(a->dx, dt, r.begin * d) : dxf);
   const int odt = a->shared_input ? MOE_DTYPE_F32 : (direct ? dt : MOE_DTYPE_F32);
-  x.gemm(n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
-  if (dg) x.gemm(n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);
+  if (few) {  // out is float32 in every case here
+    const float *dhf = as_f32(x, arena, dh, dt, ff, n, ff), *dgf = dg ? as_f32(x, arena, dg, dt, ff, n, ff) : nullptr;
+    if (!x.dry()) {
+      few_rows_xw(dhf, ff, w1, d, dt, n, d, ff, static_cast<float *>(out), d, a->shared_input);
+      if (dgf) few_rows_xw(dgf, ff, w3, d, dt, n, d, ff, static_cast<float *>(out), d, true);
+    }
+  } else {
+    x.gemm(n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
+    if (dg) x.gemm(n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);
+  }
   if (!direct && !x.dry()) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
 }
 
@@ -723,7 +755,7 @@ moe_status expert_ffn_bwd(void *state, const moe_ffn_args *a) {
             backward_widened(x, c, arena, e, r, xf);
           } else {
             float *dxf = a->dx && !a->shared_input && c.dt != MOE_DTYPE_F32 ? arena.take(r.n * c.d) : nullptr;
-            backward_direct(x, c, e, r, dxf);
+            backward_direct(x, c, arena, e, r, dxf);
           }
         },
         [](Exec &, Arena &) {});

@@ -237,6 +237,88 @@ void avx512_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int
   }
 }
 
+// ---- X W: weight rows along k, input rows broadcast -----------------------------------------------
+// A tile of MR input rows by NV vectors of 16 columns: per k, NV weight pieces loaded once serve
+// MR rows, each input value broadcast into NV multiply-adds (MR x NV accumulators, no sums across
+// lanes). The last vector of a tile may be partial (mask `last`).
+// Fetching ahead: the thread's next chunk of columns, a row of it at every `every`-th step of k
+// from `phase` on (the passes and tiles over this chunk share its rows).
+struct RowsAhead {
+  const char *next = nullptr;  // the next chunk's first row
+  int64_t ld = 0, lines = 0;   // its row stride in bytes, cache lines per row
+  int64_t every = 1, phase = 0;
+};
+
+template <int D, int MR, int NV>
+MOE_AVX512 void xw_tile(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
+                        int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const size_t es = dtype_size(D);
+  const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * es;
+  const size_t wstride = static_cast<size_t>(ldw) * es;
+  int64_t fetch = ahead.next ? ahead.phase : K;
+  for (int64_t k = 0; k < K; ++k, w += wstride) {
+    if (k == fetch) {
+      for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + k * ahead.ld + i * 64, _MM_HINT_T1);
+      fetch += ahead.every;
+    }
+    __m512 wv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v)
+      wv[v] = v == NV - 1 && last != 0xFFFF ? load_tail<D>(w, v * 16, last) : load16<D>(w, v * 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512 xv = _mm512_set1_ps(X[m * ldx + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      float *c = C + m * ldc + n + v * 16;
+      const __mmask16 mask = v == NV - 1 ? last : 0xFFFF;
+      const __m512 r = accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(mask, c), acc[m][v]) : acc[m][v];
+      _mm512_mask_storeu_ps(c, mask, r);
+    }
+}
+
+// Columns [n0, n1) of MR rows: tiles of 64 columns, then of 32 and 16, the last one partial.
+template <int D, int MR>
+MOE_AVX512 void xw_rows(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
+                        float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
+  int64_t n = n0, t = tile0;
+  auto next = [&] {
+    RowsAhead a = ahead;
+    a.phase = (ahead.phase + t++) % ahead.every;
+    return a;
+  };
+  for (; n + 64 <= n1; n += 64) xw_tile<D, MR, 4>(X, ldx, W, ldw, n, K, C, ldc, accumulate, 0xFFFF, next());
+  for (; n + 32 <= n1; n += 32) xw_tile<D, MR, 2>(X, ldx, W, ldw, n, K, C, ldc, accumulate, 0xFFFF, next());
+  for (; n < n1; n += 16) {
+    const __mmask16 last = n + 16 <= n1 ? 0xFFFF : static_cast<__mmask16>((1u << (n1 - n)) - 1u);
+    xw_tile<D, MR, 1>(X, ldx, W, ldw, n, K, C, ldc, accumulate, last, next());
+  }
+}
+
+template <int D>
+void xw_dispatch(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_t M, int64_t n0, int64_t n1, int64_t K,
+                 float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
+  switch (M) {
+    case 1: return xw_rows<D, 1>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 2: return xw_rows<D, 2>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 3: return xw_rows<D, 3>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 4: return xw_rows<D, 4>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 5: return xw_rows<D, 5>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    default: return xw_rows<D, kGroup>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+  }
+}
+
 bool have_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
@@ -249,6 +331,14 @@ bool have_avx512_bf16() {
 #else
 bool have_avx512() { return false; }
 bool have_avx512_bf16() { return false; }
+struct RowsAhead {
+  const char *next = nullptr;
+  int64_t ld = 0, lines = 0;
+  int64_t every = 1, phase = 0;
+};
+template <int D>
+void xw_dispatch(const float *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
+                 bool, RowsAhead, int64_t) {}
 template <int D>
 void avx512_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
                      int64_t, const char *, int64_t) {}
@@ -361,6 +451,69 @@ class Cursor {
   int64_t i_ = 0, first_ = 0;  // product i_ starts at chunk first_
 };
 
+// ---- any CPU: C (+)= X W in the AVX-512 tiles' order (k in order, one fused multiply-add each)
+void generic_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
+                int64_t K, float *C, int64_t ldc, bool accumulate) {
+  constexpr int64_t kPiece = 256;
+  float acc[kPiece], wf[kPiece];
+  for (int64_t n = n0; n < n1; n += kPiece) {
+    const int64_t len = std::min(kPiece, n1 - n);
+    for (int64_t m = 0; m < M; ++m) {
+      std::fill(acc, acc + len, 0.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        widen(wf, elem_at(W, dtype, k * ldw + n), dtype, len);
+        const float x = X[m * ldx + k];
+        for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(x, wf[j], acc[j]);
+      }
+      float *c = C + m * ldc + n;
+      for (int64_t j = 0; j < len; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
+    }
+  }
+}
+
+// Columns per chunk of X W: at most kChunkBytes of the K rows' pieces, whole 16-column vectors
+// (at least one), at most 256 columns.
+int64_t xw_chunk_cols(int dtype, int64_t K) {
+  const int64_t row_bytes = 16 * static_cast<int64_t>(dtype_size(dtype));  // one vector's piece of a row
+  return std::clamp(kChunkBytes / std::max<int64_t>(K * row_bytes, 1), int64_t{1}, int64_t{16}) * 16;
+}
+
+// Columns r of C on the calling thread, MR rows a pass (evenly split, as xwt_rows), the columns
+// `next` (the thread's next chunk) fetched into L2 meanwhile, a row of them at a time.
+void xw_cols(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, RowRange r, int64_t K,
+             float *C, int64_t ldc, bool accumulate, RowRange next) {
+  const int64_t passes = (M + kGroup - 1) / kGroup;
+  if (!have_avx512()) {
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
+      generic_xw(X + m0 * ldx, ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate);
+    }
+    return;
+  }
+  const int64_t es = static_cast<int64_t>(dtype_size(dtype)), width = r.end - r.begin;
+  const int64_t tiles = width / 64 + (width % 64) / 32 + (width % 32 + 15) / 16;
+  RowsAhead ahead;
+  if (next.begin < next.end) {
+    ahead.next = static_cast<const char *>(W) + next.begin * es;
+    ahead.ld = ldw * es;
+    ahead.lines = ((next.end - next.begin) * es + 63) / 64;
+    ahead.every = passes * tiles;
+  }
+  for (int64_t p = 0; p < passes; ++p) {
+    const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
+    const float *Xg = X + m0 * ldx;
+    float *Cg = C + m0 * ldc;
+    ahead.phase = 0;
+    const int64_t tile0 = p * tiles;
+    if (dtype == MOE_DTYPE_BF16)
+      xw_dispatch<MOE_DTYPE_BF16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+    else if (dtype == MOE_DTYPE_F16)
+      xw_dispatch<MOE_DTYPE_F16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+    else
+      xw_dispatch<MOE_DTYPE_F32>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+  }
+}
+
 }  // namespace
 
 XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype) : p_(products), count_(count), dtype_(dtype) {
@@ -391,6 +544,30 @@ void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dt
   XwtBatch batch(&p, 1, dtype);
 #pragma omp parallel if (batch.chunks() > 1 && N * K >= (int64_t{1} << 16))
   batch.drain();
+}
+
+void few_rows_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
+                 float *C, int64_t ldc, bool accumulate) {
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // empty sums
+    for (int64_t m = 0; m < M; ++m)
+      if (!accumulate) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
+    return;
+  }
+  const int64_t cols = xw_chunk_cols(dtype, K), chunks = (N + cols - 1) / cols;
+  std::atomic<int64_t> claimed{0};
+  auto range = [&](int64_t c) { return c < chunks ? RowRange{c * cols, std::min(N, (c + 1) * cols)} : RowRange{}; };
+  // First come first served, each thread claiming its next chunk before it computes the one in
+  // hand (as XwtBatch::drain).
+#pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
+  {
+    int64_t c = claimed.fetch_add(1, std::memory_order_relaxed);
+    while (c < chunks) {
+      const int64_t after = claimed.fetch_add(1, std::memory_order_relaxed);
+      xw_cols(X, ldx, W, ldw, dtype, M, range(c), K, C, ldc, accumulate, range(after));
+      c = after;
+    }
+  }
 }
 
 }  // namespace moe::cpu

@@ -252,12 +252,18 @@ const SmallRows &small_rows() {
   //  - Intel Xeon (Emerald Rapids, AMX hidden), measured with the kernel's earlier blocking (two
   //    weight rows, no VDPBF16PS, no fetching ahead): float32 M 16 W X^T 0.32 against X W^T 0.47;
   //    the few-rows kernel ahead up to 4 rows (8 for 16-bit weights, half the bytes).
+  // Backward, dY W2 and dH W1 (1024 x 2048 weights, 8 of them in turn), few_rows_xw / oneDNN:
+  //  - AMD EPYC (Zen 4): float32 M 1 0.33 / 0.66 ms, M 4 0.33 / 0.72, M 16 0.56 / 1.12, M 32
+  //    0.93-0.96 / 1.20-1.24; bfloat16 M 1 0.11-0.17 / 0.38, M 4 0.14-0.23 / 0.37, M 16
+  //    0.45-0.48 / 0.58-0.59, M 32 0.79-0.82 / 0.67-0.74 (bfloat16 widened to float32 FMAs:
+  //    from 32 rows oneDNN's VDPBF16PS kernels win).
+  //  - Intel: not measured; oneDNN throughout.
   //  Elsewhere (AMD CPUs without AVX-512 among them, where the kernel has only its portable
   //  loop) the Intel choice.
   static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                         __builtin_cpu_supports("avx512vl")
-                                    ? SmallRows{48, 64, 0}
-                                    : SmallRows{4, 8, 64};
+                                    ? SmallRows{48, 64, 0, 32, 16}
+                                    : SmallRows{4, 8, 64, 0, 0};
   return rows;
 }
 

@@ -82,10 +82,13 @@ int64_t bf16_native_max_rows();
 
 // Which kernel a forward product over an expert's few rows runs on, by row count: the few-rows
 // kernel (cpu/few_rows.h) up to few_f32 (float32) or few_16 (16-bit) rows, then float32 experts
-// as W X^T up to wxt_f32 rows, then oneDNN's X W^T. Measured per CPU family (see gemm.cpp);
-// fixed for a process, so that the same rows always take the same kernel (bitwise repeatable).
+// as W X^T up to wxt_f32 rows, then oneDNN's X W^T. In backward, the products read along a
+// weight's rows (dY W2, dH W1) run on few_rows_xw up to bwd_f32 (float32) or bwd_16 (16-bit)
+// rows, then on oneDNN. Measured per CPU family (see gemm.cpp); fixed for a process, so that the
+// same rows always take the same kernel (bitwise repeatable).
 struct SmallRows {
   int64_t few_f32, few_16, wxt_f32;
+  int64_t bwd_f32, bwd_16;
 };
 const SmallRows &small_rows();
 

@@ -1,8 +1,9 @@
-// The few-rows kernel (cpu/few_rows.h), which runs the forward products of experts with few rows:
-// its sums against float64 ones over every tail of its blocking (rows of weights in fours, input
-// rows in sixes, k in steps of 16 or 32), with strided operands; and, because each output is one
-// fixed sum whatever the blocking, the same bits for a row computed alone or among others, for a
-// weight row inside a block of four or on its own, and for any thread count.
+// The few-rows kernels (cpu/few_rows.h). few_rows_xwt, the forward products of experts with few
+// rows: its sums against float64 ones over every tail of its blocking (rows of weights in fours,
+// input rows in sixes, k in steps of 16 or 32), with strided operands; and, because each output is
+// one fixed sum whatever the blocking, the same bits for a row computed alone or among others, for
+// a weight row inside a block of four or on its own, and for any thread count. few_rows_xw, the
+// backward's products along a weight's rows: bit for bit its documented order of sums.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -129,6 +130,97 @@ TEST_P(FewRows, SameBitsForAnyThreadCount) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FewRows, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
+                         [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+
+// ---- few_rows_xw: C (+)= X W, W [K, N] read along its rows ---------------------------------------
+
+// Shapes past every tail of its tiles (input rows in sixes; columns in 64, 32, 16 and a partial
+// vector) and of its chunks of columns (K 9000: chunks of 16 columns, many per thread).
+const Shape kXwShapes[] = {{1, 1, 1},   {1, 17, 5},   {2, 64, 32},  {3, 100, 33}, {5, 131, 64},
+                           {6, 48, 100}, {7, 95, 31},  {13, 70, 64}, {16, 257, 300}, {25, 16, 16},
+                           {4, 3, 48},   {14, 67, 9000}};
+
+// X float32, W in dtype, C with a random start (accumulate adds to it).
+struct XwOperands {
+  int dtype;
+  Shape s;
+  int64_t ldx, ldw, ldc;
+  std::vector<float> x, w, c0;
+  std::vector<unsigned char> wb;
+
+  XwOperands(int dt, Shape sh, uint64_t seed) : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.N + 5), ldc(sh.N + 2) {
+    Rng rng(seed);
+    x = rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f);
+    w = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.K * ldw), 0.5f));
+    c0 = rng.nonzeros(static_cast<size_t>(s.M * ldc), 2.0f);
+    wb = moe_test::encode(dt, w);
+  }
+  std::vector<float> run(bool accumulate) const {
+    std::vector<float> c = c0;
+    moe::cpu::few_rows_xw(x.data(), ldx, wb.data(), ldw, dtype, s.M, s.N, s.K, c.data(), ldc, accumulate);
+    return c;
+  }
+};
+
+class FewRowsXw : public ::testing::TestWithParam<int> {};
+
+// The documented order, written out: each sum over k in order, one fused multiply-add per term,
+// then C + sum once. Bit for bit, so any blocking, tile or thread gives these bits.
+TEST_P(FewRowsXw, EachSumIsTheFusedSumInOrderOfK) {
+  const int dt = GetParam();
+  uint64_t seed = 200;
+  for (const Shape &s : kXwShapes)
+    for (bool accumulate : {false, true}) {
+      const XwOperands op(dt, s, seed++);
+      const std::vector<float> c = op.run(accumulate);
+      for (int64_t m = 0; m < s.M; ++m) {
+        for (int64_t n = 0; n < s.N; ++n) {
+          float sum = 0.0f;
+          for (int64_t k = 0; k < s.K; ++k) sum = std::fma(op.x[m * op.ldx + k], op.w[k * op.ldw + n], sum);
+          const float want = accumulate ? op.c0[m * op.ldc + n] + sum : sum;
+          ASSERT_EQ(c[m * op.ldc + n], want) << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K
+                                             << (accumulate ? " accumulate" : "") << " at (" << m << ", " << n << ")";
+        }
+        for (int64_t n = s.N; n < op.ldc; ++n)
+          ASSERT_EQ(c[m * op.ldc + n], op.c0[m * op.ldc + n]) << "wrote past N at (" << m << ", " << n << ")";
+      }
+    }
+}
+
+// Against float64 sums, so that the written-out order above is itself a product.
+TEST_P(FewRowsXw, SumsMatchFloat64WithinFloat32Rounding) {
+  const int dt = GetParam();
+  const XwOperands op(dt, Shape{16, 300, 1024}, 7);
+  const std::vector<float> c = op.run(false);
+  for (int64_t m = 0; m < op.s.M; ++m)
+    for (int64_t n = 0; n < op.s.N; ++n) {
+      double ref = 0, mag = 0;
+      for (int64_t k = 0; k < op.s.K; ++k) {
+        const double p = static_cast<double>(op.x[m * op.ldx + k]) * op.w[k * op.ldw + n];
+        ref += p;
+        mag += std::fabs(p);
+      }
+      ASSERT_NEAR(c[m * op.ldc + n], ref, (static_cast<double>(op.s.K) + 4) * std::ldexp(mag, -24))
+          << name(dt) << " at (" << m << ", " << n << ")";
+    }
+}
+
+TEST_P(FewRowsXw, SameBitsForAnyThreadCount) {
+  const int dt = GetParam();
+  for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
+    const XwOperands op(dt, s, 9);
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const std::vector<float> one = op.run(true);
+    omp_set_num_threads(3);
+    const std::vector<float> three = op.run(true);
+    omp_set_num_threads(before);
+    EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float)))
+        << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FewRowsXw, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
                          [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
 
 }  // namespace
