@@ -564,9 +564,10 @@ const float *as_f32(Exec &x, Arena &arena, const void *p, int dt, int64_t ld, in
   return f;
 }
 
-// The backward of expert e, operands in storage. With few rows (small_rows().bwd_*), the products
-// read along a weight's rows run on few_rows_xw (float32 inputs: 16-bit ones widened into the
-// arena, their sums there, rounded once as oneDNN's); the weight gradients stay on oneDNN.
+// The backward of expert e, operands in storage. With few rows (small_rows().bwd_*, grad_f32), the
+// products read along a weight's rows and float32 weight gradients run on the few-rows kernels
+// (few_rows_xw, few_rows_grad: float32 inputs, 16-bit ones widened into the arena; sums in
+// float32, each rounded once where stored, as oneDNN's).
 void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, float *dxf) {
   const moe_ffn_args *a = c.a;
   const int64_t d = c.d, ff = c.ff, n = r.n;
@@ -577,17 +578,19 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   void *dg = c.is_glu ? at(a->dg, dt, r.begin * ff) : nullptr;
   const void *w1 = at(a->w1, dt, e * ff * d), *w3 = c.is_glu ? at(a->w3, dt, e * ff * d) : nullptr;
   const void *w2 = at(a->w2, dt, e * d * ff);
+  void *dw1 = at(a->dw1, dt, e * ff * d), *dw3 = dg ? at(a->dw3, dt, e * ff * d) : nullptr;
+  void *dw2 = at(a->dw2, dt, e * d * ff);
   const SmallRows &small = small_rows();
   const bool few = n <= (dt == MOE_DTYPE_F32 ? small.bwd_f32 : small.bwd_16);
+  const bool few_grad = dt == MOE_DTYPE_F32 && n <= small.grad_f32;
+  const bool live = !x.dry();
   // dA = dY W2 (into dh), then a = act(h, g) recomputed (one pass over h and g rather than n*ff
   // more memory kept from forward) and dh, dg from dA.
+  const float *dyf = few ? as_f32(x, arena, dy, dt, d, n, d) : nullptr;
   if (few) {
-    const float *dyf = as_f32(x, arena, dy, dt, d, n, d);
     float *da = dt == MOE_DTYPE_F32 ? static_cast<float *>(dh) : arena.take(n * ff);
-    if (!x.dry()) {
-      few_rows_xw(dyf, d, w2, ff, dt, n, ff, d, da, ff, false);
-      if (dt != MOE_DTYPE_F32) narrow(dh, dt, da, n * ff);
-    }
+    if (live) few_rows_xw(dyf, d, w2, ff, dt, n, ff, d, da, ff, false);
+    if (live && dt != MOE_DTYPE_F32) narrow(dh, dt, da, n * ff);
   } else {
     x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{w2, dt, ff}, dh, dt, ff, false);
   }
@@ -596,9 +599,16 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   add_column_sums(x, a->db1 ? at(a->db1, dt, e * ff) : nullptr, dt, dh, dt, n, ff, ff);
   if (dg) add_column_sums(x, a->db3 ? at(a->db3, dt, e * ff) : nullptr, dt, dg, dt, n, ff, ff);
   // dW2 += dY^T a ; dW1 += dH^T X ; dW3 += dG^T X
-  x.gemm(d, ff, n, Mat{dy, dt, d, true}, Mat{act, dt, ff}, at(a->dw2, dt, e * d * ff), dt, ff, true);
-  x.gemm(ff, d, n, Mat{dh, dt, ff, true}, Mat{xe, dt, d}, at(a->dw1, dt, e * ff * d), dt, d, true);
-  if (dg) x.gemm(ff, d, n, Mat{dg, dt, ff, true}, Mat{xe, dt, d}, at(a->dw3, dt, e * ff * d), dt, d, true);
+  if (few_grad) {  // float32: every operand as stored
+    auto f32 = [](const void *p) { return static_cast<const float *>(p); };
+    if (live) few_rows_grad(f32(dy), d, f32(act), ff, n, dw2, ff, dt, d, ff);
+    if (live) few_rows_grad(f32(dh), ff, f32(xe), d, n, dw1, d, dt, ff, d);
+    if (live && dg) few_rows_grad(f32(dg), ff, f32(xe), d, n, dw3, d, dt, ff, d);
+  } else {
+    x.gemm(d, ff, n, Mat{dy, dt, d, true}, Mat{act, dt, ff}, dw2, dt, ff, true);
+    x.gemm(ff, d, n, Mat{dh, dt, ff, true}, Mat{xe, dt, d}, dw1, dt, d, true);
+    if (dg) x.gemm(ff, d, n, Mat{dg, dt, ff, true}, Mat{xe, dt, d}, dw3, dt, d, true);
+  }
   if (!a->dx) return;
   // dX = dH W1 + dG W3. Shared experts all read the same rows: their dx (float32) adds up; a
   // routed expert's rows are stored, in float32 directly or summed in dxf and rounded once.
@@ -607,15 +617,13 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   const int odt = a->shared_input ? MOE_DTYPE_F32 : (direct ? dt : MOE_DTYPE_F32);
   if (few) {  // out is float32 in every case here
     const float *dhf = as_f32(x, arena, dh, dt, ff, n, ff), *dgf = dg ? as_f32(x, arena, dg, dt, ff, n, ff) : nullptr;
-    if (!x.dry()) {
-      few_rows_xw(dhf, ff, w1, d, dt, n, d, ff, static_cast<float *>(out), d, a->shared_input);
-      if (dgf) few_rows_xw(dgf, ff, w3, d, dt, n, d, ff, static_cast<float *>(out), d, true);
-    }
+    if (live) few_rows_xw(dhf, ff, w1, d, dt, n, d, ff, static_cast<float *>(out), d, a->shared_input);
+    if (live && dgf) few_rows_xw(dgf, ff, w3, d, dt, n, d, ff, static_cast<float *>(out), d, true);
   } else {
     x.gemm(n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
     if (dg) x.gemm(n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);
   }
-  if (!direct && !x.dry()) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
+  if (!direct && live) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
 }
 
 void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, const float *xf) {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <type_traits>
 #include <cmath>
 
 #include "core/half.h"
@@ -319,6 +320,79 @@ void xw_dispatch(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_
   }
 }
 
+// ---- G += A^T B: gradient rows R at a time, 16-column vectors V at a time --------------------------
+// Per input row m, V pieces of B loaded once serve R gradient rows, each A value broadcast into V
+// multiply-adds. The sums are added to G here for float32; 16-bit G goes through widen/narrow (the
+// library's rounding, so the same bits as the portable loop). The last vector may be partial
+// (mask `last`). Each call fetches `ahead.lines` cache lines from `ahead.next` on into L2.
+template <int R, int V>
+MOE_AVX512 void grad_tile(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
+                          int dtype, int64_t j, int64_t k0, int64_t width, Ahead ahead) {
+  prefetch_next(ahead, 0);
+  const __mmask16 last = width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1u);
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t m = 0; m < M; ++m) {
+    const float *b = B + m * ldb + k0;
+    __m512 bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bv[v] = v == V - 1 ? _mm512_maskz_loadu_ps(last, b + v * 16) : _mm512_loadu_ps(b + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(A[m * lda + j + r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+  if (dtype == MOE_DTYPE_F32) {
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) {
+        float *g = static_cast<float *>(G) + (j + r) * ldg + k0 + v * 16;
+        const __mmask16 mask = v == V - 1 ? last : 0xFFFF;
+        _mm512_mask_storeu_ps(g, mask, _mm512_add_ps(_mm512_maskz_loadu_ps(mask, g), acc[r][v]));
+      }
+    return;
+  }
+  // The sums leave the registers by constant indices first: a loop over r around the calls below
+  // would index acc at run time and put it on the stack for the whole kernel (a quarter the speed).
+  float sums[R][V * 16], buf[V * 16];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(sums[r] + v * 16, acc[r][v]);
+  for (int r = 0; r < R; ++r) {
+    void *g = elem_at(G, dtype, (j + r) * ldg + k0);
+    widen(buf, g, dtype, width);
+    for (int64_t i = 0; i < width; ++i) buf[i] += sums[r][i];
+    narrow(g, dtype, buf, width);
+  }
+}
+
+// Gradient rows [j0, j1) (whole blocks of 4, then single rows) over all K columns, in tiles of 64,
+// 32 and 16 columns; `next_bytes` from `next` fetched ahead, spread over the tiles.
+void grad_rows(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
+               int64_t j0, int64_t j1, int64_t K, const char *next, int64_t next_bytes) {
+  const int64_t per_row = K / 64 + (K % 64) / 32 + (K % 32 + 15) / 16;
+  const int64_t tiles = per_row * ((j1 - j0) / 4 + (j1 - j0) % 4);
+  Ahead ahead{next, tiles > 0 ? ((next_bytes + 63) / 64 + tiles - 1) / tiles : 0};
+  auto row_tiles = [&](auto block, int64_t j) {
+    constexpr int R = decltype(block)::value;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64) grad_tile<R, 4>(A, lda, B, ldb, M, G, ldg, dtype, j, k, 64, ahead);
+    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64) grad_tile<R, 2>(A, lda, B, ldb, M, G, ldg, dtype, j, k, 32, ahead);
+    for (; k < K; k += 16, ahead.next += ahead.lines * 64)
+      grad_tile<R, 1>(A, lda, B, ldb, M, G, ldg, dtype, j, k, std::min<int64_t>(16, K - k), ahead);
+  };
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) row_tiles(std::integral_constant<int, 4>{}, j);
+  for (; j < j1; ++j) row_tiles(std::integral_constant<int, 1>{}, j);
+}
+
 bool have_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl");
@@ -339,6 +413,8 @@ struct RowsAhead {
 template <int D>
 void xw_dispatch(const float *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                  bool, RowsAhead, int64_t) {}
+void grad_rows(const float *, int64_t, const float *, int64_t, int64_t, void *, int64_t, int, int64_t, int64_t, int64_t,
+               const char *, int64_t) {}
 template <int D>
 void avx512_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
                      int64_t, const char *, int64_t) {}
@@ -514,6 +590,26 @@ void xw_cols(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
   }
 }
 
+// ---- any CPU: G += A^T B in grad_tile's order
+void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
+                  int64_t j0, int64_t j1, int64_t K) {
+  constexpr int64_t kPiece = 256;
+  float acc[kPiece], buf[kPiece];
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t k = 0; k < K; k += kPiece) {
+      const int64_t len = std::min(kPiece, K - k);
+      std::fill(acc, acc + len, 0.0f);
+      for (int64_t m = 0; m < M; ++m) {
+        const float a = A[m * lda + j], *b = B + m * ldb + k;
+        for (int64_t i = 0; i < len; ++i) acc[i] = std::fma(a, b[i], acc[i]);
+      }
+      void *g = elem_at(G, dtype, j * ldg + k);
+      widen(buf, g, dtype, len);
+      for (int64_t i = 0; i < len; ++i) buf[i] += acc[i];
+      narrow(g, dtype, buf, len);
+    }
+}
+
 }  // namespace
 
 XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype) : p_(products), count_(count), dtype_(dtype) {
@@ -565,6 +661,29 @@ void few_rows_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dt
     while (c < chunks) {
       const int64_t after = claimed.fetch_add(1, std::memory_order_relaxed);
       xw_cols(X, ldx, W, ldw, dtype, M, range(c), K, C, ldc, accumulate, range(after));
+      c = after;
+    }
+  }
+}
+
+void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
+                   int64_t N, int64_t K) {
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  const int64_t rows = chunk_rows(dtype, ldg), chunks = (N + rows - 1) / rows;
+  const bool avx512 = have_avx512();
+  std::atomic<int64_t> claimed{0};
+  auto range = [&](int64_t c) { return c < chunks ? RowRange{c * rows, std::min(N, (c + 1) * rows)} : RowRange{}; };
+#pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
+  {
+    int64_t c = claimed.fetch_add(1, std::memory_order_relaxed);
+    while (c < chunks) {
+      const int64_t after = claimed.fetch_add(1, std::memory_order_relaxed);
+      const RowRange r = range(c);
+      const Bytes next = bytes_of_rows(G, ldg, dtype, range(after));
+      if (avx512)
+        grad_rows(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K, static_cast<const char *>(next.p), next.n);
+      else
+        generic_grad(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K);
       c = after;
     }
   }

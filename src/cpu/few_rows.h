@@ -30,6 +30,15 @@ void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dt
 void few_rows_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                  float *C, int64_t ldc, bool accumulate);
 
+// G[j, k] += sum_m A[m, j] B[m, k] for j < N, k < K: A [M, N] and B [M, K] float32 (row strides lda,
+// ldb), G [N, K] in dtype (row stride ldg): the weight gradients of experts with few rows (dW1 +=
+// dH^T X). Each sum runs over m in order, one fused multiply-add per term, from zero, and is added
+// to G once (and rounded once, to a 16-bit dtype). The same bits with or without AVX-512 and for
+// any thread count: threads over G's rows, in chunks handed out first come first served, each
+// thread fetching its next chunk into L2.
+void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
+                   int64_t N, int64_t K);
+
 // One product of few_rows_xwt's form.
 struct XwtProduct {
   const void *X;

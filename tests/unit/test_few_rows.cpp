@@ -3,7 +3,8 @@
 // input rows in sixes, k in steps of 16 or 32), with strided operands; and, because each output is
 // one fixed sum whatever the blocking, the same bits for a row computed alone or among others, for
 // a weight row inside a block of four or on its own, and for any thread count. few_rows_xw, the
-// backward's products along a weight's rows: bit for bit its documented order of sums.
+// backward's products along a weight's rows, and few_rows_grad, its weight gradients: bit for bit
+// their documented order of sums.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -221,6 +222,77 @@ TEST_P(FewRowsXw, SameBitsForAnyThreadCount) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FewRowsXw, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
+                         [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+
+// ---- few_rows_grad: G += A^T B ---------------------------------------------------------------------
+
+// Shapes past every tail (gradient rows in fours, columns in 64, 32, 16 and a partial vector) and
+// of the chunks (K 9000: 4 float32 or 12 16-bit gradient rows a chunk).
+const Shape kGradShapes[] = {{1, 1, 1},    {1, 5, 17},   {2, 4, 64},   {3, 67, 33},   {5, 130, 100},
+                             {16, 64, 1024}, {7, 9, 31},  {13, 70, 95}, {32, 131, 48}, {14, 10, 9000}};
+
+// A [M, N] and B [M, K] float32, G [N, K] in dtype holding random values to add to.
+struct GradOperands {
+  int dtype;
+  Shape s;  // M input rows, N gradient rows, K columns
+  int64_t lda, ldb, ldg;
+  std::vector<float> a, b, g0;
+  std::vector<unsigned char> gb;
+
+  GradOperands(int dt, Shape sh, uint64_t seed) : dtype(dt), s(sh), lda(sh.N + 3), ldb(sh.K + 1), ldg(sh.K + 5) {
+    Rng rng(seed);
+    a = rng.nonzeros(static_cast<size_t>(s.M * lda), 1.0f);
+    b = rng.nonzeros(static_cast<size_t>(s.M * ldb), 1.0f);
+    g0 = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.N * ldg), 4.0f));
+    gb = moe_test::encode(dt, g0);
+  }
+  std::vector<float> run() const {
+    std::vector<unsigned char> g = gb;
+    moe::cpu::few_rows_grad(a.data(), lda, b.data(), ldb, s.M, g.data(), ldg, dtype, s.N, s.K);
+    return moe_test::decode(dtype, g);
+  }
+};
+
+class FewRowsGrad : public ::testing::TestWithParam<int> {};
+
+// The documented order, written out: each sum over m in order, one fused multiply-add per term,
+// then added to G and rounded to its dtype once. Bit for bit; columns past K untouched.
+TEST_P(FewRowsGrad, EachSumIsTheFusedSumInOrderOfRowsAddedOnce) {
+  const int dt = GetParam();
+  uint64_t seed = 300;
+  for (const Shape &s : kGradShapes) {
+    const GradOperands op(dt, s, seed++);
+    const std::vector<float> g = op.run();
+    for (int64_t j = 0; j < s.N; ++j) {
+      for (int64_t k = 0; k < s.K; ++k) {
+        float sum = 0.0f;
+        for (int64_t m = 0; m < s.M; ++m) sum = std::fma(op.a[m * op.lda + j], op.b[m * op.ldb + k], sum);
+        const float want = moe_test::rounded(dt, std::vector<float>{op.g0[j * op.ldg + k] + sum})[0];
+        ASSERT_EQ(g[j * op.ldg + k], want) << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K << " at ("
+                                           << j << ", " << k << ")";
+      }
+      for (int64_t k = s.K; k < op.ldg; ++k)
+        ASSERT_EQ(g[j * op.ldg + k], op.g0[j * op.ldg + k]) << "wrote past K at (" << j << ", " << k << ")";
+    }
+  }
+}
+
+TEST_P(FewRowsGrad, SameBitsForAnyThreadCount) {
+  const int dt = GetParam();
+  for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
+    const GradOperands op(dt, s, 11);
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+    const std::vector<float> one = op.run();
+    omp_set_num_threads(3);
+    const std::vector<float> three = op.run();
+    omp_set_num_threads(before);
+    EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float)))
+        << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, FewRowsGrad, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
                          [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
 
 }  // namespace
