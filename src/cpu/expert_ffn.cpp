@@ -555,19 +555,9 @@ void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
 }
 
 // Backward of expert e, operands in storage. dxf: float32 [n, d] scratch for a 16-bit dx.
-// Float32 rows for few_rows_xw's input: rows x cols of dt (row stride ld) as they are (float32)
-// or widened into the arena.
-const float *as_f32(Exec &x, Arena &arena, const void *p, int dt, int64_t ld, int64_t rows, int64_t cols) {
-  if (dt == MOE_DTYPE_F32) return static_cast<const float *>(p);
-  float *f = arena.take(rows * cols);
-  widen_rows(x, f, p, dt, ld, rows, cols);
-  return f;
-}
-
 // The backward of expert e, operands in storage. With few rows (small_rows().bwd_*, grad_f32), the
 // products read along a weight's rows and float32 weight gradients run on the few-rows kernels
-// (few_rows_xw, few_rows_grad: float32 inputs, 16-bit ones widened into the arena; sums in
-// float32, each rounded once where stored, as oneDNN's).
+// (few_rows_xw, few_rows_grad; sums in float32, each rounded once where stored, as oneDNN's).
 void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, float *dxf) {
   const moe_ffn_args *a = c.a;
   const int64_t d = c.d, ff = c.ff, n = r.n;
@@ -586,10 +576,9 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   const bool live = !x.dry();
   // dA = dY W2 (into dh), then a = act(h, g) recomputed (one pass over h and g rather than n*ff
   // more memory kept from forward) and dh, dg from dA.
-  const float *dyf = few ? as_f32(x, arena, dy, dt, d, n, d) : nullptr;
   if (few) {
     float *da = dt == MOE_DTYPE_F32 ? static_cast<float *>(dh) : arena.take(n * ff);
-    if (live) few_rows_xw(dyf, d, w2, ff, dt, n, ff, d, da, ff, false);
+    if (live) few_rows_xw(dy, d, w2, ff, dt, n, ff, d, da, ff, false);
     if (live && dt != MOE_DTYPE_F32) narrow(dh, dt, da, n * ff);
   } else {
     x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{w2, dt, ff}, dh, dt, ff, false);
@@ -616,9 +605,8 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   void *out = a->shared_input ? a->dx : (dt == MOE_DTYPE_F32 ? at(a->dx, dt, r.begin * d) : dxf);
   const int odt = a->shared_input ? MOE_DTYPE_F32 : (direct ? dt : MOE_DTYPE_F32);
   if (few) {  // out is float32 in every case here
-    const float *dhf = as_f32(x, arena, dh, dt, ff, n, ff), *dgf = dg ? as_f32(x, arena, dg, dt, ff, n, ff) : nullptr;
-    if (live) few_rows_xw(dhf, ff, w1, d, dt, n, d, ff, static_cast<float *>(out), d, a->shared_input);
-    if (live && dgf) few_rows_xw(dgf, ff, w3, d, dt, n, d, ff, static_cast<float *>(out), d, true);
+    if (live) few_rows_xw(dh, ff, w1, d, dt, n, d, ff, static_cast<float *>(out), d, a->shared_input);
+    if (live && dg) few_rows_xw(dg, ff, w3, d, dt, n, d, ff, static_cast<float *>(out), d, true);
   } else {
     x.gemm(n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
     if (dg) x.gemm(n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);

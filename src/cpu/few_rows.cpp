@@ -250,32 +250,78 @@ struct RowsAhead {
   int64_t every = 1, phase = 0;
 };
 
+constexpr int64_t kXPiece = 256;  // k per piece of input rows widened on the stack
+
 template <int D, int MR, int NV>
-MOE_AVX512 void xw_tile(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
-                        int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
+MOE_AVX512_BF16 void xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
+                             int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  const size_t es = dtype_size(D);
+  constexpr int WD = D == kBf16Dot ? MOE_DTYPE_BF16 : D;
+  const size_t es = dtype_size(WD);
   const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * es;
   const size_t wstride = static_cast<size_t>(ldw) * es;
   int64_t fetch = ahead.next ? ahead.phase : K;
-  for (int64_t k = 0; k < K; ++k, w += wstride) {
-    if (k == fetch) {
-      for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + k * ahead.ld + i * 64, _MM_HINT_T1);
-      fetch += ahead.every;
+  auto fetch_rows = [&](int64_t upto) {  // the next chunk's rows due by step upto
+    for (; fetch <= upto; fetch += ahead.every)
+      for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + fetch * ahead.ld + i * 64, _MM_HINT_T1);
+  };
+  if constexpr (D == kBf16Dot) {
+    // Pairs of k: weight rows k and k + 1 interleaved (lane i: W[k, n + i], W[k + 1, n + i]),
+    // against the input's pair X[m, k], X[m, k + 1] in every lane; an odd K's last k pairs with 0.
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __mmask16 full = 0xFFFF;
+    for (int64_t k = 0; k < K; k += 2, w += 2 * wstride) {
+      const bool odd = k + 1 == K;
+      fetch_rows(k + 1);
+      __m512i wv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        const __mmask16 mask = v == NV - 1 ? last : full;
+        const __m256i a = _mm256_maskz_loadu_epi16(mask, w + v * 32);
+        const __m256i b = odd ? _mm256_setzero_si256() : _mm256_maskz_loadu_epi16(mask, w + wstride + v * 32);
+        wv[v] = _mm512_permutexvar_epi16(pairs, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const uint16_t *xm = static_cast<const uint16_t *>(X) + m * ldx + k;
+        const uint32_t pair = odd ? xm[0] : static_cast<uint32_t>(xm[0]) | static_cast<uint32_t>(xm[1]) << 16;
+        const __m512i xv = _mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)wv[v], (__m512bh)xv);
+      }
     }
-    __m512 wv[NV];
+  } else {
+    for (int64_t k0 = 0; k0 < K; k0 += kXPiece) {
+      const int64_t len = std::min(kXPiece, K - k0);
+      // The input rows' piece in float32 (16-bit ones widened exactly), broadcast from there.
+      float xbuf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
+      const float *xs[MR];
+      for (int m = 0; m < MR; ++m) {
+        if constexpr (D == MOE_DTYPE_F32) {
+          xs[m] = static_cast<const float *>(X) + m * ldx + k0;
+        } else {
+          widen(xbuf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * es, D, len);
+          xs[m] = xbuf[m];
+        }
+      }
+      for (int64_t k = 0; k < len; ++k, w += wstride) {
+        fetch_rows(k0 + k);
+        __m512 wv[NV];
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v)
-      wv[v] = v == NV - 1 && last != 0xFFFF ? load_tail<D>(w, v * 16, last) : load16<D>(w, v * 16);
+        for (int v = 0; v < NV; ++v)
+          wv[v] = v == NV - 1 && last != 0xFFFF ? load_tail<D>(w, v * 16, last) : load16<D>(w, v * 16);
 #pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m) {
-      const __m512 xv = _mm512_set1_ps(X[m * ldx + k]);
+        for (int m = 0; m < MR; ++m) {
+          const __m512 xv = _mm512_set1_ps(xs[m][k]);
 #pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+          for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+        }
+      }
     }
   }
 #pragma GCC unroll 8
@@ -291,7 +337,7 @@ MOE_AVX512 void xw_tile(const float *X, int64_t ldx, const void *W, int64_t ldw,
 
 // Columns [n0, n1) of MR rows: tiles of 64 columns, then of 32 and 16, the last one partial.
 template <int D, int MR>
-MOE_AVX512 void xw_rows(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
+MOE_AVX512_BF16 void xw_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
                         float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
   int64_t n = n0, t = tile0;
   auto next = [&] {
@@ -308,7 +354,7 @@ MOE_AVX512 void xw_rows(const float *X, int64_t ldx, const void *W, int64_t ldw,
 }
 
 template <int D>
-void xw_dispatch(const float *X, int64_t ldx, const void *W, int64_t ldw, int64_t M, int64_t n0, int64_t n1, int64_t K,
+void xw_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t M, int64_t n0, int64_t n1, int64_t K,
                  float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
   switch (M) {
     case 1: return xw_rows<D, 1>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
@@ -411,7 +457,7 @@ struct RowsAhead {
   int64_t every = 1, phase = 0;
 };
 template <int D>
-void xw_dispatch(const float *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
+void xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                  bool, RowsAhead, int64_t) {}
 void grad_rows(const float *, int64_t, const float *, int64_t, int64_t, void *, int64_t, int, int64_t, int64_t, int64_t,
                const char *, int64_t) {}
@@ -528,7 +574,7 @@ class Cursor {
 };
 
 // ---- any CPU: C (+)= X W in the AVX-512 tiles' order (k in order, one fused multiply-add each)
-void generic_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
+void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
                 int64_t K, float *C, int64_t ldc, bool accumulate) {
   constexpr int64_t kPiece = 256;
   float acc[kPiece], wf[kPiece];
@@ -538,7 +584,8 @@ void generic_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dty
       std::fill(acc, acc + len, 0.0f);
       for (int64_t k = 0; k < K; ++k) {
         widen(wf, elem_at(W, dtype, k * ldw + n), dtype, len);
-        const float x = X[m * ldx + k];
+        float x;
+        widen(&x, elem_at(X, dtype, m * ldx + k), dtype, 1);
         for (int64_t j = 0; j < len; ++j) acc[j] = std::fma(x, wf[j], acc[j]);
       }
       float *c = C + m * ldc + n;
@@ -556,13 +603,13 @@ int64_t xw_chunk_cols(int dtype, int64_t K) {
 
 // Columns r of C on the calling thread, MR rows a pass (evenly split, as xwt_rows), the columns
 // `next` (the thread's next chunk) fetched into L2 meanwhile, a row of them at a time.
-void xw_cols(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, RowRange r, int64_t K,
+void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, RowRange r, int64_t K,
              float *C, int64_t ldc, bool accumulate, RowRange next) {
   const int64_t passes = (M + kGroup - 1) / kGroup;
   if (!have_avx512()) {
     for (int64_t p = 0; p < passes; ++p) {
       const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
-      generic_xw(X + m0 * ldx, ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate);
+      generic_xw(elem_at(X, dtype, m0 * ldx), ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate);
     }
     return;
   }
@@ -577,11 +624,13 @@ void xw_cols(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
   }
   for (int64_t p = 0; p < passes; ++p) {
     const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
-    const float *Xg = X + m0 * ldx;
+    const void *Xg = elem_at(X, dtype, m0 * ldx);
     float *Cg = C + m0 * ldc;
     ahead.phase = 0;
     const int64_t tile0 = p * tiles;
-    if (dtype == MOE_DTYPE_BF16)
+    if (dtype == MOE_DTYPE_BF16 && have_avx512_bf16())
+      xw_dispatch<kBf16Dot>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+    else if (dtype == MOE_DTYPE_BF16)
       xw_dispatch<MOE_DTYPE_BF16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
     else if (dtype == MOE_DTYPE_F16)
       xw_dispatch<MOE_DTYPE_F16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
@@ -642,7 +691,7 @@ void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dt
   batch.drain();
 }
 
-void few_rows_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
+void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                  float *C, int64_t ldc, bool accumulate) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // empty sums

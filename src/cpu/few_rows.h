@@ -19,15 +19,16 @@ namespace moe::cpu {
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                   float *C, int64_t ldc);
 
-// C[m, n] (+)= sum_k X[m, k] W[k, n] for m < M, n < N: X [M, K] float32 (row stride ldx), W [K, N]
-// in dtype (row stride ldw): the backward's products with a weight read along its rows (dY W2,
-// dH W1). Each sum runs over k in order, one fused multiply-add per term (16-bit weights widened
-// exactly), from zero; with accumulate, C + sum (one rounding more), else the sum. The same bits
-// with or without AVX-512 and for any thread count: threads over N with OpenMP, in chunks of
-// columns handed out first come first served, each thread fetching its next chunk into L2.
-// (oneDNN's GEMMs run these at 16 rows at half the multiply-add rate, and 16-bit ones at a
-// quarter; see few_rows.cpp.)
-void few_rows_xw(const float *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
+// C[m, n] (+)= sum_k X[m, k] W[k, n] for m < M, n < N: X [M, K] (row stride ldx) and W [K, N] (row
+// stride ldw) in dtype: the backward's products with a weight read along its rows (dY W2, dH
+// W1). Each sum runs over k in order, one fused multiply-add per term (16-bit values widened
+// exactly), from zero; with accumulate, C + sum (one rounding more), else the sum; C float32 (row
+// stride ldc). The same bits with or without AVX-512; but bfloat16 on a CPU with AVX512-BF16 runs
+// on VDPBF16PS, pairs of k (k, k + 1) in order, each pair's two products summed in its own order
+// (denormal inputs as zero). The same bits for any thread count: threads over N with OpenMP, in
+// chunks of columns handed out first come first served, each thread fetching its next chunk into
+// L2. (oneDNN's GEMMs run these at 16 rows at half the multiply-add rate; see gemm.cpp.)
+void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                  float *C, int64_t ldc, bool accumulate);
 
 // G[j, k] += sum_m A[m, j] B[m, k] for j < N, k < K: A [M, N] and B [M, K] float32 (row strides lda,
