@@ -254,18 +254,20 @@ const SmallRows &small_rows() {
   //    the few-rows kernel ahead up to 4 rows (8 for 16-bit weights, half the bytes).
   // Backward, dY W2 and dH W1 (1024 x 2048 weights, 8 of them in turn), few_rows_xw / oneDNN:
   //  - AMD EPYC (Zen 4): float32 M 1 0.33 / 0.66 ms, M 4 0.33 / 0.72, M 16 0.56 / 1.12, M 32
-  //    0.93-0.96 / 1.20-1.24; bfloat16 (VDPBF16PS) M 1 0.10-0.12 / 0.23, M 16 0.21-0.23 /
-  //    0.34-0.37, M 32 0.38-0.41 / 0.53-0.59, M 64 0.78-0.81 / 0.87-0.91. The weight gradients, dW2 += dY^T a and
-  //    dW1 += dH^T X, few_rows_grad / oneDNN: float32 M 1 0.24-0.25 / 0.39-0.48, M 4 0.24-0.26 /
-  //    0.51-0.55, M 16 0.46-0.48 / 0.78-0.91, M 32 0.82 / 1.10, M 48 1.12-1.19 / 1.39-1.52, M 64
-  //    1.44-1.48 / 1.69-1.70; bfloat16 oneDNN throughout (0.18-0.28 against 0.27-0.31 at 1 to 4
-  //    rows, its bfloat16 kernels near the memory bound).
+  //    0.93-0.96 / 1.20-1.24, M 64 1.33 / 1.52, M 96 1.97 / 2.09 (about even from there);
+  //    bfloat16 (VDPBF16PS) M 1 0.10-0.12 / 0.23, M 16 0.21-0.23 / 0.34-0.37, M 32 0.38-0.41 /
+  //    0.53-0.59, M 64 0.78-0.81 / 0.87-0.91, M 96 1.08 / 1.10. The weight gradients, dW2 += dY^T
+  //    a and dW1 += dH^T X, few_rows_grad / oneDNN: float32 M 1 0.24-0.25 / 0.39-0.48, M 4
+  //    0.24-0.26 / 0.51-0.55, M 16 0.46-0.48 / 0.78-0.91, M 32 0.82 / 1.10, M 48 1.12-1.19 /
+  //    1.39-1.52, M 64 1.44-1.50 / 1.68-1.70, M 96 2.45 / 2.29 (oneDNN ahead); bfloat16 on
+  //    oneDNN throughout (0.18-0.28 against 0.27-0.31 at 1 to 4 rows: its bfloat16 kernels are
+  //    near the memory bound).
   //  - Intel: not measured; oneDNN throughout.
   //  Elsewhere (AMD CPUs without AVX-512 among them, where the kernel has only its portable
   //  loop) the Intel choice.
   static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                         __builtin_cpu_supports("avx512vl")
-                                    ? SmallRows{48, 64, 0, 32, 64, 64}
+                                    ? SmallRows{48, 64, 0, 64, 64, 64}
                                     : SmallRows{4, 8, 64, 0, 0, 0};
   return rows;
 }
