@@ -542,6 +542,22 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
   }
 }
 
+// Chunks [0, chunks) handed to the threads of a parallel region first come first served: a thread
+// slowed by others on its core takes fewer (on a shared machine a static split left one thread
+// waiting at the end of every product: forward of 64 tokens, bfloat16, 2 cores of an AMD EPYC
+// Zen 4, 6.1 -> 5.65 ms). Each thread claims its next chunk before it computes the one in hand,
+// so that it can fetch that one ahead: f(c, after) computes chunk c, after being the thread's
+// next (none when >= chunks).
+template <class F>
+void claim_chunks(std::atomic<int64_t> &counter, int64_t chunks, F &&f) {
+  int64_t c = counter.fetch_add(1, std::memory_order_relaxed);
+  while (c < chunks) {
+    const int64_t after = counter.fetch_add(1, std::memory_order_relaxed);
+    f(c, after);
+    c = after;
+  }
+}
+
 // The chunks of a batch's products in order, walked forward by one thread: the chunks a thread
 // claims only increase, so each thread passes over the list of products once.
 class Cursor {
@@ -666,21 +682,14 @@ XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype) : p_(pr
   for (int64_t i = 0; i < count; ++i) chunks_ += c.chunks_of(i);
 }
 
-// Chunks are handed out first come first served: a thread slowed by others on its core takes
-// fewer (on a shared machine a static split left one thread waiting at the end of every product:
-// forward of 64 tokens, bfloat16, 2 cores of an AMD EPYC Zen 4, 6.1 -> 5.65 ms). Each thread
-// claims its next chunk before it computes the one in hand, so that it can fetch that one ahead.
 void XwtBatch::drain() {
   Cursor cursor(p_, count_, dtype_);
-  RowRange r, rn;
-  const XwtProduct *p = cursor.find(next_.fetch_add(1, std::memory_order_relaxed), &r);
-  while (p) {
-    const XwtProduct *q = cursor.find(next_.fetch_add(1, std::memory_order_relaxed), &rn);
+  claim_chunks(next_, chunks_, [&](int64_t c, int64_t after) {
+    RowRange r, rn;
+    const XwtProduct *p = cursor.find(c, &r), *q = cursor.find(after, &rn);
     const Bytes next = q ? bytes_of_rows(q->W, q->ldw, dtype_, rn) : Bytes{};
     xwt_rows(p->X, p->ldx, p->W, p->ldw, dtype_, p->M, r, p->K, p->C, p->ldc, next);
-    p = q;
-    r = rn;
-  }
+  });
 }
 
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
@@ -702,17 +711,10 @@ void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dty
   const int64_t cols = xw_chunk_cols(dtype, K), chunks = (N + cols - 1) / cols;
   std::atomic<int64_t> claimed{0};
   auto range = [&](int64_t c) { return c < chunks ? RowRange{c * cols, std::min(N, (c + 1) * cols)} : RowRange{}; };
-  // First come first served, each thread claiming its next chunk before it computes the one in
-  // hand (as XwtBatch::drain).
 #pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
-  {
-    int64_t c = claimed.fetch_add(1, std::memory_order_relaxed);
-    while (c < chunks) {
-      const int64_t after = claimed.fetch_add(1, std::memory_order_relaxed);
-      xw_cols(X, ldx, W, ldw, dtype, M, range(c), K, C, ldc, accumulate, range(after));
-      c = after;
-    }
-  }
+  claim_chunks(claimed, chunks, [&](int64_t c, int64_t after) {
+    xw_cols(X, ldx, W, ldw, dtype, M, range(c), K, C, ldc, accumulate, range(after));
+  });
 }
 
 void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
@@ -723,19 +725,14 @@ void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int
   std::atomic<int64_t> claimed{0};
   auto range = [&](int64_t c) { return c < chunks ? RowRange{c * rows, std::min(N, (c + 1) * rows)} : RowRange{}; };
 #pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
-  {
-    int64_t c = claimed.fetch_add(1, std::memory_order_relaxed);
-    while (c < chunks) {
-      const int64_t after = claimed.fetch_add(1, std::memory_order_relaxed);
-      const RowRange r = range(c);
-      const Bytes next = bytes_of_rows(G, ldg, dtype, range(after));
-      if (avx512)
-        grad_rows(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K, static_cast<const char *>(next.p), next.n);
-      else
-        generic_grad(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K);
-      c = after;
-    }
-  }
+  claim_chunks(claimed, chunks, [&](int64_t c, int64_t after) {
+    const RowRange r = range(c);
+    const Bytes next = bytes_of_rows(G, ldg, dtype, range(after));
+    if (avx512)
+      grad_rows(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K, static_cast<const char *>(next.p), next.n);
+    else
+      generic_grad(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K);
+  });
 }
 
 }  // namespace moe::cpu
