@@ -33,27 +33,32 @@ const Shape kShapes[] = {{1, 1, 1},    {1, 5, 17},    {2, 4, 32},     {3, 67, 33
                          {7, 9, 31},   {13, 70, 64},  {24, 131, 257}, {25, 8, 16},  {4, 3, 48},    {12, 257, 95},
                          {14, 67, 9000}};
 
+// Random non-zero values rounded to dtype (for the references) and their bytes (for the kernels).
+struct Stored {
+  std::vector<float> v;
+  std::vector<unsigned char> bytes;
+  Stored(int dt, std::vector<float> values) : v(moe_test::rounded(dt, std::move(values))), bytes(moe_test::encode(dt, v)) {}
+  float operator[](size_t i) const { return v[i]; }
+};
+
 // Operands of one shape in dtype, with row strides past their widths.
 struct Operands {
   int dtype;
   Shape s;
   int64_t ldx, ldw, ldc;
-  std::vector<float> x, w;  // the values as stored (rounded to dtype), for the reference
-  std::vector<unsigned char> xb, wb;
+  Rng rng;
+  Stored x, w;
 
-  Operands(int dt, Shape sh, uint64_t seed) : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2) {
-    Rng rng(seed);
-    x = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f));
-    w = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.N * ldw), 0.5f));
-    xb = moe_test::encode(dt, x);
-    wb = moe_test::encode(dt, w);
-  }
+  Operands(int dt, Shape sh, uint64_t seed)
+      : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2), rng(seed),
+        x(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f)),
+        w(dt, rng.nonzeros(static_cast<size_t>(s.N * ldw), 0.5f)) {}
   // C of the kernel over rows [m0, m0 + rows) of X and weight rows [n0, n0 + cols), into a
   // buffer of sentinels (NaN) with row stride ldc.
   std::vector<float> run(int64_t m0, int64_t rows, int64_t n0, int64_t cols) const {
     std::vector<float> c(static_cast<size_t>(s.M * ldc), std::nanf(""));
     const size_t es = moe_test::dtype_size(dtype);
-    moe::cpu::few_rows_xwt(xb.data() + m0 * ldx * es, ldx, wb.data() + n0 * ldw * es, ldw, dtype, rows, cols, s.K,
+    moe::cpu::few_rows_xwt(x.bytes.data() + m0 * ldx * es, ldx, w.bytes.data() + n0 * ldw * es, ldw, dtype, rows, cols, s.K,
                            c.data() + m0 * ldc + n0, ldc);
     return c;
   }
@@ -61,6 +66,23 @@ struct Operands {
 };
 
 std::string name(int dtype) { return dtype == MOE_DTYPE_F32 ? "float32" : dtype == MOE_DTYPE_BF16 ? "bfloat16" : "float16"; }
+
+// run() (a kernel's whole output) at one thread and at three: the same bits.
+template <class Run>
+void expect_same_bits_at_1_and_3_threads(Run &&run, const std::string &what) {
+  const int before = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const std::vector<float> one = run();
+  omp_set_num_threads(3);
+  const std::vector<float> three = run();
+  omp_set_num_threads(before);
+  ASSERT_EQ(one.size(), three.size()) << what;
+  EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float))) << what;
+}
+
+std::string shape_name(int dt, const Shape &s) {
+  return name(dt) + " M " + std::to_string(s.M) + " N " + std::to_string(s.N) + " K " + std::to_string(s.K);
+}
 
 class FewRows : public ::testing::TestWithParam<int> {};
 
@@ -118,15 +140,7 @@ TEST_P(FewRows, SameBitsForAnyThreadCount) {
   // several per thread, handed out in whatever order the threads come.
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
     const Operands op(dt, s, 7);
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(1);
-    const std::vector<float> one = op.run();
-    omp_set_num_threads(3);
-    const std::vector<float> three = op.run();
-    omp_set_num_threads(before);
-    ASSERT_EQ(one.size(), three.size());
-    EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float)))
-        << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K;
+    expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(dt, s));
   }
 }
 
@@ -146,20 +160,18 @@ struct XwOperands {
   int dtype;
   Shape s;
   int64_t ldx, ldw, ldc;
-  std::vector<float> x, w, c0;
-  std::vector<unsigned char> xb, wb;
+  Rng rng;
+  Stored x, w;
+  std::vector<float> c0;
 
-  XwOperands(int dt, Shape sh, uint64_t seed) : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.N + 5), ldc(sh.N + 2) {
-    Rng rng(seed);
-    x = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f));
-    w = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.K * ldw), 0.5f));
-    c0 = rng.nonzeros(static_cast<size_t>(s.M * ldc), 2.0f);
-    xb = moe_test::encode(dt, x);
-    wb = moe_test::encode(dt, w);
-  }
+  XwOperands(int dt, Shape sh, uint64_t seed)
+      : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.N + 5), ldc(sh.N + 2), rng(seed),
+        x(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f)),
+        w(dt, rng.nonzeros(static_cast<size_t>(s.K * ldw), 0.5f)),
+        c0(rng.nonzeros(static_cast<size_t>(s.M * ldc), 2.0f)) {}
   std::vector<float> run(bool accumulate) const {
     std::vector<float> c = c0;
-    moe::cpu::few_rows_xw(xb.data(), ldx, wb.data(), ldw, dtype, s.M, s.N, s.K, c.data(), ldc, accumulate);
+    moe::cpu::few_rows_xw(x.bytes.data(), ldx, w.bytes.data(), ldw, dtype, s.M, s.N, s.K, c.data(), ldc, accumulate);
     return c;
   }
 };
@@ -229,14 +241,7 @@ TEST_P(FewRowsXw, SameBitsForAnyThreadCount) {
   const int dt = GetParam();
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
     const XwOperands op(dt, s, 9);
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(1);
-    const std::vector<float> one = op.run(true);
-    omp_set_num_threads(3);
-    const std::vector<float> three = op.run(true);
-    omp_set_num_threads(before);
-    EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float)))
-        << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K;
+    expect_same_bits_at_1_and_3_threads([&] { return op.run(true); }, shape_name(dt, s));
   }
 }
 
@@ -255,18 +260,16 @@ struct GradOperands {
   int dtype;
   Shape s;  // M input rows, N gradient rows, K columns
   int64_t lda, ldb, ldg;
-  std::vector<float> a, b, g0;
-  std::vector<unsigned char> gb;
+  Rng rng;
+  std::vector<float> a, b;
+  Stored g0;
 
-  GradOperands(int dt, Shape sh, uint64_t seed) : dtype(dt), s(sh), lda(sh.N + 3), ldb(sh.K + 1), ldg(sh.K + 5) {
-    Rng rng(seed);
-    a = rng.nonzeros(static_cast<size_t>(s.M * lda), 1.0f);
-    b = rng.nonzeros(static_cast<size_t>(s.M * ldb), 1.0f);
-    g0 = moe_test::rounded(dt, rng.nonzeros(static_cast<size_t>(s.N * ldg), 4.0f));
-    gb = moe_test::encode(dt, g0);
-  }
+  GradOperands(int dt, Shape sh, uint64_t seed)
+      : dtype(dt), s(sh), lda(sh.N + 3), ldb(sh.K + 1), ldg(sh.K + 5), rng(seed),
+        a(rng.nonzeros(static_cast<size_t>(s.M * lda), 1.0f)), b(rng.nonzeros(static_cast<size_t>(s.M * ldb), 1.0f)),
+        g0(dt, rng.nonzeros(static_cast<size_t>(s.N * ldg), 4.0f)) {}
   std::vector<float> run() const {
-    std::vector<unsigned char> g = gb;
+    std::vector<unsigned char> g = g0.bytes;
     moe::cpu::few_rows_grad(a.data(), lda, b.data(), ldb, s.M, g.data(), ldg, dtype, s.N, s.K);
     return moe_test::decode(dtype, g);
   }
@@ -300,14 +303,7 @@ TEST_P(FewRowsGrad, SameBitsForAnyThreadCount) {
   const int dt = GetParam();
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
     const GradOperands op(dt, s, 11);
-    const int before = omp_get_max_threads();
-    omp_set_num_threads(1);
-    const std::vector<float> one = op.run();
-    omp_set_num_threads(3);
-    const std::vector<float> three = op.run();
-    omp_set_num_threads(before);
-    EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float)))
-        << name(dt) << " M " << s.M << " N " << s.N << " K " << s.K;
+    expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(dt, s));
   }
 }
 
