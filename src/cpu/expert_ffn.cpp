@@ -554,10 +554,10 @@ void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   round_rows(x, yf, n, d, d, dt, at(a->y, dt, r.begin * d), d);
 }
 
-// Backward of expert e, operands in storage. dxf: float32 [n, d] scratch for a 16-bit dx.
-// The backward of expert e, operands in storage. With few rows (small_rows().bwd_*, grad_f32), the
-// products read along a weight's rows and float32 weight gradients run on the few-rows kernels
-// (few_rows_xw, few_rows_grad; sums in float32, each rounded once where stored, as oneDNN's).
+// Backward of expert e, operands in storage. dxf: float32 [n, d] scratch for a 16-bit dx. With few
+// rows (small_rows().bwd_*, grad_f32), the products read along a weight's rows and float32 weight
+// gradients run on the few-rows kernels (few_rows_xw, few_rows_grad; sums in float32, each
+// rounded once where stored, as oneDNN's).
 void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r, float *dxf) {
   const moe_ffn_args *a = c.a;
   const int64_t d = c.d, ff = c.ff, n = r.n;
