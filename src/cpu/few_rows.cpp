@@ -250,80 +250,21 @@ struct RowsAhead {
   int64_t every = 1, phase = 0;
 };
 
-constexpr int64_t kXPiece = 256;  // k per piece of input rows widened on the stack
-
-template <int D, int MR, int NV>
-MOE_AVX512_BF16 void xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
-                             int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
-  __m512 acc[MR][NV];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
-  constexpr int WD = D == kBf16Dot ? MOE_DTYPE_BF16 : D;
-  const size_t es = dtype_size(WD);
-  const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * es;
-  const size_t wstride = static_cast<size_t>(ldw) * es;
-  int64_t fetch = ahead.next ? ahead.phase : K;
-  auto fetch_rows = [&](int64_t upto) {  // the next chunk's rows due by step upto
-    for (; fetch <= upto; fetch += ahead.every)
-      for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + fetch * ahead.ld + i * 64, _MM_HINT_T1);
-  };
-  if constexpr (D == kBf16Dot) {
-    // Pairs of k: weight rows k and k + 1 interleaved (lane i: W[k, n + i], W[k + 1, n + i]),
-    // against the input's pair X[m, k], X[m, k + 1] in every lane; an odd K's last k pairs with 0.
-    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    const __mmask16 full = 0xFFFF;
-    for (int64_t k = 0; k < K; k += 2, w += 2 * wstride) {
-      const bool odd = k + 1 == K;
-      fetch_rows(k + 1);
-      __m512i wv[NV];
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        const __mmask16 mask = v == NV - 1 ? last : full;
-        const __m256i a = _mm256_maskz_loadu_epi16(mask, w + v * 32);
-        const __m256i b = odd ? _mm256_setzero_si256() : _mm256_maskz_loadu_epi16(mask, w + wstride + v * 32);
-        wv[v] = _mm512_permutexvar_epi16(pairs, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
-      }
-#pragma GCC unroll 8
-      for (int m = 0; m < MR; ++m) {
-        const uint16_t *xm = static_cast<const uint16_t *>(X) + m * ldx + k;
-        const uint32_t pair = odd ? xm[0] : static_cast<uint32_t>(xm[0]) | static_cast<uint32_t>(xm[1]) << 16;
-        const __m512i xv = _mm512_set1_epi32(static_cast<int>(pair));
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)wv[v], (__m512bh)xv);
-      }
-    }
-  } else {
-    for (int64_t k0 = 0; k0 < K; k0 += kXPiece) {
-      const int64_t len = std::min(kXPiece, K - k0);
-      // The input rows' piece in float32 (16-bit ones widened exactly), broadcast from there.
-      float xbuf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
-      const float *xs[MR];
-      for (int m = 0; m < MR; ++m) {
-        if constexpr (D == MOE_DTYPE_F32) {
-          xs[m] = static_cast<const float *>(X) + m * ldx + k0;
-        } else {
-          widen(xbuf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * es, D, len);
-          xs[m] = xbuf[m];
-        }
-      }
-      for (int64_t k = 0; k < len; ++k, w += wstride) {
-        fetch_rows(k0 + k);
-        __m512 wv[NV];
-#pragma GCC unroll 8
-        for (int v = 0; v < NV; ++v)
-          wv[v] = v == NV - 1 && last != 0xFFFF ? load_tail<D>(w, v * 16, last) : load16<D>(w, v * 16);
-#pragma GCC unroll 8
-        for (int m = 0; m < MR; ++m) {
-          const __m512 xv = _mm512_set1_ps(xs[m][k]);
-#pragma GCC unroll 8
-          for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
-        }
-      }
-    }
+// The fetching ahead of a tile: the next chunk's rows due by step `upto` of k, into L2.
+struct RowsFetch {
+  RowsAhead ahead;
+  int64_t due;
+  explicit RowsFetch(const RowsAhead &a, int64_t K) : ahead(a), due(a.next ? a.phase : K) {}
+  MOE_AVX512 void upto(int64_t k) {
+    for (; due <= k; due += ahead.every)
+      for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + due * ahead.ld + i * 64, _MM_HINT_T1);
   }
+};
+
+// C (+)= the accumulators of a tile, the last vector through `last`.
+template <int MR, int NV>
+MOE_AVX512 inline void xw_store(__m512 (&acc)[MR][NV], float *C, int64_t ldc, int64_t n, bool accumulate,
+                                __mmask16 last) {
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
@@ -335,9 +276,101 @@ MOE_AVX512_BF16 void xw_tile(const void *X, int64_t ldx, const void *W, int64_t 
     }
 }
 
+constexpr int64_t kXPiece = 256;  // k per piece of input rows widened on the stack
+
+template <int D, int MR, int NV>
+MOE_AVX512 void xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
+                        int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const size_t es = dtype_size(D);
+  const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * es;
+  const size_t wstride = static_cast<size_t>(ldw) * es;
+  RowsFetch fetch(ahead, K);
+  for (int64_t k0 = 0; k0 < K; k0 += kXPiece) {
+    const int64_t len = std::min(kXPiece, K - k0);
+    // The input rows' piece in float32 (16-bit ones widened exactly), broadcast from there.
+    float xbuf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
+    const float *xs[MR];
+    for (int m = 0; m < MR; ++m) {
+      if constexpr (D == MOE_DTYPE_F32) {
+        xs[m] = static_cast<const float *>(X) + m * ldx + k0;
+      } else {
+        widen(xbuf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * es, D, len);
+        xs[m] = xbuf[m];
+      }
+    }
+    for (int64_t k = 0; k < len; ++k, w += wstride) {
+      fetch.upto(k0 + k);
+      __m512 wv[NV];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v)
+        wv[v] = v == NV - 1 && last != 0xFFFF ? load_tail<D>(w, v * 16, last) : load16<D>(w, v * 16);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512 xv = _mm512_set1_ps(xs[m][k]);
+#pragma GCC unroll 8
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(xv, wv[v], acc[m][v]);
+      }
+    }
+  }
+  xw_store<MR, NV>(acc, C, ldc, n, accumulate, last);
+}
+
+// bfloat16 on VDPBF16PS, pairs of k: weight rows k and k + 1 interleaved (lane i: W[k, n + i],
+// W[k + 1, n + i]), against the input's pair X[m, k], X[m, k + 1] in every lane; an odd K's last
+// k pairs with 0.
+template <int MR, int NV>
+MOE_AVX512_BF16 void xw_tile_dot(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K,
+                                 float *C, int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * 2;
+  const size_t wstride = static_cast<size_t>(ldw) * 2;
+  RowsFetch fetch(ahead, K);
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21,
+                                         5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  for (int64_t k = 0; k < K; k += 2, w += 2 * wstride) {
+    const bool odd = k + 1 == K;
+    fetch.upto(k + 1);
+    __m512i wv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const __mmask16 mask = v == NV - 1 ? last : 0xFFFF;
+      const __m256i a = _mm256_maskz_loadu_epi16(mask, w + v * 32);
+      const __m256i b = odd ? _mm256_setzero_si256() : _mm256_maskz_loadu_epi16(mask, w + wstride + v * 32);
+      wv[v] = _mm512_permutexvar_epi16(pairs, _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1));
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const uint16_t *xm = static_cast<const uint16_t *>(X) + m * ldx + k;
+      const uint32_t pair = odd ? xm[0] : static_cast<uint32_t>(xm[0]) | static_cast<uint32_t>(xm[1]) << 16;
+      const __m512i xv = _mm512_set1_epi32(static_cast<int>(pair));
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_dpbf16_ps(acc[m][v], (__m512bh)wv[v], (__m512bh)xv);
+    }
+  }
+  xw_store<MR, NV>(acc, C, ldc, n, accumulate, last);
+}
+
 // Columns [n0, n1) of MR rows: tiles of 64 columns, then of 32 and 16, the last one partial.
+template <int D, int MR, int NV>
+MOE_AVX512 inline void xw_any_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K,
+                                   float *C, int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
+  if constexpr (D == kBf16Dot)
+    xw_tile_dot<MR, NV>(X, ldx, W, ldw, n, K, C, ldc, accumulate, last, ahead);
+  else
+    xw_tile<D, MR, NV>(X, ldx, W, ldw, n, K, C, ldc, accumulate, last, ahead);
+}
+
 template <int D, int MR>
-MOE_AVX512_BF16 void xw_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
+MOE_AVX512 void xw_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
                         float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
   int64_t n = n0, t = tile0;
   auto next = [&] {
@@ -345,11 +378,11 @@ MOE_AVX512_BF16 void xw_rows(const void *X, int64_t ldx, const void *W, int64_t 
     a.phase = (ahead.phase + t++) % ahead.every;
     return a;
   };
-  for (; n + 64 <= n1; n += 64) xw_tile<D, MR, 4>(X, ldx, W, ldw, n, K, C, ldc, accumulate, 0xFFFF, next());
-  for (; n + 32 <= n1; n += 32) xw_tile<D, MR, 2>(X, ldx, W, ldw, n, K, C, ldc, accumulate, 0xFFFF, next());
+  for (; n + 64 <= n1; n += 64) xw_any_tile<D, MR, 4>(X, ldx, W, ldw, n, K, C, ldc, accumulate, 0xFFFF, next());
+  for (; n + 32 <= n1; n += 32) xw_any_tile<D, MR, 2>(X, ldx, W, ldw, n, K, C, ldc, accumulate, 0xFFFF, next());
   for (; n < n1; n += 16) {
     const __mmask16 last = n + 16 <= n1 ? 0xFFFF : static_cast<__mmask16>((1u << (n1 - n)) - 1u);
-    xw_tile<D, MR, 1>(X, ldx, W, ldw, n, K, C, ldc, accumulate, last, next());
+    xw_any_tile<D, MR, 1>(X, ldx, W, ldw, n, K, C, ldc, accumulate, last, next());
   }
 }
 
