@@ -27,6 +27,14 @@ constexpr int64_t kGroup = 6;          // input rows per pass over a chunk
 constexpr int kBlockRows = 4;          // weight rows per register block
 constexpr int kBf16Dot = -1;           // the avx512_dispatch tag of bfloat16 on VDPBF16PS
 
+// Fetching ahead in X W: the thread's next chunk of columns, a row of it at every `every`-th step
+// of k from `phase` on (the passes and tiles over this chunk share its rows).
+struct RowsAhead {
+  const char *next = nullptr;  // the next chunk's first row
+  int64_t ld = 0, lines = 0;   // its row stride in bytes, cache lines per row
+  int64_t every = 1, phase = 0;
+};
+
 // ---- AVX-512: 16 elements per step, every dtype widened exactly to float32 in registers ---------
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
 #define MOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
@@ -241,14 +249,7 @@ void avx512_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int
 // ---- X W: weight rows along k, input rows broadcast -----------------------------------------------
 // A tile of MR input rows by NV vectors of 16 columns: per k, NV weight pieces loaded once serve
 // MR rows, each input value broadcast into NV multiply-adds (MR x NV accumulators, no sums across
-// lanes). The last vector of a tile may be partial (mask `last`).
-// Fetching ahead: the thread's next chunk of columns, a row of it at every `every`-th step of k
-// from `phase` on (the passes and tiles over this chunk share its rows).
-struct RowsAhead {
-  const char *next = nullptr;  // the next chunk's first row
-  int64_t ld = 0, lines = 0;   // its row stride in bytes, cache lines per row
-  int64_t every = 1, phase = 0;
-};
+// lanes). The last vector of a tile may be partial (mask `last`). Fetching ahead: RowsAhead.
 
 // The fetching ahead of a tile: the next chunk's rows due by step `upto` of k, into L2.
 struct RowsFetch {
@@ -484,11 +485,6 @@ bool have_avx512_bf16() {
 #else
 bool have_avx512() { return false; }
 bool have_avx512_bf16() { return false; }
-struct RowsAhead {
-  const char *next = nullptr;
-  int64_t ld = 0, lines = 0;
-  int64_t every = 1, phase = 0;
-};
 template <int D>
 void xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                  bool, RowsAhead, int64_t) {}
