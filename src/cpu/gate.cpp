@@ -1,5 +1,6 @@
 // Router logits L = X Wr^T, with the training noise of shared/DESIGN.md section 4 (Gaussian noise
 // scaled by softplus(X Wn^T), or multiplicative jitter of the router input), and their backward.
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -33,6 +34,25 @@ void add_column_sums(float *db, const float *g, int64_t T, int64_t E) {
   }
 }
 
+// out[T, E] = X Wr^T (the logits, or the noise scale's X Wn^T). Where small_rows().router says
+// so, on the few-rows kernel: the tokens in slices of about kSliceRows, each slice a product of
+// one batch whose chunks (slice by router rows) the threads share, each logit the kernel's sum
+// whatever the slicing or the thread count. (oneDNN's matmul runs at a few GFLOP/s with so few
+// columns; see gemm.cpp.)
+void logits(State &st, int64_t T, int64_t E, int64_t d, const float *x, const float *w, float *out) {
+  if (!small_rows().router) return router_gemm(st, false, true, T, E, d, x, d, w, d, 0.0f, out, E);
+  constexpr int64_t kSliceRows = 12, kMaxSlices = 64;
+  const int64_t slices = std::clamp<int64_t>((T + kSliceRows - 1) / kSliceRows, 1, kMaxSlices);
+  XwtProduct p[kMaxSlices];
+  for (int64_t i = 0; i < slices; ++i) {
+    const int64_t t0 = T * i / slices, t1 = T * (i + 1) / slices;
+    p[i] = {x + t0 * d, d, w, d, t1 - t0, E, d, out + t0 * E, E};
+  }
+  XwtBatch batch(p, slices, MOE_DTYPE_F32);
+#pragma omp parallel if (batch.chunks() > 1 && T * E * d >= (int64_t{1} << 16))
+  batch.drain();
+}
+
 }  // namespace
 
 moe_status gate(void *state, const moe_gate_args *a) {
@@ -44,11 +64,11 @@ moe_status gate(void *state, const moe_gate_args *a) {
     if (a->noise == MOE_NOISE_JITTER) {
 #pragma omp parallel for schedule(static) if (worth_threads(T * d))
       for (int64_t i = 0; i < T * d; ++i) a->xr[i] = a->x[i] * jitter(a, i);
-      router_gemm(st, false, true, T, E, d, a->xr, d, a->w, d, 0.0f, a->logits, E);
+      logits(st, T, E, d, a->xr, a->w, a->logits);
       if (a->logit_bias) add_bias(a->logits, a->logit_bias, T, E);
     } else if (a->noise == MOE_NOISE_GAUSSIAN) {
-      router_gemm(st, false, true, T, E, d, a->x, d, a->w, d, 0.0f, a->clean_logits, E);
-      router_gemm(st, false, true, T, E, d, a->x, d, a->wn, d, 0.0f, a->noise_std, E);
+      logits(st, T, E, d, a->x, a->w, a->clean_logits);
+      logits(st, T, E, d, a->x, a->wn, a->noise_std);
       if (a->logit_bias) add_bias(a->clean_logits, a->logit_bias, T, E);
 #pragma omp parallel for schedule(static) if (worth_threads(T * E))
       for (int64_t i = 0; i < T * E; ++i) {
@@ -59,7 +79,7 @@ moe_status gate(void *state, const moe_gate_args *a) {
         a->logits[i] = a->clean_logits[i] + n * sd;
       }
     } else {
-      router_gemm(st, false, true, T, E, d, a->x, d, a->w, d, 0.0f, a->logits, E);
+      logits(st, T, E, d, a->x, a->w, a->logits);
       if (a->logit_bias) add_bias(a->logits, a->logit_bias, T, E);
     }
   });

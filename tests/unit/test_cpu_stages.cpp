@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/backend.h"
+#include "cpu/gemm.h"
 #include "support/random.h"
 #include "support/stages.h"
 
@@ -149,6 +150,58 @@ TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
   ASSERT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
   for (int64_t e = 0; e < E; ++e)
     for (int64_t c = 0; c < d; ++c) EXPECT_EQ(dw[e * d + c] - dw1[e * d + c], dw1[e * d + c] - dw0[e * d + c]);
+}
+
+// The logits of many tokens and experts (the tokens in slices, the experts in chunks of router
+// rows, shared by the threads): exact on integers; on random values, within float32 rounding of
+// float64 sums and, on the few-rows kernel, the same bits at 1 and 3 threads (each logit one
+// fixed-order sum).
+TEST_F(CpuStages, GateLogitsOfManyTokensAndExperts) {
+  const int64_t d = 300;  // not a multiple of the kernels' 16 or 32 elements
+  for (const int64_t E : {8, 70})
+    for (const int64_t T : {1, 13, 100, 1000}) {
+      Rng rng(static_cast<uint64_t>(T * 100 + E));
+      std::vector<float> x = rng.ints(T * d, -3, 3), w = rng.ints(E * d, -2, 2), logits(T * E, kNaN);
+      moe_gate_args a{};
+      a.T = T;
+      a.d = d;
+      a.E = E;
+      a.x = x.data();
+      a.w = w.data();
+      a.logits = logits.data();
+      ASSERT_EQ(ops->gate(state, &a), MOE_OK) << err();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t e = 0; e < E; ++e) {
+          float ref = 0.0f;
+          for (int64_t c = 0; c < d; ++c) ref += x[t * d + c] * w[e * d + c];
+          ASSERT_EQ(logits[t * E + e], ref) << "T " << T << " E " << E << ": " << t << "," << e;
+        }
+      x = rng.uniforms(T * d);
+      w = rng.uniforms(E * d);
+      a.x = x.data();
+      a.w = w.data();
+      auto at_threads = [&](int threads) {
+        const int before = omp_get_max_threads();
+        omp_set_num_threads(threads);
+        std::fill(logits.begin(), logits.end(), kNaN);
+        EXPECT_EQ(ops->gate(state, &a), MOE_OK) << err();
+        omp_set_num_threads(before);
+        return logits;
+      };
+      const std::vector<float> one = at_threads(1), three = at_threads(3);
+      if (moe::cpu::small_rows().router) {  // oneDNN's sums (elsewhere) may depend on the thread count
+        EXPECT_EQ(0, std::memcmp(one.data(), three.data(), one.size() * sizeof(float))) << "T " << T << " E " << E;
+      }
+      for (int64_t t = 0; t < T; t += 7)
+        for (int64_t e = 0; e < E; ++e) {
+          double ref = 0.0, mag = 0.0;
+          for (int64_t c = 0; c < d; ++c) {
+            ref += double(x[t * d + c]) * w[e * d + c];
+            mag += std::abs(double(x[t * d + c]) * w[e * d + c]);
+          }
+          ASSERT_NEAR(one[t * E + e], ref, 1e-6 * mag) << "T " << T << " E " << E << ": " << t << "," << e;
+        }
+    }
 }
 
 TEST_F(CpuStages, GateWithNoTokens) {
