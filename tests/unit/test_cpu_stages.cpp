@@ -107,13 +107,9 @@ TEST_F(CpuStages, FindNonfinite) {
 
 // ---- gate ---------------------------------------------------------------------------------------
 
-TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
-  const int64_t T = 7, d = 5, E = 3;
-  Rng rng(1);
-  std::vector<float> x = rng.ints(T * d, -3, 3), w = rng.ints(E * d, -2, 2), dl = rng.ints(T * E, -2, 2);
-  std::vector<float> logits(T * E, kNaN);
-  std::vector<float> dx0 = rng.ints(T * d, -1, 1), dw0 = rng.ints(E * d, -1, 1);
-  std::vector<float> dx = dx0, dw = dw0;
+// The gate's forward arguments: logits = x w^T, T tokens of d, E experts.
+moe_gate_args gate_args(int64_t T, int64_t d, int64_t E, const std::vector<float> &x, const std::vector<float> &w,
+                        std::vector<float> &logits) {
   moe_gate_args a{};
   a.T = T;
   a.d = d;
@@ -121,13 +117,30 @@ TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
   a.x = x.data();
   a.w = w.data();
   a.logits = logits.data();
-  ASSERT_EQ(ops->gate(state, &a), MOE_OK) << err();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t e = 0; e < E; ++e) {
+  return a;
+}
+
+// logits equal x w^T summed in order in float32 (exact on small integers, in any order).
+void expect_exact_logits(const moe_gate_args &a, const std::vector<float> &x, const std::vector<float> &w,
+                         const std::vector<float> &logits) {
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t e = 0; e < a.E; ++e) {
       float ref = 0.0f;
-      for (int64_t c = 0; c < d; ++c) ref += x[t * d + c] * w[e * d + c];
-      EXPECT_EQ(logits[t * E + e], ref) << t << "," << e;
+      for (int64_t c = 0; c < a.d; ++c) ref += x[t * a.d + c] * w[e * a.d + c];
+      ASSERT_EQ(logits[t * a.E + e], ref) << "T " << a.T << " E " << a.E << ": " << t << "," << e;
     }
+}
+
+TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
+  const int64_t T = 7, d = 5, E = 3;
+  Rng rng(1);
+  std::vector<float> x = rng.ints(T * d, -3, 3), w = rng.ints(E * d, -2, 2), dl = rng.ints(T * E, -2, 2);
+  std::vector<float> logits(T * E, kNaN);
+  std::vector<float> dx0 = rng.ints(T * d, -1, 1), dw0 = rng.ints(E * d, -1, 1);
+  std::vector<float> dx = dx0, dw = dw0;
+  moe_gate_args a = gate_args(T, d, E, x, w, logits);
+  ASSERT_EQ(ops->gate(state, &a), MOE_OK) << err();
+  expect_exact_logits(a, x, w, logits);
   a.dlogits = dl.data();
   a.dx = dx.data();
   a.dw = dw.data();
@@ -162,24 +175,12 @@ TEST_F(CpuStages, GateLogitsOfManyTokensAndExperts) {
     for (const int64_t T : {1, 13, 100, 1000}) {
       Rng rng(static_cast<uint64_t>(T * 100 + E));
       std::vector<float> x = rng.ints(T * d, -3, 3), w = rng.ints(E * d, -2, 2), logits(T * E, kNaN);
-      moe_gate_args a{};
-      a.T = T;
-      a.d = d;
-      a.E = E;
-      a.x = x.data();
-      a.w = w.data();
-      a.logits = logits.data();
+      moe_gate_args a = gate_args(T, d, E, x, w, logits);
       ASSERT_EQ(ops->gate(state, &a), MOE_OK) << err();
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t e = 0; e < E; ++e) {
-          float ref = 0.0f;
-          for (int64_t c = 0; c < d; ++c) ref += x[t * d + c] * w[e * d + c];
-          ASSERT_EQ(logits[t * E + e], ref) << "T " << T << " E " << E << ": " << t << "," << e;
-        }
+      expect_exact_logits(a, x, w, logits);
       x = rng.uniforms(T * d);
       w = rng.uniforms(E * d);
-      a.x = x.data();
-      a.w = w.data();
+      a = gate_args(T, d, E, x, w, logits);
       auto at_threads = [&](int threads) {
         const int before = omp_get_max_threads();
         omp_set_num_threads(threads);
