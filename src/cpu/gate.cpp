@@ -37,8 +37,8 @@ void add_column_sums(float *db, const float *g, int64_t T, int64_t E) {
 // out[T, E] = X Wr^T (the logits, or the noise scale's X Wn^T). Where small_rows().router says
 // so, on the few-rows kernel: the tokens in slices of about kSliceRows, each slice a product of
 // one batch whose chunks (slice by router rows) the threads share, each logit the kernel's sum
-// whatever the slicing or the thread count. (oneDNN's matmul runs at a few GFLOP/s with so few
-// columns; see gemm.cpp.)
+// whatever the slicing or the thread count. (oneDNN's matmul, with as many columns as experts,
+// took up to 3 times as long, and about as long at the largest shapes; see gemm.cpp.)
 void logits(State &st, int64_t T, int64_t E, int64_t d, const float *x, const float *w, float *out) {
   if (!small_rows().router) return router_gemm(st, false, true, T, E, d, x, d, w, d, 0.0f, out, E);
   constexpr int64_t kSliceRows = 12, kMaxSlices = 64;
