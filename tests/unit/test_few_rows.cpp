@@ -49,8 +49,9 @@ struct Operands {
   Rng rng;
   Stored x, w;
 
-  Operands(int dt, Shape sh, uint64_t seed)
-      : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2), rng(seed),
+  // x_stride: X's row stride, 0 for K + 3.
+  Operands(int dt, Shape sh, uint64_t seed, int64_t x_stride = 0)
+      : dtype(dt), s(sh), ldx(x_stride ? x_stride : sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2), rng(seed),
         x(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f)),
         w(dt, rng.nonzeros(static_cast<size_t>(s.N * ldw), 0.5f)) {}
   // C of the kernel over rows [m0, m0 + rows) of X and weight rows [n0, n0 + cols), into a
@@ -141,6 +142,28 @@ TEST_P(FewRows, SameBitsForAnyThreadCount) {
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
     const Operands op(dt, s, 7);
     expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(dt, s));
+  }
+}
+
+// Input rows whose stride is a multiple of 4 KB are copied to a wider stride for a pass of more
+// than four (cpu/few_rows.cpp, PaddedRows): the same bits as each row computed alone (never
+// copied), for strides of 4 KB, 8 KB, and rows too long to copy.
+TEST_P(FewRows, InputRowsAtStridesOf4KBGiveTheSameBits) {
+  const int dt = GetParam();
+  const int64_t es = static_cast<int64_t>(moe_test::dtype_size(dt));
+  struct Case {
+    Shape s;
+    int64_t ldx_bytes;
+  };
+  for (const Case c : {Case{{16, 70, 1000}, 4096}, Case{{6, 9, 1024}, 4096}, Case{{11, 33, 2000}, 8192},
+                       Case{{7, 5, 9000}, 40960}}) {
+    const Operands op(dt, c.s, 11, c.ldx_bytes / es);
+    const std::vector<float> all = op.run();
+    for (int64_t m = 0; m < c.s.M; ++m) {
+      const std::vector<float> row = op.run(m, 1, 0, c.s.N);
+      ASSERT_EQ(0, std::memcmp(&row[m * op.ldc], &all[m * op.ldc], c.s.N * sizeof(float)))
+          << shape_name(dt, c.s) << " row stride " << c.ldx_bytes << " B: input row " << m;
+    }
   }
 }
 
