@@ -53,6 +53,16 @@ void logits(State &st, int64_t T, int64_t E, int64_t d, const float *x, const fl
   batch.drain();
 }
 
+// out[T, d] (+)= G W, G [T, E] the logits' gradient, W [E, d] (dX of the logits X W^T). Where
+// small_rows().router says so, on few_rows_xw (k over the E experts in order, the same bits for
+// any thread count); elsewhere on oneDNN, prepared in the dry run.
+void input_grad(State &st, int64_t T, int64_t E, int64_t d, const float *g, const float *w, float *out, bool accumulate,
+                bool dry) {
+  if (!small_rows().router)
+    return router_gemm(st, false, false, T, d, E, g, E, w, d, accumulate ? 1.0f : 0.0f, out, d, dry);
+  if (!dry) few_rows_xw(g, E, w, d, MOE_DTYPE_F32, T, d, E, out, d, accumulate);
+}
+
 }  // namespace
 
 moe_status gate(void *state, const moe_gate_args *a) {
@@ -101,7 +111,7 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
         router_gemm(st, true, false, E, d, T, a->dlogits, E, a->xr, d, 1.0f, a->dw, d, dry);
         if (!dry && a->dlogit_bias) add_column_sums(a->dlogit_bias, a->dlogits, T, E);
         if (a->dx) {
-          router_gemm(st, false, false, T, d, E, a->dlogits, E, a->w, d, 0.0f, dxr, d, dry);
+          input_grad(st, T, E, d, a->dlogits, a->w, dxr, false, dry);
           if (!dry) {
 #pragma omp parallel for schedule(static) if (worth_threads(T * d))
             for (int64_t i = 0; i < T * d; ++i) a->dx[i] += dxr[i] * jitter(a, i);
@@ -126,11 +136,11 @@ moe_status gate_bwd(void *state, const moe_gate_args *a) {
         if (!dry && a->dlogit_bias) add_column_sums(a->dlogit_bias, dclean, T, E);
         router_gemm(st, true, false, E, d, T, dpre, E, a->x, d, 1.0f, a->dwn, d, dry);
         if (a->dx) {
-          router_gemm(st, false, false, T, d, E, dclean, E, a->w, d, 1.0f, a->dx, d, dry);
-          router_gemm(st, false, false, T, d, E, dpre, E, a->wn, d, 1.0f, a->dx, d, dry);
+          input_grad(st, T, E, d, dclean, a->w, a->dx, true, dry);
+          input_grad(st, T, E, d, dpre, a->wn, a->dx, true, dry);
         }
       } else {
-        if (a->dx) router_gemm(st, false, false, T, d, E, a->dlogits, E, a->w, d, 1.0f, a->dx, d, dry);
+        if (a->dx) input_grad(st, T, E, d, a->dlogits, a->w, a->dx, true, dry);
         router_gemm(st, true, false, E, d, T, a->dlogits, E, a->x, d, 1.0f, a->dw, d, dry);
         if (!dry && a->dlogit_bias) add_column_sums(a->dlogit_bias, a->dlogits, T, E);
       }

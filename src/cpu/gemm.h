@@ -85,7 +85,8 @@ int64_t bf16_native_max_rows();
 // as W X^T up to wxt_f32 rows, then oneDNN's X W^T. In backward, the products read along a
 // weight's rows (dY W2, dH W1) run on few_rows_xw up to bwd_f32 (float32) or bwd_16 (16-bit)
 // rows, and float32 weight gradients on few_rows_grad up to grad_f32 rows; beyond, on oneDNN.
-// router: the router's logits X Wr^T run on the few-rows kernel, at every token count.
+// router: the router's logits X Wr^T and their input gradient run on the few-rows kernels, at
+// every token count.
 // Measured per CPU family (see gemm.cpp); fixed for a process, so that the same rows always take
 // the same kernel (bitwise repeatable).
 struct SmallRows {

@@ -166,9 +166,9 @@ TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
 }
 
 // The logits of many tokens and experts (the tokens in slices, the experts in chunks of router
-// rows, shared by the threads): exact on integers; on random values, within float32 rounding of
-// float64 sums and, on the few-rows kernel, the same bits at 1 and 3 threads (each logit one
-// fixed-order sum).
+// rows, shared by the threads) and their input gradient: exact on integers; on random values, the
+// logits within float32 rounding of float64 sums and, on the few-rows kernels, both the same bits
+// at 1 and 3 threads (each one fixed-order sum).
 TEST_F(CpuStages, GateLogitsOfManyTokensAndExperts) {
   const int64_t d = 300;  // not a multiple of the kernels' 16 or 32 elements
   for (const int64_t E : {8, 70})
@@ -178,16 +178,37 @@ TEST_F(CpuStages, GateLogitsOfManyTokensAndExperts) {
       moe_gate_args a = gate_args(T, d, E, x, w, logits);
       ASSERT_EQ(ops->gate(state, &a), MOE_OK) << err();
       expect_exact_logits(a, x, w, logits);
+      // Their input gradient, dx += dlogits w: exact on integers too.
+      std::vector<float> dl = rng.ints(T * E, -2, 2), dx0 = rng.ints(T * d, -1, 1), dx = dx0, dw(E * d, 0.0f);
+      a.dlogits = dl.data();
+      a.dx = dx.data();
+      a.dw = dw.data();
+      ASSERT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t c = 0; c < d; ++c) {
+          float ref = dx0[t * d + c];
+          for (int64_t e = 0; e < E; ++e) ref += dl[t * E + e] * w[e * d + c];
+          ASSERT_EQ(dx[t * d + c], ref) << "dx, T " << T << " E " << E << ": " << t << "," << c;
+        }
       x = rng.uniforms(T * d);
       w = rng.uniforms(E * d);
       a = gate_args(T, d, E, x, w, logits);
+      dl = rng.uniforms(T * E);
+      a.dlogits = dl.data();
+      a.dx = dx.data();
+      a.dw = dw.data();
+      // The logits and dx (from zero) at a thread count.
       auto at_threads = [&](int threads) {
         const int before = omp_get_max_threads();
         omp_set_num_threads(threads);
         std::fill(logits.begin(), logits.end(), kNaN);
+        std::fill(dx.begin(), dx.end(), 0.0f);
         EXPECT_EQ(ops->gate(state, &a), MOE_OK) << err();
+        EXPECT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
         omp_set_num_threads(before);
-        return logits;
+        std::vector<float> both = logits;
+        both.insert(both.end(), dx.begin(), dx.end());
+        return both;
       };
       const std::vector<float> one = at_threads(1), three = at_threads(3);
       if (moe::cpu::small_rows().router) {  // oneDNN's sums (elsewhere) may depend on the thread count
