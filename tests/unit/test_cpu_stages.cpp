@@ -131,6 +131,18 @@ void expect_exact_logits(const moe_gate_args &a, const std::vector<float> &x, co
     }
 }
 
+// dx equals dx0 + dlogits w, summed over the experts in order in float32 (exact on small
+// integers, in any order).
+void expect_exact_dx(const moe_gate_args &a, const std::vector<float> &dx0, const std::vector<float> &dl,
+                     const std::vector<float> &w, const std::vector<float> &dx) {
+  for (int64_t t = 0; t < a.T; ++t)
+    for (int64_t c = 0; c < a.d; ++c) {
+      float ref = dx0[t * a.d + c];  // accumulated (+=)
+      for (int64_t e = 0; e < a.E; ++e) ref += dl[t * a.E + e] * w[e * a.d + c];
+      ASSERT_EQ(dx[t * a.d + c], ref) << "dx, T " << a.T << " E " << a.E << ": " << t << "," << c;
+    }
+}
+
 TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
   const int64_t T = 7, d = 5, E = 3;
   Rng rng(1);
@@ -145,12 +157,7 @@ TEST_F(CpuStages, GateForwardAndBackwardAreExactOnIntegers) {
   a.dx = dx.data();
   a.dw = dw.data();
   ASSERT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < d; ++c) {
-      float ref = dx0[t * d + c];  // accumulated (+=)
-      for (int64_t e = 0; e < E; ++e) ref += dl[t * E + e] * w[e * d + c];
-      EXPECT_EQ(dx[t * d + c], ref) << "dx " << t << "," << c;
-    }
+  expect_exact_dx(a, dx0, dl, w, dx);
   for (int64_t e = 0; e < E; ++e)
     for (int64_t c = 0; c < d; ++c) {
       float ref = dw0[e * d + c];
@@ -184,12 +191,7 @@ TEST_F(CpuStages, GateLogitsOfManyTokensAndExperts) {
       a.dx = dx.data();
       a.dw = dw.data();
       ASSERT_EQ(ops->gate_bwd(state, &a), MOE_OK) << err();
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t c = 0; c < d; ++c) {
-          float ref = dx0[t * d + c];
-          for (int64_t e = 0; e < E; ++e) ref += dl[t * E + e] * w[e * d + c];
-          ASSERT_EQ(dx[t * d + c], ref) << "dx, T " << T << " E " << E << ": " << t << "," << c;
-        }
+      expect_exact_dx(a, dx0, dl, w, dx);
       x = rng.uniforms(T * d);
       w = rng.uniforms(E * d);
       a = gate_args(T, d, E, x, w, logits);
