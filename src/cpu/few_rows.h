@@ -20,6 +20,14 @@ namespace moe::cpu {
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                   float *C, int64_t ldc);
 
+// The row stride (in elements of dtype) at which few_rows_xwt reads M input rows of stride ld at
+// full speed: ld, or 64 bytes more where M > 4, ld's bytes are a multiple of 4 KB and the CPU has
+// AVX-512. At such strides the input rows and the four weight rows of a step all fall into one of
+// L1's sets and evict each other, so few_rows_xwt copies such rows to the wider stride, again for
+// every chunk of weight rows; a caller that writes the input rows itself writes them at this
+// stride instead.
+int64_t few_rows_input_ld(int64_t ld, int dtype, int64_t M);
+
 // C[m, n] (+)= sum_k X[m, k] W[k, n] for m < M, n < N: X [M, K] (row stride ldx) and W [K, N] (row
 // stride ldw) in dtype: the backward's products with a weight read along its rows (dY W2, dH
 // W1). Each sum runs over k in order, one fused multiply-add per term (16-bit values widened

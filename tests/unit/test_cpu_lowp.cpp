@@ -239,8 +239,12 @@ void expert_ffn_case(const moe_backend_ops *ops, void *state, int dtype, int act
   for (int64_t &o : offsets) o *= rows_scale;
   const int64_t rows = shared ? offsets[1] : offsets.back();
   const int64_t out_rows = shared ? E * rows : rows;  // shared experts write E blocks of rows
-  Lowp x(dtype, rng.uniforms(rows * d)), w1(dtype, rng.uniforms(E * ff * d, -0.3f, 0.3f)),
-      w3(dtype, rng.uniforms(E * ff * d, -0.3f, 0.3f)), w2(dtype, rng.uniforms(E * d * ff, -0.2f, 0.2f)),
+  // Wider than the usual cases, the weights shrink as 1 / sqrt(width), as initialisations do, so
+  // that h and y keep their size (and the tolerances their meaning).
+  const float s1 = 0.3f * static_cast<float>(std::min(1.0, std::sqrt(96.0 / d)));
+  const float s2 = 0.2f * static_cast<float>(std::min(1.0, std::sqrt(704.0 / ff)));
+  Lowp x(dtype, rng.uniforms(rows * d)), w1(dtype, rng.uniforms(E * ff * d, -s1, s1)),
+      w3(dtype, rng.uniforms(E * ff * d, -s1, s1)), w2(dtype, rng.uniforms(E * d * ff, -s2, s2)),
       dy(dtype, rng.uniforms(out_rows * d)), dw1(dtype, rng.uniforms(E * ff * d)), dw3(dtype, rng.uniforms(E * ff * d)),
       dw2(dtype, rng.uniforms(E * d * ff));
   const FfnReference ref{dtype, activation, glu, shared, E, d, ff, offsets, x.wide(), w1.wide(), w3.wide(), w2.wide()};
@@ -356,6 +360,11 @@ TEST_P(CpuLowp, ExpertFfnEveryActivation) {
         expert_ffn_case(ops, state, dt(), act, shared, scale, 24, 40);
         expert_ffn_case(ops, state, dt(), act, shared, scale, 96, 704);
       }
+  // Rows of x, then of a, 4 KB long: read through copies at a wider stride where few.
+  for (bool shared : {false, true}) {
+    expert_ffn_case(ops, state, dt(), MOE_ACT_SWIGLU, shared, 1, 2048, 40);
+    expert_ffn_case(ops, state, dt(), MOE_ACT_SWIGLU, shared, 1, 48, 2048);
+  }
 }
 
 TEST_P(CpuLowp, ConvertEveryPair) {

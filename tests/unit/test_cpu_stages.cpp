@@ -903,14 +903,12 @@ TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
   EXPECT_EQ(dx, rdx);
 }
 
-// Experts with one, a few, tens and hundreds of rows in one call: the CPU backend runs the experts
-// with few rows together (one stream of products over all of them, then their rows) and the others
-// one by one, on either side of the few-rows threshold of every CPU (4 to 64 rows). Weights large
-// enough for a team of threads. Integer values keep every sum exact, so each row, its expert's
-// biases and where it lands are checked bit for bit, at one thread and at two.
-TEST_F(CpuStages, ExpertFfnFewAndManyRowsInOneCall) {
-  const int64_t E = 6, d = 256, ff = 256;
-  std::vector<int64_t> offsets = {0, 1, 1, 61, 68, 268, 271};  // 1, 0, 60, 7, 200 and 3 rows
+// A ReLU expert FFN with biases over experts of the given rows, checked bit for bit against naive
+// loops at one thread and at two. Integer values keep every sum exact, so each row, its expert's
+// biases and where it lands are checked exactly.
+void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_t ff, std::vector<int64_t> offsets) {
+  SCOPED_TRACE("d " + std::to_string(d) + " ff " + std::to_string(ff));
+  const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
   const int64_t R = offsets[E];
   Rng rng(22);
   const std::vector<float> x = rng.ints(R * d, -3, 3), w1 = rng.ints(E * ff * d, -2, 2),
@@ -943,12 +941,29 @@ TEST_F(CpuStages, ExpertFfnFewAndManyRowsInOneCall) {
     a.h = h.data();
     a.a = a_.data();
     a.y = y.data();
-    ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << err();
+    ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << ops->last_error(state);
     EXPECT_EQ(h, href) << t << " threads";
     EXPECT_EQ(a_, aref) << t << " threads";
     EXPECT_EQ(y, yref) << t << " threads";
   }
   omp_set_num_threads(threads);
+}
+
+// Experts with one, a few, tens and hundreds of rows in one call: the CPU backend runs the experts
+// with few rows together (one stream of products over all of them, then their rows) and the others
+// one by one, on either side of the few-rows threshold of every CPU (4 to 64 rows). Weights large
+// enough for a team of threads.
+TEST_F(CpuStages, ExpertFfnFewAndManyRowsInOneCall) {
+  expect_exact_ffn(ops, state, 256, 256, {0, 1, 1, 61, 68, 268, 271});  // 1, 0, 60, 7, 200 and 3 rows
+}
+
+// Rows of x (d) or of a (ff) 4 KB long: the experts with few rows read them through copies at a
+// wider stride (see few_rows_input_ld); experts of 2 to 16 rows, each copied row where it belongs.
+// Weights large enough for a team of threads.
+TEST_F(CpuStages, ExpertFfnFewRowsOf4KB) {
+  const std::vector<int64_t> offsets = {0, 2, 7, 7, 23, 30};  // 2, 5, 0, 16 and 7 rows
+  expect_exact_ffn(ops, state, 1024, 64, offsets);
+  expect_exact_ffn(ops, state, 64, 1024, offsets);
 }
 
 TEST_F(CpuStages, ExpertFfnGluMatchesNaiveLoops) {
