@@ -488,10 +488,14 @@ class FewExperts {
     std::memcpy(xp_ + (w.o + w.i) * ldx_ * es(), at(c_.a->x, c_.dt, (w.r.in + w.i) * c_.d), c_.d * es());
   }
 
-  // The kernel's sums plus bias, rounded to the layer's dtype (what storing keeps) and stored.
-  void finish(float *v, const void *b, void *dst, int64_t n) const {
+  // The kernel's sums plus bias, rounded to the layer's dtype and stored; with keep, v is left
+  // holding the stored values too (h and g, which the activation reads as stored).
+  void finish(float *v, const void *b, void *dst, int64_t n, bool keep) const {
     add_bias(v, b, c_.dt, n);
-    narrow_rounded(dst, c_.dt, v, n);
+    if (keep)
+      narrow_rounded(dst, c_.dt, v, n);
+    else
+      narrow(dst, c_.dt, v, n);
   }
 
   void hidden_row(const Row &w) const {
@@ -499,18 +503,18 @@ class FewExperts {
     const int64_t ff = c_.ff, row = w.r.begin + w.i;
     float *hr = h(w.r, w.o) + w.i * ff, *gr = c_.is_glu ? g(w.r, w.o) + w.i * ff : nullptr;
     float *ar = act(w.r, w.o) + w.i * ff;
-    finish(hr, bias_of(a->b1, c_.dt, w.e, ff), at(a->h, c_.dt, row * ff), ff);
-    if (gr) finish(gr, bias_of(a->b3, c_.dt, w.e, ff), at(a->g, c_.dt, row * ff), ff);
+    finish(hr, bias_of(a->b1, c_.dt, w.e, ff), at(a->h, c_.dt, row * ff), ff, true);
+    if (gr) finish(gr, bias_of(a->b3, c_.dt, w.e, ff), at(a->g, c_.dt, row * ff), ff, true);
     const Act k = act_of(a);
     activation_forward(k.kind, hr, gr, ar, ff, k.alpha, k.limit);
-    finish(ar, nullptr, at(a->a, c_.dt, row * ff), ff);  // the W2 product reads a as stored
+    finish(ar, nullptr, at(a->a, c_.dt, row * ff), ff, false);  // the W2 product reads a as stored
     if (ap_) std::memcpy(ap_ + (w.o + w.i) * lda_ * es(), at(a->a, c_.dt, row * ff), ff * es());
   }
 
   void output_row(const Row &w) const {
     const moe_ffn_args *a = c_.a;
     const int64_t d = c_.d;
-    finish(y(w.r, w.o) + w.i * d, bias_of(a->b2, c_.dt, w.e, d), at(a->y, c_.dt, (w.r.begin + w.i) * d), d);
+    finish(y(w.r, w.o) + w.i * d, bias_of(a->b2, c_.dt, w.e, d), at(a->y, c_.dt, (w.r.begin + w.i) * d), d, false);
   }
 
   const Call &c_;
