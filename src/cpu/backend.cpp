@@ -1,6 +1,9 @@
 // The CPU backend's table: host memory plus the stage files of this folder.
 #include <dlfcn.h>
+#include <link.h>
 #include <sys/mman.h>
+
+#include <climits>
 
 #include <cmath>
 #include <cstdint>
@@ -80,11 +83,32 @@ moe_status copy(void *, void *dst, const void *src, size_t bytes) {
   return MOE_OK;
 }
 
+// The path of the CUDA driver (libcuda.so*) if the process has loaded it, into path; false if not.
+// Looked up among the loaded objects, not with dlopen(RTLD_NOLOAD): for a name that is not loaded
+// that maps and unmaps the loader's cache, and the unmapping interrupts every core the process
+// runs on, twice a forward (x and y checked; 0.08 ms of a 0.5 ms bfloat16 forward of one token,
+// d 1024, d_ff 2048, 2 cores of an AMD EPYC Zen 4).
+bool loaded_driver(char (&path)[PATH_MAX]) {
+  path[0] = '\0';
+  dl_iterate_phdr(
+      [](dl_phdr_info *info, size_t, void *out) {
+        const char *name = info->dlpi_name, *slash = std::strrchr(name, '/');
+        const char *base = slash ? slash + 1 : name;
+        if (std::strncmp(base, "libcuda.so", 10) != 0 || std::strlen(name) >= PATH_MAX) return 0;
+        std::strcpy(static_cast<char *>(out), name);
+        return 1;
+      },
+      path);
+  return path[0] != '\0';
+}
+
 // A device pointer handed to a CPU layer would fault on first touch. Any process holding CUDA
 // memory has the driver loaded; then the driver says what the pointer is. Without the driver
 // there is no device memory, and libmoe.so itself never loads CUDA.
 moe_status check_pointer(void *state, const void *p) {
-  void *driver = dlopen("libcuda.so.1", RTLD_NOW | RTLD_NOLOAD);
+  char path[PATH_MAX];
+  if (!loaded_driver(path)) return MOE_OK;
+  void *driver = dlopen(path, RTLD_NOW | RTLD_NOLOAD);
   if (!driver) return MOE_OK;
   using Query = int (*)(void *value, int attribute, unsigned long long ptr);
   const auto query = reinterpret_cast<Query>(dlsym(driver, "cuPointerGetAttribute"));
