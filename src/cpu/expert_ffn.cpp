@@ -417,7 +417,7 @@ class FewExperts {
       out.drain();
 #pragma omp barrier
       RowOf at_row2(*this);
-#pragma omp for schedule(static)
+#pragma omp for schedule(static) nowait  // the region's end is the barrier
       for (int64_t k = 0; k < rows; ++k) output_row(at_row2(k));
     }
   }
