@@ -13,7 +13,7 @@
 # --repeats N runs every program N times, in turn (libmoe, then each peer, then libmoe again...),
 # and reports the median of the N medians: on a machine shared with others, one run's times can
 # drift by 10-20 % from the next one's. The yardsticks and each row's bound are medians over the
-# runs too.
+# runs too (moe-bench measures the read bandwidth of each row's bound just before timing it).
 # --no-debian-torch leaves out Debian's PyTorch 1.13 (slow: it runs the large counts for minutes).
 # --ep-ranks R > 1 adds a run of moe-bench with R expert-parallel ranks in one process and prints
 # the bytes each rank sends per token (its times are of the in-process exchange, not compared).
@@ -122,9 +122,14 @@ for dtype in dtypes:
         # Every run measures its own yardsticks and bounds; like the times, the medians over the
         # runs (one run's low GEMM rate would otherwise inflate every bound of its dtype).
         every = [d for dt in dtypes for d in (load(f"moe-{dt}") or [])]
+        # The read rate each timing's bound used (measured just before it), over all of them.
+        reads = [row[mode]["read_gbs"] for d in every for row in d["rows"] for mode in ("fwd", "fwdbwd")
+                 if mode in row and "read_gbs" in row[mode]]
+        read = (f"read {statistics.median(reads):.1f} GB/s, {min(reads):.1f} to {max(reads):.1f} (before each timing)"
+                if reads else f"read {yardstick(every, lambda d: d['read_gbs']):.1f} GB/s")
         print(f"yardsticks: GEMM {yardstick(every, lambda d: d['gemm_gflops']['f32']):.0f} GFLOP/s float32, "
-              f"{yardstick(every, lambda d: d['gemm_gflops']['bf16']):.0f} bfloat16; "
-              f"read {yardstick(every, lambda d: d['read_gbs']):.1f} GB/s (medians over {len(every)} runs)")
+              f"{yardstick(every, lambda d: d['gemm_gflops']['bf16']):.0f} bfloat16 (medians over {len(every)} runs); "
+              f"{read}")
         print(f"times: median over {repeats} run(s) of each run's median")
         print(f"shape: d_model {c['d_model']}, d_ff {c['d_ff']}, {c['experts']} experts, top-{c['top_k']}, {c['activation']}")
         peers = [("torch2 loop", t2l), ("torch2 grouped", t2g), ("torch1.13 loop", t1)]

@@ -347,7 +347,14 @@ struct Measured {
   size_t ctx_bytes = 0;         // what a training step keeps (moe_context_memory after it)
   moe_memory mem{};
   size_t pool_after = 0;        // CUDA: the layer's memory pool once the context is destroyed
+  // CPU: the read bandwidth measured just before each timing, that timing's memory bound (the
+  // machine's bandwidth moves with what else runs on it: 30 to 60 GB/s within one sweep on a
+  // shared 2-core AMD EPYC, where a rate measured once at the start made the bounds of later
+  // rows a matter of luck). 0: none (CUDA).
+  double read_f = 0, read_b = 0;
 };
+
+constexpr int kRowReads = 3;  // best of, before each timing
 
 Measured run_single(const Options &o, int64_t tokens, Cuda *cu) {
   Measured m;
@@ -373,9 +380,12 @@ Measured run_single(const Options &o, int64_t tokens, Cuda *cu) {
   check(moe_context_expert_counts(ctx, counts.data()), "moe_context_expert_counts");
   for (int64_t c : counts) m.experts_touched += c > 0;
 
-  if (o.fwd)
+  if (o.fwd) {
+    if (!cu) m.read_f = measure_read_gbs(kRowReads);
     m.tf = time_it(o.warmup, o.iters, cu, [&] { check(moe_forward(layer, x.p, tokens, y.p, nullptr), "moe_forward"); });
+  }
   if (o.fwdbwd) {
+    if (!cu) m.read_b = measure_read_gbs(kRowReads);
     m.tb = time_it(o.warmup, o.iters, cu, [&] {
       check(moe_forward(layer, x.p, tokens, y.p, ctx), "moe_forward (training)");
       check(moe_backward(layer, ctx, dy.p, dx.p), "moe_backward");
@@ -476,9 +486,11 @@ int run(int argc, char **argv) {
 
   const std::string cpu = on_cuda ? std::string("n/a (cuda)") : cpu_description();
   const std::string blas = on_cuda ? std::string("n/a (cuda)") : moe::cpu::gemm_library();
-  auto bound_ms = [&](double flops, double bytes) {
-    if (gemm_gflops <= 0 || read_gbs <= 0) return 0.0;
-    return std::max(flops / (gemm_gflops * 1e9), bytes / (read_gbs * 1e9)) * 1e3;
+  // A timing's read rate: its own where measured, else (expert-parallel rows) the run's.
+  auto read_of = [&](double row) { return row > 0 ? row : read_gbs; };
+  auto bound_ms = [&](double flops, double bytes, double read) {
+    if (gemm_gflops <= 0 || read <= 0) return 0.0;
+    return std::max(flops / (gemm_gflops * 1e9), bytes / (read * 1e9)) * 1e3;
   };
   const unsigned v = moe_version();
 
@@ -512,16 +524,16 @@ int run(int argc, char **argv) {
       if (on_cuda)
         std::printf(", \"device_pool_bytes\": {\"with_context\": %zu, \"context_destroyed\": %zu}", m.mem.device_pool,
                     m.pool_after);
-      auto entry = [&](const char *name, double flops, double bytes, const Timing &t) {
-        const double b = bound_ms(flops, bytes);
+      auto entry = [&](const char *name, double flops, double bytes, const Timing &t, double read) {
+        const double b = bound_ms(flops, bytes, read);
         std::printf(", \"%s\": {\"ms_median\": %.4f, \"ms_min\": %.4f, \"tokens_per_s\": %.1f, \"gflops\": %.2f, "
-                    "\"bound_ms\": %.4f, \"of_bound\": %s, \"sgemm_fraction\": %s}",
-                    name, t.median_ms, t.min_ms, m.tokens / (t.median_ms * 1e-3), flops / (t.median_ms * 1e-3) / 1e9, b,
+                    "\"read_gbs\": %.2f, \"bound_ms\": %.4f, \"of_bound\": %s, \"sgemm_fraction\": %s}",
+                    name, t.median_ms, t.min_ms, m.tokens / (t.median_ms * 1e-3), flops / (t.median_ms * 1e-3) / 1e9, read, b,
                     b > 0 ? std::to_string(t.median_ms / b).c_str() : "null",
                     f32_gflops > 0 ? std::to_string(flops / (t.median_ms * 1e-3) / 1e9 / f32_gflops).c_str() : "null");
       };
-      if (o.fwd) entry("fwd", w.fwd_flops, w.fwd_bytes, m.tf);
-      if (o.fwdbwd) entry("fwdbwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb);
+      if (o.fwd) entry("fwd", w.fwd_flops, w.fwd_bytes, m.tf, read_of(m.read_f));
+      if (o.fwdbwd) entry("fwdbwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb, read_of(m.read_b));
       if (m.have_stats)
         std::printf(", \"routing\": {\"dropped_slots\": %lld, \"load_cv\": %.4f, \"max_load_ratio\": %.4f}",
                     (long long)m.st.dropped_slots, m.st.load_cv, m.st.max_load_ratio);
@@ -555,23 +567,24 @@ int run(int argc, char **argv) {
                 o.ep_ranks);
   if (!on_cuda)
     std::printf("yardsticks GEMM %lld^3: float32 %.1f GFLOP/s, bfloat16 %.1f GFLOP/s (best of 5, same library and "
-                "threads); read %.1f GB/s (copy %.1f)\n",
-                (long long)o.sgemm_size, f32_gflops, bf16_gflops, read_gbs, copy_gbs);
-  std::printf("\n%7s %-8s %10s %9s %10s %9s %8s %12s\n", "tokens", "mode", "ms", "GFLOP/s", "bound ms", "of bound",
-              "experts", "saved B/tok");
+                "threads); read %.1f GB/s (copy %.1f) at the start, and before each timing (read GB/s, best of %d)\n",
+                (long long)o.sgemm_size, f32_gflops, bf16_gflops, read_gbs, copy_gbs, kRowReads);
+  std::printf("\n%7s %-8s %10s %9s %9s %10s %9s %8s %12s\n", "tokens", "mode", "ms", "GFLOP/s", "read GB/s",
+              "bound ms", "of bound", "experts", "saved B/tok");
   for (const Measured &m : rows) {
     const Work w = work_of(eff, m.tokens, m.experts_touched);
-    auto row = [&](const char *name, double flops, double bytes, const Timing &t) {
-      const double b = bound_ms(flops, bytes);
-      std::printf("%7lld %-8s %10.3f %9.1f %10.3f %8.2fx %8lld", (long long)m.tokens, name, t.median_ms,
-                  flops / (t.median_ms * 1e-3) / 1e9, b, b > 0 ? t.median_ms / b : 0.0, (long long)m.experts_touched);
+    auto row = [&](const char *name, double flops, double bytes, const Timing &t, double read) {
+      const double b = bound_ms(flops, bytes, read);
+      std::printf("%7lld %-8s %10.3f %9.1f %9.1f %10.3f %8.2fx %8lld", (long long)m.tokens, name, t.median_ms,
+                  flops / (t.median_ms * 1e-3) / 1e9, read, b, b > 0 ? t.median_ms / b : 0.0,
+                  (long long)m.experts_touched);
       if (std::string(name) == "fwd+bwd" && m.tokens)
         std::printf(" %12.0f\n", static_cast<double>(m.ctx_bytes) / m.tokens);
       else
         std::printf(" %12s\n", "");
     };
-    if (o.fwd) row("fwd", w.fwd_flops, w.fwd_bytes, m.tf);
-    if (o.fwdbwd) row("fwd+bwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb);
+    if (o.fwd) row("fwd", w.fwd_flops, w.fwd_bytes, m.tf, read_of(m.read_f));
+    if (o.fwdbwd) row("fwd+bwd", w.fwdbwd_flops, w.fwdbwd_bytes, m.tb, read_of(m.read_b));
   }
   if (on_cuda) {
     // What each row's layer held from the device: its buffers, its context's, its scratch and what
