@@ -611,6 +611,7 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   const SmallRows &small = small_rows();
   const bool few = n <= (dt == MOE_DTYPE_F32 ? small.bwd_f32 : small.bwd_16);
   const bool few_grad = dt == MOE_DTYPE_F32 && n <= small.grad_f32;
+  const bool few_grad_bf16 = dt == MOE_DTYPE_BF16 && n <= small.grad_bf16;
   const bool live = !x.dry();
   // dA = dY W2 (into dh), then a = act(h, g) recomputed (one pass over h and g rather than n*ff
   // more memory kept from forward) and dh, dg from dA.
@@ -631,6 +632,11 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
     if (live) few_rows_grad(f32(dy), d, f32(act), ff, n, dw2, ff, dt, d, ff);
     if (live) few_rows_grad(f32(dh), ff, f32(xe), d, n, dw1, d, dt, ff, d);
     if (live && dg) few_rows_grad(f32(dg), ff, f32(xe), d, n, dw3, d, dt, ff, d);
+  } else if (few_grad_bf16) {  // on VDPBF16PS, every operand as stored
+    auto *scratch = reinterpret_cast<uint32_t *>(arena.take(few_rows_grad_bf16_scratch(n, std::max(d, ff), std::max(d, ff))));
+    if (live) few_rows_grad_bf16(dy, d, act, ff, n, dw2, ff, d, ff, scratch);
+    if (live) few_rows_grad_bf16(dh, ff, xe, d, n, dw1, d, ff, d, scratch);
+    if (live && dg) few_rows_grad_bf16(dg, ff, xe, d, n, dw3, d, ff, d, scratch);
   } else {
     x.gemm(d, ff, n, Mat{dy, dt, d, true}, Mat{act, dt, ff}, dw2, dt, ff, true);
     x.gemm(ff, d, n, Mat{dh, dt, ff, true}, Mat{xe, dt, d}, dw1, dt, d, true);

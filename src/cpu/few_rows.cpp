@@ -7,6 +7,7 @@
 #include <type_traits>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "core/half.h"
 #include "cpu/convert.h"
@@ -470,6 +471,74 @@ MOE_AVX512 void grad_tile(const float *A, int64_t lda, const float *B, int64_t l
   }
 }
 
+// v rounded to bfloat16 (to nearest even; NaNs kept quiet), 16 lanes: core/half.h's bits.
+MOE_AVX512 inline __m256i round_bf16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
+// bfloat16 on VDPBF16PS, pairs of input rows (2p, 2p + 1): Bp[p][k] holds B's two rows at k
+// (the lower half row 2p), Ap[j][p] A's two rows at j; a pair past M is 0. P pairs. The sums are
+// added to G (bfloat16) in float32 and rounded once, in registers.
+template <int R, int V>
+MOE_AVX512_BF16 void grad_tile_dot(const uint32_t *Ap, const uint32_t *Bp, int64_t P, int64_t K, uint16_t *G,
+                                   int64_t ldg, int64_t j, int64_t k0, int64_t width, Ahead ahead) {
+  prefetch_next(ahead, 0);
+  const __mmask16 last = width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1u);
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const uint32_t *b = Bp + p * K + k0;
+    __m512i bv[V];
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) bv[v] = _mm512_maskz_loadu_epi32(v == V - 1 ? last : 0xFFFF, b + v * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i av = _mm512_set1_epi32(static_cast<int>(Ap[r * P + p]));
+#pragma GCC unroll 8
+      for (int v = 0; v < V; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)bv[v], (__m512bh)av);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < V; ++v) {
+      uint16_t *g = G + (j + r) * ldg + k0 + v * 16;
+      const __mmask16 mask = v == V - 1 ? last : 0xFFFF;
+      const __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, g)), 16));
+      _mm256_mask_storeu_epi16(g, mask, round_bf16(_mm512_add_ps(old, acc[r][v])));
+    }
+}
+
+// Rows [j0, j1) of few_rows_grad_bf16's gradient, all K columns, in tiles as grad_rows; Ap holds
+// these rows' pairs (Ap[j - j0][p]).
+void grad_rows_dot(const uint32_t *Ap, const uint32_t *Bp, int64_t P, uint16_t *G, int64_t ldg, int64_t j0,
+                   int64_t j1, int64_t K, const char *next, int64_t next_bytes) {
+  const int64_t per_row = K / 64 + (K % 64) / 32 + (K % 32 + 15) / 16;
+  const int64_t tiles = per_row * ((j1 - j0) / 4 + (j1 - j0) % 4);
+  Ahead ahead{next, tiles > 0 ? ((next_bytes + 63) / 64 + tiles - 1) / tiles : 0};
+  auto row_tiles = [&](auto block, int64_t j) {
+    constexpr int R = decltype(block)::value;
+    const uint32_t *a = Ap + (j - j0) * P;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64) grad_tile_dot<R, 4>(a, Bp, P, K, G, ldg, j, k, 64, ahead);
+    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64) grad_tile_dot<R, 2>(a, Bp, P, K, G, ldg, j, k, 32, ahead);
+    for (; k < K; k += 16, ahead.next += ahead.lines * 64)
+      grad_tile_dot<R, 1>(a, Bp, P, K, G, ldg, j, k, std::min<int64_t>(16, K - k), ahead);
+  };
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4) row_tiles(std::integral_constant<int, 4>{}, j);
+  for (; j < j1; ++j) row_tiles(std::integral_constant<int, 1>{}, j);
+}
+
 // Gradient rows [j0, j1) (whole blocks of 4, then single rows) over all K columns, in tiles of 64,
 // 32 and 16 columns; `next_bytes` from `next` fetched ahead, spread over the tiles.
 void grad_rows(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
@@ -507,6 +576,8 @@ void xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t,
                  bool, RowsAhead, int64_t) {}
 void grad_rows(const float *, int64_t, const float *, int64_t, int64_t, void *, int64_t, int, int64_t, int64_t, int64_t,
                const char *, int64_t) {}
+void grad_rows_dot(const uint32_t *, const uint32_t *, int64_t, uint16_t *, int64_t, int64_t, int64_t, int64_t,
+                   const char *, int64_t) {}
 template <int D>
 void avx512_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
                      int64_t, const char *, int64_t, bool) {}
@@ -820,6 +891,40 @@ void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int
     else
       generic_grad(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K);
   });
+}
+
+int64_t few_rows_grad_bf16_scratch(int64_t M, int64_t N, int64_t K) { return (M + 1) / 2 * (N + K); }
+
+void few_rows_grad_bf16(const void *A, int64_t lda, const void *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
+                        int64_t N, int64_t K, uint32_t *scratch) {
+  if (!have_avx512_bf16()) throw std::logic_error("few_rows_grad_bf16 needs AVX512-BF16");
+  if (M <= 0 || N <= 0 || K <= 0) return;
+  const int64_t P = (M + 1) / 2, rows = chunk_rows(MOE_DTYPE_BF16, ldg), chunks = (N + rows - 1) / rows;
+  uint32_t *Bp = scratch, *Ap = scratch + P * K;
+  const uint16_t *a = static_cast<const uint16_t *>(A), *b = static_cast<const uint16_t *>(B);
+  auto pair = [](const uint16_t *lo, const uint16_t *hi) { return uint32_t{*lo} | (hi ? uint32_t{*hi} << 16 : 0u); };
+  std::atomic<int64_t> claimed{0};
+  auto range = [&](int64_t c) { return c < chunks ? RowRange{c * rows, std::min(N, (c + 1) * rows)} : RowRange{}; };
+#pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
+  {
+    // B's rows in pairs, shared by every chunk; each chunk pairs its own rows of A.
+#pragma omp for schedule(static)
+    for (int64_t p = 0; p < P; ++p) {
+      const uint16_t *lo = b + 2 * p * ldb, *hi = 2 * p + 1 < M ? lo + ldb : nullptr;
+      for (int64_t k = 0; k < K; ++k) Bp[p * K + k] = pair(lo + k, hi ? hi + k : nullptr);
+    }
+    claim_chunks(claimed, chunks, [&](int64_t c, int64_t after) {
+      const RowRange r = range(c);
+      for (int64_t j = r.begin; j < r.end; ++j)
+        for (int64_t p = 0; p < P; ++p) {
+          const uint16_t *lo = a + 2 * p * lda + j;
+          Ap[j * P + p] = pair(lo, 2 * p + 1 < M ? lo + lda : nullptr);
+        }
+      const Bytes next = bytes_of_rows(G, ldg, MOE_DTYPE_BF16, range(after));
+      grad_rows_dot(Ap + r.begin * P, Bp, P, static_cast<uint16_t *>(G), ldg, r.begin, r.end, K,
+                    static_cast<const char *>(next.p), next.n);
+    });
+  }
 }
 
 }  // namespace moe::cpu

@@ -49,6 +49,17 @@ void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dty
 void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
                    int64_t N, int64_t K);
 
+// few_rows_grad for bfloat16 A [M, N], B [M, K] and G [N, K] (a bfloat16 layer's weight gradients
+// from its stored dH, dY, a and x), on VDPBF16PS: the sums over m run over pairs of rows (m, m + 1)
+// in order, each pair's two products summed in the instruction's own order (denormal inputs as
+// zero; an odd M's last row pairs with zero), and are added to G in float32 and rounded once. The
+// same bits for any thread count. scratch: few_rows_grad_bf16_scratch(M, N, K) elements (A and B
+// in pairs). Only where the CPU has AVX512-BF16 (small_rows().grad_bf16 is 0 on the others);
+// elsewhere it throws std::logic_error, having done nothing.
+int64_t few_rows_grad_bf16_scratch(int64_t M, int64_t N, int64_t K);
+void few_rows_grad_bf16(const void *A, int64_t lda, const void *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
+                        int64_t N, int64_t K, uint32_t *scratch);
+
 // One product of few_rows_xwt's form.
 struct XwtProduct {
   const void *X;

@@ -260,8 +260,11 @@ const SmallRows &small_rows() {
   //    a and dW1 += dH^T X, few_rows_grad / oneDNN: float32 M 1 0.24-0.25 / 0.39-0.48, M 4
   //    0.24-0.26 / 0.51-0.55, M 16 0.46-0.48 / 0.78-0.91, M 32 0.82 / 1.10, M 48 1.12-1.19 /
   //    1.39-1.52, M 64 1.44-1.50 / 1.68-1.70, M 96 2.45 / 2.29 (oneDNN ahead); bfloat16 on
-  //    oneDNN throughout (0.18-0.28 against 0.27-0.31 at 1 to 4 rows: its bfloat16 kernels are
-  //    near the memory bound).
+  //    few_rows_grad_bf16 (VDPBF16PS) up to 12 rows, measured in the layer (training step, d
+  //    1024, d_ff 2048, 8 experts, top-2; same-process A/B against oneDNN for every row count):
+  //    8, 16 and 32 tokens (2, 4 and 8 rows per expert on average) 0.87, 0.85 and 0.90 of the
+  //    time; with the kernel up to 64 rows, 64 tokens 1.02-1.03 and 128 tokens 1.05-1.06 (each
+  //    element of G read, summed and rounded in registers costs as much as 16 rows of products).
   //  - Intel: not measured; oneDNN throughout.
   //  Elsewhere (AMD CPUs without AVX-512 among them, where the kernel has only its portable
   //  loop) the Intel choice.
@@ -276,8 +279,8 @@ const SmallRows &small_rows() {
   // time).
   static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                         __builtin_cpu_supports("avx512vl")
-                                    ? SmallRows{48, 64, 0, 64, 64, 64, true}
-                                    : SmallRows{4, 8, 64, 0, 0, 0, false};
+                                    ? SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true}
+                                    : SmallRows{4, 8, 64, 0, 0, 0, 0, false};
   return rows;
 }
 

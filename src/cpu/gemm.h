@@ -84,14 +84,15 @@ int64_t bf16_native_max_rows();
 // kernel (cpu/few_rows.h) up to few_f32 (float32) or few_16 (16-bit) rows, then float32 experts
 // as W X^T up to wxt_f32 rows, then oneDNN's X W^T. In backward, the products read along a
 // weight's rows (dY W2, dH W1) run on few_rows_xw up to bwd_f32 (float32) or bwd_16 (16-bit)
-// rows, and float32 weight gradients on few_rows_grad up to grad_f32 rows; beyond, on oneDNN.
+// rows, float32 weight gradients on few_rows_grad up to grad_f32 rows and bfloat16 ones on
+// few_rows_grad_bf16 up to grad_bf16 rows (where the CPU has AVX512-BF16); beyond, on oneDNN.
 // router: the router's logits X Wr^T and their input gradient run on the few-rows kernels, at
 // every token count.
 // Measured per CPU family (see gemm.cpp); fixed for a process, so that the same rows always take
 // the same kernel (bitwise repeatable).
 struct SmallRows {
   int64_t few_f32, few_16, wxt_f32;
-  int64_t bwd_f32, bwd_16, grad_f32;
+  int64_t bwd_f32, bwd_16, grad_f32, grad_bf16;
   bool router;
 };
 const SmallRows &small_rows();

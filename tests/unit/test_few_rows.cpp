@@ -4,7 +4,7 @@
 // one fixed sum whatever the blocking, the same bits for a row computed alone or among others, for
 // a weight row inside a block of four or on its own, and for any thread count. few_rows_xw, the
 // backward's products along a weight's rows, and few_rows_grad, its weight gradients: bit for bit
-// their documented order of sums.
+// their documented order of sums; few_rows_grad_bf16 (bfloat16 on VDPBF16PS) exact on integers.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -332,5 +332,88 @@ TEST_P(FewRowsGrad, SameBitsForAnyThreadCount) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FewRowsGrad, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
                          [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+
+// ---- few_rows_grad_bf16: G += A^T B, all bfloat16, on VDPBF16PS ------------------------------------
+
+// A [M, N], B [M, K] and G [N, K] bfloat16 (strides past their widths), from values given.
+struct Bf16GradOperands {
+  Shape s;
+  int64_t lda, ldb, ldg;
+  Stored a, b, g0;
+
+  template <class Values>
+  Bf16GradOperands(Shape sh, Values &&values)
+      : s(sh), lda(sh.N + 3), ldb(sh.K + 1), ldg(sh.K + 5), a(MOE_DTYPE_BF16, values(s.M * lda)),
+        b(MOE_DTYPE_BF16, values(s.M * ldb)), g0(MOE_DTYPE_BF16, values(s.N * ldg)) {}
+  std::vector<float> run() const {
+    std::vector<unsigned char> g = g0.bytes;
+    std::vector<uint32_t> scratch(static_cast<size_t>(moe::cpu::few_rows_grad_bf16_scratch(s.M, s.N, s.K)));
+    moe::cpu::few_rows_grad_bf16(a.bytes.data(), lda, b.bytes.data(), ldb, s.M, g.data(), ldg, s.N, s.K,
+                                 scratch.data());
+    return moe_test::decode(MOE_DTYPE_BF16, g);
+  }
+  // G + A^T B at (j, k) in float64, and the sum of the products' magnitudes.
+  double exact(int64_t j, int64_t k, double *mag) const {
+    double sum = 0;
+    *mag = 0;
+    for (int64_t m = 0; m < s.M; ++m) {
+      const double p = static_cast<double>(a[m * lda + j]) * b[m * ldb + k];
+      sum += p;
+      *mag += std::fabs(p);
+    }
+    return g0[j * ldg + k] + sum;
+  }
+};
+
+bool have_bf16_dot() { return __builtin_cpu_supports("avx512bf16"); }
+
+// Small integers: every product and partial sum exact in float32, so whatever the order of the
+// pairs the sum is the exact one, added to G and rounded to bfloat16 once. Bit for bit, over the
+// tails of rows (odd M), tiles and chunks; columns past K untouched.
+TEST(FewRowsGradBf16, IntegerSumsAreExactAddedToGAndRoundedOnce) {
+  if (!have_bf16_dot()) GTEST_SKIP() << "no AVX512-BF16 on this CPU: few_rows_grad_bf16 is not used here";
+  uint64_t seed = 500;
+  for (const Shape &s : kGradShapes) {
+    Rng rng(seed++);
+    const Bf16GradOperands op(s, [&](int64_t n) { return rng.ints(static_cast<size_t>(n), -7, 7); });
+    const std::vector<float> g = op.run();
+    for (int64_t j = 0; j < s.N; ++j) {
+      for (int64_t k = 0; k < s.K; ++k) {
+        double mag;
+        const float want = moe_test::rounded(MOE_DTYPE_BF16, std::vector<float>{static_cast<float>(op.exact(j, k, &mag))})[0];
+        ASSERT_EQ(g[j * op.ldg + k], want) << shape_name(MOE_DTYPE_BF16, s) << " at (" << j << ", " << k << ")";
+      }
+      for (int64_t k = s.K; k < op.ldg; ++k)
+        ASSERT_EQ(g[j * op.ldg + k], op.g0[j * op.ldg + k]) << "wrote past K at (" << j << ", " << k << ")";
+    }
+  }
+}
+
+// Random values: within the float32 rounding of the sums and one bfloat16 rounding of the result.
+TEST(FewRowsGradBf16, SumsMatchFloat64WithinRounding) {
+  if (!have_bf16_dot()) GTEST_SKIP() << "no AVX512-BF16 on this CPU: few_rows_grad_bf16 is not used here";
+  for (const Shape &s : {Shape{12, 300, 1024}, Shape{5, 67, 100}}) {
+    Rng rng(17);
+    const Bf16GradOperands op(s, [&](int64_t n) { return rng.nonzeros(static_cast<size_t>(n), 1.0f); });
+    const std::vector<float> g = op.run();
+    for (int64_t j = 0; j < s.N; ++j)
+      for (int64_t k = 0; k < s.K; ++k) {
+        double mag;
+        const double want = op.exact(j, k, &mag);
+        ASSERT_NEAR(g[j * op.ldg + k], want,
+                    (static_cast<double>(s.M) + 4) * std::ldexp(mag, -24) + std::ldexp(std::fabs(want), -8))
+            << shape_name(MOE_DTYPE_BF16, s) << " at (" << j << ", " << k << ")";
+      }
+  }
+}
+
+TEST(FewRowsGradBf16, SameBitsForAnyThreadCount) {
+  if (!have_bf16_dot()) GTEST_SKIP() << "no AVX512-BF16 on this CPU: few_rows_grad_bf16 is not used here";
+  for (const Shape s : {Shape{9, 1000, 300}, Shape{12, 99, 9000}}) {
+    Rng rng(23);
+    const Bf16GradOperands op(s, [&](int64_t n) { return rng.nonzeros(static_cast<size_t>(n), 1.0f); });
+    expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(MOE_DTYPE_BF16, s));
+  }
+}
 
 }  // namespace
