@@ -528,7 +528,8 @@ int run(int argc, char **argv) {
         const double b = bound_ms(flops, bytes, read);
         std::printf(", \"%s\": {\"ms_median\": %.4f, \"ms_min\": %.4f, \"tokens_per_s\": %.1f, \"gflops\": %.2f, "
                     "\"read_gbs\": %.2f, \"bound_ms\": %.4f, \"of_bound\": %s, \"sgemm_fraction\": %s}",
-                    name, t.median_ms, t.min_ms, m.tokens / (t.median_ms * 1e-3), flops / (t.median_ms * 1e-3) / 1e9, read, b,
+                    name, t.median_ms, t.min_ms, m.tokens / (t.median_ms * 1e-3),
+                    flops / (t.median_ms * 1e-3) / 1e9, read, b,
                     b > 0 ? std::to_string(t.median_ms / b).c_str() : "null",
                     f32_gflops > 0 ? std::to_string(flops / (t.median_ms * 1e-3) / 1e9 / f32_gflops).c_str() : "null");
       };

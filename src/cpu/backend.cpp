@@ -4,7 +4,6 @@
 #include <sys/mman.h>
 
 #include <climits>
-
 #include <cmath>
 #include <cstdint>
 #include <cstdio>

@@ -633,7 +633,8 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
     if (live) few_rows_grad(f32(dh), ff, f32(xe), d, n, dw1, d, dt, ff, d);
     if (live && dg) few_rows_grad(f32(dg), ff, f32(xe), d, n, dw3, d, dt, ff, d);
   } else if (few_grad_bf16) {  // on VDPBF16PS, every operand as stored
-    auto *scratch = reinterpret_cast<uint32_t *>(arena.take(few_rows_grad_bf16_scratch(n, std::max(d, ff), std::max(d, ff))));
+    // A and B in pairs: (n + 1) / 2 rows of d + ff, for each of the three
+    auto *scratch = reinterpret_cast<uint32_t *>(arena.take(few_rows_grad_bf16_scratch(n, ff, d)));
     if (live) few_rows_grad_bf16(dy, d, act, ff, n, dw2, ff, d, ff, scratch);
     if (live) few_rows_grad_bf16(dh, ff, xe, d, n, dw1, d, ff, d, scratch);
     if (live && dg) few_rows_grad_bf16(dg, ff, xe, d, n, dw3, d, ff, d, scratch);

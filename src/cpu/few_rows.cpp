@@ -513,7 +513,8 @@ MOE_AVX512_BF16 void grad_tile_dot(const uint32_t *Ap, const uint32_t *Bp, int64
     for (int v = 0; v < V; ++v) {
       uint16_t *g = G + (j + r) * ldg + k0 + v * 16;
       const __mmask16 mask = v == V - 1 ? last : 0xFFFF;
-      const __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, g)), 16));
+      const __m512i bits = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, g));
+      const __m512 old = _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
       _mm256_mask_storeu_epi16(g, mask, round_bf16(_mm512_add_ps(old, acc[r][v])));
     }
 }
@@ -529,8 +530,10 @@ void grad_rows_dot(const uint32_t *Ap, const uint32_t *Bp, int64_t P, uint16_t *
     constexpr int R = decltype(block)::value;
     const uint32_t *a = Ap + (j - j0) * P;
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64) grad_tile_dot<R, 4>(a, Bp, P, K, G, ldg, j, k, 64, ahead);
-    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64) grad_tile_dot<R, 2>(a, Bp, P, K, G, ldg, j, k, 32, ahead);
+    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64)
+      grad_tile_dot<R, 4>(a, Bp, P, K, G, ldg, j, k, 64, ahead);
+    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64)
+      grad_tile_dot<R, 2>(a, Bp, P, K, G, ldg, j, k, 32, ahead);
     for (; k < K; k += 16, ahead.next += ahead.lines * 64)
       grad_tile_dot<R, 1>(a, Bp, P, K, G, ldg, j, k, std::min<int64_t>(16, K - k), ahead);
   };

@@ -279,7 +279,8 @@ const SmallRows &small_rows() {
   // time).
   static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                                         __builtin_cpu_supports("avx512vl")
-                                    ? SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true}
+                                    ? SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0,
+                                                true}
                                     : SmallRows{4, 8, 64, 0, 0, 0, 0, false};
   return rows;
 }

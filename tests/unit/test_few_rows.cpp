@@ -380,7 +380,8 @@ TEST(FewRowsGradBf16, IntegerSumsAreExactAddedToGAndRoundedOnce) {
     for (int64_t j = 0; j < s.N; ++j) {
       for (int64_t k = 0; k < s.K; ++k) {
         double mag;
-        const float want = moe_test::rounded(MOE_DTYPE_BF16, std::vector<float>{static_cast<float>(op.exact(j, k, &mag))})[0];
+        const float exact = static_cast<float>(op.exact(j, k, &mag));  // an integer float32 holds
+        const float want = moe_test::rounded(MOE_DTYPE_BF16, std::vector<float>{exact})[0];
         ASSERT_EQ(g[j * op.ldg + k], want) << shape_name(MOE_DTYPE_BF16, s) << " at (" << j << ", " << k << ")";
       }
       for (int64_t k = s.K; k < op.ldg; ++k)
