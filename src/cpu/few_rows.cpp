@@ -418,6 +418,11 @@ void xw_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t
   }
 }
 
+// The lanes of a tile's last vector of 16 columns, `width` columns in all.
+inline __mmask16 last_lanes(int64_t width) {
+  return width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1u);
+}
+
 // ---- G += A^T B: gradient rows R at a time, 16-column vectors V at a time --------------------------
 // Per input row m, V pieces of B loaded once serve R gradient rows, each A value broadcast into V
 // multiply-adds. The sums are added to G here for float32; 16-bit G goes through widen/narrow (the
@@ -427,7 +432,7 @@ template <int R, int V>
 MOE_AVX512 void grad_tile(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
                           int dtype, int64_t j, int64_t k0, int64_t width, Ahead ahead) {
   prefetch_next(ahead, 0);
-  const __mmask16 last = width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1u);
+  const __mmask16 last = last_lanes(width);
   __m512 acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -489,7 +494,7 @@ template <int R, int V>
 MOE_AVX512_BF16 void grad_tile_dot(const uint32_t *Ap, const uint32_t *Bp, int64_t P, int64_t K, uint16_t *G,
                                    int64_t ldg, int64_t j, int64_t k0, int64_t width, Ahead ahead) {
   prefetch_next(ahead, 0);
-  const __mmask16 last = width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1u);
+  const __mmask16 last = last_lanes(width);
   __m512 acc[R][V];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -519,47 +524,42 @@ MOE_AVX512_BF16 void grad_tile_dot(const uint32_t *Ap, const uint32_t *Bp, int64
     }
 }
 
-// Rows [j0, j1) of few_rows_grad_bf16's gradient, all K columns, in tiles as grad_rows; Ap holds
-// these rows' pairs (Ap[j - j0][p]).
-void grad_rows_dot(const uint32_t *Ap, const uint32_t *Bp, int64_t P, uint16_t *G, int64_t ldg, int64_t j0,
-                   int64_t j1, int64_t K, const char *next, int64_t next_bytes) {
+// The tiles of gradient rows [j0, j1) (whole blocks of 4, then single rows) over all K columns:
+// 64, 32 and 16 columns, the last partial; `next_bytes` from `next` fetched ahead, spread over the
+// tiles. tile(R, V, j, k, width, ahead) computes one, R and V as integral constants.
+template <class Tile>
+MOE_AVX512 inline void grad_tiles(int64_t j0, int64_t j1, int64_t K, const char *next, int64_t next_bytes, Tile &&tile) {
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
   const int64_t per_row = K / 64 + (K % 64) / 32 + (K % 32 + 15) / 16;
   const int64_t tiles = per_row * ((j1 - j0) / 4 + (j1 - j0) % 4);
   Ahead ahead{next, tiles > 0 ? ((next_bytes + 63) / 64 + tiles - 1) / tiles : 0};
   auto row_tiles = [&](auto block, int64_t j) {
-    constexpr int R = decltype(block)::value;
-    const uint32_t *a = Ap + (j - j0) * P;
     int64_t k = 0;
-    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64)
-      grad_tile_dot<R, 4>(a, Bp, P, K, G, ldg, j, k, 64, ahead);
-    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64)
-      grad_tile_dot<R, 2>(a, Bp, P, K, G, ldg, j, k, 32, ahead);
-    for (; k < K; k += 16, ahead.next += ahead.lines * 64)
-      grad_tile_dot<R, 1>(a, Bp, P, K, G, ldg, j, k, std::min<int64_t>(16, K - k), ahead);
+    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64) tile(block, Four{}, j, k, 64, ahead);
+    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64) tile(block, Two{}, j, k, 32, ahead);
+    for (; k < K; k += 16, ahead.next += ahead.lines * 64) tile(block, One{}, j, k, std::min<int64_t>(16, K - k), ahead);
   };
   int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) row_tiles(std::integral_constant<int, 4>{}, j);
-  for (; j < j1; ++j) row_tiles(std::integral_constant<int, 1>{}, j);
+  for (; j + 4 <= j1; j += 4) row_tiles(Four{}, j);
+  for (; j < j1; ++j) row_tiles(One{}, j);
 }
 
-// Gradient rows [j0, j1) (whole blocks of 4, then single rows) over all K columns, in tiles of 64,
-// 32 and 16 columns; `next_bytes` from `next` fetched ahead, spread over the tiles.
+// Rows [j0, j1) of few_rows_grad_bf16's gradient; Ap holds these rows' pairs (Ap[j - j0][p]).
+void grad_rows_dot(const uint32_t *Ap, const uint32_t *Bp, int64_t P, uint16_t *G, int64_t ldg, int64_t j0,
+                   int64_t j1, int64_t K, const char *next, int64_t next_bytes) {
+  grad_tiles(j0, j1, K, next, next_bytes, [&](auto block, auto vectors, int64_t j, int64_t k, int64_t width, Ahead a) {
+    grad_tile_dot<decltype(block)::value, decltype(vectors)::value>(Ap + (j - j0) * P, Bp, P, K, G, ldg, j, k, width, a);
+  });
+}
+
+// Rows [j0, j1) of few_rows_grad's gradient.
 void grad_rows(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
                int64_t j0, int64_t j1, int64_t K, const char *next, int64_t next_bytes) {
-  const int64_t per_row = K / 64 + (K % 64) / 32 + (K % 32 + 15) / 16;
-  const int64_t tiles = per_row * ((j1 - j0) / 4 + (j1 - j0) % 4);
-  Ahead ahead{next, tiles > 0 ? ((next_bytes + 63) / 64 + tiles - 1) / tiles : 0};
-  auto row_tiles = [&](auto block, int64_t j) {
-    constexpr int R = decltype(block)::value;
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64, ahead.next += ahead.lines * 64) grad_tile<R, 4>(A, lda, B, ldb, M, G, ldg, dtype, j, k, 64, ahead);
-    for (; k + 32 <= K; k += 32, ahead.next += ahead.lines * 64) grad_tile<R, 2>(A, lda, B, ldb, M, G, ldg, dtype, j, k, 32, ahead);
-    for (; k < K; k += 16, ahead.next += ahead.lines * 64)
-      grad_tile<R, 1>(A, lda, B, ldb, M, G, ldg, dtype, j, k, std::min<int64_t>(16, K - k), ahead);
-  };
-  int64_t j = j0;
-  for (; j + 4 <= j1; j += 4) row_tiles(std::integral_constant<int, 4>{}, j);
-  for (; j < j1; ++j) row_tiles(std::integral_constant<int, 1>{}, j);
+  grad_tiles(j0, j1, K, next, next_bytes, [&](auto block, auto vectors, int64_t j, int64_t k, int64_t width, Ahead a) {
+    grad_tile<decltype(block)::value, decltype(vectors)::value>(A, lda, B, ldb, M, G, ldg, dtype, j, k, width, a);
+  });
 }
 
 bool have_avx512() {
