@@ -629,9 +629,10 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   // dW2 += dY^T a ; dW1 += dH^T X ; dW3 += dG^T X
   if (few_grad) {  // float32: every operand as stored
     auto f32 = [](const void *p) { return static_cast<const float *>(p); };
-    if (live) few_rows_grad(f32(dy), d, f32(act), ff, n, dw2, ff, dt, d, ff);
-    if (live) few_rows_grad(f32(dh), ff, f32(xe), d, n, dw1, d, dt, ff, d);
-    if (live && dg) few_rows_grad(f32(dg), ff, f32(xe), d, n, dw3, d, dt, ff, d);
+    const GradProduct grads[3] = {{f32(dy), d, f32(act), ff, n, dw2, ff, d, ff},
+                                  {f32(dh), ff, f32(xe), d, n, dw1, d, ff, d},
+                                  {f32(dg), ff, f32(xe), d, n, dw3, d, ff, d}};
+    if (live) few_rows_grads(grads, dg ? 3 : 2, dt);
   } else if (few_grad_bf16) {  // on VDPBF16PS, every operand as stored
     // A and B in pairs: (n + 1) / 2 rows of d + ff, for each of the three
     auto *scratch = reinterpret_cast<uint32_t *>(arena.take(few_rows_grad_bf16_scratch(n, ff, d)));

@@ -880,19 +880,48 @@ void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dty
 
 void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
                    int64_t N, int64_t K) {
-  if (M <= 0 || N <= 0 || K <= 0) return;
-  const int64_t rows = chunk_rows(dtype, ldg), chunks = (N + rows - 1) / rows;
+  const GradProduct p{A, lda, B, ldb, M, G, ldg, N, K};
+  few_rows_grads(&p, 1, dtype);
+}
+
+void few_rows_grads(const GradProduct *products, int64_t count, int dtype) {
+  auto chunks_of = [&](const GradProduct &q) {
+    if (q.M <= 0 || q.N <= 0 || q.K <= 0) return int64_t{0};
+    const int64_t rows = chunk_rows(dtype, q.ldg);
+    return (q.N + rows - 1) / rows;
+  };
+  // Chunk c of the stream: the gradient holding it and its rows (none past the last chunk).
+  struct Piece {
+    const GradProduct *q = nullptr;
+    RowRange r;
+  };
+  auto piece = [&](int64_t c) {
+    for (int64_t i = 0; i < count; ++i) {
+      const GradProduct &q = products[i];
+      const int64_t n = chunks_of(q), rows = chunk_rows(dtype, q.ldg);
+      if (c < n) return Piece{&q, RowRange{c * rows, std::min(q.N, (c + 1) * rows)}};
+      c -= n;
+    }
+    return Piece{};
+  };
+  int64_t chunks = 0, work = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t n = chunks_of(products[i]);
+    chunks += n;
+    work += n > 0 ? products[i].N * products[i].K : 0;
+  }
   const bool avx512 = have_avx512();
   std::atomic<int64_t> claimed{0};
-  auto range = [&](int64_t c) { return c < chunks ? RowRange{c * rows, std::min(N, (c + 1) * rows)} : RowRange{}; };
-#pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
+#pragma omp parallel if (chunks > 1 && work >= (int64_t{1} << 16))
   claim_chunks(claimed, chunks, [&](int64_t c, int64_t after) {
-    const RowRange r = range(c);
-    const Bytes next = bytes_of_rows(G, ldg, dtype, range(after));
+    const Piece now = piece(c), next = piece(after);
+    const GradProduct &q = *now.q;
+    const Bytes ahead = next.q ? bytes_of_rows(next.q->G, next.q->ldg, dtype, next.r) : Bytes{};
     if (avx512)
-      grad_rows(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K, static_cast<const char *>(next.p), next.n);
+      grad_rows(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K,
+                static_cast<const char *>(ahead.p), ahead.n);
     else
-      generic_grad(A, lda, B, ldb, M, G, ldg, dtype, r.begin, r.end, K);
+      generic_grad(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K);
   });
 }
 

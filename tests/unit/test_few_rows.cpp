@@ -3,8 +3,8 @@
 // input rows in sixes, k in steps of 16 or 32), with strided operands; and, because each output is
 // one fixed sum whatever the blocking, the same bits for a row computed alone or among others, for
 // a weight row inside a block of four or on its own, and for any thread count. few_rows_xw, the
-// backward's products along a weight's rows, and few_rows_grad, its weight gradients: bit for bit
-// their documented order of sums; few_rows_grad_bf16 (bfloat16 on VDPBF16PS) exact on integers.
+// backward's products along a weight's rows, and few_rows_grad, its weight gradients (alone or
+// several as one stream): bit for bit their documented order of sums; few_rows_grad_bf16 (bfloat16 on VDPBF16PS) exact on integers.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -327,6 +327,39 @@ TEST_P(FewRowsGrad, SameBitsForAnyThreadCount) {
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
     const GradOperands op(dt, s, 11);
     expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(dt, s));
+  }
+}
+
+// Several gradients as one stream (an expert's dW2, dW1, dW3: each chunk's next one may belong to
+// the next gradient): each G as few_rows_grad leaves it alone, bit for bit, at 1 and 3 threads;
+// an empty gradient in the stream changes nothing. The shapes' chunks end mid-stream (K 9000: 4
+// or 12 rows a chunk) and one gradient has a single chunk.
+TEST_P(FewRowsGrad, StreamOfGradientsSameBitsAsEachAlone) {
+  const int dt = GetParam();
+  const GradOperands ops[] = {GradOperands(dt, Shape{9, 70, 9000}, 21), GradOperands(dt, Shape{9, 3, 40}, 22),
+                              GradOperands(dt, Shape{9, 0, 16}, 23), GradOperands(dt, Shape{9, 131, 300}, 24)};
+  std::vector<std::vector<float>> alone;
+  for (const GradOperands &op : ops) alone.push_back(op.run());
+  for (int threads : {1, 3}) {
+    std::vector<std::vector<unsigned char>> g;
+    std::vector<moe::cpu::GradProduct> stream;
+    for (const GradOperands &op : ops) g.push_back(op.g0.bytes);
+    for (size_t i = 0; i < g.size(); ++i) {
+      const GradOperands &op = ops[i];
+      stream.push_back({op.a.data(), op.lda, op.b.data(), op.ldb, op.s.M, g[i].data(), op.ldg, op.s.N, op.s.K});
+    }
+    const int before = omp_get_max_threads();
+    omp_set_num_threads(threads);
+    moe::cpu::few_rows_grads(stream.data(), static_cast<int64_t>(stream.size()), dt);
+    omp_set_num_threads(before);
+    for (size_t i = 0; i < g.size(); ++i) {
+      const std::vector<float> got = moe_test::decode(dt, g[i]);
+      ASSERT_EQ(got.size(), alone[i].size());
+      for (size_t e = 0; e < got.size(); ++e)
+        ASSERT_EQ(std::memcmp(&got[e], &alone[i][e], sizeof(float)), 0)
+            << name(dt) << " gradient " << i << " element " << e << " at " << threads << " threads: " << got[e]
+            << " against " << alone[i][e] << " alone";
+    }
   }
 }
 
