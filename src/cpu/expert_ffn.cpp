@@ -367,10 +367,10 @@ class FewExperts {
     const moe_ffn_args *a = c_.a;
     const int64_t d = c_.d, ff = c_.ff;
     const int dt = c_.dt;
-    int64_t rows = 0, experts = 0, most = 0;
+    int64_t rows = 0, experts = 0, most = 0, pairs = 0;
     for (int64_t e = 0; e < a->num_experts; ++e) {
       const Rows r = rows_of(a, e);
-      if (few(r)) rows += r.n, ++experts, most = std::max(most, r.n);
+      if (few(r)) rows += r.n, ++experts, most = std::max(most, r.n), pairs += (r.n + 1) / 2;
     }
     if (rows == 0) return;
     wide_ = dt == MOE_DTYPE_F32;  // float32 storage takes the kernel's sums directly
@@ -384,22 +384,30 @@ class FewExperts {
     // few_rows_input_ld) are copied once: x before the W1 | W3 products, a as each row is
     // stored. (Forward of 64 tokens, d 1024, d_ff 2048, 2 cores of an AMD EPYC Zen 4: the
     // kernel's copies took 7 % of the float32 time, 2 % of the bfloat16.)
-    ldx_ = few_rows_input_ld(d, dt, most);
-    lda_ = few_rows_input_ld(ff, dt, most);
-    xp_ = ldx_ != d ? take_bytes(arena, rows * ldx_ * es()) : nullptr;
-    ap_ = lda_ != ff ? take_bytes(arena, rows * lda_ * es()) : nullptr;
+    // Where the kernel reads its inputs in pairs of rows (few_rows_paired), they are laid out so
+    // once, each expert's from its first pair on.
+    paired_ = few_rows_paired(dt);
+    ldx_ = paired_ ? d : few_rows_input_ld(d, dt, most);
+    lda_ = paired_ ? ff : few_rows_input_ld(ff, dt, most);
+    if (paired_) {
+      xp_ = take_bytes(arena, few_rows_pairs_size(2 * pairs, d) * es());
+      ap_ = take_bytes(arena, few_rows_pairs_size(2 * pairs, ff) * es());
+    } else {
+      xp_ = ldx_ != d ? take_bytes(arena, rows * ldx_ * es()) : nullptr;
+      ap_ = lda_ != ff ? take_bytes(arena, rows * lda_ * es()) : nullptr;
+    }
     const int64_t first = (c_.is_glu ? 2 : 1) * experts;
     if (x.dry()) {  // the list of products is sized here, so that the real run allocates nothing
       if (products.size() < static_cast<size_t>(first + experts)) products.resize(first + experts);
       return;
     }
     int64_t i = 0, j = first;
-    each_few([&](int64_t e, const Rows &r, int64_t o) {
-      const void *xe = xp_ ? xp_ + o * ldx_ * es() : at(a->x, dt, r.in * d);
-      const void *ae = ap_ ? ap_ + o * lda_ * es() : at(a->a, dt, r.begin * ff);
-      products[i++] = {xe, ldx_, at(a->w1, dt, e * ff * d), d, r.n, ff, d, h(r, o), ff};
-      if (c_.is_glu) products[i++] = {xe, ldx_, at(a->w3, dt, e * ff * d), d, r.n, ff, d, g(r, o), ff};
-      products[j++] = {ae, lda_, at(a->w2, dt, e * d * ff), ff, r.n, d, ff, y(r, o), d};
+    each_few([&](int64_t e, const Rows &r, int64_t o, int64_t q) {
+      const void *xe = xp_ ? input(xp_, d, ldx_, o, q) : at(a->x, dt, r.in * d);
+      const void *ae = ap_ ? input(ap_, ff, lda_, o, q) : at(a->a, dt, r.begin * ff);
+      products[i++] = {xe, ldx_, at(a->w1, dt, e * ff * d), d, r.n, ff, d, h(r, o), ff, paired_};
+      if (c_.is_glu) products[i++] = {xe, ldx_, at(a->w3, dt, e * ff * d), d, r.n, ff, d, g(r, o), ff, paired_};
+      products[j++] = {ae, lda_, at(a->w2, dt, e * d * ff), ff, r.n, d, ff, y(r, o), d, paired_};
     });
     XwtBatch hidden(products.data(), first, dt), out(products.data() + first, experts, dt);
 #pragma omp parallel if (hidden.chunks() > 1 && ff * d >= (int64_t{1} << 16))
@@ -423,11 +431,12 @@ class FewExperts {
   }
 
  private:
-  // Row i of expert e, whose rows r are rows [o, o + r.n) of the few experts'.
+  // Row i of expert e, whose rows r are rows [o, o + r.n) of the few experts' and whose pairs
+  // of rows begin at pair q of theirs.
   struct Row {
     int64_t e;
     Rows r;
-    int64_t o, i;
+    int64_t o, q, i;
   };
 
   // The k-th row of the few experts' for ks that only increase (one thread's share of a loop).
@@ -438,24 +447,41 @@ class FewExperts {
       for (;; ++e_) {
         const Rows r = rows_of(f_.c_.a, e_);
         if (!f_.few(r)) continue;
-        if (k < o_ + r.n) return {e_, r, o_, k - o_};
+        if (k < o_ + r.n) return {e_, r, o_, q_, k - o_};
         o_ += r.n;
+        q_ += (r.n + 1) / 2;
       }
     }
 
    private:
     const FewExperts &f_;
-    int64_t e_ = 0, o_ = 0;  // the expert of the last row asked for, and its first row among the few
+    // the expert of the last row asked for, its first row and its first pair among the few
+    int64_t e_ = 0, o_ = 0, q_ = 0;
   };
 
   template <class F>
   void each_few(F &&f) const {
-    for (int64_t e = 0, o = 0; e < c_.a->num_experts; ++e) {
+    for (int64_t e = 0, o = 0, q = 0; e < c_.a->num_experts; ++e) {
       const Rows r = rows_of(c_.a, e);
       if (!few(r)) continue;
-      f(e, r, o);
+      f(e, r, o, q);
       o += r.n;
+      q += (r.n + 1) / 2;
     }
+  }
+
+  // The copied inputs (K elements a row) of the expert whose rows begin at row o and pair q of
+  // the few: in pairs, or rows of stride ld.
+  char *input(char *base, int64_t K, int64_t ld, int64_t o, int64_t q) const {
+    return base + (paired_ ? few_rows_pairs_size(2 * q, K) : o * ld) * es();
+  }
+
+  // Row w of the inputs x or a (K elements of src) into their copy at base.
+  void copy_input(char *base, int64_t K, int64_t ld, const Row &w, const void *src) const {
+    if (paired_)
+      few_rows_pair_row(src, K, w.r.n, w.i, input(base, K, ld, w.o, w.q));
+    else
+      std::memcpy(input(base, K, ld, w.o, w.q) + w.i * ld * es(), src, K * es());
   }
 
   // Float32 rows of expert rows r (at o among the few): h, g and a are the stored ones when wide.
@@ -484,9 +510,7 @@ class FewExperts {
     return reinterpret_cast<char *>((at + kLine - 1) / kLine * kLine);
   }
 
-  void copy_input_row(const Row &w) const {
-    std::memcpy(xp_ + (w.o + w.i) * ldx_ * es(), at(c_.a->x, c_.dt, (w.r.in + w.i) * c_.d), c_.d * es());
-  }
+  void copy_input_row(const Row &w) const { copy_input(xp_, c_.d, ldx_, w, at(c_.a->x, c_.dt, (w.r.in + w.i) * c_.d)); }
 
   // The kernel's sums plus bias, rounded to the layer's dtype and stored; with keep, v is left
   // holding the stored values too (h and g, which the activation reads as stored).
@@ -508,7 +532,7 @@ class FewExperts {
     const Act k = act_of(a);
     activation_forward(k.kind, hr, gr, ar, ff, k.alpha, k.limit);
     finish(ar, nullptr, at(a->a, c_.dt, row * ff), ff, false);  // the W2 product reads a as stored
-    if (ap_) std::memcpy(ap_ + (w.o + w.i) * lda_ * es(), at(a->a, c_.dt, row * ff), ff * es());
+    if (ap_) copy_input(ap_, ff, lda_, w, at(a->a, c_.dt, row * ff));
   }
 
   void output_row(const Row &w) const {
@@ -519,9 +543,9 @@ class FewExperts {
 
   const Call &c_;
   int64_t max_;
-  bool wide_ = false;
+  bool wide_ = false, paired_ = false;
   float *hf_ = nullptr, *gf_ = nullptr, *af_ = nullptr, *yf_ = nullptr;
-  char *xp_ = nullptr, *ap_ = nullptr;  // x and a at strides ldx_ and lda_, where copied
+  char *xp_ = nullptr, *ap_ = nullptr;  // x and a in pairs or at strides ldx_ and lda_, where copied
   int64_t ldx_ = 0, lda_ = 0;
 };
 

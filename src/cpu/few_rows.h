@@ -14,9 +14,11 @@ namespace moe::cpu {
 // and W [N, K] (row stride ldw) in dtype (a moe_dtype: both the same), products and sums in
 // float32, C float32 (row stride ldc). bfloat16 on a CPU with AVX512-BF16 runs on VDPBF16PS,
 // whose pairs are summed in its own order and whose denormal inputs count as zero (as oneDNN's
-// bfloat16 kernels); everything else gives the same bits with or without AVX-512. Threads over
-// N with OpenMP, in chunks handed out first come first served; each output is one thread's sum in
-// a fixed order, so the result does not depend on the thread count or on which thread ran it.
+// bfloat16 kernels), X laid out in pairs of rows first (few_rows_paired) in memory of its own
+// (std::bad_alloc where there is none); everything else gives the same bits with or without
+// AVX-512. Threads over N with OpenMP, in chunks handed out first come first served; each output
+// is one thread's sum in a fixed order, so the result does not depend on the thread count, on
+// which thread ran it or on the other rows of X.
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                   float *C, int64_t ldc);
 
@@ -80,7 +82,18 @@ int64_t few_rows_grad_bf16_scratch(int64_t M, int64_t N, int64_t K);
 void few_rows_grad_bf16(const void *A, int64_t lda, const void *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
                         int64_t N, int64_t K, uint32_t *scratch);
 
-// One product of few_rows_xwt's form.
+// Whether the products of XwtBatch read X of this dtype in pairs of rows (bfloat16 on a CPU with
+// AVX512-BF16, where VDPBF16PS serves two input rows at once): X is then laid out by
+// few_rows_pair_row, in few_rows_pairs_size(M, K) elements, and its row stride is not read.
+// few_rows_xwt lays out its own X.
+bool few_rows_paired(int dtype);
+int64_t few_rows_pairs_size(int64_t M, int64_t K);
+// Row i of M bfloat16 rows (K elements from src) into their pairs layout: in pieces of 16 elements
+// (the last padded with zeros), each next to the same piece of its partner row (i ^ 1); the last
+// row of an odd M has zeros for a partner, written with it.
+void few_rows_pair_row(const void *src, int64_t K, int64_t M, int64_t i, void *pairs);
+
+// One product of few_rows_xwt's form; X in pairs where paired (few_rows_paired(dtype) must say the same).
 struct XwtProduct {
   const void *X;
   int64_t ldx;
@@ -89,6 +102,7 @@ struct XwtProduct {
   int64_t M, N, K;
   float *C;
   int64_t ldc;
+  bool paired = false;
 };
 
 // Several independent products of one dtype as one stream of work, for the threads of a parallel
@@ -96,6 +110,8 @@ struct XwtProduct {
 // thread fetching its next chunk ahead while it computes one, across the products' ends too (a
 // product of its own starts on a cold fetch and ends with a thread waiting for the last chunk).
 // Each output is the same sum as few_rows_xwt's. The products (not copied) must outlive it.
+// Throws std::logic_error, having done nothing, where a product's `paired` is not
+// few_rows_paired(dtype).
 class XwtBatch {
  public:
   XwtBatch(const XwtProduct *products, int64_t count, int dtype);

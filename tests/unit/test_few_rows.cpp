@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -169,6 +170,47 @@ TEST_P(FewRows, InputRowsAtStridesOf4KBGiveTheSameBits) {
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, FewRows, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
                          [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+
+// ---- the pairs layout of few_rows_xwt's bfloat16 inputs ----------------------------------------
+
+// Every element where few_rows_pair_row says (pieces of 16, each next to its partner row's), the
+// tails and the partner of an odd M's last row zero, and nothing past few_rows_pairs_size; the
+// same bytes whichever order the rows are written in.
+TEST(FewRowsPairs, EachRowInPiecesNextToItsPartnerTailsAndPaddingZero) {
+  for (const Shape s : {Shape{1, 0, 16}, Shape{2, 0, 17}, Shape{5, 0, 33}, Shape{6, 0, 1}, Shape{7, 0, 100}}) {
+    const int64_t size = moe::cpu::few_rows_pairs_size(s.M, s.K), pieces = (s.K + 15) / 16;
+    ASSERT_GE(size, (s.M + 1) / 2 * pieces * 32) << shape_name(MOE_DTYPE_BF16, s);
+    std::vector<uint16_t> x(static_cast<size_t>(s.M * s.K));
+    for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<uint16_t>(0x3F80 + i % 1000);
+    const uint16_t sentinel = 0xFFFF;  // a NaN: no row writes it
+    std::vector<uint16_t> forward(static_cast<size_t>(size) + 8, sentinel), backward = forward;
+    for (int64_t i = 0; i < s.M; ++i) moe::cpu::few_rows_pair_row(x.data() + i * s.K, s.K, s.M, i, forward.data());
+    for (int64_t i = s.M - 1; i >= 0; --i)
+      moe::cpu::few_rows_pair_row(x.data() + i * s.K, s.K, s.M, i, backward.data());
+    EXPECT_EQ(forward, backward) << shape_name(MOE_DTYPE_BF16, s);
+    const int64_t stride = size / ((s.M + 1) / 2);
+    for (int64_t m = 0; m < s.M + s.M % 2; ++m)
+      for (int64_t k = 0; k < pieces * 16; ++k) {
+        const uint16_t want = m < s.M && k < s.K ? x[m * s.K + k] : 0;
+        ASSERT_EQ(forward[m / 2 * stride + k / 16 * 32 + m % 2 * 16 + k % 16], want)
+            << shape_name(MOE_DTYPE_BF16, s) << " row " << m << " k " << k;
+      }
+    for (size_t i = static_cast<size_t>(size); i < forward.size(); ++i)
+      ASSERT_EQ(forward[i], sentinel) << "wrote past the size";
+  }
+}
+
+// A product whose X is not in the layout its dtype is read in is refused before any work.
+TEST(FewRowsPairs, BatchRefusesAProductInTheWrongLayout) {
+  std::vector<uint16_t> x(64 * 4, 0x3F80), w(64 * 64, 0x3F80);
+  std::vector<float> c(4 * 64, 7.0f);
+  const bool paired = moe::cpu::few_rows_paired(MOE_DTYPE_BF16);
+  const moe::cpu::XwtProduct wrong{x.data(), 64, w.data(), 64, 4, 64, 64, c.data(), 64, !paired};
+  EXPECT_THROW(moe::cpu::XwtBatch(&wrong, 1, MOE_DTYPE_BF16), std::logic_error);
+  const moe::cpu::XwtProduct f32{x.data(), 32, w.data(), 32, 4, 64, 32, c.data(), 64, true};
+  EXPECT_THROW(moe::cpu::XwtBatch(&f32, 1, MOE_DTYPE_F32), std::logic_error);
+  for (float v : c) ASSERT_EQ(v, 7.0f);
+}
 
 // ---- few_rows_xw: C (+)= X W, W [K, N] read along its rows ---------------------------------------
 
