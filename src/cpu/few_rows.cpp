@@ -30,6 +30,14 @@ constexpr int64_t kGroup = 6;          // input rows per pass over a chunk
 constexpr int kBlockRows = 4;          // weight rows per register block
 constexpr int kBf16Dot = -1;           // the xw_dispatch tag of bfloat16 on VDPBF16PS
 
+// bfloat16 inputs in pairs of rows (few_rows_pair_row; the kernel: pairs_block).
+constexpr int kPairGroup = 6;      // pairs of input rows per pass: 24 accumulators with four weight rows
+constexpr int64_t kPairStep = 16;  // k per step, half a pair's piece
+
+// Elements from a pair to the next: its pieces and 64 bytes more. At a multiple of 4 KB, the
+// pieces a step reads of every pair of a pass would fall into one of L1's sets (as PaddedRows).
+int64_t pair_stride(int64_t K) { return (K + kPairStep - 1) / kPairStep * 2 * kPairStep + 32; }
+
 // Fetching ahead in X W: the thread's next chunk of columns, a row of it at every `every`-th step
 // of k from `phase` on (the passes and tiles over this chunk share its rows).
 struct RowsAhead {
@@ -213,13 +221,6 @@ MOE_AVX512 void avx512_rows(const void *X, int64_t ldx, const void *W, int64_t l
 // pair computes zeros). Lane j of a half sums the pairs
 // (k, k + 1) with k = 16 s + 2 j in order of s; then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 +
 // l7)).
-constexpr int kPairGroup = 6;   // pairs of input rows per pass: 24 accumulators with four weight rows
-constexpr int64_t kPairStep = 16;  // k per step, half a pair's piece
-
-// Elements from a pair to the next: its pieces and 64 bytes more. At a multiple of 4 KB, the
-// pieces a step reads of every pair of a pass would fall into one of L1's sets (as PaddedRows).
-int64_t pair_stride(int64_t K) { return (K + kPairStep - 1) / kPairStep * 2 * kPairStep + 32; }
-
 // The sums of the halves of v[0..3]: lanes 0-3 the first rows' (v[r]'s in lane r), lanes 8-11 the
 // second rows'. Each sum in the order above, whichever lane it is computed in.
 MOE_AVX512 inline __m512 pair_sums(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
