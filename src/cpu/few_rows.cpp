@@ -1,6 +1,7 @@
 #include "cpu/few_rows.h"
 
 #include <immintrin.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <atomic>
@@ -815,11 +816,32 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
 // Zen 4, 6.1 -> 5.65 ms). Each thread claims its next chunk before it computes the one in hand,
 // so that it can fetch that one ahead: f(c, after) computes chunk c, after being the thread's
 // next (none when >= chunks).
+//
+// A claim takes a run of up to kRunChunks consecutive chunks, fewer as the chunks left run out
+// (at most a quarter of them per thread, as OpenMP's guided schedule), so that the threads still
+// finish together. Within a run the bytes a thread fetches ahead follow the ones in hand, and
+// memory sees two long streams rather than the threads' chunks interleaved. (A plain read of 96
+// MB in 128 KB chunks claimed one at a time ran at 0.87-0.93 of one over each thread's half, in 1
+// MB chunks at 0.98-1.07, while memory ran at 53-61 GB/s, 2 cores of an AMD EPYC Zen 4. There,
+// same process, alternated: the kernel against 2 to 6 bfloat16 rows 0.92-0.98 of the time, the
+// forward of 8 tokens, bfloat16, d 1024, d_ff 2048, 0.94-0.97, of 64 tokens 0.91; at ~33 GB/s
+// both within 0.98-1.03, and the training steps of 8 and 64 tokens within 0.98-1.02.)
+constexpr int64_t kRunChunks = 8;
+
 template <class F>
 void claim_chunks(std::atomic<int64_t> &counter, int64_t chunks, F &&f) {
-  int64_t c = counter.fetch_add(1, std::memory_order_relaxed);
+  const int64_t threads = omp_get_num_threads();
+  int64_t end = 0;
+  const auto claim = [&] {
+    const int64_t left = chunks - counter.load(std::memory_order_relaxed);
+    const int64_t run = std::clamp(left / (4 * threads), int64_t{1}, kRunChunks);
+    const int64_t c = counter.fetch_add(run, std::memory_order_relaxed);
+    end = std::min(c + run, chunks);
+    return c;
+  };
+  int64_t c = claim();
   while (c < chunks) {
-    const int64_t after = counter.fetch_add(1, std::memory_order_relaxed);
+    const int64_t after = c + 1 < end ? c + 1 : claim();
     f(c, after);
     c = after;
   }
