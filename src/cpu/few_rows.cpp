@@ -823,9 +823,10 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
 // memory sees two long streams rather than the threads' chunks interleaved. (A plain read of 96
 // MB in 128 KB chunks claimed one at a time ran at 0.87-0.93 of one over each thread's half, in 1
 // MB chunks at 0.98-1.07, while memory ran at 53-61 GB/s, 2 cores of an AMD EPYC Zen 4. There,
-// same process, alternated: the kernel against 2 to 6 bfloat16 rows 0.92-0.98 of the time, the
-// forward of 8 tokens, bfloat16, d 1024, d_ff 2048, 0.94-0.98 (float32 0.96), of 64 tokens 0.91; at ~33 GB/s
-// both within 0.98-1.03, and the training steps of 8 and 64 tokens within 0.98-1.02.)
+// same process, alternated: the kernel against 2 to 6 bfloat16 rows 0.92-0.98 of the time; the
+// forward of 8 tokens, d 1024, d_ff 2048, bfloat16 0.94-0.98, float32 0.96; of 64 tokens,
+// bfloat16, 0.91. At ~33 GB/s both within 0.98-1.02, and the training steps of 8 and 64 tokens
+// within 0.97-1.01.)
 constexpr int64_t kRunChunks = 8;
 
 template <class F>
