@@ -83,7 +83,7 @@ MOE_AVX512 inline __m512 load_tail(const void *p, int64_t k, __mmask16 m) {
 // 4: bfloat16 against 8 rows 0.125-0.129 -> 0.115-0.116 ms, against 16 rows 0.198-0.205 ->
 // 0.195-0.198; float32 against 12 rows 0.302-0.315 -> 0.290-0.291).
 constexpr int64_t kAhead = 512;  // bytes
-MOE_AVX512 inline void prefetch_ahead(const void *row, int64_t byte) {
+inline void prefetch_ahead(const void *row, int64_t byte) {
   _mm_prefetch(static_cast<const char *>(row) + byte + kAhead, _MM_HINT_T0);
 }
 
@@ -99,7 +99,7 @@ struct Ahead {
   int64_t lines = 0;
 };
 
-MOE_AVX512 inline void prefetch_next(Ahead a, int64_t step) {
+inline void prefetch_next(Ahead a, int64_t step) {
   for (int64_t i = 0; i < a.lines; ++i) _mm_prefetch(a.next + (step * a.lines + i) * 64, _MM_HINT_T1);
 }
 
@@ -366,6 +366,121 @@ void avx512_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int
     avx512_dispatch_rows<D, true>(X, ldx, W, ldw, M, n0, n1, K, C, ldc, next, next_bytes);
   else
     avx512_dispatch_rows<D, false>(X, ldx, W, ldw, M, n0, n1, K, C, ldc, next, next_bytes);
+}
+
+// ---- AVX2 + FMA (CPUs without AVX-512): avx512_block's 16 lanes as two registers of 8 -----------
+// Lanes 0-7 in one register, 8-15 in the other, each lane the same fused sum over the same k, then
+// reduce()'s order (lane i + lane i + 8 is the two registers added), so the same bits as the
+// AVX-512 kernel and the portable loop. Sixteen registers hold 2 x R x M accumulators, R weight
+// pieces and an input piece: four weight rows against one input row, two against two or three.
+#define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+template <int D>
+MOE_AVX2 inline __m256 load8(const void *p, int64_t k) {
+  if constexpr (D == MOE_DTYPE_F32) {
+    return _mm256_loadu_ps(static_cast<const float *>(p) + k);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i *>(static_cast<const uint16_t *>(p) + k));
+    if constexpr (D == MOE_DTYPE_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return _mm256_cvtph_ps(h);
+  }
+}
+
+// reduce() of the 16 lanes lo (0-7) and hi (8-15).
+MOE_AVX2 inline float reduce16(__m256 lo, __m256 hi) {
+  const __m256 a = _mm256_add_ps(lo, hi);
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_shuffle_ps(c, c, 1)));
+}
+
+// One step of 16 k of avx2_block: weight rows w and input rows x at k, half by half.
+template <int D, int M, int R, bool kRowsAhead>
+MOE_AVX2 inline void avx2_step(__m256 (&acc)[2][R][M], const void *const *w, const void *const *x, int64_t k) {
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h) {
+    __m256 wv[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if (kRowsAhead && h == 0) prefetch_ahead(w[r], k * static_cast<int64_t>(dtype_size(D)));
+      wv[r] = load8<D>(w[r], k + 8 * h);
+    }
+#pragma GCC unroll 4
+    for (int m = 0; m < M; ++m) {
+      const __m256 xv = load8<D>(x[m], k + 8 * h);
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[h][r][m] = _mm256_fmadd_ps(wv[r], xv, acc[h][r][m]);
+    }
+  }
+}
+
+template <int D, int M, int R, bool kRowsAhead>
+MOE_AVX2 inline void avx2_block(const void *const *x, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
+                                int64_t ldc, Ahead ahead) {
+  const int64_t full = K / 16 * 16;
+  const void *w[R];
+  for (int r = 0; r < R; ++r) w[r] = row<D>(W, n + r, ldw);
+  __m256 acc[2][R][M];
+#pragma GCC unroll 2
+  for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int m = 0; m < M; ++m) acc[h][r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < full; k += 16) {
+    prefetch_next(ahead, k / 16);
+    avx2_step<D, M, R, kRowsAhead>(acc, w, x, k);
+  }
+  if (full < K) {  // the last k through copies padded with zeros (AVX2 has no masked 16-bit load)
+    using E = std::conditional_t<D == MOE_DTYPE_F32, float, uint16_t>;
+    alignas(32) E tw[R][16] = {}, tx[M][16] = {};
+    const size_t bytes = static_cast<size_t>(K - full) * sizeof(E);
+    const void *pw[R], *px[M];
+    for (int r = 0; r < R; ++r) std::memcpy(tw[r], static_cast<const E *>(w[r]) + full, bytes), pw[r] = tw[r];
+    for (int m = 0; m < M; ++m) std::memcpy(tx[m], static_cast<const E *>(x[m]) + full, bytes), px[m] = tx[m];
+    avx2_step<D, M, R, false>(acc, pw, px, 0);
+  }
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < R; ++r) C[m * ldc + n + r] = reduce16(acc[0][r][m], acc[1][r][m]);
+}
+
+template <int D, int M, int R, bool kRowsAhead>
+MOE_AVX2 void avx2_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
+                        float *C, int64_t ldc, const char *next, int64_t next_bytes) {
+  const void *x[M];
+  for (int m = 0; m < M; ++m) x[m] = row<D>(X, m, ldx);
+  constexpr int64_t kStep = 16;
+  // next_bytes spread evenly over the full blocks, whole cache lines per step of k (avx512_rows).
+  const int64_t blocks = (n1 - n0) / R, steps = (K + kStep - 1) / kStep;
+  const int64_t lines = blocks > 0 ? ((next_bytes + 63) / 64 + blocks * steps - 1) / (blocks * steps) : 0;
+  Ahead ahead{next, lines};
+  int64_t n = n0;
+  for (; n + R <= n1; n += R, ahead.next += lines * steps * 64)
+    avx2_block<D, M, R, kRowsAhead>(x, W, ldw, n, K, C, ldc, ahead);
+  for (; n < n1; ++n) avx2_block<D, M, 1, kRowsAhead>(x, W, ldw, n, K, C, ldc, Ahead{});
+}
+
+constexpr int kAvx2Group = 3;  // input rows per pass
+
+template <int D, bool kRowsAhead>
+void avx2_dispatch_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t M, int64_t n0, int64_t n1,
+                        int64_t K, float *C, int64_t ldc, const char *next, int64_t next_bytes) {
+  switch (M) {
+    case 1: return avx2_rows<D, 1, 4, kRowsAhead>(X, ldx, W, ldw, n0, n1, K, C, ldc, next, next_bytes);
+    case 2: return avx2_rows<D, 2, 2, kRowsAhead>(X, ldx, W, ldw, n0, n1, K, C, ldc, next, next_bytes);
+    default: return avx2_rows<D, kAvx2Group, 2, kRowsAhead>(X, ldx, W, ldw, n0, n1, K, C, ldc, next, next_bytes);
+  }
+}
+
+// A pass of up to kAvx2Group input rows over a chunk of weight rows; the first (rows_ahead)
+// fetches each row ahead too.
+template <int D>
+void avx2_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t M, int64_t n0, int64_t n1,
+                   int64_t K, float *C, int64_t ldc, const char *next, int64_t next_bytes, bool rows_ahead) {
+  if (rows_ahead)
+    avx2_dispatch_rows<D, true>(X, ldx, W, ldw, M, n0, n1, K, C, ldc, next, next_bytes);
+  else
+    avx2_dispatch_rows<D, false>(X, ldx, W, ldw, M, n0, n1, K, C, ldc, next, next_bytes);
 }
 
 // ---- X W: weight rows along k, input rows broadcast -----------------------------------------------
@@ -675,6 +790,12 @@ bool have_avx512_bf16() {
   static const bool yes = have_avx512() && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
+// AVX2 with FMA and F16C (every CPU with AVX2 has F16C; checked all the same).
+bool have_avx2() {
+  static const bool yes =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  return yes;
+}
 #else
 bool have_avx512() { return false; }
 bool have_avx512_bf16() { return false; }
@@ -690,6 +811,11 @@ void avx512_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int6
                      int64_t, const char *, int64_t, bool) {}
 void pairs_dispatch(const uint16_t *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                     const char *, int64_t, bool) {}
+constexpr int kAvx2Group = 3;
+template <int D>
+void avx2_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
+                   const char *, int64_t, bool) {}
+bool have_avx2() { return false; }
 #endif
 
 // ---- any CPU: float32 pieces, the same sums in 16 lanes as avx512_block, so both give the same bits
@@ -784,12 +910,12 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
     }
     return;
   }
-  const int64_t passes = (M + kGroup - 1) / kGroup;
-  const bool avx512 = have_avx512();
+  const bool avx512 = have_avx512(), avx2 = !avx512 && have_avx2();
   // kGroup input rows at a time (the accumulators a pass keeps in registers); the chunk of weight
   // rows stays in cache between passes, so memory sees it once. The rows split evenly over the
   // passes (16 as 6 + 5 + 5, not 6 + 6 + 4): a pass of few rows does few products per weight
   // load. The passes share the fetching ahead.
+  const int64_t group = avx2 ? kAvx2Group : kGroup, passes = (M + group - 1) / group;
   for (int64_t p = 0; p < passes; ++p) {
     const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
     const PaddedRows rows(X, ldx, dtype, m0, m, K);
@@ -798,7 +924,14 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
     float *Cg = C + m0 * ldc;
     const int64_t share = (ahead.n + passes - 1) / passes;
     const char *pf = next + p * share;
-    if (!avx512) {
+    if (avx2) {
+      if (dtype == MOE_DTYPE_BF16)
+        avx2_dispatch<MOE_DTYPE_BF16>(Xg, ldg, W, ldw, m, r.begin, r.end, K, Cg, ldc, pf, share, p == 0);
+      else if (dtype == MOE_DTYPE_F16)
+        avx2_dispatch<MOE_DTYPE_F16>(Xg, ldg, W, ldw, m, r.begin, r.end, K, Cg, ldc, pf, share, p == 0);
+      else
+        avx2_dispatch<MOE_DTYPE_F32>(Xg, ldg, W, ldw, m, r.begin, r.end, K, Cg, ldc, pf, share, p == 0);
+    } else if (!avx512) {
       generic_rows(Xg, ldg, W, ldw, dtype, m, r.begin, r.end, K, Cg, ldc);
     } else if (dtype == MOE_DTYPE_BF16) {
       avx512_dispatch<MOE_DTYPE_BF16>(Xg, ldg, W, ldw, m, r.begin, r.end, K, Cg, ldc, pf, share, p == 0);
@@ -880,8 +1013,9 @@ class Cursor {
 };
 
 // ---- any CPU: C (+)= X W in the AVX-512 tiles' order (k in order, one fused multiply-add each)
-void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
-                int64_t K, float *C, int64_t ldc, bool accumulate) {
+__attribute__((always_inline)) inline void generic_xw_loop(const void *X, int64_t ldx, const void *W, int64_t ldw,
+                                                           int dtype, int64_t M, int64_t n0, int64_t n1, int64_t K,
+                                                           float *C, int64_t ldc, bool accumulate) {
   constexpr int64_t kPiece = 256;
   float acc[kPiece], wf[kPiece];
   for (int64_t n = n0; n < n1; n += kPiece) {
@@ -898,6 +1032,23 @@ void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtyp
       for (int64_t j = 0; j < len; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
     }
   }
+}
+
+// The loops above compiled for AVX2 with FMA, which vectorises them (each column's sum is the
+// same fused one, so the same bits); without, every std::fma is a call into libm.
+#ifdef MOE_AVX2
+MOE_AVX2 void generic_xw_avx2(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0,
+                              int64_t n1, int64_t K, float *C, int64_t ldc, bool accumulate) {
+  generic_xw_loop(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
+}
+#endif
+
+void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
+                int64_t K, float *C, int64_t ldc, bool accumulate) {
+#ifdef MOE_AVX2
+  if (have_avx2()) return generic_xw_avx2(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
+#endif
+  generic_xw_loop(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
 }
 
 // Columns per chunk of X W: at most kChunkBytes of the K rows' pieces, whole 16-column vectors
@@ -946,8 +1097,9 @@ void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, 
 }
 
 // ---- any CPU: G += A^T B in grad_tile's order
-void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
-                  int64_t j0, int64_t j1, int64_t K) {
+__attribute__((always_inline)) inline void generic_grad_loop(const float *A, int64_t lda, const float *B, int64_t ldb,
+                                                             int64_t M, void *G, int64_t ldg, int dtype, int64_t j0,
+                                                             int64_t j1, int64_t K) {
   constexpr int64_t kPiece = 256;
   float acc[kPiece], buf[kPiece];
   for (int64_t j = j0; j < j1; ++j)
@@ -963,6 +1115,22 @@ void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int6
       for (int64_t i = 0; i < len; ++i) buf[i] += acc[i];
       narrow(g, dtype, buf, len);
     }
+}
+
+// As generic_xw: compiled for AVX2 with FMA where the CPU has them.
+#ifdef MOE_AVX2
+MOE_AVX2 void generic_grad_avx2(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G,
+                                int64_t ldg, int dtype, int64_t j0, int64_t j1, int64_t K) {
+  generic_grad_loop(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
+}
+#endif
+
+void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
+                  int64_t j0, int64_t j1, int64_t K) {
+#ifdef MOE_AVX2
+  if (have_avx2()) return generic_grad_avx2(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
+#endif
+  generic_grad_loop(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
 }
 
 }  // namespace

@@ -15,10 +15,12 @@ namespace moe::cpu {
 // float32, C float32 (row stride ldc). bfloat16 on a CPU with AVX512-BF16 runs on VDPBF16PS,
 // whose pairs are summed in its own order and whose denormal inputs count as zero (as oneDNN's
 // bfloat16 kernels), X laid out in pairs of rows first (few_rows_paired) in memory of its own
-// (std::bad_alloc where there is none); everything else gives the same bits with or without
-// AVX-512. Threads over N with OpenMP, in chunks handed out first come first served; each output
-// is one thread's sum in a fixed order, so the result does not depend on the thread count, on
-// which thread ran it or on the other rows of X.
+// (std::bad_alloc where there is none). Everything else is summed in one order, so the same bits
+// with AVX-512, with AVX2 or with neither: 16 lanes, lane j the fused sum over k = j, j + 16, ...
+// in order, then the halves added pairwise (lane i + lane i + 8, then + 4, + 2, + 1). Threads
+// over N with OpenMP, in chunks handed out first come first served; each output is one thread's
+// sum in a fixed order, so the result does not depend on the thread count, on which thread ran
+// it or on the other rows of X.
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
                   float *C, int64_t ldc);
 

@@ -266,8 +266,21 @@ const SmallRows &small_rows() {
   //    time; with the kernel up to 64 rows, 64 tokens 1.02-1.03 and 128 tokens 1.05-1.06 (each
   //    element of G read, summed and rounded in registers costs as much as 16 rows of products).
   //  - Intel: not measured; oneDNN throughout.
-  //  Elsewhere (AMD CPUs without AVX-512 among them, where the kernel has only its portable
-  //  loop) the Intel choice.
+  //  - CPUs with AVX2 but not AVX-512, where the few-rows kernels run on AVX2 (few_rows_xwt) or
+  //    are their portable loops compiled for AVX2 (few_rows_xw, few_rows_grad): measured in the
+  //    layer on 2 cores of an AMD EPYC (Zen 3, no AVX-512), d 1024, d_ff 2048, 8 experts, top-2,
+  //    same-process A/B, caches flushed between calls. Forward, float32, few-rows kernel up to 8
+  //    rows against 4: 16, 32, 64, 128 tokens 0.82, 0.96, 1.01, 0.99 of the time (up to 16: 0.82,
+  //    0.89, 1.08); W X^T up to 64 rows against X W^T: 0.90-0.94 at 16 to 64 tokens, 1.02 at 128. bfloat16
+  //    (widened to float32 for oneDNN: no bfloat16 GEMM on AVX2), the kernel up to 32 rows
+  //    against 8: 32, 64, 128 tokens 0.70, 0.84, 1.02 (up to 64: 1.15 at 128). Training step,
+  //    float32 weight gradients on few_rows_grad up to 4 rows: 8, 16, 32, 64 tokens 0.82, 0.96,
+  //    0.98, 1.02 (up to 8 or 16 rows: 0.81-0.90 at 32 tokens in one run, 1.09 in another);
+  //    few_rows_xw for dY W2 and dH W1 up to 16 or 64 rows 1.4-2.3x the time (oneDNN throughout);
+  //    the router on the few-rows kernels 0.97-1.02 (left on oneDNN). Intel CPUs without AVX-512
+  //    take the same, unmeasured.
+  //  Elsewhere (no AVX2: the portable loops, a libm call per multiply-add) oneDNN but for float32
+  //  W X^T; and Intel CPUs with AVX-512 as above.
   // The router's logits X Wr^T (float32, N = experts: oneDNN's matmul is slow with so few
   // columns), the few-rows kernel over slices of tokens (gate.cpp) / oneDNN, microseconds, AMD
   // EPYC (Zen 4), 2 cores, d 1024: 8 experts T 1 0.8 / 2.0, T 64 11.5-12.9 / 22-40, T 512 53-118
@@ -277,11 +290,17 @@ const SmallRows &small_rows() {
   // 56356. Their input gradient G Wr (K = experts), few_rows_xw / oneDNN, d 1024, 8 experts: T 1
   // 0.9 / 5-620, T 8 2.4 / 6.6-7.2, T 64 19 / 20 (a training step of one token 0.97-1.00 of the
   // time).
-  static const SmallRows rows = is_amd() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                        __builtin_cpu_supports("avx512vl")
-                                    ? SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0,
-                                                true}
-                                    : SmallRows{4, 8, 64, 0, 0, 0, 0, false};
+  static const SmallRows rows = [] {
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512vl");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx512 && is_amd())
+      return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
+    if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
+    if (avx2) return SmallRows{8, 32, 64, 0, 0, 4, 0, false};
+    return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
+  }();
   return rows;
 }
 

@@ -115,6 +115,31 @@ TEST_P(FewRows, SumsMatchFloat64WithinFloat32Rounding) {
   }
 }
 
+// The documented order, written out: 16 lanes, lane j the fused sum over k = j, j + 16, ... in
+// order, then the halves added pairwise (lane i + lane i + 8, then + 4, + 2, + 1). Bit for bit,
+// so the AVX-512 kernel, the AVX2 one and the portable loop agree wherever each runs (this CPU
+// runs the first it has). bfloat16 on VDPBF16PS sums pairs in the instruction's own order
+// (FewRows.SumsMatchFloat64WithinFloat32Rounding covers it there).
+TEST_P(FewRows, EachSumIsSixteenFusedLanesAddedPairwise) {
+  const int dt = GetParam();
+  if (dt == MOE_DTYPE_BF16 && __builtin_cpu_supports("avx512bf16"))
+    GTEST_SKIP() << "bfloat16 runs on VDPBF16PS on this CPU: pairs summed in its own order";
+  uint64_t seed = 50;
+  for (const Shape &s : kShapes) {
+    const Operands op(dt, s, seed++);
+    const std::vector<float> c = op.run();
+    for (int64_t m = 0; m < s.M; ++m)
+      for (int64_t n = 0; n < s.N; ++n) {
+        float lanes[16] = {};
+        for (int64_t k = 0; k < s.K; ++k)
+          lanes[k % 16] = std::fma(op.w[n * op.ldw + k], op.x[m * op.ldx + k], lanes[k % 16]);
+        for (int width = 8; width >= 1; width /= 2)
+          for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+        ASSERT_EQ(c[m * op.ldc + n], lanes[0]) << shape_name(dt, s) << " at (" << m << ", " << n << ")";
+      }
+  }
+}
+
 TEST_P(FewRows, EachOutputIsTheSameSumAloneOrAmongOthers) {
   const int dt = GetParam();
   uint64_t seed = 100;
