@@ -28,9 +28,10 @@ struct Shape {
 };
 
 // Shapes that end in every tail: M past a group of six, N past a block of four, K past a step; and
-// rows long enough (K 9000) that a chunk holds only 4 (float32) or 12 (16-bit) of them, so each
-// thread runs many chunks, each fetched ahead while the one before computes; and N 4100 of short
-// rows, 65 chunks of 64, which the threads claim in runs of up to eight ending in a run of one.
+// rows long enough (K 9000) that a chunk holds only 4 (float32) or 4 to 12 (16-bit, by the size
+// of L2) of them, so each thread runs many chunks, each fetched ahead while the one before
+// computes; and N 4100 of short rows, 65 chunks of 64, which the threads claim in runs of up to
+// eight ending in a run of one.
 const Shape kShapes[] = {{1, 1, 1},    {1, 5, 17},    {2, 4, 32},     {3, 67, 33},  {5, 130, 100}, {6, 64, 1024},
                          {7, 9, 31},   {13, 70, 64},  {24, 131, 257}, {25, 8, 16},  {4, 3, 48},    {12, 257, 95},
                          {14, 67, 9000}, {2, 4100, 64}};
@@ -164,7 +165,7 @@ TEST_P(FewRows, EachOutputIsTheSameSumAloneOrAmongOthers) {
 
 TEST_P(FewRows, SameBitsForAnyThreadCount) {
   const int dt = GetParam();
-  // 16 chunks of 64 weight rows; of long rows 25 chunks of 4 (float32) or 9 of 12 (16-bit); and
+  // 16 chunks of 64 weight rows; of long rows 25 chunks of 4 (float32) or 9 to 25 (16-bit); and
   // 65 chunks of 64, claimed in runs: several per thread, in whatever order the threads come.
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}, Shape{3, 4100, 64}}) {
     const Operands op(dt, s, 7);
