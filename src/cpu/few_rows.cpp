@@ -923,10 +923,10 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
     return;
   }
   const bool avx512 = have_avx512(), avx2 = !avx512 && have_avx2();
-  // kGroup input rows at a time (the accumulators a pass keeps in registers); the chunk of weight
-  // rows stays in cache between passes, so memory sees it once. The rows split evenly over the
-  // passes (16 as 6 + 5 + 5, not 6 + 6 + 4): a pass of few rows does few products per weight
-  // load. The passes share the fetching ahead.
+  // kGroup input rows at a time (kAvx2Group on AVX2: the accumulators a pass keeps in registers);
+  // the chunk of weight rows stays in cache between passes, so memory sees it once. The rows
+  // split evenly over the passes (16 as 6 + 5 + 5, not 6 + 6 + 4): a pass of few rows does few
+  // products per weight load. The passes share the fetching ahead.
   const int64_t group = avx2 ? kAvx2Group : kGroup, passes = (M + group - 1) / group;
   for (int64_t p = 0; p < passes; ++p) {
     const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
