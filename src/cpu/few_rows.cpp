@@ -1,5 +1,6 @@
 #include "cpu/few_rows.h"
 
+#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <unistd.h>
@@ -802,10 +803,14 @@ bool have_avx512_bf16() {
   static const bool yes = have_avx512() && __builtin_cpu_supports("avx512bf16");
   return yes;
 }
-// AVX2 with FMA and F16C (every CPU with AVX2 has F16C; checked all the same).
+// AVX2 with FMA and F16C (every CPU with AVX2 has F16C; checked all the same, through CPUID:
+// clang's __builtin_cpu_supports does not know "f16c").
 bool have_avx2() {
-  static const bool yes =
-      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
+  }();
   return yes;
 }
 #else
