@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include "core/half.h"
@@ -915,9 +916,9 @@ class PaddedRows {
 // C's columns r (weight rows r) on the calling thread, the bytes `ahead` (its next chunk) fetched
 // into L2 meanwhile.
 void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, RowRange r, int64_t K,
-              float *C, int64_t ldc, Bytes ahead) {
+              float *C, int64_t ldc, Bytes ahead, FewRowsIsa isa) {
   const char *next = static_cast<const char *>(ahead.p);
-  if (few_rows_paired(dtype)) {  // X in pairs: kPairGroup pairs a pass, split evenly as below
+  if (few_rows_paired(dtype, isa)) {  // X in pairs: kPairGroup pairs a pass, split evenly as below
     const int64_t pairs = (M + 1) / 2, passes = (pairs + kPairGroup - 1) / kPairGroup;
     for (int64_t p = 0; p < passes; ++p) {
       const int64_t g0 = pairs * p / passes, g1 = pairs * (p + 1) / passes;
@@ -927,7 +928,7 @@ void xwt_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype,
     }
     return;
   }
-  const bool avx512 = have_avx512(), avx2 = !avx512 && have_avx2();
+  const bool avx512 = isa == FewRowsIsa::avx512, avx2 = isa == FewRowsIsa::avx2;
   // kGroup input rows at a time (kAvx2Group on AVX2: the accumulators a pass keeps in registers);
   // the chunk of weight rows stays in cache between passes, so memory sees it once. The rows
   // split evenly over the passes (16 as 6 + 5 + 5, not 6 + 6 + 4): a pass of few rows does few
@@ -1061,9 +1062,11 @@ MOE_AVX2 void generic_xw_avx2(const void *X, int64_t ldx, const void *W, int64_t
 #endif
 
 void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
-                int64_t K, float *C, int64_t ldc, bool accumulate) {
+                int64_t K, float *C, int64_t ldc, bool accumulate, bool avx2) {
 #ifdef MOE_AVX2
-  if (have_avx2()) return generic_xw_avx2(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
+  if (avx2) return generic_xw_avx2(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
+#else
+  (void)avx2;
 #endif
   generic_xw_loop(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
 }
@@ -1078,12 +1081,13 @@ int64_t xw_chunk_cols(int dtype, int64_t K) {
 // Columns r of C on the calling thread, MR rows a pass (evenly split, as xwt_rows), the columns
 // `next` (the thread's next chunk) fetched into L2 meanwhile, a row of them at a time.
 void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, RowRange r, int64_t K,
-             float *C, int64_t ldc, bool accumulate, RowRange next) {
+             float *C, int64_t ldc, bool accumulate, RowRange next, FewRowsIsa isa) {
   const int64_t passes = (M + kGroup - 1) / kGroup;
-  if (!have_avx512()) {
+  if (isa != FewRowsIsa::avx512) {
     for (int64_t p = 0; p < passes; ++p) {
       const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
-      generic_xw(elem_at(X, dtype, m0 * ldx), ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate);
+      generic_xw(elem_at(X, dtype, m0 * ldx), ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate,
+                 isa == FewRowsIsa::avx2);
     }
     return;
   }
@@ -1143,14 +1147,31 @@ MOE_AVX2 void generic_grad_avx2(const float *A, int64_t lda, const float *B, int
 #endif
 
 void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
-                  int64_t j0, int64_t j1, int64_t K) {
+                  int64_t j0, int64_t j1, int64_t K, bool avx2) {
 #ifdef MOE_AVX2
-  if (have_avx2()) return generic_grad_avx2(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
+  if (avx2) return generic_grad_avx2(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
+#else
+  (void)avx2;
 #endif
   generic_grad_loop(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
 }
 
+// Refuses a level the CPU lacks, before any work.
+void check_isa(FewRowsIsa isa) {
+  if (isa > few_rows_best_isa())
+    throw std::invalid_argument("few_rows: instruction set " + std::to_string(static_cast<int>(isa)) +
+                                " asked for, this CPU has up to " +
+                                std::to_string(static_cast<int>(few_rows_best_isa())));
+}
+
 }  // namespace
+
+FewRowsIsa few_rows_best_isa() {
+  static const FewRowsIsa best = have_avx512() ? FewRowsIsa::avx512
+                                 : have_avx2() ? FewRowsIsa::avx2
+                                               : FewRowsIsa::portable;
+  return best;
+}
 
 int64_t few_rows_input_ld(int64_t ld, int dtype, int64_t M) {
   const int64_t es = static_cast<int64_t>(dtype_size(dtype));
@@ -1159,10 +1180,12 @@ int64_t few_rows_input_ld(int64_t ld, int dtype, int64_t M) {
   return have_avx512() && M > 8 - kBlockRows && (ld * es) % 4096 == 0 ? ld + 64 / es : ld;
 }
 
-XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype) : p_(products), count_(count), dtype_(dtype) {
+XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype, FewRowsIsa isa)
+    : p_(products), count_(count), dtype_(dtype), isa_(isa) {
+  check_isa(isa);
   const Cursor c(products, count, dtype);
   for (int64_t i = 0; i < count; ++i) {
-    if (products[i].paired != few_rows_paired(dtype) && c.chunks_of(i) > 0)
+    if (products[i].paired != few_rows_paired(dtype, isa) && c.chunks_of(i) > 0)
       throw std::logic_error("XwtBatch: a product's X is not in the layout its dtype is read in (few_rows_paired)");
     chunks_ += c.chunks_of(i);
   }
@@ -1174,11 +1197,13 @@ void XwtBatch::drain() {
     RowRange r, rn;
     const XwtProduct *p = cursor.find(c, &r), *q = cursor.find(after, &rn);
     const Bytes next = q ? bytes_of_rows(q->W, q->ldw, dtype_, rn) : Bytes{};
-    xwt_rows(p->X, p->ldx, p->W, p->ldw, dtype_, p->M, r, p->K, p->C, p->ldc, next);
+    xwt_rows(p->X, p->ldx, p->W, p->ldw, dtype_, p->M, r, p->K, p->C, p->ldc, next, isa_);
   });
 }
 
-bool few_rows_paired(int dtype) { return dtype == MOE_DTYPE_BF16 && have_avx512_bf16(); }
+bool few_rows_paired(int dtype, FewRowsIsa isa) {
+  return dtype == MOE_DTYPE_BF16 && isa == FewRowsIsa::avx512 && have_avx512_bf16();
+}
 
 int64_t few_rows_pairs_size(int64_t M, int64_t K) { return (M + 1) / 2 * pair_stride(K); }
 
@@ -1196,20 +1221,22 @@ void few_rows_pair_row(const void *src, int64_t K, int64_t M, int64_t i, void *p
 }
 
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
-                  float *C, int64_t ldc) {
+                  float *C, int64_t ldc, FewRowsIsa isa) {
+  check_isa(isa);
   std::vector<uint16_t> pairs;
-  if (few_rows_paired(dtype) && M > 0) {
+  if (few_rows_paired(dtype, isa) && M > 0) {
     pairs.resize(static_cast<size_t>(few_rows_pairs_size(M, K)));
     for (int64_t i = 0; i < M; ++i) few_rows_pair_row(elem_at(X, dtype, i * ldx), K, M, i, pairs.data());
   }
   const XwtProduct p{pairs.empty() ? X : pairs.data(), ldx, W, ldw, M, N, K, C, ldc, !pairs.empty()};
-  XwtBatch batch(&p, 1, dtype);
+  XwtBatch batch(&p, 1, dtype, isa);
 #pragma omp parallel if (batch.chunks() > 1 && N * K >= (int64_t{1} << 16))
   batch.drain();
 }
 
 void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
-                 float *C, int64_t ldc, bool accumulate) {
+                 float *C, int64_t ldc, bool accumulate, FewRowsIsa isa) {
+  check_isa(isa);
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {  // empty sums
     for (int64_t m = 0; m < M; ++m)
@@ -1221,17 +1248,18 @@ void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dty
   auto range = [&](int64_t c) { return c < chunks ? RowRange{c * cols, std::min(N, (c + 1) * cols)} : RowRange{}; };
 #pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))
   claim_chunks(claimed, chunks, [&](int64_t c, int64_t after) {
-    xw_cols(X, ldx, W, ldw, dtype, M, range(c), K, C, ldc, accumulate, range(after));
+    xw_cols(X, ldx, W, ldw, dtype, M, range(c), K, C, ldc, accumulate, range(after), isa);
   });
 }
 
 void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
-                   int64_t N, int64_t K) {
+                   int64_t N, int64_t K, FewRowsIsa isa) {
   const GradProduct p{A, lda, B, ldb, M, G, ldg, N, K};
-  few_rows_grads(&p, 1, dtype);
+  few_rows_grads(&p, 1, dtype, isa);
 }
 
-void few_rows_grads(const GradProduct *products, int64_t count, int dtype) {
+void few_rows_grads(const GradProduct *products, int64_t count, int dtype, FewRowsIsa isa) {
+  check_isa(isa);
   auto chunks_of = [&](const GradProduct &q) {
     if (q.M <= 0 || q.N <= 0 || q.K <= 0) return int64_t{0};
     const int64_t rows = chunk_rows(dtype, q.ldg);
@@ -1257,7 +1285,7 @@ void few_rows_grads(const GradProduct *products, int64_t count, int dtype) {
     chunks += n;
     work += n > 0 ? products[i].N * products[i].K : 0;
   }
-  const bool avx512 = have_avx512();
+  const bool avx512 = isa == FewRowsIsa::avx512, avx2 = isa == FewRowsIsa::avx2;
   std::atomic<int64_t> claimed{0};
 #pragma omp parallel if (chunks > 1 && work >= (int64_t{1} << 16))
   claim_chunks(claimed, chunks, [&](int64_t c, int64_t after) {
@@ -1268,7 +1296,7 @@ void few_rows_grads(const GradProduct *products, int64_t count, int dtype) {
       grad_rows(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K,
                 static_cast<const char *>(ahead.p), ahead.n);
     else
-      generic_grad(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K);
+      generic_grad(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K, avx2);
   });
 }
 

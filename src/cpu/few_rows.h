@@ -10,6 +10,15 @@
 
 namespace moe::cpu {
 
+// The instruction sets the kernels below may use, each including the ones before it. They run on
+// the best the CPU has (few_rows_best_isa) unless a caller names a lower one: each level gives the
+// same bits as the others wherever a kernel documents its order of sums, so tests run every level
+// on one CPU. avx512 includes AVX512-BF16 where the CPU has it (bfloat16 then sums pairs in
+// VDPBF16PS's own order). Naming a level the CPU lacks throws std::invalid_argument, having done
+// nothing.
+enum class FewRowsIsa { portable, avx2, avx512 };
+FewRowsIsa few_rows_best_isa();
+
 // C[m, n] = sum_k X[m, k] W[n, k] for m < M, n < N: X [M, K] (row stride ldx)
 // and W [N, K] (row stride ldw) in dtype (a moe_dtype: both the same), products and sums in
 // float32, C float32 (row stride ldc). bfloat16 on a CPU with AVX512-BF16 runs on VDPBF16PS,
@@ -22,7 +31,7 @@ namespace moe::cpu {
 // sum in a fixed order, so the result does not depend on the thread count, on which thread ran
 // it or on the other rows of X.
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
-                  float *C, int64_t ldc);
+                  float *C, int64_t ldc, FewRowsIsa isa = few_rows_best_isa());
 
 // The row stride (in elements of dtype) at which few_rows_xwt reads M input rows of stride ld at
 // full speed: ld, or 64 bytes more where M > 4, ld's bytes are a multiple of 4 KB and the CPU has
@@ -42,7 +51,7 @@ int64_t few_rows_input_ld(int64_t ld, int dtype, int64_t M);
 // chunks of columns handed out first come first served, each thread fetching its next chunk into
 // L2. (oneDNN's GEMMs run these at 16 rows at half the multiply-add rate; see gemm.cpp.)
 void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,
-                 float *C, int64_t ldc, bool accumulate);
+                 float *C, int64_t ldc, bool accumulate, FewRowsIsa isa = few_rows_best_isa());
 
 // G[j, k] += sum_m A[m, j] B[m, k] for j < N, k < K: A [M, N] and B [M, K] float32 (row strides lda,
 // ldb), G [N, K] in dtype (row stride ldg): the weight gradients of experts with few rows (dW1 +=
@@ -51,7 +60,7 @@ void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dty
 // any thread count: threads over G's rows, in chunks handed out first come first served, each
 // thread fetching its next chunk into L2.
 void few_rows_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
-                   int64_t N, int64_t K);
+                   int64_t N, int64_t K, FewRowsIsa isa = few_rows_best_isa());
 
 // One weight gradient of few_rows_grads: G += A^T B, with few_rows_grad's arguments.
 struct GradProduct {
@@ -71,7 +80,7 @@ struct GradProduct {
 // (float32 training step of 1, 8 and 64 tokens, d 1024, d_ff 2048, 8 experts, top-2, 2 cores of
 // an AMD EPYC Zen 4: 0.99 of the time, the median of six same-process A/B runs, each 0.97-1.02).
 // No G may overlap another G, an A or a B.
-void few_rows_grads(const GradProduct *products, int64_t count, int dtype);
+void few_rows_grads(const GradProduct *products, int64_t count, int dtype, FewRowsIsa isa = few_rows_best_isa());
 
 // few_rows_grad for bfloat16 A [M, N], B [M, K] and G [N, K] (a bfloat16 layer's weight gradients
 // from its stored dH, dY, a and x), on VDPBF16PS: the sums over m run over pairs of rows (m, m + 1)
@@ -84,18 +93,19 @@ int64_t few_rows_grad_bf16_scratch(int64_t M, int64_t N, int64_t K);
 void few_rows_grad_bf16(const void *A, int64_t lda, const void *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
                         int64_t N, int64_t K, uint32_t *scratch);
 
-// Whether the products of XwtBatch read X of this dtype in pairs of rows (bfloat16 on a CPU with
-// AVX512-BF16, where VDPBF16PS serves two input rows at once): X is then laid out by
+// Whether the products of XwtBatch read X of this dtype in pairs of rows (bfloat16 at the avx512
+// level on a CPU with AVX512-BF16, where VDPBF16PS serves two input rows at once): X is then laid out by
 // few_rows_pair_row, in few_rows_pairs_size(M, K) elements, and its row stride is not read.
 // few_rows_xwt lays out its own X.
-bool few_rows_paired(int dtype);
+bool few_rows_paired(int dtype, FewRowsIsa isa = few_rows_best_isa());
 int64_t few_rows_pairs_size(int64_t M, int64_t K);
 // Row i of M bfloat16 rows (K elements from src) into their pairs layout: in pieces of 16 elements
 // (the last padded with zeros), each next to the same piece of its partner row (i ^ 1); the last
 // row of an odd M has zeros for a partner, written with it.
 void few_rows_pair_row(const void *src, int64_t K, int64_t M, int64_t i, void *pairs);
 
-// One product of few_rows_xwt's form; X in pairs where paired (few_rows_paired(dtype) must say the same).
+// One product of few_rows_xwt's form; X in pairs where paired (few_rows_paired(dtype, isa) must
+// say the same, isa the batch's).
 struct XwtProduct {
   const void *X;
   int64_t ldx;
@@ -113,10 +123,10 @@ struct XwtProduct {
 // product of its own starts on a cold fetch and ends with a thread waiting for the last chunk).
 // Each output is the same sum as few_rows_xwt's. The products (not copied) must outlive it.
 // Throws std::logic_error, having done nothing, where a product's `paired` is not
-// few_rows_paired(dtype).
+// few_rows_paired(dtype, isa).
 class XwtBatch {
  public:
-  XwtBatch(const XwtProduct *products, int64_t count, int dtype);
+  XwtBatch(const XwtProduct *products, int64_t count, int dtype, FewRowsIsa isa = few_rows_best_isa());
   // Chunks in all: more than one is worth a team of threads.
   int64_t chunks() const { return chunks_; }
   // Called by each thread of a region (or by one thread alone): computes chunks until none is
@@ -128,6 +138,7 @@ class XwtBatch {
   const XwtProduct *p_;
   int64_t count_;
   int dtype_;
+  FewRowsIsa isa_;
   int64_t chunks_ = 0;
   std::atomic<int64_t> next_{0};
 };

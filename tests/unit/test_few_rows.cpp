@@ -5,6 +5,8 @@
 // a weight row inside a block of four or on its own, and for any thread count. few_rows_xw, the
 // backward's products along a weight's rows, and few_rows_grad, its weight gradients (alone or
 // several as one stream): bit for bit their documented order of sums; few_rows_grad_bf16 (bfloat16 on VDPBF16PS) exact on integers.
+// Each suite runs at every instruction set level the CPU has (AVX-512, AVX2, portable), so one
+// CPU checks every kernel it can run; the levels it lacks report themselves skipped.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -13,14 +15,24 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <ostream>
+#include <tuple>
 #include <vector>
 
 #include "cpu/few_rows.h"
 #include "support/half.h"
 #include "support/random.h"
 
+namespace moe::cpu {
+// How GoogleTest prints a level in a test's parameters.
+void PrintTo(FewRowsIsa isa, std::ostream *os) {
+  *os << (isa == FewRowsIsa::avx512 ? "avx512" : isa == FewRowsIsa::avx2 ? "avx2" : "portable");
+}
+}  // namespace moe::cpu
+
 namespace {
 
+using moe::cpu::FewRowsIsa;
 using moe_test::Rng;
 
 struct Shape {
@@ -47,14 +59,15 @@ struct Stored {
 // Operands of one shape in dtype, with row strides past their widths.
 struct Operands {
   int dtype;
+  FewRowsIsa isa;
   Shape s;
   int64_t ldx, ldw, ldc;
   Rng rng;
   Stored x, w;
 
   // x_stride: X's row stride, 0 for K + 3.
-  Operands(int dt, Shape sh, uint64_t seed, int64_t x_stride = 0)
-      : dtype(dt), s(sh), ldx(x_stride ? x_stride : sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2), rng(seed),
+  Operands(int dt, FewRowsIsa level, Shape sh, uint64_t seed, int64_t x_stride = 0)
+      : dtype(dt), isa(level), s(sh), ldx(x_stride ? x_stride : sh.K + 3), ldw(sh.K + 5), ldc(sh.N + 2), rng(seed),
         x(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f)),
         w(dt, rng.nonzeros(static_cast<size_t>(s.N * ldw), 0.5f)) {}
   // C of the kernel over rows [m0, m0 + rows) of X and weight rows [n0, n0 + cols), into a
@@ -63,13 +76,35 @@ struct Operands {
     std::vector<float> c(static_cast<size_t>(s.M * ldc), std::nanf(""));
     const size_t es = moe_test::dtype_size(dtype);
     moe::cpu::few_rows_xwt(x.bytes.data() + m0 * ldx * es, ldx, w.bytes.data() + n0 * ldw * es, ldw, dtype, rows, cols, s.K,
-                           c.data() + m0 * ldc + n0, ldc);
+                           c.data() + m0 * ldc + n0, ldc, isa);
     return c;
   }
   std::vector<float> run() const { return run(0, s.M, 0, s.N); }
 };
 
 std::string name(int dtype) { return dtype == MOE_DTYPE_F32 ? "float32" : dtype == MOE_DTYPE_BF16 ? "bfloat16" : "float16"; }
+std::string name(FewRowsIsa isa) {
+  return isa == FewRowsIsa::avx512 ? "avx512" : isa == FewRowsIsa::avx2 ? "avx2" : "portable";
+}
+
+// A dtype and an instruction set level: the parameters of the suites below, which skip the levels
+// the CPU lacks.
+using Kernel = std::tuple<int, FewRowsIsa>;
+
+class KernelTest : public ::testing::TestWithParam<Kernel> {
+ protected:
+  void SetUp() override {
+    if (isa() > moe::cpu::few_rows_best_isa()) GTEST_SKIP() << "this CPU has no " << name(isa());
+  }
+  int dtype() const { return std::get<0>(GetParam()); }
+  FewRowsIsa isa() const { return std::get<1>(GetParam()); }
+};
+
+const auto kKernels = ::testing::Combine(::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
+                                         ::testing::Values(FewRowsIsa::avx512, FewRowsIsa::avx2, FewRowsIsa::portable));
+std::string kernel_name(const ::testing::TestParamInfo<Kernel> &i) {
+  return name(std::get<0>(i.param)) + "_" + name(std::get<1>(i.param));
+}
 
 // run() (a kernel's whole output) at one thread and at three: the same bits.
 template <class Run>
@@ -88,13 +123,13 @@ std::string shape_name(int dt, const Shape &s) {
   return name(dt) + " M " + std::to_string(s.M) + " N " + std::to_string(s.N) + " K " + std::to_string(s.K);
 }
 
-class FewRows : public ::testing::TestWithParam<int> {};
+class FewRows : public KernelTest {};
 
 TEST_P(FewRows, SumsMatchFloat64WithinFloat32Rounding) {
-  const int dt = GetParam();
+  const int dt = dtype();
   uint64_t seed = 1;
   for (const Shape &s : kShapes) {
-    const Operands op(dt, s, seed++);
+    const Operands op(dt, isa(), s, seed++);
     const std::vector<float> c = op.run();
     for (int64_t m = 0; m < s.M; ++m) {
       for (int64_t n = 0; n < s.N; ++n) {
@@ -119,15 +154,15 @@ TEST_P(FewRows, SumsMatchFloat64WithinFloat32Rounding) {
 // The documented order, written out: 16 lanes, lane j the fused sum over k = j, j + 16, ... in
 // order, then the halves added pairwise (lane i + lane i + 8, then + 4, + 2, + 1). Bit for bit,
 // so the AVX-512 kernel, the AVX2 one and the portable loop agree wherever each runs (this CPU
-// runs the first it has). bfloat16 on VDPBF16PS sums pairs in the instruction's own order
+// runs each it has). bfloat16 on VDPBF16PS sums pairs in the instruction's own order
 // (FewRows.SumsMatchFloat64WithinFloat32Rounding covers it there).
 TEST_P(FewRows, EachSumIsSixteenFusedLanesAddedPairwise) {
-  const int dt = GetParam();
-  if (dt == MOE_DTYPE_BF16 && __builtin_cpu_supports("avx512bf16"))
+  const int dt = dtype();
+  if (moe::cpu::few_rows_paired(dt, isa()))
     GTEST_SKIP() << "bfloat16 runs on VDPBF16PS on this CPU: pairs summed in its own order";
   uint64_t seed = 50;
   for (const Shape &s : kShapes) {
-    const Operands op(dt, s, seed++);
+    const Operands op(dt, isa(), s, seed++);
     const std::vector<float> c = op.run();
     for (int64_t m = 0; m < s.M; ++m)
       for (int64_t n = 0; n < s.N; ++n) {
@@ -142,10 +177,10 @@ TEST_P(FewRows, EachSumIsSixteenFusedLanesAddedPairwise) {
 }
 
 TEST_P(FewRows, EachOutputIsTheSameSumAloneOrAmongOthers) {
-  const int dt = GetParam();
+  const int dt = dtype();
   uint64_t seed = 100;
   for (const Shape &s : kShapes) {
-    const Operands op(dt, s, seed++);
+    const Operands op(dt, isa(), s, seed++);
     const std::vector<float> all = op.run();
     // Every input row alone (a group of one) and every weight row alone (no block of four).
     for (int64_t m = 0; m < s.M; ++m) {
@@ -164,11 +199,11 @@ TEST_P(FewRows, EachOutputIsTheSameSumAloneOrAmongOthers) {
 }
 
 TEST_P(FewRows, SameBitsForAnyThreadCount) {
-  const int dt = GetParam();
+  const int dt = dtype();
   // 16 chunks of 64 weight rows; of long rows 25 chunks of 4 (float32) or 9 to 25 (16-bit); and
   // 65 chunks of 64, claimed in runs: several per thread, in whatever order the threads come.
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}, Shape{3, 4100, 64}}) {
-    const Operands op(dt, s, 7);
+    const Operands op(dt, isa(), s, 7);
     expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(dt, s));
   }
 }
@@ -177,7 +212,7 @@ TEST_P(FewRows, SameBitsForAnyThreadCount) {
 // than four (cpu/few_rows.cpp, PaddedRows): the same bits as each row computed alone (never
 // copied), for strides of 4 KB, 8 KB, and rows too long to copy.
 TEST_P(FewRows, InputRowsAtStridesOf4KBGiveTheSameBits) {
-  const int dt = GetParam();
+  const int dt = dtype();
   const int64_t es = static_cast<int64_t>(moe_test::dtype_size(dt));
   struct Case {
     Shape s;
@@ -185,7 +220,7 @@ TEST_P(FewRows, InputRowsAtStridesOf4KBGiveTheSameBits) {
   };
   for (const Case c : {Case{{16, 70, 1000}, 4096}, Case{{6, 9, 1024}, 4096}, Case{{11, 33, 2000}, 8192},
                        Case{{7, 5, 9000}, 40960}}) {
-    const Operands op(dt, c.s, 11, c.ldx_bytes / es);
+    const Operands op(dt, isa(), c.s, 11, c.ldx_bytes / es);
     const std::vector<float> all = op.run();
     for (int64_t m = 0; m < c.s.M; ++m) {
       const std::vector<float> row = op.run(m, 1, 0, c.s.N);
@@ -195,8 +230,7 @@ TEST_P(FewRows, InputRowsAtStridesOf4KBGiveTheSameBits) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, FewRows, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
-                         [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+INSTANTIATE_TEST_SUITE_P(Kernels, FewRows, kKernels, kernel_name);
 
 // ---- the pairs layout of few_rows_xwt's bfloat16 inputs ----------------------------------------
 
@@ -250,38 +284,36 @@ const Shape kXwShapes[] = {{1, 1, 1},   {1, 17, 5},   {2, 64, 32},  {3, 100, 33}
 // X and W in dtype, C with a random start (accumulate adds to it).
 struct XwOperands {
   int dtype;
+  FewRowsIsa isa;
   Shape s;
   int64_t ldx, ldw, ldc;
   Rng rng;
   Stored x, w;
   std::vector<float> c0;
 
-  XwOperands(int dt, Shape sh, uint64_t seed)
-      : dtype(dt), s(sh), ldx(sh.K + 3), ldw(sh.N + 5), ldc(sh.N + 2), rng(seed),
+  XwOperands(int dt, FewRowsIsa level, Shape sh, uint64_t seed)
+      : dtype(dt), isa(level), s(sh), ldx(sh.K + 3), ldw(sh.N + 5), ldc(sh.N + 2), rng(seed),
         x(dt, rng.nonzeros(static_cast<size_t>(s.M * ldx), 1.0f)),
         w(dt, rng.nonzeros(static_cast<size_t>(s.K * ldw), 0.5f)),
         c0(rng.nonzeros(static_cast<size_t>(s.M * ldc), 2.0f)) {}
   std::vector<float> run(bool accumulate) const {
     std::vector<float> c = c0;
-    moe::cpu::few_rows_xw(x.bytes.data(), ldx, w.bytes.data(), ldw, dtype, s.M, s.N, s.K, c.data(), ldc, accumulate);
+    moe::cpu::few_rows_xw(x.bytes.data(), ldx, w.bytes.data(), ldw, dtype, s.M, s.N, s.K, c.data(), ldc, accumulate, isa);
     return c;
   }
 };
 
-// bfloat16 on VDPBF16PS sums pairs of k in the instruction's own order (few_rows.h).
-bool pairs_in_own_order(int dt) { return dt == MOE_DTYPE_BF16 && __builtin_cpu_supports("avx512bf16"); }
-
-class FewRowsXw : public ::testing::TestWithParam<int> {};
+class FewRowsXw : public KernelTest {};
 
 // The documented order, written out: each sum over k in order, one fused multiply-add per term,
 // then C + sum once. Bit for bit, so any blocking, tile or thread gives these bits. bfloat16 on
 // VDPBF16PS (pairs of k): within float32 rounding of the float64 sum instead, on the same shapes.
 TEST_P(FewRowsXw, EachSumIsTheFusedSumInOrderOfK) {
-  const int dt = GetParam();
+  const int dt = dtype();
   uint64_t seed = 200;
   for (const Shape &s : kXwShapes)
     for (bool accumulate : {false, true}) {
-      const XwOperands op(dt, s, seed++);
+      const XwOperands op(dt, isa(), s, seed++);
       const std::vector<float> c = op.run(accumulate);
       for (int64_t m = 0; m < s.M; ++m) {
         for (int64_t n = 0; n < s.N; ++n) {
@@ -296,7 +328,7 @@ TEST_P(FewRowsXw, EachSumIsTheFusedSumInOrderOfK) {
           const std::string at = name(dt) + " M " + std::to_string(s.M) + " N " + std::to_string(s.N) + " K " +
                                  std::to_string(s.K) + (accumulate ? " accumulate" : "") + " at (" +
                                  std::to_string(m) + ", " + std::to_string(n) + ")";
-          if (pairs_in_own_order(dt)) {
+          if (moe::cpu::few_rows_paired(dt, isa())) {  // VDPBF16PS: pairs of k in its own order
             const double c0 = accumulate ? op.c0[m * op.ldc + n] : 0.0;
             ASSERT_NEAR(c[m * op.ldc + n], c0 + ref,
                         (static_cast<double>(s.K) + 4) * std::ldexp(mag, -24) + std::ldexp(std::fabs(c0 + ref), -23))
@@ -313,8 +345,8 @@ TEST_P(FewRowsXw, EachSumIsTheFusedSumInOrderOfK) {
 
 // Against float64 sums, so that the written-out order above is itself a product.
 TEST_P(FewRowsXw, SumsMatchFloat64WithinFloat32Rounding) {
-  const int dt = GetParam();
-  const XwOperands op(dt, Shape{16, 300, 1024}, 7);
+  const int dt = dtype();
+  const XwOperands op(dt, isa(), Shape{16, 300, 1024}, 7);
   const std::vector<float> c = op.run(false);
   for (int64_t m = 0; m < op.s.M; ++m)
     for (int64_t n = 0; n < op.s.N; ++n) {
@@ -330,15 +362,14 @@ TEST_P(FewRowsXw, SumsMatchFloat64WithinFloat32Rounding) {
 }
 
 TEST_P(FewRowsXw, SameBitsForAnyThreadCount) {
-  const int dt = GetParam();
+  const int dt = dtype();
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
-    const XwOperands op(dt, s, 9);
+    const XwOperands op(dt, isa(), s, 9);
     expect_same_bits_at_1_and_3_threads([&] { return op.run(true); }, shape_name(dt, s));
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, FewRowsXw, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
-                         [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+INSTANTIATE_TEST_SUITE_P(Kernels, FewRowsXw, kKernels, kernel_name);
 
 // ---- few_rows_grad: G += A^T B ---------------------------------------------------------------------
 
@@ -350,32 +381,33 @@ const Shape kGradShapes[] = {{1, 1, 1},    {1, 5, 17},   {2, 4, 64},   {3, 67, 3
 // A [M, N] and B [M, K] float32, G [N, K] in dtype holding random values to add to.
 struct GradOperands {
   int dtype;
+  FewRowsIsa isa;
   Shape s;  // M input rows, N gradient rows, K columns
   int64_t lda, ldb, ldg;
   Rng rng;
   std::vector<float> a, b;
   Stored g0;
 
-  GradOperands(int dt, Shape sh, uint64_t seed)
-      : dtype(dt), s(sh), lda(sh.N + 3), ldb(sh.K + 1), ldg(sh.K + 5), rng(seed),
+  GradOperands(int dt, FewRowsIsa level, Shape sh, uint64_t seed)
+      : dtype(dt), isa(level), s(sh), lda(sh.N + 3), ldb(sh.K + 1), ldg(sh.K + 5), rng(seed),
         a(rng.nonzeros(static_cast<size_t>(s.M * lda), 1.0f)), b(rng.nonzeros(static_cast<size_t>(s.M * ldb), 1.0f)),
         g0(dt, rng.nonzeros(static_cast<size_t>(s.N * ldg), 4.0f)) {}
   std::vector<float> run() const {
     std::vector<unsigned char> g = g0.bytes;
-    moe::cpu::few_rows_grad(a.data(), lda, b.data(), ldb, s.M, g.data(), ldg, dtype, s.N, s.K);
+    moe::cpu::few_rows_grad(a.data(), lda, b.data(), ldb, s.M, g.data(), ldg, dtype, s.N, s.K, isa);
     return moe_test::decode(dtype, g);
   }
 };
 
-class FewRowsGrad : public ::testing::TestWithParam<int> {};
+class FewRowsGrad : public KernelTest {};
 
 // The documented order, written out: each sum over m in order, one fused multiply-add per term,
 // then added to G and rounded to its dtype once. Bit for bit; columns past K untouched.
 TEST_P(FewRowsGrad, EachSumIsTheFusedSumInOrderOfRowsAddedOnce) {
-  const int dt = GetParam();
+  const int dt = dtype();
   uint64_t seed = 300;
   for (const Shape &s : kGradShapes) {
-    const GradOperands op(dt, s, seed++);
+    const GradOperands op(dt, isa(), s, seed++);
     const std::vector<float> g = op.run();
     for (int64_t j = 0; j < s.N; ++j) {
       for (int64_t k = 0; k < s.K; ++k) {
@@ -392,9 +424,9 @@ TEST_P(FewRowsGrad, EachSumIsTheFusedSumInOrderOfRowsAddedOnce) {
 }
 
 TEST_P(FewRowsGrad, SameBitsForAnyThreadCount) {
-  const int dt = GetParam();
+  const int dt = dtype();
   for (const Shape s : {Shape{9, 1000, 300}, Shape{14, 99, 9000}}) {
-    const GradOperands op(dt, s, 11);
+    const GradOperands op(dt, isa(), s, 11);
     expect_same_bits_at_1_and_3_threads([&] { return op.run(); }, shape_name(dt, s));
   }
 }
@@ -404,9 +436,9 @@ TEST_P(FewRowsGrad, SameBitsForAnyThreadCount) {
 // an empty gradient in the stream changes nothing. The shapes' chunks end mid-stream (K 9000: 4
 // or 12 rows a chunk) and one gradient has a single chunk.
 TEST_P(FewRowsGrad, StreamOfGradientsSameBitsAsEachAlone) {
-  const int dt = GetParam();
-  const GradOperands ops[] = {GradOperands(dt, Shape{9, 70, 9000}, 21), GradOperands(dt, Shape{9, 3, 40}, 22),
-                              GradOperands(dt, Shape{9, 0, 16}, 23), GradOperands(dt, Shape{9, 131, 300}, 24)};
+  const int dt = dtype();
+  const GradOperands ops[] = {GradOperands(dt, isa(), Shape{9, 70, 9000}, 21), GradOperands(dt, isa(), Shape{9, 3, 40}, 22),
+                              GradOperands(dt, isa(), Shape{9, 0, 16}, 23), GradOperands(dt, isa(), Shape{9, 131, 300}, 24)};
   std::vector<std::vector<float>> alone;
   for (const GradOperands &op : ops) alone.push_back(op.run());
   for (int threads : {1, 3}) {
@@ -419,7 +451,7 @@ TEST_P(FewRowsGrad, StreamOfGradientsSameBitsAsEachAlone) {
     }
     const int before = omp_get_max_threads();
     omp_set_num_threads(threads);
-    moe::cpu::few_rows_grads(stream.data(), static_cast<int64_t>(stream.size()), dt);
+    moe::cpu::few_rows_grads(stream.data(), static_cast<int64_t>(stream.size()), dt, isa());
     omp_set_num_threads(before);
     for (size_t i = 0; i < g.size(); ++i) {
       const std::vector<float> got = moe_test::decode(dt, g[i]);
@@ -432,8 +464,25 @@ TEST_P(FewRowsGrad, StreamOfGradientsSameBitsAsEachAlone) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, FewRowsGrad, ::testing::Values(MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16),
-                         [](const ::testing::TestParamInfo<int> &i) { return name(i.param); });
+INSTANTIATE_TEST_SUITE_P(Kernels, FewRowsGrad, kKernels, kernel_name);
+
+// A level the CPU lacks is refused before any work: std::invalid_argument, outputs untouched.
+TEST(FewRowsIsaLevels, ALevelTheCpuLacksIsRefusedBeforeAnyWork) {
+  const FewRowsIsa best = moe::cpu::few_rows_best_isa();
+  if (best == FewRowsIsa::avx512) GTEST_SKIP() << "this CPU has every level";
+  const auto lacking = static_cast<FewRowsIsa>(static_cast<int>(best) + 1);
+  std::vector<float> x(4 * 64, 1.0f), w(64 * 64, 0.5f), c(4 * 64, 7.0f), g(64 * 64, 3.0f);
+  EXPECT_THROW(moe::cpu::few_rows_xwt(x.data(), 64, w.data(), 64, MOE_DTYPE_F32, 4, 64, 64, c.data(), 64, lacking),
+               std::invalid_argument);
+  EXPECT_THROW(moe::cpu::few_rows_xw(x.data(), 64, w.data(), 64, MOE_DTYPE_F32, 4, 64, 64, c.data(), 64, true, lacking),
+               std::invalid_argument);
+  EXPECT_THROW(moe::cpu::few_rows_grad(x.data(), 64, x.data(), 64, 4, g.data(), 64, MOE_DTYPE_F32, 64, 64, lacking),
+               std::invalid_argument);
+  const moe::cpu::XwtProduct p{x.data(), 64, w.data(), 64, 4, 64, 64, c.data(), 64, false};
+  EXPECT_THROW(moe::cpu::XwtBatch(&p, 1, MOE_DTYPE_F32, lacking), std::invalid_argument);
+  for (float v : c) ASSERT_EQ(v, 7.0f);
+  for (float v : g) ASSERT_EQ(v, 3.0f);
+}
 
 // ---- few_rows_grad_bf16: G += A^T B, all bfloat16, on VDPBF16PS ------------------------------------
 
