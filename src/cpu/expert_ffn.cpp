@@ -33,6 +33,12 @@ namespace moe::cpu {
 namespace {
 
 constexpr int64_t kPanel = 512;  // weight rows (or columns) widened at a time
+// Row stride of a widened column panel (kPanel columns of K rows, the right operand of X W). At
+// 512 floats, 2 KB, oneDNN's AVX2 kernels for under ~300 rows (which read it in place, uncopied)
+// lose half their speed to the rows' falling into the same cache sets: X [128, 1024] times a
+// panel, 2 cores of an AMD EPYC Zen 3, 1.35 ms at a stride of 512 floats, 0.75 at 528; K 2048,
+// 2.6 and 1.8 ms; 256 rows 2.2 and 1.5 ms.
+constexpr int64_t kPanelLd = kPanel + 16;
 constexpr int64_t kChunk = 1 << 14;
 constexpr int64_t kSmallWeights = 1 << 16;  // weight elements below which row counts share a GEMM
 
@@ -251,11 +257,13 @@ void add_rows(const Exec &x, void *dst, int dt, int64_t ld_dst, const float *src
   }
 }
 
-// Widens rows x cols of src (dt, row stride ld) into dst (float32, row stride cols).
-void widen_rows(const Exec &x, float *dst, const void *src, int dt, int64_t ld, int64_t rows, int64_t cols) {
+// Widens rows x cols of src (dt, row stride ld) into dst (float32, row stride ld_dst, or cols).
+void widen_rows(const Exec &x, float *dst, const void *src, int dt, int64_t ld, int64_t rows, int64_t cols,
+                int64_t ld_dst = 0) {
   if (x.dry() || rows == 0) return;
+  if (ld_dst == 0) ld_dst = cols;
 #pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
-  for (int64_t i = 0; i < rows; ++i) widen(dst + i * cols, at(src, dt, i * ld), dt, cols);
+  for (int64_t i = 0; i < rows; ++i) widen(dst + i * ld_dst, at(src, dt, i * ld), dt, cols);
 }
 
 // Rows of float32 values (row stride ldv) += bias row b (cols elements of dt); b NULL: nothing.
@@ -589,8 +597,8 @@ void gemm_widened_nn(Exec &x, int64_t rows, int64_t N, int64_t K, const float *X
                      float *out, int64_t ldo, bool acc) {
   for (int64_t p = 0; p < N; p += kPanel) {
     const int64_t w = std::min(kPanel, N - p);
-    widen_rows(x, wbuf, at(W, dt, p), dt, N, K, w);
-    x.gemm(rows, w, K, Mat{X, MOE_DTYPE_F32, K}, Mat{wbuf, MOE_DTYPE_F32, w}, x.dry() ? nullptr : out + p,
+    widen_rows(x, wbuf, at(W, dt, p), dt, N, K, w, kPanelLd);
+    x.gemm(rows, w, K, Mat{X, MOE_DTYPE_F32, K}, Mat{wbuf, MOE_DTYPE_F32, kPanelLd}, x.dry() ? nullptr : out + p,
            MOE_DTYPE_F32, ldo, acc);
   }
 }
@@ -600,7 +608,7 @@ void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   const int64_t d = c.d, ff = c.ff, n = r.n;
   const int dt = c.dt;
   float *hf = arena.take(n * ff), *gf = c.is_glu ? arena.take(n * ff) : nullptr, *af = arena.take(n * ff);
-  float *yf = arena.take(n * d), *wbuf = arena.take(kPanel * std::max(d, ff));
+  float *yf = arena.take(n * d), *wbuf = arena.take(kPanelLd * std::max(d, ff));
   gemm_widened_nt(x, n, ff, d, xf, at(a->w1, dt, e * ff * d), dt, wbuf, hf, ff);
   add_bias_rows(x, hf, n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
   round_rows(x, hf, n, ff, ff, dt, at(a->h, dt, r.begin * ff), ff);
@@ -614,6 +622,30 @@ void forward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   gemm_widened_nt(x, n, d, ff, af, at(a->w2, dt, e * d * ff), dt, wbuf, yf, d);
   add_bias_rows(x, yf, n, d, d, bias_of(a->b2, dt, e, d), dt);
   round_rows(x, yf, n, d, d, dt, at(a->y, dt, r.begin * d), d);
+}
+
+// C[M, N] (+)= A W for a weight W [K, N] read along its rows (dY W2, dH W1), as Exec::gemm; a
+// float32 W whose rows lie a multiple of 4 KB apart through a copy at a padded row stride where
+// small_rows() says oneDNN reads it slowly in place (SmallRows::nn_copy_from).
+void gemm_weight_rows(Exec &x, Arena &arena, int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &W, void *C,
+                      int cdt, int64_t ldc, bool acc) {
+  const SmallRows &small = small_rows();
+  // oneDNN 2.6's sgemm reads its operands in place (no packed copies) where 1/M + 1/N >= 0.0038.
+  const bool copy = W.dtype == MOE_DTYPE_F32 && !A.trans && !W.trans && M >= small.nn_copy_from &&
+                    M <= small.nn_copy_to && (W.ld * static_cast<int64_t>(sizeof(float))) % 4096 == 0 &&
+                    1.0 / static_cast<double>(M) + 1.0 / static_cast<double>(N) >= 0.0038;
+  if (!copy) return x.gemm(M, N, K, A, W, C, cdt, ldc, acc);
+  const int64_t ld = N + 16;  // floats: see kPanelLd
+  const size_t mark = arena.mark();
+  float *w = arena.take(K * ld + 16);
+  if (!x.dry()) {
+    w = reinterpret_cast<float *>((reinterpret_cast<uintptr_t>(w) + 63) / 64 * 64);
+    const float *src = static_cast<const float *>(W.p);
+#pragma omp parallel for schedule(static) if (worth_threads(K * N))
+    for (int64_t k = 0; k < K; ++k) std::memcpy(w + k * ld, src + k * W.ld, static_cast<size_t>(N) * sizeof(float));
+  }
+  x.gemm(M, N, K, A, Mat{w, MOE_DTYPE_F32, ld}, C, cdt, ldc, acc);
+  arena.reset(mark);
 }
 
 // Backward of expert e, operands in storage. dxf: float32 [n, d] scratch for a 16-bit dx. With few
@@ -644,7 +676,7 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
     if (live) few_rows_xw(dy, d, w2, ff, dt, n, ff, d, da, ff, false);
     if (live && dt != MOE_DTYPE_F32) narrow(dh, dt, da, n * ff);
   } else {
-    x.gemm(n, ff, d, Mat{dy, dt, d}, Mat{w2, dt, ff}, dh, dt, ff, false);
+    gemm_weight_rows(x, arena, n, ff, d, Mat{dy, dt, d}, Mat{w2, dt, ff}, dh, dt, ff, false);
   }
   act_backward(x, act_of(a), dt, h, g, act, dh, dg, n * ff);
   add_column_sums(x, a->db2 ? at(a->db2, dt, e * d) : nullptr, dt, dy, dt, n, d, d);
@@ -678,8 +710,8 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
     if (live) few_rows_xw(dh, ff, w1, d, dt, n, d, ff, static_cast<float *>(out), d, a->shared_input);
     if (live && dg) few_rows_xw(dg, ff, w3, d, dt, n, d, ff, static_cast<float *>(out), d, true);
   } else {
-    x.gemm(n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
-    if (dg) x.gemm(n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);
+    gemm_weight_rows(x, arena, n, d, ff, Mat{dh, dt, ff}, Mat{w1, dt, d}, out, odt, d, a->shared_input);
+    if (dg) gemm_weight_rows(x, arena, n, d, ff, Mat{dg, dt, ff}, Mat{w3, dt, d}, out, odt, d, true);
   }
   if (!direct && live) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
 }
@@ -691,7 +723,7 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   float *dyf = arena.take(n * d), *hf = arena.take(n * ff), *gf = c.is_glu ? arena.take(n * ff) : nullptr;
   float *af = arena.take(n * ff), *dhf = arena.take(n * ff), *dgf = c.is_glu ? arena.take(n * ff) : nullptr;
   float *dxf = a->dx ? arena.take(n * d) : nullptr;
-  float *wbuf = arena.take(kPanel * std::max(d, ff)), *cbuf = arena.take(kPanel * std::max(d, ff));
+  float *wbuf = arena.take(kPanelLd * std::max(d, ff)), *cbuf = arena.take(kPanel * std::max(d, ff));
   widen_rows(x, dyf, at(a->dy, dt, r.begin * d), dt, d, n, d);
   widen_rows(x, hf, at(a->h, dt, r.begin * ff), dt, ff, n, ff);
   if (c.is_glu) widen_rows(x, gf, at(a->g, dt, r.begin * ff), dt, ff, n, ff);

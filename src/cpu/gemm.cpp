@@ -279,6 +279,16 @@ const SmallRows &small_rows() {
   //    few_rows_xw for dY W2 and dH W1 up to 16 or 64 rows 1.4-2.3x the time (oneDNN throughout);
   //    the router on the few-rows kernels 0.97-1.02 (left on oneDNN). Intel CPUs without AVX-512
   //    take the same, unmeasured.
+  //    There oneDNN runs float32 products on its sgemm, which reads both operands in place (no
+  //    packed copies) where 1/M + 1/N >= 0.0038, so up to about 300 rows; a right operand read
+  //    along rows a multiple of 4 KB apart (dY W2, dH W1: the weights' rows) then runs at half
+  //    speed or less, its rows falling into the same cache sets. X [M, 1024] W2 [1024, 2048],
+  //    alone, caches flushed: M 24 1.26 ms, through a copy at a stride of 2064 floats 0.99 (copy
+  //    not counted); M 32 1.84 / 1.03, M 64 3.55 / 2.09, M 128 6.4 / 3.7, M 256 19.9 / 6.2, M 384
+  //    9.3 / 9.3 (copied by oneDNN itself). In the layer (training step, d 1024, d_ff 2048, 8
+  //    experts, top-2, same-process A/B, the copy counted) with the copy from 32 to 352 rows:
+  //    128, 256, 512 and 1024 tokens 0.95, 0.86, 0.86 and 0.81 of the time. The copy takes K x
+  //    (N + 16) floats of the layer's scratch (8 MB for a 1024 x 2048 weight).
   //  Elsewhere (no AVX2: the portable loops, a libm call per multiply-add) oneDNN but for float32
   //  W X^T; and Intel CPUs with AVX-512 as above.
   // The router's logits X Wr^T (float32, N = experts: oneDNN's matmul is slow with so few
@@ -297,7 +307,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
     if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{8, 32, 64, 0, 0, 4, 0, false};
+    if (avx2) return SmallRows{8, 32, 64, 0, 0, 4, 0, false, 32, 352};
     return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
   }();
   return rows;

@@ -94,6 +94,10 @@ struct SmallRows {
   int64_t few_f32, few_16, wxt_f32;
   int64_t bwd_f32, bwd_16, grad_f32, grad_bf16;
   bool router;
+  // Rows from nn_copy_from to nn_copy_to: a float32 product X W with W [K, N] read along rows a
+  // multiple of 4 KB apart (dY W2, dH W1) runs on a copy of W at a padded row stride, where
+  // oneDNN's kernels read W in place (see gemm.cpp).
+  int64_t nn_copy_from = 0, nn_copy_to = 0;
 };
 const SmallRows &small_rows();
 
