@@ -94,9 +94,9 @@ void few_rows_grad_bf16(const void *A, int64_t lda, const void *B, int64_t ldb, 
                         int64_t N, int64_t K, uint32_t *scratch);
 
 // Whether the products of XwtBatch read X of this dtype in pairs of rows (bfloat16 at the avx512
-// level on a CPU with AVX512-BF16, where VDPBF16PS serves two input rows at once): X is then laid out by
-// few_rows_pair_row, in few_rows_pairs_size(M, K) elements, and its row stride is not read.
-// few_rows_xwt lays out its own X.
+// level on a CPU with AVX512-BF16, where VDPBF16PS serves two input rows at once): X is then laid
+// out by few_rows_pair_row, in few_rows_pairs_size(M, K) elements, and its row stride is not
+// read. few_rows_xwt lays out its own X.
 bool few_rows_paired(int dtype, FewRowsIsa isa = few_rows_best_isa());
 int64_t few_rows_pairs_size(int64_t M, int64_t K);
 // Row i of M bfloat16 rows (K elements from src) into their pairs layout: in pieces of 16 elements
