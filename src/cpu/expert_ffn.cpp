@@ -737,17 +737,26 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   add_column_sums(x, a->db2 ? at(a->db2, dt, e * d) : nullptr, dt, dyf, MOE_DTYPE_F32, n, d, d);
   add_column_sums(x, a->db1 ? at(a->db1, dt, e * ff) : nullptr, dt, dhf, MOE_DTYPE_F32, n, ff, ff);
   if (c.is_glu) add_column_sums(x, a->db3 ? at(a->db3, dt, e * ff) : nullptr, dt, dgf, MOE_DTYPE_F32, n, ff, ff);
-  // Weight gradients a panel at a time into cbuf, each added to its gradient and rounded once.
+  // Weight gradients a panel at a time into cbuf, each added to its gradient and rounded once; with
+  // few rows on few_rows_grads, which adds each sum to its gradient and rounds it once too, each
+  // gradient read and written once in its dtype (not widened and narrowed a panel at a time).
   void *dw2 = at(a->dw2, dt, e * d * ff);
-  for (int64_t p = 0; p < ff; p += kPanel) {  // dW2[:, p] += dY^T a[:, p]
+  const float *dpre[2] = {dhf, dgf};
+  void *dws[2] = {at(a->dw1, dt, e * ff * d), c.is_glu ? at(a->dw3, dt, e * ff * d) : nullptr};
+  const bool few_grad = n <= small_rows().widened_grad;
+  if (few_grad && !x.dry()) {
+    const GradProduct grads[3] = {{dyf, d, af, ff, n, dw2, ff, d, ff},
+                                  {dhf, ff, xf, d, n, dws[0], d, ff, d},
+                                  {dgf, ff, xf, d, n, dws[1], d, ff, d}};
+    few_rows_grads(grads, c.is_glu ? 3 : 2, dt);
+  }
+  for (int64_t p = 0; p < ff && !few_grad; p += kPanel) {  // dW2[:, p] += dY^T a[:, p]
     const int64_t w = std::min(kPanel, ff - p);
     x.gemm(d, w, n, Mat{dyf, MOE_DTYPE_F32, d, true}, Mat{x.dry() ? nullptr : af + p, MOE_DTYPE_F32, ff}, cbuf,
            MOE_DTYPE_F32, w, false);
     add_rows(x, at(dw2, dt, p), dt, ff, cbuf, w, d, w);
   }
-  const float *dpre[2] = {dhf, dgf};
-  void *dws[2] = {at(a->dw1, dt, e * ff * d), c.is_glu ? at(a->dw3, dt, e * ff * d) : nullptr};
-  for (int i = 0; i < (c.is_glu ? 2 : 1); ++i) {
+  for (int i = 0; i < (few_grad ? 0 : c.is_glu ? 2 : 1); ++i) {
     for (int64_t p = 0; p < ff; p += kPanel) {  // dW1[p, :] += dH[:, p]^T X
       const int64_t w = std::min(kPanel, ff - p);
       x.gemm(w, d, n, Mat{x.dry() ? nullptr : dpre[i] + p, MOE_DTYPE_F32, ff, true}, Mat{xf, MOE_DTYPE_F32, d}, cbuf,

@@ -289,6 +289,12 @@ const SmallRows &small_rows() {
   //    experts, top-2, same-process A/B, the copy counted) with the copy from 32 to 352 rows:
   //    128, 256, 512 and 1024 tokens 0.95, 0.86, 0.86 and 0.81 of the time. The copy takes K x
   //    (N + 16) floats of the layer's scratch (8 MB for a 1024 x 2048 weight).
+  //    16-bit layers run there on float32 copies (widened, see expert_ffn.cpp); their weight
+  //    gradients on few_rows_grad (each gradient read and written once in its dtype) against
+  //    oneDNN on widened panels, training step, bfloat16: up to 64 rows, 1, 8, 32, 64 and 128
+  //    tokens 0.82, 0.82, 1.07, 1.30, 1.19 of the time; up to 8 rows against up to 4: 16, 32, 64
+  //    tokens 0.97, 0.88, 0.99; up to 8 against none: 16 and 32 tokens 0.93 and 0.90 (float16,
+  //    up to 4: 1 and 8 tokens 0.95 and 0.93).
   //  Elsewhere (no AVX2: the portable loops, a libm call per multiply-add) oneDNN but for float32
   //  W X^T; and Intel CPUs with AVX-512 as above.
   // The router's logits X Wr^T (float32, N = experts: oneDNN's matmul is slow with so few
@@ -307,7 +313,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
     if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{8, 32, 64, 0, 0, 4, 0, false, 32, 352};
+    if (avx2) return SmallRows{8, 32, 64, 0, 0, 4, 0, false, 32, 352, 8};
     return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
   }();
   return rows;

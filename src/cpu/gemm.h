@@ -98,6 +98,9 @@ struct SmallRows {
   // multiple of 4 KB apart (dY W2, dH W1) runs on a copy of W at a padded row stride, where
   // oneDNN's kernels read W in place (see gemm.cpp).
   int64_t nn_copy_from = 0, nn_copy_to = 0;
+  // Rows up to which a widened backward (16-bit weights on float32 GEMMs, cpu/expert_ffn.cpp)
+  // adds its weight gradients on few_rows_grads, each gradient read and written once.
+  int64_t widened_grad = 0;
 };
 const SmallRows &small_rows();
 
