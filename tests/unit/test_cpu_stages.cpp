@@ -906,6 +906,17 @@ TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
 // A ReLU expert FFN with biases over experts of the given rows, checked bit for bit against naive
 // loops at one thread and at two. Integer values keep every sum exact, so each row, its expert's
 // biases and where it lands are checked exactly.
+// Runs check(t) at t = 1 thread and at 2, then restores the thread count.
+template <class Check>
+void at_1_and_2_threads(Check &&check) {
+  const int threads = omp_get_max_threads();
+  for (int t : {1, 2}) {
+    omp_set_num_threads(t);
+    check(t);
+  }
+  omp_set_num_threads(threads);
+}
+
 void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_t ff, std::vector<int64_t> offsets) {
   SCOPED_TRACE("d " + std::to_string(d) + " ff " + std::to_string(ff));
   const int64_t E = static_cast<int64_t>(offsets.size()) - 1;
@@ -928,9 +939,7 @@ void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_
         yref[r * d + c] = s;
       }
     }
-  const int threads = omp_get_max_threads();
-  for (int t : {1, 2}) {
-    omp_set_num_threads(t);
+  at_1_and_2_threads([&](int t) {
     std::vector<float> h(R * ff, kNaN), a_(R * ff, kNaN), y(R * d, kNaN);
     moe_ffn_args a = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
     a.x = x.data();
@@ -945,8 +954,7 @@ void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_
     EXPECT_EQ(h, href) << t << " threads";
     EXPECT_EQ(a_, aref) << t << " threads";
     EXPECT_EQ(y, yref) << t << " threads";
-  }
-  omp_set_num_threads(threads);
+  });
 }
 
 // Experts with one, a few, tens and hundreds of rows in one call: the CPU backend runs the experts
@@ -995,9 +1003,7 @@ void expect_exact_ffn_bwd(const moe_backend_ops *ops, void *state, int64_t d, in
           rdw1[e * ff * d + f * d + c] += rdh[r * ff + f] * x[r * d + c];
           rdx[r * d + c] += rdh[r * ff + f] * w1[e * ff * d + f * d + c];
         }
-  const int threads = omp_get_max_threads();
-  for (int t : {1, 2}) {
-    omp_set_num_threads(t);
+  at_1_and_2_threads([&](int t) {
     std::vector<float> a_(R * ff), dw1 = dw1_0, dw2 = dw2_0, dx(R * d, kNaN), dh(R * ff, kNaN);
     for (int64_t i = 0; i < R * ff; ++i) a_[i] = h[i] > 0.0f ? h[i] : 0.0f;
     moe_ffn_args a = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
@@ -1016,8 +1022,7 @@ void expect_exact_ffn_bwd(const moe_backend_ops *ops, void *state, int64_t d, in
     EXPECT_EQ(dx, rdx) << t << " threads";
     EXPECT_EQ(dw1, rdw1) << t << " threads";
     EXPECT_EQ(dw2, rdw2) << t << " threads";
-  }
-  omp_set_num_threads(threads);
+  });
 }
 
 // Weights whose rows lie 4 KB apart, read along their rows in backward (dY W2, dH W1), by experts
