@@ -743,25 +743,25 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   void *dw2 = at(a->dw2, dt, e * d * ff);
   const float *dpre[2] = {dhf, dgf};
   void *dws[2] = {at(a->dw1, dt, e * ff * d), c.is_glu ? at(a->dw3, dt, e * ff * d) : nullptr};
-  const bool few_grad = n <= small_rows().widened_grad;
-  if (few_grad && !x.dry()) {
+  if (n <= small_rows().widened_grad) {
     const GradProduct grads[3] = {{dyf, d, af, ff, n, dw2, ff, d, ff},
                                   {dhf, ff, xf, d, n, dws[0], d, ff, d},
                                   {dgf, ff, xf, d, n, dws[1], d, ff, d}};
-    few_rows_grads(grads, c.is_glu ? 3 : 2, dt);
-  }
-  for (int64_t p = 0; p < ff && !few_grad; p += kPanel) {  // dW2[:, p] += dY^T a[:, p]
-    const int64_t w = std::min(kPanel, ff - p);
-    x.gemm(d, w, n, Mat{dyf, MOE_DTYPE_F32, d, true}, Mat{x.dry() ? nullptr : af + p, MOE_DTYPE_F32, ff}, cbuf,
-           MOE_DTYPE_F32, w, false);
-    add_rows(x, at(dw2, dt, p), dt, ff, cbuf, w, d, w);
-  }
-  for (int i = 0; i < (few_grad ? 0 : c.is_glu ? 2 : 1); ++i) {
-    for (int64_t p = 0; p < ff; p += kPanel) {  // dW1[p, :] += dH[:, p]^T X
+    if (!x.dry()) few_rows_grads(grads, c.is_glu ? 3 : 2, dt);
+  } else {
+    for (int64_t p = 0; p < ff; p += kPanel) {  // dW2[:, p] += dY^T a[:, p]
       const int64_t w = std::min(kPanel, ff - p);
-      x.gemm(w, d, n, Mat{x.dry() ? nullptr : dpre[i] + p, MOE_DTYPE_F32, ff, true}, Mat{xf, MOE_DTYPE_F32, d}, cbuf,
-             MOE_DTYPE_F32, d, false);
-      add_rows(x, at(dws[i], dt, p * d), dt, d, cbuf, d, w, d);
+      x.gemm(d, w, n, Mat{dyf, MOE_DTYPE_F32, d, true}, Mat{x.dry() ? nullptr : af + p, MOE_DTYPE_F32, ff}, cbuf,
+             MOE_DTYPE_F32, w, false);
+      add_rows(x, at(dw2, dt, p), dt, ff, cbuf, w, d, w);
+    }
+    for (int i = 0; i < (c.is_glu ? 2 : 1); ++i) {
+      for (int64_t p = 0; p < ff; p += kPanel) {  // dW1[p, :] += dH[:, p]^T X
+        const int64_t w = std::min(kPanel, ff - p);
+        x.gemm(w, d, n, Mat{x.dry() ? nullptr : dpre[i] + p, MOE_DTYPE_F32, ff, true}, Mat{xf, MOE_DTYPE_F32, d},
+               cbuf, MOE_DTYPE_F32, d, false);
+        add_rows(x, at(dws[i], dt, p * d), dt, d, cbuf, d, w, d);
+      }
     }
   }
   if (!a->dx) return;
