@@ -5,14 +5,18 @@
 
 namespace moe::cpu {
 
+// float16 runs on F16C where the CPU has it, else on portable loops: the same bits either way.
+// portable picks the loops on any CPU (tests check both on one CPU).
+enum class ConvertPath { best, portable };
+
 // dst[i] = src[i] as float32, exact; src holds n elements of dtype (a moe_dtype).
-void widen(float *dst, const void *src, int dtype, int64_t n);
+void widen(float *dst, const void *src, int dtype, int64_t n, ConvertPath path = ConvertPath::best);
 // dst[i] = src[i] rounded to dtype.
-void narrow(void *dst, int dtype, const float *src, int64_t n);
+void narrow(void *dst, int dtype, const float *src, int64_t n, ConvertPath path = ConvertPath::best);
 // dst[i] = v[i] rounded to 16-bit dtype, and v[i] = that value as float32, in one pass (as narrow
 // then round_in_place); nothing for float32.
-void narrow_rounded(void *dst, int dtype, float *v, int64_t n);
+void narrow_rounded(void *dst, int dtype, float *v, int64_t n, ConvertPath path = ConvertPath::best);
 // v[i] = v[i] rounded to dtype and back (what storing in dtype keeps); no-op for float32.
-void round_in_place(float *v, int dtype, int64_t n);
+void round_in_place(float *v, int dtype, int64_t n, ConvertPath path = ConvertPath::best);
 
 }  // namespace moe::cpu

@@ -1,11 +1,14 @@
-// The CPU backend's array conversions (cpu/convert.h: vectorised, branch-free) against the scalar
-// conversions of core/half.h, which test_half.cpp checks against independent references: the same
-// bits for every 16-bit pattern and for float32 values at and around every rounding boundary, NaNs
-// included, at lengths and offsets that leave vector tails.
+// The CPU backend's array conversions (cpu/convert.h: F16C where the CPU has it, and the portable
+// branch-free loops) against the scalar conversions of core/half.h, which test_half.cpp checks
+// against independent references: the same bits for every 16-bit pattern and for float32 values
+// at and around every rounding boundary, NaNs included, at lengths and offsets that leave vector
+// tails.
 #include <gtest/gtest.h>
 
 #include <cstdint>
 #include <cstring>
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include "core/half.h"
@@ -39,31 +42,37 @@ std::vector<float> probes(int dtype) {
   return v;
 }
 
-class CpuConvert : public ::testing::TestWithParam<int> {};
+using moe::cpu::ConvertPath;
+
+class CpuConvert : public ::testing::TestWithParam<std::tuple<int, ConvertPath>> {
+ protected:
+  int dt() const { return std::get<0>(GetParam()); }
+  ConvertPath path() const { return std::get<1>(GetParam()); }
+};
 
 TEST_P(CpuConvert, WidenGivesHalfHBitsForEveryPattern) {
-  const int dt = GetParam();
+  const int dt = this->dt();
   std::vector<uint16_t> h(0x10000 + 1);
   for (uint32_t i = 0; i < 0x10000u; ++i) h[i + 1] = static_cast<uint16_t>(i);
   for (int64_t offset : {1, 4}) {  // the second start leaves a head and a tail outside whole vectors
     const int64_t n = static_cast<int64_t>(h.size()) - offset;
     std::vector<float> out(n);
-    moe::cpu::widen(out.data(), h.data() + offset, dt, n);
+    moe::cpu::widen(out.data(), h.data() + offset, dt, n, path());
     for (int64_t i = 0; i < n; ++i)
       ASSERT_EQ(bits(out[i]), bits(widen_one(dt, h[offset + i]))) << "pattern " << std::hex << h[offset + i];
   }
 }
 
 TEST_P(CpuConvert, NarrowGivesHalfHBitsForEveryProbe) {
-  const int dt = GetParam();
+  const int dt = this->dt();
   const std::vector<float> v = probes(dt);
   for (int64_t offset : {0, 3}) {
     const int64_t n = static_cast<int64_t>(v.size()) - offset;
     std::vector<uint16_t> out(n), kept(n);
     std::vector<float> rounded(v.begin() + offset, v.end()), in_place(v.begin() + offset, v.end());
-    moe::cpu::narrow(out.data(), dt, v.data() + offset, n);
-    moe::cpu::narrow_rounded(kept.data(), dt, rounded.data(), n);
-    moe::cpu::round_in_place(in_place.data(), dt, n);
+    moe::cpu::narrow(out.data(), dt, v.data() + offset, n, path());
+    moe::cpu::narrow_rounded(kept.data(), dt, rounded.data(), n, path());
+    moe::cpu::round_in_place(in_place.data(), dt, n, path());
     for (int64_t i = 0; i < n; ++i) {
       const float f = v[offset + i];
       const uint16_t want = narrow_one(dt, f);
@@ -75,9 +84,12 @@ TEST_P(CpuConvert, NarrowGivesHalfHBitsForEveryProbe) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Dtypes, CpuConvert, ::testing::Values(MOE_DTYPE_BF16, MOE_DTYPE_F16),
-                         [](const ::testing::TestParamInfo<int> &i) {
-                           return std::string(i.param == MOE_DTYPE_BF16 ? "bfloat16" : "float16");
+INSTANTIATE_TEST_SUITE_P(Dtypes, CpuConvert,
+                         ::testing::Combine(::testing::Values(MOE_DTYPE_BF16, MOE_DTYPE_F16),
+                                            ::testing::Values(ConvertPath::best, ConvertPath::portable)),
+                         [](const auto &i) {
+                           return std::string(std::get<0>(i.param) == MOE_DTYPE_BF16 ? "bfloat16" : "float16") +
+                                  (std::get<1>(i.param) == ConvertPath::best ? "_best" : "_portable");
                          });
 
 }  // namespace
