@@ -565,7 +565,7 @@ struct RowsFetch {
   RowsAhead ahead;
   int64_t due;
   explicit RowsFetch(const RowsAhead &a, int64_t K) : ahead(a), due(a.next ? a.phase : K) {}
-  MOE_AVX512 void upto(int64_t k) {
+  void upto(int64_t k) {  // prefetches only: any x86-64 CPU
     for (; due <= k; due += ahead.every)
       for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + due * ahead.ld + i * 64, _MM_HINT_T1);
   }
@@ -706,6 +706,111 @@ void xw_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t
     case 4: return xw_rows<D, 4>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
     case 5: return xw_rows<D, 5>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
     default: return xw_rows<D, kGroup>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+  }
+}
+
+// ---- AVX2 + FMA: X W in tiles of MR input rows by 16 columns (two registers of 8) ---------------
+// xw_tile's order (k in order, one fused multiply-add each), so the same bits. Twelve accumulators,
+// two weight pieces and a broadcast input value fill the sixteen registers at MR = 6. bfloat16
+// weights split as avx2_step's (one AND and one shift for 16 columns): the registers hold the even
+// and the odd columns, put back in order at the store.
+template <int D>
+MOE_AVX2 inline void avx2_xw_load(const unsigned char *w, __m256 &lo, __m256 &hi) {
+  if constexpr (D == MOE_DTYPE_BF16) {
+    lo = load_half<D>(w, 0, 0);
+    hi = load_half<D>(w, 0, 1);
+  } else {
+    lo = load8<D>(w, 0);
+    hi = load8<D>(w, 8);
+  }
+}
+
+template <int D, int MR, bool kFull>
+MOE_AVX2 void avx2_xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t width, int64_t K,
+                           float *C, int64_t ldc, bool accumulate, RowsAhead ahead) {
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  const size_t es = dtype_size(D);
+  const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * es;
+  const size_t wstride = static_cast<size_t>(ldw) * es;
+  RowsFetch fetch(ahead, K);
+  for (int64_t k0 = 0; k0 < K; k0 += kXPiece) {
+    const int64_t len = std::min(kXPiece, K - k0);
+    float xbuf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
+    const float *xs[MR];
+    for (int m = 0; m < MR; ++m) {
+      if constexpr (D == MOE_DTYPE_F32) {
+        xs[m] = static_cast<const float *>(X) + m * ldx + k0;
+      } else {
+        widen(xbuf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * es, D, len);
+        xs[m] = xbuf[m];
+      }
+    }
+    for (int64_t k = 0; k < len; ++k, w += wstride) {
+      fetch.upto(k0 + k);
+      __m256 w0, w1;
+      if constexpr (kFull) {
+        avx2_xw_load<D>(w, w0, w1);
+      } else {  // the last columns through a copy padded with zeros
+        alignas(32) unsigned char t[64] = {};
+        std::memcpy(t, w, static_cast<size_t>(width) * es);
+        avx2_xw_load<D>(t, w0, w1);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m256 xv = _mm256_broadcast_ss(xs[m] + k);
+        acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
+        acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    __m256 lo = acc[m][0], hi = acc[m][1];
+    if constexpr (D == MOE_DTYPE_BF16) {  // even and odd columns back in order
+      const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+      lo = _mm256_permute2f128_ps(a, b, 0x20);
+      hi = _mm256_permute2f128_ps(a, b, 0x31);
+    }
+    float *c = C + m * ldc + n;
+    if constexpr (kFull) {
+      if (accumulate) lo = _mm256_add_ps(_mm256_loadu_ps(c), lo), hi = _mm256_add_ps(_mm256_loadu_ps(c + 8), hi);
+      _mm256_storeu_ps(c, lo);
+      _mm256_storeu_ps(c + 8, hi);
+    } else {
+      alignas(32) float r[16];
+      _mm256_store_ps(r, lo);
+      _mm256_store_ps(r + 8, hi);
+      for (int64_t j = 0; j < width; ++j) c[j] = accumulate ? c[j] + r[j] : r[j];
+    }
+  }
+}
+
+template <int D, int MR>
+MOE_AVX2 void avx2_xw_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
+                           float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
+  int64_t t = tile0;
+  for (int64_t n = n0; n < n1; n += 16) {
+    RowsAhead a = ahead;
+    a.phase = (ahead.phase + t++) % ahead.every;
+    if (n + 16 <= n1)
+      avx2_xw_tile<D, MR, true>(X, ldx, W, ldw, n, 16, K, C, ldc, accumulate, a);
+    else
+      avx2_xw_tile<D, MR, false>(X, ldx, W, ldw, n, n1 - n, K, C, ldc, accumulate, a);
+  }
+}
+
+template <int D>
+void avx2_xw_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t M, int64_t n0, int64_t n1,
+                      int64_t K, float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
+  switch (M) {
+    case 1: return avx2_xw_rows<D, 1>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 2: return avx2_xw_rows<D, 2>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 3: return avx2_xw_rows<D, 3>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 4: return avx2_xw_rows<D, 4>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    case 5: return avx2_xw_rows<D, 5>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
+    default: return avx2_xw_rows<D, kGroup>(X, ldx, W, ldw, n0, n1, K, C, ldc, accumulate, ahead, tile0);
   }
 }
 
@@ -891,6 +996,9 @@ constexpr int kAvx2Group = 3;
 constexpr int kEvenOdd = -1;
 constexpr int64_t kEvenOddRows = 3;
 void avx2_even_odd(float *, const uint16_t *, int64_t) {}
+template <int D>
+void avx2_xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
+                      int64_t, bool, RowsAhead, int64_t) {}
 template <int D, int DX = D>
 void avx2_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                    const char *, int64_t, bool) {}
@@ -1129,22 +1237,8 @@ __attribute__((always_inline)) inline void generic_xw_loop(const void *X, int64_
   }
 }
 
-// The loops above compiled for AVX2 with FMA, which vectorises them (each column's sum is the
-// same fused one, so the same bits); without, every std::fma is a call into libm.
-#ifdef MOE_AVX2
-MOE_AVX2 void generic_xw_avx2(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0,
-                              int64_t n1, int64_t K, float *C, int64_t ldc, bool accumulate) {
-  generic_xw_loop(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
-}
-#endif
-
 void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
-                int64_t K, float *C, int64_t ldc, bool accumulate, bool avx2) {
-#ifdef MOE_AVX2
-  if (avx2) return generic_xw_avx2(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
-#else
-  (void)avx2;
-#endif
+                int64_t K, float *C, int64_t ldc, bool accumulate) {
   generic_xw_loop(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
 }
 
@@ -1160,16 +1254,16 @@ int64_t xw_chunk_cols(int dtype, int64_t K) {
 void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, RowRange r, int64_t K,
              float *C, int64_t ldc, bool accumulate, RowRange next, FewRowsIsa isa) {
   const int64_t passes = (M + kGroup - 1) / kGroup;
-  if (isa != FewRowsIsa::avx512) {
+  const bool avx2 = isa == FewRowsIsa::avx2;
+  if (isa == FewRowsIsa::portable) {
     for (int64_t p = 0; p < passes; ++p) {
       const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
-      generic_xw(elem_at(X, dtype, m0 * ldx), ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate,
-                 isa == FewRowsIsa::avx2);
+      generic_xw(elem_at(X, dtype, m0 * ldx), ldx, W, ldw, dtype, m, r.begin, r.end, K, C + m0 * ldc, ldc, accumulate);
     }
     return;
   }
   const int64_t es = static_cast<int64_t>(dtype_size(dtype)), width = r.end - r.begin;
-  const int64_t tiles = width / 64 + (width % 64) / 32 + (width % 32 + 15) / 16;
+  const int64_t tiles = avx2 ? (width + 15) / 16 : width / 64 + (width % 64) / 32 + (width % 32 + 15) / 16;
   RowsAhead ahead;
   if (next.begin < next.end) {
     ahead.next = static_cast<const char *>(W) + next.begin * es;
@@ -1183,7 +1277,13 @@ void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, 
     float *Cg = C + m0 * ldc;
     ahead.phase = 0;
     const int64_t tile0 = p * tiles;
-    if (dtype == MOE_DTYPE_BF16 && have_avx512_bf16())
+    if (avx2 && dtype == MOE_DTYPE_BF16)
+      avx2_xw_dispatch<MOE_DTYPE_BF16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+    else if (avx2 && dtype == MOE_DTYPE_F16)
+      avx2_xw_dispatch<MOE_DTYPE_F16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+    else if (avx2)
+      avx2_xw_dispatch<MOE_DTYPE_F32>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
+    else if (dtype == MOE_DTYPE_BF16 && have_avx512_bf16())
       xw_dispatch<kBf16Dot>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
     else if (dtype == MOE_DTYPE_BF16)
       xw_dispatch<MOE_DTYPE_BF16>(Xg, ldx, W, ldw, m, r.begin, r.end, K, Cg, ldc, accumulate, ahead, tile0);
@@ -1215,7 +1315,8 @@ __attribute__((always_inline)) inline void generic_grad_loop(const float *A, int
     }
 }
 
-// As generic_xw: compiled for AVX2 with FMA where the CPU has them.
+// The loop above compiled for AVX2 with FMA, which vectorises it (each sum is the same fused one,
+// so the same bits); without, every std::fma is a call into libm.
 #ifdef MOE_AVX2
 MOE_AVX2 void generic_grad_avx2(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G,
                                 int64_t ldg, int dtype, int64_t j0, int64_t j1, int64_t K) {
