@@ -727,8 +727,17 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   widen_rows(x, dyf, at(a->dy, dt, r.begin * d), dt, d, n, d);
   widen_rows(x, hf, at(a->h, dt, r.begin * ff), dt, ff, n, ff);
   if (c.is_glu) widen_rows(x, gf, at(a->g, dt, r.begin * ff), dt, ff, n, ff);
+  // With few rows (small_rows().bwd_16) the products along a weight's rows run on few_rows_xw,
+  // which reads each weight once in its dtype (the panels would read it, write it widened and read
+  // that again); its inputs are 16-bit as stored (dY) or rounded to dt already (dH, dG: narrowed
+  // exactly), its sums float32 in order of k.
+  const bool few = n <= small_rows().bwd_16;
+  const bool live = !x.dry();
   // dA = dY W2 (W2 is [d, ff]: column panels), rounded as stored
-  gemm_widened_nn(x, n, ff, d, dyf, at(a->w2, dt, e * d * ff), dt, wbuf, dhf, ff, false);
+  if (few && live)
+    few_rows_xw(at(a->dy, dt, r.begin * d), d, at(a->w2, dt, e * d * ff), ff, dt, n, ff, d, dhf, ff, false);
+  else if (!few)
+    gemm_widened_nn(x, n, ff, d, dyf, at(a->w2, dt, e * d * ff), dt, wbuf, dhf, ff, false);
   round_rows(x, dhf, n, ff, ff, dt, nullptr, 0);
   act_backward(x, act_of(a), MOE_DTYPE_F32, hf, gf, af, dhf, dgf, n * ff);
   round_rows(x, af, n, ff, ff, dt, nullptr, 0);
@@ -767,8 +776,16 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   if (!a->dx) return;
   // dX = dH W1 + dG W3 (W1, W3 are [ff, d]: column panels); shared experts add into float32 dx.
   float *out = a->shared_input ? static_cast<float *>(a->dx) : dxf;
-  gemm_widened_nn(x, n, d, ff, dhf, at(a->w1, dt, e * ff * d), dt, wbuf, out, d, a->shared_input);
-  if (c.is_glu) gemm_widened_nn(x, n, d, ff, dgf, at(a->w3, dt, e * ff * d), dt, wbuf, out, d, true);
+  if (few) {
+    float *narrowed = arena.take((n * ff + 1) / 2);  // dH, then dG, in dt
+    if (live) narrow(narrowed, dt, dhf, n * ff);
+    if (live) few_rows_xw(narrowed, ff, at(a->w1, dt, e * ff * d), d, dt, n, d, ff, out, d, a->shared_input);
+    if (live && c.is_glu) narrow(narrowed, dt, dgf, n * ff);
+    if (live && c.is_glu) few_rows_xw(narrowed, ff, at(a->w3, dt, e * ff * d), d, dt, n, d, ff, out, d, true);
+  } else {
+    gemm_widened_nn(x, n, d, ff, dhf, at(a->w1, dt, e * ff * d), dt, wbuf, out, d, a->shared_input);
+    if (c.is_glu) gemm_widened_nn(x, n, d, ff, dgf, at(a->w3, dt, e * ff * d), dt, wbuf, out, d, true);
+  }
   if (!a->shared_input && !x.dry()) narrow(at(a->dx, dt, r.begin * d), dt, dxf, n * d);
 }
 
