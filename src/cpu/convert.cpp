@@ -5,10 +5,9 @@
 
 #include "cpu/convert.h"
 
-#include <immintrin.h>
-
 #include <cstring>
 
+#include "cpu/convert_x8.h"
 #include "cpu/cpu.h"
 #include "cpu/elem.h"
 
@@ -116,51 +115,32 @@ MOE_CLONES void f32_round_f16(float *v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) u[i] = f16_value_bits(f16_bits(u[i]));
 }
 
-// The same four on F16C (eight elements an instruction), where the CPU has it: 2.5-5x the loops
-// above (AMD EPYC Zen 3), which leaves float16's weight gradients of few rows (widened, added to,
-// narrowed, per piece) as fast as bfloat16's. The instructions round to nearest even for every
-// input (subnormal results too: MXCSR's FTZ and DAZ do not apply), so only NaNs need mending to
-// give core/half.h's bits: a narrowed NaN becomes its sign and 0x7e00, and a widened signalling
-// NaN stays signalling (the instruction sets its quiet bit).
+// The same four on F16C (eight elements an instruction, cpu/convert_x8.h), where the CPU has it:
+// 2.5-7x the loops above (AMD EPYC Zen 3), which leaves float16's weight gradients of few rows
+// (widened, added to, narrowed, per piece) as fast as bfloat16's.
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
-#define MOE_F16C __attribute__((target("avx2,f16c")))
-constexpr int kNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-
-MOE_F16C inline __m256 widen8(__m128i h) {
-  const __m256i w = _mm256_cvtepu16_epi32(h);
-  const __m256i signalling = _mm256_andnot_si256(
-      _mm256_cmpeq_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x1ff)), _mm256_setzero_si256()),
-      _mm256_cmpeq_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7e00)), _mm256_set1_epi32(0x7c00)));
-  const __m256 f = _mm256_cvtph_ps(h);
-  return _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_and_si256(signalling, _mm256_set1_epi32(0x400000))), f);
-}
-
-MOE_F16C inline __m128i narrow8(__m256 v) {
-  const __m128i h = _mm256_cvtps_ph(v, kNearest);
-  const __m128i nan = _mm_cmpgt_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7fff)), _mm_set1_epi16(0x7c00));
-  const __m128i canonical = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))),
-                                         _mm_set1_epi16(0x7e00));
-  return _mm_blendv_epi8(h, canonical, nan);
-}
+#define MOE_F16C MOE_X8
+using x8::narrow_f16;
+using x8::widen_f16;
 
 MOE_F16C void f16_to_f32_f16c(float *dst, const uint16_t *src, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, widen8(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
+    _mm256_storeu_ps(dst + i, widen_f16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
   for (; i < n; ++i) dst[i] = std::bit_cast<float>(f16_value_bits(src[i]));
 }
 
 MOE_F16C void f32_to_f16_f16c(uint16_t *dst, const float *src, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i), narrow8(_mm256_loadu_ps(src + i)));
+    _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i), narrow_f16(_mm256_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = f16_bits(std::bit_cast<uint32_t>(src[i]));
 }
 
 MOE_F16C void f32_store_f16_f16c(uint16_t *dst, float *v, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m128i h = narrow8(_mm256_loadu_ps(v + i));
+    const __m128i h = narrow_f16(_mm256_loadu_ps(v + i));
     _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i), h);
     _mm256_storeu_ps(v + i, _mm256_cvtph_ps(h));  // no signalling NaN left to mend
   }
@@ -172,7 +152,7 @@ MOE_F16C void f32_store_f16_f16c(uint16_t *dst, float *v, int64_t n) {
 
 MOE_F16C void f32_round_f16_f16c(float *v, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, _mm256_cvtph_ps(narrow8(_mm256_loadu_ps(v + i))));
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, _mm256_cvtph_ps(narrow_f16(_mm256_loadu_ps(v + i))));
   for (; i < n; ++i) v[i] = std::bit_cast<float>(f16_value_bits(f16_bits(std::bit_cast<uint32_t>(v[i]))));
 }
 
