@@ -16,6 +16,7 @@
 
 #include "core/half.h"
 #include "cpu/convert.h"
+#include "cpu/convert_x8.h"
 #include "moe/moe.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
@@ -814,6 +815,63 @@ void avx2_xw_dispatch(const void *X, int64_t ldx, const void *W, int64_t ldw, in
   }
 }
 
+// ---- AVX2 + FMA: G += A^T B in tiles of R gradient rows by 16 columns (two registers) ----------
+// grad_tile's order (m in order, one fused multiply-add each, the sum added to G once and rounded
+// once to a 16-bit G, in registers: cpu/convert_x8.h), so the same bits as the portable loop.
+template <int R>
+MOE_AVX2 void avx2_grad_tile(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
+                             int dtype, int64_t j, int64_t k0, int64_t width, Ahead ahead) {
+  prefetch_next(ahead, 0);
+  __m256 acc[R][2];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  const bool full = width == 16;
+  alignas(32) float tb[16] = {};
+  for (int64_t m = 0; m < M; ++m) {
+    const float *b = B + m * ldb + k0;
+    if (!full) std::memcpy(tb, b, static_cast<size_t>(width) * sizeof(float)), b = tb;
+    const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(A + m * lda + j + r);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  const size_t es = dtype_size(dtype);
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    unsigned char *g = static_cast<unsigned char *>(G) + (static_cast<size_t>((j + r) * ldg + k0)) * es;
+    alignas(32) unsigned char tg[64] = {};
+    unsigned char *p = full ? g : tg;
+    if (!full) std::memcpy(tg, g, static_cast<size_t>(width) * es);
+    if (dtype == MOE_DTYPE_F32) {
+      float *f = reinterpret_cast<float *>(p);
+      _mm256_storeu_ps(f, _mm256_add_ps(_mm256_loadu_ps(f), acc[r][0]));
+      _mm256_storeu_ps(f + 8, _mm256_add_ps(_mm256_loadu_ps(f + 8), acc[r][1]));
+    } else {
+      x8::narrow(dtype, p, _mm256_add_ps(x8::widen(dtype, p), acc[r][0]));
+      x8::narrow(dtype, p + 16, _mm256_add_ps(x8::widen(dtype, p + 16), acc[r][1]));
+    }
+    if (!full) std::memcpy(g, tg, static_cast<size_t>(width) * es);
+  }
+}
+
+// Rows [j0, j1) of G (blocks of 4, then single rows), 16 columns a tile, the last partial;
+// `next_bytes` from `next` fetched ahead, spread over the tiles.
+MOE_AVX2 void avx2_grad_rows(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg,
+                             int dtype, int64_t j0, int64_t j1, int64_t K, const char *next, int64_t next_bytes) {
+  const int64_t per_row = (K + 15) / 16, tiles = per_row * ((j1 - j0) / 4 + (j1 - j0) % 4);
+  Ahead ahead{next, tiles > 0 ? ((next_bytes + 63) / 64 + tiles - 1) / tiles : 0};
+  int64_t j = j0;
+  for (; j + 4 <= j1; j += 4)
+    for (int64_t k = 0; k < K; k += 16, ahead.next += ahead.lines * 64)
+      avx2_grad_tile<4>(A, lda, B, ldb, M, G, ldg, dtype, j, k, std::min<int64_t>(16, K - k), ahead);
+  for (; j < j1; ++j)
+    for (int64_t k = 0; k < K; k += 16, ahead.next += ahead.lines * 64)
+      avx2_grad_tile<1>(A, lda, B, ldb, M, G, ldg, dtype, j, k, std::min<int64_t>(16, K - k), ahead);
+}
+
 // The lanes of a tile's last vector of 16 columns, `width` columns in all.
 inline __mmask16 last_lanes(int64_t width) {
   return width % 16 == 0 ? 0xFFFF : static_cast<__mmask16>((1u << (width % 16)) - 1u);
@@ -999,6 +1057,8 @@ void avx2_even_odd(float *, const uint16_t *, int64_t) {}
 template <int D>
 void avx2_xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *,
                       int64_t, bool, RowsAhead, int64_t) {}
+void avx2_grad_rows(const float *, int64_t, const float *, int64_t, int64_t, void *, int64_t, int, int64_t, int64_t,
+                    int64_t, const char *, int64_t) {}
 template <int D, int DX = D>
 void avx2_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                    const char *, int64_t, bool) {}
@@ -1216,9 +1276,8 @@ class Cursor {
 };
 
 // ---- any CPU: C (+)= X W in the AVX-512 tiles' order (k in order, one fused multiply-add each)
-__attribute__((always_inline)) inline void generic_xw_loop(const void *X, int64_t ldx, const void *W, int64_t ldw,
-                                                           int dtype, int64_t M, int64_t n0, int64_t n1, int64_t K,
-                                                           float *C, int64_t ldc, bool accumulate) {
+void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
+                int64_t K, float *C, int64_t ldc, bool accumulate) {
   constexpr int64_t kPiece = 256;
   float acc[kPiece], wf[kPiece];
   for (int64_t n = n0; n < n1; n += kPiece) {
@@ -1235,11 +1294,6 @@ __attribute__((always_inline)) inline void generic_xw_loop(const void *X, int64_
       for (int64_t j = 0; j < len; ++j) c[j] = accumulate ? c[j] + acc[j] : acc[j];
     }
   }
-}
-
-void generic_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t n0, int64_t n1,
-                int64_t K, float *C, int64_t ldc, bool accumulate) {
-  generic_xw_loop(X, ldx, W, ldw, dtype, M, n0, n1, K, C, ldc, accumulate);
 }
 
 // Columns per chunk of X W: at most chunk_bytes() of the K rows' pieces, whole 16-column vectors
@@ -1295,9 +1349,8 @@ void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, 
 }
 
 // ---- any CPU: G += A^T B in grad_tile's order
-__attribute__((always_inline)) inline void generic_grad_loop(const float *A, int64_t lda, const float *B, int64_t ldb,
-                                                             int64_t M, void *G, int64_t ldg, int dtype, int64_t j0,
-                                                             int64_t j1, int64_t K) {
+void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
+                  int64_t j0, int64_t j1, int64_t K) {
   constexpr int64_t kPiece = 256;
   float acc[kPiece], buf[kPiece];
   for (int64_t j = j0; j < j1; ++j)
@@ -1313,25 +1366,6 @@ __attribute__((always_inline)) inline void generic_grad_loop(const float *A, int
       for (int64_t i = 0; i < len; ++i) buf[i] += acc[i];
       narrow(g, dtype, buf, len);
     }
-}
-
-// The loop above compiled for AVX2 with FMA, which vectorises it (each sum is the same fused one,
-// so the same bits); without, every std::fma is a call into libm.
-#ifdef MOE_AVX2
-MOE_AVX2 void generic_grad_avx2(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G,
-                                int64_t ldg, int dtype, int64_t j0, int64_t j1, int64_t K) {
-  generic_grad_loop(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
-}
-#endif
-
-void generic_grad(const float *A, int64_t lda, const float *B, int64_t ldb, int64_t M, void *G, int64_t ldg, int dtype,
-                  int64_t j0, int64_t j1, int64_t K, bool avx2) {
-#ifdef MOE_AVX2
-  if (avx2) return generic_grad_avx2(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
-#else
-  (void)avx2;
-#endif
-  generic_grad_loop(A, lda, B, ldb, M, G, ldg, dtype, j0, j1, K);
 }
 
 // Refuses a level the CPU lacks, before any work.
@@ -1473,8 +1507,11 @@ void few_rows_grads(const GradProduct *products, int64_t count, int dtype, FewRo
     if (avx512)
       grad_rows(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K,
                 static_cast<const char *>(ahead.p), ahead.n);
+    else if (avx2)
+      avx2_grad_rows(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K,
+                     static_cast<const char *>(ahead.p), ahead.n);
     else
-      generic_grad(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K, avx2);
+      generic_grad(q.A, q.lda, q.B, q.ldb, q.M, q.G, q.ldg, dtype, now.r.begin, now.r.end, q.K);
   });
 }
 

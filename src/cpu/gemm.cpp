@@ -266,16 +266,20 @@ const SmallRows &small_rows() {
   //    time; with the kernel up to 64 rows, 64 tokens 1.02-1.03 and 128 tokens 1.05-1.06 (each
   //    element of G read, summed and rounded in registers costs as much as 16 rows of products).
   //  - Intel: not measured; oneDNN throughout.
-  //  - CPUs with AVX2 but not AVX-512, where the few-rows kernels run on AVX2 (few_rows_xwt,
-  //    few_rows_xw) or are their portable loops compiled for AVX2 (few_rows_grad): measured in the
+  //  - CPUs with AVX2 but not AVX-512, where the few-rows kernels run on AVX2: measured in the
   //    layer on 2 cores of an AMD EPYC (Zen 3, no AVX-512), d 1024, d_ff 2048, 8 experts, top-2,
   //    same-process A/B, caches flushed between calls. Forward, float32, few-rows kernel up to 8
   //    rows against 4: 16, 32, 64, 128 tokens 0.82, 0.96, 1.01, 0.99 of the time (up to 16: 0.82,
   //    0.89, 1.08); W X^T up to 64 rows against X W^T: 0.90-0.94 at 16 to 64 tokens, 1.02 at 128. bfloat16
   //    (widened to float32 for oneDNN: no bfloat16 GEMM on AVX2), the kernel up to 32 rows
   //    against 8: 32, 64, 128 tokens 0.70, 0.84, 1.02 (up to 64: 1.15 at 128). Training step,
-  //    float32 weight gradients on few_rows_grad up to 4 rows: 8, 16, 32, 64 tokens 0.82, 0.96,
-  //    0.98, 1.02 (up to 8 or 16 rows: 0.81-0.90 at 32 tokens in one run, 1.09 in another);
+  //    float32 weight gradients on few_rows_grad (then its portable loop) up to 4 rows: 8, 16, 32,
+  //    64 tokens 0.82, 0.96, 0.98, 1.02 (up to 8 or 16 rows: 0.81-0.90 at 32 tokens in one run,
+  //    1.09 in another); on its AVX2 kernel since (tiles of 4 rows by 16 columns, 16-bit
+  //    gradients widened and narrowed in registers), against the loop: float32 1, 8, 32 tokens
+  //    0.74, 0.81, 1.00, bfloat16 0.89, 0.83, 0.72, float16 0.90, 0.86, 0.88; then up to 16 rows
+  //    against 4, float32 16, 32, 64 tokens 0.97, 0.93, 0.94 (up to 32 against 16: 1.05-1.06 at
+  //    64 and 128 tokens);
   //    few_rows_xw (then its portable loop) for dY W2 and dH W1 up to 16 or 64 rows 1.4-2.3x the
   //    time (oneDNN throughout); on its AVX2 kernel since, float32 up to 8 rows still 1.06-1.23x
   //    at 1, 8 and 32 tokens;
@@ -296,7 +300,9 @@ const SmallRows &small_rows() {
   //    oneDNN on widened panels, training step, bfloat16: up to 64 rows, 1, 8, 32, 64 and 128
   //    tokens 0.82, 0.82, 1.07, 1.30, 1.19 of the time; up to 8 rows against up to 4: 16, 32, 64
   //    tokens 0.97, 0.88, 0.99; up to 8 against none: 16 and 32 tokens 0.93 and 0.90 (float16,
-  //    up to 4: 1 and 8 tokens 0.95 and 0.93). Their dY W2, dH W1 and dG W3 on few_rows_xw's
+  //    up to 4: 1 and 8 tokens 0.95 and 0.93); on few_rows_grad's AVX2 kernel, up to 16 rows
+  //    against 8, 32 and 64 tokens bfloat16 0.99 and 0.94, float16 0.94 and 0.98 (up to 32 against
+  //    8: 1.07 at 64 and 128 tokens). Their dY W2, dH W1 and dG W3 on few_rows_xw's
   //    AVX2 kernel (each weight read once in its dtype, not widened into panels) against the
   //    panels: up to 64 rows, bfloat16 1, 8, 32, 64, 128, 256 tokens 0.79, 0.69, 0.81, 0.92, 1.11,
   //    1.13 of the time, float16 1, 8, 64 tokens 0.77, 0.76, 1.04; up to 16 rows, bfloat16 8, 32,
@@ -320,7 +326,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
     if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{8, 32, 64, 0, 8, 4, 0, false, 32, 352, 8};
+    if (avx2) return SmallRows{8, 32, 64, 0, 8, 16, 0, false, 32, 352, 16};
     return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
   }();
   return rows;
