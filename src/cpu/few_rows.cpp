@@ -726,12 +726,18 @@ MOE_AVX2 inline void avx2_xw_load(const unsigned char *w, __m256 &lo, __m256 &hi
   }
 }
 
-template <int D, int MR, bool kFull>
+// A tile of NV registers of columns (2: 16 columns, the last tile partial where not kFull; 4: 32
+// full columns, a whole cache line of 16-bit weights, for one or two input rows: the registers
+// allow it there, and each line is then read once rather than by two tiles in turn).
+template <int D, int MR, int NV, bool kFull>
 MOE_AVX2 void avx2_xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t width, int64_t K,
                            float *C, int64_t ldc, bool accumulate, RowsAhead ahead) {
-  __m256 acc[MR][2];
+  static_assert(NV == 2 || (NV == 4 && kFull));
+  __m256 acc[MR][NV];
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_setzero_ps();
   const size_t es = dtype_size(D);
   const unsigned char *w = static_cast<const unsigned char *>(W) + static_cast<size_t>(n) * es;
   const size_t wstride = static_cast<size_t>(ldw) * es;
@@ -750,55 +756,68 @@ MOE_AVX2 void avx2_xw_tile(const void *X, int64_t ldx, const void *W, int64_t ld
     }
     for (int64_t k = 0; k < len; ++k, w += wstride) {
       fetch.upto(k0 + k);
-      __m256 w0, w1;
+      __m256 wv[NV];
       if constexpr (kFull) {
-        avx2_xw_load<D>(w, w0, w1);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; v += 2) avx2_xw_load<D>(w + v * 8 * es, wv[v], wv[v + 1]);
       } else {  // the last columns through a copy padded with zeros
         alignas(32) unsigned char t[64] = {};
         std::memcpy(t, w, static_cast<size_t>(width) * es);
-        avx2_xw_load<D>(t, w0, w1);
+        avx2_xw_load<D>(t, wv[0], wv[1]);
       }
 #pragma GCC unroll 8
       for (int m = 0; m < MR; ++m) {
         const __m256 xv = _mm256_broadcast_ss(xs[m] + k);
-        acc[m][0] = _mm256_fmadd_ps(xv, w0, acc[m][0]);
-        acc[m][1] = _mm256_fmadd_ps(xv, w1, acc[m][1]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm256_fmadd_ps(xv, wv[v], acc[m][v]);
       }
     }
   }
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    __m256 lo = acc[m][0], hi = acc[m][1];
-    if constexpr (D == MOE_DTYPE_BF16) {  // even and odd columns back in order
-      const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
-      lo = _mm256_permute2f128_ps(a, b, 0x20);
-      hi = _mm256_permute2f128_ps(a, b, 0x31);
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; v += 2) {
+      __m256 lo = acc[m][v], hi = acc[m][v + 1];
+      if constexpr (D == MOE_DTYPE_BF16) {  // even and odd columns back in order
+        const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+        lo = _mm256_permute2f128_ps(a, b, 0x20);
+        hi = _mm256_permute2f128_ps(a, b, 0x31);
+      }
+      float *c = C + m * ldc + n + v * 8;
+      if constexpr (kFull) {
+        if (accumulate) lo = _mm256_add_ps(_mm256_loadu_ps(c), lo), hi = _mm256_add_ps(_mm256_loadu_ps(c + 8), hi);
+        _mm256_storeu_ps(c, lo);
+        _mm256_storeu_ps(c + 8, hi);
+      } else {
+        alignas(32) float r[16];
+        _mm256_store_ps(r, lo);
+        _mm256_store_ps(r + 8, hi);
+        for (int64_t j = 0; j < width; ++j) c[j] = accumulate ? c[j] + r[j] : r[j];
+      }
     }
-    float *c = C + m * ldc + n;
-    if constexpr (kFull) {
-      if (accumulate) lo = _mm256_add_ps(_mm256_loadu_ps(c), lo), hi = _mm256_add_ps(_mm256_loadu_ps(c + 8), hi);
-      _mm256_storeu_ps(c, lo);
-      _mm256_storeu_ps(c + 8, hi);
-    } else {
-      alignas(32) float r[16];
-      _mm256_store_ps(r, lo);
-      _mm256_store_ps(r + 8, hi);
-      for (int64_t j = 0; j < width; ++j) c[j] = accumulate ? c[j] + r[j] : r[j];
-    }
-  }
+}
+
+// Tiles of avx2_xw_rows over `width` columns for MR input rows.
+int64_t avx2_xw_tiles(int64_t width, int64_t MR) {
+  return MR <= 2 ? width / 32 + (width % 32 + 15) / 16 : (width + 15) / 16;
 }
 
 template <int D, int MR>
 MOE_AVX2 void avx2_xw_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n0, int64_t n1, int64_t K,
                            float *C, int64_t ldc, bool accumulate, RowsAhead ahead, int64_t tile0) {
-  int64_t t = tile0;
-  for (int64_t n = n0; n < n1; n += 16) {
+  int64_t t = tile0, n = n0;
+  auto next = [&] {
     RowsAhead a = ahead;
     a.phase = (ahead.phase + t++) % ahead.every;
+    return a;
+  };
+  if constexpr (MR <= 2)
+    for (; n + 32 <= n1; n += 32) avx2_xw_tile<D, MR, 4, true>(X, ldx, W, ldw, n, 32, K, C, ldc, accumulate, next());
+  for (; n < n1; n += 16) {
     if (n + 16 <= n1)
-      avx2_xw_tile<D, MR, true>(X, ldx, W, ldw, n, 16, K, C, ldc, accumulate, a);
+      avx2_xw_tile<D, MR, 2, true>(X, ldx, W, ldw, n, 16, K, C, ldc, accumulate, next());
     else
-      avx2_xw_tile<D, MR, false>(X, ldx, W, ldw, n, n1 - n, K, C, ldc, accumulate, a);
+      avx2_xw_tile<D, MR, 2, false>(X, ldx, W, ldw, n, n1 - n, K, C, ldc, accumulate, next());
   }
 }
 
@@ -1059,6 +1078,7 @@ void avx2_xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int
                       int64_t, bool, RowsAhead, int64_t) {}
 void avx2_grad_rows(const float *, int64_t, const float *, int64_t, int64_t, void *, int64_t, int, int64_t, int64_t,
                     int64_t, const char *, int64_t) {}
+int64_t avx2_xw_tiles(int64_t, int64_t) { return 1; }
 template <int D, int DX = D>
 void avx2_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                    const char *, int64_t, bool) {}
@@ -1317,7 +1337,8 @@ void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, 
     return;
   }
   const int64_t es = static_cast<int64_t>(dtype_size(dtype)), width = r.end - r.begin;
-  const int64_t tiles = avx2 ? (width + 15) / 16 : width / 64 + (width % 64) / 32 + (width % 32 + 15) / 16;
+  const int64_t tiles =
+      avx2 ? avx2_xw_tiles(width, M / passes) : width / 64 + (width % 64) / 32 + (width % 32 + 15) / 16;
   RowsAhead ahead;
   if (next.begin < next.end) {
     ahead.next = static_cast<const char *>(W) + next.begin * es;
