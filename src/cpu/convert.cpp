@@ -56,12 +56,12 @@ MOE_CLONES void f32_round_bf16(float *v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) u[i] = static_cast<uint32_t>(bf16_bits(u[i])) << 16;
 }
 
-// core/half.h's float16 conversions, branch-free (selects instead of branches) so that they
-// vectorise: the same bits for every input. The scalar forms widened a float16 layer's panels at
-// a fraction of bfloat16's speed.
 // c ? a : b through a mask: GCC 12 turns some chains of ?: into branches, which keep a loop scalar.
 inline uint32_t pick(bool c, uint32_t a, uint32_t b) { return b ^ ((a ^ b) & (0u - static_cast<uint32_t>(c))); }
 
+// core/half.h's float16 conversions, branch-free (selects instead of branches) so that they
+// vectorise: the same bits for every input. The scalar forms widened a float16 layer's panels at
+// a fraction of bfloat16's speed.
 inline uint32_t f16_value_bits(uint32_t h) {
   const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
   const uint32_t normal = sign | ((exp + 112u) << 23) | (man << 13);
@@ -119,25 +119,24 @@ MOE_CLONES void f32_round_f16(float *v, int64_t n) {
 // 2.5-7x the loops above (AMD EPYC Zen 3), which leaves float16's weight gradients of few rows
 // (widened, added to, narrowed, per piece) as fast as bfloat16's.
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
-#define MOE_F16C MOE_X8
 using x8::narrow_f16;
 using x8::widen_f16;
 
-MOE_F16C void f16_to_f32_f16c(float *dst, const uint16_t *src, int64_t n) {
+MOE_X8 void f16_to_f32_f16c(float *dst, const uint16_t *src, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i, widen_f16(_mm_loadu_si128(reinterpret_cast<const __m128i *>(src + i))));
   for (; i < n; ++i) dst[i] = std::bit_cast<float>(f16_value_bits(src[i]));
 }
 
-MOE_F16C void f32_to_f16_f16c(uint16_t *dst, const float *src, int64_t n) {
+MOE_X8 void f32_to_f16_f16c(uint16_t *dst, const float *src, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i *>(dst + i), narrow_f16(_mm256_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = f16_bits(std::bit_cast<uint32_t>(src[i]));
 }
 
-MOE_F16C void f32_store_f16_f16c(uint16_t *dst, float *v, int64_t n) {
+MOE_X8 void f32_store_f16_f16c(uint16_t *dst, float *v, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = narrow_f16(_mm256_loadu_ps(v + i));
@@ -150,7 +149,7 @@ MOE_F16C void f32_store_f16_f16c(uint16_t *dst, float *v, int64_t n) {
   }
 }
 
-MOE_F16C void f32_round_f16_f16c(float *v, int64_t n) {
+MOE_X8 void f32_round_f16_f16c(float *v, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, _mm256_cvtph_ps(narrow_f16(_mm256_loadu_ps(v + i))));
   for (; i < n; ++i) v[i] = std::bit_cast<float>(f16_value_bits(f16_bits(std::bit_cast<uint32_t>(v[i]))));

@@ -734,10 +734,10 @@ void backward_widened(Exec &x, const Call &c, Arena &arena, int64_t e, const Row
   const bool few = n <= small_rows().bwd_16;
   const bool live = !x.dry();
   // dA = dY W2 (W2 is [d, ff]: column panels), rounded as stored
-  if (few && live)
-    few_rows_xw(at(a->dy, dt, r.begin * d), d, at(a->w2, dt, e * d * ff), ff, dt, n, ff, d, dhf, ff, false);
-  else if (!few)
+  if (!few)
     gemm_widened_nn(x, n, ff, d, dyf, at(a->w2, dt, e * d * ff), dt, wbuf, dhf, ff, false);
+  else if (live)
+    few_rows_xw(at(a->dy, dt, r.begin * d), d, at(a->w2, dt, e * d * ff), ff, dt, n, ff, d, dhf, ff, false);
   round_rows(x, dhf, n, ff, ff, dt, nullptr, 0);
   act_backward(x, act_of(a), MOE_DTYPE_F32, hf, gf, af, dhf, dgf, n * ff);
   round_rows(x, af, n, ff, ff, dt, nullptr, 0);

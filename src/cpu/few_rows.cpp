@@ -589,6 +589,26 @@ MOE_AVX512 inline void xw_store(__m512 (&acc)[MR][NV], float *C, int64_t ldc, in
 
 constexpr int64_t kXPiece = 256;  // k per piece of input rows widened on the stack
 
+// MR input rows' piece [k0, k0 + len) in float32, broadcast from there by the X W tiles: float32
+// rows in place, 16-bit ones widened exactly into the piece's own buffer.
+template <int D, int MR>
+struct InputPiece {
+  float buf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
+  const float *rows[MR];
+  InputPiece(const void *X, int64_t ldx, int64_t k0, int64_t len) {
+    for (int m = 0; m < MR; ++m) {
+      if constexpr (D == MOE_DTYPE_F32) {
+        rows[m] = static_cast<const float *>(X) + m * ldx + k0;
+      } else {
+        widen(buf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * dtype_size(D), D, len);
+        rows[m] = buf[m];
+      }
+    }
+  }
+  InputPiece(const InputPiece &) = delete;
+  InputPiece &operator=(const InputPiece &) = delete;
+};
+
 template <int D, int MR, int NV>
 MOE_AVX512 void xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, int64_t n, int64_t K, float *C,
                         int64_t ldc, bool accumulate, __mmask16 last, RowsAhead ahead) {
@@ -603,17 +623,8 @@ MOE_AVX512 void xw_tile(const void *X, int64_t ldx, const void *W, int64_t ldw, 
   RowsFetch fetch(ahead, K);
   for (int64_t k0 = 0; k0 < K; k0 += kXPiece) {
     const int64_t len = std::min(kXPiece, K - k0);
-    // The input rows' piece in float32 (16-bit ones widened exactly), broadcast from there.
-    float xbuf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
-    const float *xs[MR];
-    for (int m = 0; m < MR; ++m) {
-      if constexpr (D == MOE_DTYPE_F32) {
-        xs[m] = static_cast<const float *>(X) + m * ldx + k0;
-      } else {
-        widen(xbuf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * es, D, len);
-        xs[m] = xbuf[m];
-      }
-    }
+    const InputPiece<D, MR> piece(X, ldx, k0, len);
+    const float *const *xs = piece.rows;
     for (int64_t k = 0; k < len; ++k, w += wstride) {
       fetch.upto(k0 + k);
       __m512 wv[NV];
@@ -744,16 +755,8 @@ MOE_AVX2 void avx2_xw_tile(const void *X, int64_t ldx, const void *W, int64_t ld
   RowsFetch fetch(ahead, K);
   for (int64_t k0 = 0; k0 < K; k0 += kXPiece) {
     const int64_t len = std::min(kXPiece, K - k0);
-    float xbuf[D == MOE_DTYPE_F32 ? 1 : MR][D == MOE_DTYPE_F32 ? 1 : kXPiece];
-    const float *xs[MR];
-    for (int m = 0; m < MR; ++m) {
-      if constexpr (D == MOE_DTYPE_F32) {
-        xs[m] = static_cast<const float *>(X) + m * ldx + k0;
-      } else {
-        widen(xbuf[m], static_cast<const unsigned char *>(X) + (m * ldx + k0) * es, D, len);
-        xs[m] = xbuf[m];
-      }
-    }
+    const InputPiece<D, MR> piece(X, ldx, k0, len);
+    const float *const *xs = piece.rows;
     for (int64_t k = 0; k < len; ++k, w += wstride) {
       fetch.upto(k0 + k);
       __m256 wv[NV];
