@@ -155,10 +155,7 @@ MOE_X8 void f32_round_f16_f16c(float *v, int64_t n) {
   for (; i < n; ++i) v[i] = std::bit_cast<float>(f16_value_bits(f16_bits(std::bit_cast<uint32_t>(v[i]))));
 }
 
-bool have_f16c() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return has;
-}
+bool have_f16c() { return x8::supported(); }
 #else
 bool have_f16c() { return false; }
 void f16_to_f32_f16c(float *, const uint16_t *, int64_t) {}

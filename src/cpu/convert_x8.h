@@ -4,6 +4,7 @@
 // call only where the CPU has them.
 #pragma once
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
+#include <cpuid.h>
 #include <immintrin.h>
 
 #include "moe/moe.h"
@@ -11,6 +12,17 @@
 #define MOE_X8 __attribute__((target("avx2,f16c")))
 
 namespace moe::cpu::x8 {
+
+// Whether the CPU has what this header's functions need: AVX2 and F16C (F16C read from CPUID:
+// clang 14's __builtin_cpu_supports does not know it).
+inline bool supported() {
+  static const bool yes = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
+    return __builtin_cpu_supports("avx2") && f16c;
+  }();
+  return yes;
+}
 
 // float16. The instructions round to nearest even for every input (subnormal results too: MXCSR's
 // FTZ and DAZ do not apply), so only NaNs need mending: a narrowed NaN becomes its sign and

@@ -1,6 +1,5 @@
 #include "cpu/few_rows.h"
 
-#include <cpuid.h>
 #include <immintrin.h>
 #include <omp.h>
 #include <unistd.h>
@@ -1049,14 +1048,7 @@ bool have_avx512_bf16() {
 }
 // AVX2 with FMA and F16C (every CPU with AVX2 has F16C; checked all the same, through CPUID:
 // clang's __builtin_cpu_supports does not know "f16c").
-bool have_avx2() {
-  static const bool yes = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    const bool f16c = __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C) != 0;
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c;
-  }();
-  return yes;
-}
+bool have_avx2() { return x8::supported() && __builtin_cpu_supports("fma"); }
 #else
 bool have_avx512() { return false; }
 bool have_avx512_bf16() { return false; }
