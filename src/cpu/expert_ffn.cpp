@@ -367,7 +367,9 @@ void add_bias(float *v, const void *b, int dt, int64_t n) {
 // forward of 8 and 64 tokens 0.90 and 0.94 of the time in bfloat16, 0.95 and 0.98 in float32.
 class FewExperts {
  public:
-  FewExperts(const Call &c, int64_t max_rows) : c_(c), max_(max_rows) {}
+  // columns_from: rows from which an expert's inputs are laid out as columns (XwtProduct), 0 never.
+  FewExperts(const Call &c, int64_t max_rows, int64_t columns_from)
+      : c_(c), max_(max_rows), columns_from_(columns_from) {}
   bool few(const Rows &r) const { return r.n > 0 && r.n <= max_; }
   int64_t max_rows() const { return max_; }
 
@@ -375,10 +377,15 @@ class FewExperts {
     const moe_ffn_args *a = c_.a;
     const int64_t d = c_.d, ff = c_.ff;
     const int dt = c_.dt;
-    int64_t rows = 0, experts = 0, most = 0, pairs = 0;
+    int64_t rows = 0, experts = 0, most = 0, pairs = 0, columns = 0;
     for (int64_t e = 0; e < a->num_experts; ++e) {
       const Rows r = rows_of(a, e);
-      if (few(r)) rows += r.n, ++experts, most = std::max(most, r.n), pairs += (r.n + 1) / 2;
+      if (!few(r)) continue;
+      rows += r.n, ++experts, pairs += (r.n + 1) / 2;
+      if (in_columns(r))
+        columns += few_rows_columns_ld(r.n);
+      else
+        most = std::max(most, r.n);
     }
     if (rows == 0) return;
     wide_ = dt == MOE_DTYPE_F32;  // float32 storage takes the kernel's sums directly
@@ -404,23 +411,29 @@ class FewExperts {
       xp_ = ldx_ != d ? take_bytes(arena, rows * ldx_ * es()) : nullptr;
       ap_ = lda_ != ff ? take_bytes(arena, rows * lda_ * es()) : nullptr;
     }
+    // Experts of columns_from_ rows or more: x and a as columns, each written once.
+    xc_ = columns ? reinterpret_cast<float *>(take_bytes(arena, columns * d * 4)) : nullptr;
+    ac_ = columns ? reinterpret_cast<float *>(take_bytes(arena, columns * ff * 4)) : nullptr;
     const int64_t first = (c_.is_glu ? 2 : 1) * experts;
     if (x.dry()) {  // the list of products is sized here, so that the real run allocates nothing
       if (products.size() < static_cast<size_t>(first + experts)) products.resize(first + experts);
       return;
     }
     int64_t i = 0, j = first;
-    each_few([&](int64_t e, const Rows &r, int64_t o, int64_t q) {
-      const void *xe = xp_ ? input(xp_, d, ldx_, o, q) : at(a->x, dt, r.in * d);
-      const void *ae = ap_ ? input(ap_, ff, lda_, o, q) : at(a->a, dt, r.begin * ff);
-      products[i++] = {xe, ldx_, at(a->w1, dt, e * ff * d), d, r.n, ff, d, h(r, o), ff, paired_};
-      if (c_.is_glu) products[i++] = {xe, ldx_, at(a->w3, dt, e * ff * d), d, r.n, ff, d, g(r, o), ff, paired_};
-      products[j++] = {ae, lda_, at(a->w2, dt, e * d * ff), ff, r.n, d, ff, y(r, o), d, paired_};
+    each_few([&](int64_t e, const Rows &r, int64_t o, int64_t q, int64_t col) {
+      const bool cols = in_columns(r);
+      const void *xe = cols ? xc_ + col * d : xp_ ? input(xp_, d, ldx_, o, q) : at(a->x, dt, r.in * d);
+      const void *ae = cols ? ac_ + col * ff : ap_ ? input(ap_, ff, lda_, o, q) : at(a->a, dt, r.begin * ff);
+      const int64_t ldx = cols ? few_rows_columns_ld(r.n) : ldx_, lda = cols ? ldx : lda_;
+      const bool paired = paired_ && !cols;
+      products[i++] = {xe, ldx, at(a->w1, dt, e * ff * d), d, r.n, ff, d, h(r, o), ff, paired, cols};
+      if (c_.is_glu) products[i++] = {xe, ldx, at(a->w3, dt, e * ff * d), d, r.n, ff, d, g(r, o), ff, paired, cols};
+      products[j++] = {ae, lda, at(a->w2, dt, e * d * ff), ff, r.n, d, ff, y(r, o), d, paired, cols};
     });
     XwtBatch hidden(products.data(), first, dt), out(products.data() + first, experts, dt);
 #pragma omp parallel if (hidden.chunks() > 1 && ff * d >= (int64_t{1} << 16))
     {
-      if (xp_) {
+      if (xp_ || xc_) {
         RowOf at_row0(*this);
 #pragma omp for schedule(static)
         for (int64_t k = 0; k < rows; ++k) copy_input_row(at_row0(k));
@@ -440,12 +453,14 @@ class FewExperts {
 
  private:
   // Row i of expert e, whose rows r are rows [o, o + r.n) of the few experts' and whose pairs
-  // of rows begin at pair q of theirs.
+  // of rows begin at pair q of theirs (and, in columns, whose columns begin at column c).
   struct Row {
     int64_t e;
     Rows r;
-    int64_t o, q, i;
+    int64_t o, q, c, i;
   };
+
+  bool in_columns(const Rows &r) const { return columns_from_ > 0 && r.n >= columns_from_; }
 
   // The k-th row of the few experts' for ks that only increase (one thread's share of a loop).
   class RowOf {
@@ -455,26 +470,28 @@ class FewExperts {
       for (;; ++e_) {
         const Rows r = rows_of(f_.c_.a, e_);
         if (!f_.few(r)) continue;
-        if (k < o_ + r.n) return {e_, r, o_, q_, k - o_};
+        if (k < o_ + r.n) return {e_, r, o_, q_, c_, k - o_};
         o_ += r.n;
         q_ += (r.n + 1) / 2;
+        if (f_.in_columns(r)) c_ += few_rows_columns_ld(r.n);
       }
     }
 
    private:
     const FewExperts &f_;
-    // the expert of the last row asked for, its first row and its first pair among the few
-    int64_t e_ = 0, o_ = 0, q_ = 0;
+    // the expert of the last row asked for, its first row, pair and column among the few
+    int64_t e_ = 0, o_ = 0, q_ = 0, c_ = 0;
   };
 
   template <class F>
   void each_few(F &&f) const {
-    for (int64_t e = 0, o = 0, q = 0; e < c_.a->num_experts; ++e) {
+    for (int64_t e = 0, o = 0, q = 0, col = 0; e < c_.a->num_experts; ++e) {
       const Rows r = rows_of(c_.a, e);
       if (!few(r)) continue;
-      f(e, r, o, q);
+      f(e, r, o, q, col);
       o += r.n;
       q += (r.n + 1) / 2;
+      if (in_columns(r)) col += few_rows_columns_ld(r.n);
     }
   }
 
@@ -518,7 +535,13 @@ class FewExperts {
     return reinterpret_cast<char *>((at + kLine - 1) / kLine * kLine);
   }
 
-  void copy_input_row(const Row &w) const { copy_input(xp_, c_.d, ldx_, w, at(c_.a->x, c_.dt, (w.r.in + w.i) * c_.d)); }
+  void copy_input_row(const Row &w) const {
+    const void *src = at(c_.a->x, c_.dt, (w.r.in + w.i) * c_.d);
+    if (in_columns(w.r))
+      few_rows_column(src, c_.dt, c_.d, w.r.n, w.i, xc_ + w.c * c_.d);
+    else if (xp_)
+      copy_input(xp_, c_.d, ldx_, w, src);
+  }
 
   // The kernel's sums plus bias, rounded to the layer's dtype and stored; with keep, v is left
   // holding the stored values too (h and g, which the activation reads as stored).
@@ -540,7 +563,10 @@ class FewExperts {
     const Act k = act_of(a);
     activation_forward(k.kind, hr, gr, ar, ff, k.alpha, k.limit);
     finish(ar, nullptr, at(a->a, c_.dt, row * ff), ff, false);  // the W2 product reads a as stored
-    if (ap_) copy_input(ap_, ff, lda_, w, at(a->a, c_.dt, row * ff));
+    if (in_columns(w.r))
+      few_rows_column(at(a->a, c_.dt, row * ff), c_.dt, ff, w.r.n, w.i, ac_ + w.c * ff);
+    else if (ap_)
+      copy_input(ap_, ff, lda_, w, at(a->a, c_.dt, row * ff));
   }
 
   void output_row(const Row &w) const {
@@ -550,10 +576,11 @@ class FewExperts {
   }
 
   const Call &c_;
-  int64_t max_;
+  int64_t max_, columns_from_;
   bool wide_ = false, paired_ = false;
   float *hf_ = nullptr, *gf_ = nullptr, *af_ = nullptr, *yf_ = nullptr;
   char *xp_ = nullptr, *ap_ = nullptr;  // x and a in pairs or at strides ldx_ and lda_, where copied
+  float *xc_ = nullptr, *ac_ = nullptr;  // x and a of the experts in columns
   int64_t ldx_ = 0, lda_ = 0;
 };
 
@@ -852,7 +879,8 @@ moe_status expert_ffn(void *state, const moe_ffn_args *a) {
     const Call c{a, a->d, a->ff, a->dtype, glu(a->activation)};
     const bool widened = widened_call(st, a);
     const SmallRows &small = small_rows();
-    FewExperts few(c, c.dt == MOE_DTYPE_F32 ? small.few_f32 : small.few_16);
+    const int64_t columns = c.dt == MOE_DTYPE_F32 ? small.columns_f32 : c.dt == MOE_DTYPE_BF16 ? small.columns_bf16 : 0;
+    FewExperts few(c, c.dt == MOE_DTYPE_F32 ? small.few_f32 : small.few_16, columns);
     each_expert(
         st, a, widened, few.max_rows(),
         [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {

@@ -16,6 +16,7 @@
 #include "core/half.h"
 #include "cpu/convert.h"
 #include "cpu/convert_x8.h"
+#include "cpu/few_rows_columns.h"
 #include "moe/moe.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
@@ -1102,10 +1103,11 @@ void generic_rows(const void *X, int64_t ldx, const void *W, int64_t ldw, int dt
 }
 
 // Weight rows per chunk, the unit of work: at most kRowsPerChunk rows and chunk_bytes(), whole blocks.
-int64_t chunk_rows(int dtype, int64_t ldw) {
-  const int64_t row_bytes = ldw * static_cast<int64_t>(dtype_size(dtype));
-  return std::clamp(chunk_bytes() / std::max<int64_t>(row_bytes, 1) / kBlockRows * kBlockRows, int64_t{kBlockRows},
-                    kRowsPerChunk);
+// In columns, whole tiles of 12, 6 and 4 rows (few_rows_columns.cpp): multiples of 12, up to 60.
+int64_t chunk_rows(int dtype, int64_t ldw, bool columns = false) {
+  const int64_t row_bytes = ldw * static_cast<int64_t>(dtype_size(dtype)), block = columns ? 12 : kBlockRows;
+  return std::clamp(chunk_bytes() / std::max<int64_t>(row_bytes, 1) / block * block, block,
+                    kRowsPerChunk / block * block);
 }
 
 // Bytes to fetch ahead: n bytes from p on (none when n is 0).
@@ -1269,7 +1271,7 @@ class Cursor {
     for (; i_ < count_; first_ += chunks_of(i_), ++i_) {
       const int64_t n = chunks_of(i_);
       if (c < first_ + n) {
-        const int64_t r = chunk_rows(dtype_, p_[i_].ldw), begin = (c - first_) * r;
+        const int64_t r = chunk_rows(dtype_, p_[i_].ldw, p_[i_].columns), begin = (c - first_) * r;
         *rows = {begin, std::min(p_[i_].N, begin + r)};
         return &p_[i_];
       }
@@ -1279,7 +1281,7 @@ class Cursor {
   int64_t chunks_of(int64_t i) const {
     const XwtProduct &q = p_[i];
     if (q.M <= 0 || q.N <= 0) return 0;
-    const int64_t r = chunk_rows(dtype_, q.ldw);
+    const int64_t r = chunk_rows(dtype_, q.ldw, q.columns);
     return (q.N + r - 1) / r;
   }
 
@@ -1413,7 +1415,7 @@ XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype, FewRows
   check_isa(isa);
   const Cursor c(products, count, dtype);
   for (int64_t i = 0; i < count; ++i) {
-    if (products[i].paired != few_rows_paired(dtype, isa) && c.chunks_of(i) > 0)
+    if (!products[i].columns && products[i].paired != few_rows_paired(dtype, isa) && c.chunks_of(i) > 0)
       throw std::logic_error("XwtBatch: a product's X is not in the layout its dtype is read in (few_rows_paired)");
     chunks_ += c.chunks_of(i);
   }
@@ -1425,7 +1427,11 @@ void XwtBatch::drain() {
     RowRange r, rn;
     const XwtProduct *p = cursor.find(c, &r), *q = cursor.find(after, &rn);
     const Bytes next = q ? bytes_of_rows(q->W, q->ldw, dtype_, rn) : Bytes{};
-    xwt_rows(p->X, p->ldx, p->W, p->ldw, dtype_, p->M, r, p->K, p->C, p->ldc, next, isa_);
+    if (p->columns)
+      columns_rows(static_cast<const float *>(p->X), p->ldx, p->M, p->W, p->ldw, dtype_, r.begin, r.end, p->K, p->C,
+                   p->ldc, static_cast<const char *>(next.p), next.n, isa_ != FewRowsIsa::portable);
+    else
+      xwt_rows(p->X, p->ldx, p->W, p->ldw, dtype_, p->M, r, p->K, p->C, p->ldc, next, isa_);
   });
 }
 
@@ -1446,6 +1452,23 @@ void few_rows_pair_row(const void *src, int64_t K, int64_t M, int64_t i, void *p
     std::fill(to + n, to + kPairStep, uint16_t{0});
     if (pad) std::fill(to + kPairStep, to + 2 * kPairStep, uint16_t{0});
   }
+}
+
+int64_t few_rows_columns_ld(int64_t M) { return (M + 7) / 8 * 8; }
+
+int64_t few_rows_columns_size(int64_t M, int64_t K) { return K * few_rows_columns_ld(M); }
+
+void few_rows_column(const void *src, int dtype, int64_t K, int64_t M, int64_t i, float *columns) {
+  const int64_t ld = few_rows_columns_ld(M);
+  constexpr int64_t kPiece = 256;
+  float buf[kPiece];
+  for (int64_t k0 = 0; k0 < K; k0 += kPiece) {
+    const int64_t len = std::min(kPiece, K - k0);
+    widen(buf, elem_at(src, dtype, k0), dtype, len);
+    for (int64_t k = 0; k < len; ++k) columns[(k0 + k) * ld + i] = buf[k];
+  }
+  if (i == M - 1)
+    for (int64_t k = 0; k < K; ++k) std::fill(columns + k * ld + M, columns + (k + 1) * ld, 0.0f);
 }
 
 void few_rows_xwt(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, int64_t M, int64_t N, int64_t K,

@@ -308,6 +308,17 @@ const SmallRows &small_rows() {
   //    1.13 of the time, float16 1, 8, 64 tokens 0.77, 0.76, 1.04; up to 16 rows, bfloat16 8, 32,
   //    64 tokens 0.89, 1.00, 1.02, float16 32 tokens 0.97; up to 24 against up to 8, 64 tokens
   //    1.04 (bfloat16) and 1.17 (float16). So up to 8.
+  //    Forward products with input rows as columns (the weights broadcast against 8 to 24 rows
+  //    at once, few_rows_columns.cpp), one 2048 x 1024 weight against M rows from memory, against
+  //    the rows kernel: float32 M 8 1.23, M 12 0.77, M 16 0.57, M 24 0.66, M 32 0.70, M 48 0.76
+  //    (oneDNN's W X^T at M 16: 0.8 of its time); bfloat16 M 8 1.19, M 12 1.11, M 16 0.73-0.83,
+  //    M 24 0.93, M 32 0.98; float16 (a conversion per weight element) 1.3-2.4 at every M. In the
+  //    layer, float32 on columns from 12 rows and on the few-rows path up to 64 (from 8 and W X^T
+  //    to 64): 32, 64, 128, 256 tokens 0.86, 0.75, 0.93 (up to 96 rows: 0.90), 0.99 of the time;
+  //    from 9 rows against 12: 32 and 48 tokens 1.00-1.01 and 0.97-0.99. bfloat16 on columns
+  //    from 12 rows and on the few-rows path up to 48 (from 32, then widened for oneDNN): 64,
+  //    128, 192 tokens 0.88, 0.89, 0.91 (up to 96 rows: 1.05 at 256 tokens); float16 up to 48
+  //    on the rows kernel, 64 tokens 1.01.
   //  Elsewhere (no AVX2: the portable loops, a libm call per multiply-add) oneDNN but for float32
   //  W X^T; and Intel CPUs with AVX-512 as above.
   // The router's logits X Wr^T (float32, N = experts: oneDNN's matmul is slow with so few
@@ -326,7 +337,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
     if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{8, 32, 64, 0, 8, 16, 0, false, 32, 352, 16};
+    if (avx2) return SmallRows{64, 48, 64, 0, 8, 16, 0, false, 32, 352, 16, 9, 12};
     return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
   }();
   return rows;

@@ -101,6 +101,10 @@ struct SmallRows {
   // Rows up to which a widened backward (16-bit weights on float32 GEMMs, cpu/expert_ffn.cpp)
   // adds its weight gradients on few_rows_grads, each gradient read and written once.
   int64_t widened_grad = 0;
+  // Rows from which a float32 or bfloat16 forward product on the few-rows kernel reads its input
+  // rows as columns (XwtProduct::columns: each weight element broadcast against the rows); 0:
+  // never. (float16 never: its weight elements take a conversion each, which binds.)
+  int64_t columns_f32 = 0, columns_bf16 = 0;
 };
 const SmallRows &small_rows();
 

@@ -5,6 +5,8 @@
 // a weight row inside a block of four or on its own, and for any thread count. few_rows_xw, the
 // backward's products along a weight's rows, and few_rows_grad, its weight gradients (alone or
 // several as one stream): bit for bit their documented order of sums; few_rows_grad_bf16 (bfloat16 on VDPBF16PS) exact on integers.
+// Forward products with X in columns (XwtProduct::columns): bit for bit their order of sums, the
+// same alone, among other rows, batched with products in rows and for any thread count.
 // Each suite runs at every instruction set level the CPU has (AVX-512, AVX2, portable), so one
 // CPU checks every kernel it can run; the levels it lacks report themselves skipped.
 #include <gtest/gtest.h>
@@ -272,6 +274,143 @@ TEST(FewRowsPairs, BatchRefusesAProductInTheWrongLayout) {
   EXPECT_THROW(moe::cpu::XwtBatch(&f32, 1, MOE_DTYPE_F32), std::logic_error);
   for (float v : c) ASSERT_EQ(v, 7.0f);
 }
+
+// ---- the columns layout: XwtProduct::columns --------------------------------------------------
+
+// Shapes past every tail of the columns kernel: input rows in passes of one to three vectors of 8
+// (M 1-8, 9-16, 17-24, then 2 + 2, 3 + 2, 3 + 3), weight rows in tiles of 12, 6 or 4 and then 4,
+// 2 and 1, in chunks of 12 to 60; k from 1 on (a bfloat16 row's last element is read alone), long
+// rows (K 9000) and many chunks (N 4100).
+const Shape kColumnShapes[] = {{1, 1, 1},    {1, 13, 2},   {3, 25, 17},   {8, 61, 33},   {9, 12, 64},
+                               {16, 130, 100}, {17, 7, 31}, {24, 67, 257}, {25, 50, 16},  {33, 13, 48},
+                               {40, 73, 95},  {48, 26, 1000}, {13, 30, 9000}, {5, 4100, 64}};
+
+// The product of Operands over input rows [m0, m0 + rows) and weight rows [n0, n0 + cols), X laid
+// out as columns, through an XwtBatch at op's level; C as Operands::run.
+std::vector<float> run_columns(const Operands &op, int64_t m0, int64_t rows, int64_t n0, int64_t cols) {
+  const int64_t es = static_cast<int64_t>(moe_test::dtype_size(op.dtype));
+  std::vector<float> xt(static_cast<size_t>(moe::cpu::few_rows_columns_size(rows, op.s.K)), std::nanf(""));
+  for (int64_t i = 0; i < rows; ++i)
+    moe::cpu::few_rows_column(op.x.bytes.data() + (m0 + i) * op.ldx * es, op.dtype, op.s.K, rows, i, xt.data());
+  std::vector<float> c(static_cast<size_t>(op.s.M * op.ldc), std::nanf(""));
+  const moe::cpu::XwtProduct p{xt.data(), moe::cpu::few_rows_columns_ld(rows), op.w.bytes.data() + n0 * op.ldw * es,
+                               op.ldw, rows, cols, op.s.K, c.data() + m0 * op.ldc + n0, op.ldc, false, true};
+  moe::cpu::XwtBatch batch(&p, 1, op.dtype, op.isa);
+#pragma omp parallel if (batch.chunks() > 1)
+  batch.drain();
+  return c;
+}
+std::vector<float> run_columns(const Operands &op) { return run_columns(op, 0, op.s.M, 0, op.s.N); }
+
+// Every element of every row at k * ld + i, the columns past M zero, nothing past the size; the
+// same floats whichever order the rows are written in.
+TEST(FewRowsColumns, EachRowInItsColumnPaddingZero) {
+  for (const int dt : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16})
+    for (const Shape s : {Shape{1, 0, 5}, Shape{8, 0, 3}, Shape{9, 0, 300}, Shape{20, 0, 1}, Shape{3, 0, 257}}) {
+      const int64_t ld = moe::cpu::few_rows_columns_ld(s.M), size = moe::cpu::few_rows_columns_size(s.M, s.K);
+      ASSERT_EQ(ld % 8, 0);
+      ASSERT_GE(ld, s.M);
+      ASSERT_LT(ld, s.M + 8);
+      ASSERT_EQ(size, s.K * ld);
+      Rng rng(40 + s.M);
+      const Stored x(dt, rng.nonzeros(static_cast<size_t>(s.M * s.K), 1.0f));
+      const size_t es = moe_test::dtype_size(dt);
+      std::vector<float> forward(static_cast<size_t>(size) + 8, std::nanf("")), backward = forward;
+      for (int64_t i = 0; i < s.M; ++i)
+        moe::cpu::few_rows_column(x.bytes.data() + i * s.K * es, dt, s.K, s.M, i, forward.data());
+      for (int64_t i = s.M - 1; i >= 0; --i)
+        moe::cpu::few_rows_column(x.bytes.data() + i * s.K * es, dt, s.K, s.M, i, backward.data());
+      ASSERT_EQ(0, std::memcmp(forward.data(), backward.data(), forward.size() * sizeof(float))) << shape_name(dt, s);
+      for (int64_t k = 0; k < s.K; ++k)
+        for (int64_t i = 0; i < ld; ++i)
+          ASSERT_EQ(forward[k * ld + i], i < s.M ? x[i * s.K + k] : 0.0f) << shape_name(dt, s) << " k " << k << " i " << i;
+      for (size_t i = static_cast<size_t>(size); i < forward.size(); ++i)
+        ASSERT_TRUE(std::isnan(forward[i])) << "wrote past the size";
+    }
+}
+
+class FewRowsColumns : public KernelTest {};
+
+// The documented order, written out: each sum over k in order, one fused multiply-add per term,
+// from zero, bit for bit, at every level and for every dtype (no lane sums: bfloat16 too).
+TEST_P(FewRowsColumns, EachSumIsTheFusedSumInOrderOfK) {
+  const int dt = dtype();
+  uint64_t seed = 300;
+  for (const Shape &s : kColumnShapes) {
+    const Operands op(dt, isa(), s, seed++);
+    const std::vector<float> c = run_columns(op);
+    for (int64_t m = 0; m < s.M; ++m) {
+      for (int64_t n = 0; n < s.N; ++n) {
+        float sum = 0.0f;
+        for (int64_t k = 0; k < s.K; ++k) sum = std::fma(op.w[n * op.ldw + k], op.x[m * op.ldx + k], sum);
+        ASSERT_EQ(c[m * op.ldc + n], sum) << shape_name(dt, s) << " at (" << m << ", " << n << ")";
+      }
+      for (int64_t n = s.N; n < op.ldc; ++n)
+        ASSERT_TRUE(std::isnan(c[m * op.ldc + n])) << "wrote past N at (" << m << ", " << n << ")";
+    }
+  }
+}
+
+TEST_P(FewRowsColumns, EachOutputIsTheSameSumAloneOrAmongOthers) {
+  const int dt = dtype();
+  uint64_t seed = 400;
+  for (const Shape &s : kColumnShapes) {
+    if (s.N * s.K > 300000) continue;  // the long shapes: the sums above, once
+    const Operands op(dt, isa(), s, seed++);
+    const std::vector<float> all = run_columns(op);
+    for (int64_t m = 0; m < s.M; m += 5) {
+      const std::vector<float> row = run_columns(op, m, 1, 0, s.N);
+      ASSERT_EQ(0, std::memcmp(&row[m * op.ldc], &all[m * op.ldc], s.N * sizeof(float)))
+          << shape_name(dt, s) << ": input row " << m;
+    }
+    for (int64_t n = 0; n < s.N; n += 7) {
+      const std::vector<float> col = run_columns(op, 0, s.M, n, 1);
+      for (int64_t m = 0; m < s.M; ++m)
+        ASSERT_EQ(0, std::memcmp(&col[m * op.ldc + n], &all[m * op.ldc + n], sizeof(float)))
+            << shape_name(dt, s) << ": weight row " << n << ", input row " << m;
+    }
+  }
+}
+
+TEST_P(FewRowsColumns, SameBitsForAnyThreadCount) {
+  const int dt = dtype();
+  for (const Shape s : {Shape{20, 1000, 300}, Shape{13, 99, 9000}, Shape{40, 4100, 64}}) {
+    const Operands op(dt, isa(), s, 9);
+    expect_same_bits_at_1_and_3_threads([&] { return run_columns(op); }, shape_name(dt, s));
+  }
+}
+
+// Products in columns and in rows as one stream of work: each the same bits as alone.
+TEST_P(FewRowsColumns, BatchedWithProductsInRowsEachAsAlone) {
+  const int dt = dtype();
+  const FewRowsIsa level = isa();
+  const Operands a(dt, level, Shape{12, 200, 300}, 21), b(dt, level, Shape{5, 130, 300}, 22);
+  const int64_t es = static_cast<int64_t>(moe_test::dtype_size(dt));
+  std::vector<float> xt(static_cast<size_t>(moe::cpu::few_rows_columns_size(a.s.M, a.s.K)));
+  for (int64_t i = 0; i < a.s.M; ++i)
+    moe::cpu::few_rows_column(a.x.bytes.data() + i * a.ldx * es, dt, a.s.K, a.s.M, i, xt.data());
+  const bool paired = moe::cpu::few_rows_paired(dt, level);
+  std::vector<uint16_t> pairs;
+  if (paired) {
+    pairs.resize(static_cast<size_t>(moe::cpu::few_rows_pairs_size(b.s.M, b.s.K)));
+    for (int64_t i = 0; i < b.s.M; ++i)
+      moe::cpu::few_rows_pair_row(b.x.bytes.data() + i * b.ldx * es, b.s.K, b.s.M, i, pairs.data());
+  }
+  std::vector<float> ca(static_cast<size_t>(a.s.M * a.ldc), std::nanf("")), cb(b.s.M * b.ldc, std::nanf(""));
+  const moe::cpu::XwtProduct products[] = {
+      {paired ? static_cast<const void *>(pairs.data()) : b.x.bytes.data(), b.ldx, b.w.bytes.data(), b.ldw, b.s.M, b.s.N,
+       b.s.K, cb.data(), b.ldc, paired},
+      {xt.data(), moe::cpu::few_rows_columns_ld(a.s.M), a.w.bytes.data(), a.ldw, a.s.M, a.s.N, a.s.K, ca.data(), a.ldc,
+       false, true}};
+  moe::cpu::XwtBatch batch(products, 2, dt, level);
+#pragma omp parallel
+  batch.drain();
+  const std::vector<float> alone_a = run_columns(a), alone_b = b.run();
+  EXPECT_EQ(0, std::memcmp(ca.data(), alone_a.data(), ca.size() * sizeof(float))) << "the product in columns";
+  EXPECT_EQ(0, std::memcmp(cb.data(), alone_b.data(), cb.size() * sizeof(float))) << "the product in rows";
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, FewRowsColumns, kKernels, kernel_name);
 
 // ---- few_rows_xw: C (+)= X W, W [K, N] read along its rows ---------------------------------------
 
