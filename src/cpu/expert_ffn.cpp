@@ -692,7 +692,7 @@ void backward_direct(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows
   void *dw1 = at(a->dw1, dt, e * ff * d), *dw3 = dg ? at(a->dw3, dt, e * ff * d) : nullptr;
   void *dw2 = at(a->dw2, dt, e * d * ff);
   const SmallRows &small = small_rows();
-  const bool few = n <= (dt == MOE_DTYPE_F32 ? small.bwd_f32 : small.bwd_16);
+  const bool few = dt == MOE_DTYPE_F32 ? n >= small.bwd_f32_from && n <= small.bwd_f32 : n <= small.bwd_16;
   const bool few_grad = dt == MOE_DTYPE_F32 && n <= small.grad_f32;
   const bool few_grad_bf16 = dt == MOE_DTYPE_BF16 && n <= small.grad_bf16;
   const bool live = !x.dry();

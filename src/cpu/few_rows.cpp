@@ -800,6 +800,118 @@ MOE_AVX2 void avx2_xw_tile(const void *X, int64_t ldx, const void *W, int64_t ld
     }
 }
 
+// More input rows than one pass takes (kGroup), in pieces of kStripK rows of W: each piece's
+// columns copied, row by row, into strips of 16 columns (one per tile) that every pass then
+// reads. In place, a tile's rows lie ldw elements apart, a multiple of 4 KB in the layer (a
+// weight's rows), and fall into so few of L1's and L2's sets that the later passes found them
+// evicted and read them again; and a tile walking down all K rows read memory 64 bytes from each
+// row. The passes' accumulators stay in memory between pieces (xw_tile's sums, k in order: the
+// same bits). Columns kStripCols at a time, the unit of work: 512 left one thread waiting on the
+// other at the end of a product of 1024 columns. (2 cores of an AMD EPYC Zen 3, float32 training
+// step, d 1024, d_ff 2048, 8 experts, top-2, dY W2, dH W1 and dG W3 on few_rows_xw up to 48 rows
+// against oneDNN: 64, 96, 128 tokens 0.93, 0.92, 0.96 of the time; with 512 columns, 1.10 at 64.)
+constexpr int64_t kStripRows = 64;   // input rows, at most
+constexpr int64_t kStripCols = 128;  // columns a sweep over k
+constexpr int64_t kStripK = 32;      // k per piece: with the next piece fetched, 8 lines per L2 set
+
+// MR input rows' 16 accumulators (acc[m], kept in the registers' order) over k in [k0, k0 + len),
+// the columns from the strip (16 elements a k, as stored).
+template <int D, int MR>
+MOE_AVX2 void avx2_xw_strip_pass(const void *X, int64_t ldx, int64_t k0, int64_t len, const unsigned char *strip,
+                                 float *acc_mem, int64_t lda) {
+  constexpr size_t es = D == MOE_DTYPE_F32 ? 4 : 2;
+  __m256 acc[MR][2];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc_mem + m * lda);
+    acc[m][1] = k0 == 0 ? _mm256_setzero_ps() : _mm256_load_ps(acc_mem + m * lda + 8);
+  }
+  const InputPiece<D, MR> piece(X, ldx, k0, len);
+  for (int64_t k = 0; k < len; ++k) {
+    __m256 lo, hi;
+    avx2_xw_load<D>(strip + k * 16 * es, lo, hi);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 xv = _mm256_broadcast_ss(piece.rows[m] + k);
+      acc[m][0] = _mm256_fmadd_ps(xv, lo, acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(xv, hi, acc[m][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    _mm256_store_ps(acc_mem + m * lda, acc[m][0]);
+    _mm256_store_ps(acc_mem + m * lda + 8, acc[m][1]);
+  }
+}
+
+// C (+)= X W over columns [n0, n1) for M input rows (kGroup < M <= kStripRows), in passes split
+// evenly as xw_cols'.
+template <int D>
+MOE_AVX2 void avx2_xw_strips(const void *X, int64_t ldx, int64_t M, const void *W, int64_t ldw, int64_t n0,
+                             int64_t n1, int64_t K, float *C, int64_t ldc, bool accumulate) {
+  constexpr int64_t es = D == MOE_DTYPE_F32 ? 4 : 2;
+  alignas(64) unsigned char pack[kStripK * kStripCols * es];  // a piece's strips, tile after tile
+  alignas(32) float acc[kStripRows * kStripCols];
+  const int64_t passes = (M + kGroup - 1) / kGroup, row = ldw * es, cols = kStripCols;
+  for (int64_t na = n0; na < n1; na += cols) {
+    const int64_t nb = std::min(n1, na + cols), tiles = (nb - na + 15) / 16;
+    for (int64_t k0 = 0; k0 < K; k0 += kStripK) {
+      const int64_t len = std::min(kStripK, K - k0);
+      // Each row's columns read in one run (the next piece's rows asked for meanwhile).
+      for (int64_t k = 0; k < len; ++k) {
+        const unsigned char *w = static_cast<const unsigned char *>(W) + (k0 + k) * row + na * es;
+        for (int64_t b = 0; b < (nb - na) * es; b += 64)
+          _mm_prefetch(reinterpret_cast<const char *>(w + kStripK * row + b), _MM_HINT_T1);
+        for (int64_t t = 0; t < tiles; ++t) {
+          unsigned char *to = pack + (t * len + k) * 16 * es;
+          const int64_t width = std::min<int64_t>(16, nb - na - 16 * t);
+          if (width == 16) {
+            _mm256_store_si256(reinterpret_cast<__m256i *>(to),
+                               _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + t * 16 * es)));
+            if constexpr (es == 4)
+              _mm256_store_si256(reinterpret_cast<__m256i *>(to + 32),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i *>(w + t * 16 * es + 32)));
+          } else {  // the last columns, padded with zeros
+            std::memset(to, 0, 16 * es);
+            std::memcpy(to, w + t * 16 * es, static_cast<size_t>(width * es));
+          }
+        }
+      }
+      for (int64_t n = na; n < nb; n += 16) {
+        const unsigned char *strip = pack + (n - na) / 16 * len * 16 * es;
+        for (int64_t p = 0; p < passes; ++p) {
+          const int64_t m0 = M * p / passes, m = M * (p + 1) / passes - m0;
+          const void *x = static_cast<const unsigned char *>(X) + m0 * ldx * es;
+          float *a = acc + m0 * cols + (n - na);
+          switch (m) {
+            case 1: avx2_xw_strip_pass<D, 1>(x, ldx, k0, len, strip, a, cols); break;
+            case 2: avx2_xw_strip_pass<D, 2>(x, ldx, k0, len, strip, a, cols); break;
+            case 3: avx2_xw_strip_pass<D, 3>(x, ldx, k0, len, strip, a, cols); break;
+            case 4: avx2_xw_strip_pass<D, 4>(x, ldx, k0, len, strip, a, cols); break;
+            case 5: avx2_xw_strip_pass<D, 5>(x, ldx, k0, len, strip, a, cols); break;
+            default: avx2_xw_strip_pass<D, kGroup>(x, ldx, k0, len, strip, a, cols); break;
+          }
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = na; n < nb; n += 16) {
+        const float *a = acc + m * cols + (n - na);
+        __m256 lo = K > 0 ? _mm256_load_ps(a) : _mm256_setzero_ps(), hi = K > 0 ? _mm256_load_ps(a + 8) : lo;
+        if constexpr (D == MOE_DTYPE_BF16) {  // even and odd columns back in order
+          const __m256 u = _mm256_unpacklo_ps(lo, hi), v = _mm256_unpackhi_ps(lo, hi);
+          lo = _mm256_permute2f128_ps(u, v, 0x20);
+          hi = _mm256_permute2f128_ps(u, v, 0x31);
+        }
+        alignas(32) float r[16];
+        _mm256_store_ps(r, lo);
+        _mm256_store_ps(r + 8, hi);
+        float *c = C + m * ldc + n;
+        for (int64_t j = 0, width = std::min<int64_t>(16, nb - n); j < width; ++j) c[j] = accumulate ? c[j] + r[j] : r[j];
+      }
+  }
+}
+
 // Tiles of avx2_xw_rows over `width` columns for MR input rows.
 int64_t avx2_xw_tiles(int64_t width, int64_t MR) {
   return MR <= 2 ? width / 32 + (width % 32 + 15) / 16 : (width + 15) / 16;
@@ -1075,6 +1187,11 @@ void avx2_xw_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int
 void avx2_grad_rows(const float *, int64_t, const float *, int64_t, int64_t, void *, int64_t, int, int64_t, int64_t,
                     int64_t, const char *, int64_t) {}
 int64_t avx2_xw_tiles(int64_t, int64_t) { return 1; }
+constexpr int64_t kStripRows = 0;
+constexpr int64_t kStripCols = 16;
+template <int D>
+void avx2_xw_strips(const void *, int64_t, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
+                    bool) {}
 template <int D, int DX = D>
 void avx2_dispatch(const void *, int64_t, const void *, int64_t, int64_t, int64_t, int64_t, int64_t, float *, int64_t,
                    const char *, int64_t, bool) {}
@@ -1333,6 +1450,15 @@ void xw_cols(const void *X, int64_t ldx, const void *W, int64_t ldw, int dtype, 
     }
     return;
   }
+  if (avx2 && passes > 1 && M <= kStripRows) {
+    if (dtype == MOE_DTYPE_BF16)
+      avx2_xw_strips<MOE_DTYPE_BF16>(X, ldx, M, W, ldw, r.begin, r.end, K, C, ldc, accumulate);
+    else if (dtype == MOE_DTYPE_F16)
+      avx2_xw_strips<MOE_DTYPE_F16>(X, ldx, M, W, ldw, r.begin, r.end, K, C, ldc, accumulate);
+    else
+      avx2_xw_strips<MOE_DTYPE_F32>(X, ldx, M, W, ldw, r.begin, r.end, K, C, ldc, accumulate);
+    return;
+  }
   const int64_t es = static_cast<int64_t>(dtype_size(dtype)), width = r.end - r.begin;
   const int64_t tiles =
       avx2 ? avx2_xw_tiles(width, M / passes) : width / 64 + (width % 64) / 32 + (width % 32 + 15) / 16;
@@ -1494,7 +1620,9 @@ void few_rows_xw(const void *X, int64_t ldx, const void *W, int64_t ldw, int dty
       if (!accumulate) std::fill(C + m * ldc, C + m * ldc + N, 0.0f);
     return;
   }
-  const int64_t cols = xw_chunk_cols(dtype, K), chunks = (N + cols - 1) / cols;
+  // (more than one pass on AVX2: avx2_xw_strips' columns)
+  const bool strips = isa == FewRowsIsa::avx2 && M > kGroup && M <= kStripRows;
+  const int64_t cols = strips ? kStripCols : xw_chunk_cols(dtype, K), chunks = (N + cols - 1) / cols;
   std::atomic<int64_t> claimed{0};
   auto range = [&](int64_t c) { return c < chunks ? RowRange{c * cols, std::min(N, (c + 1) * cols)} : RowRange{}; };
 #pragma omp parallel if (chunks > 1 && N * K >= (int64_t{1} << 16))

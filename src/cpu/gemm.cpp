@@ -319,6 +319,12 @@ const SmallRows &small_rows() {
   //    from 12 rows and on the few-rows path up to 48 (from 32, then widened for oneDNN): 64,
   //    128, 192 tokens 0.88, 0.89, 0.91 (up to 96 rows: 1.05 at 256 tokens); float16 up to 48
   //    on the rows kernel, 64 tokens 1.01.
+  //    Backward, float32 dY W2, dH W1 and dG W3 on few_rows_xw from 7 to 48 rows (more than one
+  //    pass: its strips, see few_rows.cpp) against oneDNN: 64, 96, 128 tokens 0.93, 0.92, 0.96
+  //    of the time; from 1 row, 32 tokens 1.06 (one pass, the weight read in place). 16-bit
+  //    layers on the strips up to 48 rows against 8: bfloat16 64, 96, 128 tokens 0.98, 1.01,
+  //    1.04, float16 64 tokens 1.02: left at 8 (7 and 8 rows on the strips: bfloat16 16 and 32
+  //    tokens 1.02 and 0.97).
   //  Elsewhere (no AVX2: the portable loops, a libm call per multiply-add) oneDNN but for float32
   //  W X^T; and Intel CPUs with AVX-512 as above.
   // The router's logits X Wr^T (float32, N = experts: oneDNN's matmul is slow with so few
@@ -337,7 +343,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
     if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{64, 48, 64, 0, 8, 16, 0, false, 32, 352, 16, 9, 12};
+    if (avx2) return SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 7};
     return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
   }();
   return rows;

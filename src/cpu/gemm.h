@@ -81,10 +81,11 @@ class Gemms {
 int64_t bf16_native_max_rows();
 
 // Which kernel a forward product over an expert's few rows runs on, by row count: the few-rows
-// kernel (cpu/few_rows.h) up to few_f32 (float32) or few_16 (16-bit) rows, then float32 experts
-// as W X^T up to wxt_f32 rows, then oneDNN's X W^T. In backward, the products read along a
-// weight's rows (dY W2, dH W1) run on few_rows_xw up to bwd_f32 (float32) or bwd_16 (16-bit)
-// rows, float32 weight gradients on few_rows_grad up to grad_f32 rows and bfloat16 ones on
+// kernel (cpu/few_rows.h) up to few_f32 (float32) or few_16 (16-bit) rows (its input rows as
+// columns from columns_f32 or columns_bf16 rows), then float32 experts as W X^T up to wxt_f32
+// rows, then oneDNN's X W^T. In backward, the products read along a weight's rows (dY W2, dH
+// W1) run on few_rows_xw up to bwd_f32 (float32, from bwd_f32_from) or bwd_16 (16-bit) rows,
+// float32 weight gradients on few_rows_grad up to grad_f32 rows and bfloat16 ones on
 // few_rows_grad_bf16 up to grad_bf16 rows (where the CPU has AVX512-BF16); beyond, on oneDNN.
 // router: the router's logits X Wr^T and their input gradient run on the few-rows kernels, at
 // every token count.
@@ -105,6 +106,9 @@ struct SmallRows {
   // rows as columns (XwtProduct::columns: each weight element broadcast against the rows); 0:
   // never. (float16 never: its weight elements take a conversion each, which binds.)
   int64_t columns_f32 = 0, columns_bf16 = 0;
+  // Rows from which float32 products read along a weight's rows run on few_rows_xw (up to
+  // bwd_f32): below, oneDNN.
+  int64_t bwd_f32_from = 0;
 };
 const SmallRows &small_rows();
 

@@ -415,10 +415,11 @@ INSTANTIATE_TEST_SUITE_P(Kernels, FewRowsColumns, kKernels, kernel_name);
 // ---- few_rows_xw: C (+)= X W, W [K, N] read along its rows ---------------------------------------
 
 // Shapes past every tail of its tiles (input rows in sixes; columns in 64, 32, 16 and a partial
-// vector) and of its chunks of columns (K 9000: chunks of 16 columns, many per thread).
+// vector) and of its chunks of columns (K 9000: chunks of 16 columns, many per thread); on AVX2,
+// of its strips (7 to 64 rows: pieces of 32 k, 128 columns a chunk; 65 rows in place again).
 const Shape kXwShapes[] = {{1, 1, 1},   {1, 17, 5},   {2, 64, 32},  {3, 100, 33}, {5, 131, 64},
                            {6, 48, 100}, {7, 95, 31},  {13, 70, 64}, {16, 257, 300}, {25, 16, 16},
-                           {4, 3, 48},   {14, 67, 9000}};
+                           {4, 3, 48},   {14, 67, 9000}, {64, 130, 70}, {65, 20, 40}};
 
 // X and W in dtype, C with a random start (accumulate adds to it).
 struct XwOperands {
