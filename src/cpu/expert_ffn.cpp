@@ -367,9 +367,10 @@ void add_bias(float *v, const void *b, int dt, int64_t n) {
 // forward of 8 and 64 tokens 0.90 and 0.94 of the time in bfloat16, 0.95 and 0.98 in float32.
 class FewExperts {
  public:
-  // columns_from: rows from which an expert's inputs are laid out as columns (XwtProduct), 0 never.
-  FewExperts(const Call &c, int64_t max_rows, int64_t columns_from)
-      : c_(c), max_(max_rows), columns_from_(columns_from) {}
+  // columns_from: rows from which an expert's inputs are laid out as columns (XwtProduct), 0
+  // never; columns_rest: rows past a multiple of 8 left to the rows kernel (see column_rows).
+  FewExperts(const Call &c, int64_t max_rows, int64_t columns_from, int64_t columns_rest)
+      : c_(c), max_(max_rows), columns_from_(columns_from), columns_rest_(columns_rest) {}
   bool few(const Rows &r) const { return r.n > 0 && r.n <= max_; }
   int64_t max_rows() const { return max_; }
 
@@ -383,7 +384,7 @@ class FewExperts {
       if (!few(r)) continue;
       rows += r.n, ++experts, pairs += (r.n + 1) / 2;
       if (in_columns(r))
-        columns += few_rows_columns_ld(r.n);
+        columns += few_rows_columns_ld(column_rows(r));
       else
         most = std::max(most, r.n);
     }
@@ -421,14 +422,24 @@ class FewExperts {
     }
     int64_t i = 0, j = first;
     each_few([&](int64_t e, const Rows &r, int64_t o, int64_t q, int64_t col) {
-      const bool cols = in_columns(r);
-      const void *xe = cols ? xc_ + col * d : xp_ ? input(xp_, d, ldx_, o, q) : at(a->x, dt, r.in * d);
-      const void *ae = cols ? ac_ + col * ff : ap_ ? input(ap_, ff, lda_, o, q) : at(a->a, dt, r.begin * ff);
-      const int64_t ldx = cols ? few_rows_columns_ld(r.n) : ldx_, lda = cols ? ldx : lda_;
-      const bool paired = paired_ && !cols;
-      products[i++] = {xe, ldx, at(a->w1, dt, e * ff * d), d, r.n, ff, d, h(r, o), ff, paired, cols};
-      if (c_.is_glu) products[i++] = {xe, ldx, at(a->w3, dt, e * ff * d), d, r.n, ff, d, g(r, o), ff, paired, cols};
-      products[j++] = {ae, lda, at(a->w2, dt, e * d * ff), ff, r.n, d, ff, y(r, o), d, paired, cols};
+      const void *w1 = at(a->w1, dt, e * ff * d), *w2 = at(a->w2, dt, e * d * ff);
+      const void *w3 = c_.is_glu ? at(a->w3, dt, e * ff * d) : nullptr;
+      const int64_t n = column_rows(r);
+      if (n == 0) {
+        const void *xe = xp_ ? input(xp_, d, ldx_, o, q) : at(a->x, dt, r.in * d);
+        const void *ae = ap_ ? input(ap_, ff, lda_, o, q) : at(a->a, dt, r.begin * ff);
+        products[i++] = {xe, ldx_, w1, d, r.n, ff, d, h(r, o), ff, paired_};
+        if (c_.is_glu) products[i++] = {xe, ldx_, w3, d, r.n, ff, d, g(r, o), ff, paired_};
+        products[j++] = {ae, lda_, w2, ff, r.n, d, ff, y(r, o), d, paired_};
+        return;
+      }
+      // The rows past the columns as stored (columns only where the CPU has no AVX-512, which
+      // reads rows at any stride in place).
+      const int64_t ld = few_rows_columns_ld(n), rest = r.n - n;
+      const void *xr = at(a->x, dt, (r.in + n) * d), *ar = at(a->a, dt, (r.begin + n) * ff);
+      products[i++] = {xc_ + col * d, ld, w1, d, n, ff, d, h(r, o), ff, false, true, xr, d, rest};
+      if (c_.is_glu) products[i++] = {xc_ + col * d, ld, w3, d, n, ff, d, g(r, o), ff, false, true, xr, d, rest};
+      products[j++] = {ac_ + col * ff, ld, w2, ff, n, d, ff, y(r, o), d, false, true, ar, ff, rest};
     });
     XwtBatch hidden(products.data(), first, dt), out(products.data() + first, experts, dt);
 #pragma omp parallel if (hidden.chunks() > 1 && ff * d >= (int64_t{1} << 16))
@@ -461,6 +472,14 @@ class FewExperts {
   };
 
   bool in_columns(const Rows &r) const { return columns_from_ > 0 && r.n >= columns_from_; }
+  // Rows of r laid out as columns: none where r is not in columns; else down to a multiple of 8
+  // where at most columns_rest_ rows are left (to the rows kernel: each column vector costs as
+  // much for 1 row as for 8), else all.
+  int64_t column_rows(const Rows &r) const {
+    if (!in_columns(r)) return 0;
+    const int64_t whole = r.n / 8 * 8;
+    return whole >= 16 && r.n - whole <= columns_rest_ ? whole : r.n;
+  }
 
   // The k-th row of the few experts' for ks that only increase (one thread's share of a loop).
   class RowOf {
@@ -473,7 +492,7 @@ class FewExperts {
         if (k < o_ + r.n) return {e_, r, o_, q_, c_, k - o_};
         o_ += r.n;
         q_ += (r.n + 1) / 2;
-        if (f_.in_columns(r)) c_ += few_rows_columns_ld(r.n);
+        if (f_.in_columns(r)) c_ += few_rows_columns_ld(f_.column_rows(r));
       }
     }
 
@@ -491,7 +510,7 @@ class FewExperts {
       f(e, r, o, q, col);
       o += r.n;
       q += (r.n + 1) / 2;
-      if (in_columns(r)) col += few_rows_columns_ld(r.n);
+      if (in_columns(r)) col += few_rows_columns_ld(column_rows(r));
     }
   }
 
@@ -537,9 +556,9 @@ class FewExperts {
 
   void copy_input_row(const Row &w) const {
     const void *src = at(c_.a->x, c_.dt, (w.r.in + w.i) * c_.d);
-    if (in_columns(w.r))
-      few_rows_column(src, c_.dt, c_.d, w.r.n, w.i, xc_ + w.c * c_.d);
-    else if (xp_)
+    if (w.i < column_rows(w.r))
+      few_rows_column(src, c_.dt, c_.d, column_rows(w.r), w.i, xc_ + w.c * c_.d);
+    else if (xp_ && !in_columns(w.r))
       copy_input(xp_, c_.d, ldx_, w, src);
   }
 
@@ -563,9 +582,9 @@ class FewExperts {
     const Act k = act_of(a);
     activation_forward(k.kind, hr, gr, ar, ff, k.alpha, k.limit);
     finish(ar, nullptr, at(a->a, c_.dt, row * ff), ff, false);  // the W2 product reads a as stored
-    if (in_columns(w.r))
-      few_rows_column(at(a->a, c_.dt, row * ff), c_.dt, ff, w.r.n, w.i, ac_ + w.c * ff);
-    else if (ap_)
+    if (w.i < column_rows(w.r))
+      few_rows_column(at(a->a, c_.dt, row * ff), c_.dt, ff, column_rows(w.r), w.i, ac_ + w.c * ff);
+    else if (ap_ && !in_columns(w.r))
       copy_input(ap_, ff, lda_, w, at(a->a, c_.dt, row * ff));
   }
 
@@ -576,7 +595,7 @@ class FewExperts {
   }
 
   const Call &c_;
-  int64_t max_, columns_from_;
+  int64_t max_, columns_from_, columns_rest_;
   bool wide_ = false, paired_ = false;
   float *hf_ = nullptr, *gf_ = nullptr, *af_ = nullptr, *yf_ = nullptr;
   char *xp_ = nullptr, *ap_ = nullptr;  // x and a in pairs or at strides ldx_ and lda_, where copied
@@ -880,7 +899,7 @@ moe_status expert_ffn(void *state, const moe_ffn_args *a) {
     const bool widened = widened_call(st, a);
     const SmallRows &small = small_rows();
     const int64_t columns = c.dt == MOE_DTYPE_F32 ? small.columns_f32 : c.dt == MOE_DTYPE_BF16 ? small.columns_bf16 : 0;
-    FewExperts few(c, c.dt == MOE_DTYPE_F32 ? small.few_f32 : small.few_16, columns);
+    FewExperts few(c, c.dt == MOE_DTYPE_F32 ? small.few_f32 : small.few_16, columns, small.columns_rest);
     each_expert(
         st, a, widened, few.max_rows(),
         [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {

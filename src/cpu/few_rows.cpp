@@ -1553,10 +1553,12 @@ void XwtBatch::drain() {
     RowRange r, rn;
     const XwtProduct *p = cursor.find(c, &r), *q = cursor.find(after, &rn);
     const Bytes next = q ? bytes_of_rows(q->W, q->ldw, dtype_, rn) : Bytes{};
-    if (p->columns)
+    if (p->columns) {
       columns_rows(static_cast<const float *>(p->X), p->ldx, p->M, p->W, p->ldw, dtype_, r.begin, r.end, p->K, p->C,
                    p->ldc, static_cast<const char *>(next.p), next.n, isa_ != FewRowsIsa::portable);
-    else
+      if (p->M2 > 0)
+        xwt_rows(p->X2, p->ldx2, p->W, p->ldw, dtype_, p->M2, r, p->K, p->C + p->M * p->ldc, p->ldc, Bytes{}, isa_);
+    } else
       xwt_rows(p->X, p->ldx, p->W, p->ldw, dtype_, p->M, r, p->K, p->C, p->ldc, next, isa_);
   });
 }

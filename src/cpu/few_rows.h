@@ -132,6 +132,10 @@ struct XwtProduct {
   int64_t ldc;
   bool paired = false;
   bool columns = false;
+  // In columns: M2 more input rows as rows (X2, row stride ldx2, in dtype; C's rows from M on),
+  // on the rows kernel over each chunk of weight rows while it is in cache.
+  const void *X2 = nullptr;
+  int64_t ldx2 = 0, M2 = 0;
 };
 
 // Several independent products of one dtype as one stream of work, for the threads of a parallel

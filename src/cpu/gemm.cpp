@@ -318,7 +318,11 @@ const SmallRows &small_rows() {
   //    from 9 rows against 12: 32 and 48 tokens 1.00-1.01 and 0.97-0.99. bfloat16 on columns
   //    from 12 rows and on the few-rows path up to 48 (from 32, then widened for oneDNN): 64,
   //    128, 192 tokens 0.88, 0.89, 0.91 (up to 96 rows: 1.05 at 256 tokens); float16 up to 48
-  //    on the rows kernel, 64 tokens 1.01.
+  //    on the rows kernel, 64 tokens 1.01. Up to 4 rows past 16, 24, .. on the rows kernel,
+  //    over each chunk while it is in cache (XwtProduct::M2), rather than in a vector of 8
+  //    columns of their own: float32 64, 96, 128 tokens 0.95, 0.92, 0.90 of the time, bfloat16
+  //    64, 80, 96 tokens 1.00, 1.00, 0.94 (up to 2 or 6 rows: 1.00-1.02; past 8 rows as well:
+  //    float32 48 tokens 1.39, the 8-column vector with 12 weight rows a tile runs slowly).
   //    Backward, float32 dY W2, dH W1 and dG W3 on few_rows_xw from 7 to 48 rows (more than one
   //    pass: its strips, see few_rows.cpp) against oneDNN: 64, 96, 128 tokens 0.93, 0.92, 0.96
   //    of the time; from 1 row, 32 tokens 1.06 (one pass, the weight read in place). 16-bit
@@ -343,7 +347,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
     if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 7};
+    if (avx2) return SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 4, 7};
     return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
   }();
   return rows;

@@ -106,6 +106,8 @@ struct SmallRows {
   // rows as columns (XwtProduct::columns: each weight element broadcast against the rows); 0:
   // never. (float16 never: its weight elements take a conversion each, which binds.)
   int64_t columns_f32 = 0, columns_bf16 = 0;
+  // Of such rows, up to this many past a multiple of 8 run on the few-rows kernel as rows.
+  int64_t columns_rest = 0;
   // Rows from which float32 products read along a weight's rows run on few_rows_xw (up to
   // bwd_f32): below, oneDNN.
   int64_t bwd_f32_from = 0;

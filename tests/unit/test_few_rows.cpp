@@ -410,6 +410,32 @@ TEST_P(FewRowsColumns, BatchedWithProductsInRowsEachAsAlone) {
   EXPECT_EQ(0, std::memcmp(cb.data(), alone_b.data(), cb.size() * sizeof(float))) << "the product in rows";
 }
 
+// Rows past the columns (M2) on the rows kernel: the columns' rows as in columns alone, the
+// others as few_rows_xwt's, bit for bit.
+TEST_P(FewRowsColumns, RowsPastTheColumnsAsTheRowsKernel) {
+  const int dt = dtype();
+  const FewRowsIsa level = isa();
+  if (moe::cpu::few_rows_paired(dt, level)) GTEST_SKIP() << "bfloat16 rows in pairs on this CPU: not taken as M2 rows";
+  const int64_t es = static_cast<int64_t>(moe_test::dtype_size(dt));
+  for (const Shape s : {Shape{17, 130, 100}, Shape{20, 61, 1000}, Shape{27, 25, 33}}) {
+    const Operands op(dt, level, s, 31);
+    const int64_t n = s.M / 8 * 8;
+    std::vector<float> xt(static_cast<size_t>(moe::cpu::few_rows_columns_size(n, s.K)));
+    for (int64_t i = 0; i < n; ++i)
+      moe::cpu::few_rows_column(op.x.bytes.data() + i * op.ldx * es, dt, s.K, n, i, xt.data());
+    std::vector<float> c(static_cast<size_t>(s.M * op.ldc), std::nanf(""));
+    const moe::cpu::XwtProduct p{xt.data(), moe::cpu::few_rows_columns_ld(n), op.w.bytes.data(), op.ldw, n, s.N, s.K,
+                                 c.data(), op.ldc, false, true, op.x.bytes.data() + n * op.ldx * es, op.ldx, s.M - n};
+    moe::cpu::XwtBatch batch(&p, 1, dt, level);
+#pragma omp parallel
+    batch.drain();
+    const std::vector<float> columns = run_columns(op, 0, n, 0, s.N), rows = op.run(n, s.M - n, 0, s.N);
+    EXPECT_EQ(0, std::memcmp(c.data(), columns.data(), n * op.ldc * sizeof(float))) << shape_name(dt, s);
+    EXPECT_EQ(0, std::memcmp(c.data() + n * op.ldc, rows.data() + n * op.ldc, (s.M - n) * op.ldc * sizeof(float)))
+        << shape_name(dt, s);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Kernels, FewRowsColumns, kKernels, kernel_name);
 
 // ---- few_rows_xw: C (+)= X W, W [K, N] read along its rows ---------------------------------------
