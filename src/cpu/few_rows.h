@@ -3,7 +3,9 @@
 // half the memory bandwidth at these sizes (0.30 ms for a 2048 x 1024 float32 weight at 1 to 8
 // rows, 2 cores of an Emerald Rapids Xeon, against 0.15 ms for one pass over it), so these rows
 // run on kernels of their own, each reading a weight (or a weight gradient) once: a dot-product
-// kernel for the forward (X W^T), and for the backward X W and the gradients' A^T B.
+// kernel for the forward (X W^T; on AVX2 from a dozen rows, one that broadcasts each weight
+// element against the input rows laid out as columns, cpu/few_rows_columns.h), and for the
+// backward X W and the gradients' A^T B.
 #pragma once
 #include <atomic>
 #include <cstdint>

@@ -37,11 +37,18 @@ void plain_rows(const float *Xt, int64_t ldt, int64_t M, const void *W, int64_t 
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
 #define MOE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// Weight element k of row w in all eight lanes, widened exactly.
-template <int D>
+// Weight element k of row w in all eight lanes, widened exactly. kAnd (bfloat16, k >= 1): the
+// 32 bits from element k - 1 on, element k in their upper half, its lower half cleared by an AND
+// (which any of the vector pipes runs, where a shift competes with the multiply-adds for one).
+template <int D, bool kAnd = false>
 MOE_AVX2 inline __m256 broadcast(const void *w, int64_t k) {
   if constexpr (D == MOE_DTYPE_F32) {
     return _mm256_broadcast_ss(static_cast<const float *>(w) + k);
+  } else if constexpr (D == MOE_DTYPE_BF16 && kAnd) {
+    int32_t pair;
+    std::memcpy(&pair, static_cast<const uint16_t *>(w) + k - 1, sizeof pair);
+    return _mm256_and_ps(_mm256_castsi256_ps(_mm256_set1_epi32(pair)),
+                         _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0xffff0000u))));
   } else if constexpr (D == MOE_DTYPE_BF16) {
     // The 32 bits from element k on hold element k in their lower half: a float32 once shifted
     // into the upper (k + 1 < K).
@@ -53,23 +60,23 @@ MOE_AVX2 inline __m256 broadcast(const void *w, int64_t k) {
   }
 }
 
-// bfloat16 element k alone (the row's last, which has no element after it).
+// bfloat16 element k alone (a row's first, with no element before it, or its last).
 MOE_AVX2 inline __m256 broadcast_one_bf16(const void *w, int64_t k) {
   const uint32_t v = static_cast<uint32_t>(static_cast<const uint16_t *>(w)[k]) << 16;
   return _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(v)));
 }
 
 // One k: the input rows' vector(s) at k against each weight row's element, broadcast as it is
-// used (all NR broadcasts first would take NR registers more than the 16 there are). kLast:
-// bfloat16 element K - 1 (broadcast_one_bf16).
-template <int D, int MV, int NR, bool kLast = false>
+// used (all NR broadcasts first would take NR registers more than the 16 there are). kAlone:
+// bfloat16 element k read alone (broadcast_one_bf16), a row's first or last.
+template <int D, int MV, int NR, bool kAlone = false, bool kAnd = false>
 MOE_AVX2 inline void step(__m256 (&acc)[NR][MV], const char *const (&w)[NR], const float *Xt, int64_t ldt, int64_t k) {
   __m256 x[MV];
 #pragma GCC unroll 4
   for (int v = 0; v < MV; ++v) x[v] = _mm256_loadu_ps(Xt + k * ldt + 8 * v);
 #pragma GCC unroll 12
   for (int r = 0; r < NR; ++r) {
-    const __m256 b = kLast ? broadcast_one_bf16(w[r], k) : broadcast<D>(w[r], k);
+    const __m256 b = kAlone ? broadcast_one_bf16(w[r], k) : broadcast<D, kAnd>(w[r], k);
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_fmadd_ps(b, x[v], acc[r][v]);
   }
@@ -98,18 +105,21 @@ MOE_AVX2 void tile(const float *Xt, int64_t ldt, int64_t M, const void *W, int64
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 4
     for (int v = 0; v < MV; ++v) acc[r][v] = _mm256_setzero_ps();
-  // bfloat16 reads pairs of elements: the last one alone.
-  const int64_t end = D == MOE_DTYPE_BF16 && K > 0 ? K - 1 : K;
+  // bfloat16 reads pairs of elements: the first (kAnd: up to two vectors, where the mask has a
+  // register) or the last one alone.
+  constexpr bool kAnd = D == MOE_DTYPE_BF16 && MV <= 2;
+  const int64_t end = D == MOE_DTYPE_BF16 && !kAnd && K > 0 ? K - 1 : K;
   int64_t k = 0;
+  if (kAnd && K > 0) step<D, MV, NR, true>(acc, w, Xt, ldt, k++);
   for (int64_t s = 0; k + kStep <= end; k += kStep, ++s) {
     if (rows_ahead)
 #pragma GCC unroll 12
       for (int r = 0; r < NR; ++r) _mm_prefetch(w[r] + k * es + kAhead, _MM_HINT_T0);
     for (int64_t i = 0; i < ahead.lines; ++i) _mm_prefetch(ahead.next + (s * ahead.lines + i) * 64, _MM_HINT_T1);
 #pragma GCC unroll 4
-    for (int64_t i = 0; i < kStep; ++i) step<D, MV, NR>(acc, w, Xt, ldt, k + i);
+    for (int64_t i = 0; i < kStep; ++i) step<D, MV, NR, false, kAnd>(acc, w, Xt, ldt, k + i);
   }
-  for (; k < end; ++k) step<D, MV, NR>(acc, w, Xt, ldt, k);
+  for (; k < end; ++k) step<D, MV, NR, false, kAnd>(acc, w, Xt, ldt, k);
   if (end < K) step<D, MV, NR, true>(acc, w, Xt, ldt, k);
   alignas(32) float out[8 * MV];
 #pragma GCC unroll 12

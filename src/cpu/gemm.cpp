@@ -312,7 +312,9 @@ const SmallRows &small_rows() {
   //    at once, few_rows_columns.cpp), one 2048 x 1024 weight against M rows from memory, against
   //    the rows kernel: float32 M 8 1.23, M 12 0.77, M 16 0.57, M 24 0.66, M 32 0.70, M 48 0.76
   //    (oneDNN's W X^T at M 16: 0.8 of its time); bfloat16 M 8 1.19, M 12 1.11, M 16 0.73-0.83,
-  //    M 24 0.93, M 32 0.98; float16 (a conversion per weight element) 1.3-2.4 at every M. In the
+  //    M 24 0.93, M 32 0.98 (since, its elements of 1-2 vectors widened by an AND rather than a
+  //    shift: forward of 64 and 96 tokens 0.95 and 0.94 of the time); float16 (a conversion per
+  //    weight element) 1.3-2.4 at every M. In the
   //    layer, float32 on columns from 12 rows and on the few-rows path up to 64 (from 8 and W X^T
   //    to 64): 32, 64, 128, 256 tokens 0.86, 0.75, 0.93 (up to 96 rows: 0.90), 0.99 of the time;
   //    from 9 rows against 12: 32 and 48 tokens 1.00-1.01 and 0.97-0.99. bfloat16 on columns
