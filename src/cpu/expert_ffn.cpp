@@ -370,7 +370,7 @@ class FewExperts {
   // columns_from: rows from which an expert's inputs are laid out as columns (XwtProduct), 0
   // never; columns_rest: rows past a multiple of 8 left to the rows kernel (see column_rows).
   FewExperts(const Call &c, int64_t max_rows, int64_t columns_from, int64_t columns_rest)
-      : c_(c), max_(max_rows), columns_from_(columns_from), columns_rest_(columns_rest) {}
+      : c_(c), max_(max_rows), columns_from_(columns_from), columns_rest_(few_rows_paired(c.dt) ? 0 : columns_rest) {}
   bool few(const Rows &r) const { return r.n > 0 && r.n <= max_; }
   int64_t max_rows() const { return max_; }
 

@@ -1543,6 +1543,8 @@ XwtBatch::XwtBatch(const XwtProduct *products, int64_t count, int dtype, FewRows
   for (int64_t i = 0; i < count; ++i) {
     if (!products[i].columns && products[i].paired != few_rows_paired(dtype, isa) && c.chunks_of(i) > 0)
       throw std::logic_error("XwtBatch: a product's X is not in the layout its dtype is read in (few_rows_paired)");
+    if (products[i].columns && products[i].M2 > 0 && few_rows_paired(dtype, isa) && c.chunks_of(i) > 0)
+      throw std::logic_error("XwtBatch: rows past the columns (M2) where the dtype is read in pairs");
     chunks_ += c.chunks_of(i);
   }
 }

@@ -135,7 +135,8 @@ struct XwtProduct {
   bool paired = false;
   bool columns = false;
   // In columns: M2 more input rows as rows (X2, row stride ldx2, in dtype; C's rows from M on),
-  // on the rows kernel over each chunk of weight rows while it is in cache.
+  // on the rows kernel over each chunk of weight rows while it is in cache. Not where the dtype
+  // is read in pairs (few_rows_paired): XwtBatch refuses it.
   const void *X2 = nullptr;
   int64_t ldx2 = 0, M2 = 0;
 };

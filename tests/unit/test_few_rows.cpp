@@ -272,6 +272,11 @@ TEST(FewRowsPairs, BatchRefusesAProductInTheWrongLayout) {
   EXPECT_THROW(moe::cpu::XwtBatch(&wrong, 1, MOE_DTYPE_BF16), std::logic_error);
   const moe::cpu::XwtProduct f32{x.data(), 32, w.data(), 32, 4, 64, 32, c.data(), 64, true};
   EXPECT_THROW(moe::cpu::XwtBatch(&f32, 1, MOE_DTYPE_F32), std::logic_error);
+  if (paired) {  // rows past the columns are rows, which bfloat16 is not read as here
+    std::vector<float> xt(static_cast<size_t>(moe::cpu::few_rows_columns_size(8, 64)), 1.0f);
+    const moe::cpu::XwtProduct m2{xt.data(), 8, w.data(), 64, 8, 64, 64, c.data(), 64, false, true, x.data(), 64, 1};
+    EXPECT_THROW(moe::cpu::XwtBatch(&m2, 1, MOE_DTYPE_BF16), std::logic_error);
+  }
   for (float v : c) ASSERT_EQ(v, 7.0f);
 }
 
