@@ -429,6 +429,13 @@ MOE_AVX2 inline __m256 load_half(const void *p, int64_t k, int h) {
   return _mm256_castsi256_ps(h == 0 ? _mm256_slli_epi32(v, 16) : _mm256_and_si256(v, _mm256_set1_epi32(-65536)));
 }
 
+// Lanes of the even/odd order (lo: elements 0, 2, .., 14; hi: 1, 3, .., 15) back to 0-7 and 8-15.
+MOE_AVX2 inline void even_odd_back(__m256 &lo, __m256 &hi) {
+  const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
+  lo = _mm256_permute2f128_ps(a, b, 0x20);
+  hi = _mm256_permute2f128_ps(a, b, 0x31);
+}
+
 // K bfloat16 values as float32 in even/odd order, the last piece padded with zeros.
 MOE_AVX2 void avx2_even_odd(float *dst, const uint16_t *src, int64_t K) {
   int64_t k = 0;
@@ -507,11 +514,7 @@ MOE_AVX2 inline void avx2_block(const void *const *x, const void *W, int64_t ldw
   for (int m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) {
       __m256 lo = acc[0][r][m], hi = acc[1][r][m];
-      if constexpr (DX == kEvenOdd) {  // lanes 0, 2, .., 14 and 1, 3, .., 15 back to 0-7 and 8-15
-        const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
-        lo = _mm256_permute2f128_ps(a, b, 0x20);
-        hi = _mm256_permute2f128_ps(a, b, 0x31);
-      }
+      if constexpr (DX == kEvenOdd) even_odd_back(lo, hi);
       C[m * ldc + n + r] = reduce16(lo, hi);
     }
 }
@@ -781,11 +784,7 @@ MOE_AVX2 void avx2_xw_tile(const void *X, int64_t ldx, const void *W, int64_t ld
 #pragma GCC unroll 2
     for (int v = 0; v < NV; v += 2) {
       __m256 lo = acc[m][v], hi = acc[m][v + 1];
-      if constexpr (D == MOE_DTYPE_BF16) {  // even and odd columns back in order
-        const __m256 a = _mm256_unpacklo_ps(lo, hi), b = _mm256_unpackhi_ps(lo, hi);
-        lo = _mm256_permute2f128_ps(a, b, 0x20);
-        hi = _mm256_permute2f128_ps(a, b, 0x31);
-      }
+      if constexpr (D == MOE_DTYPE_BF16) even_odd_back(lo, hi);  // even and odd columns back in order
       float *c = C + m * ldc + n + v * 8;
       if constexpr (kFull) {
         if (accumulate) lo = _mm256_add_ps(_mm256_loadu_ps(c), lo), hi = _mm256_add_ps(_mm256_loadu_ps(c + 8), hi);
@@ -897,12 +896,8 @@ MOE_AVX2 void avx2_xw_strips(const void *X, int64_t ldx, int64_t M, const void *
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = na; n < nb; n += 16) {
         const float *a = acc + m * cols + (n - na);
-        __m256 lo = K > 0 ? _mm256_load_ps(a) : _mm256_setzero_ps(), hi = K > 0 ? _mm256_load_ps(a + 8) : lo;
-        if constexpr (D == MOE_DTYPE_BF16) {  // even and odd columns back in order
-          const __m256 u = _mm256_unpacklo_ps(lo, hi), v = _mm256_unpackhi_ps(lo, hi);
-          lo = _mm256_permute2f128_ps(u, v, 0x20);
-          hi = _mm256_permute2f128_ps(u, v, 0x31);
-        }
+        __m256 lo = _mm256_load_ps(a), hi = _mm256_load_ps(a + 8);  // K > 0 (few_rows_xw)
+        if constexpr (D == MOE_DTYPE_BF16) even_odd_back(lo, hi);  // even and odd columns back in order
         alignas(32) float r[16];
         _mm256_store_ps(r, lo);
         _mm256_store_ps(r + 8, hi);
