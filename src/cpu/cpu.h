@@ -26,6 +26,7 @@ struct State {
   std::string error;
   Gemms gemms;                              // oneDNN primitives of this layer's shapes
   std::vector<unsigned char> gemm_scratch;  // their scratchpad: grow-only, reused across calls
+  std::vector<unsigned char> gemm_pad;      // rows padded for them (expert_ffn.cpp): grow-only
   // float32 copies for the bf16/f16 expert FFN (expert_ffn.cpp): grow-only, reused across calls.
   std::vector<float> widened;
   // The products of the few-rows experts of a forward (expert_ffn.cpp): grow-only.

@@ -346,11 +346,16 @@ const SmallRows &small_rows() {
     const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                         __builtin_cpu_supports("avx512vl");
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    const bool bf16 = __builtin_cpu_supports("avx512bf16");
+    SmallRows r{0, 0, 64, 0, 0, 0, 0, false};
     if (avx512 && is_amd())
-      return SmallRows{48, 64, 0, 64, 64, 64, __builtin_cpu_supports("avx512bf16") ? 12 : 0, true};
-    if (avx512) return SmallRows{4, 8, 64, 0, 0, 0, 0, false};
-    if (avx2) return SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 4, 7};
-    return SmallRows{0, 0, 64, 0, 0, 0, 0, false};
+      r = SmallRows{48, 64, 0, 64, 64, 64, bf16 ? 12 : 0, true};
+    else if (avx512)
+      r = SmallRows{4, 8, 64, 0, 0, 0, 0, false};
+    else if (avx2)
+      r = SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 4, 7};
+    if (effective_isa() == dnnl_cpu_isa_avx512_core_amx) r.bf16_brgemm_rows = 256;
+    return r;
   }();
   return rows;
 }

@@ -111,8 +111,12 @@ struct SmallRows {
   // Rows from which float32 products read along a weight's rows run on few_rows_xw (up to
   // bwd_f32): below, oneDNN.
   int64_t bwd_f32_from = 0;
+  // Rows per call of a bfloat16 product on oneDNN's AMX kernels, each call's rows a multiple of
+  // 16 (a short last block padded; expert_ffn.cpp says why); 0: the rows as they come.
+  int64_t bf16_brgemm_rows = 0;
 };
 const SmallRows &small_rows();
+inline int64_t bf16_brgemm_rows() { return small_rows().bf16_brgemm_rows; }
 
 // Name of the GEMM library and the ISA oneDNN uses on this CPU (moe-bench, error messages).
 const char *gemm_library();
