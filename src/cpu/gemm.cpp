@@ -265,7 +265,19 @@ const SmallRows &small_rows() {
   //    8, 16 and 32 tokens (2, 4 and 8 rows per expert on average) 0.87, 0.85 and 0.90 of the
   //    time; with the kernel up to 64 rows, 64 tokens 1.02-1.03 and 128 tokens 1.05-1.06 (each
   //    element of G read, summed and rounded in registers costs as much as 16 rows of products).
-  //  - Intel: not measured; oneDNN throughout.
+  //  - Intel Xeon with AMX (AVX512-BF16, AVX512-FP16, AMX-BF16; 2 MB of L2 per core), in the
+  //    layer (d 1024, d_ff 2048, 8 experts, top-2, same-process A/B, caches flushed between
+  //    calls): float32 forward on the few-rows kernel up to 48 rows against 4 (then W X^T):
+  //    8, 64, 128, 256 tokens 0.93, 0.90, 0.92, 0.99 of the time (the columns kernel of AVX2
+  //    CPUs there 1.12-1.18x: left off); bfloat16 up to 16, 32 or 64 rows against 8 (then
+  //    oneDNN's AMX kernels): 64 tokens 1.22, 1.55, 1.55x, 128 tokens 0.99, 1.83, 2.7x: left at
+  //    8. Training step, float32 weight gradients on few_rows_grad up to 64 rows: 8, 64, 128
+  //    tokens 0.79, 0.80, 0.83 (up to 128: 256 tokens 0.95 but 512 tokens 1.04); dY W2, dH W1
+  //    on few_rows_xw up to 16 or 64 rows 1.13 and 1.25x at 64 tokens (oneDNN kept); bfloat16
+  //    weight gradients on few_rows_grad_bf16 up to 12 rows: 1, 8, 32 tokens 0.73, 0.70, 0.83;
+  //    up to 24 against 12: 64 tokens 0.85, 32, 96, 128, 192 tokens 0.98-1.01; few_rows_xw
+  //    for bfloat16 up to 8 or 16 rows 0.99-1.23x. Intel CPUs with AVX-512 but no AMX take
+  //    the same, unmeasured (the AVX512-BF16 gradient kernel where they have it).
   //  - CPUs with AVX2 but not AVX-512, where the few-rows kernels run on AVX2: measured in the
   //    layer on 2 cores of an AMD EPYC (Zen 3, no AVX-512), d 1024, d_ff 2048, 8 experts, top-2,
   //    same-process A/B, caches flushed between calls. Forward, float32, few-rows kernel up to 8
@@ -351,7 +363,7 @@ const SmallRows &small_rows() {
     if (avx512 && is_amd())
       r = SmallRows{48, 64, 0, 64, 64, 64, bf16 ? 12 : 0, true};
     else if (avx512)
-      r = SmallRows{4, 8, 64, 0, 0, 0, 0, false};
+      r = SmallRows{48, 8, 64, 0, 0, 64, bf16 ? 24 : 0, false};
     else if (avx2)
       r = SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 4, 7};
     if (effective_isa() == dnnl_cpu_isa_avx512_core_amx) r.bf16_brgemm_rows = 256;
