@@ -95,8 +95,10 @@ class Exec {
   // for a weight gradient (A transposed).
   void gemm(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc, bool acc) {
     if (M == 0 || N == 0) return;
-    const int64_t block = A.dtype == MOE_DTYPE_BF16 && !A.trans ? bf16_brgemm_rows() : 0;
-    if (block > 0 && K * N >= kSmallWeights) return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block);
+    const int64_t block = A.dtype == MOE_DTYPE_BF16 ? bf16_brgemm_rows() : 0;
+    if (block > 0 && !A.trans && K * N >= kSmallWeights) return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block);
+    if (block > 0 && A.trans && !B.trans && M * N >= kSmallWeights && K < block && K % 32 != 0)
+      return gemm_padded_k(M, N, K, A, B, C, cdt, ldc, acc);
     gemm_as_given(M, N, K, A, B, C, cdt, ldc, acc);
   }
 
@@ -135,6 +137,28 @@ class Exec {
       if (!dry_)
         for (int64_t i = 0; i < m; ++i) std::memcpy(at(c, cdt, i * ldc), pc + i * N * ec, N * ec);
     }
+  }
+
+  // A weight gradient (K: the expert's rows) on oneDNN's AMX kernels runs a third faster with K
+  // a multiple of 32 (one tile of bfloat16 pairs): 2048 x 1024 += [131 rows]^T [131 rows] 0.64
+  // ms, the same padded with zero rows to 160 0.54 (2 cores of a Xeon with AMX). The rows are
+  // copied, each operand's K rows then zeros, and the zero products leave every sum as it was.
+  void gemm_padded_k(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc,
+                     bool acc) {
+    const int64_t padded = (K + 31) / 32 * 32;
+    const size_t ea = dtype_size(A.dtype), eb = dtype_size(B.dtype);
+    const size_t a_bytes = static_cast<size_t>(padded * M) * ea, b_bytes = static_cast<size_t>(padded * N) * eb;
+    pad_bytes_ = std::max(pad_bytes_, a_bytes + b_bytes);
+    unsigned char *pa = dry_ ? nullptr : st_.gemm_pad.data(), *pb = dry_ ? nullptr : pa + a_bytes;
+    if (!dry_) {
+      for (int64_t i = 0; i < K; ++i) {
+        std::memcpy(pa + i * M * ea, at(A.p, A.dtype, i * A.ld), M * ea);
+        std::memcpy(pb + i * N * eb, at(B.p, B.dtype, i * B.ld), N * eb);
+      }
+      std::memset(pa + K * M * ea, 0, (padded - K) * M * ea);
+      std::memset(pb + K * N * eb, 0, (padded - K) * N * eb);
+    }
+    gemm_as_given(M, N, padded, Mat{pa, A.dtype, M, true}, Mat{pb, B.dtype, N}, C, cdt, ldc, acc);
   }
 
   void gemm_as_given(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc,
