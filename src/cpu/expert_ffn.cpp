@@ -385,36 +385,49 @@ struct Call {
   bool is_glu;
 };
 
-// dst[rows, cols] (row stride ld) = src[cols, rows]^T, float32.
-void transpose_into(const Exec &x, float *dst, int64_t ld, const float *src, int64_t rows, int64_t cols) {
+// dst[rows, cols] (row stride ld, elements of dt, each rounded once) = src[cols, rows]^T, float32.
+void transpose_into(const Exec &x, void *dst, int dt, int64_t ld, const float *src, int64_t rows, int64_t cols) {
   if (x.dry() || rows == 0) return;
 #pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t j = 0; j < cols; ++j) dst[i * ld + j] = src[j * rows + i];
+  for (int64_t i = 0; i < rows; ++i) {
+    if (dt == MOE_DTYPE_F32) {
+      float *row = static_cast<float *>(dst) + i * ld;
+      for (int64_t j = 0; j < cols; ++j) row[j] = src[j * rows + i];
+      continue;
+    }
+    float piece[kPanel];
+    for (int64_t j0 = 0; j0 < cols; j0 += kPanel) {
+      const int64_t m = std::min(kPanel, cols - j0);
+      for (int64_t j = 0; j < m; ++j) piece[j] = src[(j0 + j) * rows + i];
+      narrow(at(dst, dt, i * ld + j0), dt, piece, m);
+    }
+  }
 }
 
-// Forward of a float32 expert with few rows: every product as W X^T (see Exec::gemm_few_rows)
-// into ct, transposed into place.
+// Forward of an expert with few rows: every product as W X^T (see Exec::gemm_few_rows) into ct,
+// float32, transposed into place (rounded there in a 16-bit call, whose biases, if any, make
+// it a widened call instead).
 void forward_few_rows(Exec &x, const Call &c, Arena &arena, int64_t e, const Rows &r) {
   const moe_ffn_args *a = c.a;
   const int64_t d = c.d, ff = c.ff, n = r.n;
   const int dt = c.dt;
+  const bool f32 = dt == MOE_DTYPE_F32;
   float *ct = arena.take(n * std::max(d, ff));
   const Mat X{at(a->x, dt, r.in * d), dt, d};
-  float *h = static_cast<float *>(a->h) + r.begin * ff, *g = c.is_glu ? static_cast<float *>(a->g) + r.begin * ff : nullptr;
-  float *act = static_cast<float *>(a->a) + r.begin * ff;
+  void *h = at(a->h, dt, r.begin * ff), *g = c.is_glu ? at(a->g, dt, r.begin * ff) : nullptr;
+  void *act = at(a->a, dt, r.begin * ff), *y = at(a->y, dt, r.begin * d);
   x.gemm_few_rows(n, ff, d, Mat{at(a->w1, dt, e * ff * d), dt, d}, X, ct);
-  transpose_into(x, h, ff, ct, n, ff);
-  add_bias_rows(x, h, n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
+  transpose_into(x, h, dt, ff, ct, n, ff);
+  if (f32) add_bias_rows(x, static_cast<float *>(h), n, ff, ff, bias_of(a->b1, dt, e, ff), dt);
   if (g) {
     x.gemm_few_rows(n, ff, d, Mat{at(a->w3, dt, e * ff * d), dt, d}, X, ct);
-    transpose_into(x, g, ff, ct, n, ff);
-    add_bias_rows(x, g, n, ff, ff, bias_of(a->b3, dt, e, ff), dt);
+    transpose_into(x, g, dt, ff, ct, n, ff);
+    if (f32) add_bias_rows(x, static_cast<float *>(g), n, ff, ff, bias_of(a->b3, dt, e, ff), dt);
   }
   act_forward(x, act_of(a), dt, h, g, act, n * ff);
   x.gemm_few_rows(n, d, ff, Mat{at(a->w2, dt, e * d * ff), dt, ff}, Mat{act, dt, ff}, ct);
-  transpose_into(x, static_cast<float *>(a->y) + r.begin * d, d, ct, n, d);
-  add_bias_rows(x, static_cast<float *>(a->y) + r.begin * d, n, d, d, bias_of(a->b2, dt, e, d), dt);
+  transpose_into(x, y, dt, d, ct, n, d);
+  if (f32) add_bias_rows(x, static_cast<float *>(y), n, d, d, bias_of(a->b2, dt, e, d), dt);
 }
 
 // v[0, n) += bias b (n elements of dt); b NULL: nothing.
@@ -977,7 +990,7 @@ moe_status expert_ffn(void *state, const moe_ffn_args *a) {
         [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {
           if (widened)
             forward_widened(x, c, arena, e, r, xf);
-          else if (c.dt == MOE_DTYPE_F32 && r.n <= small.wxt_f32)
+          else if (r.n <= (c.dt == MOE_DTYPE_F32 ? small.wxt_f32 : c.dt == MOE_DTYPE_BF16 ? small.wxt_bf16 : 0))
             forward_few_rows(x, c, arena, e, r);
           else
             forward_direct(x, c, e, r);

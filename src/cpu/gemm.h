@@ -114,6 +114,9 @@ struct SmallRows {
   // Rows per call of a bfloat16 product on oneDNN's AMX kernels, each call's rows a multiple of
   // 16 (a short last block padded; expert_ffn.cpp says why); 0: the rows as they come.
   int64_t bf16_brgemm_rows = 0;
+  // Rows up to which a bfloat16 forward on oneDNN (past few_16) runs as W X^T, the weight read
+  // as stored (expert_ffn.cpp, forward_few_rows); 0: never.
+  int64_t wxt_bf16 = 0;
 };
 const SmallRows &small_rows();
 inline int64_t bf16_brgemm_rows() { return small_rows().bf16_brgemm_rows; }
