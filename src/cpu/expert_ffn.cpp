@@ -984,7 +984,10 @@ moe_status expert_ffn(void *state, const moe_ffn_args *a) {
     const bool widened = widened_call(st, a);
     const SmallRows &small = small_rows();
     const int64_t columns = c.dt == MOE_DTYPE_F32 ? small.columns_f32 : c.dt == MOE_DTYPE_BF16 ? small.columns_bf16 : 0;
-    FewExperts few(c, c.dt == MOE_DTYPE_F32 ? small.few_f32 : small.few_16, columns, small.columns_rest);
+    const int64_t few_rows = c.dt == MOE_DTYPE_F32                           ? small.few_f32
+                             : c.dt == MOE_DTYPE_BF16 && small.few_bf16 >= 0 ? small.few_bf16
+                                                                             : small.few_16;
+    FewExperts few(c, few_rows, columns, small.columns_rest);
     each_expert(
         st, a, widened, few.max_rows(),
         [&](Exec &x, Arena &arena, int64_t e, const Rows &r, const float *xf) {

@@ -370,10 +370,13 @@ const SmallRows &small_rows() {
     // operand, read as stored; as the right one, oneDNN copies it into its tile layout on every
     // call) against X W^T, in the layer as above: 64, 128, 256, 512, 1024, 1536, 1792 tokens
     // 0.66, 0.77, 0.85, 0.95, 0.88, 0.83, 0.91 of the time; 2048 and 4096 tokens (512 and 1024
-    // rows) 1.03 and 1.22. (float32 W X^T up to 128 or 320 rows: 1.00-1.07, left at 64.)
+    // rows) 1.03 and 1.22. (float32 W X^T up to 128 or 320 rows: 1.00-1.07, left at 64.) With
+    // it, the few-rows kernel up to 4 bfloat16 rows rather than 8: 8, 16, 24, 64 tokens 0.97,
+    // 0.85, 0.91, 0.97 of the time (up to 6: 0.99, 0.85, 0.94, 0.94; up to 2: 1.03 at 8 tokens).
     if (effective_isa() == dnnl_cpu_isa_avx512_core_amx) {
       r.bf16_brgemm_rows = 256;
       r.wxt_bf16 = 480;
+      r.few_bf16 = 4;
     }
     return r;
   }();

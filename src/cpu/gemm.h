@@ -117,6 +117,9 @@ struct SmallRows {
   // Rows up to which a bfloat16 forward on oneDNN (past few_16) runs as W X^T, the weight read
   // as stored (expert_ffn.cpp, forward_few_rows); 0: never.
   int64_t wxt_bf16 = 0;
+  // bfloat16 forward rows up to which the few-rows kernel runs, where it differs from few_16
+  // (float16's); -1: few_16.
+  int64_t few_bf16 = -1;
 };
 const SmallRows &small_rows();
 inline int64_t bf16_brgemm_rows() { return small_rows().bf16_brgemm_rows; }
