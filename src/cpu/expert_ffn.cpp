@@ -95,14 +95,15 @@ class Exec {
   // for a weight gradient (A transposed).
   void gemm(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc, bool acc) {
     if (M == 0 || N == 0) return;
-    const int64_t block = A.dtype == MOE_DTYPE_BF16 ? bf16_brgemm_rows() : 0;
+    const int64_t block = A.dtype == MOE_DTYPE_BF16 ? small_rows().bf16_brgemm_rows : 0;
     if (block > 0 && !A.trans && K * N >= kSmallWeights) return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block);
     if (block > 0 && A.trans && !B.trans && M * N >= kSmallWeights && K < block && K % 32 != 0)
       return gemm_padded_k(M, N, K, A, B, C, cdt, ldc, acc);
     gemm_as_given(M, N, K, A, B, C, cdt, ldc, acc);
   }
 
-  // Bytes of the padded rows that gemm_in_blocks copies through (sized by the dry run).
+  // Bytes of the padded operands that gemm_in_blocks and gemm_padded_k copy through (sized by
+  // the dry run).
   size_t pad_bytes() const { return pad_bytes_; }
 
  private:
@@ -141,8 +142,9 @@ class Exec {
 
   // A weight gradient (K: the expert's rows) on oneDNN's AMX kernels runs a third faster with K
   // a multiple of 32 (one tile of bfloat16 pairs): 2048 x 1024 += [131 rows]^T [131 rows] 0.64
-  // ms, the same padded with zero rows to 160 0.54 (2 cores of a Xeon with AMX). The rows are
-  // copied, each operand's K rows then zeros, and the zero products leave every sum as it was.
+  // ms, the same padded with zero rows to 160 0.54 (2 cores of a Xeon with AMX); from about 256
+  // rows the copy costs what it saves (1000 rows 3.51 ms, 1024 3.55), so below `block` only. The
+  // rows are copied, each operand's K rows then zeros: the zero products leave every sum as it was.
   void gemm_padded_k(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc,
                      bool acc) {
     const int64_t padded = (K + 31) / 32 * 32;
@@ -188,7 +190,6 @@ class Exec {
   }
 
  public:
-
   // C^T[N, rows] = W[N, K] X[rows, K]^T in float32 into ct: a product over few rows with the
   // weight as the left operand, read in its natural layout. (oneDNN's kernels read a transposed
   // right operand through a copy; with 16 rows this runs in 0.32 ms where X W^T takes 0.47, N

@@ -271,7 +271,7 @@ const SmallRows &small_rows() {
   //    8, 64, 128, 256 tokens 0.93, 0.90, 0.92, 0.99 of the time (the columns kernel of AVX2
   //    CPUs there 1.12-1.18x: left off); bfloat16 up to 16, 32 or 64 rows against 8 (then
   //    oneDNN's AMX kernels): 64 tokens 1.22, 1.55, 1.55x, 128 tokens 0.99, 1.83, 2.7x: left at
-  //    8. Training step, float32 weight gradients on few_rows_grad up to 64 rows: 8, 64, 128
+  //    8 (4 once W X^T took over from X W^T there, see below). Training step, float32 weight gradients on few_rows_grad up to 64 rows: 8, 64, 128
   //    tokens 0.79, 0.80, 0.83 (up to 128: 256 tokens 0.95 but 512 tokens 1.04); dY W2, dH W1
   //    on few_rows_xw up to 16 or 64 rows 1.13 and 1.25x at 64 tokens (oneDNN kept); bfloat16
   //    weight gradients on few_rows_grad_bf16 up to 12 rows: 1, 8, 32 tokens 0.73, 0.70, 0.83;

@@ -122,7 +122,6 @@ struct SmallRows {
   int64_t few_bf16 = -1;
 };
 const SmallRows &small_rows();
-inline int64_t bf16_brgemm_rows() { return small_rows().bf16_brgemm_rows; }
 
 // Name of the GEMM library and the ISA oneDNN uses on this CPU (moe-bench, error messages).
 const char *gemm_library();
