@@ -367,7 +367,7 @@ TEST_P(CpuLowp, ExpertFfnEveryActivation) {
   }
   // Hundreds of rows per expert (485, 582, 776; shared 679, dx accumulated): on CPUs with AMX a
   // bfloat16 product X W^T runs in blocks of rows, the last one padded through a copy
-  // (expert_ffn.cpp); there the forward of 9 to 72 rows above runs as W X^T, and the weight
+  // (expert_ffn.cpp); there the forward of 5 to 72 rows above runs as W X^T, and the weight
   // gradients of 45 to 72 rows with zero rows up to a multiple of 32.
   for (bool shared : {false, true}) expert_ffn_case(ops, state, dt(), MOE_ACT_SWIGLU, shared, 97, 96, 704);
 }
