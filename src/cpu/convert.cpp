@@ -155,6 +155,30 @@ MOE_X8 void f32_round_f16_f16c(float *v, int64_t n) {
   for (; i < n; ++i) v[i] = std::bit_cast<float>(f16_value_bits(f16_bits(std::bit_cast<uint32_t>(v[i]))));
 }
 
+// Eight rows and eight columns of a transposition (transpose_narrow), through registers: the
+// scattered reads of an element-by-element transposition took 0.07-0.08 ms of a 2048 x 130
+// result (a forward's W X^T product, in cache; 2 cores of a Xeon with AMX), a tenth of a bfloat16
+// forward of 512 tokens; eight at a time, 0.05.
+MOE_X8 void transpose8(void *dst, int dtype, int64_t ld, const float *src, int64_t lds) {
+  __m256 r[8];
+  for (int q = 0; q < 8; ++q) r[q] = _mm256_loadu_ps(src + q * lds);
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u[8] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
+                       _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE),
+                       _mm256_shuffle_ps(t4, t6, 0x44), _mm256_shuffle_ps(t4, t6, 0xEE),
+                       _mm256_shuffle_ps(t5, t7, 0x44), _mm256_shuffle_ps(t5, t7, 0xEE)};
+  for (int q = 0; q < 8; ++q) {  // row q of the result: lanes 0-3 from u[q % 4], 4-7 from u[q % 4 + 4]
+    const __m256 v = _mm256_permute2f128_ps(u[q % 4], u[q % 4 + 4], q < 4 ? 0x20 : 0x31);
+    if (dtype == MOE_DTYPE_F32)
+      _mm256_storeu_ps(static_cast<float *>(dst) + q * ld, v);
+    else
+      x8::narrow(dtype, static_cast<uint16_t *>(dst) + q * ld, v);
+  }
+}
+
 bool have_f16c() { return x8::supported(); }
 #else
 bool have_f16c() { return false; }
@@ -162,6 +186,7 @@ void f16_to_f32_f16c(float *, const uint16_t *, int64_t) {}
 void f32_to_f16_f16c(uint16_t *, const float *, int64_t) {}
 void f32_store_f16_f16c(uint16_t *, float *, int64_t) {}
 void f32_round_f16_f16c(float *, int64_t) {}
+void transpose8(void *, int, int64_t, const float *, int64_t) {}
 #endif
 
 }  // namespace
@@ -199,6 +224,31 @@ void round_in_place(float *v, int dtype, int64_t n, ConvertPath path) {
   if (dtype == MOE_DTYPE_BF16) return f32_round_bf16(v, n);
   if (dtype == MOE_DTYPE_F16 && path == ConvertPath::best && have_f16c()) return f32_round_f16_f16c(v, n);
   if (dtype == MOE_DTYPE_F16) f32_round_f16(v, n);
+}
+
+void transpose_narrow(void *dst, int dtype, int64_t ld, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                      ConvertPath path) {
+  const bool x8 = path == ConvertPath::best && have_f16c();
+  const int64_t rows8 = x8 ? rows / 8 * 8 : 0, cols8 = x8 ? cols / 8 * 8 : 0;
+  const size_t es = dtype_size(dtype);
+  auto out = [&](int64_t i, int64_t j) { return static_cast<unsigned char *>(dst) + (i * ld + j) * es; };
+  // Sixteen rows at a time: a block's reads take half of each source line, the next block the rest.
+  for (int64_t i0 = 0; i0 < rows8; i0 += 16)
+    for (int64_t j = 0; j < cols8; j += 8)
+      for (int64_t i = i0; i < std::min(i0 + 16, rows8); i += 8) transpose8(out(i, j), dtype, ld, src + j * lds + i, lds);
+  // The rest element by element, gathered into pieces and narrowed as narrow() does.
+  auto gathered = [&](int64_t i0, int64_t i1, int64_t j0, int64_t j1) {
+    constexpr int64_t kPiece = 64;
+    float piece[kPiece];
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t j = j0; j < j1; j += kPiece) {
+        const int64_t m = std::min(kPiece, j1 - j);
+        for (int64_t k = 0; k < m; ++k) piece[k] = src[(j + k) * lds + i];
+        narrow(out(i, j), dtype, piece, m, path);
+      }
+  };
+  gathered(0, rows8, cols8, cols);
+  gathered(rows8, rows, 0, cols);
 }
 
 moe_status convert(void *st, void *dst, int dst_dtype, const void *src, int src_dtype, int64_t n) {

@@ -19,4 +19,11 @@ void narrow_rounded(void *dst, int dtype, float *v, int64_t n, ConvertPath path 
 // v[i] = v[i] rounded to dtype and back (what storing in dtype keeps); no-op for float32.
 void round_in_place(float *v, int dtype, int64_t n, ConvertPath path = ConvertPath::best);
 
+// dst[i, j] = src[j, i] rounded to dtype for i < rows, j < cols: src float32 with row stride lds,
+// dst of dtype with row stride ld (elements); the same bits as narrow(), on eight by eight blocks
+// in registers where the CPU has AVX2 and F16C (and path is best). The results of products
+// computed transposed (W X^T) into their rows.
+void transpose_narrow(void *dst, int dtype, int64_t ld, const float *src, int64_t lds, int64_t rows, int64_t cols,
+                      ConvertPath path = ConvertPath::best);
+
 }  // namespace moe::cpu

@@ -15,6 +15,8 @@
 // Every GEMM of a call is prepared before the first output is written (a dry run of the same
 // code), so that a primitive oneDNN cannot create, or scratch that cannot be had, fails the call
 // before it changes anything.
+#include <omp.h>
+
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -387,21 +389,17 @@ struct Call {
 };
 
 // dst[rows, cols] (row stride ld, elements of dt, each rounded once) = src[cols, rows]^T, float32.
+// Each thread takes one run of src's rows (dst's columns, whole cache lines of dst). Split over
+// dst's rows instead, every thread read all of src, half of it from the other core's cache, where
+// the product had just written it: a bfloat16 forward of 512 tokens (d 1024, d_ff 2048, 8
+// experts, top-2; 2 cores of a Xeon with AMX, one build, runs alternated) 18.0 -> 16.6 ms.
 void transpose_into(const Exec &x, void *dst, int dt, int64_t ld, const float *src, int64_t rows, int64_t cols) {
   if (x.dry() || rows == 0) return;
-#pragma omp parallel for schedule(static) if (worth_threads(rows * cols))
-  for (int64_t i = 0; i < rows; ++i) {
-    if (dt == MOE_DTYPE_F32) {
-      float *row = static_cast<float *>(dst) + i * ld;
-      for (int64_t j = 0; j < cols; ++j) row[j] = src[j * rows + i];
-      continue;
-    }
-    float piece[kPanel];
-    for (int64_t j0 = 0; j0 < cols; j0 += kPanel) {
-      const int64_t m = std::min(kPanel, cols - j0);
-      for (int64_t j = 0; j < m; ++j) piece[j] = src[(j0 + j) * rows + i];
-      narrow(at(dst, dt, i * ld + j0), dt, piece, m);
-    }
+#pragma omp parallel if (worth_threads(rows * cols))
+  {
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t j0 = cols * t / n / 32 * 32, j1 = t + 1 == n ? cols : cols * (t + 1) / n / 32 * 32;
+    if (j1 > j0) transpose_narrow(at(dst, dt, j0), dt, ld, src + j0 * rows, rows, rows, j1 - j0);
   }
 }
 

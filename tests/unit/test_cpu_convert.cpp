@@ -9,6 +9,7 @@
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "core/half.h"
@@ -82,6 +83,52 @@ TEST_P(CpuConvert, NarrowGivesHalfHBitsForEveryProbe) {
       ASSERT_EQ(bits(in_place[i]), bits(widen_one(dt, want))) << "round_in_place of bits " << std::hex << bits(f);
     }
   }
+}
+
+// transpose_narrow against narrow_one element by element: shapes that leave no, some and only
+// remainders outside its blocks of eight, strides wider than the shapes, and every probe somewhere.
+// The elements of dst between rows (its wider stride) stay as they were.
+void expect_transposed(int dt, ConvertPath path, const std::vector<float> &values) {
+  const size_t es = dt == MOE_DTYPE_F32 ? 4 : 2;
+  size_t next = 0;
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {8, 8}, {16, 24}, {7, 9}, {13, 37}, {130, 67}, {24, 2048}}) {
+    const int64_t lds = rows + 3, ld = cols + 5;
+    std::vector<float> src(static_cast<size_t>(cols * lds));
+    for (float &f : src) f = values[next++ % values.size()];
+    std::vector<unsigned char> dst(static_cast<size_t>(rows * ld) * es, 0xA5);
+    moe::cpu::transpose_narrow(dst.data(), dt, ld, src.data(), lds, rows, cols, path);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < ld; ++j) {
+        const unsigned char *got = dst.data() + (i * ld + j) * es;
+        if (j >= cols) {
+          for (size_t b = 0; b < es; ++b) ASSERT_EQ(got[b], 0xA5) << "stride padding written at " << i << ", " << j;
+          continue;
+        }
+        const float f = src[j * lds + i];
+        if (dt == MOE_DTYPE_F32) {
+          float v;
+          std::memcpy(&v, got, 4);
+          ASSERT_EQ(bits(v), bits(f)) << rows << " x " << cols << " at " << i << ", " << j;
+        } else {
+          uint16_t h;
+          std::memcpy(&h, got, 2);
+          ASSERT_EQ(h, narrow_one(dt, f)) << rows << " x " << cols << " at " << i << ", " << j << " of bits " << std::hex
+                                          << bits(f);
+        }
+      }
+  }
+}
+
+TEST_P(CpuConvert, TransposeNarrowGivesNarrowBitsTransposed) { expect_transposed(dt(), path(), probes(dt())); }
+
+TEST(CpuConvertF32, TransposeNarrowCopiesFloat32Exactly) {
+  std::vector<float> values;
+  uint64_t s = 0x2545f4914f6cdd1dULL;
+  for (int i = 0; i < 1 << 16; ++i) {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    values.push_back(from_bits(static_cast<uint32_t>(s)));
+  }
+  for (ConvertPath path : {ConvertPath::best, ConvertPath::portable}) expect_transposed(MOE_DTYPE_F32, path, values);
 }
 
 INSTANTIATE_TEST_SUITE_P(Dtypes, CpuConvert,
