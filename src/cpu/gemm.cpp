@@ -375,6 +375,7 @@ const SmallRows &small_rows() {
     // 0.85, 0.91, 0.97 of the time (up to 6: 0.99, 0.85, 0.94, 0.94; up to 2: 1.03 at 8 tokens).
     if (effective_isa() == dnnl_cpu_isa_avx512_core_amx) {
       r.bf16_brgemm_rows = 256;
+      r.bf16_brgemm_most = 1024;
       r.wxt_bf16 = 480;
       r.few_bf16 = 4;
     }

@@ -112,8 +112,9 @@ struct SmallRows {
   // bwd_f32): below, oneDNN.
   int64_t bwd_f32_from = 0;
   // Rows per call of a bfloat16 product on oneDNN's AMX kernels, each call's rows a multiple of
-  // 16 (a short last block padded; expert_ffn.cpp says why); 0: the rows as they come.
-  int64_t bf16_brgemm_rows = 0;
+  // 16 (a short last block padded; expert_ffn.cpp says why); 0: the rows as they come. Products of
+  // more rows than that run in calls of multiples of 64 rows, at most bf16_brgemm_most each.
+  int64_t bf16_brgemm_rows = 0, bf16_brgemm_most = 0;
   // Rows up to which a bfloat16 forward on oneDNN (past few_16) runs as W X^T, the weight read
   // as stored (expert_ffn.cpp, forward_few_rows); 0: never.
   int64_t wxt_bf16 = 0;
