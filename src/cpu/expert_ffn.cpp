@@ -88,6 +88,21 @@ struct Mat {
 const void *at(const void *p, int dtype, int64_t i) { return elem_at(p, dtype, i); }
 void *at(void *p, int dtype, int64_t i) { return elem_at(p, dtype, i); }
 
+// dst[rows, cols] (row stride ld, elements of dt, each rounded once) = src[cols, rows]^T, float32.
+// Each thread takes one run of src's rows (dst's columns, whole cache lines of dst). Split over
+// dst's rows instead, every thread read all of src, half of it from the other core's cache, where
+// the product had just written it: a bfloat16 forward of 512 tokens (d 1024, d_ff 2048, 8
+// experts, top-2; 2 cores of a Xeon with AMX, one build, runs alternated) 18.0 -> 16.6 ms.
+void transpose_rows(void *dst, int dt, int64_t ld, const float *src, int64_t rows, int64_t cols) {
+  if (rows == 0) return;
+#pragma omp parallel if (worth_threads(rows * cols))
+  {
+    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t j0 = cols * t / n / 32 * 32, j1 = t + 1 == n ? cols : cols * (t + 1) / n / 32 * 32;
+    if (j1 > j0) transpose_narrow(at(dst, dt, j0), dt, ld, src + j0 * rows, rows, rows, j1 - j0);
+  }
+}
+
 // Runs or, dry, only prepares the GEMMs of a call; the arena and scratch are sized in between.
 class Exec {
  public:
@@ -113,14 +128,19 @@ class Exec {
   // oneDNN 2.6's AMX kernels (brgemm) choose their blocking from the row count, and some counts
   // run at a fifth of the speed of their neighbours: 106, 118, 122, 848, 944 (2 cores of a Xeon
   // with AMX, N 2048 K 1024, 0.31 TFLOP/s against 1.6-1.8 at 104, 120, 832). Counts that are
-  // multiples of 16 up to 256 all run well, and so do multiples of 64 up to 3072 (of 16 past 256
-  // not: 816, 928, 992, 1392). So up to `block` rows go in blocks of at most `block` (a multiple
+  // multiples of 16 up to 256 all run well, and so do most multiples of 64 (of 16 past 256 not:
+  // 816, 928, 992, 1392; of 64, 320, 1088 and 1344 at 0.6-0.8 of their neighbours' rate in one
+  // scan, 576 in some). So up to `block` rows go in blocks of at most `block` (a multiple
   // of 16); more in calls of multiples of 64, at most `most` rows each, and the rest (under 64).
   // Fewer calls copy the weight into oneDNN's tile layout fewer times: 1024 rows in one call
   // against four of 256, 0.91 of the time (N 2048 K 1024; N 1024 K 2048 0.97); in the layer,
   // bfloat16 forward of 2048 and 4096 tokens 0.90 and 0.89 of the time, training step of 1024
-  // 0.95 (calls of up to 2048 rows: no better). A last block short of a multiple of 16 runs
-  // padded, through a copy.
+  // 0.95 (calls of up to 2048 rows: no better). The rest of a forward product (X W^T, nothing
+  // to add to) runs as W X^T where wxt_bf16 allows, the weight read as stored: each such call
+  // 0.13-0.34 ms against 0.19-0.39 for the call that copies the weight into the tile layout once
+  // more for under 64 rows (N 2048 K 1024 and N 1024 K 2048); bfloat16 forward of 2048 and 4096
+  // tokens 0.97 of the time. Any other last block short of a multiple of 16 runs padded, through
+  // a copy.
   void gemm_in_blocks(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc,
                       bool acc, int64_t block, int64_t most) {
     const int64_t blocks = (M + block - 1) / block;
@@ -135,6 +155,14 @@ class Exec {
       const int64_t padded = (m + 15) / 16 * 16;
       const void *a = dry_ ? nullptr : at(A.p, A.dtype, m0 * A.ld);
       void *c = dry_ ? nullptr : at(C, cdt, m0 * ldc);
+      if (M > block && m < 64 && m <= small_rows().wxt_bf16 && B.trans && !acc) {
+        const size_t ct_bytes = static_cast<size_t>(m * N) * sizeof(float);
+        pad_bytes_ = std::max(pad_bytes_, ct_bytes);
+        float *ct = dry_ ? nullptr : reinterpret_cast<float *>(st_.gemm_pad.data());
+        gemm_few_rows(m, N, K, Mat{B.p, B.dtype, B.ld}, Mat{a, A.dtype, A.ld}, ct);
+        if (!dry_) transpose_rows(c, cdt, ldc, ct, m, N);
+        continue;
+      }
       if (padded == m) {
         gemm_as_given(m, N, K, Mat{a, A.dtype, A.ld}, B, c, cdt, ldc, acc);
         continue;
@@ -401,19 +429,8 @@ struct Call {
   bool is_glu;
 };
 
-// dst[rows, cols] (row stride ld, elements of dt, each rounded once) = src[cols, rows]^T, float32.
-// Each thread takes one run of src's rows (dst's columns, whole cache lines of dst). Split over
-// dst's rows instead, every thread read all of src, half of it from the other core's cache, where
-// the product had just written it: a bfloat16 forward of 512 tokens (d 1024, d_ff 2048, 8
-// experts, top-2; 2 cores of a Xeon with AMX, one build, runs alternated) 18.0 -> 16.6 ms.
 void transpose_into(const Exec &x, void *dst, int dt, int64_t ld, const float *src, int64_t rows, int64_t cols) {
-  if (x.dry() || rows == 0) return;
-#pragma omp parallel if (worth_threads(rows * cols))
-  {
-    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t j0 = cols * t / n / 32 * 32, j1 = t + 1 == n ? cols : cols * (t + 1) / n / 32 * 32;
-    if (j1 > j0) transpose_narrow(at(dst, dt, j0), dt, ld, src + j0 * rows, rows, rows, j1 - j0);
-  }
+  if (!x.dry()) transpose_rows(dst, dt, ld, src, rows, cols);
 }
 
 // Forward of an expert with few rows: every product as W X^T (see Exec::gemm_few_rows) into ct,
