@@ -15,7 +15,7 @@
 extern "C" {
 #endif
 
-#define MOE_BACKEND_ABI 5
+#define MOE_BACKEND_ABI 6
 
 /* Stages that run after an output was first written (the shared experts' expert_ffn after y; in
  * backward, expert_ffn_bwd, shared_combine_bwd and gate_bwd, which add to gradients) are first
@@ -170,6 +170,9 @@ typedef struct moe_ffn_args {
   const void *b1, *b3, *b2;
   void *db1, *db3, *db2;
   float swiglu_alpha, swiglu_limit; /* MOE_ACT_SWIGLU_CLAMPED */
+  /* expert_ffn: nonzero when nothing reads h, g and a after the call (an inference forward): the
+     backend may leave them in any layout; only y counts. Backward never sees it set. */
+  int inference;
 } moe_ffn_args;
 
 typedef struct moe_shared_args {

@@ -143,11 +143,12 @@ void shared_reserve(moe_layer &l, Workspace &w, int64_t T) {
 }
 
 // y: the float32 sum the routed experts' combine wrote.
-void shared_forward(moe_layer &l, Workspace &w, const void *x, int64_t T, float *y) {
+void shared_forward(moe_layer &l, Workspace &w, const void *x, int64_t T, float *y, bool inference) {
   const Backend &be = *l.backend;
   const int64_t offsets[2] = {0, T};
   moe_ffn_args a = ffn_args(l, w, true, x, offsets);
   a.y = w.ys.get();
+  a.inference = inference ? 1 : 0;
   run(be, be.ops()->expert_ffn, a, "expert_ffn (shared)");
   moe_shared_args s = shared_args(l, w, x, T);
   s.y = y;
@@ -333,6 +334,7 @@ void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context
     moe_ffn_args fa =
         ffn_args(l, w, false, ep ? w.xl.get() : w.xe.get(), ep ? r.ep.local_offsets.data() : r.offsets.data());
     fa.y = ep ? w.yl.get() : w.ye.get();
+    fa.inference = training ? 0 : 1;
     run(be, ops->expert_ffn, fa, "expert_ffn");
     if (ep) exchange_from_experts(l, w, r.ep, w.yl.get(), w.ye.get(), d);
 
@@ -343,13 +345,14 @@ void forward(moe_layer &l, const void *x_in, int64_t T, void *y_out, moe_context
       moe_ffn_args sp = ffn_args(l, w, true, x, shared_offsets);
       sp.y = w.ys.get();
       sp.prepare = 1;
+      sp.inference = training ? 0 : 1;
       run(be, ops->expert_ffn, sp, "expert_ffn (shared, prepare)");
     }
     ra.ye = w.ye.get();
     ra.y = y;
     run(be, ops->combine, ra, "combine");
 
-    if (c.S > 0) shared_forward(l, w, x, T, y);
+    if (c.S > 0) shared_forward(l, w, x, T, y, !training);
     if (lowp) be.check(ops->convert(be.state(), y_out, c.c.dtype, y, MOE_DTYPE_F32, Td), "convert (y)");
   }
 

@@ -324,6 +324,17 @@ void expert_ffn_case(const moe_backend_ops *ops, void *state, int dtype, int act
     }
     EXPECT_LT(near, 0.5 * far) << "y does not follow the rule that a is stored in the layer's dtype";
   }
+  {  // An inference forward: h, g and a are scratch then (the backend may leave them transposed).
+    Lowp hi(dtype, out_rows * ff), gi(dtype, out_rows * ff), ai(dtype, out_rows * ff), yi(dtype, out_rows * d);
+    moe_ffn_args q = p;
+    q.h = hi.data();
+    q.g = glu ? gi.data() : nullptr;
+    q.a = ai.data();
+    q.y = yi.data();
+    q.inference = 1;
+    ASSERT_EQ(ops->expert_ffn(state, &q), MOE_OK) << ops->last_error(state);
+    expect_near_ulps(dtype, yi.wide(), ry, "y (inference)");
+  }
 
   Lowp dhb(dtype, out_rows * ff), dgb(dtype, out_rows * ff);
   const std::vector<float> dx0 = rng.uniforms(rows * d);

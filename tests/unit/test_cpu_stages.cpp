@@ -903,9 +903,10 @@ TEST_F(CpuStages, ExpertFfnReluMatchesNaiveLoops) {
   EXPECT_EQ(dx, rdx);
 }
 
-// A ReLU expert FFN with biases over experts of the given rows, checked bit for bit against naive
-// loops at one thread and at two. Integer values keep every sum exact, so each row, its expert's
-// biases and where it lands are checked exactly.
+// A ReLU expert FFN over experts of the given rows, with biases and without (then also as an
+// inference forward), checked bit for bit against naive loops at one thread and at two. Integer
+// values keep every sum exact, so each row, its expert's biases and where it lands are checked
+// exactly.
 // Runs check(t) at t = 1 thread and at 2, then restores the thread count.
 template <class Check>
 void at_1_and_2_threads(Check &&check) {
@@ -924,21 +925,27 @@ void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_
   Rng rng(22);
   const std::vector<float> x = rng.ints(R * d, -3, 3), w1 = rng.ints(E * ff * d, -2, 2),
                            w2 = rng.ints(E * d * ff, -2, 2), b1 = rng.ints(E * ff, -4, 4), b2 = rng.ints(E * d, -4, 4);
-  std::vector<float> href(R * ff), aref(R * ff), yref(R * d);
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
-      for (int64_t f = 0; f < ff; ++f) {
-        float s = b1[e * ff + f];
-        for (int64_t c = 0; c < d; ++c) s += x[r * d + c] * w1[(e * ff + f) * d + c];
-        href[r * ff + f] = s;
-        aref[r * ff + f] = s > 0.0f ? s : 0.0f;
+  // [1]: with the biases, [0]: without.
+  std::vector<float> href[2], aref[2], yref[2];
+  for (int biases : {0, 1}) {
+    href[biases].resize(R * ff);
+    aref[biases].resize(R * ff);
+    yref[biases].resize(R * d);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = offsets[e]; r < offsets[e + 1]; ++r) {
+        for (int64_t f = 0; f < ff; ++f) {
+          float s = biases ? b1[e * ff + f] : 0.0f;
+          for (int64_t c = 0; c < d; ++c) s += x[r * d + c] * w1[(e * ff + f) * d + c];
+          href[biases][r * ff + f] = s;
+          aref[biases][r * ff + f] = s > 0.0f ? s : 0.0f;
+        }
+        for (int64_t c = 0; c < d; ++c) {
+          float s = biases ? b2[e * d + c] : 0.0f;
+          for (int64_t f = 0; f < ff; ++f) s += aref[biases][r * ff + f] * w2[(e * d + c) * ff + f];
+          yref[biases][r * d + c] = s;
+        }
       }
-      for (int64_t c = 0; c < d; ++c) {
-        float s = b2[e * d + c];
-        for (int64_t f = 0; f < ff; ++f) s += aref[r * ff + f] * w2[(e * d + c) * ff + f];
-        yref[r * d + c] = s;
-      }
-    }
+  }
   at_1_and_2_threads([&](int t) {
     std::vector<float> h(R * ff, kNaN), a_(R * ff, kNaN), y(R * d, kNaN);
     moe_ffn_args a = moe_test::ffn_args(E, d, ff, MOE_ACT_RELU, offsets);
@@ -951,9 +958,24 @@ void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_
     a.a = a_.data();
     a.y = y.data();
     ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << ops->last_error(state);
-    EXPECT_EQ(h, href) << t << " threads";
-    EXPECT_EQ(a_, aref) << t << " threads";
-    EXPECT_EQ(y, yref) << t << " threads";
+    EXPECT_EQ(h, href[1]) << t << " threads";
+    EXPECT_EQ(a_, aref[1]) << t << " threads";
+    EXPECT_EQ(y, yref[1]) << t << " threads";
+    // Without biases, saved for backward (h and a as rows) and in an inference forward (h and a
+    // scratch, perhaps left transposed: y alone counts).
+    for (int inference : {0, 1}) {
+      std::fill(h.begin(), h.end(), kNaN);
+      std::fill(a_.begin(), a_.end(), kNaN);
+      std::fill(y.begin(), y.end(), kNaN);
+      a.b1 = a.b2 = nullptr;
+      a.inference = inference;
+      ASSERT_EQ(ops->expert_ffn(state, &a), MOE_OK) << ops->last_error(state);
+      EXPECT_EQ(y, yref[0]) << t << " threads, inference " << inference;
+      if (!inference) {
+        EXPECT_EQ(h, href[0]) << t << " threads";
+        EXPECT_EQ(a_, aref[0]) << t << " threads";
+      }
+    }
   });
 }
 
