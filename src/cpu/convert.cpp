@@ -1,4 +1,6 @@
 // Conversions between activation dtypes, and the search for the first non-finite element.
+#include <omp.h>
+
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -260,6 +262,23 @@ moe_status convert(void *st, void *dst, int dst_dtype, const void *src, int src_
   return guarded(st, [&] {
     if (dst_dtype == src_dtype) {
       convert_host(dst, dst_dtype, src, src_dtype, n);
+      return;
+    }
+    if (dst_dtype == MOE_DTYPE_F32 || src_dtype == MOE_DTYPE_F32) {
+      // The vectorised loops, each thread over one run of whole cache lines: element by element,
+      // the float32 <-> bfloat16 conversions of a bfloat16 forward's input and output took about
+      // 2 % of a forward of 512 tokens (d 1024, 2 cores of a Xeon with AMX).
+#pragma omp parallel if (worth_threads(n))
+      {
+        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int64_t i0 = n * t / nt / 32 * 32, i1 = t + 1 == nt ? n : n * (t + 1) / nt / 32 * 32;
+        if (i1 > i0) {
+          if (dst_dtype == MOE_DTYPE_F32)
+            widen(static_cast<float *>(dst) + i0, elem_at(src, src_dtype, i0), src_dtype, i1 - i0);
+          else
+            narrow(elem_at(dst, dst_dtype, i0), dst_dtype, static_cast<const float *>(src) + i0, i1 - i0);
+        }
+      }
       return;
     }
     with_dtype(dst_dtype, [&](auto dtag) {

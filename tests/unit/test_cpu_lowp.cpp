@@ -7,6 +7,7 @@
 // two units in the last place.
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -386,17 +387,25 @@ TEST_P(CpuLowp, ExpertFfnEveryActivation) {
   if (dt() == MOE_DTYPE_BF16) expert_ffn_case(ops, state, dt(), MOE_ACT_SWIGLU, false, 211, 96, 704);
 }
 
+// Every pair against core/half.h, bit for bit: 1000 elements (one thread), and 70001 (the
+// threads' runs, ending off a cache line), with NaN, infinities and halfway cases among them.
 TEST_P(CpuLowp, ConvertEveryPair) {
   Rng rng(5);
-  const std::vector<float> v = rng.uniforms(1000, -70000.0f, 70000.0f);
-  for (int from : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16})
-    for (int to : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16}) {
-      std::vector<unsigned char> src(v.size() * 4), dst(v.size() * 4, 0xcd), want(v.size() * 4);
-      moe::convert_host(src.data(), from, v.data(), MOE_DTYPE_F32, 1000);
-      ASSERT_EQ(ops->convert(state, dst.data(), to, src.data(), from, 1000), MOE_OK) << err();
-      moe::convert_host(want.data(), to, src.data(), from, 1000);
-      EXPECT_EQ(0, std::memcmp(dst.data(), want.data(), 1000 * moe::dtype_size(to))) << from << " -> " << to;
-    }
+  for (int64_t n : {1000, 70001}) {
+    std::vector<float> v = rng.uniforms(n, -70000.0f, 70000.0f);
+    v[3] = NAN;
+    v[n - 2] = -std::numeric_limits<float>::infinity();
+    v[n / 2] = std::bit_cast<float>(0x3f808000u);  // halfway between two bfloat16 values
+    v[n / 2 + 1] = std::bit_cast<float>(0x3f818000u);
+    for (int from : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16})
+      for (int to : {MOE_DTYPE_F32, MOE_DTYPE_BF16, MOE_DTYPE_F16}) {
+        std::vector<unsigned char> src(n * 4), dst(n * 4, 0xcd), want(n * 4, 0xcd);
+        moe::convert_host(src.data(), from, v.data(), MOE_DTYPE_F32, n);
+        ASSERT_EQ(ops->convert(state, dst.data(), to, src.data(), from, n), MOE_OK) << err();
+        moe::convert_host(want.data(), to, src.data(), from, n);
+        EXPECT_EQ(0, std::memcmp(dst.data(), want.data(), n * 4)) << from << " -> " << to << ", " << n;
+      }
+  }
   EXPECT_EQ(ops->convert(state, nullptr, MOE_DTYPE_F16, nullptr, MOE_DTYPE_F32, 0), MOE_OK);
 }
 
