@@ -112,6 +112,20 @@ class Exec {
   // for a weight gradient (A transposed).
   void gemm(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc, bool acc) {
     if (M == 0 || N == 0) return;
+    // oneDNN 2.6's float32 kernels run row counts off a multiple of 16 at 0.75-0.95 of the rate
+    // of the multiples around them (N 2048 K 1024, 2 cores of a Xeon with AMX: 1003, 1006, 1007,
+    // 1027 rows at 222-250 GFLOP/s, multiples of 16 from 944 to 1104 at 265-298). Past
+    // f32_sixteens_from rows the rest beyond the last multiple of 16, as W X^T (one more read of
+    // the weight), costs less than that: forward of 4096 tokens (d 1024, d_ff 2048, 8 experts,
+    // top-2; about 1024 rows each) 0.95 of the time, training step 0.96; at 256 and 512 rows
+    // 1.04 and 1.01, at 768 1.00.
+    const int64_t sixteens = small_rows().f32_sixteens_from;
+    if (A.dtype == MOE_DTYPE_F32 && sixteens > 0 && M >= sixteens && M % 16 != 0 && !A.trans && B.trans && !acc &&
+        K * N >= kSmallWeights) {
+      const int64_t m = M / 16 * 16;
+      gemm_as_given(m, N, K, A, B, C, cdt, ldc, acc);
+      return gemm_rows_as_wxt(m, M - m, N, K, A, B, C, cdt, ldc);
+    }
     const int64_t block = A.dtype == MOE_DTYPE_BF16 ? small_rows().bf16_brgemm_rows : 0;
     if (block > 0 && !A.trans && K * N >= kSmallWeights)
       return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block, small_rows().bf16_brgemm_most);
@@ -156,11 +170,7 @@ class Exec {
       const void *a = dry_ ? nullptr : at(A.p, A.dtype, m0 * A.ld);
       void *c = dry_ ? nullptr : at(C, cdt, m0 * ldc);
       if (M > block && m < 64 && m <= small_rows().wxt_bf16 && B.trans && !acc) {
-        const size_t ct_bytes = static_cast<size_t>(m * N) * sizeof(float);
-        pad_bytes_ = std::max(pad_bytes_, ct_bytes);
-        float *ct = dry_ ? nullptr : reinterpret_cast<float *>(st_.gemm_pad.data());
-        gemm_few_rows(m, N, K, Mat{B.p, B.dtype, B.ld}, Mat{a, A.dtype, A.ld}, ct);
-        if (!dry_) transpose_rows(c, cdt, ldc, ct, m, N);
+        gemm_rows_as_wxt(m0, m, N, K, A, B, C, cdt, ldc);
         continue;
       }
       if (padded == m) {
@@ -181,6 +191,17 @@ class Exec {
       if (!dry_)
         for (int64_t i = 0; i < m; ++i) std::memcpy(at(c, cdt, i * ldc), pc + i * N * ec, N * ec);
     }
+  }
+
+  // Rows [m0, m0 + m) of C = A B^T (B read transposed: a weight as stored) as W X^T, into the
+  // padded operands' buffer as float32, then transposed into C's rows.
+  void gemm_rows_as_wxt(int64_t m0, int64_t m, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt,
+                        int64_t ldc) {
+    pad_bytes_ = std::max(pad_bytes_, static_cast<size_t>(m * N) * sizeof(float));
+    float *ct = dry_ ? nullptr : reinterpret_cast<float *>(st_.gemm_pad.data());
+    const void *a = dry_ ? nullptr : at(A.p, A.dtype, m0 * A.ld);
+    gemm_few_rows(m, N, K, Mat{B.p, B.dtype, B.ld}, Mat{a, A.dtype, A.ld}, ct);
+    if (!dry_) transpose_rows(at(C, cdt, m0 * ldc), cdt, ldc, ct, m, N);
   }
 
   // A weight gradient (K: the expert's rows) on oneDNN's AMX kernels runs a third faster with K

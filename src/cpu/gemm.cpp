@@ -362,8 +362,10 @@ const SmallRows &small_rows() {
     SmallRows r{0, 0, 64, 0, 0, 0, 0, false};
     if (avx512 && is_amd())
       r = SmallRows{48, 64, 0, 64, 64, 64, bf16 ? 12 : 0, true};
-    else if (avx512)
+    else if (avx512) {
       r = SmallRows{48, 8, 64, 0, 0, 64, bf16 ? 24 : 0, false};
+      r.f32_sixteens_from = 768;
+    }
     else if (avx2)
       r = SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 4, 7};
     // With AMX, a bfloat16 forward of 9 to 480 rows per expert as W X^T (the weight as the left

@@ -118,6 +118,9 @@ struct SmallRows {
   // Rows up to which a bfloat16 forward on oneDNN (past few_16) runs as W X^T, the weight read
   // as stored (expert_ffn.cpp, forward_few_rows); 0: never.
   int64_t wxt_bf16 = 0;
+  // float32 forward products X W^T of at least this many rows, not a multiple of 16, run as the
+  // rows up to the multiple of 16 below and the rest as W X^T (expert_ffn.cpp says why); 0: never.
+  int64_t f32_sixteens_from = 0;
   // bfloat16 forward rows up to which the few-rows kernel runs, where it differs from few_16
   // (float16's); -1: few_16.
   int64_t few_bf16 = -1;

@@ -981,10 +981,12 @@ void expect_exact_ffn(const moe_backend_ops *ops, void *state, int64_t d, int64_
 
 // Experts with one, a few, tens and hundreds of rows in one call: the CPU backend runs the experts
 // with few rows together (one stream of products over all of them, then their rows) and the others
-// one by one, on either side of the few-rows threshold of every CPU (4 to 64 rows). Weights large
-// enough for a team of threads.
+// one by one, on either side of the few-rows threshold of every CPU (4 to 64 rows); 777 rows run,
+// on Intel CPUs with AVX-512, as 768 and 9 (SmallRows::f32_sixteens_from). Weights large enough
+// for a team of threads.
 TEST_F(CpuStages, ExpertFfnFewAndManyRowsInOneCall) {
-  expect_exact_ffn(ops, state, 256, 256, {0, 1, 1, 61, 68, 268, 271});  // 1, 0, 60, 7, 200 and 3 rows
+  // 1, 0, 60, 7, 200, 3 and 777 rows
+  expect_exact_ffn(ops, state, 256, 256, {0, 1, 1, 61, 68, 268, 271, 1048});
 }
 
 // Rows of x (d) or of a (ff) 4 KB long: the experts with few rows read them through copies at a
