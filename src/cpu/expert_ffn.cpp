@@ -166,13 +166,13 @@ class Exec {
         m = std::min(step, left);
       else
         m = left > most ? most : left >= 64 ? left / 64 * 64 : left;
-      const int64_t padded = (m + 15) / 16 * 16;
-      const void *a = dry_ ? nullptr : at(A.p, A.dtype, m0 * A.ld);
-      void *c = dry_ ? nullptr : at(C, cdt, m0 * ldc);
       if (M > block && m < 64 && m <= small_rows().wxt_bf16 && B.trans && !acc) {
         gemm_rows_as_wxt(m0, m, N, K, A, B, C, cdt, ldc);
         continue;
       }
+      const int64_t padded = (m + 15) / 16 * 16;
+      const void *a = dry_ ? nullptr : at(A.p, A.dtype, m0 * A.ld);
+      void *c = dry_ ? nullptr : at(C, cdt, m0 * ldc);
       if (padded == m) {
         gemm_as_given(m, N, K, Mat{a, A.dtype, A.ld}, B, c, cdt, ldc, acc);
         continue;
@@ -452,6 +452,7 @@ struct Call {
   bool is_glu;
 };
 
+// transpose_rows, but for a dry run.
 void transpose_into(const Exec &x, void *dst, int dt, int64_t ld, const float *src, int64_t rows, int64_t cols) {
   if (!x.dry()) transpose_rows(dst, dt, ld, src, rows, cols);
 }

@@ -360,14 +360,14 @@ const SmallRows &small_rows() {
     const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     const bool bf16 = __builtin_cpu_supports("avx512bf16");
     SmallRows r{0, 0, 64, 0, 0, 0, 0, false};
-    if (avx512 && is_amd())
+    if (avx512 && is_amd()) {
       r = SmallRows{48, 64, 0, 64, 64, 64, bf16 ? 12 : 0, true};
-    else if (avx512) {
+    } else if (avx512) {
       r = SmallRows{48, 8, 64, 0, 0, 64, bf16 ? 24 : 0, false};
       r.f32_sixteens_from = 768;
-    }
-    else if (avx2)
+    } else if (avx2) {
       r = SmallRows{64, 48, 64, 48, 8, 16, 0, false, 32, 352, 16, 9, 12, 4, 7};
+    }
     // With AMX, a bfloat16 forward of 9 to 480 rows per expert as W X^T (the weight as the left
     // operand, read as stored; as the right one, oneDNN copies it into its tile layout on every
     // call) against X W^T, in the layer as above: 64, 128, 256, 512, 1024, 1536, 1792 tokens
