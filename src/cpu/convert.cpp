@@ -1,6 +1,4 @@
 // Conversions between activation dtypes, and the search for the first non-finite element.
-#include <omp.h>
-
 #include <algorithm>
 #include <bit>
 #include <cmath>
@@ -270,8 +268,7 @@ moe_status convert(void *st, void *dst, int dst_dtype, const void *src, int src_
       // 2 % of a forward of 512 tokens (d 1024, 2 cores of a Xeon with AMX).
 #pragma omp parallel if (worth_threads(n))
       {
-        const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const int64_t i0 = n * t / nt / 32 * 32, i1 = t + 1 == nt ? n : n * (t + 1) / nt / 32 * 32;
+        const auto [i0, i1] = thread_run(n);
         if (i1 > i0) {
           if (dst_dtype == MOE_DTYPE_F32)
             widen(static_cast<float *>(dst) + i0, elem_at(src, src_dtype, i0), src_dtype, i1 - i0);

@@ -1,5 +1,7 @@
 // Shared pieces of the CPU backend's stage files.
 #pragma once
+#include <omp.h>
+
 #include <string>
 #include <vector>
 
@@ -16,6 +18,17 @@ namespace moe::cpu {
 // work (tens of microseconds per region for a few tokens).
 constexpr int64_t kMinParallelElements = int64_t{1} << 14;
 inline bool worth_threads(int64_t elements) { return elements >= kMinParallelElements; }
+
+// The run [begin, end) of [0, n) that the calling thread of an OpenMP team takes: about equal
+// shares, every boundary inside a multiple of 32 (whole cache lines of 16-bit elements), the last
+// thread to n.
+struct Run {
+  int64_t begin, end;
+};
+inline Run thread_run(int64_t n) {
+  const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+  return {n * t / nt / 32 * 32, t + 1 == nt ? n : n * (t + 1) / nt / 32 * 32};
+}
 
 // Element count of a host scratch vector, a * b, through the library's checked multiplication.
 inline size_t checked_count(int64_t a, int64_t b, const char *what) {

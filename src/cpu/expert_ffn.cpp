@@ -97,8 +97,7 @@ void transpose_rows(void *dst, int dt, int64_t ld, const float *src, int64_t row
   if (rows == 0) return;
 #pragma omp parallel if (worth_threads(rows * cols))
   {
-    const int64_t n = omp_get_num_threads(), t = omp_get_thread_num();
-    const int64_t j0 = cols * t / n / 32 * 32, j1 = t + 1 == n ? cols : cols * (t + 1) / n / 32 * 32;
+    const auto [j0, j1] = thread_run(cols);
     if (j1 > j0) transpose_narrow(at(dst, dt, j0), dt, ld, src + j0 * rows, rows, rows, j1 - j0);
   }
 }
