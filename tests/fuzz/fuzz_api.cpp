@@ -224,9 +224,24 @@ struct World {
   CtxSlot C[kCtxs];
 };
 
-const char *kNames[] = {"router.weight", "router.noise_weight", "router.bias", "experts.w1", "experts.w3",
-                        "experts.w2",    "shared.w1",           "shared.w3",   "shared.w2",  "shared.gate",
-                        "experts",       "",                    "router.weight.", "EXPERTS.W1"};
+const char *kNames[] = {"router.weight", "router.noise_weight", "router.bias",    "experts.w1",       "experts.w3",
+                        "experts.w2",    "shared.w1",           "shared.w3",      "shared.w2",        "shared.gate",
+                        "experts",       "",                    "router.weight.", "EXPERTS.W1",       "router.logit_bias",
+                        "experts.b1",    "experts.b3",          "experts.b2"};
+
+// The number of parameters moe.h's list implies for the layer's configuration: router.weight,
+// router.bias, experts.w1 and w2 always; the rest each behind its own option.
+int expected_num_params(moe_layer *l) {
+  moe_config c;
+  moe_config_init(&c);
+  if (moe_layer_get_config(l, &c) != MOE_OK) bug("moe_layer_get_config", "refused a live layer");
+  const int glu = c.activation == MOE_ACT_SWIGLU || c.activation == MOE_ACT_GEGLU ||
+                  c.activation == MOE_ACT_SWIGLU_CLAMPED;
+  int n = 4 + glu + (c.noise == MOE_NOISE_GAUSSIAN) + (c.router_logit_bias != 0);
+  if (c.expert_bias) n += 2 + glu;
+  if (c.num_shared_experts > 0) n += 2 + glu + (c.shared_gate != 0);
+  return n;
+}
 
 // Elements of a parameter, or -1 if the layer has no such parameter.
 int64_t numel_of(moe_layer *l, const char *name) {
@@ -605,7 +620,7 @@ void op_params(World &w, Reader &in) {
     default: {
       const int n = moe_layer_num_params(l);
       if (!l && n != -1) bug("moe_layer_num_params", "NULL layer did not give -1");
-      if (l && (n < 3 || n > 10)) bug("moe_layer_num_params", "implausible count");
+      if (l && n != expected_num_params(l)) bug("moe_layer_num_params", "not the count its configuration implies");
       break;
     }
   }
