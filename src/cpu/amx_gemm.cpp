@@ -1,4 +1,4 @@
-// The forward's X W^T on AMX tiles (cpu/amx_gemm.h).
+// The experts' bfloat16 products on AMX tiles (cpu/amx_gemm.h).
 //
 // A tile multiply (TDPBF16PS: a 16 x 16 float32 tile += 16 x 32 bfloat16 times 32 x 16) takes 16
 // cycles and needs 2 KB of operands; with four accumulator tiles in a 2 x 2 block, 2 KB of new
@@ -6,21 +6,27 @@
 // with both operands in L1, at 1.6-2.0 with one streamed from L2, and far below with an operand
 // read from a strided matrix (each tile row a cache line; 32 rows of a 2 KB stride fall into two
 // of L1's sets). So, for 2 MB of L2 per core:
-//  - X is copied once per call into whole tiles (32 rows a block, K in steps of 32: two 1 KB
-//    tiles), shared by the threads; rows past M as zeros;
-//  - each thread takes a run of W's rows (C's columns) and, kPairs pairs of 16 at a time (256
-//    columns), copies them into the tile layout of pairs of k (each 16 x 16 block of 32-bit pairs
-//    transposed in registers): 0.5 MB for K 1024, read from L2 by every block of X's rows;
-//  - for each block of 32 rows of X and each kChunk of K, the X tiles (16 KB) stay in L1 for the
+//  - op(A) is copied once per call into whole tiles (32 rows a block, k in steps of 32: two 1 KB
+//    tiles), shared by the threads; rows past M and k past K as zeros. Stored transposed (a
+//    weight gradient's dH^T), its rows are paired (k, k + 1) and transposed as below;
+//  - each thread takes a run of C's columns and, kPairs pairs of 16 at a time (256 columns),
+//    copies them into the tile layout of pairs of k: a weight as stored, [N, K], by transposing
+//    16 x 16 blocks of 32-bit pairs in registers; a matrix [K, N] by pairing rows k and k + 1.
+//    0.5 MB for K 1024, read from L2 by every block of A's rows;
+//  - for each block of 32 rows of A and each kChunk of K, the A tiles (16 KB) stay in L1 for the
 //    kPairs column pairs; the partial sums go to a float32 buffer of 32 rows (row stride off a
-//    multiple of 4 KB), which the last chunk's rows leave as C's (copied, or rounded by narrow()).
-// Measured on 2 cores of a Xeon with AMX (AVX512-BF16, AMX-BF16; 2 MB L2 a core), bfloat16 out,
-// against oneDNN 2.6's matmul with the weight as stored (what the layer ran before), alone: N 2048
-// K 1024 at 512, 768, 1000, 1024, 2048 rows 1.06, 1.05, 1.07, 1.11, 1.15x faster; N 1024 K 2048
-// 1.09, 1.17, 1.27, 1.23, 1.22x; at 128 and 256 rows 0.90-1.13x. In the layer's sequence (eight
-// experts of 1024 rows: W1, W3, activation, W2) the W2 products 2.37-2.45 ms against 3.27-3.46,
-// W1 and W3 2.35-2.5 against 2.5-2.8. Other blockings tried: 128 or 512 columns, K chunks of 512
-// or all of K, software prefetch of the next tiles into L1 or L2: all slower.
+//    multiple of 4 KB), which the last chunk's rows leave in C (stored, or added to what is
+//    there, rounded once by narrow()).
+// Measured on 2 cores of a Xeon with AMX (AVX512-BF16, AMX-BF16; 2 MB L2 a core) against oneDNN
+// 2.6's matmul on the same operands (what the layer ran before), alone: the forward's X W^T
+// (bfloat16 out), N 2048 K 1024 at 512, 768, 1000, 1024, 2048 rows 1.06, 1.05, 1.07, 1.11, 1.15x
+// its speed, N 1024 K 2048 1.09, 1.17, 1.27, 1.23, 1.22x, at 128 and 256 rows 0.90-1.13x; the
+// backward's X W (B [K, N]) at 1024 rows 1.23-1.25x, the weight gradients (A^T B added to
+// bfloat16, rows as K) at 1024 rows 1.20-1.31x (where each starts to pay: gemm.cpp). In the
+// layer's sequence (eight experts of 1024 rows: W1, W3, activation, W2) the W2 products 2.37-2.45
+// ms against 3.27-3.46, W1 and W3 2.35-2.5 against 2.5-2.8. Other blockings tried: 128 or 512
+// columns, K chunks of 512 or all of K, software prefetch of the next tiles into L1 or L2: all
+// slower.
 #include "cpu/amx_gemm.h"
 
 #include <dnnl.h>
@@ -54,8 +60,9 @@ constexpr int64_t kChunk = 256;   // k per pass over a block's column pairs
 constexpr int64_t kSumLd = kPairs * 32 * 4 + 64;  // bytes per row of the float32 partial sums
 
 size_t round64(size_t n) { return (n + 63) / 64 * 64; }
-size_t x_bytes(int64_t M, int64_t K) { return round64(static_cast<size_t>((M + 31) / 32 * 32 * K) * 2); }
-size_t w_bytes(int64_t K) { return round64(static_cast<size_t>(kPairs * 32 * K) * 2); }
+int64_t padded_k(int64_t K) { return (K + 31) / 32 * 32; }
+size_t left_bytes(int64_t M, int64_t K) { return round64(static_cast<size_t>((M + 31) / 32 * 32 * padded_k(K)) * 2); }
+size_t right_bytes(int64_t K) { return round64(static_cast<size_t>(kPairs * 32 * padded_k(K)) * 2); }
 size_t sum_bytes() { return round64(32 * kSumLd); }
 
 #ifdef MOE_AMX_BUILD
@@ -65,12 +72,19 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// 16 rows of 32 bfloat16 (src, row stride ld elements), as 16 pairs each, into their transpose at
-// dst (16 x 32 contiguous): row p of dst holds pair p of each of the 16 rows, the layout
-// TDPBF16PS wants of its right operand.
-__attribute__((target("avx512f"))) void transpose_pairs(const uint16_t *src, int64_t ld, uint16_t *dst) {
+#define MOE_AVX512_BW __attribute__((target("avx512f,avx512bw,avx512vl")))
+
+// Mask of the first n of 32 (or 16) lanes.
+inline uint32_t first32(int64_t n) { return n >= 32 ? ~0u : n <= 0 ? 0u : (1u << n) - 1; }
+inline uint16_t first16(int64_t n) { return static_cast<uint16_t>(first32(std::min<int64_t>(n, 16))); }
+
+// 16 rows of 32 bfloat16 (src, row stride ld elements; lanes past `valid` read as zeros), as 16
+// pairs each, into their transpose at dst (16 x 32 contiguous): row p of dst holds pair p of each
+// of the 16 rows, the layout TDPBF16PS wants of its right operand.
+MOE_AVX512_BW void transpose_pairs(const uint16_t *src, int64_t ld, int64_t valid, uint16_t *dst) {
   __m512i r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(src + i * ld);
+  const __mmask32 m = first32(valid);
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_epi16(m, src + i * ld);
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
@@ -95,26 +109,110 @@ __attribute__((target("avx512f"))) void transpose_pairs(const uint16_t *src, int
   }
 }
 
-// X's rows [32 ib, 32 ib + 32) into xp: for each step of 32 in k, the two 16-row tiles.
-void copy_x_block(const uint16_t *X, int64_t ldx, int64_t M, int64_t K, int64_t ib, uint16_t *xp) {
-  const int64_t steps = K / 32;
-  for (int64_t r = 0; r < 32; ++r) {
-    const int64_t row = ib * 32 + r;
-    uint16_t *dst = xp + (r / 16) * 512 + (r % 16) * 32;
-    for (int64_t s = 0; s < steps; ++s, dst += 1024) {
-      if (row < M)
-        std::memcpy(dst, X + row * ldx + s * 32, 64);
-      else
-        std::memset(dst, 0, 64);
-    }
-  }
+// 16 pairs (a[j], b[j]) as 32-bit lanes, lanes past `valid` zero; a null row reads as zeros.
+MOE_AVX512_BW __m512i pair_rows(const uint16_t *a, const uint16_t *b, int64_t valid) {
+  const __mmask16 m = first16(valid);
+  const __m512i lo = a ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, a)) : _mm512_setzero_si512();
+  const __m512i hi = b ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, b)) : _mm512_setzero_si512();
+  return _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16));
 }
 
-// The calling thread's column pairs [p0, p1) of C (pair p: columns 32p..32p+31).
-__attribute__((target("amx-tile,amx-bf16,avx512f"))) void xwt_columns(int64_t M, int64_t K, const uint16_t *xp,
-                                                                       const uint16_t *W, int64_t ldw, int64_t p0,
-                                                                       int64_t p1, void *C, int cdt, int64_t ldc,
-                                                                       uint16_t *wp, unsigned char *sums) {
+// Rows [32 ib, 32 ib + 32) of op(A) into the left operand's tiles at ap: for each step of 32 in
+// k, two tiles of 16 rows x 32 k; rows past M and k past K as zeros. A stored [M, K] is copied a
+// row piece at a time; stored [K, M] (trans), its rows are paired (k, k + 1) for 16 columns and
+// the 16 x 16 pairs transposed.
+MOE_AVX512_BW void pack_left(const uint16_t *A, int64_t lda, bool trans, int64_t M, int64_t K, int64_t ib,
+                             uint16_t *ap) {
+  const int64_t steps = (K + 31) / 32;
+  if (!trans) {
+    for (int64_t r = 0; r < 32; ++r) {
+      const int64_t row = ib * 32 + r;
+      uint16_t *dst = ap + (r / 16) * 512 + (r % 16) * 32;
+      for (int64_t s = 0; s < steps; ++s, dst += 1024) {
+        const __mmask32 m = row < M ? first32(K - s * 32) : 0;
+        _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi16(m, A + (row < M ? row * lda + s * 32 : 0)));
+      }
+    }
+    return;
+  }
+  alignas(64) uint16_t paired[16 * 32];
+  for (int64_t s = 0; s < steps; ++s)
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t i0 = ib * 32 + half * 16, cols = M - i0;
+      for (int64_t p = 0; p < 16; ++p) {
+        const int64_t k = s * 32 + 2 * p;
+        const uint16_t *a = k < K && cols > 0 ? A + k * lda + i0 : nullptr;
+        const uint16_t *b = k + 1 < K && cols > 0 ? A + (k + 1) * lda + i0 : nullptr;
+        _mm512_store_si512(paired + p * 32, pair_rows(a, b, cols));
+      }
+      transpose_pairs(paired, 32, 32, ap + (s * 2 + half) * 512);
+    }
+}
+
+// Columns [32 q0, 32 q0 + 32 pairs) of op(B) into the right operand's tiles at bp: for each pair
+// of 16-column tiles and each step of 32 in k, tiles of 16 pairs (k, k + 1) x 16 columns; k past K
+// as zeros. B stored [N, K] (trans, a weight as stored): 16 x 16 pairs transposed; stored [K, N]:
+// its rows k and k + 1 paired.
+MOE_AVX512_BW void pack_right(const uint16_t *B, int64_t ldb, bool trans, int64_t K, int64_t q0, int64_t pairs,
+                              uint16_t *bp) {
+  const int64_t steps = (K + 31) / 32;
+  for (int64_t q = 0; q < pairs; ++q)
+    for (int64_t half = 0; half < 2; ++half) {
+      const int64_t n0 = (q0 + q) * 32 + half * 16;
+      for (int64_t s = 0; s < steps; ++s) {
+        uint16_t *dst = bp + ((q * steps + s) * 2 + half) * 512;
+        if (trans) {
+          transpose_pairs(B + n0 * ldb + s * 32, ldb, K - s * 32, dst);
+          continue;
+        }
+        for (int64_t p = 0; p < 16; ++p) {
+          const int64_t k = s * 32 + 2 * p;
+          _mm512_storeu_si512(dst + p * 32, pair_rows(k < K ? B + k * ldb + n0 : nullptr,
+                                                      k + 1 < K ? B + (k + 1) * ldb + n0 : nullptr, 16));
+        }
+      }
+    }
+}
+
+// Row r of the partial sums v (cols of them) into C's row at c: stored, or added to what is there
+// (float32, or widened, added and rounded once).
+void store_row(const float *v, int64_t cols, void *c, int cdt, bool accumulate) {
+  if (cdt == MOE_DTYPE_F32) {
+    float *d = static_cast<float *>(c);
+    if (!accumulate) {
+      std::memcpy(d, v, cols * sizeof(float));
+      return;
+    }
+    for (int64_t j = 0; j < cols; ++j) d[j] += v[j];
+    return;
+  }
+  if (!accumulate) {
+    narrow(c, cdt, v, cols);
+    return;
+  }
+  float sum[kPairs * 32];
+  widen(sum, c, cdt, cols);
+  for (int64_t j = 0; j < cols; ++j) sum[j] += v[j];
+  narrow(c, cdt, sum, cols);
+}
+
+struct Job {
+  int64_t M, N, K;
+  const uint16_t *B;
+  int64_t ldb;
+  bool b_trans;
+  void *C;
+  int cdt;
+  int64_t ldc;
+  bool accumulate;
+};
+
+// The calling thread's column pairs [p0, p1) of C (pair p: columns 32p..32p+31), from the left
+// operand's tiles at ap; bp and sums its own memory.
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void columns(const Job &j, const uint16_t *ap,
+                                                                                     int64_t p0, int64_t p1,
+                                                                                     uint16_t *bp,
+                                                                                     unsigned char *sums) {
   TileConfig cfg{};
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) {
@@ -122,17 +220,15 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void xwt_columns(int64_t M,
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
-  const int64_t steps = K / 32, blocks = (M + 31) / 32;
+  const int64_t steps = (j.K + 31) / 32, kp = steps * 32, blocks = (j.M + 31) / 32;
+  const size_t es = j.cdt == MOE_DTYPE_F32 ? 4 : 2;
   for (int64_t b0 = p0; b0 < p1; b0 += kPairs) {
     const int64_t pairs = std::min(kPairs, p1 - b0);
-    for (int64_t q = 0; q < pairs; ++q)
-      for (int64_t half = 0; half < 2; ++half)
-        for (int64_t s = 0; s < steps; ++s)
-          transpose_pairs(W + ((b0 + q) * 32 + half * 16) * ldw + s * 32, ldw, wp + ((q * steps + s) * 2 + half) * 512);
+    pack_right(j.B, j.ldb, j.b_trans, j.K, b0, pairs, bp);
     for (int64_t ib = 0; ib < blocks; ++ib) {
-      const uint16_t *xa = xp + ib * steps * 1024;
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        const int64_t k1 = std::min(K, k0 + kChunk);
+      const uint16_t *xa = ap + ib * steps * 1024;
+      for (int64_t k0 = 0; k0 < kp; k0 += kChunk) {
+        const int64_t k1 = std::min(kp, k0 + kChunk);
         for (int64_t q = 0; q < pairs; ++q) {
           unsigned char *c = sums + q * 128;
           if (k0 == 0) {
@@ -146,7 +242,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void xwt_columns(int64_t M,
             _tile_loadd(2, c + 16 * kSumLd, kSumLd);
             _tile_loadd(3, c + 16 * kSumLd + 64, kSumLd);
           }
-          const uint16_t *wb = wp + q * steps * 1024;
+          const uint16_t *wb = bp + q * steps * 1024;
           for (int64_t k = k0; k < k1; k += 32) {
             const uint16_t *a = xa + (k / 32) * 1024, *b = wb + (k / 32) * 1024;
             _tile_loadd(4, a, 64);
@@ -164,15 +260,10 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void xwt_columns(int64_t M,
           _tile_stored(3, c + 16 * kSumLd + 64, kSumLd);
         }
       }
-      const int64_t rows = std::min<int64_t>(32, M - ib * 32), cols = pairs * 32;
-      for (int64_t r = 0; r < rows; ++r) {
-        const float *v = reinterpret_cast<const float *>(sums + r * kSumLd);
-        const int64_t at = (ib * 32 + r) * ldc + b0 * 32;
-        if (cdt == MOE_DTYPE_F32)
-          std::memcpy(static_cast<float *>(C) + at, v, cols * sizeof(float));
-        else
-          narrow(static_cast<uint16_t *>(C) + at, cdt, v, cols);
-      }
+      const int64_t rows = std::min<int64_t>(32, j.M - ib * 32);
+      for (int64_t r = 0; r < rows; ++r)
+        store_row(reinterpret_cast<const float *>(sums + r * kSumLd), pairs * 32,
+                  static_cast<unsigned char *>(j.C) + ((ib * 32 + r) * j.ldc + b0 * 32) * es, j.cdt, j.accumulate);
     }
   }
   _tile_release();
@@ -181,7 +272,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f"))) void xwt_columns(int64_t M,
 
 }  // namespace
 
-bool amx_xwt_available() {
+bool amx_gemm_available() {
 #ifdef MOE_AMX_BUILD
   static const bool yes = [] {
     unsigned a = 0, b = 0, c = 0, d = 0;
@@ -197,31 +288,30 @@ bool amx_xwt_available() {
 #endif
 }
 
-bool amx_xwt_fits(int64_t N, int64_t K) { return N > 0 && K > 0 && N % 32 == 0 && K % 32 == 0; }
+bool amx_gemm_fits(int64_t N, int64_t K) { return N > 0 && K > 0 && N % 32 == 0; }
 
-size_t amx_xwt_work_bytes(int64_t M, int64_t N, int64_t K, int threads) {
-  return 64 + x_bytes(M, K) + static_cast<size_t>(std::max(threads, 1)) * (w_bytes(K) + sum_bytes());
+size_t amx_gemm_work_bytes(int64_t M, int64_t N, int64_t K, int threads) {
+  return 64 + left_bytes(M, K) + static_cast<size_t>(std::max(threads, 1)) * (right_bytes(K) + sum_bytes());
 }
 
-void amx_xwt(int64_t M, int64_t N, int64_t K, const void *X, int64_t ldx, const void *W, int64_t ldw, void *C,
-             int cdt, int64_t ldc, unsigned char *work) {
+void amx_gemm(int64_t M, int64_t N, int64_t K, const void *A, int64_t lda, bool a_trans, const void *B, int64_t ldb,
+              bool b_trans, void *C, int cdt, int64_t ldc, bool accumulate, unsigned char *work) {
 #ifdef MOE_AMX_BUILD
   if (M <= 0) return;
   unsigned char *base = work + (64 - reinterpret_cast<uintptr_t>(work) % 64) % 64;
-  uint16_t *xp = reinterpret_cast<uint16_t *>(base);
-  unsigned char *per_thread = base + x_bytes(M, K);
-  const int64_t blocks = (M + 31) / 32, steps = K / 32, pairs = N / 32;
-  const auto *x = static_cast<const uint16_t *>(X);
+  uint16_t *ap = reinterpret_cast<uint16_t *>(base);
+  unsigned char *per_thread = base + left_bytes(M, K);
+  const int64_t blocks = (M + 31) / 32, steps = (K + 31) / 32, pairs = N / 32;
+  const auto *a = static_cast<const uint16_t *>(A);
+  const Job job{M, N, K, static_cast<const uint16_t *>(B), ldb, b_trans, C, cdt, ldc, accumulate};
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
-    for (int64_t ib = 0; ib < blocks; ++ib) copy_x_block(x, ldx, M, K, ib, xp + ib * steps * 1024);
+    for (int64_t ib = 0; ib < blocks; ++ib) pack_left(a, lda, a_trans, M, K, ib, ap + ib * steps * 1024);
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    unsigned char *mine = per_thread + static_cast<size_t>(t) * (w_bytes(K) + sum_bytes());
+    unsigned char *mine = per_thread + static_cast<size_t>(t) * (right_bytes(K) + sum_bytes());
     const int64_t p0 = pairs * t / nt, p1 = pairs * (t + 1) / nt;
-    if (p1 > p0)
-      xwt_columns(M, K, xp, static_cast<const uint16_t *>(W), ldw, p0, p1, C, cdt, ldc,
-                  reinterpret_cast<uint16_t *>(mine), mine + w_bytes(K));
+    if (p1 > p0) columns(job, ap, p0, p1, reinterpret_cast<uint16_t *>(mine), mine + right_bytes(K));
   }
 #endif
 }

@@ -126,13 +126,14 @@ class Exec {
       gemm_as_given(m, N, K, A, B, C, cdt, ldc, acc);
       return gemm_rows_as_wxt(m, M - m, N, K, A, B, C, cdt, ldc);
     }
-    // The forward's X W^T (a weight as stored, nothing added to) on the tile kernel where it
-    // takes it; the rest below only where it does not (no AMX, or sizes off a multiple of 32).
-    const int64_t amx_from = small_rows().amx_xwt_from;
-    if (amx_from > 0 && M >= amx_from && A.dtype == MOE_DTYPE_BF16 && B.dtype == MOE_DTYPE_BF16 && !A.trans &&
-        B.trans && !acc && (cdt == MOE_DTYPE_BF16 || cdt == MOE_DTYPE_F32) && amx_xwt_fits(N, K) &&
-        amx_xwt_available())
-      return gemm_amx(M, N, K, A, B, C, cdt, ldc);
+    // bfloat16 products of many of an expert's rows (M, or K for a weight gradient) on the tile
+    // kernel where it takes them; the rest below only where it does not (no AMX, N off a
+    // multiple of 32, few rows).
+    const SmallRows &small = small_rows();
+    const int64_t amx_from = A.trans ? small.amx_grad_from : B.trans ? small.amx_xwt_from : small.amx_xw_from;
+    if (amx_from > 0 && (A.trans ? K : M) >= amx_from && A.dtype == MOE_DTYPE_BF16 && B.dtype == MOE_DTYPE_BF16 &&
+        (cdt == MOE_DTYPE_BF16 || cdt == MOE_DTYPE_F32) && amx_gemm_fits(N, K) && amx_gemm_available())
+      return gemm_amx(M, N, K, A, B, C, cdt, ldc, acc);
     const int64_t block = A.dtype == MOE_DTYPE_BF16 ? small_rows().bf16_brgemm_rows : 0;
     if (block > 0 && !A.trans && K * N >= kSmallWeights)
       return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block, small_rows().bf16_brgemm_most);
@@ -200,10 +201,11 @@ class Exec {
     }
   }
 
-  // C = A B^T (B a weight as stored) on the tile kernel, its work in the padded operands' buffer.
-  void gemm_amx(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc) {
-    pad_bytes_ = std::max(pad_bytes_, amx_xwt_work_bytes(M, N, K, omp_get_max_threads()));
-    if (!dry_) amx_xwt(M, N, K, A.p, A.ld, B.p, B.ld, C, cdt, ldc, st_.gemm_pad.data());
+  // On the tile kernel, its work in the padded operands' buffer.
+  void gemm_amx(int64_t M, int64_t N, int64_t K, const Mat &A, const Mat &B, void *C, int cdt, int64_t ldc,
+                bool acc) {
+    pad_bytes_ = std::max(pad_bytes_, amx_gemm_work_bytes(M, N, K, omp_get_max_threads()));
+    if (!dry_) amx_gemm(M, N, K, A.p, A.ld, A.trans, B.p, B.ld, B.trans, C, cdt, ldc, acc, st_.gemm_pad.data());
   }
 
   // Rows [m0, m0 + m) of C = A B^T (B read transposed: a weight as stored) as W X^T, into the
@@ -1055,11 +1057,11 @@ void each_expert(State &st, const moe_ffn_args *a, bool widened, int64_t batched
 
 }  // namespace
 
-// Whether forward_direct's products of n rows (X W1^T, X W3^T, A W2^T) all run on amx_xwt.
+// Whether forward_direct's products of n rows (X W1^T, X W3^T, A W2^T) all run on amx_gemm.
 bool forward_on_amx(const Call &c, int64_t n) {
   const int64_t from = small_rows().amx_xwt_from;
-  return c.dt == MOE_DTYPE_BF16 && from > 0 && n >= from && amx_xwt_fits(c.ff, c.d) && amx_xwt_fits(c.d, c.ff) &&
-         amx_xwt_available();
+  return c.dt == MOE_DTYPE_BF16 && from > 0 && n >= from && amx_gemm_fits(c.ff, c.d) && amx_gemm_fits(c.d, c.ff) &&
+         amx_gemm_available();
 }
 
 moe_status expert_ffn(void *state, const moe_ffn_args *a) {

@@ -383,10 +383,15 @@ const SmallRows &small_rows() {
       // The forward's X W^T from 256 rows on the tile kernel of amx_gemm.cpp (which says how
       // fast; where it fits and the system grants the tile state), rather than as W X^T on oneDNN
       // from 256 to 480 rows and X W^T on oneDNN past that; in the layer as above (medians of
-      // three alternated runs): 1024, 2048, 4096 tokens 0.92, 0.83, 0.84 of the time, training
-      // steps 0.99, 0.94, 0.95 (from 128 rows: no better at 512 tokens; from 512: 1024 tokens
-      // 1.05x the time of from 256).
+      // three alternated runs): 1024, 2048, 4096 tokens 0.92, 0.83, 0.84 of the time (from 128
+      // rows: no better at 512 tokens; from 512: 1024 tokens 1.05x the time of from 256). The
+      // backward's X W from 384 rows and the weight gradients from 768, where the kernel, alone,
+      // passes oneDNN: X W (N 1024 K 2048, float32 added to) at 256, 384, 512 rows 0.81, 1.40,
+      // 1.11x its speed; dW1 (N 1024, rows as K) at 256, 384, 512, 768, 1024 rows 0.65, 0.83,
+      // 0.84, 1.16, 1.20x (dW2 at 512: 1.12x).
       r.amx_xwt_from = 256;
+      r.amx_xw_from = 384;
+      r.amx_grad_from = 768;
     }
     return r;
   }();

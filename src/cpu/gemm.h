@@ -124,9 +124,10 @@ struct SmallRows {
   // bfloat16 forward rows up to which the few-rows kernel runs, where it differs from few_16
   // (float16's); -1: few_16.
   int64_t few_bf16 = -1;
-  // Rows from which a bfloat16 forward product X W^T (nothing added to) runs on amx_xwt
-  // (cpu/amx_gemm.h) where it fits and amx_xwt_available(); 0: never.
-  int64_t amx_xwt_from = 0;
+  // An expert's rows from which its bfloat16 products run on amx_gemm (cpu/amx_gemm.h) where it
+  // fits and amx_gemm_available(): the forward's X W^T, the backward's X W (a weight read along
+  // its rows) and the weight gradients A^T B; 0: never.
+  int64_t amx_xwt_from = 0, amx_xw_from = 0, amx_grad_from = 0;
 };
 const SmallRows &small_rows();
 
