@@ -401,7 +401,7 @@ const SmallRows &small_rows() {
 const char *gemm_library() {
   switch (effective_isa()) {
     case dnnl_cpu_isa_avx512_core_amx:
-      return "oneDNN matmul (AMX)";
+      return "oneDNN matmul (AMX), libmoe's AMX kernel for the large bfloat16 products";
     case dnnl_cpu_isa_avx512_core_bf16:
       return "oneDNN matmul (AVX-512, AVX512-BF16)";
     case dnnl_cpu_isa_avx512_core_vnni:
