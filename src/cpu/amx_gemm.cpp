@@ -36,6 +36,7 @@
 #include <cstring>
 
 #include "cpu/convert.h"
+#include "cpu/gcc12_avx512.h"
 #include "moe/moe.h"
 
 #if defined(__x86_64__) && !defined(__SANITIZE_THREAD__)
@@ -44,12 +45,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #define MOE_AMX_BUILD 1
-#endif
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-// GCC 12's AVX-512 headers warn at every inlined call (GCC bug 105593; see few_rows.cpp).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace moe::cpu {

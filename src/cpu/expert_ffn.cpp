@@ -1055,14 +1055,14 @@ void each_expert(State &st, const moe_ffn_args *a, bool widened, int64_t batched
   });
 }
 
-}  // namespace
-
 // Whether forward_direct's products of n rows (X W1^T, X W3^T, A W2^T) all run on amx_gemm.
 bool forward_on_amx(const Call &c, int64_t n) {
   const int64_t from = small_rows().amx_xwt_from;
   return c.dt == MOE_DTYPE_BF16 && from > 0 && n >= from && amx_gemm_fits(c.ff, c.d) && amx_gemm_fits(c.d, c.ff) &&
          amx_gemm_available();
 }
+
+}  // namespace
 
 moe_status expert_ffn(void *state, const moe_ffn_args *a) {
   return guarded(state, [&] {

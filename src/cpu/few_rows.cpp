@@ -17,14 +17,8 @@
 #include "cpu/convert.h"
 #include "cpu/convert_x8.h"
 #include "cpu/few_rows_columns.h"
+#include "cpu/gcc12_avx512.h"
 #include "moe/moe.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-// GCC 12's AVX-512 headers initialise the pass-through operand of several intrinsics from itself
-// (_mm512_undefined_*), which warns at every inlined call (GCC bug 105593, fixed in GCC 13).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
 
 namespace moe::cpu {
 namespace {
