@@ -50,7 +50,7 @@
 namespace moe::cpu {
 namespace {
 
-constexpr int64_t kPairs = 8;     // pairs of 16-column tiles per block of W's rows
+constexpr int64_t kPairs = 8;     // pairs of 16-column tiles per block of C's columns
 constexpr int64_t kChunk = 256;   // k per pass over a block's column pairs
 constexpr int64_t kSumLd = kPairs * 32 * 4 + 64;  // bytes per row of the float32 partial sums
 
@@ -192,7 +192,7 @@ void store_row(const float *v, int64_t cols, void *c, int cdt, bool accumulate) 
 }
 
 struct Job {
-  int64_t M, N, K;
+  int64_t M, K;
   const uint16_t *B;
   int64_t ldb;
   bool b_trans;
@@ -298,7 +298,7 @@ void amx_gemm(int64_t M, int64_t N, int64_t K, const void *A, int64_t lda, bool 
   unsigned char *per_thread = base + left_bytes(M, K);
   const int64_t blocks = (M + 31) / 32, steps = (K + 31) / 32, pairs = N / 32;
   const auto *a = static_cast<const uint16_t *>(A);
-  const Job job{M, N, K, static_cast<const uint16_t *>(B), ldb, b_trans, C, cdt, ldc, accumulate};
+  const Job job{M, K, static_cast<const uint16_t *>(B), ldb, b_trans, C, cdt, ldc, accumulate};
 #pragma omp parallel
   {
 #pragma omp for schedule(static)

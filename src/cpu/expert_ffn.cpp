@@ -134,9 +134,9 @@ class Exec {
     if (amx_from > 0 && (A.trans ? K : M) >= amx_from && A.dtype == MOE_DTYPE_BF16 && B.dtype == MOE_DTYPE_BF16 &&
         (cdt == MOE_DTYPE_BF16 || cdt == MOE_DTYPE_F32) && amx_gemm_fits(N, K) && amx_gemm_available())
       return gemm_amx(M, N, K, A, B, C, cdt, ldc, acc);
-    const int64_t block = A.dtype == MOE_DTYPE_BF16 ? small_rows().bf16_brgemm_rows : 0;
+    const int64_t block = A.dtype == MOE_DTYPE_BF16 ? small.bf16_brgemm_rows : 0;
     if (block > 0 && !A.trans && K * N >= kSmallWeights)
-      return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block, small_rows().bf16_brgemm_most);
+      return gemm_in_blocks(M, N, K, A, B, C, cdt, ldc, acc, block, small.bf16_brgemm_most);
     if (block > 0 && A.trans && !B.trans && M * N >= kSmallWeights && K < block && K % 32 != 0)
       return gemm_padded_k(M, N, K, A, B, C, cdt, ldc, acc);
     gemm_as_given(M, N, K, A, B, C, cdt, ldc, acc);
