@@ -55,7 +55,8 @@ constexpr int64_t kChunk = 256;   // k per pass over a block's column pairs
 constexpr int64_t kSumLd = kPairs * 32 * 4 + 64;  // bytes per row of the float32 partial sums
 
 size_t round64(size_t n) { return (n + 63) / 64 * 64; }
-int64_t padded_k(int64_t K) { return (K + 31) / 32 * 32; }
+int64_t k_steps(int64_t K) { return (K + 31) / 32; }  // steps of 32 in k, the last padded with zeros
+int64_t padded_k(int64_t K) { return k_steps(K) * 32; }
 size_t left_bytes(int64_t M, int64_t K) { return round64(static_cast<size_t>((M + 31) / 32 * 32 * padded_k(K)) * 2); }
 size_t right_bytes(int64_t K) { return round64(static_cast<size_t>(kPairs * 32 * padded_k(K)) * 2); }
 size_t sum_bytes() { return round64(32 * kSumLd); }
@@ -118,7 +119,7 @@ MOE_AVX512_BW __m512i pair_rows(const uint16_t *a, const uint16_t *b, int64_t va
 // the 16 x 16 pairs transposed.
 MOE_AVX512_BW void pack_left(const uint16_t *A, int64_t lda, bool trans, int64_t M, int64_t K, int64_t ib,
                              uint16_t *ap) {
-  const int64_t steps = (K + 31) / 32;
+  const int64_t steps = k_steps(K);
   if (!trans) {
     for (int64_t r = 0; r < 32; ++r) {
       const int64_t row = ib * 32 + r;
@@ -150,7 +151,7 @@ MOE_AVX512_BW void pack_left(const uint16_t *A, int64_t lda, bool trans, int64_t
 // its rows k and k + 1 paired.
 MOE_AVX512_BW void pack_right(const uint16_t *B, int64_t ldb, bool trans, int64_t K, int64_t q0, int64_t pairs,
                               uint16_t *bp) {
-  const int64_t steps = (K + 31) / 32;
+  const int64_t steps = k_steps(K);
   for (int64_t q = 0; q < pairs; ++q)
     for (int64_t half = 0; half < 2; ++half) {
       const int64_t n0 = (q0 + q) * 32 + half * 16;
@@ -215,7 +216,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void colu
     cfg.rows[t] = 16;
   }
   _tile_loadconfig(&cfg);
-  const int64_t steps = (j.K + 31) / 32, kp = steps * 32, blocks = (j.M + 31) / 32;
+  const int64_t steps = k_steps(j.K), kp = padded_k(j.K), blocks = (j.M + 31) / 32;
   const size_t es = j.cdt == MOE_DTYPE_F32 ? 4 : 2;
   for (int64_t b0 = p0; b0 < p1; b0 += kPairs) {
     const int64_t pairs = std::min(kPairs, p1 - b0);
@@ -296,7 +297,7 @@ void amx_gemm(int64_t M, int64_t N, int64_t K, const void *A, int64_t lda, bool 
   unsigned char *base = work + (64 - reinterpret_cast<uintptr_t>(work) % 64) % 64;
   uint16_t *ap = reinterpret_cast<uint16_t *>(base);
   unsigned char *per_thread = base + left_bytes(M, K);
-  const int64_t blocks = (M + 31) / 32, steps = (K + 31) / 32, pairs = N / 32;
+  const int64_t blocks = (M + 31) / 32, steps = k_steps(K), pairs = N / 32;
   const auto *a = static_cast<const uint16_t *>(A);
   const Job job{M, K, static_cast<const uint16_t *>(B), ldb, b_trans, C, cdt, ldc, accumulate};
 #pragma omp parallel
