@@ -11,7 +11,8 @@
 //    weight gradient's dH^T), its rows are paired (k, k + 1) and transposed as below;
 //  - each thread takes a run of C's columns and, kPairs pairs of 16 at a time (256 columns),
 //    copies them into the tile layout of pairs of k: a weight as stored, [N, K], by transposing
-//    16 x 16 blocks of 32-bit pairs in registers; a matrix [K, N] by pairing rows k and k + 1.
+//    16 x 16 blocks of 32-bit pairs in registers; a matrix [K, N] by pairing rows k and k + 1,
+//    a row's 256 columns at a time (its lines read once, in order).
 //    0.5 MB for K 1024, read from L2 by every block of A's rows;
 //  - for each block of 32 rows of A and each kChunk of K, the A tiles (16 KB) stay in L1 for the
 //    kPairs column pairs; the partial sums go to a float32 buffer of 32 rows (row stride off a
@@ -21,12 +22,15 @@
 // 2.6's matmul on the same operands (what the layer ran before), alone: the forward's X W^T
 // (bfloat16 out), N 2048 K 1024 at 512, 768, 1000, 1024, 2048 rows 1.06, 1.05, 1.07, 1.11, 1.15x
 // its speed, N 1024 K 2048 1.09, 1.17, 1.27, 1.23, 1.22x, at 128 and 256 rows 0.90-1.13x; the
-// backward's X W (B [K, N]) at 1024 rows 1.23-1.25x, the weight gradients (A^T B added to
-// bfloat16, rows as K) at 1024 rows 1.20-1.31x (where each starts to pay: gemm.cpp). In the
-// layer's sequence (eight experts of 1024 rows: W1, W3, activation, W2) the W2 products 2.37-2.45
-// ms against 3.27-3.46, W1 and W3 2.35-2.5 against 2.5-2.8. Other blockings tried: 128 or 512
-// columns, K chunks of 512 or all of K, software prefetch of the next tiles into L1 or L2: all
-// slower. What did pay: C's rows fetched ahead where they are added to. A weight gradient (N
+// backward's X W (B [K, N], N 2048 K 1024, bfloat16 out, 24 weights in turn) at 32, 128, 256,
+// 512, 1024 rows 0.23-0.27, 0.48-0.49, 0.68-0.73, 1.16-1.20, 2.24-2.36 ms against oneDNN's
+// 0.33-0.39, 0.61-0.62, 0.82-0.86, 1.51-1.54, 2.96-3.05; the weight gradients (A^T B added to
+// bfloat16, rows as K) as below; where each starts to pay: gemm.cpp. In the layer's sequence
+// (eight experts of 1024 rows: W1, W3, activation, W2) the W2 products 2.37-2.45 ms against
+// 3.27-3.46, W1 and W3 2.35-2.5 against 2.5-2.8. Other blockings tried: 128 or 512 columns, K
+// chunks of 512 or all of K, software prefetch of the next tiles into L1 or L2, or of the next
+// columns of B [K, N]: all slower or no faster. What did pay: C's rows fetched ahead where they
+// are added to. A weight gradient (N
 // 1024, M 2048, bfloat16 added to, 16 of them in turn) at K (the expert's rows) 128, 256, 512,
 // 1024: 0.69-1.04, 0.87-0.96, 1.38-1.42, 2.58-2.63 ms, against 1.19-1.31, 1.42-1.51, 1.96-1.99,
 // 3.03-3.27 without and oneDNN's 0.83-0.88, 1.06-1.07, 1.66-1.71, 3.69-4.12 (where stored, not
@@ -157,24 +161,35 @@ MOE_AVX512_BW void pack_left(const uint16_t *A, int64_t lda, bool trans, int64_t
 // Columns [32 q0, 32 q0 + 32 pairs) of op(B) into the right operand's tiles at bp: for each pair
 // of 16-column tiles and each step of 32 in k, tiles of 16 pairs (k, k + 1) x 16 columns; k past K
 // as zeros. B stored [N, K] (trans, a weight as stored): 16 x 16 pairs transposed; stored [K, N]:
-// its rows k and k + 1 paired.
+// rows k and k + 1 read once each, 32 columns at a time, and interleaved into a row of each tile
+// of the pair. (Read 16 columns at a time, a tile after the other, each row's lines were read
+// twice, a row stride apart: X W at 128 rows (N 2048, K 1024) took 0.94 ms against 0.45-0.47.)
 MOE_AVX512_BW void pack_right(const uint16_t *B, int64_t ldb, bool trans, int64_t K, int64_t q0, int64_t pairs,
                               uint16_t *bp) {
   const int64_t steps = k_steps(K);
-  for (int64_t q = 0; q < pairs; ++q)
-    for (int64_t half = 0; half < 2; ++half) {
-      const int64_t n0 = (q0 + q) * 32 + half * 16;
-      for (int64_t s = 0; s < steps; ++s) {
-        uint16_t *dst = bp + ((q * steps + s) * 2 + half) * 512;
-        if (trans) {
-          transpose_pairs(B + n0 * ldb + s * 32, ldb, K - s * 32, dst);
-          continue;
-        }
-        for (int64_t p = 0; p < 16; ++p) {
-          const int64_t k = s * 32 + 2 * p;
-          _mm512_storeu_si512(dst + p * 32, pair_rows(k < K ? B + k * ldb + n0 : nullptr,
-                                                      k + 1 < K ? B + (k + 1) * ldb + n0 : nullptr, 16));
-        }
+  if (trans) {
+    for (int64_t q = 0; q < pairs; ++q)
+      for (int64_t half = 0; half < 2; ++half)
+        for (int64_t s = 0; s < steps; ++s)
+          transpose_pairs(B + ((q0 + q) * 32 + half * 16) * ldb + s * 32, ldb, K - s * 32,
+                          bp + ((q * steps + s) * 2 + half) * 512);
+    return;
+  }
+  // Lane 2i of a tile row takes lane i of row k, lane 2i + 1 lane i of row k + 1 (32 + i).
+  alignas(64) static const uint16_t first[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(first), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t s = 0; s < steps; ++s)
+    for (int64_t p = 0; p < 16; ++p) {
+      const int64_t k = s * 32 + 2 * p;
+      const uint16_t *a = k < K ? B + k * ldb + q0 * 32 : nullptr;
+      const uint16_t *b = k + 1 < K ? B + (k + 1) * ldb + q0 * 32 : nullptr;
+      for (int64_t q = 0; q < pairs; ++q) {
+        const __m512i x = a ? _mm512_loadu_si512(a + q * 32) : _mm512_setzero_si512();
+        const __m512i y = b ? _mm512_loadu_si512(b + q * 32) : _mm512_setzero_si512();
+        uint16_t *dst = bp + (q * steps + s) * 1024 + p * 32;
+        _mm512_storeu_si512(dst, _mm512_permutex2var_epi16(x, lo, y));
+        _mm512_storeu_si512(dst + 512, _mm512_permutex2var_epi16(x, hi, y));
       }
     }
 }

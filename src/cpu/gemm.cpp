@@ -385,17 +385,17 @@ const SmallRows &small_rows() {
       // from 256 to 480 rows and X W^T on oneDNN past that; in the layer as above (medians of
       // three alternated runs): 1024, 2048, 4096 tokens 0.92, 0.83, 0.84 of the time (from 128
       // rows: no better at 512 tokens; from 512: 1024 tokens 1.05x the time of from 256). The
-      // weight gradients past the few-rows kernel's 24 rows, and the backward's X W from 256,
-      // since the kernel fetches ahead the rows of C it adds to (amx_gemm.cpp): training step,
-      // against 768 and 384 before (the kernel then slower than oneDNN below them), builds
-      // alternated, medians of three: 512, 2048, 4096 tokens 0.84, 0.88, 0.97 of the time. In one
-      // build (medians of three): weight gradients from 128 rows against 768, 512, 1024, 2048
-      // tokens 0.90, 0.94, 0.88; from 32 against 128, 128 and 256 tokens 0.91, 0.88; from 25
-      // against 32, 128 tokens 0.95 (few_rows_grad_bf16 up to 12 or 0 rows rather than 24: 8
-      // tokens 1.08 and 1.48x the time). X W from 256 against 384: 1024, 1536, 2048 tokens 1.00,
-      // 0.95, 0.96; from 128 or 64, 512 tokens 1.06x.
+      // weight gradients past the few-rows kernel's 24 rows since the kernel fetches ahead the
+      // rows of C it adds to, and the backward's X W at any row count since it reads B [K, N] a
+      // row at a time (amx_gemm.cpp); before, from 768 and 384 rows (the kernel slower than
+      // oneDNN below them). Training step, in one build, medians of three: weight gradients from
+      // 128 rows against 768, 512, 1024, 2048 tokens 0.90, 0.94, 0.88 of the time; from 32
+      // against 128, 128 and 256 tokens 0.91, 0.88; from 25 against 32, 128 tokens 0.95
+      // (few_rows_grad_bf16 up to 12 or 0 rows rather than 24: 8 tokens 1.08 and 1.48x). X W from
+      // 25 rows against 256: 128, 256, 512, 1024 tokens 0.95, 0.99, 0.92, 0.97; from 1 against 25
+      // (medians of five): 8, 16, 32 tokens 0.99, 1.01, 0.97.
       r.amx_xwt_from = 256;
-      r.amx_xw_from = 256;
+      r.amx_xw_from = 1;
       r.amx_grad_from = 25;
     }
     return r;

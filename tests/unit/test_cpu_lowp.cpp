@@ -380,9 +380,9 @@ TEST_P(CpuLowp, ExpertFfnEveryActivation) {
   // Hundreds of rows per expert (485, 582, 776; shared 679, dx accumulated) and over a thousand
   // (1055, 1266, 1688): on CPUs with AMX the bfloat16 products of that many rows run on the tile
   // kernel (cpu/amx_gemm.h; d and ff multiples of 32), and so do the weight gradients of more
-  // than 24 rows (45 to 72 above with d 96: the rows added to C fetched ahead while the kernel
-  // computes); there the forward of 5 to 72 rows above runs as W X^T on oneDNN, and so do the
-  // weight gradients whose N (d or ff: 24, 40, 48) is not a multiple of 32 (expert_ffn.cpp).
+  // than 24 rows (45 to 72 above with d 96) and the backward's X W of any rows; there the
+  // forward of 5 to 72 rows above runs as W X^T on oneDNN, and so do the products whose N (d or
+  // ff: 24, 40, 48) is not a multiple of 32 (expert_ffn.cpp).
   for (bool shared : {false, true}) expert_ffn_case(ops, state, dt(), MOE_ACT_SWIGLU, shared, 97, 96, 704);
   if (dt() == MOE_DTYPE_BF16) expert_ffn_case(ops, state, dt(), MOE_ACT_SWIGLU, false, 211, 96, 704);
 }
