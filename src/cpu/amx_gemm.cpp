@@ -30,11 +30,10 @@
 // 3.27-3.46, W1 and W3 2.35-2.5 against 2.5-2.8. Other blockings tried: 128 or 512 columns, K
 // chunks of 512 or all of K, software prefetch of the next tiles into L1 or L2, or of the next
 // columns of B [K, N]: all slower or no faster. What did pay: C's rows fetched ahead where they
-// are added to. A weight gradient (N
-// 1024, M 2048, bfloat16 added to, 16 of them in turn) at K (the expert's rows) 128, 256, 512,
-// 1024: 0.69-1.04, 0.87-0.96, 1.38-1.42, 2.58-2.63 ms, against 1.19-1.31, 1.42-1.51, 1.96-1.99,
-// 3.03-3.27 without and oneDNN's 0.83-0.88, 1.06-1.07, 1.66-1.71, 3.69-4.12 (where stored, not
-// added to, fetching C ahead changed nothing). A W X^T form for fewer rows (the weight the left
+// are added to. A weight gradient (N 1024, M 2048, bfloat16 added to, 16 of them in turn) at K
+// (the expert's rows) 128, 256, 512, 1024: 0.69-1.04, 0.87-0.96, 1.38-1.42, 2.58-2.63 ms, against
+// 1.19-1.31, 1.42-1.51, 1.96-1.99, 3.03-3.27 without and oneDNN's 0.83-0.88, 1.06-1.07, 1.66-1.71,
+// 3.69-4.12 (where stored, not added to, fetching C ahead changed nothing). A W X^T form for fewer rows (the weight the left
 // operand, its rows copied 32 at a time with no transposition, X paired once per call, the sums
 // transposed into C's rows; the next weight rows fetched into L2): alone at 128 rows (N 2048, K
 // 1024) 0.35-0.39 ms against oneDNN's W X^T 0.29-0.36, in the layer no faster at 512 tokens
@@ -163,7 +162,7 @@ MOE_AVX512_BW void pack_left(const uint16_t *A, int64_t lda, bool trans, int64_t
 // as zeros. B stored [N, K] (trans, a weight as stored): 16 x 16 pairs transposed; stored [K, N]:
 // rows k and k + 1 read once each, 32 columns at a time, and interleaved into a row of each tile
 // of the pair. (Read 16 columns at a time, a tile after the other, each row's lines were read
-// twice, a row stride apart: X W at 128 rows (N 2048, K 1024) took 0.94 ms against 0.45-0.47.)
+// twice, a row stride apart: X W at 128 rows (N 2048, K 1024) took 0.88-0.94 ms, not 0.48-0.49.)
 MOE_AVX512_BW void pack_right(const uint16_t *B, int64_t ldb, bool trans, int64_t K, int64_t q0, int64_t pairs,
                               uint16_t *bp) {
   const int64_t steps = k_steps(K);
@@ -248,7 +247,7 @@ __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl"))) void colu
     // Added to, C is read: the next block's 32 row pieces (512 bytes each for 256 bfloat16
     // columns, a row stride apart) are fetched into L2 a few lines per step of k while this block
     // computes. The hardware prefetchers leave such short runs to be read at memory latency in
-    // store_row, which took most of a weight gradient of 128 rows (amx_gemm.cpp's header).
+    // store_row, which took most of a weight gradient of 128 rows (figures at the top).
     const int64_t c_lines = j.accumulate ? (pairs * 32 * static_cast<int64_t>(es) + 63) / 64 : 0;
     const int64_t per_step = (32 * c_lines + pairs * steps - 1) / (pairs * steps);
     const char *c_base = static_cast<const char *>(j.C) + b0 * 32 * es;
